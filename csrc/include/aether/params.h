@@ -1,0 +1,144 @@
+// Torch-free parameter structs shared by the CPU kernels, the CUDA kernels and the torch glue.
+//
+// Every stage of AETHER takes one of these structs by value. They carry raw pointers, sizes and
+// element strides only, so the kernels build without torch and the GoogleTest binary can drive
+// them directly. The exact semantics of every field is in docs/architecture.md ("Semantics");
+// aether/reference.py is the executable form of that text.
+#pragma once
+
+#include <cstdint>
+
+namespace aether {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Radar scores, all in logit units (already multiplied by the softmax scale).
+enum class Score : int32_t {
+  kBall = 0,      // q.mu + |q| r                        upper bound of max_j q.k_j
+  kBox = 1,       // sum_i max(q_i lo_i, q_i hi_i)        upper bound (Quest)
+  kTight = 2,     // min(ball, box)                       upper bound
+  kMean = 3,      // q.mu                                 lower bound, an estimate
+  kVariance = 4,  // q.mu + |q| r (1 + sqrt(spread))      heuristic, ranking only
+};
+
+enum class Policy : int32_t { kTopK = 0, kThreshold = 1, kAdaptive = 2 };
+
+// Where token t of sequence b, KV head h lives.
+//   contiguous (block_table == nullptr): data + b*stride_seq + h*stride_head + t*stride_token
+//   paged: page = block_table[b*block_table_stride + t/page_size],
+//          data + page*stride_seq + h*stride_head + (t%page_size)*stride_token
+// Strides are in elements; the head_dim axis is always contiguous (stride 1).
+struct KVLayout {
+  const void* data = nullptr;
+  int64_t stride_seq = 0;    // batch stride (contiguous) or page stride (paged)
+  int64_t stride_head = 0;
+  int64_t stride_token = 0;
+  const int32_t* block_table = nullptr;
+  int64_t block_table_stride = 0;  // max_pages per sequence
+  int32_t page_size = 0;           // paged only; equals block_size
+};
+
+// Per-block statistics, float32, laid out [batch, kv_heads, num_blocks(, head_dim)] contiguous.
+struct BlockStatsTensors {
+  float* centroid = nullptr;  // [B, Hkv, NB, D]  mean of the block's keys
+  float* lo = nullptr;        // [B, Hkv, NB, D]  channel-wise min
+  float* hi = nullptr;        // [B, Hkv, NB, D]  channel-wise max
+  float* radius = nullptr;    // [B, Hkv, NB]     max_j |k_j - mu|
+  float* spread = nullptr;    // [B, Hkv, NB]     mean_j |k_j - mu|^2
+};
+
+// block_stats: compute the statistics of blocks [first_block[b], ceil(seq_lens[b]/block_size))
+// of every (b, h). With first_block == nullptr this is a full build that also writes zeros into
+// the blocks past the end of each sequence, so that every element of the outputs is written.
+// With first_block set (append after new tokens) only the listed blocks are written; a block is
+// always recomputed from all of its tokens, so an append gives bit-identical results to a full
+// build and costs O(block_size * head_dim) per head, independent of the sequence length.
+struct BlockStatsParams {
+  KVLayout k;
+  DType dtype = DType::kFloat32;
+  const int32_t* seq_lens = nullptr;     // [B], 0 <= len <= num_blocks * block_size
+  const int32_t* first_block = nullptr;  // [B] or nullptr
+  int32_t batch = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;  // capacity NB of the stats tensors
+  BlockStatsTensors stats;
+};
+
+// radar_select: score every valid block of (b, kv_head) for the G = q_heads / kv_heads query
+// heads of its group, aggregate over the group and pick blocks by the policy. Writes the selected
+// block indices in ascending order into selected[b, h, 0:count] (the rest of the row is -1) and
+// count into num_selected[b, h]. See docs/architecture.md ("Semantics") for the exact rules.
+//
+// in_head_scores / in_head_mlo: when set, the scores are taken from there instead of computed
+// from q and the statistics (tests use this to check that selection is identical given the same
+// scores). out_head_scores / out_head_mlo: when set, the per-query-head scores and the threshold
+// policy's lower bound M_g of the largest logit are written there.
+struct RadarSelectParams {
+  const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
+  int64_t q_stride_batch = 0;
+  int64_t q_stride_head = 0;
+  DType dtype = DType::kFloat32;
+  const float* centroid = nullptr;
+  const float* lo = nullptr;
+  const float* hi = nullptr;
+  const float* radius = nullptr;
+  const float* spread = nullptr;
+  const int32_t* seq_lens = nullptr;
+  int32_t batch = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;
+  float scale = 1.0f;
+  Score score = Score::kTight;
+  Policy policy = Policy::kTopK;
+  int32_t budget_blocks = 0;      // topk: a block count when > 0 ...
+  double budget_fraction = 0.0;   // ... else ceil(fraction * n_blocks - 1e-9)
+  double eps = 1e-3;              // threshold: certified bound on the dropped attention mass
+  double mass = 0.95;             // adaptive: estimated mass to reach (p)
+  int32_t min_blocks = 1;         // adaptive clamps on the total count
+  int32_t max_blocks = 0;         // 0 means no upper clamp
+  int32_t sink_blocks = 1;
+  int32_t recent_blocks = 1;
+  const float* in_head_scores = nullptr;  // [B, Hq, NB] or nullptr
+  const float* in_head_mlo = nullptr;     // [B, Hq] or nullptr
+  int32_t* selected = nullptr;            // [B, Hkv, NB]
+  int32_t* num_selected = nullptr;        // [B, Hkv]
+  float* out_head_scores = nullptr;       // [B, Hq, NB] or nullptr; -inf past the end
+  float* out_head_mlo = nullptr;          // [B, Hq] or nullptr
+};
+
+// sparse_decode: exact softmax attention of every query head over the tokens of the selected
+// blocks (all blocks when selected == nullptr). Output in the input dtype, lse float32 natural
+// log; a (b, h) with no token gets a zero output and lse = -inf.
+struct SparseDecodeParams {
+  const void* q = nullptr;  // [B, Hq, D]
+  int64_t q_stride_batch = 0;
+  int64_t q_stride_head = 0;
+  KVLayout k;
+  KVLayout v;
+  DType dtype = DType::kFloat32;
+  const int32_t* seq_lens = nullptr;
+  const int32_t* selected = nullptr;      // [B, Hkv, NB] or nullptr (dense)
+  const int32_t* num_selected = nullptr;  // [B, Hkv]
+  int32_t batch = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;  // row length of selected
+  float scale = 1.0f;
+  void* out = nullptr;  // [B, Hq, D]
+  int64_t out_stride_batch = 0;
+  int64_t out_stride_head = 0;
+  float* lse = nullptr;  // [B, Hq] contiguous
+  // CUDA split-KV workspace (ignored by the CPU kernels): num_splits partial states per head.
+  int32_t num_splits = 1;
+  float* partial_out = nullptr;  // [B, Hq, num_splits, D]
+  float* partial_lse = nullptr;  // [B, Hq, num_splits]
+};
+
+}  // namespace aether
