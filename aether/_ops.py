@@ -1,0 +1,83 @@
+"""Thin wrappers over the `torch.ops.aether` operators, and their fake (meta) kernels.
+
+The fake kernels describe output shapes and dtypes without computing anything, so
+`torch.compile(fullgraph=True)` can trace through AETHER and `torch.library.opcheck` can check
+the registrations. The operators themselves live in csrc/torch/ops.cpp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from aether import _C  # noqa: F401  (loading the library registers torch.ops.aether)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as err:  # pragma: no cover - exercised only on a broken install
+    _IMPORT_ERROR = err
+
+
+def extension_available() -> bool:
+    """True when the compiled extension `aether._C` is importable."""
+    return _IMPORT_ERROR is None
+
+
+def require_extension() -> None:
+    """Raise a clear error when the compiled extension is missing."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(
+            "aether._C is not built; install with `pip install -e . --no-build-isolation` "
+            f"(import failed with: {_IMPORT_ERROR})"
+        )
+
+
+def built_with_cuda() -> bool:
+    """True when the extension contains the CUDA kernels."""
+    require_extension()
+    return bool(torch.ops.aether.built_with_cuda())
+
+
+def _cache_shape(k: torch.Tensor, block_table: torch.Tensor | None, block_size: int):
+    if block_table is None:
+        return k.shape[0], k.shape[1], k.shape[2], k.shape[3]
+    return block_table.shape[0], k.shape[2], block_table.shape[1] * k.shape[1], k.shape[3]
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("aether::block_stats")
+    def _block_stats_fake(k, seq_lens, block_size, num_blocks, block_table=None):
+        batch, kv_heads, _, head_dim = _cache_shape(k, block_table, block_size)
+        centroid = k.new_empty((batch, kv_heads, num_blocks, head_dim), dtype=torch.float32)
+        radius = k.new_empty((batch, kv_heads, num_blocks), dtype=torch.float32)
+        return centroid, torch.empty_like(centroid), torch.empty_like(centroid), radius, torch.empty_like(radius)
+
+    @torch.library.register_fake("aether::block_stats_update")
+    def _block_stats_update_fake(k, seq_lens, first_block, block_size, block_table, centroid, lo, hi, radius, spread):
+        return None
+
+    @torch.library.register_fake("aether::radar_select")
+    def _radar_select_fake(q, centroid, lo, hi, radius, spread, seq_lens, block_size, scale, score, policy,
+                           budget_blocks, budget_fraction, eps, mass, min_blocks, max_blocks, sink_blocks,
+                           recent_blocks, return_scores=False, head_scores=None, head_mlo=None):
+        batch, kv_heads, num_blocks = centroid.shape[0], centroid.shape[1], centroid.shape[2]
+        q_heads = q.shape[1]
+        selected = q.new_empty((batch, kv_heads, num_blocks), dtype=torch.int32)
+        num_selected = q.new_empty((batch, kv_heads), dtype=torch.int32)
+        if return_scores:
+            scores = q.new_empty((batch, q_heads, num_blocks), dtype=torch.float32)
+            mlo = q.new_empty((batch, q_heads), dtype=torch.float32)
+        else:
+            scores = q.new_empty((0,), dtype=torch.float32)
+            mlo = q.new_empty((0,), dtype=torch.float32)
+        return selected, num_selected, scores, mlo
+
+    @torch.library.register_fake("aether::sparse_decode")
+    def _sparse_decode_fake(q, k, v, seq_lens, block_size, scale, selected=None, num_selected=None,
+                            block_table=None, max_selected=0):
+        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+    @torch.library.register_fake("aether::sparse_decode_out")
+    def _sparse_decode_out_fake(q, k, v, seq_lens, block_size, scale, selected, num_selected, block_table,
+                                max_selected, out, lse, workspace):
+        return None

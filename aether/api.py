@@ -1,0 +1,395 @@
+"""Public API: `sparse_attention`, `block_stats` and the `BlockStats` object.
+
+Everything a user passes is validated here, with errors that name the argument, its value and
+what is allowed; the operators in csrc/torch/ops.cpp check again (never trusting the caller) so
+the kernels cannot read or write out of bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from aether import _ops
+
+SCORES = ("ball", "box", "tight", "mean", "variance")
+UPPER_BOUND_SCORES = ("ball", "box", "tight")
+POLICIES = ("topk", "threshold", "adaptive")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128, 256)
+DEFAULT_BLOCK_SIZE = 64
+
+
+class Selection(NamedTuple):
+    """Selected blocks per (batch, kv_head): ascending indices padded with -1, and their count."""
+
+    indices: torch.Tensor  # [batch, kv_heads, num_blocks] int32
+    counts: torch.Tensor  # [batch, kv_heads] int32
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _check_tensor(x: object, name: str, ndim: int, layout: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() > 0 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last (head_dim) dimension (stride 1), got strides "
+                         f"{tuple(x.stride())}; call .contiguous()")
+    return x
+
+
+def _check_block_size(block_size: object) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be a power of two in [16, 128] (16, 32, 64, 128), got {block_size}")
+    return block_size
+
+
+def _check_head_dim(head_dim: int, device: torch.device) -> None:
+    if device.type == "cuda":
+        if head_dim not in CUDA_HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {CUDA_HEAD_DIMS} on CUDA, got {head_dim}")
+    elif head_dim % 8 != 0 or not 8 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a multiple of 8 in [8, 256] on CPU, got {head_dim}")
+
+
+def _check_count(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _host_checks_allowed(t: torch.Tensor) -> bool:
+    """Value checks that need the data on the host: always on CPU; on CUDA they cost a sync, so
+    they are skipped while a CUDA graph is being captured (the kernels clamp lengths instead)."""
+    return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _cache_dims(k: torch.Tensor, block_table: torch.Tensor | None, block_size: int, name: str):
+    """(batch, kv_heads, capacity, head_dim) of a contiguous or paged cache."""
+    if block_table is None:
+        return k.shape[0], k.shape[1], k.shape[2], k.shape[3]
+    if k.shape[1] != block_size:
+        raise ValueError(f"paged {name} has page_size {k.shape[1]} (dim 1 of [num_pages, page_size, kv_heads, "
+                         f"head_dim]) but block_size is {block_size}; they must be equal")
+    return block_table.shape[0], k.shape[2], block_table.shape[1] * k.shape[1], k.shape[3]
+
+
+def _check_block_table(block_table: object, k: torch.Tensor) -> torch.Tensor | None:
+    if block_table is None:
+        return None
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be 2-D [batch, max_pages], got shape {tuple(block_table.shape)}")
+    if block_table.device != k.device:
+        raise ValueError(f"block_table is on {block_table.device} but k is on {k.device}")
+    block_table = block_table.contiguous()
+    if block_table.numel() and _host_checks_allowed(block_table):
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= k.shape[0]:
+            raise ValueError(f"block_table holds page ids in [{lo}, {hi}] but k has {k.shape[0]} pages "
+                             f"(allowed: 0..{k.shape[0] - 1})")
+    return block_table
+
+
+def _normalize_seq_lens(seq_lens: object, batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """int32 lengths on `device`, checked to lie in [0, capacity]."""
+    if seq_lens is None:
+        return torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    if not isinstance(seq_lens, torch.Tensor):
+        raise TypeError(f"seq_lens must be a torch.Tensor or None, got {type(seq_lens).__name__}")
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must have shape [{batch}] (one length per sequence), got {tuple(seq_lens.shape)}")
+    if seq_lens.device != device:
+        raise ValueError(f"seq_lens is on {seq_lens.device} but the cache is on {device}")
+    if batch and _host_checks_allowed(seq_lens):
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < 0 or hi > capacity:
+            raise ValueError(f"seq_lens values must be in [0, {capacity}] (the cache's token capacity), "
+                             f"got values in [{lo}, {hi}]")
+    return seq_lens.to(torch.int32).contiguous()
+
+
+# ----------------------------------------------------------------------------------- stats
+
+
+@dataclass
+class BlockStats:
+    """Per-block key statistics of a KV cache (float32), reusable across decode steps.
+
+    Shapes: centroid/lo/hi `[batch, kv_heads, num_blocks, head_dim]`, radius/spread
+    `[batch, kv_heads, num_blocks]`. `seq_lens` are the lengths the statistics describe.
+    Build with `aether.block_stats`; after appending tokens to the cache call `update`.
+    """
+
+    centroid: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    radius: torch.Tensor
+    spread: torch.Tensor
+    block_size: int
+    seq_lens: torch.Tensor
+    paged: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.centroid.shape[2]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.centroid, self.lo, self.hi, self.radius, self.spread)
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
+               block_table: torch.Tensor | None = None) -> "BlockStats":
+        """Refresh the statistics after tokens were appended to the cache `k` (in place).
+
+        Only the blocks from each sequence's previous last block onward are recomputed: one
+        decode step costs O(block_size * head_dim) per head, whatever the sequence length, and
+        the result equals a full rebuild. Lengths may only grow. The capacity grows when `k` grew.
+        """
+        _ops.require_extension()
+        k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+        if (block_table is not None) != self.paged:
+            raise ValueError("block_table must be given exactly when the statistics were built for a paged cache "
+                             f"(these were built {'paged' if self.paged else 'contiguous'})")
+        block_table = _check_block_table(block_table, k)
+        batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, self.block_size, "k")
+        _check_stats_match(self, batch, kv_heads, head_dim, k.device)
+        seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+        if _host_checks_allowed(seq_lens) and bool((seq_lens < self.seq_lens).any()):
+            raise ValueError("seq_lens must not shrink in update(); build new statistics with aether.block_stats")
+        needed = math.ceil(capacity / self.block_size)
+        if needed > self.num_blocks:
+            self._grow(needed)
+        first_block = torch.div(self.seq_lens, self.block_size, rounding_mode="floor").to(torch.int32)
+        torch.ops.aether.block_stats_update(k, seq_lens, first_block, self.block_size, block_table, *self.tensors)
+        self.seq_lens = seq_lens.clone()
+        return self
+
+    def _grow(self, num_blocks: int) -> None:
+        extra = num_blocks - self.num_blocks
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[2] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim=2)
+
+        self.centroid, self.lo, self.hi, self.radius, self.spread = (pad(t) for t in self.tensors)
+
+
+def _check_stats_match(stats: BlockStats, batch: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+    got = tuple(stats.centroid.shape)
+    if got[0] != batch or got[1] != kv_heads or got[3] != head_dim:
+        raise ValueError(f"stats were built for another cache: centroid shape {got} does not match "
+                         f"[batch={batch}, kv_heads={kv_heads}, *, head_dim={head_dim}]")
+    if stats.centroid.device != device:
+        raise ValueError(f"stats are on {stats.centroid.device} but the cache is on {device}")
+
+
+def block_stats(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, seq_lens: torch.Tensor | None = None,
+                block_table: torch.Tensor | None = None) -> BlockStats:
+    """Compute the per-block statistics (centroid, channel min/max, radius, spread) of the keys.
+
+    Args:
+        k: keys, contiguous layout `[batch, kv_heads, seq, head_dim]` (any strides but the last),
+            or paged `[num_pages, page_size, kv_heads, head_dim]` with `block_table`.
+        block_size: tokens per block: 16, 32, 64 or 128 (the page size of a paged cache).
+        seq_lens: valid tokens per sequence, int32/int64 `[batch]` on k's device (default: all).
+        block_table: int32 `[batch, max_pages]` page ids for a paged cache.
+
+    Returns:
+        A `BlockStats` reusable by `sparse_attention(..., stats=...)`; call `.update` after appends.
+    """
+    _ops.require_extension()
+    k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    block_size = _check_block_size(block_size)
+    block_table = _check_block_table(block_table, k)
+    batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
+    _check_head_dim(head_dim, k.device)
+    seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+    num_blocks = math.ceil(capacity / block_size)
+    tensors = torch.ops.aether.block_stats(k, seq_lens, block_size, num_blocks, block_table)
+    return BlockStats(*tensors, block_size=block_size, seq_lens=seq_lens.clone(), paged=block_table is not None)
+
+
+# ------------------------------------------------------------------------- sparse attention
+
+
+def _check_policy_args(score, policy, budget, eps, mass, min_blocks, max_blocks, sink_blocks, recent_blocks):
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "threshold" and score not in UPPER_BOUND_SCORES:
+        raise ValueError(f"policy='threshold' needs an upper-bound score {UPPER_BOUND_SCORES} to certify the "
+                         f"dropped mass, got score={score!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be an int (a block count) or a float (a fraction of the blocks), "
+                        f"got {type(budget).__name__}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget as a block count must be >= 1, got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget as a fraction must be in (0, 1], got {budget}")
+    for value, name in ((eps, "eps"), (mass, "mass")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    _check_count(min_blocks, "min_blocks", 1)
+    if max_blocks is not None:
+        _check_count(max_blocks, "max_blocks", 1)
+        if max_blocks < min_blocks:
+            raise ValueError(f"max_blocks ({max_blocks}) must be >= min_blocks ({min_blocks})")
+    _check_count(sink_blocks, "sink_blocks", 0)
+    _check_count(recent_blocks, "recent_blocks", 0)
+
+
+def _max_selected_hint(policy: str, budget, max_blocks, num_blocks: int, forced: int) -> int:
+    """Host-side upper bound of the blocks any row selects (sizes the split-KV grid, no sync)."""
+    if policy == "topk":
+        total = budget if isinstance(budget, int) else math.ceil(budget * num_blocks - 1e-9)
+        return min(num_blocks, max(total, forced, 1))
+    if policy == "adaptive" and max_blocks is not None:
+        return min(num_blocks, max(max_blocks, forced))
+    return num_blocks
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    stats: BlockStats | None = None,
+    block_size: int | None = None,
+    score: str = "tight",
+    policy: str = "topk",
+    budget: int | float = 0.125,
+    eps: float = 1e-3,
+    mass: float = 0.95,
+    min_blocks: int = 1,
+    max_blocks: int | None = None,
+    sink_blocks: int = 1,
+    recent_blocks: int = 1,
+    seq_lens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    return_selection: bool = False,
+):
+    """Query-aware block-sparse decode attention.
+
+    Scores every KV block for the decode queries with a cheap bound on its largest logit, keeps
+    blocks by `policy`, and computes exact softmax attention over the kept blocks only.
+
+    Args:
+        q: decode queries `[batch, q_heads, head_dim]`; q_heads a multiple of kv_heads (GQA).
+        k, v: the cache, `[batch, kv_heads, seq, head_dim]`, or paged
+            `[num_pages, page_size, kv_heads, head_dim]` with `block_table`. Same dtype as q
+            (float32, float16, bfloat16) and device.
+        stats: precomputed `BlockStats` (from `aether.block_stats`); computed when None.
+        block_size: tokens per block, 16/32/64/128 (default: stats.block_size, else 64).
+        score: block score: "tight" (min of ball and box), "ball", "box", "mean", "variance".
+        policy: "topk" (keep `budget` blocks), "threshold" (certified: dropped mass <= eps),
+            "adaptive" (smallest set with estimated mass >= `mass`, within [min_blocks, max_blocks]).
+        budget: topk budget, an int block count (>= 1) or a float fraction of the blocks in
+            (0, 1]; the forced sink/recent/tail blocks count toward it. A budget above the number
+            of blocks reads everything (dense).
+        eps: threshold policy's bound on the dropped attention mass, in (0, 1).
+        mass: adaptive policy's estimated-mass target p, in (0, 1].
+        min_blocks, max_blocks: adaptive policy's clamps on the number of blocks.
+        sink_blocks: first blocks always kept. recent_blocks: last complete blocks always kept.
+            The partial tail block is always kept.
+        seq_lens: valid tokens per sequence, int32/int64 `[batch]` on the cache's device.
+        block_table: int32 `[batch, max_pages]` page ids of a paged cache.
+        scale: softmax scale (> 0), default 1/sqrt(head_dim).
+        return_lse: also return the natural-log log-sum-exp `[batch, q_heads]` (float32).
+        return_selection: also return the `Selection` (indices, counts).
+
+    Returns:
+        `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
+        `(out, selection)` or `(out, lse, selection)` as requested. A sequence of length 0 gives
+        a zero output and lse = -inf.
+    """
+    _ops.require_extension()
+    q = _check_tensor(q, "q", 3, "[batch, q_heads, head_dim]")
+    k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    v = _check_tensor(v, "v", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must have the same dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on the same device, got q={q.device}, k={k.device}, v={v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.device.type == "cuda" and not _ops.built_with_cuda():
+        raise RuntimeError("q is on CUDA but aether._C was built without CUDA kernels; rebuild with nvcc and a "
+                           "CUDA build of torch")
+    if block_size is None:
+        block_size = stats.block_size if stats is not None else DEFAULT_BLOCK_SIZE
+    block_size = _check_block_size(block_size)
+    block_table = _check_block_table(block_table, k)
+    batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
+    if q.shape[0] != batch:
+        raise ValueError(f"q has batch {q.shape[0]} but the cache has batch {batch}")
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q has head_dim {q.shape[2]} but k has head_dim {head_dim}")
+    if kv_heads == 0 or q.shape[1] % kv_heads != 0:
+        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({kv_heads})")
+    _check_head_dim(head_dim, q.device)
+    _check_policy_args(score, policy, budget, eps, mass, min_blocks, max_blocks, sink_blocks, recent_blocks)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, q.device)
+
+    if stats is None:
+        stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
+    else:
+        if not isinstance(stats, BlockStats):
+            raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
+        if stats.block_size != block_size:
+            raise ValueError(f"stats were built with block_size {stats.block_size} but block_size is {block_size}")
+        if stats.paged != (block_table is not None):
+            raise ValueError("stats were built for a " + ("paged" if stats.paged else "contiguous") +
+                             " cache but this call uses a " + ("paged" if block_table is not None else "contiguous")
+                             + " one")
+        _check_stats_match(stats, batch, kv_heads, head_dim, q.device)
+        if stats.num_blocks * block_size < capacity:
+            raise ValueError(f"stats cover {stats.num_blocks * block_size} tokens but the cache holds {capacity}; "
+                             "call stats.update(k, seq_lens) after appending")
+        if _host_checks_allowed(seq_lens) and not torch.equal(stats.seq_lens, seq_lens):
+            raise ValueError("stats were computed for other sequence lengths; call stats.update(k, seq_lens) "
+                             "after appending tokens")
+
+    num_blocks = stats.num_blocks
+    budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
+    selected, counts, _, _ = torch.ops.aether.radar_select(
+        q, *stats.tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
+        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None)
+    hint = _max_selected_hint(policy, budget, max_blocks, num_blocks, sink_blocks + recent_blocks + 1)
+    out, lse = torch.ops.aether.sparse_decode(q, k, v, seq_lens, block_size, float(scale), selected, counts,
+                                              block_table, hint)
+    result = [out]
+    if return_lse:
+        result.append(lse)
+    if return_selection:
+        result.append(Selection(selected, counts))
+    return out if len(result) == 1 else tuple(result)

@@ -1,0 +1,549 @@
+// The torch glue: operator schemas, argument checks, Params construction and dispatch to the
+// CPU kernels or the CUDA launchers. This is the only translation unit (besides module.cpp) that
+// sees torch; the kernels only see the Params structs of aether/params.h.
+//
+// The checks here guard the kernels against anything that could read or write out of bounds.
+// User-facing validation with friendlier messages lives in aether/api.py.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "aether/cpu/kernels.h"
+#include "aether/params.h"
+
+#ifdef AETHER_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "aether/cuda/launchers.h"
+#endif
+
+namespace aether_torch {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+aether::DType to_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return aether::DType::kFloat32;
+    case at::kHalf: return aether::DType::kFloat16;
+    case at::kBFloat16: return aether::DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "aether: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return aether::DType::kFloat32;
+}
+
+aether::Score parse_score(const std::string& s) {
+  if (s == "ball") return aether::Score::kBall;
+  if (s == "box") return aether::Score::kBox;
+  if (s == "tight") return aether::Score::kTight;
+  if (s == "mean") return aether::Score::kMean;
+  if (s == "variance") return aether::Score::kVariance;
+  TORCH_CHECK_VALUE(false, "aether: score must be one of ball, box, tight, mean, variance; got '", s, "'");
+  return aether::Score::kTight;
+}
+
+aether::Policy parse_policy(const std::string& s) {
+  if (s == "topk") return aether::Policy::kTopK;
+  if (s == "threshold") return aether::Policy::kThreshold;
+  if (s == "adaptive") return aether::Policy::kAdaptive;
+  TORCH_CHECK_VALUE(false, "aether: policy must be one of topk, threshold, adaptive; got '", s, "'");
+  return aether::Policy::kTopK;
+}
+
+int32_t to_i32(int64_t v, const char* name) {
+  TORCH_CHECK_VALUE(v >= 0 && v <= std::numeric_limits<int32_t>::max(), "aether: ", name, " = ", v,
+                    " is out of the int32 range the kernels index with");
+  return static_cast<int32_t>(v);
+}
+
+void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "aether: ", name, " is on ", t.device(), " but q is on ",
+                    ref.device());
+}
+
+void check_int32_vector(const Tensor& t, int64_t len, const Tensor& ref, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "aether: ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len, "aether: ", name, " must have shape [", len, "], got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "aether: ", name, " must be contiguous");
+  check_same_device(t, ref, name);
+}
+
+// Shape of a KV cache: [B, H, S, D] contiguous-style (any strides, head_dim stride 1), or pages
+// [P, page_size, H, D] addressed through block_table [B, max_pages] (int32, page_size == block_size).
+struct CacheShape {
+  int64_t batch, kv_heads, capacity, head_dim;
+};
+
+CacheShape cache_shape(const Tensor& kv, const OptTensor& block_table, int64_t block_size, const char* name) {
+  TORCH_CHECK_VALUE(kv.dim() == 4, "aether: ", name, " must be 4-D, got ", kv.dim(), "-D");
+  TORCH_CHECK_VALUE(kv.stride(3) == 1, "aether: ", name, " must have a contiguous last (head_dim) dimension");
+  if (!block_table.has_value()) return {kv.size(0), kv.size(1), kv.size(2), kv.size(3)};
+  const Tensor& bt = *block_table;
+  TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "aether: block_table must be int32, got ", bt.scalar_type());
+  TORCH_CHECK_VALUE(bt.dim() == 2 && bt.stride(1) == 1, "aether: block_table must be 2-D [batch, max_pages] with "
+                    "contiguous rows");
+  TORCH_CHECK_VALUE(kv.size(1) == block_size, "aether: paged ", name, " has page_size ", kv.size(1),
+                    " but block_size is ", block_size, "; they must be equal");
+  check_same_device(bt, kv, "block_table");
+  return {bt.size(0), kv.size(2), bt.size(1) * kv.size(1), kv.size(3)};
+}
+
+aether::KVLayout kv_layout(const Tensor& kv, const OptTensor& block_table) {
+  aether::KVLayout layout;
+  layout.data = kv.data_ptr();
+  if (!block_table.has_value()) {
+    layout.stride_seq = kv.stride(0);
+    layout.stride_head = kv.stride(1);
+    layout.stride_token = kv.stride(2);
+  } else {
+    layout.stride_seq = kv.stride(0);
+    layout.stride_token = kv.stride(1);
+    layout.stride_head = kv.stride(2);
+    layout.block_table = block_table->data_ptr<int32_t>();
+    layout.block_table_stride = block_table->stride(0);
+    layout.page_size = static_cast<int32_t>(kv.size(1));
+  }
+  return layout;
+}
+
+void check_block_size(int64_t block_size) {
+  TORCH_CHECK_VALUE(block_size >= 16 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
+                    "aether: block_size must be a power of two in [16, 128], got ", block_size);
+}
+
+void check_head_dim(int64_t head_dim, bool cuda) {
+  if (cuda) {
+    TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128 || head_dim == 256,
+                      "aether: head_dim must be 64, 128 or 256 on CUDA, got ", head_dim);
+  } else {
+    TORCH_CHECK_VALUE(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0,
+                      "aether: head_dim must be a multiple of 8 in [8, 256] on CPU, got ", head_dim);
+  }
+}
+
+void check_stats_tensor(const Tensor& t, const CacheShape& c, int64_t num_blocks, bool vector, const Tensor& ref,
+                        const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "aether: ", name, " must be float32, got ", t.scalar_type());
+  std::vector<int64_t> expected = {c.batch, c.kv_heads, num_blocks};
+  if (vector) expected.push_back(c.head_dim);
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "aether: ", name, " must have shape ",
+                    at::IntArrayRef(expected), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "aether: ", name, " must be contiguous");
+  check_same_device(t, ref, name);
+}
+
+#ifdef AETHER_WITH_CUDA
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "aether: ", what, " failed: ", cudaGetErrorString(err));
+}
+#endif
+
+// ---------------------------------------------------------------------------------- block_stats
+
+aether::BlockStatsParams stats_params(const Tensor& k, const Tensor& seq_lens, int64_t block_size,
+                                      const OptTensor& block_table, const Tensor& centroid, const Tensor& lo,
+                                      const Tensor& hi, const Tensor& radius, const Tensor& spread) {
+  check_block_size(block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  check_head_dim(c.head_dim, k.is_cuda());
+  check_int32_vector(seq_lens, c.batch, k, "seq_lens");
+  const int64_t num_blocks = centroid.size(2);
+  TORCH_CHECK_VALUE(num_blocks * block_size >= c.capacity, "aether: the statistics hold ", num_blocks,
+                    " blocks of ", block_size, " tokens but the cache has ", c.capacity, " slots");
+  check_stats_tensor(centroid, c, num_blocks, true, k, "centroid");
+  check_stats_tensor(lo, c, num_blocks, true, k, "lo");
+  check_stats_tensor(hi, c, num_blocks, true, k, "hi");
+  check_stats_tensor(radius, c, num_blocks, false, k, "radius");
+  check_stats_tensor(spread, c, num_blocks, false, k, "spread");
+
+  aether::BlockStatsParams p;
+  p.k = kv_layout(k, block_table);
+  p.dtype = to_dtype(k, "k");
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(c.batch, "batch");
+  p.kv_heads = to_i32(c.kv_heads, "kv_heads");
+  p.head_dim = to_i32(c.head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.stats = {centroid.data_ptr<float>(), lo.data_ptr<float>(), hi.data_ptr<float>(), radius.data_ptr<float>(),
+             spread.data_ptr<float>()};
+  return p;
+}
+
+void run_block_stats(const aether::BlockStatsParams& p, const Tensor& k) {
+  if (k.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(k.device());
+    check_cuda(aether::cuda::block_stats(p, c10::cuda::getCurrentCUDAStream().stream()), "block_stats");
+    return;
+#else
+    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  aether::cpu::block_stats(p);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_stats(const Tensor& k, const Tensor& seq_lens,
+                                                                int64_t block_size, int64_t num_blocks,
+                                                                const OptTensor& block_table) {
+  check_block_size(block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  TORCH_CHECK_VALUE(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
+  auto opts = k.options().dtype(at::kFloat);
+  Tensor centroid = at::empty({c.batch, c.kv_heads, num_blocks, c.head_dim}, opts);
+  Tensor lo = at::empty_like(centroid);
+  Tensor hi = at::empty_like(centroid);
+  Tensor radius = at::empty({c.batch, c.kv_heads, num_blocks}, opts);
+  Tensor spread = at::empty_like(radius);
+  if (centroid.numel() == 0) return {centroid, lo, hi, radius, spread};
+  aether::BlockStatsParams p =
+      stats_params(k, seq_lens, block_size, block_table, centroid, lo, hi, radius, spread);
+  run_block_stats(p, k);
+  return {centroid, lo, hi, radius, spread};
+}
+
+void block_stats_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
+                        const OptTensor& block_table, Tensor& centroid, Tensor& lo, Tensor& hi, Tensor& radius,
+                        Tensor& spread) {
+  if (centroid.numel() == 0) return;
+  aether::BlockStatsParams p =
+      stats_params(k, seq_lens, block_size, block_table, centroid, lo, hi, radius, spread);
+  check_int32_vector(first_block, p.batch, k, "first_block");
+  p.first_block = first_block.data_ptr<int32_t>();
+  run_block_stats(p, k);
+}
+
+// --------------------------------------------------------------------------------- radar_select
+
+void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK_VALUE(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(q.stride(2) == 1, "aether: q must have a contiguous last (head_dim) dimension");
+  TORCH_CHECK_VALUE(q.size(0) == batch, "aether: q has batch ", q.size(0), " but the cache has ", batch);
+  TORCH_CHECK_VALUE(q.size(2) == head_dim, "aether: q has head_dim ", q.size(2), " but the cache has ", head_dim);
+  TORCH_CHECK_VALUE(kv_heads > 0 && q.size(1) % kv_heads == 0, "aether: q_heads (", q.size(1),
+                    ") must be a multiple of kv_heads (", kv_heads, ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
+    const Tensor& q, const Tensor& centroid, const Tensor& lo, const Tensor& hi, const Tensor& radius,
+    const Tensor& spread, const Tensor& seq_lens, int64_t block_size, double scale, const std::string& score,
+    const std::string& policy, int64_t budget_blocks, double budget_fraction, double eps, double mass,
+    int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks, bool return_scores,
+    const OptTensor& head_scores, const OptTensor& head_mlo) {
+  check_block_size(block_size);
+  TORCH_CHECK_VALUE(centroid.dim() == 4, "aether: centroid must be 4-D [batch, kv_heads, num_blocks, head_dim]");
+  CacheShape c = {centroid.size(0), centroid.size(1), centroid.size(2) * block_size, centroid.size(3)};
+  const int64_t num_blocks = centroid.size(2);
+  check_query(q, c.batch, c.kv_heads, c.head_dim);
+  check_head_dim(c.head_dim, q.is_cuda());
+  to_dtype(q, "q");
+  check_stats_tensor(centroid, c, num_blocks, true, q, "centroid");
+  check_stats_tensor(lo, c, num_blocks, true, q, "lo");
+  check_stats_tensor(hi, c, num_blocks, true, q, "hi");
+  check_stats_tensor(radius, c, num_blocks, false, q, "radius");
+  check_stats_tensor(spread, c, num_blocks, false, q, "spread");
+  check_int32_vector(seq_lens, c.batch, q, "seq_lens");
+  TORCH_CHECK_VALUE(scale > 0, "aether: scale must be > 0, got ", scale);
+  TORCH_CHECK_VALUE(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 &&
+                        recent_blocks >= 0,
+                    "aether: block counts must be >= 0");
+  TORCH_CHECK_VALUE(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
+                    "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
+  TORCH_CHECK_VALUE(eps > 0 && eps < 1, "aether: eps must be in (0, 1), got ", eps);
+  TORCH_CHECK_VALUE(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
+
+  const int64_t q_heads = q.size(1);
+  aether::RadarSelectParams p;
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.centroid = centroid.data_ptr<float>();
+  p.lo = lo.data_ptr<float>();
+  p.hi = hi.data_ptr<float>();
+  p.radius = radius.data_ptr<float>();
+  p.spread = spread.data_ptr<float>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(c.batch, "batch");
+  p.q_heads = to_i32(q_heads, "q_heads");
+  p.kv_heads = to_i32(c.kv_heads, "kv_heads");
+  p.head_dim = to_i32(c.head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.scale = static_cast<float>(scale);
+  p.score = parse_score(score);
+  p.policy = parse_policy(policy);
+  TORCH_CHECK_VALUE(p.policy != aether::Policy::kThreshold || p.score == aether::Score::kBall ||
+                        p.score == aether::Score::kBox || p.score == aether::Score::kTight || head_scores.has_value(),
+                    "aether: the threshold policy needs an upper-bound score (ball, box or tight), got '", score,
+                    "'");
+  p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
+  p.budget_fraction = budget_fraction;
+  p.eps = eps;
+  p.mass = mass;
+  p.min_blocks = to_i32(min_blocks, "min_blocks");
+  p.max_blocks = to_i32(max_blocks, "max_blocks");
+  p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
+  p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
+
+  TORCH_CHECK_VALUE(head_scores.has_value() == head_mlo.has_value(),
+                    "aether: head_scores and head_mlo must be given together");
+  if (head_scores.has_value()) {
+    TORCH_CHECK_TYPE(head_scores->scalar_type() == at::kFloat && head_mlo->scalar_type() == at::kFloat,
+                     "aether: head_scores and head_mlo must be float32");
+    TORCH_CHECK_VALUE(head_scores->sizes() == at::IntArrayRef({c.batch, q_heads, num_blocks}) &&
+                          head_scores->is_contiguous(),
+                      "aether: head_scores must be contiguous [batch, q_heads, num_blocks]");
+    TORCH_CHECK_VALUE(head_mlo->sizes() == at::IntArrayRef({c.batch, q_heads}) && head_mlo->is_contiguous(),
+                      "aether: head_mlo must be contiguous [batch, q_heads]");
+    check_same_device(*head_scores, q, "head_scores");
+    check_same_device(*head_mlo, q, "head_mlo");
+    p.in_head_scores = head_scores->data_ptr<float>();
+    p.in_head_mlo = head_mlo->data_ptr<float>();
+  }
+
+  Tensor selected = at::empty({c.batch, c.kv_heads, num_blocks}, q.options().dtype(at::kInt));
+  Tensor num_selected = at::empty({c.batch, c.kv_heads}, q.options().dtype(at::kInt));
+  auto fopts = q.options().dtype(at::kFloat);
+  Tensor out_scores = return_scores ? at::empty({c.batch, q_heads, num_blocks}, fopts) : at::empty({0}, fopts);
+  Tensor out_mlo = return_scores ? at::empty({c.batch, q_heads}, fopts) : at::empty({0}, fopts);
+  if (num_selected.numel() == 0) return {selected, num_selected, out_scores, out_mlo};
+  p.selected = selected.data_ptr<int32_t>();
+  p.num_selected = num_selected.data_ptr<int32_t>();
+  if (return_scores) {
+    p.out_head_scores = out_scores.data_ptr<float>();
+    p.out_head_mlo = out_mlo.data_ptr<float>();
+  }
+
+  if (q.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    const size_t ws_bytes = aether::cuda::radar_select_workspace_bytes(p);
+    Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+    check_cuda(aether::cuda::radar_select(p, ws_bytes ? workspace.data_ptr() : nullptr,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "radar_select");
+#else
+    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  } else {
+    aether::cpu::radar_select(p);
+  }
+  return {selected, num_selected, out_scores, out_mlo};
+}
+
+// -------------------------------------------------------------------------------- sparse_decode
+
+struct DecodeSetup {
+  aether::SparseDecodeParams params;
+  int64_t max_selected;
+};
+
+DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_lens,
+                         int64_t block_size, double scale, const OptTensor& selected, const OptTensor& num_selected,
+                         const OptTensor& block_table, int64_t max_selected) {
+  check_block_size(block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  CacheShape cv = cache_shape(v, block_table, block_size, "v");
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "aether: k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(cv.head_dim == c.head_dim, "aether: k and v head_dim differ");
+  check_query(q, c.batch, c.kv_heads, c.head_dim);
+  check_head_dim(c.head_dim, q.is_cuda());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "aether: q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  check_same_device(k, q, "k");
+  check_same_device(v, q, "v");
+  check_int32_vector(seq_lens, c.batch, q, "seq_lens");
+  TORCH_CHECK_VALUE(scale > 0, "aether: scale must be > 0, got ", scale);
+  const int64_t num_blocks = (c.capacity + block_size - 1) / block_size;
+
+  aether::SparseDecodeParams p;
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.k = kv_layout(k, block_table);
+  p.v = kv_layout(v, block_table);
+  p.dtype = to_dtype(q, "q");
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(c.batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(c.kv_heads, "kv_heads");
+  p.head_dim = to_i32(c.head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.scale = static_cast<float>(scale);
+
+  TORCH_CHECK_VALUE(selected.has_value() == num_selected.has_value(),
+                    "aether: selected and num_selected must be given together");
+  if (selected.has_value()) {
+    TORCH_CHECK_TYPE(selected->scalar_type() == at::kInt && num_selected->scalar_type() == at::kInt,
+                     "aether: selected and num_selected must be int32");
+    TORCH_CHECK_VALUE(selected->dim() == 3 && selected->size(0) == c.batch && selected->size(1) == c.kv_heads &&
+                          selected->is_contiguous(),
+                      "aether: selected must be contiguous [batch, kv_heads, n], got ", selected->sizes());
+    TORCH_CHECK_VALUE(num_selected->sizes() == at::IntArrayRef({c.batch, c.kv_heads}) &&
+                          num_selected->is_contiguous(),
+                      "aether: num_selected must be contiguous [batch, kv_heads], got ", num_selected->sizes());
+    check_same_device(*selected, q, "selected");
+    check_same_device(*num_selected, q, "num_selected");
+    p.selected = selected->data_ptr<int32_t>();
+    p.num_selected = num_selected->data_ptr<int32_t>();
+    // The kernels read at most min(num_selected, row length) entries of a row.
+    p.num_blocks = to_i32(selected->size(2), "selected.size(2)");
+  }
+  TORCH_CHECK_VALUE(max_selected >= 0, "aether: max_selected must be >= 0, got ", max_selected);
+  const int64_t row = selected.has_value() ? selected->size(2) : num_blocks;
+  return {p, max_selected > 0 ? std::min(max_selected, row) : row};
+}
+
+int64_t decode_num_splits(const DecodeSetup& s, const Tensor& q) {
+#ifdef AETHER_WITH_CUDA
+  if (q.is_cuda()) {
+    int sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()),
+               "cudaDeviceGetAttribute");
+    return aether::cuda::sparse_decode_num_splits(s.params.batch, s.params.kv_heads,
+                                                  static_cast<int>(s.max_selected), sms);
+  }
+#endif
+  return 1;
+}
+
+// Floats of CUDA workspace for a split count: partial outputs then partial lse.
+int64_t decode_workspace_numel(const aether::SparseDecodeParams& p, int64_t splits) {
+  return splits > 1 ? static_cast<int64_t>(p.batch) * p.q_heads * splits * (p.head_dim + 1) : 0;
+}
+
+void run_decode(aether::SparseDecodeParams& p, const Tensor& q, const Tensor& out, const Tensor& lse,
+                float* workspace, int64_t splits) {
+  p.out = out.data_ptr();
+  p.out_stride_batch = out.stride(0);
+  p.out_stride_head = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  if (q.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    p.num_splits = static_cast<int32_t>(splits);
+    p.partial_out = workspace;
+    p.partial_lse = splits > 1 ? workspace + static_cast<int64_t>(p.batch) * p.q_heads * splits * p.head_dim : nullptr;
+    c10::cuda::CUDAGuard guard(q.device());
+    check_cuda(aether::cuda::sparse_decode(p, c10::cuda::getCurrentCUDAStream().stream()), "sparse_decode");
+    return;
+#else
+    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  aether::cpu::sparse_decode(p);
+}
+
+std::tuple<Tensor, Tensor> sparse_decode(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_lens,
+                                         int64_t block_size, double scale, const OptTensor& selected,
+                                         const OptTensor& num_selected, const OptTensor& block_table,
+                                         int64_t max_selected) {
+  DecodeSetup s = decode_setup(q, k, v, seq_lens, block_size, scale, selected, num_selected, block_table, max_selected);
+  Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const int64_t splits = decode_num_splits(s, q);
+  Tensor workspace = at::empty({decode_workspace_numel(s.params, splits)}, q.options().dtype(at::kFloat));
+  run_decode(s.params, q, out, lse, workspace.numel() ? workspace.data_ptr<float>() : nullptr, splits);
+  return {out, lse};
+}
+
+// Allocation-free variant for CUDA graphs: the caller owns out, lse and workspace (size it with
+// sparse_decode_workspace_numel).
+void sparse_decode_out(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_lens, int64_t block_size,
+                       double scale, const OptTensor& selected, const OptTensor& num_selected,
+                       const OptTensor& block_table, int64_t max_selected, Tensor& out, Tensor& lse,
+                       Tensor& workspace) {
+  DecodeSetup s = decode_setup(q, k, v, seq_lens, block_size, scale, selected, num_selected, block_table, max_selected);
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.stride(2) == 1,
+                    "aether: out must match q's shape and dtype with a contiguous last dimension");
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}) && lse.scalar_type() == at::kFloat &&
+                        lse.is_contiguous(),
+                    "aether: lse must be contiguous float32 [batch, q_heads]");
+  check_same_device(out, q, "out");
+  check_same_device(lse, q, "lse");
+  check_same_device(workspace, q, "workspace");
+  if (out.numel() == 0) return;
+  const int64_t splits = decode_num_splits(s, q);
+  const int64_t need = decode_workspace_numel(s.params, splits);
+  TORCH_CHECK_VALUE(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() && workspace.numel() >= need,
+                    "aether: workspace must be contiguous float32 with at least ", need, " elements, got ",
+                    workspace.numel());
+  run_decode(s.params, q, out, lse, need ? workspace.data_ptr<float>() : nullptr, splits);
+}
+
+int64_t sparse_decode_workspace_numel(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& seq_lens,
+                                      int64_t block_size, double scale, const OptTensor& selected,
+                                      const OptTensor& num_selected, const OptTensor& block_table,
+                                      int64_t max_selected) {
+  DecodeSetup s = decode_setup(q, k, v, seq_lens, block_size, scale, selected, num_selected, block_table, max_selected);
+  return decode_workspace_numel(s.params, decode_num_splits(s, q));
+}
+
+bool built_with_cuda() {
+#ifdef AETHER_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace aether_torch
+
+TORCH_LIBRARY(aether, m) {
+  m.def(
+      "block_stats(Tensor k, Tensor seq_lens, int block_size, int num_blocks, Tensor? block_table=None) -> "
+      "(Tensor centroid, Tensor lo, Tensor hi, Tensor radius, Tensor spread)");
+  m.def(
+      "block_stats_update(Tensor k, Tensor seq_lens, Tensor first_block, int block_size, Tensor? block_table, "
+      "Tensor(a!) centroid, Tensor(b!) lo, Tensor(c!) hi, Tensor(d!) radius, Tensor(e!) spread) -> ()");
+  m.def(
+      "radar_select(Tensor q, Tensor centroid, Tensor lo, Tensor hi, Tensor radius, Tensor spread, "
+      "Tensor seq_lens, int block_size, float scale, str score, str policy, int budget_blocks, "
+      "float budget_fraction, float eps, float mass, int min_blocks, int max_blocks, int sink_blocks, "
+      "int recent_blocks, bool return_scores=False, Tensor? head_scores=None, Tensor? head_mlo=None) -> "
+      "(Tensor selected, Tensor num_selected, Tensor head_scores_out, Tensor head_mlo_out)");
+  m.def(
+      "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
+      "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
+      "sparse_decode_out(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
+      "Tensor? selected, Tensor? num_selected, Tensor? block_table, int max_selected, Tensor(a!) out, "
+      "Tensor(b!) lse, Tensor(c!) workspace) -> ()");
+  m.def(
+      "sparse_decode_workspace_numel(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
+      "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> int");
+  m.def("built_with_cuda() -> bool", &aether_torch::built_with_cuda);
+}
+
+TORCH_LIBRARY_IMPL(aether, CPU, m) {
+  m.impl("block_stats", &aether_torch::block_stats);
+  m.impl("block_stats_update", &aether_torch::block_stats_update);
+  m.impl("radar_select", &aether_torch::radar_select);
+  m.impl("sparse_decode", &aether_torch::sparse_decode);
+  m.impl("sparse_decode_out", &aether_torch::sparse_decode_out);
+  m.impl("sparse_decode_workspace_numel", &aether_torch::sparse_decode_workspace_numel);
+}
+
+#ifdef AETHER_WITH_CUDA
+TORCH_LIBRARY_IMPL(aether, CUDA, m) {
+  m.impl("block_stats", &aether_torch::block_stats);
+  m.impl("block_stats_update", &aether_torch::block_stats_update);
+  m.impl("radar_select", &aether_torch::radar_select);
+  m.impl("sparse_decode", &aether_torch::sparse_decode);
+  m.impl("sparse_decode_out", &aether_torch::sparse_decode_out);
+  m.impl("sparse_decode_workspace_numel", &aether_torch::sparse_decode_workspace_numel);
+}
+#endif
