@@ -72,7 +72,10 @@ def _check_count(value: object, name: str, minimum: int) -> int:
 
 def _host_checks_allowed(t: torch.Tensor) -> bool:
     """Value checks that need the data on the host: always on CPU; on CUDA they cost a sync, so
-    they are skipped while a CUDA graph is being captured (the kernels clamp lengths instead)."""
+    they are skipped while a CUDA graph is being captured, and under torch.compile, where they
+    would break the graph (the kernels clamp lengths instead)."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
