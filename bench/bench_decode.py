@@ -1,0 +1,192 @@
+"""Decode-step benchmark: torch SDPA (dense) vs AETHER, same GPU, same run.
+
+For each (batch, context) shape with a Llama-3-8B attention layout (32 q heads, 8 kv heads,
+head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many calls:
+- dense: torch.nn.functional.scaled_dot_product_attention(enable_gqa=True) on one decode query;
+- aether dense: sparse_decode over every block (the keep-all path);
+- aether step at each budget: block_stats_update of the last block (the per-token append) +
+  radar_select + sparse_decode (+ merge), called through the operators and replayed as a CUDA
+  graph, plus each stage alone.
+Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
+Bytes are counted as K/V of the selected blocks plus the statistics the radar reads.
+Writes a json with the GPU, versions and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import aether
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+L2_BYTES = 50 * 2**20
+
+
+def _median_ms(fn, iters: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = _median_ms(lambda: b.copy_(a), 20)
+    return 2 * n / ms / 1e6
+
+
+class Case:
+    """One shape: rotated caches, statistics, queries and preallocated outputs."""
+
+    def __init__(self, batch: int, ctx: int, block_size: int, dtype=torch.bfloat16):
+        self.batch, self.ctx, self.block_size = batch, ctx, block_size
+        kv_bytes = 2 * batch * KV_HEADS * ctx * HEAD_DIM * 2
+        self.copies = max(2, math.ceil(3 * L2_BYTES / kv_bytes))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.k = [torch.randn(batch, KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=dtype, generator=g)
+                  for _ in range(self.copies)]
+        self.v = [torch.randn_like(k) for k in self.k]
+        self.q = [torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=g)
+                  for _ in range(self.copies)]
+        self.lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        self.stats = [aether.block_stats(k, block_size, seq_lens=self.lens) for k in self.k]
+        self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
+        self.num_blocks = math.ceil(ctx / block_size)
+        self.scale = 1.0 / math.sqrt(HEAD_DIM)
+        self.i = 0
+        self.kv_bytes = kv_bytes
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % self.copies
+        return self.i
+
+    def sdpa(self):
+        i = self.next()
+        q = self.q[i].unsqueeze(2)
+        return F.scaled_dot_product_attention(q, self.k[i], self.v[i], enable_gqa=True)
+
+    def stats_append(self, i):
+        torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
+                                            *self.stats[i].tensors)
+
+    def select(self, i, budget_blocks, score="tight"):
+        return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
+                                             score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1)
+
+    def decode(self, i, sel, cnt, max_selected):
+        return torch.ops.aether.sparse_decode(self.q[i], self.k[i], self.v[i], self.lens, self.block_size,
+                                              self.scale, sel, cnt, None, max_selected)
+
+    def step(self, budget_blocks, score="tight"):
+        i = self.next()
+        self.stats_append(i)
+        sel, cnt, _, _ = self.select(i, budget_blocks, score)
+        return self.decode(i, sel, cnt, budget_blocks)
+
+
+def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], iters: int) -> dict:
+    c = Case(batch, ctx, block_size)
+    row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
+    row["sdpa_ms"] = _median_ms(c.sdpa, iters)
+    row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
+    meta_bytes_per_block = (3 * HEAD_DIM + 2) * 4  # centroid, lo, hi + radius, spread (float32)
+    row["budgets"] = []
+    for frac in budgets:
+        nb = max(1, math.ceil(frac * c.num_blocks - 1e-9))
+        r = dict(fraction=frac, blocks=nb)
+        r["step_ms"] = _median_ms(lambda: c.step(nb), iters)
+        # Stage times (each on rotated inputs).
+        sels = [c.select(i, nb) for i in range(c.copies)]
+        r["append_ms"] = _median_ms(lambda: c.stats_append(c.next()), iters)
+        r["radar_ms"] = _median_ms(lambda: c.select(c.next(), nb), iters)
+        r["decode_ms"] = _median_ms(lambda: (lambda i: c.decode(i, sels[i][0], sels[i][1], nb))(c.next()), iters)
+        # CUDA graph of the whole step (launch-bound sizes).
+        graphs = []
+        for i in range(c.copies):
+            c.i = i - 1
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                c.i = i - 1
+                c.step(nb)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            c.i = i - 1
+            with torch.cuda.graph(g):
+                c.step(nb)
+            graphs.append(g)
+        k = [0]
+
+        def replay():
+            k[0] = (k[0] + 1) % len(graphs)
+            graphs[k[0]].replay()
+
+        r["graph_step_ms"] = _median_ms(replay, iters)
+        counts = sels[0][1].float().mean().item()
+        kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
+        meta = c.num_blocks * meta_bytes_per_block * batch * KV_HEADS
+        r["bytes_read"] = kv_read + meta
+        r["decode_gbps"] = kv_read / r["decode_ms"] / 1e6
+        r["speedup_vs_sdpa"] = row["sdpa_ms"] / min(r["step_ms"], r["graph_step_ms"])
+        r["ideal_speedup"] = c.kv_bytes / r["bytes_read"]
+        row["budgets"].append(r)
+    del c
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="1x16384,1x32768,1x131072,8x32768,32x16384")
+    parser.add_argument("--budgets", default="1.0,0.25,0.125")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    budgets = [float(b) for b in args.budgets.split(",")]
+    result = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+        python=platform.python_version(), command=" ".join([sys.executable] + sys.argv),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"), copy_gbps=_copy_bandwidth(), heads=[Q_HEADS, KV_HEADS, HEAD_DIM],
+        dtype="bfloat16", rows=[])
+    for shape in args.shapes.split(","):
+        batch, ctx = (int(x) for x in shape.split("x"))
+        result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.iters))
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
+          f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size}")
+    print(f"{'shape':>9} {'sdpa us':>8} {'keepall':>8} {'budget':>6} {'step us':>8} {'graph us':>8} "
+          f"{'radar':>6} {'decode':>7} {'dec GB/s':>8} {'speedup':>7} {'ideal':>6}")
+    for row in result["rows"]:
+        for r in row["budgets"]:
+            print(f"{row['batch']:>3}x{row['ctx']:<5} {row['sdpa_ms']*1e3:8.1f} {row['aether_dense_ms']*1e3:8.1f} "
+                  f"{r['fraction']:6.3f} {r['step_ms']*1e3:8.1f} {r['graph_step_ms']*1e3:8.1f} "
+                  f"{r['radar_ms']*1e3:6.1f} {r['decode_ms']*1e3:7.1f} {r['decode_gbps']:8.0f} "
+                  f"{r['speedup_vs_sdpa']:7.2f} {r['ideal_speedup']:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# ONE command for a GPU machine: build, GPU tests (pytest + GoogleTest), compute-sanitizer on a
+# small case of each kernel, then the decode benchmark. Logs and json go to $OUT (default ./out).
+# Usage: bash bench/gpu_check.sh [quick]     (quick: fewer shapes in the benchmark)
+# Carry .deps (libgtest-dev .deb, see below) for the C++ tests:
+#   mkdir -p .deps && (cd .deps && apt-get download libgtest-dev)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+t0=$(date +%s)
+if pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+  note "build: ok ($(( $(date +%s) - t0 )) s)"
+else
+  note "build: FAILED (see build.log)"; tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
+fi
+
+if ls .deps/*.deb >/dev/null 2>&1; then
+  for f in .deps/*.deb; do dpkg -x "$f" .deps/root; done
+  export CMAKE_PREFIX_PATH="$PWD/.deps/root/usr:${CMAKE_PREFIX_PATH:-}"
+  export AETHER_CMAKE_CUDA=ON
+  ctest_filter=""
+else
+  ctest_filter="--deselect tests/test_cpp.py::test_googletest_kernels"
+fi
+
+python -m pytest tests -q -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
+rc=$?
+note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
+[ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 python bench/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+  note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+done
+
+shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
+[ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
+python bench/bench_decode.py --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
+note "benchmark: rc=$?"
+echo
+printf '%s\n' "${summary[@]}"
+sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
+tail -5 "$OUT/bench.log" | grep -i error

@@ -1,0 +1,35 @@
+"""A small case of every kernel (all paths: stats build + append, each score and policy, dense and
+sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
+
+import math
+
+import torch
+
+import aether
+
+torch.manual_seed(0)
+for dtype in (torch.float16, torch.bfloat16):
+    for head_dim, bs, group in ((64, 16, 1), (128, 64, 4), (256, 32, 8)):
+        q = torch.randn(2, 2 * group, head_dim, device="cuda", dtype=dtype)
+        k = torch.randn(2, 2, 300, head_dim, device="cuda", dtype=dtype)
+        v = torch.randn_like(k)
+        lens = torch.tensor([300, 97], dtype=torch.int32, device="cuda")
+        stats = aether.block_stats(k, bs, seq_lens=lens)
+        stats.update(k, lens)
+        for score in aether.SCORES:
+            for policy in aether.POLICIES:
+                if policy == "threshold" and score not in aether.UPPER_BOUND_SCORES:
+                    continue
+                aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, score=score, policy=policy, budget=3)
+        aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, budget=1.0)
+        pages = math.ceil(300 / bs)
+        kp = k.new_zeros(2 * pages, bs, 2, head_dim)
+        table = torch.arange(2 * pages, dtype=torch.int32, device="cuda").view(2, pages)
+        aether.sparse_attention(q, kp, kp, seq_lens=lens, block_table=table, block_size=bs, budget=0.5)
+# A long case so that sparse_decode splits the KV sequence and merges.
+q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+aether.sparse_attention(q, k, k, budget=0.25)
+aether.sparse_attention(q, k, k, budget=1.0)
+torch.cuda.synchronize()
+print("sanitize_case: done")
