@@ -1,0 +1,480 @@
+"""Pure-PyTorch reference of AETHER: the executable form of docs/architecture.md ("Semantics").
+
+Every function here is written for clarity, not speed: it is the oracle the C++ CPU kernels and
+the CUDA kernels are tested against, so it follows the documented rules literally: float32 maths
+whatever the input dtype (except that attention over float64 inputs stays in float64, so tests
+can measure low-precision error against a more accurate oracle), the selection walks in double,
+ties broken by the lower block index.
+Selection loops over (batch, kv head) and blocks in Python because the rules are sequential walks;
+everything per token is vectorised.
+
+Shapes: ``B`` batch, ``Hq`` query heads, ``Hkv`` KV heads, ``G = Hq // Hkv`` query heads per KV
+head (query head ``g`` reads KV head ``g // G``), ``S`` token slots, ``D`` head_dim, ``NB`` blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+SCORES = ("ball", "box", "tight", "mean", "variance")
+POLICIES = ("topk", "threshold", "adaptive")
+# The threshold policy certifies a bound on the dropped mass only when scores are upper bounds.
+UPPER_BOUND_SCORES = ("ball", "box", "tight")
+
+
+class BlockStatsRef(NamedTuple):
+    """Per-block key statistics, float32: vectors ``[B, Hkv, NB, D]``, scalars ``[B, Hkv, NB]``."""
+
+    centroid: Tensor
+    lo: Tensor
+    hi: Tensor
+    radius: Tensor
+    spread: Tensor
+
+
+def num_blocks_for(seq_len: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` tokens needed for ``seq_len`` tokens (ceil)."""
+    return (seq_len + block_size - 1) // block_size
+
+
+def _default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _default_seq_lens(batch: int, seq_len: int, seq_lens: Tensor | None, device) -> Tensor:
+    if seq_lens is None:
+        return torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+    return seq_lens
+
+
+def _token_valid(seq_lens: Tensor, num_tokens: int) -> Tensor:
+    """``[B, num_tokens]`` bool: slot t holds a token of sequence b (t < seq_lens[b])."""
+    positions = torch.arange(num_tokens, device=seq_lens.device)
+    return positions[None, :] < seq_lens.to(torch.int64)[:, None]
+
+
+def _block_token_counts(seq_lens: Tensor, block_size: int, num_blocks: int) -> Tensor:
+    """``[B, NB]`` int64: n_j, the number of tokens of block j (0 for invalid blocks)."""
+    starts = torch.arange(num_blocks, device=seq_lens.device, dtype=torch.int64) * block_size
+    lens = seq_lens.to(torch.int64)[:, None]
+    return (lens - starts[None, :]).clamp(min=0, max=block_size)
+
+
+def paged_to_contiguous(k_pages: Tensor, block_table: Tensor, seq_lens: Tensor) -> Tensor:
+    """Gather a paged cache into a contiguous one.
+
+    Args:
+        k_pages: ``[num_pages, page_size, Hkv, D]``.
+        block_table: ``[B, max_pages]`` int32; page p of sequence b is
+            ``k_pages[block_table[b, p]]``.
+        seq_lens: ``[B]`` tokens per sequence.
+
+    Returns:
+        ``[B, Hkv, max_pages * page_size, D]`` in the dtype of ``k_pages``; slots at or past
+        ``seq_lens[b]`` are zero (their block-table entries are never dereferenced, so they may
+        hold anything, e.g. -1).
+    """
+    num_pages, page_size, kv_heads, head_dim = k_pages.shape
+    batch, max_pages = block_table.shape
+    pages_used = (seq_lens.to(torch.int64) + page_size - 1) // page_size
+    page_in_use = torch.arange(max_pages, device=block_table.device)[None, :] < pages_used[:, None]
+    # Unused entries are replaced by page 0 for the gather and zeroed below by the token mask.
+    table = block_table.to(torch.int64)
+    safe_table = torch.where(page_in_use, table, torch.zeros_like(table))
+    if safe_table.numel():
+        assert 0 <= int(safe_table.min()) and int(safe_table.max()) < num_pages
+    gathered = k_pages[safe_table]  # [B, max_pages, page_size, Hkv, D]
+    tokens = gathered.reshape(batch, max_pages * page_size, kv_heads, head_dim)
+    valid = _token_valid(seq_lens, max_pages * page_size)
+    tokens = tokens.masked_fill(~valid[:, :, None, None], 0)
+    return tokens.permute(0, 2, 1, 3).contiguous()
+
+
+def block_stats(k: Tensor, block_size: int, seq_lens: Tensor | None = None,
+                num_blocks: int | None = None) -> BlockStatsRef:
+    """Statistics of every KV block (docs/architecture.md, "Block statistics").
+
+    Args:
+        k: keys ``[B, Hkv, S, D]``, any float dtype (converted to float32 first).
+        block_size: tokens per block.
+        seq_lens: ``[B]`` valid tokens per sequence (default ``S``); ``seq_lens[b] <= S``.
+        num_blocks: capacity NB of the outputs (default ``ceil(S / block_size)``); blocks past
+            ``ceil(seq_lens[b] / block_size)`` are written as zeros.
+    """
+    batch, kv_heads, seq_len, head_dim = k.shape
+    seq_lens = _default_seq_lens(batch, seq_len, seq_lens, k.device)
+    nb = num_blocks_for(seq_len, block_size) if num_blocks is None else num_blocks
+    assert all(0 <= int(n) <= min(seq_len, nb * block_size) for n in seq_lens)
+
+    capacity = nb * block_size
+    keys = k.float()
+    if seq_len < capacity:
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, capacity - seq_len))
+    else:
+        keys = keys[:, :, :capacity]
+    keys = keys.reshape(batch, kv_heads, nb, block_size, head_dim)
+
+    token_valid = _token_valid(seq_lens, capacity).reshape(batch, 1, nb, block_size)
+    counts = _block_token_counts(seq_lens, block_size, nb)  # [B, NB]
+    block_valid = (counts > 0)[:, None, :]  # [B, 1, NB]
+    # Empty blocks divide by 1 so their statistics come out as exact zeros, not NaN.
+    denom = counts.clamp(min=1).to(torch.float32)[:, None, :]
+
+    masked_keys = keys.masked_fill(~token_valid[..., None], 0.0)
+    centroid = masked_keys.sum(dim=3) / denom[..., None]
+
+    sq_dist = ((keys - centroid[:, :, :, None, :]) ** 2).sum(dim=-1)  # [B, Hkv, NB, bs]
+    sq_dist = sq_dist.masked_fill(~token_valid, 0.0)
+    radius = sq_dist.sqrt().amax(dim=-1)
+    spread = sq_dist.sum(dim=-1) / denom
+
+    lo = keys.masked_fill(~token_valid[..., None], math.inf).amin(dim=3)
+    hi = keys.masked_fill(~token_valid[..., None], -math.inf).amax(dim=3)
+    lo = lo.masked_fill(~block_valid[..., None], 0.0)
+    hi = hi.masked_fill(~block_valid[..., None], 0.0)
+    return BlockStatsRef(centroid.contiguous(), lo.contiguous(), hi.contiguous(),
+                         radius.contiguous(), spread.contiguous())
+
+
+def _expand_to_query_heads(x: Tensor, group: int) -> Tensor:
+    """Repeat each KV head ``group`` times along dim 1 (Hugging Face ``repeat_kv`` order)."""
+    return x.repeat_interleave(group, dim=1)
+
+
+def head_scores(q: Tensor, stats: BlockStatsRef, seq_lens: Tensor, block_size: int,
+                score: str, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Radar score of every block for every query head (docs/architecture.md, "Scores").
+
+    Args:
+        q: ``[B, Hq, D]`` decode queries.
+        stats: statistics from :func:`block_stats` with NB blocks.
+        seq_lens: ``[B]`` valid tokens per sequence.
+        score: one of ``ball``, ``box``, ``tight``, ``mean``, ``variance``.
+
+    Returns:
+        ``(scores [B, Hq, NB] float32, -inf for invalid blocks;
+        mlo [B, Hq] float32 = M_g = max over valid blocks of s * q.centroid, -inf when empty)``.
+    """
+    assert score in SCORES, score
+    batch, q_heads, head_dim = q.shape
+    kv_heads, nb = stats.centroid.shape[1], stats.centroid.shape[2]
+    assert q_heads % kv_heads == 0
+    group = q_heads // kv_heads
+    s = _default_scale(head_dim, scale)
+
+    qf = q.float()
+    centroid = _expand_to_query_heads(stats.centroid, group)  # [B, Hq, NB, D]
+    lo = _expand_to_query_heads(stats.lo, group)
+    hi = _expand_to_query_heads(stats.hi, group)
+    radius = _expand_to_query_heads(stats.radius, group)  # [B, Hq, NB]
+    spread = _expand_to_query_heads(stats.spread, group)
+
+    dot = torch.einsum("bhd,bhnd->bhn", qf, centroid)
+    q_norm = qf.norm(dim=-1)[:, :, None]
+    mean_score = s * dot
+    ball = s * (dot + q_norm * radius)
+    box = s * torch.maximum(qf[:, :, None, :] * lo, qf[:, :, None, :] * hi).sum(dim=-1)
+    if score == "ball":
+        scores = ball
+    elif score == "box":
+        scores = box
+    elif score == "tight":
+        scores = torch.minimum(ball, box)
+    elif score == "mean":
+        scores = mean_score
+    else:  # variance: the seed's heuristic, ranking only (not a bound)
+        scores = s * (dot + q_norm * radius * (1.0 + spread.sqrt()))
+
+    block_valid = (_block_token_counts(seq_lens, block_size, nb) > 0)[:, None, :]  # [B, 1, NB]
+    scores = scores.masked_fill(~block_valid, -math.inf)
+    if nb == 0:
+        mlo = torch.full((batch, q_heads), -math.inf, dtype=torch.float32, device=q.device)
+    else:
+        mlo = mean_score.masked_fill(~block_valid, -math.inf).amax(dim=-1)
+    return scores.contiguous(), mlo.contiguous()
+
+
+def _forced_blocks(length: int, block_size: int, sink_blocks: int, recent_blocks: int) -> list[int]:
+    """Sink blocks, the last ``recent_blocks`` complete blocks and the partial tail, ascending."""
+    n_blocks = num_blocks_for(length, block_size)
+    n_full = length // block_size
+    forced = set(range(min(sink_blocks, n_blocks)))
+    forced.update(range(max(n_full - recent_blocks, 0), n_full))
+    if length % block_size != 0:
+        forced.add(n_full)
+    return sorted(forced)
+
+
+def _order_by_priority(candidates: list[int], priority: dict[int, float]) -> list[int]:
+    """Candidates by descending priority, ties broken by the lower block index."""
+    return sorted(candidates, key=lambda j: (-priority[j], j))
+
+
+def _topk_count(n_blocks: int, num_forced: int, num_candidates: int, budget_blocks: int,
+                budget_fraction: float) -> int:
+    if budget_blocks > 0:
+        total = budget_blocks
+    else:
+        # The -1e-9 keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 blocks.
+        total = max(1, math.ceil(budget_fraction * n_blocks - 1e-9))
+    return min(max(total - num_forced, 0), num_candidates)
+
+
+def _threshold_count(ordered: list[int], priority: dict[int, float], eps: float) -> int:
+    """K for the threshold policy: keep what is left after dropping the lowest-priority blocks.
+
+    ``exp(priority[j]) = n_j * exp(max_g(score_gj - M_g))`` bounds block j's softmax mass for
+    every head of the group, so the dropped mass stays <= eps.
+    """
+    dropped = 0
+    dropped_mass = 0.0
+    # Walk from the lowest priority upward: the exact reverse of the selection order.
+    for j in reversed(ordered):
+        # math.exp raises OverflowError past ~709.78; such a block can never be dropped anyway.
+        bound = math.exp(priority[j]) if priority[j] < 709.0 else math.inf
+        if dropped_mass + bound > eps:
+            break
+        dropped_mass += bound
+        dropped += 1
+    return len(ordered) - dropped
+
+
+def _adaptive_block_mass(scores: Tensor, counts: list[int], n_blocks: int) -> list[float]:
+    """m_j, the group mean of each head's estimated mass share of block j (double)."""
+    score_rows = scores.double().tolist()
+    mass = [0.0] * n_blocks
+    for row in score_rows:
+        top = max(row[:n_blocks])
+        weights = [counts[j] * math.exp(row[j] - top) for j in range(n_blocks)]
+        total = 0.0
+        for w in weights:
+            total += w
+        for j in range(n_blocks):
+            mass[j] += weights[j] / total
+    group = len(score_rows)
+    return [m / group for m in mass]
+
+
+def select_blocks(head_scores: Tensor, head_mlo: Tensor, seq_lens: Tensor, block_size: int,
+                  kv_heads: int, *, policy: str = "topk", budget_blocks: int = 0,
+                  budget_fraction: float = 0.125, eps: float = 1e-3, mass: float = 0.95,
+                  min_blocks: int = 1, max_blocks: int = 0, sink_blocks: int = 1,
+                  recent_blocks: int = 1) -> tuple[Tensor, Tensor]:
+    """Select blocks per (batch, KV head) (docs/architecture.md, "Selection").
+
+    Args:
+        head_scores: ``[B, Hq, NB]`` per-query-head scores from :func:`head_scores` (or oracle).
+        head_mlo: ``[B, Hq]`` M_g, the lower bound of each head's largest logit (threshold only).
+        seq_lens: ``[B]`` valid tokens per sequence.
+        kv_heads: Hkv; query heads ``[h*G, (h+1)*G)`` form the group of KV head h.
+        policy: ``topk``, ``threshold`` (scores must be upper bounds) or ``adaptive``.
+
+    Returns:
+        ``(selected [B, Hkv, NB] int32, ascending indices then -1; num_selected [B, Hkv] int32)``.
+    """
+    assert policy in POLICIES, policy
+    batch, q_heads, nb = head_scores.shape
+    assert q_heads % kv_heads == 0
+    group = q_heads // kv_heads
+    scores_cpu = head_scores.detach().float().cpu()
+    mlo_cpu = head_mlo.detach().float().cpu()
+    lens = [int(x) for x in seq_lens.cpu()]
+
+    selected = torch.full((batch, kv_heads, nb), -1, dtype=torch.int32)
+    num_selected = torch.zeros((batch, kv_heads), dtype=torch.int32)
+    for b in range(batch):
+        length = lens[b]
+        n_blocks = num_blocks_for(length, block_size)
+        assert n_blocks <= nb
+        if n_blocks == 0:
+            continue
+        counts = [min(block_size, length - j * block_size) for j in range(n_blocks)]
+        forced = _forced_blocks(length, block_size, sink_blocks, recent_blocks)
+        forced_set = set(forced)
+        candidates = [j for j in range(n_blocks) if j not in forced_set]
+        for h in range(kv_heads):
+            group_scores = scores_cpu[b, h * group:(h + 1) * group]  # [G, NB]
+            group_mlo = mlo_cpu[b, h * group:(h + 1) * group]  # [G]
+            if policy == "topk":
+                block_score = group_scores.amax(dim=0).tolist()  # S_j, float32 values
+                priority = {j: block_score[j] for j in candidates}
+                ordered = _order_by_priority(candidates, priority)
+                k_count = _topk_count(n_blocks, len(forced), len(candidates), budget_blocks,
+                                      budget_fraction)
+            elif policy == "threshold":
+                rows = group_scores.double().tolist()
+                mlos = group_mlo.double().tolist()
+                priority = {j: math.log(counts[j]) + max(r[j] - m for r, m in zip(rows, mlos))
+                            for j in candidates}
+                ordered = _order_by_priority(candidates, priority)
+                k_count = _threshold_count(ordered, priority, eps)
+            else:
+                block_mass = _adaptive_block_mass(group_scores, counts, n_blocks)
+                priority = {j: block_mass[j] for j in candidates}
+                ordered = _order_by_priority(candidates, priority)
+                reached = 0.0
+                for j in forced:
+                    reached += block_mass[j]
+                k_count = 0
+                for j in ordered:
+                    if reached >= mass:
+                        break
+                    reached += block_mass[j]
+                    k_count += 1
+                total = max(len(forced) + k_count, min_blocks)
+                if max_blocks > 0:
+                    total = min(total, max_blocks)
+                total = min(max(total, len(forced)), n_blocks)
+                k_count = total - len(forced)
+            chosen = sorted(forced + ordered[:k_count])
+            assert len(chosen) == len(set(chosen)) and all(0 <= j < n_blocks for j in chosen)
+            selected[b, h, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+            num_selected[b, h] = len(chosen)
+    device = head_scores.device
+    return selected.to(device), num_selected.to(device)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input already is (tests then get a more accurate oracle)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _group_logits(q: Tensor, k: Tensor, scale: float | None) -> Tensor:
+    """``[B, Hkv, G, S]`` logits ``s * q_g . k_t`` of every query head of each group."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    assert q_heads % kv_heads == 0
+    group = q_heads // kv_heads
+    s = _default_scale(head_dim, scale)
+    dtype = _compute_dtype(q, k)
+    qf = q.to(dtype).reshape(batch, kv_heads, group, head_dim)
+    return s * torch.einsum("bkgd,bksd->bkgs", qf, k.to(dtype))
+
+
+def _selected_token_mask(seq_lens: Tensor, num_tokens: int, block_size: int,
+                         selected: Tensor | None, num_selected: Tensor | None,
+                         kv_heads: int) -> Tensor:
+    """``[B, Hkv, S]`` bool: token t is valid and lies in a selected block of (b, h)."""
+    valid = _token_valid(seq_lens, num_tokens)[:, None, :].expand(-1, kv_heads, -1)
+    if selected is None:
+        return valid
+    assert num_selected is not None
+    batch = seq_lens.shape[0]
+    nb_tokens = num_blocks_for(num_tokens, block_size)
+    sel = selected.to(torch.int64)
+    row_positions = torch.arange(sel.shape[-1], device=sel.device)[None, None, :]
+    in_row = row_positions < num_selected.to(torch.int64)[..., None]
+    n_blocks = ((seq_lens.to(torch.int64) + block_size - 1) // block_size)[:, None, None]
+    usable = in_row & (sel >= 0) & (sel < n_blocks)
+    # Ignored entries land in a spare last column that is dropped afterwards.
+    target = torch.where(usable, sel, torch.full_like(sel, nb_tokens))
+    block_mask = torch.zeros((batch, kv_heads, nb_tokens + 1), dtype=torch.bool, device=sel.device)
+    block_mask.scatter_(2, target, True)
+    token_in_block = block_mask[:, :, :nb_tokens].repeat_interleave(block_size, dim=2)
+    token_in_block = token_in_block[:, :, :num_tokens]
+    return valid & token_in_block.to(valid.device)
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, token_mask: Tensor,
+                      scale: float | None) -> tuple[Tensor, Tensor]:
+    """Softmax attention of each query head over the tokens of ``token_mask [B, Hkv, S]``."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    logits = _group_logits(q, k, scale).masked_fill(~token_mask[:, :, None, :], -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]; -inf for a head with no token
+    empty = torch.isneginf(lse)
+    weights = torch.exp(logits - torch.where(empty, 0.0, lse)[..., None])
+    out = torch.einsum("bkgs,bksd->bkgd", weights, v.to(weights.dtype))
+    out = out.masked_fill(empty[..., None], 0.0)
+    return (out.reshape(batch, q_heads, v.shape[-1]).to(q.dtype),
+            lse.reshape(batch, q_heads).to(torch.float32).contiguous())
+
+
+def sparse_decode(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor, block_size: int,
+                  selected: Tensor | None = None, num_selected: Tensor | None = None,
+                  scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Exact attention over the selected blocks (docs/architecture.md, "Attention").
+
+    Args:
+        q: ``[B, Hq, D]``; k, v: ``[B, Hkv, S, D]``; any float dtype, computed in
+            float32 (float64 when an input is float64).
+        seq_lens: ``[B]`` valid tokens per sequence.
+        selected: ``[B, Hkv, NB]`` block indices (only the first ``num_selected[b, h]`` are read;
+            indices outside ``[0, n_blocks)`` are ignored); ``None`` attends to every token.
+
+    Returns:
+        ``(out [B, Hq, D] in q.dtype, lse [B, Hq] float32 natural log)``; zeros / -inf for a head
+        with no token.
+    """
+    mask = _selected_token_mask(seq_lens, k.shape[2], block_size, selected, num_selected,
+                                k.shape[1])
+    return _masked_attention(q, k, v, mask, scale)
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, seq_lens: Tensor | None = None,
+                    scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of every query head over all valid tokens: ``(out in q.dtype, lse float32)``."""
+    seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
+    mask = _selected_token_mask(seq_lens, k.shape[2], 1, None, None, k.shape[1])
+    return _masked_attention(q, k, v, mask, scale)
+
+
+def _masked_logits(q: Tensor, k: Tensor, seq_lens: Tensor, scale: float | None) -> Tensor:
+    """``[B, Hq, S]`` logits (float32, or float64 for float64 inputs), -inf past ``seq_lens``."""
+    batch, q_heads, _ = q.shape
+    logits = _group_logits(q, k, scale).reshape(batch, q_heads, k.shape[2])
+    valid = _token_valid(seq_lens, k.shape[2])[:, None, :]
+    return logits.masked_fill(~valid, -math.inf)
+
+
+def oracle_head_scores(q: Tensor, k: Tensor, seq_lens: Tensor, block_size: int,
+                       scale: float | None = None) -> Tensor:
+    """``[B, Hq, NB]``: ``logsumexp`` of the logits of each block's tokens (-inf if invalid).
+
+    The log of the block's true softmax-numerator mass: the ideal score for quality studies.
+    """
+    batch, q_heads, _ = q.shape
+    seq_len = k.shape[2]
+    nb = num_blocks_for(seq_len, block_size)
+    logits = _masked_logits(q, k, seq_lens, scale)
+    logits = torch.nn.functional.pad(logits, (0, nb * block_size - seq_len), value=-math.inf)
+    block_logits = logits.reshape(batch, q_heads, nb, block_size)
+    return torch.logsumexp(block_logits, dim=-1).to(torch.float32)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | None = None,
+                     block_size: int = 64, score: str = "tight", policy: str = "topk",
+                     budget_blocks: int = 0, budget_fraction: float = 0.125, eps: float = 1e-3,
+                     mass: float = 0.95, min_blocks: int = 1, max_blocks: int = 0,
+                     sink_blocks: int = 1, recent_blocks: int = 1,
+                     seq_lens: Tensor | None = None,
+                     scale: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole decode step: statistics, radar scores, selection, attention.
+
+    ``score`` may also be ``oracle`` (true per-block log-mass; the threshold policy then uses the
+    true largest logit of each head as M_g). Returns ``(out, lse, selected, num_selected)``.
+    """
+    seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
+    if score == "oracle":
+        scores = oracle_head_scores(q, k, seq_lens, block_size, scale)
+        logits = _masked_logits(q, k, seq_lens, scale)
+        if logits.shape[-1] == 0:
+            mlo = torch.full(logits.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+        else:
+            mlo = logits.amax(dim=-1).to(torch.float32)
+    else:
+        if stats is None:
+            stats = block_stats(k, block_size, seq_lens)
+        scores, mlo = head_scores(q, stats, seq_lens, block_size, score, scale)
+    selected, num_selected = select_blocks(
+        scores, mlo, seq_lens, block_size, k.shape[1], policy=policy,
+        budget_blocks=budget_blocks, budget_fraction=budget_fraction, eps=eps, mass=mass,
+        min_blocks=min_blocks, max_blocks=max_blocks, sink_blocks=sink_blocks,
+        recent_blocks=recent_blocks)
+    out, lse = sparse_decode(q, k, v, seq_lens, block_size, selected, num_selected, scale)
+    return out, lse, selected, num_selected
