@@ -182,7 +182,8 @@ class BlockStats:
             self._grow(needed)
         first_block = torch.div(self.seq_lens, self.block_size, rounding_mode="floor").to(torch.int32)
         torch.ops.aether.block_stats_update(k, seq_lens, first_block, self.block_size, block_table, *self.tensors)
-        self.seq_lens = seq_lens.clone()
+        # In place, so that a CUDA graph that captured this call reads and advances the same tensor.
+        self.seq_lens.copy_(seq_lens)
         return self
 
     def _grow(self, num_blocks: int) -> None:
