@@ -198,8 +198,8 @@ inline const char* kv_kind_name(KVKind kind) {
 //   kTokenMajor  [B, S, H, D] (the Hugging Face layout before transpose: other strides)
 //   kPaged       pages [P, H, block_size, D], P > B * num_blocks, shuffled page ids, and a block
 //                table row stride larger than num_blocks (its spare column holds -1)
-// Every slot gets N(shift_block, 1) values, shift_block ~ N(0, block_shift^2) per block and
-// channel, so blocks differ and selection has something to find.
+// Every slot gets N(shift_block, token_noise^2) values, shift_block ~ N(0, block_shift^2) per
+// block and channel, so blocks differ and selection has something to find.
 struct TestKV {
   DType dtype;
   KVKind kind;
@@ -209,7 +209,7 @@ struct TestKV {
   TypedTensor data;
 
   TestKV(DType dtype_, KVKind kind_, int batch_, int heads_, int head_dim_, int block_size_,
-         int num_blocks_, std::mt19937_64& rng, double block_shift = 1.0)
+         int num_blocks_, std::mt19937_64& rng, double block_shift = 1.0, double token_noise = 1.0)
       : dtype(dtype_),
         kind(kind_),
         batch(batch_),
@@ -257,7 +257,7 @@ struct TestKV {
             for (auto& value : shift) value = block_shift * normal(rng);
           }
           const int64_t base = offset(b, h, t);
-          for (int64_t i = 0; i < D; ++i) data.set(base + i, shift[i] + normal(rng));
+          for (int64_t i = 0; i < D; ++i) data.set(base + i, shift[i] + token_noise * normal(rng));
         }
       }
     }
@@ -299,6 +299,56 @@ struct TestKV {
   }
   KVLayout layout() const {
     return layout(data.data(), kind == KVKind::kPaged ? block_table.data() : nullptr);
+  }
+};
+
+// Queries (or outputs) [B, Hq, D] with padded strides, so a kernel that assumes a dense layout
+// reads or writes the wrong elements. The padding is poisoned and must stay that way.
+struct TestQuery {
+  int batch, heads, head_dim;
+  int64_t stride_batch, stride_head;
+  TypedTensor data;
+
+  TestQuery(DType dtype, int batch_, int heads_, int head_dim_)
+      : batch(batch_),
+        heads(heads_),
+        head_dim(head_dim_),
+        stride_batch(static_cast<int64_t>(heads_) * (head_dim_ + 8) + 16),
+        stride_head(head_dim_ + 8),
+        data(dtype, static_cast<int64_t>(batch_) * (static_cast<int64_t>(heads_) * (head_dim_ + 8) + 16)) {
+    data.poison();
+  }
+
+  void fill_normal(std::mt19937_64& rng, double stddev = 1.0) {
+    std::normal_distribution<double> normal(0.0, stddev);
+    for (int b = 0; b < batch; ++b) {
+      for (int h = 0; h < heads; ++h) {
+        for (int i = 0; i < head_dim; ++i) data.set(offset(b, h) + i, normal(rng));
+      }
+    }
+  }
+
+  int64_t offset(int64_t b, int64_t h) const { return b * stride_batch + h * stride_head; }
+
+  std::vector<double> row(int64_t b, int64_t h) const {
+    std::vector<double> values(static_cast<size_t>(head_dim));
+    for (int i = 0; i < head_dim; ++i) values[i] = data.get(offset(b, h) + i);
+    return values;
+  }
+
+  // True when every padding element still holds the poison (all-ones bytes).
+  bool padding_untouched() const {
+    const size_t element = dtype_size(data.dtype);
+    for (int64_t n = 0; n < data.numel; ++n) {
+      const int64_t within_batch = n % stride_batch;
+      const bool payload = within_batch < static_cast<int64_t>(heads) * stride_head &&
+                           within_batch % stride_head < head_dim;
+      if (payload) continue;
+      for (size_t byte = 0; byte < element; ++byte) {
+        if (data.bytes[n * element + byte] != 0xff) return false;
+      }
+    }
+    return true;
   }
 };
 

@@ -1,0 +1,521 @@
+// aether::cpu::radar_select: scores against the naive reference and the true block maxima,
+// selection identical to the naive rules given the same scores, the threshold certificate, and
+// hand-worked cases that pin the rules down independently of the naive code.
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "aether/cpu/kernels.h"
+#include "test_util.h"
+
+namespace aether {
+namespace {
+
+using test::KVKind;
+using test::StatsBuffers;
+using test::TestKV;
+using test::TestQuery;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Buffers of one radar_select call, poisoned so that every written element is checked.
+struct SelectBuffers {
+  std::vector<int32_t> selected, num_selected;
+  std::vector<float> head_scores, head_mlo;
+  SelectBuffers(int batch, int q_heads, int kv_heads, int num_blocks)
+      : selected(static_cast<size_t>(batch) * kv_heads * num_blocks, -7),
+        num_selected(static_cast<size_t>(batch) * kv_heads, -7),
+        head_scores(static_cast<size_t>(batch) * q_heads * num_blocks, test::float_nan()),
+        head_mlo(static_cast<size_t>(batch) * q_heads, test::float_nan()) {}
+  void attach(RadarSelectParams& p) {
+    p.selected = selected.data();
+    p.num_selected = num_selected.data();
+    p.out_head_scores = head_scores.data();
+    p.out_head_mlo = head_mlo.data();
+  }
+};
+
+RadarSelectParams base_params(int batch, int q_heads, int kv_heads, int head_dim, int block_size,
+                              int num_blocks, const std::vector<int32_t>& lens) {
+  RadarSelectParams p;
+  p.seq_lens = lens.data();
+  p.batch = batch;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.num_blocks = num_blocks;
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  return p;
+}
+
+void attach_stats(RadarSelectParams& p, StatsBuffers& stats) {
+  p.centroid = stats.centroid.data();
+  p.lo = stats.lo.data();
+  p.hi = stats.hi.data();
+  p.radius = stats.radius.data();
+  p.spread = stats.spread.data();
+}
+
+StatsBuffers build_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
+  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
+  stats.poison();
+  BlockStatsParams p;
+  p.k = kv.layout();
+  p.dtype = kv.dtype;
+  p.seq_lens = lens.data();
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.stats = stats.tensors();
+  cpu::block_stats(p);
+  return stats;
+}
+
+// The selection rows written by the kernel must equal the naive rules applied to the per-head
+// scores the kernel reports (or was given).
+void expect_selection_matches_naive(const RadarSelectParams& p, const std::vector<int32_t>& lens,
+                                    const SelectBuffers& out, const float* scores, const float* mlo) {
+  const int G = p.q_heads / p.kv_heads;
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.kv_heads; ++h) {
+      std::vector<std::vector<float>> head_scores(G);
+      std::vector<float> head_mlo(G);
+      for (int g = 0; g < G; ++g) {
+        const int64_t q_row = static_cast<int64_t>(b) * p.q_heads + h * G + g;
+        head_scores[g].assign(scores + q_row * p.num_blocks, scores + (q_row + 1) * p.num_blocks);
+        head_mlo[g] = mlo[q_row];
+      }
+      const std::vector<int32_t> expected = test::naive_select(p, lens[b], head_scores, head_mlo);
+      const int64_t row = static_cast<int64_t>(b) * p.kv_heads + h;
+      std::vector<int32_t> actual(out.selected.begin() + row * p.num_blocks,
+                                  out.selected.begin() + (row + 1) * p.num_blocks);
+      std::vector<int32_t> padded = expected;
+      padded.resize(static_cast<size_t>(p.num_blocks), -1);
+      ASSERT_EQ(out.num_selected[row], static_cast<int32_t>(expected.size()))
+          << "b=" << b << " h=" << h << " len=" << lens[b];
+      ASSERT_EQ(actual, padded) << "b=" << b << " h=" << h << " len=" << lens[b];
+    }
+  }
+}
+
+struct RadarCase {
+  DType dtype;
+  int group, head_dim, block_size;
+  int32_t max_len;
+};
+
+std::vector<RadarCase> radar_cases() {
+  std::vector<RadarCase> cases;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    cases.push_back({dtype, 1, 64, 16, 97});
+    cases.push_back({dtype, 2, 128, 32, 1025});
+    cases.push_back({dtype, 4, 256, 64, 63});
+    cases.push_back({dtype, 8, 128, 16, 1025});
+    cases.push_back({dtype, 4, 40, 128, 1});
+  }
+  return cases;
+}
+
+TEST(CpuRadarSelect, ScoresMatchNaiveAndBoundTheTrueBlockMaximum) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 3, kv_heads = 2;
+  for (const RadarCase& c : radar_cases()) {
+    const int q_heads = kv_heads * c.group;
+    const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 1;
+    TestKV kv(c.dtype, KVKind::kPaged, batch, kv_heads, c.head_dim, c.block_size, num_blocks, rng);
+    const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, c.block_size, rng);
+    kv.poison_after(lens);
+    StatsBuffers stats = build_stats(kv, lens);
+    TestQuery q(c.dtype, batch, q_heads, c.head_dim);
+    q.fill_normal(rng);
+
+    std::vector<std::vector<float>> by_score(5);
+    for (Score score : {Score::kBall, Score::kBox, Score::kTight, Score::kMean, Score::kVariance}) {
+      SCOPED_TRACE(std::string(test::dtype_name(c.dtype)) + " G=" + std::to_string(c.group) +
+                   " D=" + std::to_string(c.head_dim) + " bs=" + std::to_string(c.block_size) +
+                   " max_len=" + std::to_string(c.max_len) + " score=" +
+                   std::to_string(static_cast<int>(score)));
+      RadarSelectParams p = base_params(batch, q_heads, kv_heads, c.head_dim, c.block_size, num_blocks, lens);
+      attach_stats(p, stats);
+      p.q = q.data.data();
+      p.q_stride_batch = q.stride_batch;
+      p.q_stride_head = q.stride_head;
+      p.dtype = c.dtype;
+      p.score = score;
+      p.policy = Policy::kTopK;
+      p.budget_fraction = 0.3;
+      SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+      out.attach(p);
+      cpu::radar_select(p);
+      by_score[static_cast<int>(score)] = out.head_scores;
+
+      for (int b = 0; b < batch; ++b) {
+        const int32_t n_blocks = test::blocks_of(lens[b], c.block_size);
+        for (int hq = 0; hq < q_heads; ++hq) {
+          const int h = hq / c.group;
+          const std::vector<double> qg = q.row(b, hq);
+          double q_abs = 0.0, q_norm = 0.0;
+          for (double x : qg) {
+            q_abs += std::fabs(x);
+            q_norm += x * x;
+          }
+          q_norm = std::sqrt(q_norm);
+          double expected_mlo = -test::kInf;
+          for (int j = 0; j < num_blocks; ++j) {
+            const float actual = out.head_scores[(static_cast<int64_t>(b) * q_heads + hq) * num_blocks + j];
+            if (j >= n_blocks) {
+              ASSERT_EQ(actual, kNegInf) << "b=" << b << " head=" << hq << " block=" << j;
+              continue;
+            }
+            const int64_t index = stats.block_index(b, h, j);
+            const float* centroid = &stats.centroid[index * c.head_dim];
+            const double expected = test::naive_score(score, qg, centroid, &stats.lo[index * c.head_dim],
+                                                      &stats.hi[index * c.head_dim], stats.radius[index],
+                                                      stats.spread[index], p.scale);
+            expected_mlo = std::max(expected_mlo, test::naive_score(Score::kMean, qg, centroid, nullptr, nullptr,
+                                                                    0.0f, 0.0f, p.scale));
+            // float32 dot products over D channels: error <= D u sum |q_i x_i|.
+            double magnitude = q_norm * stats.radius[index] * (1.0 + std::sqrt(stats.spread[index]));
+            for (int i = 0; i < c.head_dim; ++i) {
+              magnitude += std::fabs(qg[i]) * (std::fabs(centroid[i]) + std::fabs(stats.lo[index * c.head_dim + i]) +
+                                               std::fabs(stats.hi[index * c.head_dim + i]));
+            }
+            const double tolerance = (c.head_dim + 8) * 6e-8 * p.scale * magnitude + 1e-6;
+            ASSERT_NEAR(actual, expected, tolerance) << "b=" << b << " head=" << hq << " block=" << j;
+
+            // Bounds against the true largest logit of the block, from the keys themselves.
+            double block_max = -test::kInf;
+            for (int t = j * c.block_size; t < std::min(lens[b], (j + 1) * c.block_size); ++t) {
+              double dot = 0.0;
+              for (int i = 0; i < c.head_dim; ++i) dot += qg[i] * kv.at(b, h, t, i);
+              block_max = std::max(block_max, p.scale * dot);
+            }
+            const double slack = 1e-4 * (1.0 + std::fabs(block_max)) + tolerance;
+            if (score == Score::kMean) {
+              ASSERT_LE(actual, block_max + slack) << "b=" << b << " head=" << hq << " block=" << j;
+            } else if (score != Score::kVariance) {
+              ASSERT_GE(actual, block_max - slack) << "b=" << b << " head=" << hq << " block=" << j;
+            }
+          }
+          const float actual_mlo = out.head_mlo[static_cast<int64_t>(b) * q_heads + hq];
+          if (n_blocks == 0) {
+            ASSERT_EQ(actual_mlo, kNegInf);
+          } else {
+            ASSERT_NEAR(actual_mlo, expected_mlo, 1e-4 * (1.0 + std::fabs(expected_mlo)));
+          }
+          (void)q_abs;
+        }
+      }
+      expect_selection_matches_naive(p, lens, out, out.head_scores.data(), out.head_mlo.data());
+    }
+    // tight is the elementwise min of ball and box computed the same way: exactly equal.
+    for (size_t n = 0; n < by_score[0].size(); ++n) {
+      ASSERT_EQ(by_score[2][n], std::min(by_score[0][n], by_score[1][n])) << n;
+      if (std::isfinite(by_score[0][n])) {
+        ASSERT_GE(by_score[4][n], by_score[0][n]) << n;  // variance >= ball (spread >= 0)
+        ASSERT_LE(by_score[3][n], by_score[0][n]) << n;  // mean <= ball (radius >= 0)
+      }
+    }
+  }
+}
+
+// Given the same per-head scores (coarsely quantised so ties are frequent), every policy with
+// random parameters must select exactly what the naive rules select.
+TEST(CpuRadarSelect, SelectionIsIdenticalGivenTheSameScores) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> pick(0, 1 << 30);
+  const int block_sizes[] = {16, 32, 64, 128};
+  const int groups[] = {1, 2, 4, 8};
+  const double eps_values[] = {0.0, 1e-3, 0.1, 1.0, 30.0};
+  const double mass_values[] = {0.0, 0.5, 0.9, 0.99, 1.0};
+  const double fractions[] = {0.0, 0.125, 0.3, 0.5, 1.0, 2.0};
+  for (int trial = 0; trial < 300; ++trial) {
+    const int batch = 1 + pick(rng) % 4, kv_heads = 1 + pick(rng) % 3;
+    const int G = groups[pick(rng) % 4], q_heads = kv_heads * G;
+    const int block_size = block_sizes[pick(rng) % 4];
+    const int32_t max_len = 1 + pick(rng) % (40 * block_size);
+    const int num_blocks = test::blocks_of(max_len, block_size) + pick(rng) % 3;
+    const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, block_size, rng);
+
+    RadarSelectParams p = base_params(batch, q_heads, kv_heads, 8, block_size, num_blocks, lens);
+    p.policy = static_cast<Policy>(trial % 3);
+    p.sink_blocks = pick(rng) % 3;
+    p.recent_blocks = pick(rng) % 4;
+    p.budget_blocks = pick(rng) % 3 == 0 ? 1 + pick(rng) % 12 : 0;
+    p.budget_fraction = fractions[pick(rng) % 6];
+    p.eps = eps_values[pick(rng) % 5];
+    p.mass = mass_values[pick(rng) % 5];
+    p.min_blocks = pick(rng) % 4;
+    p.max_blocks = pick(rng) % 2 == 0 ? 0 : pick(rng) % 10;
+    SCOPED_TRACE("trial " + std::to_string(trial) + " policy " + std::to_string(trial % 3) +
+                 " G=" + std::to_string(G) + " bs=" + std::to_string(block_size));
+
+    // Scores on a grid of 0.5 (ties), spread so that masses land on both sides of eps / p.
+    std::vector<float> scores(static_cast<size_t>(batch) * q_heads * num_blocks, kNegInf);
+    std::vector<float> mlo(static_cast<size_t>(batch) * q_heads);
+    std::uniform_int_distribution<int> grid(-40, 6);
+    for (size_t n = 0; n < scores.size(); ++n) scores[n] = 0.5f * grid(rng);
+    if (p.policy != Policy::kAdaptive) {  // zero-mass bounds: dropped even at eps = 0
+      for (size_t n = 0; n < scores.size(); n += 1 + pick(rng) % 7) scores[n] = kNegInf;
+    }
+    for (size_t n = 0; n < mlo.size(); ++n) mlo[n] = 0.5f * std::uniform_int_distribution<int>(-4, 8)(rng);
+    p.in_head_scores = scores.data();
+    p.in_head_mlo = mlo.data();
+    p.q = nullptr;  // not needed when scores and M_g are given
+
+    SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+    out.attach(p);
+    cpu::radar_select(p);
+    expect_selection_matches_naive(p, lens, out, scores.data(), mlo.data());
+    if (testing::Test::HasFatalFailure()) return;
+    // The given scores are echoed (valid blocks) with -inf past the end; M_g likewise.
+    for (int b = 0; b < batch; ++b) {
+      const int32_t n_blocks = test::blocks_of(lens[b], block_size);
+      for (int hq = 0; hq < q_heads; ++hq) {
+        const int64_t row = static_cast<int64_t>(b) * q_heads + hq;
+        ASSERT_EQ(out.head_mlo[row], mlo[row]);
+        for (int j = 0; j < num_blocks; ++j) {
+          ASSERT_EQ(out.head_scores[row * num_blocks + j], j < n_blocks ? scores[row * num_blocks + j] : kNegInf);
+        }
+      }
+    }
+  }
+}
+
+// Hand-worked cases: they hold the naive reference to the text of the rules too.
+struct HandCase {
+  RadarSelectParams p;
+  std::vector<int32_t> lens;
+  std::vector<float> scores, mlo;
+  SelectBuffers out;
+  HandCase(int32_t len, std::vector<float> block_scores)
+      : lens{len}, scores(std::move(block_scores)), mlo{0.0f}, out(1, 1, 1, static_cast<int>(scores.size())) {
+    p = base_params(1, 1, 1, 8, 16, static_cast<int>(scores.size()), lens);
+    p.in_head_scores = scores.data();
+    p.in_head_mlo = mlo.data();
+    out.attach(p);
+  }
+  std::vector<int32_t> run() {
+    p.selected = out.selected.data();
+    p.num_selected = out.num_selected.data();
+    cpu::radar_select(p);
+    std::vector<int32_t> result(out.selected.begin(), out.selected.begin() + out.num_selected[0]);
+    for (size_t n = result.size(); n < out.selected.size(); ++n) EXPECT_EQ(out.selected[n], -1);
+    return result;
+  }
+};
+
+TEST(CpuRadarSelect, TopKForcedBlocksAndTies) {
+  // 6 blocks, the last partial (5*16+3 tokens): sink {0}, recent {3, 4}, tail {5} are forced.
+  HandCase c(5 * 16 + 3, {0, 1, 1, 1, 1, 1, 0});
+  c.p.sink_blocks = 1;
+  c.p.recent_blocks = 2;
+  c.p.budget_blocks = 5;  // one candidate among the tied 1 and 2: the lower index wins
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 3, 4, 5}));
+  c.p.budget_blocks = 2;  // fewer than the forced blocks: only those
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 3, 4, 5}));
+  c.scores[2] = 2.0f;
+  c.p.budget_blocks = 5;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 2, 3, 4, 5}));
+}
+
+TEST(CpuRadarSelect, TopKFractionBudget) {
+  HandCase c(10 * 16, std::vector<float>(10, 0.0f));
+  c.p.sink_blocks = 0;
+  c.p.recent_blocks = 0;
+  c.p.budget_fraction = 0.3;
+  EXPECT_EQ(c.run().size(), 3u);
+  c.p.budget_fraction = 0.31;
+  EXPECT_EQ(c.run().size(), 4u);
+  c.p.budget_fraction = 0.0;  // at least one block
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0}));
+  c.lens[0] = 0;  // empty sequence: nothing at all
+  EXPECT_TRUE(c.run().empty());
+  EXPECT_EQ(c.out.num_selected[0], 0);
+
+  HandCase d(25 * 16, std::vector<float>(25, 0.0f));
+  d.p.sink_blocks = 0;
+  d.p.recent_blocks = 0;
+  d.p.budget_fraction = 0.28;  // 0.28 * 25 = 7.000000000000001 in double: the 1e-9 makes it 7
+  EXPECT_EQ(d.run().size(), 7u);
+}
+
+TEST(CpuRadarSelect, ThresholdDropsFromTheLowestBoundWhileTheSumStaysBelowEps) {
+  // Blocks of 16 tokens, M = 0: exp(l_j) = 16 exp(s_j). Candidates 1..3 bound 0.5, 0.3, 0.4.
+  const auto s = [](double m) { return static_cast<float>(std::log(m / 16.0)); };
+  HandCase c(5 * 16, {5.0f, s(0.5), s(0.3), s(0.4), 5.0f});
+  c.p.policy = Policy::kThreshold;
+  c.p.sink_blocks = 1;
+  c.p.recent_blocks = 1;
+  c.p.eps = 1.0;  // 0.3 + 0.4 = 0.7 fits, + 0.5 = 1.2 does not
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 4}));
+  c.p.eps = 0.25;  // not even the smallest
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 2, 3, 4}));
+  c.p.eps = 1.5;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 4}));
+  // A bound of exactly zero mass is dropped even with eps = 0 (the sum must stay <= eps).
+  c.scores[2] = kNegInf;
+  c.p.eps = 0.0;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 3, 4}));
+}
+
+TEST(CpuRadarSelect, AdaptiveReachesMassThenClamps) {
+  // Equal block sizes: the masses are the softmax of the scores, here 0.1, 0.4, 0.2, 0.3.
+  HandCase c(4 * 16, {static_cast<float>(std::log(0.1)), static_cast<float>(std::log(0.4)),
+                      static_cast<float>(std::log(0.2)), static_cast<float>(std::log(0.3))});
+  c.p.policy = Policy::kAdaptive;
+  c.p.sink_blocks = 0;
+  c.p.recent_blocks = 0;
+  c.p.min_blocks = 1;
+  c.p.mass = 0.65;  // 0.4 + 0.3
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{1, 3}));
+  c.p.min_blocks = 3;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{1, 2, 3}));
+  c.p.min_blocks = 1;
+  c.p.max_blocks = 1;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{1}));
+  c.p.max_blocks = 0;
+  c.p.sink_blocks = 1;  // block 0 (0.1) is forced and counts: 0.1 + 0.4 + 0.3 >= 0.75
+  c.p.mass = 0.75;
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 3}));
+  c.p.min_blocks = 10;  // never above n_blocks
+  EXPECT_EQ(c.run(), (std::vector<int32_t>{0, 1, 2, 3}));
+
+  // Equal scores: masses exactly 0.25 each; reaching p = 0.5 exactly stops (>=), ties by index.
+  HandCase d(4 * 16, {1.0f, 1.0f, 1.0f, 1.0f});
+  d.p.policy = Policy::kAdaptive;
+  d.p.sink_blocks = 0;
+  d.p.recent_blocks = 0;
+  d.p.mass = 0.5;
+  EXPECT_EQ(d.run(), (std::vector<int32_t>{0, 1}));
+  // Masses weigh by token count: 16 + 16 + 16 + 8 tokens, the partial tail (forced) has 8/56.
+  HandCase e(3 * 16 + 8, {1.0f, 1.0f, 1.0f, 1.0f});
+  e.p.policy = Policy::kAdaptive;
+  e.p.sink_blocks = 0;
+  e.p.recent_blocks = 0;
+  e.p.mass = 40.0 / 56.0 - 1e-12;  // the tail and two full blocks are enough
+  EXPECT_EQ(e.run(), (std::vector<int32_t>{0, 1, 3}));
+  e.p.mass = 40.0 / 56.0 + 1e-12;  // ... and now they are not quite
+  EXPECT_EQ(e.run(), (std::vector<int32_t>{0, 1, 2, 3}));
+}
+
+// The certificate on real keys: for every query head, the exact softmax mass of the blocks the
+// threshold policy dropped is <= eps.
+TEST(CpuRadarSelect, ThresholdDroppedMassIsBelowEps) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 2, kv_heads = 2, block_size = 16, head_dim = 64;
+  const int32_t max_len = 1025;
+  const int num_blocks = test::blocks_of(max_len, block_size);
+  int64_t total_dropped = 0;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (int G : {1, 4}) {
+      const int q_heads = kv_heads * G;
+      // Well separated, tight blocks: the bounds are then close enough to drop blocks.
+      TestKV kv(dtype, KVKind::kContiguous, batch, kv_heads, head_dim, block_size, num_blocks, rng, 3.0, 0.1);
+      const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, block_size, rng);
+      kv.poison_after(lens);
+      StatsBuffers stats = build_stats(kv, lens);
+      TestQuery q(dtype, batch, q_heads, head_dim);
+      q.fill_normal(rng, 2.0);
+      for (Score score : {Score::kBall, Score::kBox, Score::kTight}) {
+        for (double eps : {1e-3, 1e-2, 0.1}) {
+          SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " G=" + std::to_string(G) + " score=" +
+                       std::to_string(static_cast<int>(score)) + " eps=" + std::to_string(eps));
+          RadarSelectParams p = base_params(batch, q_heads, kv_heads, head_dim, block_size, num_blocks, lens);
+          attach_stats(p, stats);
+          p.q = q.data.data();
+          p.q_stride_batch = q.stride_batch;
+          p.q_stride_head = q.stride_head;
+          p.dtype = dtype;
+          p.score = score;
+          p.policy = Policy::kThreshold;
+          p.eps = eps;
+          SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+          out.attach(p);
+          cpu::radar_select(p);
+          for (int b = 0; b < batch; ++b) {
+            const int32_t n_blocks = test::blocks_of(lens[b], block_size);
+            for (int hq = 0; hq < q_heads; ++hq) {
+              const int h = hq / G;
+              const int32_t* row = &out.selected[(static_cast<int64_t>(b) * kv_heads + h) * num_blocks];
+              const int32_t count = out.num_selected[static_cast<int64_t>(b) * kv_heads + h];
+              std::vector<bool> kept(static_cast<size_t>(n_blocks), false);
+              for (int n = 0; n < count; ++n) kept[row[n]] = true;
+              const std::vector<double> qg = q.row(b, hq);
+              std::vector<double> logits;
+              std::vector<bool> logit_kept;
+              double top = -test::kInf;
+              for (int t = 0; t < lens[b]; ++t) {
+                double dot = 0.0;
+                for (int i = 0; i < head_dim; ++i) dot += qg[i] * kv.at(b, h, t, i);
+                logits.push_back(p.scale * dot);
+                logit_kept.push_back(kept[t / block_size]);
+                top = std::max(top, logits.back());
+              }
+              double total = 0.0, dropped = 0.0;
+              for (size_t t = 0; t < logits.size(); ++t) {
+                const double weight = std::exp(logits[t] - top);
+                total += weight;
+                if (!logit_kept[t]) dropped += weight;
+              }
+              if (total > 0) {
+                ASSERT_LE(dropped / total, eps * (1 + 1e-4)) << "b=" << b << " head=" << hq;
+              }
+              if (hq % G == 0) total_dropped += n_blocks - count;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(total_dropped, 0) << "no block was ever dropped: the test checks nothing";
+}
+
+TEST(CpuRadarSelect, RejectsValuesItCannotDispatch) {
+  std::vector<int32_t> lens = {16};
+  std::vector<float> scores = {0.0f}, mlo = {0.0f};
+  std::vector<int32_t> selected(1), count(1);
+  RadarSelectParams p = base_params(1, 1, 1, 8, 16, 1, lens);
+  p.in_head_scores = scores.data();
+  p.in_head_mlo = mlo.data();
+  p.selected = selected.data();
+  p.num_selected = count.data();
+  const auto message_of = [&](const RadarSelectParams& params) {
+    try {
+      cpu::radar_select(params);
+    } catch (const std::invalid_argument& error) {
+      return std::string(error.what());
+    }
+    return std::string("no exception");
+  };
+  RadarSelectParams bad = p;
+  bad.score = static_cast<Score>(9);
+  EXPECT_NE(message_of(bad).find("score value 9"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.policy = static_cast<Policy>(6);
+  EXPECT_NE(message_of(bad).find("policy value 6"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.dtype = static_cast<DType>(4);
+  EXPECT_NE(message_of(bad).find("dtype value 4"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.in_head_scores = nullptr;
+  bad.policy = Policy::kThreshold;
+  bad.score = Score::kMean;  // a lower bound cannot certify anything
+  EXPECT_NE(message_of(bad).find("upper-bound"), std::string::npos) << message_of(bad);
+}
+
+}  // namespace
+}  // namespace aether
