@@ -1,0 +1,161 @@
+// Device helpers shared by the AETHER CUDA kernels: element types, vector loads, warp and block
+// reductions, order-preserving integer keys for floating-point priorities, and a few host helpers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "aether/params.h"
+
+namespace aether {
+namespace cuda {
+
+// Return the first CUDA error of an expression from the enclosing launcher.
+#define AETHER_CUDA_TRY(expr)            \
+  do {                                   \
+    const cudaError_t aether_err_ = (expr); \
+    if (aether_err_ != cudaSuccess) return aether_err_; \
+  } while (0)
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers.
+
+// An attribute of the current device; used for grid sizing (SM count) and the shared-memory
+// opt-in limit. Cheap, no synchronisation, legal during stream capture.
+inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
+  int device = 0;
+  AETHER_CUDA_TRY(cudaGetDevice(&device));
+  return cudaDeviceGetAttribute(value, attr, device);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions.
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Loads 8 consecutive elements (16 bytes for 16-bit types, 32 for float) as float. `ptr` must be
+// 16-byte aligned: head_dim is a multiple of 8 and rows start at multiples of 8 elements.
+__device__ __forceinline__ void load8_as_float(const float* ptr, float (&out)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(ptr));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(ptr) + 1);
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+
+template <typename T>
+__device__ __forceinline__ void load8_as_float(const T* ptr, float (&out)[8]) {
+  static_assert(sizeof(T) == 2, "16-bit element type expected");
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(elems[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp reductions.
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  return x;
+}
+
+// Sums N values per lane over the 32 lanes of a warp with N - 1 + (5 - log2 N) shuffles (a
+// reduce-scatter: each exchange halves the number of values a lane carries) instead of 5 N.
+// On return v[0] of lane l holds the warp total of value index l / (32 / N).
+template <int N, typename T, int kOffset = 16>
+__device__ __forceinline__ void warp_reduce_scatter(T (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N must be a power of two <= 32");
+  if constexpr (N > 1) {
+    // Halve: keep N / 2 values, recurse on them with the next offset.
+    const bool upper = (lane & kOffset) != 0;
+    T half[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const T send = upper ? v[i] : v[i + N / 2];
+      const T keep = upper ? v[i + N / 2] : v[i];
+      half[i] = keep + __shfl_xor_sync(kFullMask, send, kOffset);
+    }
+    warp_reduce_scatter<N / 2, T, kOffset / 2>(half, lane);
+    v[0] = half[0];
+  } else {
+#pragma unroll
+    for (int offset = kOffset; offset > 0; offset >>= 1) {
+      v[0] += __shfl_xor_sync(kFullMask, v[0], offset);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block reductions. `scratch` must hold one T per warp; every thread of the block must call,
+// the result is returned to every thread. The order of the additions is fixed, so the result is
+// deterministic.
+
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T x, T* scratch, Op op) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x = op(x, __shfl_xor_sync(kFullMask, x, offset));
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  T total = scratch[0];
+  for (int w = 1; w < num_warps; ++w) total = op(total, scratch[w]);
+  return total;
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Order-preserving keys: a > b (as numbers) exactly when key(a) > key(b) (as unsigned integers).
+// -0 is folded into +0 first so that equal numbers get equal keys (ties are then broken by the
+// block index, as the selection rules require).
+
+__device__ __forceinline__ uint32_t ordered_key(float x) {
+  const uint32_t bits = __float_as_uint(x + 0.0f);  // -0 + 0 = +0 under round-to-nearest
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t ordered_key(double x) {
+  const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x + 0.0));
+  return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
+}
+
+}  // namespace cuda
+}  // namespace aether

@@ -1,0 +1,796 @@
+// radar_select kernels: block scores ("the radar") and the selection policies.
+//
+// Two kernels, both enqueued by aether::cuda::radar_select:
+//
+// 1. radar_score_kernel, grid (batch * kv_heads, chunks of kBlocksPerChunk blocks). A warp scores
+//    one block at a time for all G query heads of the group: the lanes split the head_dim
+//    channels, each block's statistics are read once (coalesced float4 loads) and reused for the G
+//    queries (float32, in shared memory), and the 2G partial sums (dot, box) are combined with a
+//    reduce-scatter over the warp. It writes the group score S_j (max over the heads) and, when
+//    needed, the per-head scores and per-chunk maxima of the mean score (M_g).
+//    Scoring is split from the selection so that batch 1 still spreads the statistics reads (the
+//    bulk of the bytes: 3 x head_dim floats per block) over the whole GPU: one CTA per
+//    (b, kv_head) would leave all but kv_heads SMs idle.
+//
+// 2. radar_select_kernel, one CTA per (b, kv_head): priorities (policy dependent, as
+//    docs/architecture.md defines them), the count K, the top-K candidates by an exact radix
+//    select on order-preserving integer keys, and the output row. No sort:
+//    - topk: a 4-pass radix select (8-bit digits, warp-aggregated shared-memory histograms) on
+//      32-bit keys of the float priority finds the K-th largest key and how many of the ties at
+//      that key to take; ties are then taken in ascending block index, exactly as the rules say.
+//    - threshold / adaptive: K comes from a walk over the candidates in priority order that stops
+//      where a running sum crosses a limit. It is found by a radix descent over 64-bit keys of the
+//      double priority with 16 buckets per pass holding (count, sum of weights); the sums are
+//      double, accumulated in registers and reduced in a fixed order (deterministic). Whole
+//      buckets are added at once, so the running sum is rounded differently from a sequential
+//      sum: K can differ from a sequential implementation only where the running sum is within
+//      rounding (double, ~1e-16 relative) of eps or mass. Equal keys have equal weights, so the
+//      count at a tie needs no ordering. Then the same radix select as topk picks the K blocks.
+//    Keys and weights live in shared memory when they fit (opt-in limit), else in the workspace.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "aether/cuda/common.cuh"
+#include "aether/params.h"
+
+namespace aether {
+namespace cuda {
+
+constexpr int kScoreThreads = 256;
+constexpr int kScoreWarps = kScoreThreads / kWarpSize;
+constexpr int kBlocksPerWarp = 8;  // blocks a warp scores per CTA; amortises loading q
+constexpr int kBlocksPerChunk = kScoreWarps * kBlocksPerWarp;
+constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partial sums = 32 lanes
+
+constexpr int kSelectThreads = 512;
+constexpr int kSelectWarps = kSelectThreads / kWarpSize;
+
+// Device pointers into the radar_select workspace (and the caller's optional outputs).
+struct RadarWorkspace {
+  float* group_scores = nullptr;          // [B, Hkv, NB] S_j = max over the group
+  float* head_scores_out = nullptr;       // where the score kernel stores per-head scores, or null
+  const float* head_scores_in = nullptr;  // where the select kernel reads them, or null
+  float* partial_mlo = nullptr;           // [B, Hq, n_chunks] per-chunk max of s * q.centroid
+  int32_t n_chunks = 0;
+  bool mlo_from_q = false;                // M_g computed from q (else in_head_mlo or -inf)
+  void* keys = nullptr;                   // [B, Hkv, NB] select keys when shared memory is short
+  double* weights = nullptr;              // [B, Hkv, NB] select weights when shared memory is short
+};
+
+inline bool radar_needs_head_scores(const RadarSelectParams& p) {
+  return p.policy != Policy::kTopK;
+}
+inline bool radar_needs_mlo(const RadarSelectParams& p) {
+  return p.policy == Policy::kThreshold || p.out_head_mlo != nullptr;
+}
+inline size_t radar_key_bytes(const RadarSelectParams& p) {
+  return p.policy == Policy::kTopK ? sizeof(uint32_t) : sizeof(uint64_t);
+}
+inline size_t radar_weight_bytes(const RadarSelectParams& p) {
+  return p.policy == Policy::kTopK ? 0 : sizeof(double);
+}
+
+// Lays the workspace out from `base` (nullptr: only sizes it) and returns its size in bytes.
+inline size_t radar_workspace_layout(const RadarSelectParams& p, void* base, RadarWorkspace* ws) {
+  const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int64_t heads_q = static_cast<int64_t>(p.batch) * p.q_heads;
+  const int64_t nb = p.num_blocks;
+  const int64_t n_chunks = ceil_div(nb, kBlocksPerChunk);
+  size_t offset = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = offset;
+    offset += (bytes + 255) / 256 * 256;  // keep every region 256-byte aligned
+    return base == nullptr ? nullptr : static_cast<char*>(base) + at;
+  };
+  RadarWorkspace w;
+  w.n_chunks = static_cast<int32_t>(n_chunks);
+  w.group_scores = reinterpret_cast<float*>(take(heads_kv * nb * sizeof(float)));
+  if (p.in_head_scores != nullptr) {
+    w.head_scores_out = p.out_head_scores;  // copies in -> out when asked
+    w.head_scores_in = p.in_head_scores;
+  } else if (p.out_head_scores != nullptr) {
+    w.head_scores_out = p.out_head_scores;
+    w.head_scores_in = p.out_head_scores;
+  } else if (radar_needs_head_scores(p)) {
+    w.head_scores_out = reinterpret_cast<float*>(take(heads_q * nb * sizeof(float)));
+    w.head_scores_in = w.head_scores_out;
+  }
+  w.mlo_from_q = radar_needs_mlo(p) && p.in_head_mlo == nullptr && p.q != nullptr;
+  if (w.mlo_from_q) w.partial_mlo = reinterpret_cast<float*>(take(heads_q * n_chunks * sizeof(float)));
+  w.keys = take(heads_kv * nb * radar_key_bytes(p));
+  if (radar_weight_bytes(p) > 0) w.weights = reinterpret_cast<double*>(take(heads_kv * nb * sizeof(double)));
+  if (ws != nullptr) *ws = w;
+  return offset;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores.
+
+__device__ __forceinline__ float load_q_element(const void* q, DType dtype, int64_t index) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return to_float(static_cast<const __half*>(q)[index]);
+    case DType::kBFloat16:
+      return to_float(static_cast<const __nv_bfloat16*>(q)[index]);
+    default:
+      return static_cast<const float*>(q)[index];
+  }
+}
+
+// kHeadDim / 32 channels per lane, loaded as float4 (or float2 for head_dim 64) vectors so that a
+// warp reads 512 contiguous bytes per instruction and the q reads from shared memory are
+// conflict-free: vector v of lane l holds channels v * 32 * kVec + l * kVec + [0, kVec).
+template <int kHeadDim>
+struct LaneChannels {
+  static constexpr int kPerLane = kHeadDim / kWarpSize;
+  static constexpr int kVec = kPerLane < 4 ? kPerLane : 4;
+  static constexpr int kVecs = kPerLane / kVec;
+  static_assert(kHeadDim % (kWarpSize * 2) == 0, "head_dim must be a multiple of 64");
+  static __device__ __forceinline__ int channel(int v, int lane) { return v * kWarpSize * kVec + lane * kVec; }
+};
+
+template <int kVec>
+__device__ __forceinline__ void load_vec(const float* ptr, float* out) {
+  if constexpr (kVec == 4) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(ptr));
+    out[0] = x.x; out[1] = x.y; out[2] = x.z; out[3] = x.w;
+  } else {
+    const float2 x = __ldg(reinterpret_cast<const float2*>(ptr));
+    out[0] = x.x; out[1] = x.y;
+  }
+}
+
+template <int kVec>
+__device__ __forceinline__ void load_vec_shared(const float* ptr, float* out) {
+  if constexpr (kVec == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(ptr);
+    out[0] = x.x; out[1] = x.y; out[2] = x.z; out[3] = x.w;
+  } else {
+    const float2 x = *reinterpret_cast<const float2*>(ptr);
+    out[0] = x.x; out[1] = x.y;
+  }
+}
+
+// One block's statistics as this lane sees them.
+template <int kHeadDim>
+struct LaneStats {
+  float mu[LaneChannels<kHeadDim>::kPerLane];
+  float lo[LaneChannels<kHeadDim>::kPerLane];
+  float hi[LaneChannels<kHeadDim>::kPerLane];
+  float radius;
+  float spread;
+};
+
+template <int kHeadDim, bool kBox>
+__device__ __forceinline__ void load_lane_stats(const RadarSelectParams& p, int64_t row, int lane,
+                                                bool with_scores, LaneStats<kHeadDim>& s) {
+  using C = LaneChannels<kHeadDim>;
+  const int64_t base = row * kHeadDim;
+#pragma unroll
+  for (int v = 0; v < C::kVecs; ++v) {
+    const int c = C::channel(v, lane);
+    load_vec<C::kVec>(p.centroid + base + c, &s.mu[v * C::kVec]);
+    if (kBox) {
+      load_vec<C::kVec>(p.lo + base + c, &s.lo[v * C::kVec]);
+      load_vec<C::kVec>(p.hi + base + c, &s.hi[v * C::kVec]);
+    }
+  }
+  s.radius = with_scores ? __ldg(p.radius + row) : 0.0f;
+  s.spread = (with_scores && p.score == Score::kVariance) ? __ldg(p.spread + row) : 0.0f;
+}
+
+template <int kHeadDim, int kGroupTile, bool kBox>
+__global__ void __launch_bounds__(kScoreThreads)
+radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+  using C = LaneChannels<kHeadDim>;
+  constexpr int kValues = kBox ? 2 * kGroupTile : kGroupTile;  // partial sums per lane per block
+  constexpr int kLanesPerValue = kWarpSize / kValues;
+  static_assert(kValues <= kWarpSize, "at most 32 partial sums per warp reduction");
+
+  extern __shared__ float s_dyn[];
+  const int G = p.q_heads / p.kv_heads;
+  const int n_tiles = (G + kGroupTile - 1) / kGroupTile;
+  const int g_pad = n_tiles * kGroupTile;
+  float* s_q = s_dyn;                       // [g_pad][kHeadDim], zero rows past G
+  float* s_qnorm = s_q + g_pad * kHeadDim;  // [g_pad]
+  float* s_mlo = s_qnorm + g_pad;           // [kScoreWarps][g_pad] running max of s * q.mu
+
+  const int bh = blockIdx.x;
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const int chunk = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int len = p.seq_lens[b];
+  const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
+  const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
+
+  const bool compute_scores = p.in_head_scores == nullptr;
+  const bool load_stats = compute_scores || ws.mlo_from_q;
+
+  if (load_stats) {
+    for (int i = tid; i < g_pad * kHeadDim; i += kScoreThreads) {
+      const int g = i / kHeadDim;
+      const int d = i % kHeadDim;
+      s_q[i] = g < G ? load_q_element(p.q, p.dtype,
+                                      b * p.q_stride_batch + (static_cast<int64_t>(h) * G + g) * p.q_stride_head + d)
+                     : 0.0f;
+    }
+  }
+  for (int i = tid; i < kScoreWarps * g_pad; i += kScoreThreads) s_mlo[i] = -INFINITY;
+  __syncthreads();
+  if (load_stats) {
+    for (int g = warp; g < g_pad; g += kScoreWarps) {
+      float sq = 0.0f;
+      for (int d = lane; d < kHeadDim; d += kWarpSize) sq = fmaf(s_q[g * kHeadDim + d], s_q[g * kHeadDim + d], sq);
+      sq = warp_sum(sq);
+      if (lane == 0) s_qnorm[g] = sqrtf(sq);
+    }
+  }
+  __syncthreads();
+
+  const int first = chunk * kBlocksPerChunk + warp;
+  const int64_t stats_row0 = static_cast<int64_t>(bh) * p.num_blocks;
+  LaneStats<kHeadDim> next;
+  if (load_stats && first < n_blocks) load_lane_stats<kHeadDim, kBox>(p, stats_row0 + first, lane, compute_scores, next);
+
+  for (int i = 0; i < kBlocksPerWarp; ++i) {
+    const int j = first + i * kScoreWarps;
+    if (j >= p.num_blocks) break;  // uniform over the warp
+    if (j >= n_blocks) {
+      for (int g = lane; g < G; g += kWarpSize) {
+        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
+      }
+      if (lane == 0) ws.group_scores[stats_row0 + j] = -INFINITY;
+      continue;
+    }
+    const LaneStats<kHeadDim> cur = next;
+    // Issue the next block's loads before computing on this one (keeps loads in flight).
+    const int j_next = j + kScoreWarps;
+    if (load_stats && i + 1 < kBlocksPerWarp && j_next < n_blocks) {
+      load_lane_stats<kHeadDim, kBox>(p, stats_row0 + j_next, lane, compute_scores, next);
+    }
+
+    float group = -INFINITY;
+    for (int t = 0; t < n_tiles; ++t) {
+      float v[kValues];
+#pragma unroll
+      for (int k = 0; k < kValues; ++k) v[k] = 0.0f;
+      if (load_stats) {
+#pragma unroll
+        for (int g = 0; g < kGroupTile; ++g) {
+          const float* qg = s_q + (t * kGroupTile + g) * kHeadDim;
+          float dot = 0.0f, box = 0.0f;
+#pragma unroll
+          for (int vv = 0; vv < C::kVecs; ++vv) {
+            float qv[C::kVec];
+            load_vec_shared<C::kVec>(qg + C::channel(vv, lane), qv);
+#pragma unroll
+            for (int c = 0; c < C::kVec; ++c) {
+              const int e = vv * C::kVec + c;
+              dot = fmaf(qv[c], cur.mu[e], dot);
+              if (kBox) box += fmaxf(qv[c] * cur.lo[e], qv[c] * cur.hi[e]);
+            }
+          }
+          v[g] = dot;
+          if (kBox) v[kGroupTile + g] = box;
+        }
+        warp_reduce_scatter<kValues>(v, lane);
+      }
+      // Lane l now holds value l / kLanesPerValue: the dots of the tile's heads, then the boxes
+      // (16 lanes further on when kBox, since kGroupTile * kLanesPerValue == 16).
+      const float box_sum = kBox ? __shfl_xor_sync(kFullMask, v[0], 16) : 0.0f;
+      const int value = lane / kLanesPerValue;
+      const int g = t * kGroupTile + value;
+      const bool writer = (lane % kLanesPerValue) == 0 && value < kGroupTile && g < G;
+      if (writer) {
+        const float dot = v[0];
+        float score;
+        if (compute_scores) {
+          const float qn = s_qnorm[g];
+          switch (p.score) {
+            case Score::kBall:
+              score = p.scale * (dot + qn * cur.radius);
+              break;
+            case Score::kBox:
+              score = box_sum * p.scale;
+              break;
+            case Score::kTight:
+              score = fminf(p.scale * (dot + qn * cur.radius), box_sum * p.scale);
+              break;
+            case Score::kMean:
+              score = p.scale * dot;
+              break;
+            default:  // kVariance
+              score = p.scale * (dot + qn * cur.radius * (1.0f + sqrtf(cur.spread)));
+              break;
+          }
+        } else {
+          score = __ldg(p.in_head_scores + (q_head0 + g) * p.num_blocks + j);
+        }
+        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
+        if (ws.mlo_from_q) {
+          float* slot = s_mlo + warp * g_pad + g;
+          *slot = fmaxf(*slot, p.scale * dot);
+        }
+        group = fmaxf(group, score);  // fmaxf drops NaN, like the CPU max
+      }
+    }
+    group = warp_max(group);
+    if (lane == 0) ws.group_scores[stats_row0 + j] = group;
+  }
+
+  if (ws.mlo_from_q) {
+    __syncthreads();
+    for (int g = tid; g < G; g += kScoreThreads) {
+      float m = -INFINITY;
+      for (int w = 0; w < kScoreWarps; ++w) m = fmaxf(m, s_mlo[w * g_pad + g]);
+      ws.partial_mlo[(q_head0 + g) * ws.n_chunks + chunk] = m;
+    }
+  }
+}
+
+template <int kHeadDim, int kGroupTile, bool kBox>
+cudaError_t launch_radar_score_tile(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+  const int G = p.q_heads / p.kv_heads;
+  const int g_pad = (G + kGroupTile - 1) / kGroupTile * kGroupTile;
+  const size_t smem = sizeof(float) * (static_cast<size_t>(g_pad) * kHeadDim + g_pad + kScoreWarps * g_pad);
+  auto kernel = radar_score_kernel<kHeadDim, kGroupTile, kBox>;
+  if (smem > 48 * 1024) {
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads), static_cast<unsigned>(ws.n_chunks));
+  kernel<<<grid, kScoreThreads, smem, stream>>>(p, ws);
+  return cudaGetLastError();
+}
+
+// Picks the head tile (power of two covering G, at most kMaxScoreTile) and whether the box term
+// is needed; instantiated once per head_dim (radar_score_hd*.cu).
+template <int kHeadDim>
+cudaError_t launch_radar_score(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+  const int G = p.q_heads / p.kv_heads;
+  const bool box = p.in_head_scores == nullptr && (p.score == Score::kBox || p.score == Score::kTight);
+  const int tile = G >= 16 ? 16 : G > 4 ? 8 : G > 2 ? 4 : G;
+  switch (tile) {
+    case 1: return box ? launch_radar_score_tile<kHeadDim, 1, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 1, false>(p, ws, stream);
+    case 2: return box ? launch_radar_score_tile<kHeadDim, 2, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 2, false>(p, ws, stream);
+    case 4: return box ? launch_radar_score_tile<kHeadDim, 4, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 4, false>(p, ws, stream);
+    case 8: return box ? launch_radar_score_tile<kHeadDim, 8, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 8, false>(p, ws, stream);
+    default: return box ? launch_radar_score_tile<kHeadDim, 16, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 16, false>(p, ws, stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selection.
+
+struct SelectShared {
+  int hist[256];
+  int warp_cnt[kSelectWarps][16];
+  double warp_sum[kSelectWarps][16];
+  int warp_ties[kSelectWarps];
+  int warp_sel[kSelectWarps];
+  double reduce_d[kSelectWarps];
+  float reduce_f[kSelectWarps];
+  int reduce_i[kSelectWarps];
+  // Values broadcast from one thread to the block.
+  int digit, above, bucket, count, done;
+  unsigned long long prefix, mask;
+  double running, tie_weight;
+};
+
+// Exact top-k by radix select over `keys` of the candidates (keys of other blocks are never read):
+// on return the chosen candidates are those with (key & mask) > prefix, plus, among those with
+// (key & mask) == prefix, the first `take` in ascending block index (all of them if !partial).
+// Requires 0 < k < number of candidates. Every thread of the block must call.
+template <typename KeyT, typename CandFn>
+__device__ void radix_select_top(const KeyT* keys, int n_blocks, CandFn is_cand, int k, SelectShared& sh,
+                                 KeyT& prefix, KeyT& mask, int& take, bool& partial) {
+  constexpr int kBits = 8 * static_cast<int>(sizeof(KeyT));
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  prefix = 0;
+  mask = 0;
+  int need = k;
+  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    for (int base = 0; base < n_blocks; base += blockDim.x) {  // uniform trip count: match_any
+      const int j = base + tid;
+      int digit = -1;
+      if (j < n_blocks && is_cand(j)) {
+        const KeyT key = keys[j];
+        if ((key & mask) == prefix) digit = static_cast<int>((key >> shift) & 0xff);
+      }
+      // Float keys share their top bits: aggregate equal digits of a warp into one atomic.
+      const unsigned peers = __match_any_sync(kFullMask, digit);
+      if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[digit], __popc(peers));
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l scans digits 255 - 8l ... 248 - 8l (descending keys come first).
+      int c[8];
+      int lane_total = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        c[i] = sh.hist[255 - 8 * lane - i];
+        lane_total += c[i];
+      }
+      int inclusive = lane_total;
+#pragma unroll
+      for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+        const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      int running = inclusive - lane_total;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (running < need && running + c[i] >= need) {
+          sh.digit = 255 - 8 * lane - i;
+          sh.above = running;
+          sh.bucket = c[i];
+        }
+        running += c[i];
+      }
+    }
+    __syncthreads();
+    const int digit = sh.digit;
+    const int bucket = sh.bucket;
+    need -= sh.above;
+    prefix |= static_cast<KeyT>(digit) << shift;
+    mask |= static_cast<KeyT>(0xff) << shift;
+    if (bucket == need) {  // the whole bucket is taken: no tie to break
+      take = need;
+      partial = false;
+      __syncthreads();
+      return;
+    }
+  }
+  take = need;  // ties at the full key: the first `need` by block index
+  partial = true;
+  __syncthreads();
+}
+
+// Walks the candidates in descending key order (ascending with kFlip) adding their weights to
+// `start`, and returns how many are added while cond(running sum) holds. cond must be monotone
+// (true, then false, as the sum grows) and weights >= 0. Equal keys must have equal weights.
+template <typename KeyT, bool kFlip, typename CandFn, typename CondFn>
+__device__ int cumulative_count(const KeyT* keys, const double* weights, int n_blocks, CandFn is_cand,
+                                double start, CondFn cond, SelectShared& sh) {
+  constexpr int kBits = 8 * static_cast<int>(sizeof(KeyT));
+  constexpr int kBuckets = 16;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  KeyT prefix = 0, mask = 0;
+  int count = 0;
+  bool done = false;
+  for (int shift = kBits - 4; shift >= 0; shift -= 4) {
+    int cnt[kBuckets];
+    double sum[kBuckets];
+#pragma unroll
+    for (int d = 0; d < kBuckets; ++d) {
+      cnt[d] = 0;
+      sum[d] = 0.0;
+    }
+    for (int j = tid; j < n_blocks; j += blockDim.x) {
+      if (!is_cand(j)) continue;
+      KeyT key = keys[j];
+      if (kFlip) key = ~key;
+      if ((key & mask) != prefix) continue;
+      const int digit = static_cast<int>((key >> shift) & (kBuckets - 1));
+      const double w = weights[j];
+      // Registers cannot be indexed dynamically: predicated adds into all buckets.
+#pragma unroll
+      for (int d = 0; d < kBuckets; ++d) {
+        const bool hit = digit == d;
+        cnt[d] += hit ? 1 : 0;
+        sum[d] += hit ? w : 0.0;
+      }
+    }
+    warp_reduce_scatter<kBuckets>(cnt, lane);
+    warp_reduce_scatter<kBuckets>(sum, lane);
+    if ((lane & 1) == 0) {  // lanes 2d and 2d+1 hold bucket d
+      sh.warp_cnt[warp][lane / 2] = cnt[0];
+      sh.warp_sum[warp][lane / 2] = sum[0];
+    }
+    __syncthreads();
+    if (tid == 0) {
+      double running = (shift == kBits - 4) ? start : sh.running;
+      int total_count = (shift == kBits - 4) ? 0 : sh.count;
+      bool found = false;
+      for (int d = kBuckets - 1; d >= 0; --d) {
+        int c = 0;
+        double s = 0.0;
+        for (int w = 0; w < num_warps; ++w) {
+          c += sh.warp_cnt[w][d];
+          s += sh.warp_sum[w][d];
+        }
+        if (c == 0) continue;
+        if (cond(running + s)) {
+          running += s;
+          total_count += c;
+          continue;
+        }
+        found = true;
+        sh.prefix = static_cast<unsigned long long>(prefix | (static_cast<KeyT>(d) << shift));
+        sh.mask = static_cast<unsigned long long>(mask | (static_cast<KeyT>(kBuckets - 1) << shift));
+        sh.bucket = c;
+        break;
+      }
+      // No failing bucket: everything left passes. A single failing element: it is the boundary.
+      sh.done = (!found || sh.bucket == 1) ? 1 : 0;
+      sh.running = running;
+      sh.count = total_count;
+    }
+    __syncthreads();
+    prefix = static_cast<KeyT>(sh.prefix);
+    mask = static_cast<KeyT>(sh.mask);
+    count = sh.count;
+    done = sh.done != 0;
+    if (done) break;
+  }
+  if (!done) {
+    // The boundary bucket is one key value: equal weights, so the count does not depend on the
+    // order among the ties. Largest t with cond(running + t * w), by bisection.
+    for (int j = tid; j < n_blocks; j += blockDim.x) {
+      if (!is_cand(j)) continue;
+      KeyT key = keys[j];
+      if (kFlip) key = ~key;
+      if (key == prefix) sh.tie_weight = weights[j];  // all writers store the same value
+    }
+    __syncthreads();
+    if (tid == 0) {
+      const double w = sh.tie_weight;
+      int lo = 0, hi = sh.bucket;  // cond holds at lo; fails at hi (the whole bucket failed)
+      while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        if (cond(sh.running + static_cast<double>(mid) * w)) lo = mid; else hi = mid;
+      }
+      sh.count += lo;
+    }
+    __syncthreads();
+    count = sh.count;
+  }
+  __syncthreads();
+  return count;
+}
+
+// Writes the ascending row of selected blocks, -1 padding and the count. Each warp owns a
+// contiguous range of 32-block groups so that ballots give the ranks in block order.
+template <typename KeyT, typename ForcedFn, typename CandFn>
+__device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks, ForcedFn is_forced,
+                                CandFn is_cand, const KeyT* keys, int k, int n_cand, KeyT prefix,
+                                KeyT mask, int take, bool partial, SelectShared& sh) {
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  const int groups = (n_blocks + kWarpSize - 1) / kWarpSize;
+  const int groups_per_warp = (groups + num_warps - 1) / num_warps;
+  const int g_begin = min(groups, warp * groups_per_warp);
+  const int g_end = min(groups, g_begin + groups_per_warp);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const bool all_cand = k >= n_cand;
+  const bool no_cand = k <= 0;
+
+  auto is_tie = [&](int j) {
+    return partial && !all_cand && !no_cand && j < n_blocks && is_cand(j) && (keys[j] & mask) == prefix;
+  };
+  auto chosen = [&](int j, int tie_rank) {
+    if (j >= n_blocks) return false;
+    if (is_forced(j)) return true;
+    if (!is_cand(j) || no_cand) return false;
+    if (all_cand) return true;
+    const KeyT masked = keys[j] & mask;
+    return masked > prefix || (masked == prefix && (!partial || tie_rank < take));
+  };
+
+  // Pass 1: ties per warp (only when ties are split), then each warp's first tie rank.
+  int tie_base = 0;
+  if (partial && !all_cand && !no_cand) {
+    int ties = 0;
+    for (int grp = g_begin; grp < g_end; ++grp) ties += __popc(__ballot_sync(kFullMask, is_tie(grp * kWarpSize + lane)));
+    if (lane == 0) sh.warp_ties[warp] = ties;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) tie_base += sh.warp_ties[w];
+  }
+  // Pass 2: selected blocks per warp.
+  int selected = 0;
+  {
+    int tie_rank = tie_base;
+    for (int grp = g_begin; grp < g_end; ++grp) {
+      const int j = grp * kWarpSize + lane;
+      const unsigned ties = __ballot_sync(kFullMask, is_tie(j));
+      const int rank = tie_rank + __popc(ties & lanes_below);
+      tie_rank += __popc(ties);
+      selected += __popc(__ballot_sync(kFullMask, chosen(j, rank)));
+    }
+  }
+  if (lane == 0) sh.warp_sel[warp] = selected;
+  __syncthreads();
+  int out_base = 0, total = 0;
+  for (int w = 0; w < num_warps; ++w) {
+    if (w < warp) out_base += sh.warp_sel[w];
+    total += sh.warp_sel[w];
+  }
+  // Pass 3: write.
+  int32_t* row = p.selected + static_cast<int64_t>(bh) * p.num_blocks;
+  {
+    int tie_rank = tie_base;
+    int out = out_base;
+    for (int grp = g_begin; grp < g_end; ++grp) {
+      const int j = grp * kWarpSize + lane;
+      const unsigned ties = __ballot_sync(kFullMask, is_tie(j));
+      const int rank = tie_rank + __popc(ties & lanes_below);
+      tie_rank += __popc(ties);
+      const bool sel = chosen(j, rank);
+      const unsigned sel_mask = __ballot_sync(kFullMask, sel);
+      if (sel) row[out + __popc(sel_mask & lanes_below)] = j;
+      out += __popc(sel_mask);
+    }
+  }
+  for (int i = total + tid; i < p.num_blocks; i += blockDim.x) row[i] = -1;
+  if (tid == 0) p.num_selected[bh] = total;
+}
+
+template <Policy kPolicy>
+__global__ void __launch_bounds__(kSelectThreads)
+radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared) {
+  using KeyT = typename std::conditional<kPolicy == Policy::kTopK, uint32_t, uint64_t>::type;
+  __shared__ SelectShared sh;
+  extern __shared__ __align__(16) unsigned char s_dyn_bytes[];
+
+  const int G = p.q_heads / p.kv_heads;
+  const int bh = blockIdx.x;
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const int tid = threadIdx.x;
+  const int NB = p.num_blocks;
+  const int bs = p.block_size;
+  const int len = max(p.seq_lens[b], 0);
+  const int n_blocks = len == 0 ? 0 : min((len + bs - 1) / bs, NB);
+  const int n_full = len / bs;
+  const bool partial_tail = len % bs != 0;
+  const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
+
+  // Dynamic shared memory: per-head values, then (when they fit) keys and weights.
+  double* s_head_total = reinterpret_cast<double*>(s_dyn_bytes);  // [G] adaptive normaliser
+  float* s_mlo = reinterpret_cast<float*>(s_head_total + G);      // [G] M_g
+  float* s_head_max = s_mlo + G;                                  // [G] adaptive max score
+  const size_t head_bytes = (static_cast<size_t>(G) * 16 + 15) / 16 * 16;
+  KeyT* keys;
+  double* weights;
+  if (keys_in_shared) {
+    keys = reinterpret_cast<KeyT*>(s_dyn_bytes + head_bytes);
+    weights = reinterpret_cast<double*>(s_dyn_bytes + head_bytes + (static_cast<size_t>(NB) * sizeof(KeyT) + 15) / 16 * 16);
+  } else {
+    keys = static_cast<KeyT*>(ws.keys) + static_cast<int64_t>(bh) * NB;
+    weights = ws.weights + static_cast<int64_t>(bh) * NB;
+  }
+
+  auto is_forced = [&](int j) {
+    return j < p.sink_blocks || (j >= n_full - p.recent_blocks && j < n_full) || (partial_tail && j == n_full);
+  };
+  auto is_cand = [&](int j) { return !is_forced(j); };  // callers only pass j < n_blocks
+  auto tokens_in = [&](int j) { return static_cast<double>(min(len, (j + 1) * bs) - j * bs); };
+
+  int forced_local = 0;
+  for (int j = tid; j < n_blocks; j += blockDim.x) forced_local += is_forced(j) ? 1 : 0;
+  const int n_forced = block_reduce(forced_local, sh.reduce_i, SumOp());
+  const int n_cand = n_blocks - n_forced;
+
+  // M_g: the threshold policy's lower bound of each head's largest logit.
+  if (kPolicy == Policy::kThreshold || p.out_head_mlo != nullptr) {
+    for (int g = tid; g < G; g += blockDim.x) {
+      float m = -INFINITY;
+      if (p.in_head_mlo != nullptr) {
+        m = p.in_head_mlo[q_head0 + g];
+      } else if (ws.mlo_from_q) {
+        for (int c = 0; c < ws.n_chunks; ++c) m = fmaxf(m, ws.partial_mlo[(q_head0 + g) * ws.n_chunks + c]);
+      }
+      s_mlo[g] = m;
+      if (p.out_head_mlo != nullptr) p.out_head_mlo[q_head0 + g] = m;
+    }
+    __syncthreads();
+  }
+
+  int k = 0;
+  if constexpr (kPolicy == Policy::kTopK) {
+    int64_t total = p.budget_blocks;
+    if (total <= 0) {
+      const double wanted = ceil(p.budget_fraction * n_blocks - 1e-9);
+      total = max(static_cast<int64_t>(1), static_cast<int64_t>(fmin(wanted, 1e18)));
+    }
+    k = static_cast<int>(min(max(total - n_forced, static_cast<int64_t>(0)), static_cast<int64_t>(n_cand)));
+    if (k > 0 && k < n_cand) {
+      const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
+      for (int j = tid; j < n_blocks; j += blockDim.x) {
+        const float s = group[j];
+        keys[j] = ordered_key(isnan(s) ? -INFINITY : s);  // CPU: NaN ranks last
+      }
+      __syncthreads();
+    }
+  } else if constexpr (kPolicy == Policy::kThreshold) {
+    // l_j = log(n_j) + max_g (s_gj - M_g) in double; NaN never dropped (CPU: +inf).
+    for (int j = tid; j < n_blocks; j += blockDim.x) {
+      double best = -INFINITY;
+      for (int g = 0; g < G; ++g) {
+        const double s = static_cast<double>(ws.head_scores_in[(q_head0 + g) * NB + j]) - static_cast<double>(s_mlo[g]);
+        best = (best < s) ? s : best;  // std::max(best, s): NaN s is skipped
+      }
+      double l = log(tokens_in(j)) + best;
+      if (isnan(l)) l = INFINITY;
+      keys[j] = ordered_key(l);
+      weights[j] = exp(l);
+    }
+    __syncthreads();
+    const double eps = p.eps;
+    const int dropped = n_cand == 0 ? 0
+        : cumulative_count<KeyT, true>(keys, weights, n_blocks, is_cand, 0.0,
+                                       [eps](double x) { return x <= eps; }, sh);
+    k = n_cand - dropped;
+  } else {  // kAdaptive
+    // Per head: max score and normaliser sum_j n_j exp(s_gj - max), double; a head without a
+    // usable normaliser contributes nothing (as on the CPU).
+    for (int g = 0; g < G; ++g) {
+      const float* row = ws.head_scores_in + (q_head0 + g) * NB;
+      float local_max = -INFINITY;
+      for (int j = tid; j < n_blocks; j += blockDim.x) {
+        const float s = row[j];
+        local_max = (local_max < s) ? s : local_max;
+      }
+      const float top = block_reduce(local_max, sh.reduce_f, MaxOp());
+      double local_total = 0.0;
+      for (int j = tid; j < n_blocks; j += blockDim.x) {
+        local_total += tokens_in(j) * exp(static_cast<double>(row[j]) - static_cast<double>(top));
+      }
+      const double total = block_reduce(local_total, sh.reduce_d, SumOp());
+      if (tid == 0) {
+        s_head_max[g] = top;
+        s_head_total[g] = total;
+      }
+    }
+    __syncthreads();
+    double forced_mass_local = 0.0;
+    for (int j = tid; j < n_blocks; j += blockDim.x) {
+      double m = 0.0;
+      for (int g = 0; g < G; ++g) {
+        const double total = s_head_total[g];
+        if (!(total > 0.0) || isinf(total)) continue;
+        const double s = ws.head_scores_in[(q_head0 + g) * NB + j];
+        m += tokens_in(j) * exp(s - static_cast<double>(s_head_max[g])) / total;
+      }
+      m /= G;
+      if (isnan(m)) m = 0.0;
+      keys[j] = ordered_key(m);
+      weights[j] = m;
+      if (is_forced(j)) forced_mass_local += m;
+    }
+    const double forced_mass = block_reduce(forced_mass_local, sh.reduce_d, SumOp());
+    const double mass = p.mass;
+    int added = 0;
+    if (forced_mass < mass && n_cand > 0) {
+      const int below = cumulative_count<KeyT, false>(keys, weights, n_blocks, is_cand, forced_mass,
+                                                      [mass](double x) { return x < mass; }, sh);
+      added = min(below + 1, n_cand);
+    }
+    int64_t total = max(static_cast<int64_t>(n_forced) + added, static_cast<int64_t>(p.min_blocks));
+    if (p.max_blocks > 0) total = min(total, static_cast<int64_t>(p.max_blocks));
+    total = min(max(total, static_cast<int64_t>(n_forced)), static_cast<int64_t>(n_blocks));
+    k = static_cast<int>(total - n_forced);
+  }
+
+  KeyT prefix = 0, mask = 0;
+  int take = 0;
+  bool partial = false;
+  if (k > 0 && k < n_cand) radix_select_top<KeyT>(keys, n_blocks, is_cand, k, sh, prefix, mask, take, partial);
+  write_selection<KeyT>(p, bh, n_blocks, is_forced, is_cand, keys, k, n_cand, prefix, mask, take, partial, sh);
+}
+
+}  // namespace cuda
+}  // namespace aether

@@ -1,0 +1,10 @@
+// block_stats kernels for bfloat16 keys, head_dim 64 / 128 / 256.
+#include "aether/cuda/block_stats.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_block_stats<__nv_bfloat16, 64>(const BlockStatsParams&, cudaStream_t);
+template cudaError_t launch_block_stats<__nv_bfloat16, 128>(const BlockStatsParams&, cudaStream_t);
+template cudaError_t launch_block_stats<__nv_bfloat16, 256>(const BlockStatsParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether

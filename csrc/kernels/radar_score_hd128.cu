@@ -1,0 +1,8 @@
+// radar_select score kernels for head_dim 128 (all head tiles, with and without the box term).
+#include "aether/cuda/radar_select.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_radar_score<128>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether

@@ -1,0 +1,88 @@
+// radar_select launcher: validation, workspace layout, head_dim dispatch of the score kernel, and
+// the selection kernel (dtype and head_dim independent, instantiated here once per policy).
+#include <nvtx3/nvtx3.hpp>
+
+#include "aether/cuda/launchers.h"
+#include "aether/cuda/radar_select.cuh"
+
+namespace aether {
+namespace cuda {
+
+extern template cudaError_t launch_radar_score<64>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+extern template cudaError_t launch_radar_score<128>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+extern template cudaError_t launch_radar_score<256>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+
+namespace {
+
+cudaError_t validate(const RadarSelectParams& p) {
+  if (p.batch < 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0) return cudaErrorInvalidValue;
+  if (p.block_size <= 0 || p.num_blocks < 0) return cudaErrorInvalidValue;
+  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return cudaErrorInvalidValue;
+  if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
+  switch (p.score) {
+    case Score::kBall: case Score::kBox: case Score::kTight: case Score::kMean: case Score::kVariance: break;
+    default: return cudaErrorInvalidValue;
+  }
+  switch (p.policy) {
+    case Policy::kTopK: case Policy::kThreshold: case Policy::kAdaptive: break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (p.in_head_scores == nullptr && p.q == nullptr) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+template <Policy kPolicy>
+cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+  const int G = p.q_heads / p.kv_heads;
+  const size_t head_bytes = (static_cast<size_t>(G) * 16 + 15) / 16 * 16;
+  const size_t data_bytes = (static_cast<size_t>(p.num_blocks) * radar_key_bytes(p) + 15) / 16 * 16 +
+                            static_cast<size_t>(p.num_blocks) * radar_weight_bytes(p);
+  int optin = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  const size_t static_bytes = sizeof(SelectShared) + 1024;  // + a margin for compiler-owned smem
+  const bool in_shared = head_bytes + data_bytes + static_bytes <= static_cast<size_t>(optin);
+  const size_t dynamic = head_bytes + (in_shared ? data_bytes : 0);
+  if (dynamic + static_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
+  auto kernel = radar_select_kernel<kPolicy>;
+  if (dynamic > 48 * 1024) {
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
+  }
+  const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
+  kernel<<<grid, kSelectThreads, dynamic, stream>>>(p, ws, in_shared ? 1 : 0);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t radar_select_workspace_bytes(const RadarSelectParams& params) {
+  return radar_workspace_layout(params, nullptr, nullptr);
+}
+
+cudaError_t radar_select(const RadarSelectParams& params, void* workspace, cudaStream_t stream) {
+  nvtx3::scoped_range range{"aether::radar_select"};
+  AETHER_CUDA_TRY(validate(params));
+  if (static_cast<int64_t>(params.batch) * params.kv_heads == 0) return cudaSuccess;
+  const size_t bytes = radar_workspace_layout(params, nullptr, nullptr);
+  if (bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
+  RadarWorkspace ws;
+  radar_workspace_layout(params, workspace, &ws);
+  if (ws.n_chunks > 65535) return cudaErrorInvalidValue;  // grid.y limit: 4M blocks per sequence
+
+  if (ws.n_chunks > 0) {
+    switch (params.head_dim) {
+      case 64: AETHER_CUDA_TRY(launch_radar_score<64>(params, ws, stream)); break;
+      case 128: AETHER_CUDA_TRY(launch_radar_score<128>(params, ws, stream)); break;
+      case 256: AETHER_CUDA_TRY(launch_radar_score<256>(params, ws, stream)); break;
+      default: return cudaErrorInvalidValue;
+    }
+  }
+  switch (params.policy) {
+    case Policy::kTopK: return launch_select<Policy::kTopK>(params, ws, stream);
+    case Policy::kThreshold: return launch_select<Policy::kThreshold>(params, ws, stream);
+    case Policy::kAdaptive: return launch_select<Policy::kAdaptive>(params, ws, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace aether
