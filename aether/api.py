@@ -345,6 +345,8 @@ def sparse_attention(
     if q.device.type == "cuda" and not _ops.built_with_cuda():
         raise RuntimeError("q is on CUDA but aether._C was built without CUDA kernels; rebuild with nvcc and a "
                            "CUDA build of torch")
+    if stats is not None and not isinstance(stats, BlockStats):
+        raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
     if block_size is None:
         block_size = stats.block_size if stats is not None else DEFAULT_BLOCK_SIZE
     block_size = _check_block_size(block_size)
@@ -367,8 +369,6 @@ def sparse_attention(
     if stats is None:
         stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
     else:
-        if not isinstance(stats, BlockStats):
-            raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
         if stats.block_size != block_size:
             raise ValueError(f"stats were built with block_size {stats.block_size} but block_size is {block_size}")
         if stats.paged != (block_table is not None):

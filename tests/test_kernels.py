@@ -130,14 +130,18 @@ def _assert_selection_equal(got_sel, got_cnt, want_sel, want_cnt):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pc", POLICY_CASES, ids=lambda pc: "-".join(f"{k}{v}" for k, v in pc.items()))
 @pytest.mark.parametrize("group", [1, 4])
-def test_selection_identical_given_same_scores(device, pc, group, poison_empty):
-    """Given the reference's scores, the kernel selects exactly the reference's blocks."""
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_identical_given_same_scores(device, pc, group, ties, poison_empty):
+    """Given the reference's scores, the kernel selects exactly the reference's blocks (with
+    `ties`, scores are rounded to a coarse grid so that many tie exactly: lower index wins)."""
     bs = 16
     q, k, v, seq_lens = make_case(4, 2 * group, 2, 400, 64, torch.float32, device, seed=group)
     seq_lens[1] = 0
     kw = _select_kwargs(pc)
     stats = aether.block_stats(k, bs, seq_lens=seq_lens)
     scores, mlo = ref.head_scores(q.cpu(), _stats_ref(k, seq_lens, bs), seq_lens.cpu(), bs, "tight", 0.125)
+    if ties:
+        scores = torch.round(scores * 0.5) / 0.5
     sel, cnt, _, _ = _op_select(q, stats, seq_lens, bs, 0.125, "tight", kw, scores.to(device), mlo.to(device))
     want_sel, want_cnt = ref.select_blocks(scores, mlo, seq_lens.cpu(), bs, 2, **kw)
     _assert_selection_equal(sel, cnt, want_sel, want_cnt)
