@@ -242,7 +242,7 @@ void radar_select_typed(const RadarSelectParams& p) {
     if (!compute_scores) {
       for (int32_t g = 0; g < G; ++g) {
         std::copy_n(p.in_head_scores + (first_q_head + g) * NB, n_blocks,
-                    &scores[static_cast<size_t>(g) * n_blocks]);
+                    scores.data() + static_cast<size_t>(g) * n_blocks);
       }
     }
     if (p.in_head_mlo != nullptr) {
@@ -255,7 +255,7 @@ void radar_select_typed(const RadarSelectParams& p) {
     if (p.out_head_scores != nullptr) {
       for (int32_t g = 0; g < G; ++g) {
         float* row = p.out_head_scores + (first_q_head + g) * NB;
-        std::copy_n(&scores[static_cast<size_t>(g) * n_blocks], n_blocks, row);
+        std::copy_n(scores.data() + static_cast<size_t>(g) * n_blocks, n_blocks, row);
         std::fill(row + n_blocks, row + NB, kNegInfF);
       }
     }

@@ -2,6 +2,7 @@
 // selection identical to the naive rules given the same scores, the threshold certificate, and
 // hand-worked cases that pin the rules down independently of the naive code.
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -482,6 +483,56 @@ TEST(CpuRadarSelect, ThresholdDroppedMassIsBelowEps) {
     }
   }
   EXPECT_GT(total_dropped, 0) << "no block was ever dropped: the test checks nothing";
+}
+
+// in_head_scores without in_head_mlo: M_g still comes from q and the centroids; in_head_mlo with
+// computed scores: the given M_g is used (and echoed) instead of the computed one.
+TEST(CpuRadarSelect, GivenScoresAndLowerBoundsAreHonoured) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 3, kv_heads = 2, G = 2, q_heads = kv_heads * G, D = 64, bs = 16, max_len = 600;
+  const int num_blocks = test::blocks_of(max_len, bs);
+  TestKV kv(DType::kFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng, 3.0, 0.1);
+  const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
+  StatsBuffers stats = build_stats(kv, lens);
+  TestQuery q(DType::kFloat16, batch, q_heads, D);
+  q.fill_normal(rng, 2.0);
+
+  RadarSelectParams p = base_params(batch, q_heads, kv_heads, D, bs, num_blocks, lens);
+  attach_stats(p, stats);
+  p.q = q.data.data();
+  p.q_stride_batch = q.stride_batch;
+  p.q_stride_head = q.stride_head;
+  p.dtype = DType::kFloat16;
+  p.score = Score::kTight;
+  p.policy = Policy::kThreshold;
+  p.eps = 1e-2;
+  SelectBuffers computed(batch, q_heads, kv_heads, num_blocks);
+  computed.attach(p);
+  cpu::radar_select(p);
+
+  RadarSelectParams given_scores = p;
+  given_scores.in_head_scores = computed.head_scores.data();
+  SelectBuffers from_scores(batch, q_heads, kv_heads, num_blocks);
+  from_scores.attach(given_scores);
+  cpu::radar_select(given_scores);
+  EXPECT_EQ(from_scores.selected, computed.selected);
+  EXPECT_EQ(from_scores.num_selected, computed.num_selected);
+  EXPECT_EQ(std::memcmp(from_scores.head_mlo.data(), computed.head_mlo.data(), sizeof(float) * q_heads * batch), 0);
+
+  std::vector<float> shifted_mlo = computed.head_mlo;
+  for (auto& value : shifted_mlo) value += 3.0f;  // a larger M_g drops more blocks
+  RadarSelectParams given_mlo = p;
+  given_mlo.in_head_mlo = shifted_mlo.data();
+  SelectBuffers from_mlo(batch, q_heads, kv_heads, num_blocks);
+  from_mlo.attach(given_mlo);
+  cpu::radar_select(given_mlo);
+  EXPECT_EQ(from_mlo.head_mlo, shifted_mlo);
+  EXPECT_EQ(std::memcmp(from_mlo.head_scores.data(), computed.head_scores.data(),
+                        sizeof(float) * computed.head_scores.size()), 0);
+  expect_selection_matches_naive(given_mlo, lens, from_mlo, from_mlo.head_scores.data(), shifted_mlo.data());
+  EXPECT_NE(from_mlo.num_selected, computed.num_selected) << "the given M_g made no difference";
 }
 
 TEST(CpuRadarSelect, RejectsValuesItCannotDispatch) {

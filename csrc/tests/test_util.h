@@ -459,15 +459,17 @@ inline NaiveStats naive_block_stats(const TestKV& k, const std::vector<int32_t>&
   return s;
 }
 
-// Score of one block for one query head, from float32 statistics, in double.
+// Score of one block for one query head, from float32 statistics, in double. lo and hi are only
+// read for box and tight (they may be null otherwise).
 inline double naive_score(Score score, const std::vector<double>& q, const float* centroid,
                           const float* lo, const float* hi, float radius, float spread,
                           double scale) {
+  const bool need_box = score == Score::kBox || score == Score::kTight;
   double dot = 0.0, norm_sq = 0.0, box = 0.0;
   for (size_t i = 0; i < q.size(); ++i) {
     dot += q[i] * centroid[i];
     norm_sq += q[i] * q[i];
-    box += std::max(q[i] * lo[i], q[i] * hi[i]);
+    if (need_box) box += std::max(q[i] * lo[i], q[i] * hi[i]);
   }
   const double norm = std::sqrt(norm_sq);
   const double ball = scale * (dot + norm * radius);
