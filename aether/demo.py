@@ -23,17 +23,23 @@ def synthetic_cache(batch: int, q_heads: int, kv_heads: int, seq: int, head_dim:
     """Decode queries and a KV cache with drift, outlier channels and planted needle tokens."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(batch, kv_heads, seq, head_dim, generator=g)
-    drift = torch.cumsum(torch.randn(batch, kv_heads, seq // 256 + 1, head_dim, generator=g) * 0.3, dim=2)
-    k += drift.repeat_interleave(256, dim=2)[:, :, :seq]
+    # Topics: each 512-token segment shares a direction; the query leans on three of them.
+    segments = seq // 512 + 1
+    topics = torch.randn(batch, kv_heads, segments, head_dim, generator=g)
+    topics = topics / topics.norm(dim=-1, keepdim=True) * 0.8 * math.sqrt(head_dim)
+    k += topics.repeat_interleave(512, dim=2)[:, :, :seq]
     k[..., :4] *= 3.0
     v = torch.randn(batch, kv_heads, seq, head_dim, generator=g)
     q = torch.randn(batch, q_heads, head_dim, generator=g) * 0.5
     group = q_heads // kv_heads
     for b in range(batch):
         for h in range(kv_heads):
+            chosen = torch.randperm(segments, generator=g)[:3]
+            lean = topics[b, h, chosen].sum(0) / math.sqrt(head_dim)
+            q[b, h * group:(h + 1) * group] += 6.0 * lean / math.sqrt(3.0)
             pos = torch.randint(0, seq, (needles,), generator=g)
             direction = q[b, h * group:(h + 1) * group].mean(0)
-            k[b, h, pos] += 2.5 * direction / direction.norm() * math.sqrt(head_dim)
+            k[b, h, pos] += 1.5 * direction / direction.norm() * math.sqrt(head_dim)
     cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
     return cast(q), cast(k), cast(v)
 
