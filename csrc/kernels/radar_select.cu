@@ -17,7 +17,6 @@ namespace {
 cudaError_t validate(const RadarSelectParams& p) {
   if (p.batch < 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0) return cudaErrorInvalidValue;
   if (p.block_size <= 0 || p.num_blocks < 0) return cudaErrorInvalidValue;
-  if (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256) return cudaErrorInvalidValue;
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
   switch (p.score) {
     case Score::kBall: case Score::kBox: case Score::kTight: case Score::kMean: case Score::kVariance: break;
@@ -69,11 +68,13 @@ cudaError_t radar_select(const RadarSelectParams& params, void* workspace, cudaS
   if (ws.n_chunks > 65535) return cudaErrorInvalidValue;  // grid.y limit: 4M blocks per sequence
 
   if (ws.n_chunks > 0) {
-    switch (params.head_dim) {
+    // Given scores and no M_g to compute: q and the statistics are not read, head_dim is moot.
+    const bool reads_stats = params.in_head_scores == nullptr || ws.mlo_from_q;
+    switch (reads_stats ? params.head_dim : 64) {
       case 64: AETHER_CUDA_TRY(launch_radar_score<64>(params, ws, stream)); break;
       case 128: AETHER_CUDA_TRY(launch_radar_score<128>(params, ws, stream)); break;
       case 256: AETHER_CUDA_TRY(launch_radar_score<256>(params, ws, stream)); break;
-      default: return cudaErrorInvalidValue;
+      default: return cudaErrorInvalidValue;  // unsupported head_dim
     }
   }
   switch (params.policy) {

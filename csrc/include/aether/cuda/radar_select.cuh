@@ -234,7 +234,7 @@ radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
 
   const int first = chunk * kBlocksPerChunk + warp;
   const int64_t stats_row0 = static_cast<int64_t>(bh) * p.num_blocks;
-  LaneStats<kHeadDim> next;
+  LaneStats<kHeadDim> next = {};  // stays unused when the statistics are not read
   if (load_stats && first < n_blocks) load_lane_stats<kHeadDim, kBox>(p, stats_row0 + first, lane, compute_scores, next);
 
   for (int i = 0; i < kBlocksPerWarp; ++i) {
