@@ -37,6 +37,11 @@ cudaError_t block_stats(const BlockStatsParams& params, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if (params.k.block_table != nullptr && params.k.page_size != params.block_size) return cudaErrorInvalidValue;
+  // Keys are read in 16-byte chunks: every row must start on a 16-byte boundary.
+  if (reinterpret_cast<uintptr_t>(params.k.data) % 16 != 0 || params.k.stride_seq % 8 != 0 ||
+      params.k.stride_head % 8 != 0 || params.k.stride_token % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
   switch (params.dtype) {
     case DType::kFloat16: return dispatch_head_dim<__half>(params, stream);
     case DType::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(params, stream);

@@ -27,6 +27,10 @@ cudaError_t validate(const RadarSelectParams& p) {
     default: return cudaErrorInvalidValue;
   }
   if (p.in_head_scores == nullptr && p.q == nullptr) return cudaErrorInvalidValue;
+  // The statistics are read as float4 / float2 vectors.
+  for (const float* stats : {p.centroid, p.lo, p.hi}) {
+    if (reinterpret_cast<uintptr_t>(stats) % 16 != 0) return cudaErrorInvalidValue;
+  }
   return cudaSuccess;
 }
 

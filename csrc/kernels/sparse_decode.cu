@@ -61,12 +61,23 @@ cudaError_t dispatch_head_dim(const SparseDecodeParams& p, cudaStream_t stream) 
 int sparse_decode_num_splits(int batch, int kv_heads, int max_selected_blocks, int num_sms) {
   const int64_t heads = static_cast<int64_t>(batch) * kv_heads;
   if (heads <= 0 || max_selected_blocks <= 1 || num_sms <= 0) return 1;
-  // About two CTAs per SM (two waves at one resident CTA per SM, or one full wave of the two
-  // that fit at head_dim <= 128) ...
-  const int64_t wanted = ceil_div(2 * static_cast<int64_t>(num_sms), heads);
-  // ... while every split keeps at least two blocks, so its fixed cost stays amortised.
-  const int64_t most = std::max(1, max_selected_blocks / 2);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, most, kMaxSplits})));
+  // CTAs the GPU runs at once: two per SM at head_dim 128 (shared memory and registers of the
+  // decode kernel; three fit at 64, one at 256). All CTAs do about the same work, so the time is
+  // set by the number of waves: pick the split count whose CTAs fill the waves best ...
+  const int64_t slots = 2 * static_cast<int64_t>(num_sms);
+  // ... among those that leave every split at least two blocks (its fixed cost stays amortised).
+  const int most = std::min(kMaxSplits, std::max(1, max_selected_blocks / 2));
+  auto wave_fill = [&](int splits) {
+    const int64_t ctas = heads * splits;
+    return static_cast<double>(ctas) / static_cast<double>(ceil_div(ctas, slots) * slots);
+  };
+  double best = 0.0;
+  for (int splits = 1; splits <= most; ++splits) best = std::max(best, wave_fill(splits));
+  // The fewest splits within 5% of the best fill: fewer partial states to merge.
+  for (int splits = 1; splits <= most; ++splits) {
+    if (wave_fill(splits) >= 0.95 * best) return splits;
+  }
+  return 1;
 }
 
 cudaError_t sparse_decode(const SparseDecodeParams& params, cudaStream_t stream) {
