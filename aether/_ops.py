@@ -31,10 +31,14 @@ def require_extension() -> None:
         )
 
 
+# Read once at import: a plain Python constant is free to query and invisible to torch.compile.
+_BUILT_WITH_CUDA = bool(torch.ops.aether.built_with_cuda()) if _IMPORT_ERROR is None else False
+
+
 def built_with_cuda() -> bool:
     """True when the extension contains the CUDA kernels."""
     require_extension()
-    return bool(torch.ops.aether.built_with_cuda())
+    return _BUILT_WITH_CUDA
 
 
 def _cache_shape(k: torch.Tensor, block_table: torch.Tensor | None, block_size: int):

@@ -345,6 +345,8 @@ def sparse_attention(
     if q.device.type == "cuda" and not _ops.built_with_cuda():
         raise RuntimeError("q is on CUDA but aether._C was built without CUDA kernels; rebuild with nvcc and a "
                            "CUDA build of torch")
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        raise TypeError("q, k and v must be float16 or bfloat16 on CUDA, got float32 (float32 runs on CPU)")
     if stats is not None and not isinstance(stats, BlockStats):
         raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
     if block_size is None:

@@ -120,6 +120,13 @@ def test_block_stats_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_rejected_on_cuda(case):
+    q, k, v, _ = case
+    with pytest.raises(TypeError, match=r"float16 or bfloat16 on CUDA, got float32"):
+        aether.sparse_attention(q.cuda(), k.cuda(), v.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices(case):
     q, k, v, _ = case
     with pytest.raises(ValueError, match=r"same device"):

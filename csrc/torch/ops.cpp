@@ -84,6 +84,14 @@ struct CacheShape {
 CacheShape cache_shape(const Tensor& kv, const OptTensor& block_table, int64_t block_size, const char* name) {
   TORCH_CHECK_VALUE(kv.dim() == 4, "aether: ", name, " must be 4-D, got ", kv.dim(), "-D");
   TORCH_CHECK_VALUE(kv.stride(3) == 1, "aether: ", name, " must have a contiguous last (head_dim) dimension");
+  if (kv.is_cuda()) {
+    // The CUDA kernels load rows with 16-byte vector loads.
+    const int64_t vec = 16 / kv.element_size();
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0 && kv.stride(0) % vec == 0 &&
+                          kv.stride(1) % vec == 0 && kv.stride(2) % vec == 0,
+                      "aether: on CUDA ", name, " must start on a 16-byte boundary with strides that are multiples of ",
+                      vec, " elements, got strides ", kv.strides());
+  }
   if (!block_table.has_value()) return {kv.size(0), kv.size(1), kv.size(2), kv.size(3)};
   const Tensor& bt = *block_table;
   TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "aether: block_table must be int32, got ", bt.scalar_type());
@@ -357,6 +365,8 @@ DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, cons
   TORCH_CHECK_VALUE(cv.head_dim == c.head_dim, "aether: k and v head_dim differ");
   check_query(q, c.batch, c.kv_heads, c.head_dim);
   check_head_dim(c.head_dim, q.is_cuda());
+  TORCH_CHECK_TYPE(!q.is_cuda() || q.scalar_type() != at::kFloat,
+                   "aether: sparse_decode on CUDA supports float16 and bfloat16, got float32 (float32 runs on CPU)");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "aether: q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
@@ -393,6 +403,8 @@ DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, cons
     TORCH_CHECK_VALUE(num_selected->sizes() == at::IntArrayRef({c.batch, c.kv_heads}) &&
                           num_selected->is_contiguous(),
                       "aether: num_selected must be contiguous [batch, kv_heads], got ", num_selected->sizes());
+    TORCH_CHECK_VALUE(selected->size(2) >= num_blocks, "aether: selected rows hold ", selected->size(2),
+                      " entries but the cache has ", num_blocks, " blocks; rows must cover every block");
     check_same_device(*selected, q, "selected");
     check_same_device(*num_selected, q, "num_selected");
     p.selected = selected->data_ptr<int32_t>();
