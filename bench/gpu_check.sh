@@ -16,7 +16,7 @@ note() { summary+=("$1"); echo "== $1"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 t0=$(date +%s)
-if pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
+if python3 -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
   note "build: ok ($(( $(date +%s) - t0 )) s)"
 else
   note "build: FAILED (see build.log)"; tail -40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
@@ -31,19 +31,19 @@ else
   ctest_filter="--deselect tests/test_cpp.py::test_googletest_kernels"
 fi
 
-python -m pytest tests -q -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
+python3 -m pytest tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 9 python bench/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+  compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
   note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
 done
 
 shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
-python bench/bench_decode.py --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
+python3 bench/bench_decode.py --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
 note "benchmark: rc=$?"
 echo
 printf '%s\n' "${summary[@]}"
