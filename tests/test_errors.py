@@ -132,20 +132,26 @@ def test_mixed_devices(case):
     with pytest.raises(ValueError, match=r"same device"):
         aether.sparse_attention(q.cuda(), k, v)
     with pytest.raises(ValueError, match=r"seq_lens is on cpu but the cache is on cuda"):
-        aether.sparse_attention(q.cuda(), k.cuda(), v.cuda(), seq_lens=torch.tensor([1, 2]))
+        aether.sparse_attention(q.cuda().half(), k.cuda().half(), v.cuda().half(), seq_lens=torch.tensor([1, 2]))
 
 
 def test_ops_reject_out_of_contract_input_without_crashing():
-    """The raw operators check too (a caller bypassing the Python API must not crash)."""
+    """The raw operators check too (a caller bypassing the Python API must not crash): value
+    problems raise RuntimeError, type problems TypeError, each naming the argument."""
     q = torch.randn(2, 4, 64)
     k = torch.randn(2, 2, 32, 64)
     lens = torch.tensor([32, 32], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"seq_lens must have shape \[2\]"):
+    with pytest.raises(RuntimeError, match=r"seq_lens must have shape \[2\]"):
         torch.ops.aether.sparse_decode(q, k, k, lens[:1], 16, 0.1)
     with pytest.raises(TypeError, match=r"seq_lens must be int32"):
         torch.ops.aether.sparse_decode(q, k, k, lens.long(), 16, 0.1)
-    with pytest.raises(ValueError, match=r"block_size must be a power of two"):
+    with pytest.raises(RuntimeError, match=r"block_size must be a power of two"):
         torch.ops.aether.block_stats(k, lens, 24, 2)
-    with pytest.raises(ValueError, match=r"score must be one of"):
-        stats = torch.ops.aether.block_stats(k, lens, 16, 2)
+    with pytest.raises(RuntimeError, match=r"scale must be > 0"):
+        torch.ops.aether.sparse_decode(q, k, k, lens, 16, -1.0)
+    stats = torch.ops.aether.block_stats(k, lens, 16, 2)
+    with pytest.raises(RuntimeError, match=r"score must be one of"):
         torch.ops.aether.radar_select(q, *stats, lens, 16, 0.1, "x", "topk", 1, 0.0, 1e-3, 0.9, 1, 0, 1, 1)
+    short = torch.zeros(2, 2, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"rows must cover every block"):
+        torch.ops.aether.sparse_decode(q, k, k, lens, 16, 0.1, short, torch.ones(2, 2, dtype=torch.int32))
