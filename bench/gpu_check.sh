@@ -36,6 +36,11 @@ rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
 
+if [ -x build/ctest/aether_tests ]; then
+  build/ctest/aether_tests --gtest_filter='Cuda*' > "$OUT/gtest_cuda.log" 2>&1
+  note "GoogleTest Cuda*: rc=$? $(grep -E '^\[  (PASSED|FAILED)|SKIPPED \]' "$OUT/gtest_cuda.log" | tr '\n' ' ')"
+fi
+
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 python3 bench/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
   note "compute-sanitizer $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
