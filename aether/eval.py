@@ -350,17 +350,33 @@ def summary_rows(result: dict) -> list[dict]:
     return rows
 
 
+def _passkey_cell(entry_passkey: dict | None) -> str:
+    if not entry_passkey:
+        return "-"
+    parts = [f"{v:.0%}" for k, v in sorted(entry_passkey.items(), key=lambda kv: kv[0])
+             if k.startswith("accuracy_")]
+    return f"{entry_passkey['accuracy']:.0%}" + (f" ({' / '.join(parts)})" if parts else "")
+
+
 def format_table(result: dict) -> str:
-    """Markdown table of `summary_rows` (the one docs/accuracy.md shows)."""
-    lines = ["| selection | KV read (sparse layers) | ppl change | top-1 agreement | greedy agreement (prefix) "
-             "| passkey |", "|---|---|---|---|---|---|"]
+    """Markdown table of `summary_rows` (the one docs/accuracy.md shows), dense first."""
+    lines = ["| selection | KV read, sparse layers (selected + metadata) | ppl change | top-1 agreement "
+             "| greedy agreement (common prefix) | passkey (by length) |", "|---|---|---|---|---|---|"]
+    dense = next((e for e in result["configs"] if e["config"]["score"] == "dense"), None)
+    if dense is not None:
+        lines.append(f"| dense | 100% | 0 | 100% | 100% | {_passkey_cell(dense.get('passkey'))} |")
+    by_name = {e["name"]: e for e in result["configs"]}
     for row in summary_rows(result):
         kv = f"{row['kv_sparse_layers']:.1%} ({row['kv_selected']:.1%} + {row['kv_metadata']:.1%})" \
             if "kv_sparse_layers" in row else "-"
+        gen_entry = by_name[row["name"]].get("gen")
+        if kv == "-" and gen_entry and "kv_read" in gen_entry:
+            r = gen_entry["kv_read"]
+            kv = f"{r['sparse_layers']:.1%} ({r['selected']:.1%} + {r['metadata']:.1%})"
         ppl = f"{row['ppl_change']:+.2%}" if "ppl_change" in row else "-"
         top1 = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
         gen = f"{row['gen_agreement']:.1%} ({row['gen_prefix_match']})" if "gen_agreement" in row else "-"
-        pk = f"{row['passkey']:.0%}" if "passkey" in row else "-"
+        pk = _passkey_cell(by_name[row["name"]].get("passkey"))
         lines.append(f"| {row['name']} | {kv} | {ppl} | {top1} | {gen} | {pk} |")
     return "\n".join(lines)
 
