@@ -15,7 +15,7 @@ and refreshed incrementally per appended token.
 
 How the attention function finds the cache: transformers never hands the cache to an attention
 function, so each `AetherLayer.update` tags the key tensor it returns with its layer
-(`key._aether_layer`); the attention function checks that the tag's layer index equals
+(`key._aether_layer`, a weak reference); the attention function checks that the tag's layer index equals
 `module.layer_idx`. A model run with `attn_implementation="aether"` but another cache (e.g. the
 `DynamicCache` that `generate` creates by default) runs dense SDPA, with a one-time warning.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -59,15 +60,22 @@ class AetherLayer(DynamicLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.sparse = sparse
-        self.parent = parent
+        self._parent = weakref.ref(parent)  # weak: no reference cycle keeping caches alive
         self.kv = AetherKVCache(options)
+
+    def parent(self) -> "AetherCache":
+        """The AetherCache this layer belongs to."""
+        cache = self._parent()
+        if cache is None:
+            raise RuntimeError("the AetherCache of this layer was garbage-collected")
+        return cache
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new keys/values; return the layer's full keys/values (tagged with this layer)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.kv.append(key_states, value_states)
-        keys._aether_layer = self
+        keys._aether_layer = weakref.ref(self)
         self.keys, self.values = keys, values
         return keys, values
 
@@ -217,7 +225,8 @@ def aether_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     returns `(attn_output [batch, q_len, q_heads, head_dim], None)`.
     """
     global _warned_foreign_cache
-    layer = getattr(key, "_aether_layer", None)
+    layer_ref = getattr(key, "_aether_layer", None)
+    layer = layer_ref() if layer_ref is not None else None
     if layer is None:
         if query.shape[2] == 1 and not _warned_foreign_cache:
             warnings.warn("attn_implementation='aether' without an AetherCache runs dense SDPA; pass "
@@ -231,7 +240,7 @@ def aether_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     sparse = (layer.sparse and query.shape[2] == 1 and not module.training
               and not getattr(module, "sliding_window", None))
     if sparse:
-        starts, usable = layer.parent.row_layout(attention_mask, key.shape[2])
+        starts, usable = layer.parent().row_layout(attention_mask, key.shape[2])
         sparse = usable
     if not sparse:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
