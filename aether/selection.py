@@ -176,12 +176,15 @@ class SketchCalib(NamedTuple):
 class KeySketch(NamedTuple):
     """Stored sketch of one cache, float32 (a kernel would store codes; values are identical).
 
-    centroid: ``[B, Hkv, NB, D]`` bf16-rounded block centroids (zeros without a centroid).
-    coeff: ``[B, Hkv, NB, bs, r]`` dequantised coefficients (0 for invalid tokens).
+    centroid: ``[B, Hkv, NB, D]`` bf16-rounded block centroids.
+    coeff: ``[B, Hkv, NB, bs, r]`` dequantised coefficients (0 for invalid tokens) of the
+        residuals ``k_t - centroid`` (``residual=True``) or of the raw keys ``k_t``.
+    residual: which of the two.
     """
 
     centroid: Tensor
     coeff: Tensor
+    residual: bool = True
 
 
 def block_residuals(k: Tensor, block_size: int, seq_lens: Tensor | None = None,
@@ -298,42 +301,105 @@ def quantize_blockwise(x: Tensor, bits: int, valid: Tensor) -> Tensor:
 
 def build_sketch(k: Tensor, calib: SketchCalib, block_size: int, bits: int,
                  seq_lens: Tensor | None = None, use_centroid: bool = True) -> KeySketch:
-    """The stored key sketch of a cache ``k [B, Hkv, S, D]`` (see the module docstring)."""
+    """The stored key sketch of a cache ``k [B, Hkv, S, D]`` (see the module docstring).
+
+    ``use_centroid=True``: coefficients of the residuals around the bf16 block centroid;
+    ``False``: coefficients of the raw keys (the centroid is still returned, for
+    :func:`sketch_token_logits`'s ``centroid_weight``; it costs bytes only where used).
+    """
     batch, kv_heads, seq_len, _ = k.shape
     seq_lens = ref._default_seq_lens(batch, seq_len, seq_lens, k.device)
-    centroid, residual = block_residuals(k, block_size, seq_lens, use_centroid)
+    centroid, residual = block_residuals(k, block_size, seq_lens, True)
     nb = centroid.shape[2]
-    coeff = torch.einsum("bhntd,hdr->bhntr", residual, calib.key_proj.to(residual.device))
     valid = ref._token_valid(seq_lens, nb * block_size).reshape(batch, 1, nb, block_size, 1)
-    return KeySketch(centroid, quantize_blockwise(coeff, bits, valid))
+    source = residual if use_centroid else _blocked(k.float(), block_size, nb) * valid
+    coeff = torch.einsum("bhntd,hdr->bhntr", source, calib.key_proj.to(source.device))
+    return KeySketch(centroid, quantize_blockwise(coeff, bits, valid), use_centroid)
 
 
 def sketch_token_logits(q: Tensor, sketch: KeySketch, calib: SketchCalib,
-                        scale: float | None = None) -> Tensor:
-    """Approximate logits ``[B, Hq, NB, bs]`` of every token slot (garbage for invalid slots)."""
+                        scale: float | None = None,
+                        centroid_weight: float | None = None) -> Tensor:
+    """Approximate logits ``[B, Hq, NB, bs]`` of every token slot (garbage for invalid slots).
+
+    With ``P = U W^T`` (the rank-r map of the calibration) and ``a = centroid_weight``:
+    residual sketch: ``s * (a q.c_b + u.coeff_t)`` (default a = 1: ``q.c_b + q.P(k_t - c_b)``);
+    raw sketch: ``s * (u.coeff_t + a (q.c_b - u.W^T c_b))`` (default a = 0: ``q.P k_t``;
+    a = 1 adds the centroid's logit outside the sketch's subspace, ``q.(I - P) c_b``).
+    """
     batch, q_heads, head_dim = q.shape
     kv_heads = sketch.centroid.shape[1]
     group = q_heads // kv_heads
     s = _scale(head_dim, scale)
+    a = (1.0 if sketch.residual else 0.0) if centroid_weight is None else float(centroid_weight)
     qf = q.float()
-    centroid = sketch.centroid.repeat_interleave(group, dim=1)  # [B, Hq, NB, D]
     coeff = sketch.coeff.repeat_interleave(group, dim=1)  # [B, Hq, NB, bs, r]
     u = torch.einsum("bgd,gdr->bgr", qf, calib.query_proj.to(qf.device))
-    base = torch.einsum("bgd,bgnd->bgn", qf, centroid)
-    return s * (base[..., None] + torch.einsum("bgr,bgntr->bgnt", u, coeff))
+    logits = torch.einsum("bgr,bgntr->bgnt", u, coeff)
+    if a != 0.0:
+        centroid = sketch.centroid.repeat_interleave(group, dim=1)  # [B, Hq, NB, D]
+        base = torch.einsum("bgd,bgnd->bgn", qf, centroid)
+        if not sketch.residual:
+            key_proj = calib.key_proj.repeat_interleave(group, dim=0).to(qf.device)
+            base = base - torch.einsum("bgr,bgnd,gdr->bgn", u, centroid, key_proj)
+        logits = logits + a * base[..., None]
+    return s * logits
 
 
 def sketch_scores(q: Tensor, sketch: KeySketch, calib: SketchCalib, seq_lens: Tensor,
-                  block_size: int, agg: str = "lse", scale: float | None = None) -> Tensor:
+                  block_size: int, agg: str = "lse", scale: float | None = None,
+                  centroid_weight: float | None = None) -> Tensor:
     """Block scores ``[B, Hq, NB]``: log-sum-exp (``agg="lse"``) or max of the approximate logits
-    of each block's valid tokens; ``-inf`` for invalid blocks."""
+    (:func:`sketch_token_logits`) of each block's valid tokens; ``-inf`` for invalid blocks."""
     if agg not in ("max", "lse"):
         raise ValueError(f"agg={agg!r}; allowed: 'max', 'lse'")
-    logits = sketch_token_logits(q, sketch, calib, scale)
+    logits = sketch_token_logits(q, sketch, calib, scale, centroid_weight)
     batch, _, nb, bs = logits.shape
     valid = ref._token_valid(seq_lens, nb * bs).reshape(batch, 1, nb, bs)
     logits = logits.masked_fill(~valid, -math.inf)
     return (torch.logsumexp(logits, -1) if agg == "lse" else logits.amax(-1)).contiguous()
+
+
+def calibrate_centroid_weight(q: Tensor, positions: Tensor, k: Tensor, sketch: KeySketch,
+                              calib: SketchCalib, block_size: int, *,
+                              weights: tuple[float, ...] = (0.0, 0.5, 1.0),
+                              budget_fraction: float = 0.125, sink_blocks: int = 1,
+                              recent_blocks: int = 1, agg: str = "max",
+                              scale: float | None = None) -> tuple[float, list[float]]:
+    """Pick the ``centroid_weight`` whose top-k selection recalls the most true attention mass
+    for prefill queries (one layer, one sequence; done once at prefill).
+
+    Args:
+        q: ``[N, Hq, D]`` calibration queries at ``positions [N]`` (each sees keys [0, p]).
+        k: ``[Hkv, S, D]`` the keys; ``sketch`` built from them (batch 1).
+
+    Returns:
+        ``(best weight, mass recalled for each weight)``; ties go to the earlier weight, so list
+        the cheapest (0: no centroid read) first.
+    """
+    n, q_heads, head_dim = q.shape
+    kv_heads = k.shape[0]
+    group = q_heads // kv_heads
+    s = _scale(head_dim, scale)
+    seq_len = k.shape[1]
+    lens = (positions.to(torch.int64) + 1).to(torch.int32)
+    nb = ref.num_blocks_for(seq_len, block_size)
+    logits = s * torch.einsum("nkgd,ksd->nkgs", q.float().reshape(n, kv_heads, group, head_dim),
+                              k.float()).reshape(n, q_heads, seq_len)
+    causal = torch.arange(seq_len)[None, :] <= positions[:, None]
+    weights_t = torch.softmax(logits.masked_fill(~causal[:, None, :], -math.inf), dim=-1)
+    weights_t = torch.nn.functional.pad(weights_t, (0, nb * block_size - seq_len))
+    block_mass = weights_t.reshape(n, q_heads, nb, block_size).sum(-1)
+    full = torch.full((n,), seq_len, dtype=torch.int32)
+    recalled = []
+    for a in weights:
+        scores = sketch_scores(q, sketch, calib, full, block_size, "lse", scale, a)
+        mask = select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget_fraction,
+                           sink_blocks=sink_blocks, recent_blocks=recent_blocks, agg=agg,
+                           return_mask=True)
+        recalled.append(float((block_mass * mask.repeat_interleave(group, 1)).sum(-1).mean()))
+    best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
+    return weights[best], recalled
 
 
 # ----------------------------------------------------------------------------------------------

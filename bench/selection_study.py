@@ -363,6 +363,49 @@ def sk_scores(case: LayerCase, mode: str, rank: int, bits: int, centroid: bool,
     return torch.cat(out)
 
 
+CHOSEN_WEIGHTS: dict = {}
+
+
+def sk_auto(case: LayerCase, mode: str, rank: int, bits: int,
+            weights: tuple[float, ...] = (0.0, 0.5, 1.0),
+            n_cal: int = 256) -> tuple[Tensor, Tensor]:
+    """Raw-key sketch plus a per-layer centroid weight picked at prefill on the last ``n_cal``
+    prefill queries (mass recalled at 1/8). Bytes include the centroid only if its weight != 0."""
+    calib, sketch = sketch_setup(case, mode, rank, bits, False)
+    first = int(case.positions[0])
+    cal_pos = torch.arange(first - n_cal, first)
+    cal_q = case.calib_q[:, -n_cal:].permute(1, 0, 2)
+    weight, recalled = sel.calibrate_centroid_weight(
+        cal_q, cal_pos, case.k[:, :first], sel.build_sketch(case.k[None, :, :first], calib,
+                                                           case.block_size, bits,
+                                                           use_centroid=False),
+        calib, case.block_size, weights=weights)
+    CHOSEN_WEIGHTS.setdefault((mode, rank, bits, case.block_size), {})[case.layer] = weight
+    out = []
+    for part in _chunks(case.q.shape[0], 32):
+        out.append(sel.sketch_scores(case.q[part], sketch, calib, case.full_lens[part],
+                                     case.block_size, "lse", centroid_weight=weight))
+    d = case.head_dim
+    per_block = sel.sketch_bytes(d, case.block_size, rank, bits, weight != 0.0)
+    meta = case.n_blocks().double()[:, None] * per_block + case.group * d * rank * 2
+    return torch.cat(out), meta
+
+
+def two_stage(case: LayerCase, coarse: str, mode: str, rank: int, bits: int,
+              cand_frac: float) -> tuple[Tensor, Tensor]:
+    """Coarse bf16 radar score over all blocks keeps ``cand_frac`` of them; the key sketch is read
+    only for those. Returns (scores, metadata bytes per (query, KV head))."""
+    coarse_scores = stat_scores(case, coarse)
+    fine = sk_scores(case, mode, rank, bits, True)
+    scores, cand = sel.refine_candidates(coarse_scores, fine, case.seq_lens, case.block_size,
+                                         case.kv_heads, candidate_fraction=cand_frac)
+    d = case.head_dim
+    meta = (case.n_blocks().double()[:, None] * sel.stat_bytes(coarse, d)
+            + cand.sum(-1).double() * sel.sketch_bytes(d, case.block_size, rank, bits, True)
+            + (0 if mode == "channels" else case.group * d * rank * 2))
+    return scores, meta
+
+
 # A method: name -> (block sizes it runs at, scorer(case) -> (scores, meta bytes per block,
 # step bytes), selection options). Names: <family>[-<variant>].
 def method_table(d: int) -> dict:
@@ -396,7 +439,60 @@ def method_table(d: int) -> dict:
     m["qpca8-b4-max"] = dict(
         bs=(64,), fn=lambda c: sk_scores(c, "qpca", 8, 4, True, "max"),
         meta=lambda bs: sel.sketch_bytes(d, bs, 8, 4, True), step=lambda g: g * d * 8 * 2)
+    for coarse in ("mean", "tight"):
+        for cand in (0.25, 0.375):
+            for rank, bits in ((8, 4), (16, 4)):
+                m[f"2stage-{coarse}{cand:g}-qpca{rank}-b{bits}"] = dict(
+                    bs=(64,), fn=lambda c, co=coarse, ca=cand, r=rank, b=bits:
+                    two_stage(c, co, "qpca", r, b, ca), meta=None)
+    for rank, bits in ((4, 4), (8, 2), (4, 2), (8, 4), (16, 4)):
+        m[f"qpca{rank}-b{bits}-nocentroid"] = dict(
+            bs=(64,), fn=lambda c, r=rank, b=bits: sk_scores(c, "qpca", r, b, False),
+            meta=lambda bs, r=rank, b=bits: sel.sketch_bytes(d, bs, r, b, False),
+            step=lambda g, r=rank: g * d * r * 2)
+    for rank, bits in ((4, 4), (8, 4), (8, 2), (16, 2), (16, 4)):
+        m[f"qpca{rank}-b{bits}-auto"] = dict(
+            bs=(32, 64), fn=lambda c, r=rank, b=bits: sk_auto(c, "qpca", r, b), meta=None)
+        m[f"qpca{rank}-b{bits}-rawcen"] = dict(
+            bs=(64,), fn=lambda c, r=rank, b=bits: sk_auto(c, "qpca", r, b, (1.0,), 16),
+            meta=None)
+    for rank, bits in ((8, 4), (4, 4), (16, 2)):
+        m[f"qpca{rank}-b{bits}-bs32"] = dict(
+            bs=(32,), fn=lambda c, r=rank, b=bits: sk_scores(c, "qpca", r, b, True),
+            meta=lambda bs, r=rank, b=bits: sel.sketch_bytes(d, bs, r, b, True),
+            step=lambda g, r=rank: g * d * r * 2)
     return m
+
+
+def scores_and_meta(case: LayerCase, spec: dict) -> tuple[Tensor, Tensor]:
+    """A method's scores and metadata bytes per (query, KV head)."""
+    got = spec["fn"](case)
+    if isinstance(got, tuple):
+        return got
+    meta_bytes = case.n_blocks().double()[:, None] * spec["meta"](case.block_size)
+    if "step" in spec:
+        meta_bytes = meta_bytes + spec["step"](case.group)
+    return got, meta_bytes
+
+
+def select_mask(case: LayerCase, scores: Tensor, policy: str, budget: float, agg: str,
+                sink: int, recent: int) -> Tensor:
+    if policy == "topk":
+        return sel.select_topk(scores, case.seq_lens, case.block_size, case.kv_heads,
+                               budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
+                               agg=agg, return_mask=True)
+    if policy == "pooled":
+        return sel.select_pooled(scores, case.seq_lens, case.block_size, case.kv_heads,
+                                 budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
+                                 agg=agg)
+    if policy.startswith("mass"):
+        # "mass<p>": adaptive per (query, KV head) on the method's own mass estimate; the
+        # budget argument is then the cap (max fraction), 1/64 the floor.
+        return sel.select_mass_target(scores, case.seq_lens, case.block_size, case.kv_heads,
+                                      mass=float(policy[4:]), min_fraction=1 / 64,
+                                      max_fraction=budget, sink_blocks=sink,
+                                      recent_blocks=recent)
+    raise ValueError(f"policy={policy!r}")
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -428,22 +524,18 @@ def cmd_study(args: argparse.Namespace) -> None:
                 spec = table[name]
                 if bs not in spec["bs"]:
                     continue
-                scores = spec["fn"](case)
-                meta_bytes = nblk * spec["meta"](bs)
-                if "step" in spec:
-                    meta_bytes = meta_bytes + spec["step"](case.group)
+                scores, meta_bytes = scores_and_meta(case, spec)
                 for agg in aggs:
                     for sink, recent in args.forced:
                         for budget in budgets:
-                            key = (name, bs, budget, agg, sink, recent, "topk")
-                            if key in done:
-                                continue
-                            mask = sel.select_topk(scores, case.seq_lens, bs, case.kv_heads,
-                                                   budget_fraction=budget, sink_blocks=sink,
-                                                   recent_blocks=recent, agg=agg,
-                                                   return_mask=True)
-                            res = case.evaluate(mask, meta_bytes)
-                            acc.setdefault(key, []).append(res)
+                            for policy in args.policies.split(","):
+                                key = (name, bs, budget, agg, sink, recent, policy)
+                                if key in done:
+                                    continue
+                                mask = select_mask(case, scores, policy, budget, agg, sink,
+                                                   recent)
+                                res = case.evaluate(mask, meta_bytes)
+                                acc.setdefault(key, []).append(res)
             _CALIB.clear()
             print(f"[{time.time() - t_start:6.0f}s] bs={bs} layer={layer} done", flush=True)
     for key, per_layer in acc.items():
@@ -454,6 +546,8 @@ def cmd_study(args: argparse.Namespace) -> None:
             row[metric] = sum(r[metric] for r in per_layer) / len(per_layer)
         row["per_layer_mass"] = [r["mass"] for r in per_layer]
         rows.append(row)
+    results.setdefault("centroid_weights", {}).update(
+        {f"{k[0]}{k[1]}-b{k[2]}-bs{k[3]}": v for k, v in CHOSEN_WEIGHTS.items()})
     results["setup"] = {
         "command": " ".join(["python"] + sys.argv), "text": args.text, "layers": layers,
         "queries": args.queries, "calib_queries": args.calib_queries,
@@ -477,19 +571,8 @@ def cmd_study(args: argparse.Namespace) -> None:
 def select_for(case: LayerCase, spec: dict, budget: float, agg: str, sink: int, recent: int,
                policy: str = "topk") -> tuple[Tensor, Tensor]:
     """Selection mask and metadata bytes of one method on one case."""
-    scores = spec["fn"](case)
-    meta_bytes = case.n_blocks().double()[:, None] * spec["meta"](case.block_size)
-    if "step" in spec:
-        meta_bytes = meta_bytes + spec["step"](case.group)
-    if policy == "pooled":
-        mask = sel.select_pooled(scores, case.seq_lens, case.block_size, case.kv_heads,
-                                 budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
-                                 agg=agg)
-    else:
-        mask = sel.select_topk(scores, case.seq_lens, case.block_size, case.kv_heads,
-                               budget_fraction=budget, sink_blocks=sink, recent_blocks=recent,
-                               agg=agg, return_mask=True)
-    return mask, meta_bytes
+    scores, meta_bytes = scores_and_meta(case, spec)
+    return select_mask(case, scores, policy, budget, agg, sink, recent), meta_bytes
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
@@ -593,11 +676,12 @@ def cmd_ppl(args: argparse.Namespace) -> None:
 
 
 def print_rows(rows: list, args) -> None:
-    print(f"{'method':28s} {'bs':>3s} {'budget':>7s} {'agg':>4s} {'s/r':>4s} {'bytes':>7s} "
-          f"{'mass':>6s} {'err':>6s}")
+    print(f"{'method':32s} {'bs':>3s} {'budget':>7s} {'agg':>4s} {'policy':>9s} {'s/r':>4s} "
+          f"{'bytes':>7s} {'mass':>6s} {'err':>6s}")
     for r in sorted(rows, key=lambda r: (r["block_size"], r["budget"], -r["mass"])):
-        print(f"{r['method']:28s} {r['block_size']:3d} {r['budget']:7.4f} {r['agg']:>4s} "
-              f"{r['sink']}/{r['recent']} {r['bytes']:7.4f} {r['mass']:6.4f} {r['err']:6.4f}")
+        print(f"{r['method']:32s} {r['block_size']:3d} {r['budget']:7.4f} {r['agg']:>4s} "
+              f"{r.get('policy', 'topk'):>9s} {r['sink']}/{r['recent']} {r['bytes']:7.4f} "
+              f"{r['mass']:6.4f} {r['err']:6.4f}")
 
 
 def main() -> None:
@@ -617,6 +701,7 @@ def main() -> None:
     st.add_argument("--budgets", default="1/16,1/8,3/16,1/4")
     st.add_argument("--methods", default=".*", help="regex over method names (fullmatch)")
     st.add_argument("--aggs", default="max")
+    st.add_argument("--policies", default="topk", help="topk and/or pooled")
     st.add_argument("--forced", type=lambda x: [tuple(int(v) for v in p.split("/"))
                                                  for p in x.split(",")], default=[(1, 1)],
                     help="sink/recent pairs, e.g. 1/1,1/2")
