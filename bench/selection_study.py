@@ -675,6 +675,44 @@ def cmd_ppl(args: argparse.Namespace) -> None:
             out_path.write_text(json.dumps(results, indent=1))
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Mass recalled and output error vs bytes read (64-token blocks unless --block-size)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in args.inputs.split(","):
+        rows += json.loads(Path(path).read_text())["rows"]
+    pattern = re.compile(args.methods)
+    series: dict = {}
+    for r in rows:
+        if r["block_size"] != args.block_size or not pattern.fullmatch(r["method"]):
+            continue
+        if r.get("policy", "topk") != "topk" or (r["sink"], r["recent"]) != (1, 1):
+            continue
+        series.setdefault(f"{r['method']} ({r['agg']})", []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for label, pts in sorted(series.items()):
+        pts.sort(key=lambda r: r["bytes"])
+        style = "--" if "oracle" in label else "-"
+        for ax, metric in zip(axes, ("mass", "err")):
+            ax.plot([100 * p["bytes"] for p in pts], [p[metric] for p in pts], style,
+                    marker="o", ms=3, label=label)
+    for ax, name in zip(axes, ("attention mass recalled (mean)", "relative output error (mean)")):
+        ax.axvline(16, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("bytes read per decode step, % of dense K+V (bf16)")
+        ax.set_ylabel(name)
+        ax.set_xlim(0, args.xmax)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(args.title)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
 def print_rows(rows: list, args) -> None:
     print(f"{'method':32s} {'bs':>3s} {'budget':>7s} {'agg':>4s} {'policy':>9s} {'s/r':>4s} "
           f"{'bytes':>7s} {'mass':>6s} {'err':>6s}")
@@ -717,6 +755,13 @@ def main() -> None:
                     help="';'-separated configs, each 'method=NAME,bs=64,budget=1/8,agg=max,"
                          "sink=1,recent=1,policy=topk'")
     pp.add_argument("--out", default="bench/results/selection_ppl.json")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--inputs", required=True, help="comma-separated study jsons")
+    pl.add_argument("--methods", default=".*")
+    pl.add_argument("--block-size", type=int, default=64)
+    pl.add_argument("--xmax", type=float, default=30)
+    pl.add_argument("--title", default="SmolLM2-135M, 8k tokens, last 256 queries, 7 layers")
+    pl.add_argument("--out", default="bench/results/selection_quality_vs_bytes.png")
     args = parser.parse_args()
     if args.cmd == "capture":
         cmd_capture(args)
@@ -724,6 +769,8 @@ def main() -> None:
         cmd_study(args)
     elif args.cmd == "ppl":
         cmd_ppl(args)
+    elif args.cmd == "plot":
+        cmd_plot(args)
 
 
 if __name__ == "__main__":

@@ -365,3 +365,53 @@ def test_calibration_properties():
         sel.calibrate_sketch(k, q, 16, rank, "nope")
     with pytest.raises(ValueError, match="rank"):
         sel.calibrate_sketch(k, q, 16, 0, "pca")
+
+
+def test_raw_sketch_centroid_weight_brute_force():
+    q, k = _qk(12, batch=1, q_heads=4, kv_heads=2, seq=40, dim=8)
+    lens = torch.tensor([40], dtype=torch.int32)
+    bs, rank = 16, 3
+    calib = sel.calibrate_sketch(k[0], torch.randn(4, 30, 8, generator=_gen(3)), bs, rank,
+                                 "qpca", use_centroid=False)
+    sketch = sel.build_sketch(k, calib, bs, 32, lens, use_centroid=False)
+    assert not sketch.residual
+    s = 1 / math.sqrt(8)
+    for a in (0.0, 0.5, 1.0):
+        got = sel.sketch_token_logits(q, sketch, calib, centroid_weight=a)
+        for gq in range(4):
+            h = gq // 2
+            w, u_proj = calib.key_proj[h], calib.query_proj[gq]
+            p_map = u_proj @ w.T  # q . P k = (U^T q) . (W^T k)
+            for j in range(3):
+                toks = k[0, h, j * bs:min((j + 1) * bs, 40)]
+                mu = toks.mean(0).to(torch.bfloat16).float()
+                want = s * (toks @ p_map.T @ q[0, gq] + a * (q[0, gq] @ mu - q[0, gq] @ p_map @ mu))
+                assert torch.allclose(got[0, gq, j, :len(toks)], want, atol=1e-4, rtol=1e-4)
+
+
+def test_calibrate_centroid_weight_matches_brute_force():
+    g = _gen(13)
+    kv_heads, group, d, seq, bs = 1, 2, 8, 96, 16
+    k = torch.randn(kv_heads, seq, d, generator=g) * torch.linspace(2, 0.2, d)
+    q = torch.randn(5, kv_heads * group, d, generator=g) * 2
+    positions = torch.tensor([60, 70, 80, 90, 95])
+    calib = sel.calibrate_sketch(k, q.permute(1, 0, 2), bs, 2, "qpca", use_centroid=False)
+    sketch = sel.build_sketch(k[None], calib, bs, 4, use_centroid=False)
+    best, recalled = sel.calibrate_centroid_weight(q, positions, k, sketch, calib, bs,
+                                                   weights=(0.0, 1.0), budget_fraction=0.34)
+    for a, got in zip((0.0, 1.0), recalled):
+        total = 0.0
+        for i, p in enumerate(positions.tolist()):
+            lens = torch.tensor([p + 1], dtype=torch.int32)
+            scores = sel.sketch_scores(q[i:i + 1], sketch, calib,
+                                       torch.tensor([seq], dtype=torch.int32), bs,
+                                       centroid_weight=a)
+            idx, num = ref.select_blocks(scores, torch.zeros(1, 2), lens, bs, kv_heads,
+                                         budget_fraction=0.34)
+            chosen = idx[0, 0, :int(num[0, 0])].tolist()
+            weights = torch.softmax(ref._masked_logits(q[i:i + 1], k[None, :, :p + 1], lens,
+                                                       None)[0], -1)
+            for gq in range(group):
+                total += sum(float(weights[gq, j * bs:(j + 1) * bs].sum()) for j in chosen)
+        assert got == pytest.approx(total / (len(positions) * group), rel=1e-5)
+    assert best == (0.0, 1.0)[max(range(2), key=lambda i: (recalled[i], -i))]
