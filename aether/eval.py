@@ -86,6 +86,7 @@ class EvalSettings:
     tasks: tuple[str, ...] = ("ppl", "gen", "passkey")
     kv_element_bytes: int = 2
     seed: int = 0
+    prefill_threads: int | None = None
 
 
 def load_text_ids(tokenizer, name: str, num_tokens: int) -> torch.Tensor:
@@ -124,6 +125,7 @@ class Runner:
         self.arg = cache_argument(model)
         self.AetherCache = AetherCache
         self.num_layers = model.config.num_hidden_layers
+        self.prefill_threads = settings.prefill_threads
 
     def new_cache(self, config: Config):
         if config.score == "dense":
@@ -141,9 +143,15 @@ class Runner:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor):
-        """Dense prefill; returns (cache, last logits)."""
+        """Dense prefill (with `prefill_threads` CPU threads when set); returns (cache, last logits)."""
         cache = self.new_cache(Config("dense"))
-        return cache, self.forward(ids, cache)
+        threads = torch.get_num_threads()
+        if self.prefill_threads:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            return cache, self.forward(ids, cache)
+        finally:
+            torch.set_num_threads(threads)
 
     def copy_cache(self, source, config: Config):
         """A fresh cache for `config` holding the prefix of `source` (statistics built on first use)."""
@@ -563,6 +571,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
                    help="bytes per K/V element the metadata is counted against (2: bf16, 4: fp32)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--prefill-threads", type=int, default=None,
+                   help="torch CPU threads for the dense prefills (default: as --threads)")
     p.add_argument("--quick", action="store_true", help="a tiny setting for CI (overrides the sizes)")
     p.add_argument("--output", type=Path, default=Path("bench/results/accuracy.json"))
     p.add_argument("--plot", type=Path, default=None, help="PNG of quality vs KV read (default: next to --output)")
@@ -583,7 +593,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                             scores=args.scores, budgets=args.budgets, block_sizes=args.block_sizes,
                             dense_layers=args.dense_layers, tasks=args.tasks,
-                            kv_element_bytes=args.kv_element_bytes, seed=args.seed)
+                            kv_element_bytes=args.kv_element_bytes, seed=args.seed,
+                            prefill_threads=args.prefill_threads)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

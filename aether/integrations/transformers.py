@@ -5,7 +5,7 @@ Usage::
     from aether.integrations.transformers import AetherCache, register
     register()  # adds "aether" to AttentionInterface and AttentionMaskInterface
     model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="aether")
-    cache = AetherCache(model.config, score="tight", budget=0.125, block_size=64)
+    cache = AetherCache(model.config, score="tight", budget=0.25, block_size=64)  # docs/accuracy.md
     model.generate(ids, past_key_values=cache)   # transformers >= 5.24 also accepts cache=cache
 
 Prefill (more than one query token) and the dense layers (default: the first two) run torch SDPA
@@ -133,7 +133,7 @@ class AetherCache(DynamicCache):
     """
 
     def __init__(self, config, *, dense_layers: Iterable[int] | None = DEFAULT_DENSE_LAYERS, score: str = "tight",
-                 policy: str = "topk", budget: int | float = 0.125, block_size: int = 64, eps: float = 1e-3,
+                 policy: str = "topk", budget: int | float = 0.25, block_size: int = 64, eps: float = 1e-3,
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
