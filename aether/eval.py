@@ -611,7 +611,8 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     command = "python -m aether.eval " + " ".join(sys.argv[1:] if argv is None else argv)
     result = run_eval(settings, output=args.output, plot=plot, command=command)
     print(format_table(result))
-    print(f"wrote {args.output} and {plot} in {result['seconds']:.0f} s")
+    wrote = f"{args.output} and {plot}" if "ppl" in settings.tasks else f"{args.output} (no plot without ppl)"
+    print(f"wrote {wrote} in {result['seconds']:.0f} s")
     return 0
 
 
