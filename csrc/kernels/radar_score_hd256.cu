@@ -3,6 +3,6 @@
 
 namespace aether {
 namespace cuda {
-template cudaError_t launch_radar_score<256>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+template cudaError_t launch_radar_score<256>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
 }  // namespace cuda
 }  // namespace aether

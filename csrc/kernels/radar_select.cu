@@ -8,9 +8,9 @@
 namespace aether {
 namespace cuda {
 
-extern template cudaError_t launch_radar_score<64>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
-extern template cudaError_t launch_radar_score<128>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
-extern template cudaError_t launch_radar_score<256>(const RadarSelectParams&, const RadarWorkspace&, cudaStream_t);
+extern template cudaError_t launch_radar_score<64>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+extern template cudaError_t launch_radar_score<128>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+extern template cudaError_t launch_radar_score<256>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
 
 namespace {
 
@@ -47,9 +47,9 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, 
   const size_t dynamic = head_bytes + (in_shared ? data_bytes : 0);
   if (dynamic + static_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
   auto kernel = radar_select_kernel<kPolicy>;
-  if (dynamic > 48 * 1024) {
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
-  }
+  // Always: the default dynamic limit is 48 KiB minus the static SelectShared, so a launch with a
+  // little under 48 KiB of keys failed with "invalid argument" (seen for NB = 2789, adaptive).
+  AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
   kernel<<<grid, kSelectThreads, dynamic, stream>>>(p, ws, in_shared ? 1 : 0);
   return cudaGetLastError();
@@ -69,15 +69,20 @@ cudaError_t radar_select(const RadarSelectParams& params, void* workspace, cudaS
   if (bytes > 0 && workspace == nullptr) return cudaErrorInvalidValue;
   RadarWorkspace ws;
   radar_workspace_layout(params, workspace, &ws);
-  if (ws.n_chunks > 65535) return cudaErrorInvalidValue;  // grid.y limit: 4M blocks per sequence
 
-  if (ws.n_chunks > 0) {
+  // topk keeping every block never reads a score: unless scores or M_g are asked for, skip them.
+  const bool keeps_all = params.policy == Policy::kTopK &&
+                         (params.budget_blocks > 0 ? params.budget_blocks >= params.num_blocks
+                                                   : params.budget_fraction >= 1.0);
+  const bool scores_unused = keeps_all && params.out_head_scores == nullptr && !ws.mlo_from_q;
+  if (params.num_blocks > 0 && !scores_unused) {
     // Given scores and no M_g to compute: q and the statistics are not read, head_dim is moot.
     const bool reads_stats = params.in_head_scores == nullptr || ws.mlo_from_q;
-    switch (reads_stats ? params.head_dim : 64) {
-      case 64: AETHER_CUDA_TRY(launch_radar_score<64>(params, ws, stream)); break;
-      case 128: AETHER_CUDA_TRY(launch_radar_score<128>(params, ws, stream)); break;
-      case 256: AETHER_CUDA_TRY(launch_radar_score<256>(params, ws, stream)); break;
+    const int head_dim = reads_stats ? params.head_dim : 64;
+    switch (head_dim) {
+      case 64: AETHER_CUDA_TRY(launch_radar_score<64>(params, &ws, stream)); break;
+      case 128: AETHER_CUDA_TRY(launch_radar_score<128>(params, &ws, stream)); break;
+      case 256: AETHER_CUDA_TRY(launch_radar_score<256>(params, &ws, stream)); break;
       default: return cudaErrorInvalidValue;  // unsupported head_dim
     }
   }

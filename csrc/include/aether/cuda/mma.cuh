@@ -1,6 +1,6 @@
-// Thin wrappers over the sm_80+ PTX the decode kernel uses: cp.async (16-byte global -> shared
-// copies with zero fill), ldmatrix, and the m16n8k16 tensor-core MMA with float accumulators.
-// Nothing here is Hopper-only, so the kernel also builds for sm_80 / sm_89.
+// Thin wrappers over the sm_80+ PTX the kernels use: cp.async (16-byte global -> shared copies
+// with zero fill), ldmatrix, and the m16n8k16 tensor-core MMA with float accumulators.
+// Nothing here is Hopper-only, so the kernels also build for sm_80 / sm_89.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +18,10 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
+}
+// Copies 4 bytes (e.g. one float); goes through L1 (.ca: the only form for sizes below 16).
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int kPending>

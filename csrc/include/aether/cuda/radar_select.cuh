@@ -2,15 +2,18 @@
 //
 // Two kernels, both enqueued by aether::cuda::radar_select:
 //
-// 1. radar_score_kernel, grid (batch * kv_heads, chunks of kBlocksPerChunk blocks). A warp scores
-//    one block at a time for all G query heads of the group: the lanes split the head_dim
-//    channels, each block's statistics are read once (coalesced float4 loads) and reused for the G
-//    queries (float32, in shared memory), and the 2G partial sums (dot, box) are combined with a
-//    reduce-scatter over the warp. It writes the group score S_j (max over the heads) and, when
-//    needed, the per-head scores and per-chunk maxima of the mean score (M_g).
+// 1. radar_score_kernel, grid (batch * kv_heads, slices). A slice streams chunks of 8-32
+//    consecutive blocks of its (b, kv_head) through two shared-memory buffers with 16-byte
+//    cp.async (the next chunk is in flight while the current one is scored; no registers held by
+//    loads) and reads only the statistics the score needs. A warp scores one block at a time for
+//    all G query heads of the group: the lanes split the head_dim channels, each block's
+//    statistics are reused for the G queries, and the 2G partial sums (dot, box) are combined with
+//    a reduce-scatter over the warp. It writes the group score S_j (max over the heads) and, when
+//    needed, the per-head scores and per-slice maxima of the mean score (M_g).
 //    Scoring is split from the selection so that batch 1 still spreads the statistics reads (the
-//    bulk of the bytes: 3 x head_dim floats per block) over the whole GPU: one CTA per
-//    (b, kv_head) would leave all but kv_heads SMs idle.
+//    bulk of the bytes: up to 3 x head_dim floats per block) over the whole GPU: one CTA per
+//    (b, kv_head) would leave all but kv_heads SMs idle. The launcher skips it where the
+//    selection never reads a score (topk keeping every block, nothing else asked).
 //
 // 2. radar_select_kernel, one CTA per (b, kv_head): priorities (policy dependent, as
 //    docs/architecture.md defines them), the count K, the top-K candidates by an exact radix
@@ -33,6 +36,7 @@
 #include <type_traits>
 
 #include "aether/cuda/common.cuh"
+#include "aether/cuda/mma.cuh"
 #include "aether/params.h"
 
 namespace aether {
@@ -40,8 +44,13 @@ namespace cuda {
 
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / kWarpSize;
-constexpr int kBlocksPerWarp = 8;  // blocks a warp scores per CTA; amortises loading q
-constexpr int kBlocksPerChunk = kScoreWarps * kBlocksPerWarp;
+// Blocks per score chunk (one to four per warp), chosen per problem (radar_chunk_blocks).
+constexpr int kMinChunkBlocks = kScoreWarps;
+constexpr int kMaxChunkBlocks = 4 * kScoreWarps;
+// Shared-memory buffers of chunks per score CTA: kScoreStages - 1 chunks in flight while one is
+// scored. Measured on an H200 at 8 x 32k (head_dim 128, tight): 2 buffers of 16 blocks 21.6 us,
+// 4 buffers of 8 blocks 25.3 us (more barriers per byte); bench/PERF_NOTES.md.
+constexpr int kScoreStages = 2;
 constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partial sums = 32 lanes
 
 constexpr int kSelectThreads = 512;
@@ -53,7 +62,8 @@ struct RadarWorkspace {
   float* head_scores_out = nullptr;       // where the score kernel stores per-head scores, or null
   const float* head_scores_in = nullptr;  // where the select kernel reads them, or null
   float* partial_mlo = nullptr;           // [B, Hq, n_chunks] per-chunk max of s * q.centroid
-  int32_t n_chunks = 0;
+  int32_t n_chunks = 0;                   // score CTAs (slices) per (b, kv_head): M_g partials
+  int32_t chunk_blocks = kMinChunkBlocks; // blocks per chunk (a slice scores several chunks)
   bool mlo_from_q = false;                // M_g computed from q (else in_head_mlo or -inf)
   void* keys = nullptr;                   // [B, Hkv, NB] select keys when shared memory is short
   double* weights = nullptr;              // [B, Hkv, NB] select weights when shared memory is short
@@ -77,7 +87,8 @@ inline size_t radar_workspace_layout(const RadarSelectParams& p, void* base, Rad
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int64_t heads_q = static_cast<int64_t>(p.batch) * p.q_heads;
   const int64_t nb = p.num_blocks;
-  const int64_t n_chunks = ceil_div(nb, kBlocksPerChunk);
+  // partial_mlo is sized for one slice per smallest chunk; the launcher uses at most that many.
+  const int64_t n_chunks = ceil_div(nb, kMinChunkBlocks);
   size_t offset = 0;
   auto take = [&](size_t bytes) {
     const size_t at = offset;
@@ -119,9 +130,9 @@ __device__ __forceinline__ float load_q_element(const void* q, DType dtype, int6
   }
 }
 
-// kHeadDim / 32 channels per lane, loaded as float4 (or float2 for head_dim 64) vectors so that a
-// warp reads 512 contiguous bytes per instruction and the q reads from shared memory are
-// conflict-free: vector v of lane l holds channels v * 32 * kVec + l * kVec + [0, kVec).
+// kHeadDim / 32 channels per lane, read as float4 (or float2 for head_dim 64) vectors so that the
+// shared-memory reads of a warp are conflict-free: vector v of lane l holds channels
+// v * 32 * kVec + l * kVec + [0, kVec).
 template <int kHeadDim>
 struct LaneChannels {
   static constexpr int kPerLane = kHeadDim / kWarpSize;
@@ -130,17 +141,6 @@ struct LaneChannels {
   static_assert(kHeadDim % (kWarpSize * 2) == 0, "head_dim must be a multiple of 64");
   static __device__ __forceinline__ int channel(int v, int lane) { return v * kWarpSize * kVec + lane * kVec; }
 };
-
-template <int kVec>
-__device__ __forceinline__ void load_vec(const float* ptr, float* out) {
-  if constexpr (kVec == 4) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(ptr));
-    out[0] = x.x; out[1] = x.y; out[2] = x.z; out[3] = x.w;
-  } else {
-    const float2 x = __ldg(reinterpret_cast<const float2*>(ptr));
-    out[0] = x.x; out[1] = x.y;
-  }
-}
 
 template <int kVec>
 __device__ __forceinline__ void load_vec_shared(const float* ptr, float* out) {
@@ -153,65 +153,154 @@ __device__ __forceinline__ void load_vec_shared(const float* ptr, float* out) {
   }
 }
 
-// One block's statistics as this lane sees them.
-template <int kHeadDim>
-struct LaneStats {
-  float mu[LaneChannels<kHeadDim>::kPerLane];
-  float lo[LaneChannels<kHeadDim>::kPerLane];
-  float hi[LaneChannels<kHeadDim>::kPerLane];
-  float radius;
-  float spread;
+// Which statistics a score reads: only those are loaded (box: lo and hi, 2/3 of the bytes; ball
+// and mean: the centroid; tight: all three; variance: centroid, radius and spread).
+struct ScoreInputs {
+  bool q = false;       // q is read (scores computed, or M_g from q)
+  bool mu = false;      // centroid
+  bool box = false;     // lo and hi
+  bool radius = false;
+  bool spread = false;
 };
 
-template <int kHeadDim, bool kBox>
-__device__ __forceinline__ void load_lane_stats(const RadarSelectParams& p, int64_t row, int lane,
-                                                bool with_scores, LaneStats<kHeadDim>& s) {
-  using C = LaneChannels<kHeadDim>;
-  const int64_t base = row * kHeadDim;
-#pragma unroll
-  for (int v = 0; v < C::kVecs; ++v) {
-    const int c = C::channel(v, lane);
-    load_vec<C::kVec>(p.centroid + base + c, &s.mu[v * C::kVec]);
-    if (kBox) {
-      load_vec<C::kVec>(p.lo + base + c, &s.lo[v * C::kVec]);
-      load_vec<C::kVec>(p.hi + base + c, &s.hi[v * C::kVec]);
-    }
-  }
-  s.radius = with_scores ? __ldg(p.radius + row) : 0.0f;
-  s.spread = (with_scores && p.score == Score::kVariance) ? __ldg(p.spread + row) : 0.0f;
+__host__ __device__ inline ScoreInputs radar_score_inputs(const RadarSelectParams& p, bool mlo_from_q) {
+  ScoreInputs in;
+  const bool compute = p.in_head_scores == nullptr;
+  in.q = compute || mlo_from_q;
+  in.mu = (compute && p.score != Score::kBox) || mlo_from_q;
+  in.box = compute && (p.score == Score::kBox || p.score == Score::kTight);
+  in.radius = compute && (p.score == Score::kBall || p.score == Score::kTight || p.score == Score::kVariance);
+  in.spread = compute && p.score == Score::kVariance;
+  return in;
 }
 
+// Query heads scored together (a power of two covering G, at most kMaxScoreTile).
+inline int radar_score_tile(int group) { return group >= 16 ? 16 : group > 4 ? 8 : group > 2 ? 4 : group; }
+
+// Shared memory of the score kernel, in floats: q, |q| and the per-warp M_g maxima, then
+// kScoreStages buffers of one chunk's statistics (centroid, lo, hi, radius, spread), every region
+// 16-byte aligned.
+struct ScoreSmemLayout {
+  int64_t q = 0, qnorm = 0, mlo = 0, buffers = 0;                  // from the start
+  int64_t mu = 0, lo = 0, hi = 0, radius = 0, spread = 0, buffer = 0;  // within a buffer
+  int64_t total = 0;
+  __host__ __device__ ScoreSmemLayout(int g_pad, int head_dim, int chunk_blocks, bool box) {
+    const int64_t rows = static_cast<int64_t>(chunk_blocks) * head_dim;
+    qnorm = q + static_cast<int64_t>(g_pad) * head_dim;
+    mlo = qnorm + g_pad;
+    buffers = (mlo + static_cast<int64_t>(kScoreWarps) * g_pad + 3) / 4 * 4;
+    lo = mu + rows;
+    hi = lo + (box ? rows : 0);
+    radius = hi + (box ? rows : 0);
+    spread = (radius + chunk_blocks + 3) / 4 * 4;
+    buffer = (spread + chunk_blocks + 3) / 4 * 4;
+    total = buffers + kScoreStages * buffer;
+  }
+};
+
+// Blocks per chunk: the largest of 32, 16, 8 whose buffers stay under 56 KiB (so that about four
+// CTAs share an SM) and that still gives two chunks per SM (small problems: more, smaller chunks
+// spread over more SMs); 0 when not even 8 fit in shared memory.
+inline int radar_chunk_blocks(const RadarSelectParams& p, bool box, int num_sms, int smem_optin) {
+  constexpr size_t kTargetBytes = 56 * 1024;
+  const int G = p.q_heads / p.kv_heads;
+  const int tile = radar_score_tile(G);
+  const int g_pad = (G + tile - 1) / tile * tile;
+  const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
+  for (int chunk = kMaxChunkBlocks; chunk >= kMinChunkBlocks; chunk /= 2) {
+    const ScoreSmemLayout layout(g_pad, p.head_dim, chunk, box);
+    const size_t bytes = static_cast<size_t>(layout.total) * sizeof(float);
+    const size_t buffer_bytes = static_cast<size_t>(layout.buffer) * kScoreStages * sizeof(float);
+    if (bytes + 1024 > static_cast<size_t>(smem_optin)) continue;  // margin for static shared memory
+    if (chunk == kMinChunkBlocks) return chunk;
+    const bool fills = heads_kv * ceil_div(p.num_blocks, chunk) >= 2 * static_cast<int64_t>(num_sms);
+    if (buffer_bytes <= kTargetBytes && fills) return chunk;
+  }
+  return 0;
+}
+
+// grid (batch * kv_heads, slices), kScoreThreads threads. Slice c of a (b, kv_head) scores chunks
+// c, c + slices, ... of chunk_blocks consecutive blocks through kScoreStages buffers: the
+// statistics of the next chunks are in flight (16-byte cp.async, no registers held) while the
+// warps score the current one from shared memory, and q is staged once per CTA. Warp w scores
+// blocks w, w + 8, ... of a chunk for all G query heads: the lanes split the channels, the 2G
+// partial sums (dot, box) are combined with a reduce-scatter over the warp. It writes the group score S_j (max over the heads) and, when needed, the per-head
+// scores and per-slice maxima of the mean score (M_g partials).
 template <int kHeadDim, int kGroupTile, bool kBox>
 __global__ void __launch_bounds__(kScoreThreads)
 radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   using C = LaneChannels<kHeadDim>;
   constexpr int kValues = kBox ? 2 * kGroupTile : kGroupTile;  // partial sums per lane per block
   constexpr int kLanesPerValue = kWarpSize / kValues;
+  constexpr int kRowVecs = kHeadDim / 4;  // 16-byte vectors per statistics row
   static_assert(kValues <= kWarpSize, "at most 32 partial sums per warp reduction");
 
-  extern __shared__ float s_dyn[];
+  extern __shared__ __align__(16) float s_dyn[];
   const int G = p.q_heads / p.kv_heads;
   const int n_tiles = (G + kGroupTile - 1) / kGroupTile;
   const int g_pad = n_tiles * kGroupTile;
-  float* s_q = s_dyn;                       // [g_pad][kHeadDim], zero rows past G
-  float* s_qnorm = s_q + g_pad * kHeadDim;  // [g_pad]
-  float* s_mlo = s_qnorm + g_pad;           // [kScoreWarps][g_pad] running max of s * q.mu
+  const int chunk_blocks = ws.chunk_blocks;
+  const ScoreSmemLayout layout(g_pad, kHeadDim, chunk_blocks, kBox);
+  float* s_q = s_dyn + layout.q;          // [g_pad][kHeadDim], zero rows past G
+  float* s_qnorm = s_dyn + layout.qnorm;  // [g_pad]
+  float* s_mlo = s_dyn + layout.mlo;      // [kScoreWarps][g_pad] running max of s * q.mu
 
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
-  const int chunk = blockIdx.y;
+  const int slice = blockIdx.y;
+  const int n_slices = gridDim.y;
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
   const int len = p.seq_lens[b];
   const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
   const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
+  const int64_t stats_row0 = static_cast<int64_t>(bh) * p.num_blocks;
+  const int n_chunks = (p.num_blocks + chunk_blocks - 1) / chunk_blocks;
 
   const bool compute_scores = p.in_head_scores == nullptr;
-  const bool load_stats = compute_scores || ws.mlo_from_q;
+  const ScoreInputs inputs = radar_score_inputs(p, ws.mlo_from_q);  // inputs.box == kBox
+  const bool need_q = inputs.q;
+  const bool need_mu = inputs.mu;
+  const bool need_radius = inputs.radius;
+  const bool need_spread = inputs.spread;
 
-  if (load_stats) {
+  // Requests the statistics of the valid blocks of `chunk` into buffer `buf` (contiguous rows).
+  auto issue = [&](int chunk, int buf) {
+    float* base = s_dyn + layout.buffers + buf * layout.buffer;
+    const int j0 = chunk * chunk_blocks;
+    const int n_load = max(0, min(j0 + chunk_blocks, n_blocks) - j0);
+    const int64_t row0 = stats_row0 + j0;
+    const int n_vec = n_load * kRowVecs;
+    if (need_mu) {
+      const float* src = p.centroid + row0 * kHeadDim;
+      for (int i = tid; i < n_vec; i += kScoreThreads) {
+        cp_async_16(shared_address(base + layout.mu + 4 * i), src + 4 * i, 16);
+      }
+    }
+    if (kBox) {
+      const float* src_lo = p.lo + row0 * kHeadDim;
+      const float* src_hi = p.hi + row0 * kHeadDim;
+      for (int i = tid; i < n_vec; i += kScoreThreads) {
+        cp_async_16(shared_address(base + layout.lo + 4 * i), src_lo + 4 * i, 16);
+        cp_async_16(shared_address(base + layout.hi + 4 * i), src_hi + 4 * i, 16);
+      }
+    }
+    for (int i = tid; i < n_load; i += kScoreThreads) {
+      if (need_radius) cp_async_4(shared_address(base + layout.radius + i), p.radius + row0 + i);
+      if (need_spread) cp_async_4(shared_address(base + layout.spread + i), p.spread + row0 + i);
+    }
+  };
+
+#pragma unroll
+  for (int st = 0; st < kScoreStages - 1; ++st) {
+    const int chunk = slice + st * n_slices;
+    if (chunk < n_chunks) issue(chunk, st);
+    cp_async_commit();  // always: the waits count groups
+  }
+  // While the first chunks fly: q and |q|.
+  if (need_q) {
     for (int i = tid; i < g_pad * kHeadDim; i += kScoreThreads) {
       const int g = i / kHeadDim;
       const int d = i % kHeadDim;
@@ -222,7 +311,7 @@ radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   }
   for (int i = tid; i < kScoreWarps * g_pad; i += kScoreThreads) s_mlo[i] = -INFINITY;
   __syncthreads();
-  if (load_stats) {
+  if (need_q) {
     for (int g = warp; g < g_pad; g += kScoreWarps) {
       float sq = 0.0f;
       for (int d = lane; d < kHeadDim; d += kWarpSize) sq = fmaf(s_q[g * kHeadDim + d], s_q[g * kHeadDim + d], sq);
@@ -230,131 +319,172 @@ radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
       if (lane == 0) s_qnorm[g] = sqrtf(sq);
     }
   }
-  __syncthreads();
 
-  const int first = chunk * kBlocksPerChunk + warp;
-  const int64_t stats_row0 = static_cast<int64_t>(bh) * p.num_blocks;
-  LaneStats<kHeadDim> next = {};  // stays unused when the statistics are not read
-  if (load_stats && first < n_blocks) load_lane_stats<kHeadDim, kBox>(p, stats_row0 + first, lane, compute_scores, next);
+  int k = 0;
+  for (int chunk = slice; chunk < n_chunks; chunk += n_slices, ++k) {
+    const int ahead = chunk + (kScoreStages - 1) * n_slices;
+    if (ahead < n_chunks) issue(ahead, (k + kScoreStages - 1) % kScoreStages);
+    cp_async_commit();
+    cp_async_wait<kScoreStages - 1>();  // this chunk's group has landed (this thread's copies) ...
+    __syncthreads();                    // ... and every thread's; also publishes |q| on the first pass
+    const float* base = s_dyn + layout.buffers + (k % kScoreStages) * layout.buffer;
+    const int j0 = chunk * chunk_blocks;
+    const int j_end = min(j0 + chunk_blocks, p.num_blocks);
 
-  for (int i = 0; i < kBlocksPerWarp; ++i) {
-    const int j = first + i * kScoreWarps;
-    if (j >= p.num_blocks) break;  // uniform over the warp
-    if (j >= n_blocks) {
-      for (int g = lane; g < G; g += kWarpSize) {
-        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
-      }
-      if (lane == 0) ws.group_scores[stats_row0 + j] = -INFINITY;
-      continue;
-    }
-    const LaneStats<kHeadDim> cur = next;
-    // Issue the next block's loads before computing on this one (keeps loads in flight).
-    const int j_next = j + kScoreWarps;
-    if (load_stats && i + 1 < kBlocksPerWarp && j_next < n_blocks) {
-      load_lane_stats<kHeadDim, kBox>(p, stats_row0 + j_next, lane, compute_scores, next);
-    }
-
-    float group = -INFINITY;
-    for (int t = 0; t < n_tiles; ++t) {
-      float v[kValues];
-#pragma unroll
-      for (int k = 0; k < kValues; ++k) v[k] = 0.0f;
-      if (load_stats) {
-#pragma unroll
-        for (int g = 0; g < kGroupTile; ++g) {
-          const float* qg = s_q + (t * kGroupTile + g) * kHeadDim;
-          float dot = 0.0f, box = 0.0f;
-#pragma unroll
-          for (int vv = 0; vv < C::kVecs; ++vv) {
-            float qv[C::kVec];
-            load_vec_shared<C::kVec>(qg + C::channel(vv, lane), qv);
-#pragma unroll
-            for (int c = 0; c < C::kVec; ++c) {
-              const int e = vv * C::kVec + c;
-              dot = fmaf(qv[c], cur.mu[e], dot);
-              if (kBox) box += fmaxf(qv[c] * cur.lo[e], qv[c] * cur.hi[e]);
-            }
-          }
-          v[g] = dot;
-          if (kBox) v[kGroupTile + g] = box;
+    for (int jj = warp; jj < j_end - j0; jj += kScoreWarps) {
+      const int j = j0 + jj;
+      if (j >= n_blocks) {  // uniform over the warp
+        for (int g = lane; g < G; g += kWarpSize) {
+          if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
         }
-        warp_reduce_scatter<kValues>(v, lane);
+        if (lane == 0) ws.group_scores[stats_row0 + j] = -INFINITY;
+        continue;
       }
-      // Lane l now holds value l / kLanesPerValue: the dots of the tile's heads, then the boxes
-      // (16 lanes further on when kBox, since kGroupTile * kLanesPerValue == 16).
-      const float box_sum = kBox ? __shfl_xor_sync(kFullMask, v[0], 16) : 0.0f;
-      const int value = lane / kLanesPerValue;
-      const int g = t * kGroupTile + value;
-      const bool writer = (lane % kLanesPerValue) == 0 && value < kGroupTile && g < G;
-      if (writer) {
-        const float dot = v[0];
-        float score;
-        if (compute_scores) {
-          const float qn = s_qnorm[g];
-          switch (p.score) {
-            case Score::kBall:
-              score = p.scale * (dot + qn * cur.radius);
-              break;
-            case Score::kBox:
-              score = box_sum * p.scale;
-              break;
-            case Score::kTight:
-              score = fminf(p.scale * (dot + qn * cur.radius), box_sum * p.scale);
-              break;
-            case Score::kMean:
-              score = p.scale * dot;
-              break;
-            default:  // kVariance
-              score = p.scale * (dot + qn * cur.radius * (1.0f + sqrtf(cur.spread)));
-              break;
-          }
+      // This lane's channels of the block's statistics (zeros where the score does not read them).
+      float mu[C::kPerLane], lo[C::kPerLane], hi[C::kPerLane];
+#pragma unroll
+      for (int v = 0; v < C::kVecs; ++v) {
+        const int c = jj * kHeadDim + C::channel(v, lane);
+        if (need_mu) {
+          load_vec_shared<C::kVec>(base + layout.mu + c, &mu[v * C::kVec]);
         } else {
-          score = __ldg(p.in_head_scores + (q_head0 + g) * p.num_blocks + j);
+#pragma unroll
+          for (int e = 0; e < C::kVec; ++e) mu[v * C::kVec + e] = 0.0f;
         }
-        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
-        if (ws.mlo_from_q) {
-          float* slot = s_mlo + warp * g_pad + g;
-          *slot = fmaxf(*slot, p.scale * dot);
+        if (kBox) {
+          load_vec_shared<C::kVec>(base + layout.lo + c, &lo[v * C::kVec]);
+          load_vec_shared<C::kVec>(base + layout.hi + c, &hi[v * C::kVec]);
         }
-        group = fmaxf(group, score);  // fmaxf drops NaN, like the CPU max
       }
+      const float radius = need_radius ? base[layout.radius + jj] : 0.0f;
+      const float spread = need_spread ? base[layout.spread + jj] : 0.0f;
+
+      float group = -INFINITY;
+      for (int t = 0; t < n_tiles; ++t) {
+        float v[kValues];
+#pragma unroll
+        for (int i = 0; i < kValues; ++i) v[i] = 0.0f;
+        if (need_q) {
+#pragma unroll
+          for (int g = 0; g < kGroupTile; ++g) {
+            const float* qg = s_q + (t * kGroupTile + g) * kHeadDim;
+            float dot = 0.0f, box = 0.0f;
+#pragma unroll
+            for (int vv = 0; vv < C::kVecs; ++vv) {
+              float qv[C::kVec];
+              load_vec_shared<C::kVec>(qg + C::channel(vv, lane), qv);
+#pragma unroll
+              for (int c = 0; c < C::kVec; ++c) {
+                const int e = vv * C::kVec + c;
+                dot = fmaf(qv[c], mu[e], dot);
+                if (kBox) box += fmaxf(qv[c] * lo[e], qv[c] * hi[e]);
+              }
+            }
+            v[g] = dot;
+            if (kBox) v[kGroupTile + g] = box;
+          }
+          warp_reduce_scatter<kValues>(v, lane);
+        }
+        // Lane l now holds value l / kLanesPerValue: the dots of the tile's heads, then the boxes
+        // (16 lanes further on when kBox, since kGroupTile * kLanesPerValue == 16).
+        const float box_sum = kBox ? __shfl_xor_sync(kFullMask, v[0], 16) : 0.0f;
+        const int value = lane / kLanesPerValue;
+        const int g = t * kGroupTile + value;
+        const bool writer = (lane % kLanesPerValue) == 0 && value < kGroupTile && g < G;
+        if (writer) {
+          const float dot = v[0];
+          float score;
+          if (compute_scores) {
+            const float qn = s_qnorm[g];
+            switch (p.score) {
+              case Score::kBall:
+                score = p.scale * (dot + qn * radius);
+                break;
+              case Score::kBox:
+                score = box_sum * p.scale;
+                break;
+              case Score::kTight:
+                score = fminf(p.scale * (dot + qn * radius), box_sum * p.scale);
+                break;
+              case Score::kMean:
+                score = p.scale * dot;
+                break;
+              default:  // kVariance
+                score = p.scale * (dot + qn * radius * (1.0f + sqrtf(spread)));
+                break;
+            }
+          } else {
+            score = __ldg(p.in_head_scores + (q_head0 + g) * p.num_blocks + j);
+          }
+          if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
+          if (ws.mlo_from_q) {
+            float* slot = s_mlo + warp * g_pad + g;
+            *slot = fmaxf(*slot, p.scale * dot);
+          }
+          group = fmaxf(group, score);  // fmaxf drops NaN, like the CPU max
+        }
+      }
+      group = warp_max(group);
+      if (lane == 0) ws.group_scores[stats_row0 + j] = group;
     }
-    group = warp_max(group);
-    if (lane == 0) ws.group_scores[stats_row0 + j] = group;
+    __syncthreads();  // a later iteration refills this buffer
   }
+  cp_async_wait<0>();
 
   if (ws.mlo_from_q) {
     __syncthreads();
     for (int g = tid; g < G; g += kScoreThreads) {
       float m = -INFINITY;
       for (int w = 0; w < kScoreWarps; ++w) m = fmaxf(m, s_mlo[w * g_pad + g]);
-      ws.partial_mlo[(q_head0 + g) * ws.n_chunks + chunk] = m;
+      ws.partial_mlo[(q_head0 + g) * ws.n_chunks + slice] = m;
     }
   }
 }
 
+// Chooses the chunk size and the slices per (b, kv_head) (one wave of resident CTAs), stores them
+// in ws (the select kernel reads ws->n_chunks M_g partials per head), and launches.
 template <int kHeadDim, int kGroupTile, bool kBox>
-cudaError_t launch_radar_score_tile(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+cudaError_t launch_radar_score_tile(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
+  int num_sms = 0, optin = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  RadarSelectParams sized = p;
+  sized.head_dim = kHeadDim;
+  const int chunk_blocks = radar_chunk_blocks(sized, kBox, num_sms, optin);
+  if (chunk_blocks == 0) return cudaErrorInvalidValue;  // G too large for shared memory
   const int G = p.q_heads / p.kv_heads;
   const int g_pad = (G + kGroupTile - 1) / kGroupTile * kGroupTile;
-  const size_t smem = sizeof(float) * (static_cast<size_t>(g_pad) * kHeadDim + g_pad + kScoreWarps * g_pad);
+  const ScoreSmemLayout layout(g_pad, kHeadDim, chunk_blocks, kBox);
+  const size_t smem = sizeof(float) * static_cast<size_t>(layout.total);
   auto kernel = radar_score_kernel<kHeadDim, kGroupTile, kBox>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads), static_cast<unsigned>(ws.n_chunks));
-  kernel<<<grid, kScoreThreads, smem, stream>>>(p, ws);
+  // All of the unified L1/shared memory as shared memory: the statistics bypass L1 (cp.async),
+  // and more resident CTAs keep more bytes in flight.
+  AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+  int per_sm = 0;
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, smem));
+  const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int64_t n_chunks = ceil_div(p.num_blocks, chunk_blocks);
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
+  const int64_t slices = std::min<int64_t>(n_chunks, std::max<int64_t>(1, resident / heads_kv));
+  if (slices > 65535) return cudaErrorInvalidValue;  // grid.y limit
+  ws->chunk_blocks = chunk_blocks;
+  ws->n_chunks = static_cast<int32_t>(slices);
+  const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
+  kernel<<<grid, kScoreThreads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
 }
 
-// Picks the head tile (power of two covering G, at most kMaxScoreTile) and whether the box term
-// is needed; instantiated once per head_dim (radar_score_hd*.cu).
+// Picks the head tile and whether the box term is needed; instantiated once per head_dim
+// (radar_score_hd*.cu). Sets ws->chunk_blocks and ws->n_chunks.
 template <int kHeadDim>
-cudaError_t launch_radar_score(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+cudaError_t launch_radar_score(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
   const int G = p.q_heads / p.kv_heads;
-  const bool box = p.in_head_scores == nullptr && (p.score == Score::kBox || p.score == Score::kTight);
-  const int tile = G >= 16 ? 16 : G > 4 ? 8 : G > 2 ? 4 : G;
-  switch (tile) {
+  const bool box = radar_score_inputs(p, ws->mlo_from_q).box;
+  switch (radar_score_tile(G)) {
     case 1: return box ? launch_radar_score_tile<kHeadDim, 1, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 1, false>(p, ws, stream);
     case 2: return box ? launch_radar_score_tile<kHeadDim, 2, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 2, false>(p, ws, stream);
     case 4: return box ? launch_radar_score_tile<kHeadDim, 4, true>(p, ws, stream) : launch_radar_score_tile<kHeadDim, 4, false>(p, ws, stream);
