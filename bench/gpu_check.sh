@@ -48,7 +48,7 @@ done
 
 shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
-python3 bench/bench_decode.py --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
+python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
 note "benchmark: rc=$?"
 echo
 printf '%s\n' "${summary[@]}"
