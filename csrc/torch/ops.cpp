@@ -4,11 +4,17 @@
 //
 // The checks here guard the kernels against anything that could read or write out of bounds.
 // User-facing validation with friendlier messages (and ValueError) lives in aether/api.py. Value
-// problems raise RuntimeError here (TORCH_CHECK), type problems TypeError: TORCH_CHECK_VALUE
-// crashed the process instead of raising on torch 2.11 (seen on the GPU machine), so it is avoided.
+// problems raise RuntimeError here, type problems TypeError.
+//
+// Messages are assembled by `message()` below from strings only: on the GPU machine (torch 2.11)
+// an error whose message streamed a number through std::ostream (TORCH_CHECK's own formatting)
+// crashed the process instead of raising, while messages made of strings raised normally; the
+// likely cause is a libstdc++ mismatch in the locale's number formatting. std::to_string and
+// snprintf do not go through the locale facets.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <limits>
 #include <optional>
 #include <string>
@@ -27,6 +33,37 @@
 namespace aether_torch {
 namespace {
 
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+std::string piece(char c) { return std::string(1, c); }
+std::string piece(int v) { return std::to_string(v); }
+std::string piece(long v) { return std::to_string(v); }
+std::string piece(long long v) { return std::to_string(v); }
+std::string piece(unsigned long v) { return std::to_string(v); }
+std::string piece(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const c10::Device& d) { return d.str(); }
+std::string piece(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (s += ... += piece(args));
+  return s;
+}
+
+// TORCH_CHECK / TORCH_CHECK_TYPE evaluate the message only on failure.
+#define AETHER_CHECK(cond, ...) TORCH_CHECK(cond, ::aether_torch::message(__VA_ARGS__))
+#define AETHER_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::aether_torch::message(__VA_ARGS__))
+
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
@@ -35,7 +72,7 @@ aether::DType to_dtype(const Tensor& t, const char* name) {
     case at::kFloat: return aether::DType::kFloat32;
     case at::kHalf: return aether::DType::kFloat16;
     case at::kBFloat16: return aether::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "aether: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    default: AETHER_CHECK_TYPE(false, "aether: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
   return aether::DType::kFloat32;
 }
@@ -46,7 +83,7 @@ aether::Score parse_score(const std::string& s) {
   if (s == "tight") return aether::Score::kTight;
   if (s == "mean") return aether::Score::kMean;
   if (s == "variance") return aether::Score::kVariance;
-  TORCH_CHECK(false, "aether: score must be one of ball, box, tight, mean, variance; got '", s, "'");
+  AETHER_CHECK(false, "aether: score must be one of ball, box, tight, mean, variance; got '", s, "'");
   return aether::Score::kTight;
 }
 
@@ -54,26 +91,26 @@ aether::Policy parse_policy(const std::string& s) {
   if (s == "topk") return aether::Policy::kTopK;
   if (s == "threshold") return aether::Policy::kThreshold;
   if (s == "adaptive") return aether::Policy::kAdaptive;
-  TORCH_CHECK(false, "aether: policy must be one of topk, threshold, adaptive; got '", s, "'");
+  AETHER_CHECK(false, "aether: policy must be one of topk, threshold, adaptive; got '", s, "'");
   return aether::Policy::kTopK;
 }
 
 int32_t to_i32(int64_t v, const char* name) {
-  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int32_t>::max(), "aether: ", name, " = ", v,
+  AETHER_CHECK(v >= 0 && v <= std::numeric_limits<int32_t>::max(), "aether: ", name, " = ", v,
                     " is out of the int32 range the kernels index with");
   return static_cast<int32_t>(v);
 }
 
 void check_same_device(const Tensor& t, const Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "aether: ", name, " is on ", t.device(), " but q is on ",
+  AETHER_CHECK(t.device() == ref.device(), "aether: ", name, " is on ", t.device(), " but q is on ",
                     ref.device());
 }
 
 void check_int32_vector(const Tensor& t, int64_t len, const Tensor& ref, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "aether: ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == len, "aether: ", name, " must have shape [", len, "], got ",
+  AETHER_CHECK_TYPE(t.scalar_type() == at::kInt, "aether: ", name, " must be int32, got ", t.scalar_type());
+  AETHER_CHECK(t.dim() == 1 && t.size(0) == len, "aether: ", name, " must have shape [", len, "], got ",
                     t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "aether: ", name, " must be contiguous");
+  AETHER_CHECK(t.is_contiguous(), "aether: ", name, " must be contiguous");
   check_same_device(t, ref, name);
 }
 
@@ -84,22 +121,22 @@ struct CacheShape {
 };
 
 CacheShape cache_shape(const Tensor& kv, const OptTensor& block_table, int64_t block_size, const char* name) {
-  TORCH_CHECK(kv.dim() == 4, "aether: ", name, " must be 4-D, got ", kv.dim(), "-D");
-  TORCH_CHECK(kv.stride(3) == 1, "aether: ", name, " must have a contiguous last (head_dim) dimension");
+  AETHER_CHECK(kv.dim() == 4, "aether: ", name, " must be 4-D, got ", kv.dim(), "-D");
+  AETHER_CHECK(kv.stride(3) == 1, "aether: ", name, " must have a contiguous last (head_dim) dimension");
   if (kv.is_cuda()) {
     // The CUDA kernels load rows with 16-byte vector loads.
     const int64_t vec = 16 / kv.element_size();
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0 && kv.stride(0) % vec == 0 &&
+    AETHER_CHECK(reinterpret_cast<uintptr_t>(kv.data_ptr()) % 16 == 0 && kv.stride(0) % vec == 0 &&
                           kv.stride(1) % vec == 0 && kv.stride(2) % vec == 0,
                       "aether: on CUDA ", name, " must start on a 16-byte boundary with strides that are multiples of ",
                       vec, " elements, got strides ", kv.strides());
   }
   if (!block_table.has_value()) return {kv.size(0), kv.size(1), kv.size(2), kv.size(3)};
   const Tensor& bt = *block_table;
-  TORCH_CHECK_TYPE(bt.scalar_type() == at::kInt, "aether: block_table must be int32, got ", bt.scalar_type());
-  TORCH_CHECK(bt.dim() == 2 && bt.stride(1) == 1, "aether: block_table must be 2-D [batch, max_pages] with "
+  AETHER_CHECK_TYPE(bt.scalar_type() == at::kInt, "aether: block_table must be int32, got ", bt.scalar_type());
+  AETHER_CHECK(bt.dim() == 2 && bt.stride(1) == 1, "aether: block_table must be 2-D [batch, max_pages] with "
                     "contiguous rows");
-  TORCH_CHECK(kv.size(1) == block_size, "aether: paged ", name, " has page_size ", kv.size(1),
+  AETHER_CHECK(kv.size(1) == block_size, "aether: paged ", name, " has page_size ", kv.size(1),
                     " but block_size is ", block_size, "; they must be equal");
   check_same_device(bt, kv, "block_table");
   return {bt.size(0), kv.size(2), bt.size(1) * kv.size(1), kv.size(3)};
@@ -124,34 +161,34 @@ aether::KVLayout kv_layout(const Tensor& kv, const OptTensor& block_table) {
 }
 
 void check_block_size(int64_t block_size) {
-  TORCH_CHECK(block_size >= 16 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
+  AETHER_CHECK(block_size >= 16 && block_size <= 128 && (block_size & (block_size - 1)) == 0,
                     "aether: block_size must be a power of two in [16, 128], got ", block_size);
 }
 
 void check_head_dim(int64_t head_dim, bool cuda) {
   if (cuda) {
-    TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
+    AETHER_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
                       "aether: head_dim must be 64, 128 or 256 on CUDA, got ", head_dim);
   } else {
-    TORCH_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0,
+    AETHER_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0,
                       "aether: head_dim must be a multiple of 8 in [8, 256] on CPU, got ", head_dim);
   }
 }
 
 void check_stats_tensor(const Tensor& t, const CacheShape& c, int64_t num_blocks, bool vector, const Tensor& ref,
                         const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "aether: ", name, " must be float32, got ", t.scalar_type());
+  AETHER_CHECK_TYPE(t.scalar_type() == at::kFloat, "aether: ", name, " must be float32, got ", t.scalar_type());
   std::vector<int64_t> expected = {c.batch, c.kv_heads, num_blocks};
   if (vector) expected.push_back(c.head_dim);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(expected), "aether: ", name, " must have shape ",
+  AETHER_CHECK(t.sizes() == at::IntArrayRef(expected), "aether: ", name, " must have shape ",
                     at::IntArrayRef(expected), ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "aether: ", name, " must be contiguous");
+  AETHER_CHECK(t.is_contiguous(), "aether: ", name, " must be contiguous");
   check_same_device(t, ref, name);
 }
 
 #ifdef AETHER_WITH_CUDA
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "aether: ", what, " failed: ", cudaGetErrorString(err));
+  AETHER_CHECK(err == cudaSuccess, "aether: ", what, " failed: ", cudaGetErrorString(err));
 }
 #endif
 
@@ -165,7 +202,7 @@ aether::BlockStatsParams stats_params(const Tensor& k, const Tensor& seq_lens, i
   check_head_dim(c.head_dim, k.is_cuda());
   check_int32_vector(seq_lens, c.batch, k, "seq_lens");
   const int64_t num_blocks = centroid.size(2);
-  TORCH_CHECK(num_blocks * block_size >= c.capacity, "aether: the statistics hold ", num_blocks,
+  AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the statistics hold ", num_blocks,
                     " blocks of ", block_size, " tokens but the cache has ", c.capacity, " slots");
   check_stats_tensor(centroid, c, num_blocks, true, k, "centroid");
   check_stats_tensor(lo, c, num_blocks, true, k, "lo");
@@ -194,7 +231,7 @@ void run_block_stats(const aether::BlockStatsParams& p, const Tensor& k) {
     check_cuda(aether::cuda::block_stats(p, c10::cuda::getCurrentCUDAStream().stream()), "block_stats");
     return;
 #else
-    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
 #endif
   }
   aether::cpu::block_stats(p);
@@ -205,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_stats(const Tensor& k, 
                                                                 const OptTensor& block_table) {
   check_block_size(block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
-  TORCH_CHECK(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
+  AETHER_CHECK(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
   auto opts = k.options().dtype(at::kFloat);
   Tensor centroid = at::empty({c.batch, c.kv_heads, num_blocks, c.head_dim}, opts);
   Tensor lo = at::empty_like(centroid);
@@ -233,11 +270,11 @@ void block_stats_update(const Tensor& k, const Tensor& seq_lens, const Tensor& f
 // --------------------------------------------------------------------------------- radar_select
 
 void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
-  TORCH_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
-  TORCH_CHECK(q.stride(2) == 1, "aether: q must have a contiguous last (head_dim) dimension");
-  TORCH_CHECK(q.size(0) == batch, "aether: q has batch ", q.size(0), " but the cache has ", batch);
-  TORCH_CHECK(q.size(2) == head_dim, "aether: q has head_dim ", q.size(2), " but the cache has ", head_dim);
-  TORCH_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "aether: q_heads (", q.size(1),
+  AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+  AETHER_CHECK(q.stride(2) == 1, "aether: q must have a contiguous last (head_dim) dimension");
+  AETHER_CHECK(q.size(0) == batch, "aether: q has batch ", q.size(0), " but the cache has ", batch);
+  AETHER_CHECK(q.size(2) == head_dim, "aether: q has head_dim ", q.size(2), " but the cache has ", head_dim);
+  AETHER_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "aether: q_heads (", q.size(1),
                     ") must be a multiple of kv_heads (", kv_heads, ")");
 }
 
@@ -248,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks, bool return_scores,
     const OptTensor& head_scores, const OptTensor& head_mlo) {
   check_block_size(block_size);
-  TORCH_CHECK(centroid.dim() == 4, "aether: centroid must be 4-D [batch, kv_heads, num_blocks, head_dim]");
+  AETHER_CHECK(centroid.dim() == 4, "aether: centroid must be 4-D [batch, kv_heads, num_blocks, head_dim]");
   CacheShape c = {centroid.size(0), centroid.size(1), centroid.size(2) * block_size, centroid.size(3)};
   const int64_t num_blocks = centroid.size(2);
   check_query(q, c.batch, c.kv_heads, c.head_dim);
@@ -260,14 +297,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   check_stats_tensor(radius, c, num_blocks, false, q, "radius");
   check_stats_tensor(spread, c, num_blocks, false, q, "spread");
   check_int32_vector(seq_lens, c.batch, q, "seq_lens");
-  TORCH_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
-  TORCH_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 &&
+  AETHER_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
+  AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 &&
                         recent_blocks >= 0,
                     "aether: block counts must be >= 0");
-  TORCH_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
+  AETHER_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
                     "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
-  TORCH_CHECK(eps > 0 && eps < 1, "aether: eps must be in (0, 1), got ", eps);
-  TORCH_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
+  AETHER_CHECK(eps > 0 && eps < 1, "aether: eps must be in (0, 1), got ", eps);
+  AETHER_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
 
   const int64_t q_heads = q.size(1);
   aether::RadarSelectParams p;
@@ -290,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.scale = static_cast<float>(scale);
   p.score = parse_score(score);
   p.policy = parse_policy(policy);
-  TORCH_CHECK(p.policy != aether::Policy::kThreshold || p.score == aether::Score::kBall ||
+  AETHER_CHECK(p.policy != aether::Policy::kThreshold || p.score == aether::Score::kBall ||
                         p.score == aether::Score::kBox || p.score == aether::Score::kTight || head_scores.has_value(),
                     "aether: the threshold policy needs an upper-bound score (ball, box or tight), got '", score,
                     "'");
@@ -303,15 +340,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
   p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
 
-  TORCH_CHECK(head_scores.has_value() == head_mlo.has_value(),
+  AETHER_CHECK(head_scores.has_value() == head_mlo.has_value(),
                     "aether: head_scores and head_mlo must be given together");
   if (head_scores.has_value()) {
-    TORCH_CHECK_TYPE(head_scores->scalar_type() == at::kFloat && head_mlo->scalar_type() == at::kFloat,
+    AETHER_CHECK_TYPE(head_scores->scalar_type() == at::kFloat && head_mlo->scalar_type() == at::kFloat,
                      "aether: head_scores and head_mlo must be float32");
-    TORCH_CHECK(head_scores->sizes() == at::IntArrayRef({c.batch, q_heads, num_blocks}) &&
+    AETHER_CHECK(head_scores->sizes() == at::IntArrayRef({c.batch, q_heads, num_blocks}) &&
                           head_scores->is_contiguous(),
                       "aether: head_scores must be contiguous [batch, q_heads, num_blocks]");
-    TORCH_CHECK(head_mlo->sizes() == at::IntArrayRef({c.batch, q_heads}) && head_mlo->is_contiguous(),
+    AETHER_CHECK(head_mlo->sizes() == at::IntArrayRef({c.batch, q_heads}) && head_mlo->is_contiguous(),
                       "aether: head_mlo must be contiguous [batch, q_heads]");
     check_same_device(*head_scores, q, "head_scores");
     check_same_device(*head_mlo, q, "head_mlo");
@@ -341,7 +378,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
                                           c10::cuda::getCurrentCUDAStream().stream()),
                "radar_select");
 #else
-    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
 #endif
   } else {
     aether::cpu::radar_select(p);
@@ -362,20 +399,20 @@ DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, cons
   check_block_size(block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
   CacheShape cv = cache_shape(v, block_table, block_size, "v");
-  TORCH_CHECK(k.sizes() == v.sizes(), "aether: k and v must have the same shape, got ", k.sizes(), " and ",
+  AETHER_CHECK(k.sizes() == v.sizes(), "aether: k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
-  TORCH_CHECK(cv.head_dim == c.head_dim, "aether: k and v head_dim differ");
+  AETHER_CHECK(cv.head_dim == c.head_dim, "aether: k and v head_dim differ");
   check_query(q, c.batch, c.kv_heads, c.head_dim);
   check_head_dim(c.head_dim, q.is_cuda());
-  TORCH_CHECK_TYPE(!q.is_cuda() || q.scalar_type() != at::kFloat,
+  AETHER_CHECK_TYPE(!q.is_cuda() || q.scalar_type() != at::kFloat,
                    "aether: sparse_decode on CUDA supports float16 and bfloat16, got float32 (float32 runs on CPU)");
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  AETHER_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "aether: q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
   check_same_device(k, q, "k");
   check_same_device(v, q, "v");
   check_int32_vector(seq_lens, c.batch, q, "seq_lens");
-  TORCH_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
+  AETHER_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
   const int64_t num_blocks = (c.capacity + block_size - 1) / block_size;
 
   aether::SparseDecodeParams p;
@@ -394,18 +431,18 @@ DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, cons
   p.num_blocks = to_i32(num_blocks, "num_blocks");
   p.scale = static_cast<float>(scale);
 
-  TORCH_CHECK(selected.has_value() == num_selected.has_value(),
+  AETHER_CHECK(selected.has_value() == num_selected.has_value(),
                     "aether: selected and num_selected must be given together");
   if (selected.has_value()) {
-    TORCH_CHECK_TYPE(selected->scalar_type() == at::kInt && num_selected->scalar_type() == at::kInt,
+    AETHER_CHECK_TYPE(selected->scalar_type() == at::kInt && num_selected->scalar_type() == at::kInt,
                      "aether: selected and num_selected must be int32");
-    TORCH_CHECK(selected->dim() == 3 && selected->size(0) == c.batch && selected->size(1) == c.kv_heads &&
+    AETHER_CHECK(selected->dim() == 3 && selected->size(0) == c.batch && selected->size(1) == c.kv_heads &&
                           selected->is_contiguous(),
                       "aether: selected must be contiguous [batch, kv_heads, n], got ", selected->sizes());
-    TORCH_CHECK(num_selected->sizes() == at::IntArrayRef({c.batch, c.kv_heads}) &&
+    AETHER_CHECK(num_selected->sizes() == at::IntArrayRef({c.batch, c.kv_heads}) &&
                           num_selected->is_contiguous(),
                       "aether: num_selected must be contiguous [batch, kv_heads], got ", num_selected->sizes());
-    TORCH_CHECK(selected->size(2) >= num_blocks, "aether: selected rows hold ", selected->size(2),
+    AETHER_CHECK(selected->size(2) >= num_blocks, "aether: selected rows hold ", selected->size(2),
                       " entries but the cache has ", num_blocks, " blocks; rows must cover every block");
     check_same_device(*selected, q, "selected");
     check_same_device(*num_selected, q, "num_selected");
@@ -414,7 +451,7 @@ DecodeSetup decode_setup(const Tensor& q, const Tensor& k, const Tensor& v, cons
     // The kernels read at most min(num_selected, row length) entries of a row.
     p.num_blocks = to_i32(selected->size(2), "selected.size(2)");
   }
-  TORCH_CHECK(max_selected >= 0, "aether: max_selected must be >= 0, got ", max_selected);
+  AETHER_CHECK(max_selected >= 0, "aether: max_selected must be >= 0, got ", max_selected);
   const int64_t row = selected.has_value() ? selected->size(2) : num_blocks;
   return {p, max_selected > 0 ? std::min(max_selected, row) : row};
 }
@@ -452,7 +489,7 @@ void run_decode(aether::SparseDecodeParams& p, const Tensor& q, const Tensor& ou
     check_cuda(aether::cuda::sparse_decode(p, c10::cuda::getCurrentCUDAStream().stream()), "sparse_decode");
     return;
 #else
-    TORCH_CHECK(false, "aether: this build has no CUDA kernels");
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
 #endif
   }
   aether::cpu::sparse_decode(p);
@@ -479,9 +516,9 @@ void sparse_decode_out(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        const OptTensor& block_table, int64_t max_selected, Tensor& out, Tensor& lse,
                        Tensor& workspace) {
   DecodeSetup s = decode_setup(q, k, v, seq_lens, block_size, scale, selected, num_selected, block_table, max_selected);
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.stride(2) == 1,
+  AETHER_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.stride(2) == 1,
                     "aether: out must match q's shape and dtype with a contiguous last dimension");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}) && lse.scalar_type() == at::kFloat &&
+  AETHER_CHECK(lse.sizes() == at::IntArrayRef({q.size(0), q.size(1)}) && lse.scalar_type() == at::kFloat &&
                         lse.is_contiguous(),
                     "aether: lse must be contiguous float32 [batch, q_heads]");
   check_same_device(out, q, "out");
@@ -490,7 +527,7 @@ void sparse_decode_out(const Tensor& q, const Tensor& k, const Tensor& v, const 
   if (out.numel() == 0) return;
   const int64_t splits = decode_num_splits(s, q);
   const int64_t need = decode_workspace_numel(s.params, splits);
-  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() && workspace.numel() >= need,
+  AETHER_CHECK(workspace.scalar_type() == at::kFloat && workspace.is_contiguous() && workspace.numel() >= need,
                     "aether: workspace must be contiguous float32 with at least ", need, " elements, got ",
                     workspace.numel());
   run_decode(s.params, q, out, lse, need ? workspace.data_ptr<float>() : nullptr, splits);
