@@ -213,7 +213,9 @@ def cmd_capture(args: argparse.Namespace) -> None:
 # Study
 # ----------------------------------------------------------------------------------------------
 
-def load_capture(text: str) -> dict:
+def load_capture(text: str, path: str | None = None) -> dict:
+    if path:
+        return torch.load(path)
     path = capture_path(text)
     if not path.exists():
         raise SystemExit(f"no capture at {path}; run: python {sys.argv[0]} capture --text {text}")
@@ -237,19 +239,21 @@ class LayerCase:
         self.k = k.float()
         self.v = v.float()
         self.layer = layer
-        hq, total, d = q_all.shape
+        # q_all may hold only the last positions (a slim capture): it ends at the last key.
+        hq, _, d = q_all.shape
+        total = self.k.shape[1]
         self.kv_heads, self.head_dim, self.total = self.k.shape[0], d, total
         self.group = hq // self.kv_heads
         self.block_size = block_size
         self.scale = 1.0 / math.sqrt(d)
         first = total - num_queries
         self.positions = torch.arange(first, total)
-        self.q = q_all[:, first:].permute(1, 0, 2).contiguous()  # [Q, Hq, D]
+        self.q = q_all[:, -num_queries:].permute(1, 0, 2).contiguous()  # [Q, Hq, D]
         self.seq_lens = (self.positions + 1).to(torch.int32)
         self.full_lens = torch.full((num_queries,), total, dtype=torch.int32)
         # Calibration data available at prefill, before the test positions.
         self.calib_k = self.k[:, :first]
-        self.calib_q = q_all[:, max(0, first - calib_queries):first]
+        self.calib_q = q_all[:, :-num_queries][:, -calib_queries:]
         self.nb = ref.num_blocks_for(total, block_size)
         self._dense()
 
@@ -380,7 +384,8 @@ def sk_auto(case: LayerCase, mode: str, rank: int, bits: int,
                                                            case.block_size, bits,
                                                            use_centroid=False),
         calib, case.block_size, weights=weights)
-    CHOSEN_WEIGHTS.setdefault((mode, rank, bits, case.block_size), {})[case.layer] = weight
+    if len(weights) > 1:
+        CHOSEN_WEIGHTS.setdefault((mode, rank, bits, case.block_size), {})[case.layer] = weight
     out = []
     for part in _chunks(case.q.shape[0], 32):
         out.append(sel.sketch_scores(case.q[part], sketch, calib, case.full_lens[part],
@@ -497,7 +502,11 @@ def select_mask(case: LayerCase, scores: Tensor, policy: str, budget: float, agg
 
 def cmd_study(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cap = load_capture(args.text)
+    cap = load_capture(args.text, args.capture)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)
+        for name in ("q", "k", "v"):
+            cap[name] = cap[name].to(args.device)
     meta = cap["meta"]
     d = meta["head_dim"]
     layers = [int(x) for x in args.layers.split(",")]
@@ -684,21 +693,25 @@ def cmd_plot(args: argparse.Namespace) -> None:
     rows = []
     for path in args.inputs.split(","):
         rows += json.loads(Path(path).read_text())["rows"]
-    pattern = re.compile(args.methods)
-    series: dict = {}
+    wanted = [x.strip() for x in args.series.split(",")]
+    series: dict = {w: [] for w in wanted}
     for r in rows:
-        if r["block_size"] != args.block_size or not pattern.fullmatch(r["method"]):
-            continue
         if r.get("policy", "topk") != "topk" or (r["sink"], r["recent"]) != (1, 1):
             continue
-        series.setdefault(f"{r['method']} ({r['agg']})", []).append(r)
+        label = f"{r['method']}@{r['block_size']}/{r['agg']}"
+        if label in series:
+            series[label].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for label, pts in sorted(series.items()):
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+    for i, (label, pts) in enumerate(series.items()):
+        if not pts:
+            raise SystemExit(f"no rows for series {label!r}")
         pts.sort(key=lambda r: r["bytes"])
         style = "--" if "oracle" in label else "-"
         for ax, metric in zip(axes, ("mass", "err")):
             ax.plot([100 * p["bytes"] for p in pts], [p[metric] for p in pts], style,
-                    marker="o", ms=3, label=label)
+                    color=colors[i % len(colors)], marker="os^v"[i // 10 % 4], ms=3,
+                    label=label)
     for ax, name in zip(axes, ("attention mass recalled (mean)", "relative output error (mean)")):
         ax.axvline(16, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("bytes read per decode step, % of dense K+V (bf16)")
@@ -711,6 +724,56 @@ def cmd_plot(args: argparse.Namespace) -> None:
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """Markdown table: per method and block size, the metadata bytes per block, quality at the
+    budget ``--budget`` and the best mass recalled at <= ``--max-bytes`` of dense bytes, for each
+    study json (one per text), top-k with 1 sink + 1 recent block, group aggregation ``--agg``."""
+    texts = []
+    for path in args.inputs.split(","):
+        data = json.loads(Path(path).read_text())
+        texts.append((data["setup"]["text"], data["rows"]))
+    keys: dict = {}
+    for _, rows in texts:
+        for r in rows:
+            if r.get("policy", "topk") == "topk" and (r["sink"], r["recent"]) == (1, 1) \
+                    and r["agg"] == args.agg:
+                keys.setdefault((r["method"], r["block_size"]), None)
+    head = ["method", "bs", "meta B/block"]
+    for name, _ in texts:
+        head += [f"{name}: bytes @{args.budget_label}", "mass", "err",
+                 f"best mass <= {100 * args.max_bytes:g}% (budget)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = method_table(64)
+    out_rows = []
+    for method, bs in keys:
+        spec = table.get(method)
+        meta = spec["meta"](bs) if spec and spec.get("meta") else None
+        cells = [method, str(bs), "var." if meta is None else str(meta)]
+        sort_key = None
+        for _, rows in texts:
+            mine = [r for r in rows if r["method"] == method and r["block_size"] == bs
+                    and r.get("policy", "topk") == "topk" and (r["sink"], r["recent"]) == (1, 1)
+                    and r["agg"] == args.agg]
+            at = [r for r in mine if abs(r["budget"] - args.budget) < 1e-9]
+            ok = [r for r in mine if r["bytes"] <= args.max_bytes]
+            best = max(ok, key=lambda r: r["mass"]) if ok else None
+            if at:
+                cells += [f"{100 * at[0]['bytes']:.1f}%", f"{at[0]['mass']:.3f}",
+                          f"{at[0]['err']:.3f}"]
+            else:
+                cells += ["-", "-", "-"]
+            cells.append(f"{best['mass']:.3f} ({best['budget']:.3g})" if best else "-")
+            if sort_key is None:
+                sort_key = -(best["mass"] if best else 0.0)
+        out_rows.append((sort_key, cells))
+    for _, cells in sorted(out_rows, key=lambda x: x[0]):
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 def print_rows(rows: list, args) -> None:
@@ -745,6 +808,13 @@ def main() -> None:
                     help="sink/recent pairs, e.g. 1/1,1/2")
     st.add_argument("--out", default="bench/results/selection_jargon.json")
     st.add_argument("--append", action="store_true", help="add rows to an existing json")
+    st.add_argument("--capture", default=None, help="capture file (default: by --text)")
+    st.add_argument("--device", default="cpu")
+    sl = sub.add_parser("slim", help="a smaller bf16 capture of some layers (to carry elsewhere)")
+    sl.add_argument("--text", default="jargon")
+    sl.add_argument("--layers", default="2,6,10,14,18,22,26")
+    sl.add_argument("--positions", type=int, default=1280, help="last query positions kept")
+    sl.add_argument("--out", required=True)
     pp = sub.add_parser("ppl")
     pp.add_argument("--texts", default="vim_user_manual,python_language_reference")
     pp.add_argument("--context", type=int, default=8192)
@@ -757,11 +827,18 @@ def main() -> None:
     pp.add_argument("--out", default="bench/results/selection_ppl.json")
     pl = sub.add_parser("plot")
     pl.add_argument("--inputs", required=True, help="comma-separated study jsons")
-    pl.add_argument("--methods", default=".*")
-    pl.add_argument("--block-size", type=int, default=64)
+    pl.add_argument("--series", required=True,
+                    help="comma-separated METHOD@BLOCK_SIZE/AGG, e.g. oracle@64/sum")
     pl.add_argument("--xmax", type=float, default=30)
     pl.add_argument("--title", default="SmolLM2-135M, 8k tokens, last 256 queries, 7 layers")
     pl.add_argument("--out", default="bench/results/selection_quality_vs_bytes.png")
+    tb = sub.add_parser("table")
+    tb.add_argument("--inputs", required=True)
+    tb.add_argument("--agg", default="sum")
+    tb.add_argument("--budget", type=lambda x: float(eval(x, {})), default=0.125)
+    tb.add_argument("--budget-label", default="1/8")
+    tb.add_argument("--max-bytes", type=float, default=0.16)
+    tb.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.cmd == "capture":
         cmd_capture(args)
@@ -769,8 +846,22 @@ def main() -> None:
         cmd_study(args)
     elif args.cmd == "ppl":
         cmd_ppl(args)
+    elif args.cmd == "slim":
+        cap = load_capture(args.text)
+        layers = [int(x) for x in args.layers.split(",")]
+        pos = [cap["layers"].index(x) for x in layers]
+        slim = {"text": cap["text"], "num_tokens": cap["num_tokens"], "layers": layers,
+                "q": cap["q"][pos][:, :, -args.positions:].to(torch.bfloat16),
+                "k": cap["k"][pos].to(torch.bfloat16), "v": cap["v"][pos].to(torch.bfloat16),
+                "meta": dict(cap["meta"], slim="bf16 q/k/v, q of the last "
+                             f"{args.positions} positions")}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(slim, args.out)
+        print(f"wrote {args.out}")
     elif args.cmd == "plot":
         cmd_plot(args)
+    elif args.cmd == "table":
+        cmd_table(args)
 
 
 if __name__ == "__main__":
