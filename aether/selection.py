@@ -15,16 +15,19 @@ Methods:
 * ``subblock_*``: statistics of ``sub_size``-token sub-blocks inside each ``block_size``-token
   read block (finer statistics for ranking than for reading); the block score combines the
   sub-block scores by ``max`` or by a log-sum-exp estimate of mass.
-* ``*_sketch``: a token-level key sketch read for scoring only. Each key is written as
-  ``k_t = c_b + r_t`` (``c_b`` the bf16 block centroid, or 0) and the residual is stored as
-  ``rank`` coefficients ``W^T r_t`` quantised to ``bits`` bits with a per-block, per-coefficient
-  [lo, hi] range in bf16. The approximate logit of token t for query head g is
-  ``s * (q_g . c_b + (U_g^T q_g) . dequant(W^T r_t))`` and the block score is the log-sum-exp of
-  these over the block's tokens (an estimate of the block's log softmax numerator, not a
-  bound). ``W`` and ``U`` come from :func:`calibrate_sketch`, once per layer at prefill:
-  ``pca`` (top principal directions of the residuals), ``qpca`` (the rank-r factorisation that
+* ``*_sketch``: a token-level key sketch read for scoring only: ``rank`` coefficients per token,
+  ``W^T r_t`` of the residual ``r_t = k_t - c_b`` around the bf16 block centroid (residual
+  sketch) or ``W^T k_t`` of the raw key (raw sketch), quantised to ``bits`` bits with a
+  per-block, per-coefficient [lo, hi] range in bf16. The approximate logit of token t for query
+  head g is ``s * (q_g . c_b + u_g . dequant(W^T r_t))`` (residual) or
+  ``s * (u_g . dequant(W^T k_t) + a * q_g . (I - P) c_b)`` (raw, ``a`` the centroid weight, picked
+  per layer at prefill by :func:`calibrate_centroid_weight`), ``u_g = U_g^T q_g``, and the block
+  score is the log-sum-exp of these over the block's tokens (an estimate of the block's log
+  softmax numerator, not a bound). ``W`` and ``U`` come from :func:`calibrate_sketch`, once per
+  layer at prefill: ``pca`` (top principal directions), ``qpca`` (the rank-r factorisation that
   minimises the mean squared logit error for the prefill queries), ``channels`` (a per-KV-head
   subset of channels with the largest E[q_i^2] E[r_i^2]) or ``full`` (every channel).
+  docs/selection.md recommends the raw ``qpca`` sketch with a calibrated centroid weight.
 * selection: a vectorised top-k identical to ``reference.select_blocks(policy="topk")``
   (group score = max over the group), with a ``sum`` aggregation over the group (sum of each
   head's estimated mass share) as an option, a two-stage refinement (a cheap score picks
