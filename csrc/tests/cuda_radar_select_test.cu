@@ -18,6 +18,7 @@
 
 #include "aether/cpu/kernels.h"
 #include "aether/cuda/launchers.h"
+#include "cuda_test_util.cuh"
 #include "test_util.h"
 
 namespace aether {
@@ -30,33 +31,8 @@ using test::TestQuery;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-#define ASSERT_CUDA(expr)                                                               \
-  do {                                                                                  \
-    const cudaError_t status_ = (expr);                                                 \
-    ASSERT_EQ(status_, cudaSuccess) << #expr << ": " << cudaGetErrorString(status_);    \
-  } while (0)
-
-bool has_cuda_device() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
-}
-
-struct DeviceBytes {
-  void* ptr = nullptr;
-  size_t size = 0;
-  explicit DeviceBytes(size_t bytes) : size(bytes) {
-    if (cudaMalloc(&ptr, bytes == 0 ? 1 : bytes) != cudaSuccess) ptr = nullptr;
-  }
-  DeviceBytes(const void* host, size_t bytes) : DeviceBytes(bytes) {
-    if (ptr != nullptr && host != nullptr && bytes > 0) cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice);
-  }
-  ~DeviceBytes() { cudaFree(ptr); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
-  void download(void* host) const { cudaMemcpy(host, ptr, size, cudaMemcpyDeviceToHost); }
-};
+using test::DeviceBytes;
+using test::has_cuda_device;
 
 template <typename T>
 DeviceBytes to_device(const std::vector<T>& host) {
