@@ -79,6 +79,12 @@ def _host_checks_allowed(t: torch.Tensor) -> bool:
     return t.device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
+def _min_max(t: torch.Tensor) -> tuple[int, int]:
+    """Min and max of an integer tensor with a single device-to-host copy."""
+    lo, hi = torch.aminmax(t)
+    return tuple(int(x) for x in torch.stack([lo, hi]).tolist())
+
+
 def _cache_dims(k: torch.Tensor, block_table: torch.Tensor | None, block_size: int, name: str):
     """(batch, kv_heads, capacity, head_dim) of a contiguous or paged cache."""
     if block_table is None:
@@ -102,7 +108,7 @@ def _check_block_table(block_table: object, k: torch.Tensor) -> torch.Tensor | N
         raise ValueError(f"block_table is on {block_table.device} but k is on {k.device}")
     block_table = block_table.contiguous()
     if block_table.numel() and _host_checks_allowed(block_table):
-        lo, hi = int(block_table.min()), int(block_table.max())
+        lo, hi = _min_max(block_table)
         if lo < 0 or hi >= k.shape[0]:
             raise ValueError(f"block_table holds page ids in [{lo}, {hi}] but k has {k.shape[0]} pages "
                              f"(allowed: 0..{k.shape[0] - 1})")
@@ -122,7 +128,7 @@ def _normalize_seq_lens(seq_lens: object, batch: int, capacity: int, device: tor
     if seq_lens.device != device:
         raise ValueError(f"seq_lens is on {seq_lens.device} but the cache is on {device}")
     if batch and _host_checks_allowed(seq_lens):
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        lo, hi = _min_max(seq_lens)
         if lo < 0 or hi > capacity:
             raise ValueError(f"seq_lens values must be in [0, {capacity}] (the cache's token capacity), "
                              f"got values in [{lo}, {hi}]")
