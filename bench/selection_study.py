@@ -452,12 +452,12 @@ def method_table(d: int) -> dict:
                     two_stage(c, co, "qpca", r, b, ca), meta=None)
     for rank, bits in ((4, 4), (8, 2), (4, 2), (8, 4), (16, 4)):
         m[f"qpca{rank}-b{bits}-nocentroid"] = dict(
-            bs=(64,), fn=lambda c, r=rank, b=bits: sk_scores(c, "qpca", r, b, False),
+            bs=(16, 32, 64), fn=lambda c, r=rank, b=bits: sk_scores(c, "qpca", r, b, False),
             meta=lambda bs, r=rank, b=bits: sel.sketch_bytes(d, bs, r, b, False),
             step=lambda g, r=rank: g * d * r * 2)
     for rank, bits in ((4, 4), (8, 4), (8, 2), (16, 2), (16, 4)):
         m[f"qpca{rank}-b{bits}-auto"] = dict(
-            bs=(32, 64), fn=lambda c, r=rank, b=bits: sk_auto(c, "qpca", r, b), meta=None)
+            bs=(16, 32, 64), fn=lambda c, r=rank, b=bits: sk_auto(c, "qpca", r, b), meta=None)
         m[f"qpca{rank}-b{bits}-rawcen"] = dict(
             bs=(64,), fn=lambda c, r=rank, b=bits: sk_auto(c, "qpca", r, b, (1.0,), 16),
             meta=None)
