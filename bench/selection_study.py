@@ -726,6 +726,45 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_pplplot(args: argparse.Namespace) -> None:
+    """End-to-end KL vs dense and top-1 agreement vs bytes read, one marker per configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(Path(args.input).read_text())["rows"]
+    texts = sorted({r["text"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    labels: dict = {}
+    for r in rows:
+        label = f"{r['method']}@{r['bs']}/{r['agg']}" + (
+            f" budget {r['budget']:.3g}" if r["policy"] == "topk" else f" {r['policy']}")
+        labels.setdefault(label, len(labels))
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+    for r in rows:
+        label = f"{r['method']}@{r['bs']}/{r['agg']}" + (
+            f" budget {r['budget']:.3g}" if r["policy"] == "topk" else f" {r['policy']}")
+        i = labels[label]
+        marker = "o" if r["text"] == texts[0] else "^"
+        for ax, key in zip(axes, ("kl_vs_dense", "top1_agreement")):
+            ax.plot(100 * r["sparse_layer_bytes"], r[key], marker, color=colors[i % 20], ms=7,
+                    label=f"{label} ({r['text'][:6]})")
+    for ax, name in zip(axes, ("KL(dense || sparse), mean over decode positions",
+                               "top-1 agreement with dense")):
+        ax.axvline(16, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("KV bytes read in the sparse layers, % of dense (bf16)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[1].axhline(0.92, color="grey", lw=0.8, ls="--")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=6.5, loc="center right", ncol=1)
+    fig.suptitle(f"End to end, decode protocol (o: {texts[0]}, ^: {texts[-1]})")
+    fig.tight_layout(rect=(0, 0, 0.72, 1))
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     """Markdown table: per method and block size, the metadata bytes per block, quality at the
     budget ``--budget`` and the best mass recalled at <= ``--max-bytes`` of dense bytes, for each
@@ -832,6 +871,9 @@ def main() -> None:
     pl.add_argument("--xmax", type=float, default=30)
     pl.add_argument("--title", default="SmolLM2-135M, 8k tokens, last 256 queries, 7 layers")
     pl.add_argument("--out", default="bench/results/selection_quality_vs_bytes.png")
+    pq = sub.add_parser("pplplot")
+    pq.add_argument("--input", default="bench/results/selection_ppl.json")
+    pq.add_argument("--out", default="bench/results/selection_ppl.png")
     tb = sub.add_parser("table")
     tb.add_argument("--inputs", required=True)
     tb.add_argument("--agg", default="sum")
@@ -862,6 +904,8 @@ def main() -> None:
         cmd_plot(args)
     elif args.cmd == "table":
         cmd_table(args)
+    elif args.cmd == "pplplot":
+        cmd_pplplot(args)
 
 
 if __name__ == "__main__":
