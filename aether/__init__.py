@@ -2,7 +2,8 @@
 
 `sparse_attention` runs one decode step over a KV cache, reading only the blocks whose bound on
 the attention logit says they matter. `block_stats` builds the per-block statistics it scores
-with. `aether.reference` holds the pure-PyTorch oracle of the whole algorithm.
+with; `calibrate_sketch` and `key_sketch` build the 4-bit key sketch of the "qsketch" score (the
+most accurate ranking, docs/selection.md). `aether.reference` holds the pure-PyTorch oracle of the whole algorithm.
 """
 
 from aether import reference
@@ -16,16 +17,21 @@ from aether.api import (
     block_stats,
     sparse_attention,
 )
+from aether.sketch import KeySketch, SketchCalibration, calibrate_sketch, key_sketch
 
 __all__ = [
     "POLICIES",
     "SCORES",
     "UPPER_BOUND_SCORES",
     "BlockStats",
+    "KeySketch",
     "Selection",
+    "SketchCalibration",
     "block_stats",
     "built_with_cuda",
+    "calibrate_sketch",
     "extension_available",
+    "key_sketch",
     "reference",
     "sparse_attention",
 ]

@@ -63,8 +63,11 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("aether::radar_select")
     def _radar_select_fake(q, centroid, lo, hi, radius, spread, seq_lens, block_size, scale, score, policy,
                            budget_blocks, budget_fraction, eps, mass, min_blocks, max_blocks, sink_blocks,
-                           recent_blocks, return_scores=False, head_scores=None, head_mlo=None):
-        batch, kv_heads, num_blocks = centroid.shape[0], centroid.shape[1], centroid.shape[2]
+                           recent_blocks, return_scores=False, head_scores=None, head_mlo=None, group_agg="max",
+                           sketch_codes=None, sketch_ranges=None, sketch_key_proj=None, sketch_query_proj=None,
+                           centroid_weight=0.0):
+        shaped = sketch_codes if score == "qsketch" else centroid
+        batch, kv_heads, num_blocks = shaped.shape[0], shaped.shape[1], shaped.shape[2]
         q_heads = q.shape[1]
         selected = q.new_empty((batch, kv_heads, num_blocks), dtype=torch.int32)
         num_selected = q.new_empty((batch, kv_heads), dtype=torch.int32)
@@ -75,6 +78,18 @@ if _IMPORT_ERROR is None:
             scores = q.new_empty((0,), dtype=torch.float32)
             mlo = q.new_empty((0,), dtype=torch.float32)
         return selected, num_selected, scores, mlo
+
+    @torch.library.register_fake("aether::key_sketch")
+    def _key_sketch_fake(k, seq_lens, key_proj, block_size, num_blocks, block_table=None):
+        batch, kv_heads, _, _ = _cache_shape(k, block_table, block_size)
+        rank = key_proj.shape[2]
+        codes = k.new_empty((batch, kv_heads, num_blocks, block_size, rank // 2), dtype=torch.uint8)
+        ranges = k.new_empty((batch, kv_heads, num_blocks, 2, rank), dtype=torch.bfloat16)
+        return codes, ranges
+
+    @torch.library.register_fake("aether::key_sketch_update")
+    def _key_sketch_update_fake(k, seq_lens, first_block, key_proj, block_size, block_table, codes, ranges):
+        return None
 
     @torch.library.register_fake("aether::sparse_decode")
     def _sparse_decode_fake(q, k, v, seq_lens, block_size, scale, selected=None, num_selected=None,

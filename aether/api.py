@@ -15,7 +15,8 @@ import torch
 
 from aether import _ops
 
-SCORES = ("ball", "box", "tight", "mean", "variance")
+SCORES = ("ball", "box", "tight", "mean", "variance", "qsketch")
+GROUP_AGGS = ("max", "sum")
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 POLICIES = ("topk", "threshold", "adaptive")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -303,6 +304,8 @@ def sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     return_selection: bool = False,
+    sketch=None,
+    group_agg: str | None = None,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -316,7 +319,9 @@ def sparse_attention(
             (float32, float16, bfloat16) and device.
         stats: precomputed `BlockStats` (from `aether.block_stats`); computed when None.
         block_size: tokens per block, 16/32/64/128 (default: stats.block_size, else 64).
-        score: block score: "tight" (min of ball and box), "ball", "box", "mean", "variance".
+        score: block score: "tight" (min of ball and box), "ball", "box", "mean", "variance", or
+            "qsketch" (log-sum-exp of approximate token logits from a 4-bit key sketch: pass
+            `sketch`; the most accurate ranking, docs/selection.md; not a bound).
         policy: "topk" (keep `budget` blocks), "threshold" (certified: dropped mass <= eps),
             "adaptive" (smallest set with estimated mass >= `mass`, within [min_blocks, max_blocks]).
         budget: topk budget, an int block count (>= 1) or a float fraction of the blocks in
@@ -333,6 +338,10 @@ def sparse_attention(
         scale: softmax scale (> 0), default 1/sqrt(head_dim).
         return_lse: also return the natural-log log-sum-exp `[batch, q_heads]` (float32).
         return_selection: also return the `Selection` (indices, counts).
+        sketch: the `aether.KeySketch` of this cache (`aether.key_sketch`), for score="qsketch".
+        group_agg: how topk combines the query heads of a GQA group: "sum" (default: each head's
+            estimated mass share summed over the group) or "max" (the largest head score).
+            Only topk takes it; threshold and adaptive have their own group rules.
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -369,15 +378,54 @@ def sparse_attention(
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({kv_heads})")
     _check_head_dim(head_dim, q.device)
     _check_policy_args(score, policy, budget, eps, mass, min_blocks, max_blocks, sink_blocks, recent_blocks)
+    if group_agg is None:
+        group_agg = "sum" if policy == "topk" else "max"
+    elif group_agg not in GROUP_AGGS:
+        raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {group_agg!r}")
+    elif policy != "topk":
+        raise ValueError(f"group_agg applies to policy='topk' only (threshold and adaptive have their own group "
+                         f"rules), got group_agg={group_agg!r} with policy={policy!r}")
+    from aether.sketch import KeySketch, _check_sketch_match  # aether.sketch imports this module
+    if score == "qsketch":
+        if not isinstance(sketch, KeySketch):
+            raise TypeError("score='qsketch' needs sketch=aether.KeySketch (build it with aether.key_sketch), got "
+                            f"{type(sketch).__name__}")
+        if block_size is None:
+            block_size = sketch.block_size
+    elif sketch is not None:
+        raise ValueError(f"sketch is only read by score='qsketch', got score={score!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, q.device)
+    num_blocks = math.ceil(capacity / block_size)
 
+    if score == "qsketch":
+        _check_sketch_match(sketch, batch, kv_heads, head_dim, q.device)
+        if sketch.block_size != block_size:
+            raise ValueError(f"the sketch was built with block_size {sketch.block_size} but block_size is {block_size}")
+        if sketch.paged != (block_table is not None):
+            raise ValueError("the sketch was built for a " + ("paged" if sketch.paged else "contiguous") +
+                             " cache but this call uses a " + ("paged" if block_table is not None else "contiguous")
+                             + " one")
+        if sketch.calibration.query_proj.shape[0] != q.shape[1]:
+            raise ValueError(f"the sketch's query_proj has {sketch.calibration.query_proj.shape[0]} query heads but q "
+                             f"has {q.shape[1]}")
+        if sketch.num_blocks * block_size < capacity:
+            raise ValueError(f"the sketch covers {sketch.num_blocks * block_size} tokens but the cache holds "
+                             f"{capacity}; call sketch.update(k, seq_lens) after appending")
+        if _host_checks_allowed(seq_lens) and not torch.equal(sketch.seq_lens, seq_lens):
+            raise ValueError("the sketch was built for other sequence lengths; call sketch.update(k, seq_lens) "
+                             "after appending tokens")
+        num_blocks = sketch.num_blocks
+        if sketch.calibration.centroid_weight == 0.0 and stats is None:
+            placeholder = q.new_empty((0,), dtype=torch.float32)
+            stat_tensors = (placeholder,) * 5
+            stats = False  # not needed: the score reads no centroid
     if stats is None:
         stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
-    else:
+    elif stats is not False:
         if stats.block_size != block_size:
             raise ValueError(f"stats were built with block_size {stats.block_size} but block_size is {block_size}")
         if stats.paged != (block_table is not None):
@@ -392,11 +440,21 @@ def sparse_attention(
             raise ValueError("stats were computed for other sequence lengths; call stats.update(k, seq_lens) "
                              "after appending tokens")
 
-    num_blocks = stats.num_blocks
+    if stats is not False:
+        stat_tensors = stats.tensors
+        if score != "qsketch":
+            num_blocks = stats.num_blocks
+        elif stats.num_blocks != num_blocks:
+            raise ValueError(f"stats hold {stats.num_blocks} blocks but the sketch {num_blocks}; update both")
+    sketch_args = (None, None, None, None, 0.0)
+    if score == "qsketch":
+        calib = sketch.calibration
+        sketch_args = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
     selected, counts, _, _ = torch.ops.aether.radar_select(
-        q, *stats.tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
-        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None)
+        q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
+        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
+        group_agg, *sketch_args)
     hint = _max_selected_hint(policy, budget, max_blocks, num_blocks, sink_blocks + recent_blocks + 1)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, seq_lens, block_size, float(scale), selected, counts,
                                               block_table, hint)

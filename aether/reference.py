@@ -21,7 +21,11 @@ import torch
 from torch import Tensor
 
 SCORES = ("ball", "box", "tight", "mean", "variance")
+# qsketch reads a key sketch (key_sketch below), not the block statistics alone.
+SKETCH_SCORE = "qsketch"
 POLICIES = ("topk", "threshold", "adaptive")
+GROUP_AGGS = ("max", "sum")
+SKETCH_LEVELS = 15  # 4-bit codes
 # The threshold policy certifies a bound on the dropped mass only when scores are upper bounds.
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 
@@ -198,6 +202,111 @@ def head_scores(q: Tensor, stats: BlockStatsRef, seq_lens: Tensor, block_size: i
     return scores.contiguous(), mlo.contiguous()
 
 
+# ----------------------------------------------------------------------------------------------
+# Key sketch ("qsketch", docs/architecture.md "Key sketch")
+# ----------------------------------------------------------------------------------------------
+
+def key_sketch(k: Tensor, key_proj: Tensor, block_size: int, seq_lens: Tensor | None = None,
+               num_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+    """The 4-bit key sketch of every block.
+
+    Token t of KV head h has ``R`` coefficients ``x_tr = sum_d key_proj[h, d, r] k_td`` (float32).
+    Per (block, coefficient) over the block's valid tokens: ``lo = bf16(min x)``,
+    ``hi = bf16(max x)`` (round to nearest even), ``step = (hi - lo) / 15`` (float32) and
+    ``code = clamp(rint((x - lo) / step), 0, 15)`` where ``step > 0``, else 0. Invalid tokens get
+    code 0 and empty blocks zero ranges.
+
+    Args:
+        k: ``[B, Hkv, S, D]`` keys. key_proj: ``[Hkv, D, R]`` float32, R even.
+
+    Returns:
+        ``(codes [B, Hkv, NB, block_size, R // 2] uint8``, coefficient 2i in the low nibble of
+        byte i and 2i + 1 in the high nibble; ``ranges [B, Hkv, NB, 2, R] bfloat16``: lo, hi).
+    """
+    batch, kv_heads, seq_len, head_dim = k.shape
+    rank = key_proj.shape[2]
+    assert key_proj.shape == (kv_heads, head_dim, rank) and rank % 2 == 0
+    seq_lens = _default_seq_lens(batch, seq_len, seq_lens, k.device)
+    nb = num_blocks_for(seq_len, block_size) if num_blocks is None else num_blocks
+    capacity = nb * block_size
+    keys = k.float()
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, capacity - seq_len)) if seq_len < capacity \
+        else keys[:, :, :capacity]
+    x = torch.einsum("bhsd,hdr->bhsr", keys, key_proj.float()).reshape(batch, kv_heads, nb, block_size, rank)
+    valid = _token_valid(seq_lens, capacity).reshape(batch, 1, nb, block_size, 1)
+    block_valid = valid.any(dim=3)  # [B, 1, NB, 1]
+    lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~block_valid, 0.0)
+    hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~block_valid, 0.0)
+    lo, hi = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    step = (hi.float() - lo.float()) / SKETCH_LEVELS  # [B, Hkv, NB, R]
+    safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
+    codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, SKETCH_LEVELS)
+    codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes)).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    ranges = torch.stack([lo, hi], dim=3)  # [B, Hkv, NB, 2, R]
+    return packed.contiguous(), ranges.contiguous()
+
+
+def unpack_sketch(codes: Tensor, ranges: Tensor) -> Tensor:
+    """Dequantised coefficients ``[B, Hkv, NB, bs, R]`` float32: ``lo + code * step``."""
+    low = (codes & 0xF).to(torch.float32)
+    high = (codes >> 4).to(torch.float32)
+    code = torch.stack([low, high], dim=-1).flatten(-2)  # [B, Hkv, NB, bs, R]
+    lo = ranges[:, :, :, 0].float()
+    step = (ranges[:, :, :, 1].float() - lo) / SKETCH_LEVELS
+    return lo[:, :, :, None, :] + code * step[:, :, :, None, :]
+
+
+def sketch_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, key_proj: Tensor, query_proj: Tensor,
+                       seq_lens: Tensor, block_size: int, *, centroid: Tensor | None = None,
+                       centroid_weight: float = 0.0, scale: float | None = None) -> Tensor:
+    """qsketch scores ``[B, Hq, NB]`` (-inf for invalid blocks).
+
+    Query head g of KV head h: ``u_g = query_proj_g^T q_g``; approximate logit of valid token t
+    of block j: ``s * (u_g . deq_t + a * (q_g - key_proj_h u_g) . centroid_j)`` with ``deq_t``
+    the dequantised coefficients and ``a = centroid_weight``; the score is the log-sum-exp of
+    these over the block's valid tokens.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads, nb = codes.shape[1], codes.shape[2]
+    group = q_heads // kv_heads
+    s = _default_scale(head_dim, scale)
+    qf = q.float()
+    u = torch.einsum("bgd,gdr->bgr", qf, query_proj.float())
+    deq = _expand_to_query_heads(unpack_sketch(codes, ranges), group)  # [B, Hq, NB, bs, R]
+    logits = torch.einsum("bgr,bgntr->bgnt", u, deq)
+    if centroid_weight != 0.0:
+        assert centroid is not None, "centroid_weight != 0 needs the block centroids"
+        kp = _expand_to_query_heads(key_proj.float()[None], group)[0]  # [Hq, D, R]
+        q_rest = qf - torch.einsum("gdr,bgr->bgd", kp, u)
+        base = torch.einsum("bgd,bgnd->bgn", q_rest, _expand_to_query_heads(centroid.float(), group))
+        logits = logits + centroid_weight * base[..., None]
+    valid = _token_valid(seq_lens, nb * block_size).reshape(batch, 1, nb, block_size)
+    logits = (s * logits).masked_fill(~valid, -math.inf)
+    return torch.logsumexp(logits, dim=-1).contiguous()
+
+
+def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
+    """S_j of ``group_agg="sum"`` for one group ``[G, NB]``: the sum over heads of each head's
+    softmax share over the valid blocks ``j < n_blocks`` (double, rounded to float32)."""
+    total_share = [0.0] * n_blocks
+    for row in group_scores.float().tolist():
+        row = row[:n_blocks]
+        top = -math.inf
+        for x in row:
+            top = x if top < x else top  # skips NaN like the kernels
+        weights = [math.exp(x - top) if math.isfinite(top) else math.nan for x in row]
+        total = 0.0
+        for w in weights:
+            total += w
+        if not (total > 0.0) or math.isinf(total):
+            continue
+        for j in range(n_blocks):
+            total_share[j] += weights[j] / total
+    out = torch.tensor(total_share, dtype=torch.float64).to(torch.float32).tolist()
+    return [-math.inf if math.isnan(x) else x for x in out]
+
+
 def _forced_blocks(length: int, block_size: int, sink_blocks: int, recent_blocks: int) -> list[int]:
     """Sink blocks, the last ``recent_blocks`` complete blocks and the partial tail, ascending."""
     n_blocks = num_blocks_for(length, block_size)
@@ -263,7 +372,7 @@ def select_blocks(head_scores: Tensor, head_mlo: Tensor, seq_lens: Tensor, block
                   kv_heads: int, *, policy: str = "topk", budget_blocks: int = 0,
                   budget_fraction: float = 0.125, eps: float = 1e-3, mass: float = 0.95,
                   min_blocks: int = 1, max_blocks: int = 0, sink_blocks: int = 1,
-                  recent_blocks: int = 1) -> tuple[Tensor, Tensor]:
+                  recent_blocks: int = 1, group_agg: str = "max") -> tuple[Tensor, Tensor]:
     """Select blocks per (batch, KV head) (docs/architecture.md, "Selection").
 
     Args:
@@ -272,11 +381,14 @@ def select_blocks(head_scores: Tensor, head_mlo: Tensor, seq_lens: Tensor, block
         seq_lens: ``[B]`` valid tokens per sequence.
         kv_heads: Hkv; query heads ``[h*G, (h+1)*G)`` form the group of KV head h.
         policy: ``topk``, ``threshold`` (scores must be upper bounds) or ``adaptive``.
+        group_agg: topk's group priority: ``max`` over the heads, or ``sum`` of each head's
+            softmax share (:func:`group_sum_priority`).
 
     Returns:
         ``(selected [B, Hkv, NB] int32, ascending indices then -1; num_selected [B, Hkv] int32)``.
     """
     assert policy in POLICIES, policy
+    assert group_agg in GROUP_AGGS, group_agg
     batch, q_heads, nb = head_scores.shape
     assert q_heads % kv_heads == 0
     group = q_heads // kv_heads
@@ -300,7 +412,10 @@ def select_blocks(head_scores: Tensor, head_mlo: Tensor, seq_lens: Tensor, block
             group_scores = scores_cpu[b, h * group:(h + 1) * group]  # [G, NB]
             group_mlo = mlo_cpu[b, h * group:(h + 1) * group]  # [G]
             if policy == "topk":
-                block_score = group_scores.amax(dim=0).tolist()  # S_j, float32 values
+                if group_agg == "max":
+                    block_score = group_scores.amax(dim=0).tolist()  # S_j, float32 values
+                else:
+                    block_score = group_sum_priority(group_scores, n_blocks)
                 priority = {j: block_score[j] for j in candidates}
                 ordered = _order_by_priority(candidates, priority)
                 k_count = _topk_count(n_blocks, len(forced), len(candidates), budget_blocks,
@@ -453,14 +568,31 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
                      mass: float = 0.95, min_blocks: int = 1, max_blocks: int = 0,
                      sink_blocks: int = 1, recent_blocks: int = 1,
                      seq_lens: Tensor | None = None,
-                     scale: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     scale: float | None = None, group_agg: str = "max",
+                     sketch: tuple[Tensor, Tensor, Tensor, Tensor, float] | None = None,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole decode step: statistics, radar scores, selection, attention.
 
     ``score`` may also be ``oracle`` (true per-block log-mass; the threshold policy then uses the
-    true largest logit of each head as M_g). Returns ``(out, lse, selected, num_selected)``.
+    true largest logit of each head as M_g) or ``qsketch`` with ``sketch = (key_proj, query_proj,
+    centroid_weight)`` (the sketch is built from ``k``) or ``(codes, ranges, key_proj, query_proj,
+    centroid_weight)``. Returns ``(out, lse, selected, num_selected)``.
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
-    if score == "oracle":
+    if score == SKETCH_SCORE:
+        assert sketch is not None, "score='qsketch' needs sketch="
+        if len(sketch) == 3:
+            key_proj, query_proj, weight = sketch
+            codes, ranges = key_sketch(k, key_proj, block_size, seq_lens)
+        else:
+            codes, ranges, key_proj, query_proj, weight = sketch
+        centroid = None
+        if weight != 0.0:
+            centroid = (stats if stats is not None else block_stats(k, block_size, seq_lens)).centroid
+        scores = sketch_head_scores(q, codes, ranges, key_proj, query_proj, seq_lens, block_size,
+                                    centroid=centroid, centroid_weight=weight, scale=scale)
+        mlo = torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+    elif score == "oracle":
         scores = oracle_head_scores(q, k, seq_lens, block_size, scale)
         logits = _masked_logits(q, k, seq_lens, scale)
         if logits.shape[-1] == 0:
@@ -475,6 +607,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
         scores, mlo, seq_lens, block_size, k.shape[1], policy=policy,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, eps=eps, mass=mass,
         min_blocks=min_blocks, max_blocks=max_blocks, sink_blocks=sink_blocks,
-        recent_blocks=recent_blocks)
+        recent_blocks=recent_blocks, group_agg=group_agg)
     out, lse = sparse_decode(q, k, v, seq_lens, block_size, selected, num_selected, scale)
     return out, lse, selected, num_selected

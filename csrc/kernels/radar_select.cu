@@ -3,6 +3,7 @@
 #include <nvtx3/nvtx3.hpp>
 
 #include "aether/cuda/launchers.h"
+#include "aether/cuda/key_sketch.cuh"
 #include "aether/cuda/radar_select.cuh"
 
 namespace aether {
@@ -11,6 +12,9 @@ namespace cuda {
 extern template cudaError_t launch_radar_score<64>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
 extern template cudaError_t launch_radar_score<128>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
 extern template cudaError_t launch_radar_score<256>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+extern template cudaError_t launch_sketch_score<64>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+extern template cudaError_t launch_sketch_score<128>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+extern template cudaError_t launch_sketch_score<256>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
 
 namespace {
 
@@ -20,8 +24,22 @@ cudaError_t validate(const RadarSelectParams& p) {
   if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return cudaErrorInvalidValue;
   switch (p.score) {
     case Score::kBall: case Score::kBox: case Score::kTight: case Score::kMean: case Score::kVariance: break;
+    case Score::kSketch:
+      if (p.policy == Policy::kThreshold) return cudaErrorInvalidValue;  // not an upper bound
+      if (p.in_head_scores != nullptr) break;  // nothing of the sketch is read
+      if (p.sketch_rank < 2 || p.sketch_rank > kMaxSketchRank || p.sketch_rank % 2 != 0) return cudaErrorInvalidValue;
+      if (p.block_size > kMaxSketchBlockSize) return cudaErrorInvalidValue;
+      if (p.sketch_codes == nullptr || p.sketch_ranges == nullptr || p.sketch_key_proj == nullptr ||
+          p.sketch_query_proj == nullptr) {
+        return cudaErrorInvalidValue;
+      }
+      if (p.centroid_weight != 0.0f && p.centroid == nullptr) return cudaErrorInvalidValue;
+      // Codes are read as 4-byte words (R = 8, 16).
+      if (reinterpret_cast<uintptr_t>(p.sketch_codes) % 4 != 0) return cudaErrorInvalidValue;
+      break;
     default: return cudaErrorInvalidValue;
   }
+  if (p.group_agg != GroupAgg::kMax && p.group_agg != GroupAgg::kSum) return cudaErrorInvalidValue;
   switch (p.policy) {
     case Policy::kTopK: case Policy::kThreshold: case Policy::kAdaptive: break;
     default: return cudaErrorInvalidValue;
@@ -79,10 +97,11 @@ cudaError_t radar_select(const RadarSelectParams& params, void* workspace, cudaS
     // Given scores and no M_g to compute: q and the statistics are not read, head_dim is moot.
     const bool reads_stats = params.in_head_scores == nullptr || ws.mlo_from_q;
     const int head_dim = reads_stats ? params.head_dim : 64;
+    const bool sketch = params.score == Score::kSketch && params.in_head_scores == nullptr;
     switch (head_dim) {
-      case 64: AETHER_CUDA_TRY(launch_radar_score<64>(params, &ws, stream)); break;
-      case 128: AETHER_CUDA_TRY(launch_radar_score<128>(params, &ws, stream)); break;
-      case 256: AETHER_CUDA_TRY(launch_radar_score<256>(params, &ws, stream)); break;
+      case 64: AETHER_CUDA_TRY(sketch ? launch_sketch_score<64>(params, &ws, stream) : launch_radar_score<64>(params, &ws, stream)); break;
+      case 128: AETHER_CUDA_TRY(sketch ? launch_sketch_score<128>(params, &ws, stream) : launch_radar_score<128>(params, &ws, stream)); break;
+      case 256: AETHER_CUDA_TRY(sketch ? launch_sketch_score<256>(params, &ws, stream) : launch_radar_score<256>(params, &ws, stream)); break;
       default: return cudaErrorInvalidValue;  // unsupported head_dim
     }
   }

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <optional>
@@ -83,7 +84,8 @@ aether::Score parse_score(const std::string& s) {
   if (s == "tight") return aether::Score::kTight;
   if (s == "mean") return aether::Score::kMean;
   if (s == "variance") return aether::Score::kVariance;
-  AETHER_CHECK(false, "aether: score must be one of ball, box, tight, mean, variance; got '", s, "'");
+  if (s == "qsketch") return aether::Score::kSketch;
+  AETHER_CHECK(false, "aether: score must be one of ball, box, tight, mean, variance, qsketch; got '", s, "'");
   return aether::Score::kTight;
 }
 
@@ -93,6 +95,13 @@ aether::Policy parse_policy(const std::string& s) {
   if (s == "adaptive") return aether::Policy::kAdaptive;
   AETHER_CHECK(false, "aether: policy must be one of topk, threshold, adaptive; got '", s, "'");
   return aether::Policy::kTopK;
+}
+
+aether::GroupAgg parse_group_agg(const std::string& s) {
+  if (s == "max") return aether::GroupAgg::kMax;
+  if (s == "sum") return aether::GroupAgg::kSum;
+  AETHER_CHECK(false, "aether: group_agg must be one of max, sum; got '", s, "'");
+  return aether::GroupAgg::kMax;
 }
 
 int32_t to_i32(int64_t v, const char* name) {
@@ -267,6 +276,109 @@ void block_stats_update(const Tensor& k, const Tensor& seq_lens, const Tensor& f
   run_block_stats(p, k);
 }
 
+// ----------------------------------------------------------------------------------- key_sketch
+
+void check_sketch_rank(int64_t rank) {
+  AETHER_CHECK(rank >= 2 && rank <= aether::kMaxSketchRank && rank % 2 == 0,
+               "aether: the sketch rank (key_proj.size(2)) must be even in [2, ", aether::kMaxSketchRank, "], got ",
+               rank);
+}
+
+void check_key_proj(const Tensor& key_proj, int64_t kv_heads, int64_t head_dim, const Tensor& ref) {
+  AETHER_CHECK_TYPE(key_proj.scalar_type() == at::kFloat, "aether: key_proj must be float32, got ",
+                    key_proj.scalar_type());
+  AETHER_CHECK(key_proj.dim() == 3 && key_proj.size(0) == kv_heads && key_proj.size(1) == head_dim &&
+                   key_proj.is_contiguous(),
+               "aether: key_proj must be contiguous [kv_heads=", kv_heads, ", head_dim=", head_dim, ", rank], got ",
+               key_proj.sizes());
+  check_sketch_rank(key_proj.size(2));
+  check_same_device(key_proj, ref, "key_proj");
+}
+
+// codes uint8 [B, Hkv, NB, bs, R/2] and ranges bfloat16 [B, Hkv, NB, 2, R].
+void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch, int64_t kv_heads,
+                          int64_t num_blocks, int64_t block_size, int64_t rank, const Tensor& ref) {
+  const std::vector<int64_t> code_shape = {batch, kv_heads, num_blocks, block_size, rank / 2};
+  const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks, 2, rank};
+  AETHER_CHECK_TYPE(codes.scalar_type() == at::kByte, "aether: sketch codes must be uint8, got ", codes.scalar_type());
+  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: sketch ranges must be bfloat16, got ",
+                    ranges.scalar_type());
+  AETHER_CHECK(codes.sizes() == at::IntArrayRef(code_shape) && codes.is_contiguous(),
+               "aether: sketch codes must be contiguous ", at::IntArrayRef(code_shape), ", got ", codes.sizes());
+  AETHER_CHECK(ranges.sizes() == at::IntArrayRef(range_shape) && ranges.is_contiguous(),
+               "aether: sketch ranges must be contiguous ", at::IntArrayRef(range_shape), ", got ", ranges.sizes());
+  check_same_device(codes, ref, "sketch codes");
+  check_same_device(ranges, ref, "sketch ranges");
+}
+
+aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
+                                      int64_t block_size, const OptTensor& block_table, const Tensor& codes,
+                                      const Tensor& ranges) {
+  check_block_size(block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  check_head_dim(c.head_dim, k.is_cuda());
+  to_dtype(k, "k");
+  check_int32_vector(seq_lens, c.batch, k, "seq_lens");
+  check_key_proj(key_proj, c.kv_heads, c.head_dim, k);
+  const int64_t rank = key_proj.size(2);
+  AETHER_CHECK(codes.dim() == 5, "aether: sketch codes must be 5-D [batch, kv_heads, num_blocks, block_size, rank/2]");
+  const int64_t num_blocks = codes.size(2);
+  AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the sketch holds ", num_blocks, " blocks of ",
+               block_size, " tokens but the cache has ", c.capacity, " slots");
+  check_sketch_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, rank, k);
+
+  aether::KeySketchParams p;
+  p.k = kv_layout(k, block_table);
+  p.dtype = to_dtype(k, "k");
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.key_proj = key_proj.data_ptr<float>();
+  p.batch = to_i32(c.batch, "batch");
+  p.kv_heads = to_i32(c.kv_heads, "kv_heads");
+  p.head_dim = to_i32(c.head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.rank = to_i32(rank, "rank");
+  p.sketch.codes = codes.data_ptr<uint8_t>();
+  p.sketch.ranges = reinterpret_cast<uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  return p;
+}
+
+void run_key_sketch(const aether::KeySketchParams& p, const Tensor& k) {
+  if (k.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(k.device());
+    check_cuda(aether::cuda::key_sketch(p, c10::cuda::getCurrentCUDAStream().stream()), "key_sketch");
+    return;
+#else
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  aether::cpu::key_sketch(p);
+}
+
+std::tuple<Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
+                                      int64_t block_size, int64_t num_blocks, const OptTensor& block_table) {
+  check_block_size(block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  AETHER_CHECK(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
+  check_key_proj(key_proj, c.kv_heads, c.head_dim, k);
+  const int64_t rank = key_proj.size(2);
+  Tensor codes = at::empty({c.batch, c.kv_heads, num_blocks, block_size, rank / 2}, k.options().dtype(at::kByte));
+  Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks, 2, rank}, k.options().dtype(at::kBFloat16));
+  if (codes.numel() == 0) return {codes, ranges};
+  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges), k);
+  return {codes, ranges};
+}
+
+void key_sketch_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, const Tensor& key_proj,
+                       int64_t block_size, const OptTensor& block_table, Tensor& codes, Tensor& ranges) {
+  if (codes.numel() == 0) return;
+  aether::KeySketchParams p = sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges);
+  check_int32_vector(first_block, p.batch, k, "first_block");
+  p.first_block = first_block.data_ptr<int32_t>();
+  run_key_sketch(p, k);
+}
+
 // --------------------------------------------------------------------------------- radar_select
 
 void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
@@ -283,19 +395,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     const Tensor& spread, const Tensor& seq_lens, int64_t block_size, double scale, const std::string& score,
     const std::string& policy, int64_t budget_blocks, double budget_fraction, double eps, double mass,
     int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks, bool return_scores,
-    const OptTensor& head_scores, const OptTensor& head_mlo) {
+    const OptTensor& head_scores, const OptTensor& head_mlo, const std::string& group_agg,
+    const OptTensor& sketch_codes, const OptTensor& sketch_ranges, const OptTensor& sketch_key_proj,
+    const OptTensor& sketch_query_proj, double centroid_weight) {
   check_block_size(block_size);
-  AETHER_CHECK(centroid.dim() == 4, "aether: centroid must be 4-D [batch, kv_heads, num_blocks, head_dim]");
-  CacheShape c = {centroid.size(0), centroid.size(1), centroid.size(2) * block_size, centroid.size(3)};
-  const int64_t num_blocks = centroid.size(2);
+  const aether::Score parsed_score = parse_score(score);
+  const bool sketch = parsed_score == aether::Score::kSketch;
+  const bool reads_centroid = !sketch || centroid_weight != 0.0;
+  CacheShape c;
+  if (sketch) {
+    // The sketch gives the shape; of the statistics only the centroid is read, and only when
+    // centroid_weight != 0 (the others may be empty placeholders).
+    AETHER_CHECK(sketch_codes.has_value() && sketch_ranges.has_value() && sketch_key_proj.has_value() &&
+                     sketch_query_proj.has_value(),
+                 "aether: score 'qsketch' needs sketch_codes, sketch_ranges, sketch_key_proj and sketch_query_proj");
+    AETHER_CHECK(sketch_codes->dim() == 5, "aether: sketch codes must be 5-D [batch, kv_heads, num_blocks, "
+                 "block_size, rank/2]");
+    AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+    c = {sketch_codes->size(0), sketch_codes->size(1), sketch_codes->size(2) * block_size, q.size(2)};
+    AETHER_CHECK(std::isfinite(centroid_weight), "aether: centroid_weight must be finite");
+  } else {
+    AETHER_CHECK(centroid.dim() == 4, "aether: centroid must be 4-D [batch, kv_heads, num_blocks, head_dim]");
+    c = {centroid.size(0), centroid.size(1), centroid.size(2) * block_size, centroid.size(3)};
+  }
+  const int64_t num_blocks = c.capacity / block_size;
   check_query(q, c.batch, c.kv_heads, c.head_dim);
   check_head_dim(c.head_dim, q.is_cuda());
   to_dtype(q, "q");
-  check_stats_tensor(centroid, c, num_blocks, true, q, "centroid");
-  check_stats_tensor(lo, c, num_blocks, true, q, "lo");
-  check_stats_tensor(hi, c, num_blocks, true, q, "hi");
-  check_stats_tensor(radius, c, num_blocks, false, q, "radius");
-  check_stats_tensor(spread, c, num_blocks, false, q, "spread");
+  if (reads_centroid) check_stats_tensor(centroid, c, num_blocks, true, q, "centroid");
+  if (!sketch) {
+    check_stats_tensor(lo, c, num_blocks, true, q, "lo");
+    check_stats_tensor(hi, c, num_blocks, true, q, "hi");
+    check_stats_tensor(radius, c, num_blocks, false, q, "radius");
+    check_stats_tensor(spread, c, num_blocks, false, q, "spread");
+  }
   check_int32_vector(seq_lens, c.batch, q, "seq_lens");
   AETHER_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
   AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 &&
@@ -312,11 +445,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.q_stride_batch = q.stride(0);
   p.q_stride_head = q.stride(1);
   p.dtype = to_dtype(q, "q");
-  p.centroid = centroid.data_ptr<float>();
-  p.lo = lo.data_ptr<float>();
-  p.hi = hi.data_ptr<float>();
-  p.radius = radius.data_ptr<float>();
-  p.spread = spread.data_ptr<float>();
+  if (reads_centroid) p.centroid = centroid.data_ptr<float>();
+  if (!sketch) {
+    p.lo = lo.data_ptr<float>();
+    p.hi = hi.data_ptr<float>();
+    p.radius = radius.data_ptr<float>();
+    p.spread = spread.data_ptr<float>();
+  } else {
+    check_key_proj(*sketch_key_proj, c.kv_heads, c.head_dim, q);
+    const int64_t rank = sketch_key_proj->size(2);
+    check_sketch_tensors(*sketch_codes, *sketch_ranges, c.batch, c.kv_heads, num_blocks, block_size, rank, q);
+    const Tensor& qp = *sketch_query_proj;
+    AETHER_CHECK_TYPE(qp.scalar_type() == at::kFloat, "aether: query_proj must be float32, got ", qp.scalar_type());
+    AETHER_CHECK(qp.dim() == 3 && qp.size(0) == q.size(1) && qp.size(1) == c.head_dim && qp.size(2) == rank &&
+                     qp.is_contiguous(),
+                 "aether: query_proj must be contiguous [q_heads=", q.size(1), ", head_dim=", c.head_dim,
+                 ", rank=", rank, "], got ", qp.sizes());
+    check_same_device(qp, q, "query_proj");
+    p.sketch_codes = sketch_codes->data_ptr<uint8_t>();
+    p.sketch_ranges = reinterpret_cast<const uint16_t*>(sketch_ranges->data_ptr<at::BFloat16>());
+    p.sketch_key_proj = sketch_key_proj->data_ptr<float>();
+    p.sketch_query_proj = qp.data_ptr<float>();
+    p.sketch_rank = to_i32(rank, "rank");
+    p.centroid_weight = static_cast<float>(centroid_weight);
+  }
   p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.batch = to_i32(c.batch, "batch");
   p.q_heads = to_i32(q_heads, "q_heads");
@@ -325,12 +477,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.block_size = to_i32(block_size, "block_size");
   p.num_blocks = to_i32(num_blocks, "num_blocks");
   p.scale = static_cast<float>(scale);
-  p.score = parse_score(score);
+  p.score = parsed_score;
   p.policy = parse_policy(policy);
   AETHER_CHECK(p.policy != aether::Policy::kThreshold || p.score == aether::Score::kBall ||
-                        p.score == aether::Score::kBox || p.score == aether::Score::kTight || head_scores.has_value(),
+                        p.score == aether::Score::kBox || p.score == aether::Score::kTight ||
+                        (head_scores.has_value() && !sketch),
                     "aether: the threshold policy needs an upper-bound score (ball, box or tight), got '", score,
                     "'");
+  p.group_agg = parse_group_agg(group_agg);
   p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
   p.budget_fraction = budget_fraction;
   p.eps = eps;
@@ -563,8 +717,16 @@ TORCH_LIBRARY(aether, m) {
       "radar_select(Tensor q, Tensor centroid, Tensor lo, Tensor hi, Tensor radius, Tensor spread, "
       "Tensor seq_lens, int block_size, float scale, str score, str policy, int budget_blocks, "
       "float budget_fraction, float eps, float mass, int min_blocks, int max_blocks, int sink_blocks, "
-      "int recent_blocks, bool return_scores=False, Tensor? head_scores=None, Tensor? head_mlo=None) -> "
+      "int recent_blocks, bool return_scores=False, Tensor? head_scores=None, Tensor? head_mlo=None, "
+      "str group_agg='max', Tensor? sketch_codes=None, Tensor? sketch_ranges=None, Tensor? sketch_key_proj=None, "
+      "Tensor? sketch_query_proj=None, float centroid_weight=0.0) -> "
       "(Tensor selected, Tensor num_selected, Tensor head_scores_out, Tensor head_mlo_out)");
+  m.def(
+      "key_sketch(Tensor k, Tensor seq_lens, Tensor key_proj, int block_size, int num_blocks, "
+      "Tensor? block_table=None) -> (Tensor codes, Tensor ranges)");
+  m.def(
+      "key_sketch_update(Tensor k, Tensor seq_lens, Tensor first_block, Tensor key_proj, int block_size, "
+      "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges) -> ()");
   m.def(
       "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
       "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "
@@ -583,6 +745,8 @@ TORCH_LIBRARY_IMPL(aether, CPU, m) {
   m.impl("block_stats", &aether_torch::block_stats);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
+  m.impl("key_sketch", &aether_torch::key_sketch);
+  m.impl("key_sketch_update", &aether_torch::key_sketch_update);
   m.impl("sparse_decode", &aether_torch::sparse_decode);
   m.impl("sparse_decode_out", &aether_torch::sparse_decode_out);
   m.impl("sparse_decode_workspace_numel", &aether_torch::sparse_decode_workspace_numel);
@@ -593,6 +757,8 @@ TORCH_LIBRARY_IMPL(aether, CUDA, m) {
   m.impl("block_stats", &aether_torch::block_stats);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
+  m.impl("key_sketch", &aether_torch::key_sketch);
+  m.impl("key_sketch_update", &aether_torch::key_sketch_update);
   m.impl("sparse_decode", &aether_torch::sparse_decode);
   m.impl("sparse_decode_out", &aether_torch::sparse_decode_out);
   m.impl("sparse_decode_workspace_numel", &aether_torch::sparse_decode_workspace_numel);

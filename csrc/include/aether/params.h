@@ -19,7 +19,20 @@ enum class Score : int32_t {
   kTight = 2,     // min(ball, box)                       upper bound
   kMean = 3,      // q.mu                                 lower bound, an estimate
   kVariance = 4,  // q.mu + |q| r (1 + sqrt(spread))      heuristic, ranking only
+  kSketch = 5,    // "qsketch": log-sum-exp over the block's tokens of approximate logits read from a
+                  // 4-bit key sketch (KeySketchParams), an estimate of the block's log mass
 };
+
+// How the G query heads of a KV head's group combine their block scores into one top-k priority.
+enum class GroupAgg : int32_t {
+  kMax = 0,  // S_j = max_g s_gj
+  kSum = 1,  // S_j = sum_g softmax_j(s_g.)_j: each head's estimated mass share, summed
+};
+
+// Key sketches hold kSketchBits-bit codes; ranks are even (two codes per byte) and at most 16.
+constexpr int kSketchBits = 4;
+constexpr int kSketchLevels = (1 << kSketchBits) - 1;  // codes 0..15
+constexpr int kMaxSketchRank = 16;
 
 enum class Policy : int32_t { kTopK = 0, kThreshold = 1, kAdaptive = 2 };
 
@@ -66,6 +79,33 @@ struct BlockStatsParams {
   BlockStatsTensors stats;
 };
 
+// key_sketch: the token-level key sketch read by Score::kSketch. For token t of (b, h), its R
+// coefficients x_tr = sum_d key_proj[h, d, r] * k_td (float32) are quantised per (block,
+// coefficient) over the block's valid tokens: lo_r = bf16(min_t x_tr), hi_r = bf16(max_t x_tr)
+// (round to nearest even), step_r = (hi_r - lo_r) / 15 in float32, code_tr = step_r > 0 ?
+// clamp(rint((x_tr - lo_r) / step_r), 0, 15) : 0. Invalid tokens get code 0, empty blocks zero
+// ranges. Byte i of a token holds coefficient 2i in bits 0-3 and 2i+1 in bits 4-7. Blocks are
+// written as in BlockStatsParams (first_block: append; nullptr: full build, zeros past the end).
+struct KeySketchTensors {
+  uint8_t* codes = nullptr;    // [B, Hkv, NB, block_size, R / 2]
+  uint16_t* ranges = nullptr;  // [B, Hkv, NB, 2, R] bfloat16 bit patterns: lo (row 0), hi (row 1)
+};
+
+struct KeySketchParams {
+  KVLayout k;
+  DType dtype = DType::kFloat32;
+  const int32_t* seq_lens = nullptr;     // [B]
+  const int32_t* first_block = nullptr;  // [B] or nullptr
+  const float* key_proj = nullptr;       // [Hkv, D, R] contiguous
+  int32_t batch = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;
+  int32_t rank = 0;  // R, even, 2..kMaxSketchRank
+  KeySketchTensors sketch;
+};
+
 // radar_select: score every valid block of (b, kv_head) for the G = q_heads / kv_heads query
 // heads of its group, aggregate over the group and pick blocks by the policy. Writes the selected
 // block indices in ascending order into selected[b, h, 0:count] (the rest of the row is -1) and
@@ -85,6 +125,16 @@ struct RadarSelectParams {
   const float* hi = nullptr;
   const float* radius = nullptr;
   const float* spread = nullptr;
+  // Score::kSketch: query head g (KV head h = g / G) scores valid token t of block j as
+  //   s * (sum_r u_gr (lo_jr + code_tr step_jr) + a * (q_g - key_proj_h u_g) . centroid_j),
+  //   u_g = query_proj_g^T q_g, a = centroid_weight (centroid is read only when a != 0),
+  // and the block as the natural log-sum-exp of its valid tokens' logits.
+  const uint8_t* sketch_codes = nullptr;        // [B, Hkv, NB, block_size, R / 2]
+  const uint16_t* sketch_ranges = nullptr;      // [B, Hkv, NB, 2, R] bfloat16 bits
+  const float* sketch_key_proj = nullptr;       // [Hkv, D, R]
+  const float* sketch_query_proj = nullptr;     // [Hq, D, R]
+  int32_t sketch_rank = 0;
+  float centroid_weight = 0.0f;
   const int32_t* seq_lens = nullptr;
   int32_t batch = 0;
   int32_t q_heads = 0;
@@ -94,7 +144,11 @@ struct RadarSelectParams {
   int32_t num_blocks = 0;
   float scale = 1.0f;
   Score score = Score::kTight;
-  Policy policy = Policy::kTopK;
+  Policy policy = Policy::kTopK;  // kThreshold needs an upper-bound score (not kMean, kVariance, kSketch)
+  // topk only. kSum: m_g = max_j s_gj and Z_g = sum_j exp(s_gj - m_g) over the valid blocks
+  // (double), S_j = float(sum_g exp(s_gj - m_g) / Z_g); a head whose Z_g is not finite and > 0
+  // adds nothing; a NaN S_j ranks last.
+  GroupAgg group_agg = GroupAgg::kMax;
   int32_t budget_blocks = 0;      // topk: a block count when > 0 ...
   double budget_fraction = 0.0;   // ... else ceil(fraction * n_blocks - 1e-9)
   double eps = 1e-3;              // threshold: certified bound on the dropped attention mass

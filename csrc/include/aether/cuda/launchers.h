@@ -11,6 +11,7 @@ namespace aether {
 namespace cuda {
 
 cudaError_t block_stats(const BlockStatsParams& params, cudaStream_t stream);
+cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream);
 
 // Device scratch radar_select needs for these params (0 when shared memory is enough).
 size_t radar_select_workspace_bytes(const RadarSelectParams& params);

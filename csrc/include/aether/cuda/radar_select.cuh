@@ -70,10 +70,11 @@ struct RadarWorkspace {
 };
 
 inline bool radar_needs_head_scores(const RadarSelectParams& p) {
-  return p.policy != Policy::kTopK;
+  return p.policy != Policy::kTopK || p.group_agg == GroupAgg::kSum;
 }
+// qsketch has no lower bound of the largest logit: its M_g is -inf (never computed from q).
 inline bool radar_needs_mlo(const RadarSelectParams& p) {
-  return p.policy == Policy::kThreshold || p.out_head_mlo != nullptr;
+  return (p.policy == Policy::kThreshold || p.out_head_mlo != nullptr) && p.score != Score::kSketch;
 }
 inline size_t radar_key_bytes(const RadarSelectParams& p) {
   return p.policy == Policy::kTopK ? sizeof(uint32_t) : sizeof(uint64_t);
@@ -838,10 +839,45 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     }
     k = static_cast<int>(min(max(total - n_forced, static_cast<int64_t>(0)), static_cast<int64_t>(n_cand)));
     if (k > 0 && k < n_cand) {
-      const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
-      for (int j = tid; j < n_blocks; j += blockDim.x) {
-        const float s = group[j];
-        keys[j] = ordered_key(isnan(s) ? -INFINITY : s);  // CPU: NaN ranks last
+      if (p.group_agg == GroupAgg::kSum) {
+        // S_j = sum_g exp(s_gj - m_g) / Z_g (double, rounded to float); heads without a finite,
+        // positive Z_g add nothing. s_head_max / s_head_total are free under topk.
+        for (int g = 0; g < G; ++g) {
+          const float* row = ws.head_scores_in + (q_head0 + g) * NB;
+          float local_max = -INFINITY;
+          for (int j = tid; j < n_blocks; j += blockDim.x) {
+            const float s = row[j];
+            local_max = (local_max < s) ? s : local_max;  // skips NaN
+          }
+          const float top = block_reduce(local_max, sh.reduce_f, MaxOp());
+          double local_total = 0.0;
+          for (int j = tid; j < n_blocks; j += blockDim.x) {
+            local_total += exp(static_cast<double>(row[j]) - static_cast<double>(top));
+          }
+          const double z = block_reduce(local_total, sh.reduce_d, SumOp());
+          if (tid == 0) {
+            s_head_max[g] = top;
+            s_head_total[g] = z;
+          }
+        }
+        __syncthreads();
+        for (int j = tid; j < n_blocks; j += blockDim.x) {
+          double share = 0.0;
+          for (int g = 0; g < G; ++g) {
+            const double z = s_head_total[g];
+            if (!(z > 0.0) || isinf(z)) continue;
+            share += exp(static_cast<double>(ws.head_scores_in[(q_head0 + g) * NB + j]) -
+                         static_cast<double>(s_head_max[g])) / z;
+          }
+          const float s = static_cast<float>(share);
+          keys[j] = ordered_key(isnan(s) ? -INFINITY : s);
+        }
+      } else {
+        const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
+        for (int j = tid; j < n_blocks; j += blockDim.x) {
+          const float s = group[j];
+          keys[j] = ordered_key(isnan(s) ? -INFINITY : s);  // CPU: NaN ranks last
+        }
       }
       __syncthreads();
     }

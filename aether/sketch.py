@@ -1,0 +1,239 @@
+"""The "qsketch" block score: a 4-bit token-level key sketch read for scoring only.
+
+Per layer and KV head a rank-R projection of the keys is calibrated once at prefill
+(:func:`calibrate_sketch`); every token's R coefficients are stored as 4-bit codes with a bf16
+[lo, hi] range per (block, coefficient) (:func:`key_sketch`, :class:`KeySketch`); at decode the
+score of a block for query head g is the log-sum-exp over its tokens of the approximate logits
+
+    s * (u_g . dequant(c_t) + a * (q_g - key_proj u_g) . centroid_b),   u_g = query_proj_g^T q_g,
+
+an estimate of the block's attention mass (not a bound: the threshold policy rejects it). At
+R = 8 and 64-token blocks the sketch is 288 bytes per block and KV head (1.8% of the block's
+bf16 K+V at head_dim 64, 0.9% at 128), plus the float32 centroid when the centroid weight ``a``
+is not 0. docs/selection.md has the study behind the choices (rank, bits, the query-aware
+projection, the centroid weight).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from aether import _ops, reference, selection
+from aether.api import (_cache_dims, _check_block_size, _check_block_table, _check_count, _check_head_dim,
+                        _check_tensor, _host_checks_allowed, _normalize_seq_lens, DEFAULT_BLOCK_SIZE)
+
+DEFAULT_RANK = 8
+CENTROID_WEIGHTS = (0.0, 0.5, 1.0)
+
+
+class SketchCalibration(NamedTuple):
+    """Projections of one layer's key sketch (float32) and its centroid weight.
+
+    key_proj: ``[kv_heads, head_dim, rank]``: coefficients ``c_t = key_proj_h^T k_t``.
+    query_proj: ``[q_heads, head_dim, rank]``: ``u_g = query_proj_g^T q_g``, ``u_g . c_t ~ q_g . k_t``.
+    centroid_weight: ``a`` of the centroid term (0 reads no centroid).
+    """
+
+    key_proj: torch.Tensor
+    query_proj: torch.Tensor
+    centroid_weight: float
+
+    @property
+    def rank(self) -> int:
+        return self.key_proj.shape[2]
+
+
+def _check_rank(rank: object, head_dim: int) -> int:
+    rank = _check_count(rank, "rank", 2)
+    if rank % 2 or rank > 16 or rank > head_dim:
+        raise ValueError(f"rank must be even, in [2, 16] and <= head_dim ({head_dim}), got {rank}")
+    return rank
+
+
+def _recalled_mass(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
+                   budget: float, weight: float, centroid: torch.Tensor, codes: torch.Tensor,
+                   ranges: torch.Tensor) -> float:
+    """Mean true attention mass that top-k on qsketch scores keeps for queries at the last
+    positions of ``k`` (each sees its prefix), sum aggregation, 1 sink + 1 recent block."""
+    kv_heads, seq_len, head_dim = k.shape
+    n = q.shape[1]
+    group = q.shape[0] // kv_heads
+    nb = reference.num_blocks_for(seq_len, block_size)
+    positions = torch.arange(seq_len - n, seq_len, device=k.device)
+    lens = (positions + 1).to(torch.int32)
+    qb = q.transpose(0, 1).float()  # [N, Hq, D]
+    scores = reference.sketch_head_scores(
+        qb, codes.expand(n, -1, -1, -1, -1), ranges.expand(n, -1, -1, -1, -1), calib.key_proj, calib.query_proj,
+        lens, block_size, centroid=centroid.expand(n, -1, -1, -1), centroid_weight=weight)
+    mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget, sink_blocks=1,
+                                 recent_blocks=1, agg="sum", return_mask=True)  # [N, Hkv, NB]
+    logits = torch.einsum("ngd,gsd->ngs", qb, k.float().repeat_interleave(group, 0)) / math.sqrt(head_dim)
+    causal = torch.arange(seq_len, device=k.device)[None, :] <= positions[:, None]
+    probs = torch.softmax(logits.masked_fill(~causal[:, None, :], -math.inf), dim=-1)
+    probs = torch.nn.functional.pad(probs, (0, nb * block_size - seq_len))
+    block_mass = probs.reshape(n, q.shape[0], nb, block_size).sum(-1)
+    return float((block_mass * mask.repeat_interleave(group, 1)).sum(-1).mean())
+
+
+def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RANK,
+                     block_size: int = DEFAULT_BLOCK_SIZE, budget: float = 0.125,
+                     centroid_weights: tuple[float, ...] | None = CENTROID_WEIGHTS,
+                     max_queries: int = 64) -> SketchCalibration:
+    """Calibrate one layer's key sketch from its prefill keys and queries (once per prompt).
+
+    The projection is the query-aware rank-``rank`` factorisation ("qpca"): with ``Sk = E[k k^T]``
+    over the keys and ``Sq = E[q q^T]`` over the group's queries, the top eigenvectors ``V`` of
+    ``Sk^1/2 Sq Sk^1/2`` give ``key_proj = Sk^-1/2 V`` and ``query_proj = Sk^1/2 V``, which
+    minimise the mean squared error of ``u . c`` against the logit ``q . k``.
+    The centroid weight is the one of ``centroid_weights`` whose top-k selection at ``budget``
+    recalls the most attention mass for the last ``max_queries`` queries (ties: the earlier,
+    so list the cheapest, 0, first); ``None`` keeps 0 without measuring.
+
+    Args:
+        k: ``[kv_heads, seq, head_dim]`` post-RoPE prefill keys of one sequence.
+        q: ``[q_heads, n, head_dim]`` post-RoPE queries of the last ``n`` prefill positions
+            (query i sits at position ``seq - n + i``).
+    """
+    k = _check_tensor(k, "k", 3, "[kv_heads, seq, head_dim]")
+    q = _check_tensor(q, "q", 3, "[q_heads, n, head_dim]")
+    kv_heads, seq_len, head_dim = k.shape
+    if q.shape[2] != head_dim or q.shape[0] % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} must be [q_heads (a multiple of {kv_heads}), n, {head_dim}]")
+    if q.device != k.device:
+        raise ValueError(f"q is on {q.device} but k is on {k.device}")
+    if not 1 <= q.shape[1] <= seq_len:
+        raise ValueError(f"q must hold between 1 and seq ({seq_len}) queries, got {q.shape[1]}")
+    rank = _check_rank(rank, head_dim)
+    block_size = _check_block_size(block_size)
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    _check_count(max_queries, "max_queries", 1)
+    base = selection.calibrate_sketch(k.float().cpu(), q.float().cpu(), block_size, rank, mode="qpca",
+                                      use_centroid=False)
+    calib = SketchCalibration(base.key_proj.to(k.device).contiguous(), base.query_proj.to(k.device).contiguous(),
+                              0.0)
+    weights = tuple(centroid_weights or ())
+    if len(weights) <= 1:
+        return calib._replace(centroid_weight=float(weights[0]) if weights else 0.0)
+    for w in weights:
+        if not math.isfinite(w):
+            raise ValueError(f"centroid_weights must be finite, got {weights}")
+    q_tail = q[:, -max_queries:]
+    kb = k[None]
+    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
+    centroid = reference.block_stats(kb, block_size).centroid
+    recalled = [_recalled_mass(q_tail, k, calib, block_size, budget, float(w), centroid, codes, ranges)
+                for w in weights]
+    best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
+    return calib._replace(centroid_weight=float(weights[best]))
+
+
+@dataclass
+class KeySketch:
+    """The key sketch of a KV cache, reusable across decode steps (see the module docstring).
+
+    codes: uint8 ``[batch, kv_heads, num_blocks, block_size, rank // 2]`` (two 4-bit codes per
+    byte); ranges: bfloat16 ``[batch, kv_heads, num_blocks, 2, rank]`` (lo, hi). Build with
+    :func:`key_sketch`; after appending tokens to the cache call :meth:`update`.
+    """
+
+    codes: torch.Tensor
+    ranges: torch.Tensor
+    calibration: SketchCalibration
+    block_size: int
+    seq_lens: torch.Tensor
+    paged: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.codes.shape[2]
+
+    def bytes_per_block(self, with_centroid: bool | None = None, head_dim: int | None = None) -> int:
+        """Bytes the score reads per block and KV head (codes + ranges, + float32 centroid)."""
+        rank = self.calibration.rank
+        use_centroid = self.calibration.centroid_weight != 0.0 if with_centroid is None else with_centroid
+        extra = 4 * (head_dim or self.calibration.key_proj.shape[1]) if use_centroid else 0
+        return self.block_size * rank // 2 + 2 * rank * 2 + extra
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
+               block_table: torch.Tensor | None = None) -> "KeySketch":
+        """Refresh the sketch after tokens were appended to ``k`` (in place, CUDA-graph safe):
+        only the blocks from each sequence's previous last block on are rebuilt."""
+        _ops.require_extension()
+        k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+        if (block_table is not None) != self.paged:
+            raise ValueError("block_table must be given exactly when the sketch was built for a paged cache "
+                             f"(this one was built {'paged' if self.paged else 'contiguous'})")
+        block_table = _check_block_table(block_table, k)
+        batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, self.block_size, "k")
+        _check_sketch_match(self, batch, kv_heads, head_dim, k.device)
+        seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+        if _host_checks_allowed(seq_lens) and bool((seq_lens < self.seq_lens).any()):
+            raise ValueError("seq_lens must not shrink in update(); build a new sketch with aether.key_sketch")
+        needed = math.ceil(capacity / self.block_size)
+        if needed > self.num_blocks:
+            extra = needed - self.num_blocks
+            self.codes = torch.cat([self.codes, self.codes.new_zeros((batch, kv_heads, extra) + self.codes.shape[3:])], 2)
+            self.ranges = torch.cat([self.ranges, self.ranges.new_zeros((batch, kv_heads, extra) + self.ranges.shape[3:])], 2)
+        first_block = torch.div(self.seq_lens, self.block_size, rounding_mode="floor").to(torch.int32)
+        torch.ops.aether.key_sketch_update(k, seq_lens, first_block, self.calibration.key_proj, self.block_size,
+                                           block_table, self.codes, self.ranges)
+        self.seq_lens.copy_(seq_lens)
+        return self
+
+
+def _check_sketch_match(sketch: KeySketch, batch: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+    got = tuple(sketch.codes.shape[:2])
+    if got != (batch, kv_heads) or sketch.calibration.key_proj.shape[1] != head_dim:
+        raise ValueError(f"the sketch was built for another cache: [batch, kv_heads] = {list(got)}, head_dim "
+                         f"{sketch.calibration.key_proj.shape[1]}; this cache has [{batch}, {kv_heads}], {head_dim}")
+    if sketch.codes.device != device:
+        raise ValueError(f"the sketch is on {sketch.codes.device} but the cache is on {device}")
+
+
+def _check_calibration(calib: object, kv_heads: int, head_dim: int, device: torch.device) -> SketchCalibration:
+    if not isinstance(calib, SketchCalibration):
+        raise TypeError(f"calibration must be an aether.SketchCalibration, got {type(calib).__name__}")
+    kp, qp = calib.key_proj, calib.query_proj
+    if kp.dtype != torch.float32 or qp.dtype != torch.float32:
+        raise TypeError(f"calibration projections must be float32, got {kp.dtype} and {qp.dtype}")
+    if kp.dim() != 3 or kp.shape[:2] != (kv_heads, head_dim):
+        raise ValueError(f"calibration.key_proj must be [kv_heads={kv_heads}, head_dim={head_dim}, rank], "
+                         f"got {tuple(kp.shape)}")
+    _check_rank(kp.shape[2], head_dim)
+    if qp.dim() != 3 or qp.shape[0] % kv_heads or qp.shape[1:] != kp.shape[1:]:
+        raise ValueError(f"calibration.query_proj must be [q_heads, {head_dim}, {kp.shape[2]}], got {tuple(qp.shape)}")
+    if not math.isfinite(calib.centroid_weight):
+        raise ValueError(f"calibration.centroid_weight must be finite, got {calib.centroid_weight}")
+    if kp.device != device or qp.device != device:
+        raise ValueError(f"calibration tensors are on {kp.device} / {qp.device} but the cache is on {device}")
+    return calib._replace(key_proj=kp.contiguous(), query_proj=qp.contiguous())
+
+
+def key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int = DEFAULT_BLOCK_SIZE, *,
+               seq_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> KeySketch:
+    """Build the 4-bit key sketch of a cache with a calibrated projection.
+
+    Args:
+        k: keys, contiguous ``[batch, kv_heads, seq, head_dim]`` or paged
+            ``[num_pages, page_size, kv_heads, head_dim]`` with ``block_table``.
+        calibration: from :func:`calibrate_sketch` (on k's device).
+        block_size: tokens per block, 16/32/64/128.
+        seq_lens: valid tokens per sequence (default: all).
+    """
+    _ops.require_extension()
+    k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    block_size = _check_block_size(block_size)
+    block_table = _check_block_table(block_table, k)
+    batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
+    _check_head_dim(head_dim, k.device)
+    calibration = _check_calibration(calibration, kv_heads, head_dim, k.device)
+    seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+    num_blocks = math.ceil(capacity / block_size)
+    codes, ranges = torch.ops.aether.key_sketch(k, seq_lens, calibration.key_proj, block_size, num_blocks,
+                                                block_table)
+    return KeySketch(codes, ranges, calibration, block_size, seq_lens.clone(), block_table is not None)

@@ -1,0 +1,8 @@
+// qsketch score kernel, head_dim 256.
+#include "aether/cuda/key_sketch.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_sketch_score<256>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether

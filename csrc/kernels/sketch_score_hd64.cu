@@ -1,0 +1,8 @@
+// qsketch score kernel, head_dim 64.
+#include "aether/cuda/key_sketch.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_sketch_score<64>(const RadarSelectParams&, RadarWorkspace*, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether
