@@ -1,5 +1,7 @@
 // CPU radar + selection: score every valid block of (b, kv head) for the G query heads of its
 // group, then select blocks by the policy, exactly as docs/architecture.md ("Selection") says.
+// Score::kSketch reads the key sketch (key_sketch.cpp) instead of the block statistics; topk's
+// group priority is the max over the heads or (GroupAgg::kSum) the sum of their softmax shares.
 //
 // Scores are float32 (like the CUDA kernels); every quantity the selection derives from them
 // (group priority, threshold running sum, adaptive masses) is double, so the selection is a
@@ -26,18 +28,19 @@ bool is_upper_bound(Score score) {
   return score == Score::kBall || score == Score::kBox || score == Score::kTight;
 }
 
-void check_enums(const RadarSelectParams& p) {
+void check_params(const RadarSelectParams& p) {
   switch (p.score) {
     case Score::kBall:
     case Score::kBox:
     case Score::kTight:
     case Score::kMean:
     case Score::kVariance:
+    case Score::kSketch:
       break;
     default:
       throw std::invalid_argument("aether::cpu::radar_select: unsupported score value " +
                                   std::to_string(static_cast<int32_t>(p.score)) +
-                                  " (allowed: 0 ball, 1 box, 2 tight, 3 mean, 4 variance)");
+                                  " (allowed: 0 ball, 1 box, 2 tight, 3 mean, 4 variance, 5 qsketch)");
   }
   switch (p.policy) {
     case Policy::kTopK:
@@ -49,11 +52,125 @@ void check_enums(const RadarSelectParams& p) {
                                   std::to_string(static_cast<int32_t>(p.policy)) +
                                   " (allowed: 0 topk, 1 threshold, 2 adaptive)");
   }
+  switch (p.group_agg) {
+    case GroupAgg::kMax:
+    case GroupAgg::kSum:
+      break;
+    default:
+      throw std::invalid_argument("aether::cpu::radar_select: unsupported group_agg value " +
+                                  std::to_string(static_cast<int32_t>(p.group_agg)) +
+                                  " (allowed: 0 max, 1 sum)");
+  }
   // The threshold certificate needs an upper bound; with given scores the caller vouches for them.
   if (p.policy == Policy::kThreshold && p.in_head_scores == nullptr && !is_upper_bound(p.score)) {
     throw std::invalid_argument("aether::cpu::radar_select: the threshold policy needs an upper-bound "
                                 "score (ball, box or tight), got score value " +
                                 std::to_string(static_cast<int32_t>(p.score)));
+  }
+  if (p.score == Score::kSketch && p.in_head_scores == nullptr) {
+    if (p.sketch_rank < 2 || p.sketch_rank > kMaxSketchRank || p.sketch_rank % 2 != 0) {
+      throw std::invalid_argument("aether::cpu::radar_select: unsupported sketch_rank " +
+                                  std::to_string(p.sketch_rank) + " (allowed: even, 2.." +
+                                  std::to_string(kMaxSketchRank) + ")");
+    }
+    if (p.sketch_codes == nullptr || p.sketch_ranges == nullptr || p.sketch_key_proj == nullptr ||
+        p.sketch_query_proj == nullptr) {
+      throw std::invalid_argument("aether::cpu::radar_select: score qsketch needs sketch_codes, "
+                                  "sketch_ranges, sketch_key_proj and sketch_query_proj (got a null one)");
+    }
+    if (p.centroid_weight != 0.0f && p.centroid == nullptr) {
+      throw std::invalid_argument("aether::cpu::radar_select: score qsketch with centroid_weight " +
+                                  std::to_string(p.centroid_weight) + " != 0 needs centroid (got null)");
+    }
+  }
+}
+
+// Score::kSketch: float32 per-head scores [G][n_blocks] of one (b, kv head), the natural
+// log-sum-exp of each valid block's approximate token logits (RadarSelectParams in params.h).
+void sketch_head_scores(const RadarSelectParams& p, int64_t b, int64_t h, int32_t n_blocks,
+                        const std::vector<float>& q, std::vector<float>& scores) {
+  const int32_t G = p.q_heads / p.kv_heads;
+  const int32_t D = p.head_dim;
+  const int32_t R = p.sketch_rank;
+  const int32_t bytes = R / 2;
+  const int32_t bs = p.block_size;
+  const int32_t len = p.seq_lens[b];
+  const int64_t NB = p.num_blocks;
+  const bool use_centroid = p.centroid_weight != 0.0f;
+
+  // u_g = query_proj_g^T q_g; with the centroid term also q_g - key_proj_h u_g, the part of q_g
+  // the sketch does not see.
+  std::vector<float> u(static_cast<size_t>(G) * R, 0.0f);
+  std::vector<float> rest;
+  const float* key_proj = p.sketch_key_proj + h * static_cast<int64_t>(D) * R;  // [D, R]
+  for (int32_t g = 0; g < G; ++g) {
+    const float* qg = &q[static_cast<size_t>(g) * D];
+    const float* query_proj = p.sketch_query_proj + (h * G + g) * static_cast<int64_t>(D) * R;
+    float* ug = &u[static_cast<size_t>(g) * R];
+    for (int32_t d = 0; d < D; ++d) {
+      for (int32_t r = 0; r < R; ++r) ug[r] += query_proj[static_cast<int64_t>(d) * R + r] * qg[d];
+    }
+  }
+  if (use_centroid) {
+    rest.resize(static_cast<size_t>(G) * D);
+    for (int32_t g = 0; g < G; ++g) {
+      const float* ug = &u[static_cast<size_t>(g) * R];
+      for (int32_t d = 0; d < D; ++d) {
+        float projected = 0.0f;
+        for (int32_t r = 0; r < R; ++r) projected += key_proj[static_cast<int64_t>(d) * R + r] * ug[r];
+        rest[static_cast<size_t>(g) * D + d] = q[static_cast<size_t>(g) * D + d] - projected;
+      }
+    }
+  }
+
+  const int64_t block_row = (b * p.kv_heads + h) * NB;  // index of block 0 of this (b, h)
+  std::vector<float> deq(static_cast<size_t>(bs) * R);
+  std::vector<float> logits(static_cast<size_t>(bs));
+  for (int32_t j = 0; j < n_blocks; ++j) {
+    const int64_t token_begin = static_cast<int64_t>(j) * bs;
+    const int32_t n = static_cast<int32_t>(std::min<int64_t>(len, token_begin + bs) - token_begin);
+    const uint16_t* lo_bits = p.sketch_ranges + (block_row + j) * 2 * R;
+    const uint16_t* hi_bits = lo_bits + R;
+    float lo[kMaxSketchRank];
+    float step[kMaxSketchRank];
+    for (int32_t r = 0; r < R; ++r) {
+      lo[r] = bfloat16_to_float(lo_bits[r]);
+      step[r] = sketch_step(lo_bits[r], hi_bits[r]);
+    }
+    const uint8_t* codes = p.sketch_codes + (block_row + j) * static_cast<int64_t>(bs) * bytes;
+    for (int32_t t = 0; t < n; ++t) {
+      for (int32_t i = 0; i < bytes; ++i) {
+        const uint8_t byte = codes[static_cast<int64_t>(t) * bytes + i];
+        deq[static_cast<size_t>(t) * R + 2 * i] = lo[2 * i] + static_cast<float>(byte & 0xF) * step[2 * i];
+        deq[static_cast<size_t>(t) * R + 2 * i + 1] =
+            lo[2 * i + 1] + static_cast<float>(byte >> kSketchBits) * step[2 * i + 1];
+      }
+    }
+    const float* centroid = use_centroid ? p.centroid + (block_row + j) * D : nullptr;
+
+    for (int32_t g = 0; g < G; ++g) {
+      const float* ug = &u[static_cast<size_t>(g) * R];
+      float base = 0.0f;
+      if (use_centroid) {
+        const float* rg = &rest[static_cast<size_t>(g) * D];
+        for (int32_t d = 0; d < D; ++d) base += rg[d] * centroid[d];
+        base *= p.centroid_weight;
+      }
+      float top = kNegInfF;
+      for (int32_t t = 0; t < n; ++t) {
+        float dot = 0.0f;
+        for (int32_t r = 0; r < R; ++r) dot += ug[r] * deq[static_cast<size_t>(t) * R + r];
+        logits[t] = p.scale * (dot + base);
+        top = top < logits[t] ? logits[t] : top;  // skips NaN; a NaN logit still poisons the sum
+      }
+      float score = top;  // all -inf: -inf; +inf: +inf
+      if (std::isfinite(top)) {
+        float total = 0.0f;
+        for (int32_t t = 0; t < n; ++t) total += std::exp(logits[t] - top);
+        score = top + std::log(total);
+      }
+      scores[static_cast<size_t>(g) * n_blocks + j] = score;
+    }
   }
 }
 
@@ -75,6 +192,12 @@ void compute_head_scores(const RadarSelectParams& p, int64_t b, int64_t h, int32
     float norm_sq = 0.0f;
     for (int32_t i = 0; i < D; ++i) norm_sq += q[g * D + i] * q[g * D + i];
     q_norm[g] = std::sqrt(norm_sq);
+  }
+
+  if (p.score == Score::kSketch) {
+    // No centroid bound for qsketch: M_g stays -inf (compute_mlo is never set for it).
+    if (compute_scores) sketch_head_scores(p, b, h, n_blocks, q, scores);
+    return;
   }
 
   const int64_t stats_row = (b * p.kv_heads + h) * NB;
@@ -113,6 +236,8 @@ void compute_head_scores(const RadarSelectParams& p, int64_t b, int64_t h, int32
         case Score::kVariance:
           score = p.scale * (dot + q_norm[g] * radius * (1.0f + std::sqrt(p.spread[stats_row + j])));
           break;
+        case Score::kSketch:
+          break;  // scored by sketch_head_scores above
       }
       scores[static_cast<size_t>(g) * n_blocks + j] = score;
     }
@@ -151,7 +276,28 @@ void select_blocks(const RadarSelectParams& p, int32_t len, int32_t n_blocks, in
   // Priority of every valid block (forced ones too: adaptive counts their mass). NaN would break
   // the sort's strict weak ordering, so it is mapped to the safe end of each policy.
   std::vector<double> priority(static_cast<size_t>(n_blocks), 0.0);
-  if (p.policy == Policy::kTopK) {
+  if (p.policy == Policy::kTopK && p.group_agg == GroupAgg::kSum) {
+    // S_j = sum_g softmax_j(s_g.)_j in double, rounded to float32 like the per-head scores so
+    // that any implementation summing in the same order ranks identically.
+    std::vector<double> share(static_cast<size_t>(n_blocks), 0.0);
+    std::vector<double> weight(static_cast<size_t>(n_blocks));
+    for (int32_t g = 0; g < G; ++g) {
+      double top = -kInfD;
+      for (int32_t j = 0; j < n_blocks; ++j) top = std::max(top, score_of(g, j));  // skips NaN
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      double total = 0.0;
+      for (int32_t j = 0; j < n_blocks; ++j) {
+        weight[j] = std::isfinite(top) ? std::exp(score_of(g, j) - top) : nan;
+        total += weight[j];
+      }
+      if (!(total > 0.0) || !std::isfinite(total)) continue;  // no usable scores for this head
+      for (int32_t j = 0; j < n_blocks; ++j) share[j] += weight[j] / total;
+    }
+    for (int32_t j = 0; j < n_blocks; ++j) {
+      const double value = static_cast<double>(static_cast<float>(share[j]));
+      priority[j] = std::isnan(value) ? -kInfD : value;
+    }
+  } else if (p.policy == Policy::kTopK) {
     for (int32_t j = 0; j < n_blocks; ++j) {
       double best = -kInfD;
       for (int32_t g = 0; g < G; ++g) best = std::max(best, score_of(g, j));
@@ -228,7 +374,9 @@ void radar_select_typed(const RadarSelectParams& p) {
   const bool compute_scores = p.in_head_scores == nullptr;
   const bool need_mlo = p.policy == Policy::kThreshold || p.out_head_mlo != nullptr;
   // Without q (a caller that only passes scores) M_g cannot be computed and stays -inf.
-  const bool compute_mlo = need_mlo && p.in_head_mlo == nullptr && p.q != nullptr;
+  // qsketch has no lower bound either: M_g = -inf.
+  const bool compute_mlo =
+      need_mlo && p.in_head_mlo == nullptr && p.q != nullptr && p.score != Score::kSketch;
 
   parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
     const int64_t b = item / p.kv_heads;
@@ -278,7 +426,7 @@ void radar_select_typed(const RadarSelectParams& p) {
 }  // namespace
 
 void radar_select(const RadarSelectParams& params) {
-  check_enums(params);
+  check_params(params);
   dispatch_dtype(params.dtype, "aether::cpu::radar_select", [&](auto tag) {
     using T = typename decltype(tag)::type;
     radar_select_typed<T>(params);

@@ -104,6 +104,12 @@ inline uint16_t float_to_bfloat16(float value) {
   return static_cast<uint16_t>((x + rounding_bias) >> 16);
 }
 
+// Step of a key sketch's (block, coefficient) range from its bfloat16 lo and hi (KeySketchParams):
+// float32 arithmetic on the widened values, shared by the builder and the scorer so both agree.
+inline float sketch_step(uint16_t lo_bits, uint16_t hi_bits) {
+  return (bfloat16_to_float(hi_bits) - bfloat16_to_float(lo_bits)) / static_cast<float>(kSketchLevels);
+}
+
 inline float to_float(float value) { return value; }
 inline float to_float(Half value) { return half_to_float(value.bits); }
 inline float to_float(BFloat16 value) { return bfloat16_to_float(value.bits); }
