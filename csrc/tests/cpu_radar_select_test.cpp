@@ -568,5 +568,424 @@ TEST(CpuRadarSelect, RejectsValuesItCannotDispatch) {
   EXPECT_NE(message_of(bad).find("upper-bound"), std::string::npos) << message_of(bad);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Score::kSketch ("qsketch") and GroupAgg::kSum.
+
+// The selection rows must equal topk under the group-sum priority (naive_group_sum_priority) of
+// the per-head scores the kernel reports or was given.
+void expect_sum_selection_matches_naive(const RadarSelectParams& p, const std::vector<int32_t>& lens,
+                                        const SelectBuffers& out, const float* scores) {
+  const int G = p.q_heads / p.kv_heads;
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t n_blocks = test::blocks_of(lens[b], p.block_size);
+    for (int h = 0; h < p.kv_heads; ++h) {
+      std::vector<std::vector<float>> head_scores(G);
+      for (int g = 0; g < G; ++g) {
+        const int64_t q_row = static_cast<int64_t>(b) * p.q_heads + h * G + g;
+        head_scores[g].assign(scores + q_row * p.num_blocks, scores + (q_row + 1) * p.num_blocks);
+      }
+      std::vector<int32_t> expected =
+          test::naive_topk_select(p, lens[b], test::naive_group_sum_priority(head_scores, n_blocks));
+      const int64_t row = static_cast<int64_t>(b) * p.kv_heads + h;
+      ASSERT_EQ(out.num_selected[row], static_cast<int32_t>(expected.size())) << "b=" << b << " h=" << h;
+      expected.resize(static_cast<size_t>(p.num_blocks), -1);
+      const std::vector<int32_t> actual(out.selected.begin() + row * p.num_blocks,
+                                        out.selected.begin() + (row + 1) * p.num_blocks);
+      ASSERT_EQ(actual, expected) << "b=" << b << " h=" << h << " len=" << lens[b];
+    }
+  }
+}
+
+test::SketchBuffers build_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj,
+                                 int rank) {
+  test::SketchBuffers sketch(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank);
+  sketch.poison();
+  KeySketchParams p;
+  p.k = kv.layout();
+  p.dtype = kv.dtype;
+  p.seq_lens = lens.data();
+  p.key_proj = key_proj.data();
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.rank = rank;
+  p.sketch.codes = sketch.codes.data();
+  p.sketch.ranges = sketch.ranges.data();
+  cpu::key_sketch(p);
+  return sketch;
+}
+
+void attach_sketch(RadarSelectParams& p, const test::SketchBuffers& sketch, const std::vector<float>& key_proj,
+                   const std::vector<float>& query_proj) {
+  p.score = Score::kSketch;
+  p.sketch_codes = sketch.codes.data();
+  p.sketch_ranges = sketch.ranges.data();
+  p.sketch_key_proj = key_proj.data();
+  p.sketch_query_proj = query_proj.data();
+  p.sketch_rank = sketch.rank;
+}
+
+struct SketchScoreCase {
+  KVKind kind;
+  int group, head_dim, block_size, rank;
+  int32_t max_len;
+};
+
+// qsketch scores against a brute force (double) over the kernel's own codes and ranges, so code
+// rounding never matters here; the statistics other than the centroid are not passed, and the
+// centroid only when centroid_weight != 0, so reading them would crash or produce NaN.
+TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 3, kv_heads = 2;
+  const SketchScoreCase cases[] = {{KVKind::kPaged, 1, 64, 16, 2, 97},       {KVKind::kContiguous, 3, 40, 64, 8, 130},
+                                   {KVKind::kTokenMajor, 4, 64, 64, 16, 200}, {KVKind::kPaged, 4, 40, 16, 16, 1},
+                                   {KVKind::kContiguous, 3, 64, 16, 8, 16},   {KVKind::kPaged, 1, 40, 64, 2, 63}};
+  int n = 0;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (const SketchScoreCase& c : cases) {
+      for (float weight : {0.0f, 0.75f}) {
+        ++n;
+        const int q_heads = kv_heads * c.group;
+        const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 1;
+        TestKV kv(dtype, c.kind, batch, kv_heads, c.head_dim, c.block_size, num_blocks, rng);
+        const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, c.block_size, rng);
+        kv.poison_after(lens);
+        std::normal_distribution<double> normal(0.0, 1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+        std::vector<float> key_proj(static_cast<size_t>(kv_heads) * c.head_dim * c.rank);
+        std::vector<float> query_proj(static_cast<size_t>(q_heads) * c.head_dim * c.rank);
+        for (auto& value : key_proj) value = static_cast<float>(normal(rng));
+        for (auto& value : query_proj) value = static_cast<float>(normal(rng));
+        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, c.rank);
+        StatsBuffers stats = build_stats(kv, lens);
+        TestQuery q(dtype, batch, q_heads, c.head_dim);
+        q.fill_normal(rng, 2.0);
+
+        const Policy policy = n % 3 == 2 ? Policy::kAdaptive : Policy::kTopK;
+        const GroupAgg agg = n % 2 == 0 ? GroupAgg::kSum : GroupAgg::kMax;
+        SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(c.kind) +
+                     " G=" + std::to_string(c.group) + " D=" + std::to_string(c.head_dim) +
+                     " bs=" + std::to_string(c.block_size) + " R=" + std::to_string(c.rank) +
+                     " max_len=" + std::to_string(c.max_len) + " weight=" + std::to_string(weight) +
+                     " policy=" + std::to_string(static_cast<int>(policy)) +
+                     " agg=" + std::to_string(static_cast<int>(agg)));
+        RadarSelectParams p = base_params(batch, q_heads, kv_heads, c.head_dim, c.block_size, num_blocks, lens);
+        attach_sketch(p, sketch, key_proj, query_proj);
+        p.centroid_weight = weight;
+        if (weight != 0.0f) p.centroid = stats.centroid.data();
+        p.q = q.data.data();
+        p.q_stride_batch = q.stride_batch;
+        p.q_stride_head = q.stride_head;
+        p.dtype = dtype;
+        p.policy = policy;
+        p.group_agg = agg;
+        p.budget_fraction = 0.3;
+        p.mass = 0.8;
+        SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+        out.attach(p);
+        cpu::radar_select(p);
+
+        for (int b = 0; b < batch; ++b) {
+          const int32_t n_blocks = test::blocks_of(lens[b], c.block_size);
+          for (int hq = 0; hq < q_heads; ++hq) {
+            const int h = hq / c.group;
+            const int64_t q_row = static_cast<int64_t>(b) * q_heads + hq;
+            ASSERT_EQ(out.head_mlo[q_row], kNegInf) << "qsketch has no lower bound: M_g = -inf";
+            const std::vector<double> qg = q.row(b, hq);
+            for (int j = 0; j < num_blocks; ++j) {
+              const float actual = out.head_scores[q_row * num_blocks + j];
+              if (j >= n_blocks) {
+                ASSERT_EQ(actual, kNegInf) << "b=" << b << " head=" << hq << " block=" << j;
+                continue;
+              }
+              const int tokens = std::min(lens[b], (j + 1) * c.block_size) - j * c.block_size;
+              double magnitude = 0.0;
+              const double expected = test::naive_sketch_score(
+                  qg, &query_proj[static_cast<size_t>(hq) * c.head_dim * c.rank],
+                  &key_proj[static_cast<size_t>(h) * c.head_dim * c.rank], sketch, b, h, j, tokens,
+                  &stats.centroid[stats.block_index(b, h, j) * c.head_dim], weight, p.scale, &magnitude);
+              const double u = std::ldexp(1.0, -24);
+              const double tolerance = 2.0 * (c.head_dim + c.rank + 8) * u * magnitude + (c.block_size + 8) * u + 1e-6;
+              ASSERT_NEAR(actual, expected, tolerance) << "b=" << b << " head=" << hq << " block=" << j;
+            }
+          }
+        }
+        if (agg == GroupAgg::kSum && policy == Policy::kTopK) {
+          expect_sum_selection_matches_naive(p, lens, out, out.head_scores.data());
+        } else {
+          expect_selection_matches_naive(p, lens, out, out.head_scores.data(), out.head_mlo.data());
+        }
+        if (testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// An independent check of the meaning: with rank = head_dim, identity projections and keys that
+// the 4-bit codes hold exactly (integers 0..15, every block spanning 0..15 in every channel so
+// step = 1), the qsketch score is the true log-sum-exp of the block's logits; the centroid term
+// is a * (q - I u) . centroid = 0.
+TEST(CpuRadarSelect, SketchScoreIsTheTrueBlockLogMassWhenTheSketchIsExact) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 4, kv_heads = 2, D = 8, R = 8;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (int G : {1, 3}) {
+      for (int bs : {16, 64}) {
+        SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " G=" + std::to_string(G) + " bs=" + std::to_string(bs));
+        const int q_heads = kv_heads * G;
+        const int32_t max_len = 5 * bs + 3;
+        const int num_blocks = test::blocks_of(max_len, bs);
+        TestKV kv(dtype, KVKind::kPaged, batch, kv_heads, D, bs, num_blocks, rng);
+        const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
+        std::uniform_int_distribution<int> level(0, 15);
+        for (int b = 0; b < batch; ++b) {
+          for (int h = 0; h < kv_heads; ++h) {
+            for (int t = 0; t < num_blocks * bs; ++t) {
+              for (int i = 0; i < D; ++i) {
+                const int in_block = t % bs;
+                kv.data.set(kv.offset(b, h, t) + i, in_block == 0 ? 0 : in_block == 1 ? 15 : level(rng));
+              }
+            }
+          }
+        }
+        kv.poison_after(lens);
+        std::vector<float> key_proj(static_cast<size_t>(kv_heads) * D * R, 0.0f);
+        std::vector<float> query_proj(static_cast<size_t>(q_heads) * D * R, 0.0f);
+        for (int h = 0; h < kv_heads; ++h) {
+          for (int d = 0; d < D; ++d) key_proj[(static_cast<size_t>(h) * D + d) * R + d] = 1.0f;
+        }
+        for (int g = 0; g < q_heads; ++g) {
+          for (int d = 0; d < D; ++d) query_proj[(static_cast<size_t>(g) * D + d) * R + d] = 1.0f;
+        }
+        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, R);
+        StatsBuffers stats = build_stats(kv, lens);
+        TestQuery q(dtype, batch, q_heads, D);
+        q.fill_normal(rng, 0.5);
+
+        RadarSelectParams p = base_params(batch, q_heads, kv_heads, D, bs, num_blocks, lens);
+        attach_sketch(p, sketch, key_proj, query_proj);
+        p.centroid = stats.centroid.data();
+        p.centroid_weight = 0.5f;
+        p.q = q.data.data();
+        p.q_stride_batch = q.stride_batch;
+        p.q_stride_head = q.stride_head;
+        p.dtype = dtype;
+        p.budget_blocks = 2;
+        SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+        out.attach(p);
+        cpu::radar_select(p);
+        for (int b = 0; b < batch; ++b) {
+          for (int hq = 0; hq < q_heads; ++hq) {
+            const std::vector<double> qg = q.row(b, hq);
+            for (int j = 0; j < test::blocks_of(lens[b], bs); ++j) {
+              double top = -test::kInf;
+              std::vector<double> logits;
+              for (int t = j * bs; t < std::min(lens[b], (j + 1) * bs); ++t) {
+                double dot = 0.0;
+                for (int i = 0; i < D; ++i) dot += qg[i] * kv.at(b, hq / G, t, i);
+                logits.push_back(p.scale * dot);
+                top = std::max(top, logits.back());
+              }
+              double total = 0.0;
+              for (double logit : logits) total += std::exp(logit - top);
+              const double expected = top + std::log(total);
+              ASSERT_NEAR(out.head_scores[(static_cast<int64_t>(b) * q_heads + hq) * num_blocks + j], expected,
+                          1e-5 * (1.0 + std::fabs(expected)))
+                  << "b=" << b << " head=" << hq << " block=" << j;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Given the same per-head scores (a coarse grid, so ties are frequent, with -inf, +inf and NaN
+// sprinkled in), topk with GroupAgg::kSum selects exactly what the naive rules select; the
+// other policies ignore group_agg.
+TEST(CpuRadarSelect, GroupSumSelectionIsIdenticalGivenTheSameScores) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> pick(0, 1 << 30);
+  const int block_sizes[] = {16, 64};
+  const int groups[] = {1, 3, 4};
+  const double fractions[] = {0.0, 0.125, 0.3, 0.5, 1.0};
+  const float specials[] = {kNegInf, -kNegInf, test::float_nan()};
+  for (int trial = 0; trial < 300; ++trial) {
+    const int batch = 1 + pick(rng) % 4, kv_heads = 1 + pick(rng) % 3;
+    const int G = groups[pick(rng) % 3], q_heads = kv_heads * G;
+    const int block_size = block_sizes[pick(rng) % 2];
+    const int32_t max_len = 1 + pick(rng) % (30 * block_size);
+    const int num_blocks = test::blocks_of(max_len, block_size) + pick(rng) % 3;
+    const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, block_size, rng);
+
+    RadarSelectParams p = base_params(batch, q_heads, kv_heads, 8, block_size, num_blocks, lens);
+    p.policy = trial % 4 == 3 ? static_cast<Policy>(1 + pick(rng) % 2) : Policy::kTopK;
+    p.group_agg = GroupAgg::kSum;
+    p.sink_blocks = pick(rng) % 3;
+    p.recent_blocks = pick(rng) % 3;
+    p.budget_blocks = pick(rng) % 3 == 0 ? 1 + pick(rng) % 12 : 0;
+    p.budget_fraction = fractions[pick(rng) % 5];
+    SCOPED_TRACE("trial " + std::to_string(trial) + " policy " + std::to_string(static_cast<int>(p.policy)) +
+                 " G=" + std::to_string(G) + " bs=" + std::to_string(block_size));
+
+    std::vector<float> scores(static_cast<size_t>(batch) * q_heads * num_blocks);
+    std::vector<float> mlo(static_cast<size_t>(batch) * q_heads);
+    std::uniform_int_distribution<int> grid(-12, 6);
+    for (auto& value : scores) value = 0.5f * grid(rng);
+    const int special_every = 3 + pick(rng) % 40;  // some trials have many, some few
+    for (size_t n = 0; n < scores.size(); n += 1 + pick(rng) % special_every) {
+      if (pick(rng) % 3 == 0) scores[n] = specials[pick(rng) % 3];
+    }
+    for (auto& value : mlo) value = 0.5f * std::uniform_int_distribution<int>(-4, 8)(rng);
+    p.in_head_scores = scores.data();
+    p.in_head_mlo = mlo.data();
+
+    SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+    out.attach(p);
+    cpu::radar_select(p);
+    if (p.policy == Policy::kTopK) {
+      expect_sum_selection_matches_naive(p, lens, out, scores.data());
+    } else {
+      // NaN and +inf scores are outside what threshold/adaptive are compared on elsewhere.
+      for (auto& value : scores) {
+        if (!(value < -kNegInf)) value = 0.0f;
+      }
+      cpu::radar_select(p);
+      expect_selection_matches_naive(p, lens, out, scores.data(), mlo.data());
+    }
+    if (testing::Test::HasFatalFailure()) return;
+  }
+}
+
+TEST(CpuRadarSelect, GroupSumHandWorked) {
+  // One KV head, G = 2, four full blocks, no forced blocks, budget 1.
+  std::vector<int32_t> lens = {4 * 16};
+  std::vector<float> scores(8), mlo(2, 0.0f);
+  std::vector<int32_t> selected(4), count(1);
+  RadarSelectParams p = base_params(1, 2, 1, 8, 16, 4, lens);
+  p.in_head_scores = scores.data();
+  p.in_head_mlo = mlo.data();
+  p.selected = selected.data();
+  p.num_selected = count.data();
+  p.sink_blocks = 0;
+  p.recent_blocks = 0;
+  p.budget_blocks = 1;
+  const auto run = [&](GroupAgg agg, std::vector<float> head0, std::vector<float> head1) {
+    std::copy(head0.begin(), head0.end(), scores.begin());
+    std::copy(head1.begin(), head1.end(), scores.begin() + 4);
+    p.group_agg = agg;
+    std::fill(selected.begin(), selected.end(), -7);
+    cpu::radar_select(p);
+    std::vector<int32_t> result(selected.begin(), selected.begin() + count[0]);
+    for (int n = count[0]; n < 4; ++n) EXPECT_EQ(selected[n], -1);
+    return result;
+  };
+  const float nan = test::float_nan(), inf = -kNegInf;
+  const std::vector<int32_t> b0 = {0}, b1 = {1}, b2 = {2};
+
+  // Max picks head 0's best block 0 (5 > 4.9); sum weighs shares: block 0 gets 0.52, block 1
+  // 0.48 + ~1 from head 1.
+  EXPECT_EQ(run(GroupAgg::kMax, {5.0f, 4.9f, -100.0f, -100.0f}, {-100.0f, 0.0f, -100.0f, -100.0f}), b0);
+  EXPECT_EQ(run(GroupAgg::kSum, {5.0f, 4.9f, -100.0f, -100.0f}, {-100.0f, 0.0f, -100.0f, -100.0f}), b1);
+
+  // A NaN score makes head 0's Z NaN: it adds nothing, head 1 alone ranks block 1 first. (Were
+  // the NaN skipped in Z, block 2 would win: 0.73 + 0.22 > 0.27 + 0.61.)
+  EXPECT_EQ(run(GroupAgg::kSum, {nan, 0.0f, 1.0f, kNegInf}, {0.0f, 2.0f, 1.0f, 0.0f}), b1);
+  // +inf: m_g is not finite, the head adds nothing; max ranks the +inf block first.
+  EXPECT_EQ(run(GroupAgg::kSum, {inf, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 1.0f, 0.0f}), b2);
+  EXPECT_EQ(run(GroupAgg::kMax, {inf, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 1.0f, 0.0f}), b0);
+  // A head of all -inf adds nothing; -inf blocks get no share from a head.
+  EXPECT_EQ(run(GroupAgg::kSum, {kNegInf, kNegInf, kNegInf, kNegInf}, {kNegInf, 0.0f, 3.0f, kNegInf}), b2);
+  // No head contributes: every S_j = 0, ties to the lower index.
+  EXPECT_EQ(run(GroupAgg::kSum, {kNegInf, kNegInf, kNegInf, kNegInf}, {nan, 0.0f, 3.0f, kNegInf}), b0);
+  // Equal shares tie: the lower index wins.
+  p.budget_blocks = 2;
+  EXPECT_EQ(run(GroupAgg::kSum, {1.0f, 1.0f, 1.0f, 1.0f}, {2.0f, 2.0f, 2.0f, 2.0f}), (std::vector<int32_t>{0, 1}));
+  p.budget_blocks = 1;
+
+  // S_j is rounded to float32 before ranking: shares 0.5 -/+ 2^-32 (distinct in double) both
+  // round to 0.5 and tie, so block 0 wins; 0.5 -/+ 2^-22 stay distinct and block 1 wins.
+  const float tiny = std::ldexp(1.0f, -30), small = std::ldexp(1.0f, -20);
+  EXPECT_EQ(run(GroupAgg::kSum, {0.0f, tiny, kNegInf, kNegInf}, {kNegInf, kNegInf, kNegInf, kNegInf}), b0);
+  EXPECT_EQ(run(GroupAgg::kSum, {0.0f, small, kNegInf, kNegInf}, {kNegInf, kNegInf, kNegInf, kNegInf}), b1);
+}
+
+TEST(CpuRadarSelect, SketchAndGroupAggValidation) {
+  std::vector<int32_t> lens = {16};
+  std::vector<float> scores = {0.0f}, mlo = {0.0f}, q(8, 1.0f), proj(8 * 4, 0.5f), centroid(8, 0.0f);
+  std::vector<uint8_t> codes(16 * 2, 0);
+  std::vector<uint16_t> ranges(2 * 4, 0);
+  std::vector<int32_t> selected(1), count(1);
+  RadarSelectParams p = base_params(1, 1, 1, 8, 16, 1, lens);
+  p.q = q.data();
+  p.q_stride_batch = 8;
+  p.q_stride_head = 8;
+  p.score = Score::kSketch;
+  p.sketch_codes = codes.data();
+  p.sketch_ranges = ranges.data();
+  p.sketch_key_proj = proj.data();
+  p.sketch_query_proj = proj.data();
+  p.sketch_rank = 4;
+  p.selected = selected.data();
+  p.num_selected = count.data();
+  const auto message_of = [&](const RadarSelectParams& params) {
+    try {
+      cpu::radar_select(params);
+    } catch (const std::invalid_argument& error) {
+      return std::string(error.what());
+    }
+    return std::string("no exception");
+  };
+  EXPECT_EQ(message_of(p), "no exception");
+  EXPECT_EQ(count[0], 1);
+
+  RadarSelectParams bad = p;
+  bad.policy = Policy::kThreshold;  // an estimate cannot certify anything
+  EXPECT_NE(message_of(bad).find("upper-bound"), std::string::npos) << message_of(bad);
+  for (int rank : {0, 1, 3, 18, -2}) {
+    bad = p;
+    bad.sketch_rank = rank;
+    EXPECT_NE(message_of(bad).find("sketch_rank " + std::to_string(rank)), std::string::npos) << message_of(bad);
+  }
+  bad = p;
+  bad.sketch_codes = nullptr;
+  EXPECT_NE(message_of(bad).find("sketch_codes"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.sketch_query_proj = nullptr;
+  EXPECT_NE(message_of(bad).find("sketch_query_proj"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.centroid_weight = 0.5f;  // the centroid term needs the centroids
+  EXPECT_NE(message_of(bad).find("centroid"), std::string::npos) << message_of(bad);
+  bad.centroid = centroid.data();
+  EXPECT_EQ(message_of(bad), "no exception");
+  bad = p;
+  bad.group_agg = static_cast<GroupAgg>(7);
+  EXPECT_NE(message_of(bad).find("group_agg value 7"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.score = static_cast<Score>(9);
+  EXPECT_NE(message_of(bad).find("5 qsketch"), std::string::npos) << message_of(bad);
+
+  // Given scores: the sketch is not read, so it need not be there (threshold too: the caller
+  // vouches for given scores).
+  RadarSelectParams given = p;
+  given.sketch_codes = nullptr;
+  given.sketch_ranges = nullptr;
+  given.sketch_key_proj = nullptr;
+  given.sketch_query_proj = nullptr;
+  given.sketch_rank = 0;
+  given.in_head_scores = scores.data();
+  given.in_head_mlo = mlo.data();
+  EXPECT_EQ(message_of(given), "no exception");
+  given.policy = Policy::kThreshold;
+  EXPECT_EQ(message_of(given), "no exception");
+}
+
 }  // namespace
 }  // namespace aether

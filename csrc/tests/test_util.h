@@ -484,6 +484,8 @@ inline double naive_score(Score score, const std::vector<double>& q, const float
       return scale * dot;
     case Score::kVariance:
       return scale * (dot + norm * radius * (1.0 + std::sqrt(static_cast<double>(spread))));
+    case Score::kSketch:  // not a statistics score: naive_sketch_score
+      return std::numeric_limits<double>::quiet_NaN();
   }
   return 0.0;
 }
@@ -612,6 +614,218 @@ inline double naive_attention(const std::vector<double>& q, double scale, const 
   }
   for (auto& value : out) value /= total;
   return top + std::log(total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key sketch (KeySketchParams) and qsketch scores, written from the text of params.h.
+
+// Packed codes [B, H, NB, bs, R/2] and bfloat16 ranges [B, H, NB, 2, R] as the kernels write them.
+struct SketchBuffers {
+  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, rank = 0;
+  std::vector<uint8_t> codes;
+  std::vector<uint16_t> ranges;
+
+  SketchBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int rank_)
+      : batch(batch_), heads(heads_), num_blocks(num_blocks_), block_size(block_size_), rank(rank_) {
+    const size_t blocks = static_cast<size_t>(batch) * heads * num_blocks;
+    codes.assign(blocks * block_size * (rank / 2), 0);
+    ranges.assign(blocks * 2 * rank, 0);
+  }
+
+  // 0xAB bytes: code 11/10 and range 0xABAB (a finite bfloat16), so an unwritten element is
+  // not mistaken for the zeros a full build writes.
+  void poison() {
+    std::fill(codes.begin(), codes.end(), static_cast<uint8_t>(0xAB));
+    std::fill(ranges.begin(), ranges.end(), static_cast<uint16_t>(0xABAB));
+  }
+
+  int64_t block_index(int64_t b, int64_t h, int64_t j) const { return (b * heads + h) * num_blocks + j; }
+  const uint8_t* block_codes(int64_t b, int64_t h, int64_t j) const {
+    return &codes[static_cast<size_t>(block_index(b, h, j)) * block_size * (rank / 2)];
+  }
+  const uint16_t* block_ranges(int64_t b, int64_t h, int64_t j) const {
+    return &ranges[static_cast<size_t>(block_index(b, h, j)) * 2 * rank];
+  }
+  // Code of coefficient r of token t of the block (unpacked: 2i low nibble, 2i + 1 high nibble).
+  int code(int64_t b, int64_t h, int64_t j, int t, int r) const {
+    const uint8_t byte = block_codes(b, h, j)[t * (rank / 2) + r / 2];
+    return r % 2 == 0 ? (byte & 0xF) : (byte >> 4);
+  }
+};
+
+// Round to nearest, ties to even, without the floating-point environment.
+inline double rint_ties_even(double x) {
+  const double down = std::floor(x);
+  const double fraction = x - down;
+  if (fraction > 0.5) return down + 1.0;
+  if (fraction < 0.5) return down;
+  return std::fmod(down, 2.0) == 0.0 ? down : down + 1.0;
+}
+
+// step_r = (hi_r - lo_r) / 15 in float32 from the bfloat16 bit patterns.
+inline float sketch_step_of(uint16_t lo_bits, uint16_t hi_bits) {
+  return static_cast<float>(decode_bf16(hi_bits) - decode_bf16(lo_bits)) / 15.0f;
+}
+
+// code = step > 0 ? clamp(rint((x - lo) / step), 0, 15) : 0, with float32 x - lo and division.
+inline int sketch_code_of(float x, float lo, float step) {
+  if (!(step > 0.0f)) return 0;
+  const float quotient = (x - lo) / step;
+  return static_cast<int>(std::clamp(rint_ties_even(quotient), 0.0, 15.0));
+}
+
+// Coefficients x_r = sum_d key_proj[h, d, r] k_td in double (exact when every product and sum
+// is), and a bound on the error of the kernels' float32 ascending-d sum of the same products.
+inline std::vector<double> sketch_coefficients(const TestKV& k, const std::vector<float>& key_proj, int rank,
+                                               int b, int h, int t, double* float32_error = nullptr) {
+  const int D = k.head_dim;
+  std::vector<double> x(static_cast<size_t>(rank), 0.0);
+  double worst = 0.0;
+  for (int r = 0; r < rank; ++r) {
+    double magnitude = 0.0;
+    for (int d = 0; d < D; ++d) {
+      const double term = static_cast<double>(key_proj[(static_cast<size_t>(h) * D + d) * rank + r]) * k.at(b, h, t, d);
+      x[r] += term;
+      magnitude += std::fabs(term);
+    }
+    worst = std::max(worst, (D + 2) * std::ldexp(1.0, -24) * magnitude);
+  }
+  if (float32_error != nullptr) *float32_error = worst;
+  return x;
+}
+
+// The full-build sketch of the keys in double-precision coefficients: exact when the
+// coefficients are (small-integer keys, power-of-two projections), the expected bytes then.
+inline SketchBuffers naive_key_sketch(const TestKV& k, const std::vector<float>& key_proj, int rank,
+                                      const std::vector<int32_t>& seq_lens) {
+  const int bs = k.block_size, bytes = rank / 2;
+  SketchBuffers out(k.batch, k.heads, k.num_blocks, bs, rank);
+  for (int b = 0; b < k.batch; ++b) {
+    const int32_t len = seq_lens[b];
+    for (int h = 0; h < k.heads; ++h) {
+      for (int j = 0; j < blocks_of(len, bs); ++j) {
+        const int t0 = j * bs, n = std::min(len, (j + 1) * bs) - t0;
+        std::vector<std::vector<double>> x;
+        for (int t = 0; t < n; ++t) x.push_back(sketch_coefficients(k, key_proj, rank, b, h, t0 + t));
+        uint16_t* ranges = &out.ranges[static_cast<size_t>(out.block_index(b, h, j)) * 2 * rank];
+        uint8_t* codes = &out.codes[static_cast<size_t>(out.block_index(b, h, j)) * bs * bytes];
+        for (int r = 0; r < rank; ++r) {
+          double low = kInf, high = -kInf;
+          for (int t = 0; t < n; ++t) {
+            low = std::min(low, x[t][r]);
+            high = std::max(high, x[t][r]);
+          }
+          ranges[r] = encode_bf16_exact(round_to_bf16(low));
+          ranges[rank + r] = encode_bf16_exact(round_to_bf16(high));
+        }
+        for (int t = 0; t < n; ++t) {
+          for (int r = 0; r < rank; ++r) {
+            const float lo = static_cast<float>(decode_bf16(ranges[r]));
+            const int code = sketch_code_of(static_cast<float>(x[t][r]), lo, sketch_step_of(ranges[r], ranges[rank + r]));
+            codes[t * bytes + r / 2] = static_cast<uint8_t>(codes[t * bytes + r / 2] | (code << (4 * (r % 2))));
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// qsketch score of one block for query head q (double) of KV head h, from a sketch as the
+// kernels wrote it: the log-sum-exp over the block's n valid tokens of
+//   scale * (u . (lo + code step) + a (q - key_proj_h u) . centroid),  u = query_proj_g^T q,
+// all in double. `magnitude` receives a sum of |terms| bounding the float32 rounding error.
+inline double naive_sketch_score(const std::vector<double>& q, const float* query_proj_g, const float* key_proj_h,
+                                 const SketchBuffers& sketch, int b, int h, int j, int n,
+                                 const float* centroid, double weight, double scale, double* magnitude) {
+  const int D = static_cast<int>(q.size()), R = sketch.rank;
+  std::vector<double> u(static_cast<size_t>(R), 0.0), u_abs(static_cast<size_t>(R), 0.0);
+  for (int r = 0; r < R; ++r) {
+    for (int d = 0; d < D; ++d) {
+      u[r] += static_cast<double>(query_proj_g[d * R + r]) * q[d];
+      u_abs[r] += std::fabs(query_proj_g[d * R + r] * q[d]);
+    }
+  }
+  double base = 0.0, base_abs = 0.0;
+  if (weight != 0.0) {
+    for (int d = 0; d < D; ++d) {
+      double projected = 0.0, projected_abs = 0.0;
+      for (int r = 0; r < R; ++r) {
+        projected += static_cast<double>(key_proj_h[d * R + r]) * u[r];
+        projected_abs += std::fabs(key_proj_h[d * R + r]) * u_abs[r];
+      }
+      base += (q[d] - projected) * centroid[d];
+      base_abs += (std::fabs(q[d]) + projected_abs) * std::fabs(centroid[d]);
+    }
+  }
+  const uint16_t* ranges = sketch.block_ranges(b, h, j);
+  std::vector<double> logits;
+  double top = -kInf, worst = 0.0;
+  for (int t = 0; t < n; ++t) {
+    double dot = 0.0, dot_abs = 0.0;
+    for (int r = 0; r < R; ++r) {
+      const double lo = decode_bf16(ranges[r]);
+      const double value = lo + sketch.code(b, h, j, t, r) * static_cast<double>(sketch_step_of(ranges[r], ranges[R + r]));
+      dot += u[r] * value;
+      dot_abs += u_abs[r] * std::fabs(value);
+    }
+    logits.push_back(scale * (dot + weight * base));
+    worst = std::max(worst, std::fabs(scale) * (dot_abs + std::fabs(weight) * base_abs));
+    top = std::max(top, logits.back());
+  }
+  if (magnitude != nullptr) *magnitude = worst;
+  if (n == 0) return -kInf;
+  double total = 0.0;
+  for (double logit : logits) total += std::exp(logit - top);
+  return top + std::log(total);
+}
+
+// GroupAgg::kSum priority of one group: per head g, m_g = max over the valid blocks (NaN
+// skipped), Z_g = sum_j exp(s_gj - m_g) in double, ascending j; a head without a finite Z_g > 0
+// adds nothing; S_j = float(sum_g exp(s_gj - m_g) / Z_g), NaN mapped to -inf (ranks last).
+inline std::vector<double> naive_group_sum_priority(const std::vector<std::vector<float>>& head_scores,
+                                                    int32_t n_blocks) {
+  std::vector<double> share(static_cast<size_t>(n_blocks), 0.0);
+  for (const auto& row : head_scores) {
+    double top = -kInf;
+    for (int32_t j = 0; j < n_blocks; ++j) {
+      if (!std::isnan(row[j]) && row[j] > top) top = row[j];
+    }
+    if (!std::isfinite(top)) continue;  // every weight would be NaN
+    double total = 0.0;
+    for (int32_t j = 0; j < n_blocks; ++j) total += std::exp(static_cast<double>(row[j]) - top);
+    if (std::isnan(total) || std::isinf(total) || total <= 0.0) continue;
+    for (int32_t j = 0; j < n_blocks; ++j) share[j] += std::exp(static_cast<double>(row[j]) - top) / total;
+  }
+  std::vector<double> priority(static_cast<size_t>(n_blocks));
+  for (int32_t j = 0; j < n_blocks; ++j) {
+    const float rounded = static_cast<float>(share[j]);
+    priority[j] = std::isnan(rounded) ? -kInf : static_cast<double>(rounded);
+  }
+  return priority;
+}
+
+// The topk policy of one (b, kv head) given its group priority S_j (j < n_blocks): forced
+// blocks, then the best candidates by descending S_j, ties to the lower index; ascending.
+inline std::vector<int32_t> naive_topk_select(const RadarSelectParams& p, int32_t len,
+                                              const std::vector<double>& priority) {
+  const int32_t bs = p.block_size, n_blocks = blocks_of(len, bs), n_full = len / bs;
+  std::vector<int32_t> selected, candidates;
+  for (int32_t j = 0; j < n_blocks; ++j) {
+    const bool forced = j < p.sink_blocks || (j >= n_full - p.recent_blocks && j < n_full) ||
+                        (j == n_full && len % bs != 0);
+    (forced ? selected : candidates).push_back(j);
+  }
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [&](int32_t a, int32_t b) { return priority[a] > priority[b]; });
+  const int32_t total =
+      p.budget_blocks > 0 ? p.budget_blocks
+                          : std::max(1, static_cast<int32_t>(std::ceil(p.budget_fraction * n_blocks - 1e-9)));
+  const int32_t keep = std::clamp(total - static_cast<int32_t>(selected.size()), 0,
+                                  static_cast<int32_t>(candidates.size()));
+  selected.insert(selected.end(), candidates.begin(), candidates.begin() + keep);
+  std::sort(selected.begin(), selected.end());
+  return selected;
 }
 
 }  // namespace test
