@@ -15,7 +15,8 @@ import torch
 
 from aether import _ops
 
-SCORES = ("ball", "box", "tight", "mean", "variance", "qsketch")
+STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
+SCORES = STAT_SCORES + ("qsketch",)  # qsketch also reads a KeySketch
 GROUP_AGGS = ("max", "sum")
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 POLICIES = ("topk", "threshold", "adaptive")
@@ -366,7 +367,8 @@ def sparse_attention(
     if stats is not None and not isinstance(stats, BlockStats):
         raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
     if block_size is None:
-        block_size = stats.block_size if stats is not None else DEFAULT_BLOCK_SIZE
+        source = stats if stats is not None else sketch if score == "qsketch" else None
+        block_size = getattr(source, "block_size", DEFAULT_BLOCK_SIZE)
     block_size = _check_block_size(block_size)
     block_table = _check_block_table(block_table, k)
     batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
@@ -390,8 +392,6 @@ def sparse_attention(
         if not isinstance(sketch, KeySketch):
             raise TypeError("score='qsketch' needs sketch=aether.KeySketch (build it with aether.key_sketch), got "
                             f"{type(sketch).__name__}")
-        if block_size is None:
-            block_size = sketch.block_size
     elif sketch is not None:
         raise ValueError(f"sketch is only read by score='qsketch', got score={score!r}")
     if scale is None:

@@ -4,11 +4,14 @@ For each (batch, context) shape with a Llama-3-8B attention layout (32 q heads, 
 head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many calls:
 - dense: torch.nn.functional.scaled_dot_product_attention(enable_gqa=True) on one decode query;
 - aether dense: sparse_decode over every block (the keep-all path);
-- aether step at each budget: block_stats_update of the last block (the per-token append) +
-  radar_select + sparse_decode (+ merge), called through the operators and replayed as a CUDA
-  graph, plus each stage alone.
+- aether step at each (score, budget): the per-token append (block_stats_update of the last
+  block; for qsketch also key_sketch_update) + radar_select (top-k, group_agg as given) +
+  sparse_decode (+ merge), called through the operators and replayed as a CUDA graph, plus each
+  stage alone. qsketch uses rank 8, centroid weight 0.5 (it reads the centroid: the costlier
+  case) and random projections (timing does not depend on their values).
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
-Bytes are counted as K/V of the selected blocks plus the statistics the radar reads.
+Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
+"of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
 Writes a json with the GPU, versions and the exact command.
 """
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 import aether
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SKETCH_RANK, SKETCH_CENTROID_WEIGHT = 8, 0.5
 L2_BYTES = 50 * 2**20
 
 
@@ -70,6 +74,12 @@ class Case:
                   for _ in range(self.copies)]
         self.lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         self.stats = [aether.block_stats(k, block_size, seq_lens=self.lens) for k in self.k]
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        key_proj = torch.randn(KV_HEADS, HEAD_DIM, SKETCH_RANK, device="cuda", generator=gen) / HEAD_DIM ** 0.5
+        query_proj = torch.randn(Q_HEADS, HEAD_DIM, SKETCH_RANK, device="cuda", generator=gen) / HEAD_DIM ** 0.5
+        self.calib = aether.SketchCalibration(key_proj, query_proj, SKETCH_CENTROID_WEIGHT)
+        self.sketch = [aether.key_sketch(k, self.calib, block_size, seq_lens=self.lens) for k in self.k]
+        self.group_agg = "sum"
         self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
         self.num_blocks = math.ceil(ctx / block_size)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
@@ -85,13 +95,28 @@ class Case:
         q = self.q[i].unsqueeze(2)
         return F.scaled_dot_product_attention(q, self.k[i], self.v[i], enable_gqa=True)
 
-    def stats_append(self, i):
+    def stats_append(self, i, score="tight"):
         torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
                                             *self.stats[i].tensors)
+        if score == "qsketch":
+            torch.ops.aether.key_sketch_update(self.k[i], self.lens, self.first_block, self.calib.key_proj,
+                                               self.block_size, None, self.sketch[i].codes, self.sketch[i].ranges)
 
     def select(self, i, budget_blocks, score="tight"):
+        sketch = (None, None, None, None, 0.0)
+        if score == "qsketch":
+            sketch = (self.sketch[i].codes, self.sketch[i].ranges, self.calib.key_proj, self.calib.query_proj,
+                      self.calib.centroid_weight)
         return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
-                                             score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1)
+                                             score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False, None,
+                                             None, self.group_agg, *sketch)
+
+    def meta_bytes_per_block(self, score: str) -> int:
+        """Bytes the radar reads per block and KV head."""
+        if score == "qsketch":
+            centroid = 4 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
+            return self.block_size * SKETCH_RANK // 2 + 4 * SKETCH_RANK + centroid
+        return (3 * HEAD_DIM + 2) * 4  # tight: centroid, lo, hi + radius (+ spread), float32
 
     def decode(self, i, sel, cnt, max_selected):
         return torch.ops.aether.sparse_decode(self.q[i], self.k[i], self.v[i], self.lens, self.block_size,
@@ -99,7 +124,7 @@ class Case:
 
     def step(self, budget_blocks, score="tight"):
         i = self.next()
-        self.stats_append(i)
+        self.stats_append(i, score)
         sel, cnt, _, _ = self.select(i, budget_blocks, score)
         return self.decode(i, sel, cnt, budget_blocks)
 
@@ -126,40 +151,45 @@ def _graph_ms(call, copies: int, iters: int) -> float:
     return _median_ms(replay, iters)
 
 
-def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], iters: int) -> dict:
+def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
+               group_agg: str) -> dict:
     c = Case(batch, ctx, block_size)
+    c.group_agg = group_agg
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
     row["graph_sdpa_ms"] = _graph_ms(lambda i: F.scaled_dot_product_attention(
         c.q[i].unsqueeze(2), c.k[i], c.v[i], enable_gqa=True), c.copies, iters)
     row["graph_aether_dense_ms"] = _graph_ms(lambda i: c.decode(i, None, None, 0), c.copies, iters)
-    meta_bytes_per_block = (3 * HEAD_DIM + 2) * 4  # centroid, lo, hi + radius, spread (float32)
     row["budgets"] = []
-    for frac in budgets:
-        nb = max(1, math.ceil(frac * c.num_blocks - 1e-9))
-        r = dict(fraction=frac, blocks=nb)
-        r["step_ms"] = _median_ms(lambda: c.step(nb), iters)
-        # Stage times (each on rotated inputs).
-        sels = [c.select(i, nb) for i in range(c.copies)]
-        r["append_ms"] = _median_ms(lambda: c.stats_append(c.next()), iters)
-        r["radar_ms"] = _median_ms(lambda: c.select(c.next(), nb), iters)
-        r["decode_ms"] = _median_ms(lambda: (lambda i: c.decode(i, sels[i][0], sels[i][1], nb))(c.next()), iters)
-        # CUDA graphs (no host launch overhead): the whole step and each stage alone.
-        r["graph_step_ms"] = _graph_ms(lambda i: (setattr(c, "i", i - 1), c.step(nb)), c.copies, iters)
-        r["graph_append_ms"] = _graph_ms(c.stats_append, c.copies, iters)
-        r["graph_radar_ms"] = _graph_ms(lambda i: c.select(i, nb), c.copies, iters)
-        r["graph_decode_ms"] = _graph_ms(lambda i: c.decode(i, sels[i][0], sels[i][1], nb), c.copies, iters)
-        counts = sels[0][1].float().mean().item()
-        kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
-        meta = c.num_blocks * meta_bytes_per_block * batch * KV_HEADS
-        r["bytes_read"] = kv_read + meta
-        r["decode_gbps"] = kv_read / r["graph_decode_ms"] / 1e6
-        # Same-mode ratios: eager step vs eager SDPA, graph step vs graph SDPA.
-        r["speedup_vs_sdpa"] = row["sdpa_ms"] / r["step_ms"]
-        r["graph_speedup_vs_sdpa"] = row["graph_sdpa_ms"] / r["graph_step_ms"]
-        r["ideal_speedup"] = c.kv_bytes / r["bytes_read"]
-        row["budgets"].append(r)
+    for score in scores:
+        for frac in budgets:
+            if frac >= 1.0 and score != scores[0]:
+                continue  # keep-all reads no score: one row is enough
+            nb = max(1, math.ceil(frac * c.num_blocks - 1e-9))
+            r = dict(score=score, group_agg=group_agg, fraction=frac, blocks=nb)
+            r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
+            # Stage times (each on rotated inputs).
+            sels = [c.select(i, nb, score) for i in range(c.copies)]
+            r["append_ms"] = _median_ms(lambda: c.stats_append(c.next(), score), iters)
+            r["radar_ms"] = _median_ms(lambda: c.select(c.next(), nb, score), iters)
+            r["decode_ms"] = _median_ms(lambda: (lambda i: c.decode(i, sels[i][0], sels[i][1], nb))(c.next()), iters)
+            # CUDA graphs (no host launch overhead): the whole step and each stage alone.
+            r["graph_step_ms"] = _graph_ms(lambda i: (setattr(c, "i", i - 1), c.step(nb, score)), c.copies, iters)
+            r["graph_append_ms"] = _graph_ms(lambda i: c.stats_append(i, score), c.copies, iters)
+            r["graph_radar_ms"] = _graph_ms(lambda i: c.select(i, nb, score), c.copies, iters)
+            r["graph_decode_ms"] = _graph_ms(lambda i: c.decode(i, sels[i][0], sels[i][1], nb), c.copies, iters)
+            counts = sels[0][1].float().mean().item()
+            kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
+            meta = 0 if frac >= 1.0 else c.num_blocks * c.meta_bytes_per_block(score) * batch * KV_HEADS
+            r["bytes_read"] = kv_read + meta
+            r["decode_gbps"] = kv_read / r["graph_decode_ms"] / 1e6
+            # Same-mode ratios: eager step vs eager SDPA, graph step vs graph SDPA.
+            r["speedup_vs_sdpa"] = row["sdpa_ms"] / r["step_ms"]
+            r["graph_speedup_vs_sdpa"] = row["graph_sdpa_ms"] / r["graph_step_ms"]
+            r["ideal_speedup"] = c.kv_bytes / r["bytes_read"]
+            r["of_ideal"] = r["graph_speedup_vs_sdpa"] / r["ideal_speedup"]
+            row["budgets"].append(r)
     del c
     torch.cuda.empty_cache()
     return row
@@ -170,6 +200,8 @@ def main() -> int:
     parser.add_argument("--shapes", default="1x16384,1x32768,1x131072,8x32768,32x16384")
     parser.add_argument("--budgets", default="1.0,0.25,0.125")
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--scores", default="tight,qsketch")
+    parser.add_argument("--group-agg", default="sum", choices=["max", "sum"])
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -182,20 +214,21 @@ def main() -> int:
         dtype="bfloat16", rows=[])
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
-        result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.iters))
+        result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
+                                         args.group_agg))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
           f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size}")
-    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
-          f"{'step':>6} {'x':>5} {'append':>6} {'radar':>6} {'decode':>6} {'GB/s':>5} | ideal")
+    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>7} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
+          f"{'step':>6} {'x':>5} {'append':>6} {'radar':>6} {'decode':>6} {'GB/s':>5} | ideal of-ideal")
     for row in result["rows"]:
         for r in row["budgets"]:
             print(f"{row['batch']:>3}x{row['ctx']:<5} {row['sdpa_ms']*1e3:6.1f} {row['aether_dense_ms']*1e3:6.1f} "
-                  f"{r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
+                  f"{r['score']:>7} {r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
                   f"{row['graph_sdpa_ms']*1e3:12.1f} {r['graph_step_ms']*1e3:6.1f} {r['graph_speedup_vs_sdpa']:5.2f} "
                   f"{r['graph_append_ms']*1e3:6.1f} {r['graph_radar_ms']*1e3:6.1f} {r['graph_decode_ms']*1e3:6.1f} "
-                  f"{r['decode_gbps']:5.0f} | {r['ideal_speedup']:5.2f}")
+                  f"{r['decode_gbps']:5.0f} | {r['ideal_speedup']:5.2f} {r['of_ideal']:5.2f}")
     print("times in us (median, CUDA events); x = speedup over SDPA in the same mode; GB/s = selected K/V bytes"
           " / graph decode time; ideal = dense bytes / bytes read")
     return 0

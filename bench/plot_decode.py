@@ -16,16 +16,18 @@ def main(path: str, out: str) -> None:
     data = json.load(open(path))
     rows = data["rows"]
     labels = [f"{r['batch']}x{r['ctx'] // 1024}k" for r in rows]
-    fracs = [b["fraction"] for b in rows[0]["budgets"]]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    width = 0.8 / (2 * len(fracs))
-    for i, frac in enumerate(fracs):
-        pick = [next(b for b in r["budgets"] if b["fraction"] == frac) for r in rows]
+    series = [(b.get("score", "tight"), b["fraction"]) for b in rows[0]["budgets"]]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / (2 * len(series))
+    for i, (score, frac) in enumerate(series):
+        pick = [next(b for b in r["budgets"] if (b.get("score", "tight"), b["fraction"]) == (score, frac))
+                for r in rows]
         got = [b.get("graph_speedup_vs_sdpa", b["speedup_vs_sdpa"]) for b in pick]
-        ideal = [next(b for b in r["budgets"] if b["fraction"] == frac)["ideal_speedup"] for r in rows]
+        ideal = [b["ideal_speedup"] for b in pick]
+        name = "keep all" if frac >= 1.0 else f"{score} {frac:g}"
         xs = [x + (2 * i) * width for x in range(len(rows))]
-        ax.bar(xs, got, width, label=f"measured (CUDA graph), keep {frac:g}")
-        ax.bar([x + width for x in xs], ideal, width, alpha=0.35, label=f"bytes bound, keep {frac:g}")
+        ax.bar(xs, got, width, label=f"measured (CUDA graph), {name}")
+        ax.bar([x + width for x in xs], ideal, width, alpha=0.35, label=f"bytes bound, {name}")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
     ax.set_ylabel("speedup over torch SDPA (decode step)")

@@ -1,4 +1,5 @@
-"""A small case of every kernel (all paths: stats build + append, each score and policy, dense and
+"""A small case of every kernel (all paths: stats and sketch build + append, each score, policy and
+group aggregation, dense and
 sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
 
 import math
@@ -16,11 +17,24 @@ for dtype in (torch.float16, torch.bfloat16):
         lens = torch.tensor([300, 97], dtype=torch.int32, device="cuda")
         stats = aether.block_stats(k, bs, seq_lens=lens)
         stats.update(k, lens)
+        for rank, weight in ((8, 0.5), (6, 0.0), (16, 1.0)):
+            calib = aether.SketchCalibration(torch.randn(2, head_dim, rank, device="cuda"),
+                                             torch.randn(2 * group, head_dim, rank, device="cuda"), weight)
+            sketch = aether.key_sketch(k, calib, bs, seq_lens=lens - 40)
+            sketch.update(k, lens)
+            for policy in ("topk", "adaptive"):
+                aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, score="qsketch", sketch=sketch,
+                                        policy=policy, budget=3)
         for score in aether.SCORES:
+            if score == "qsketch":
+                continue
             for policy in aether.POLICIES:
                 if policy == "threshold" and score not in aether.UPPER_BOUND_SCORES:
                     continue
-                aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, score=score, policy=policy, budget=3)
+                group_aggs = ("max", "sum") if policy == "topk" else (None,)
+                for agg in group_aggs:
+                    aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, score=score, policy=policy,
+                                            budget=3, group_agg=agg)
         aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, budget=1.0)
         pages = math.ceil(300 / bs)
         kp = k.new_zeros(2 * pages, bs, 2, head_dim)

@@ -85,7 +85,7 @@ def test_block_stats_update_equals_rebuild(device, bs):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("score", aether.SCORES)
+@pytest.mark.parametrize("score", aether.api.STAT_SCORES)
 def test_scores_match_reference(device, score, poison_empty):
     q, k, v, seq_lens = make_case(3, 8, 2, 517, 128, torch.float16, device, seed=11)
     stats = aether.block_stats(k, 32, seq_lens=seq_lens)
@@ -148,7 +148,7 @@ def test_selection_identical_given_same_scores(device, pc, group, ties, poison_e
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("score", aether.SCORES)
+@pytest.mark.parametrize("score", aether.api.STAT_SCORES)
 @pytest.mark.parametrize("pc", POLICY_CASES[:3] + POLICY_CASES[4:5] + POLICY_CASES[6:7],
                          ids=lambda pc: "-".join(f"{k}{v}" for k, v in pc.items()))
 def test_fused_selection_consistent_with_own_scores(device, score, pc, poison_empty):

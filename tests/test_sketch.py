@@ -1,0 +1,219 @@
+"""qsketch (key sketch build, sketch scores) and the sum group aggregation: CPU and CUDA operators
+against aether.reference on fresh random inputs, the public API, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import aether
+from aether import reference as ref
+from conftest import DEVICES, make_case
+
+pytestmark = pytest.mark.skipif(not aether.extension_available(), reason="aether._C is not built")
+
+
+def _projections(kv_heads, q_heads, head_dim, rank, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    kp = torch.randn(kv_heads, head_dim, rank, generator=g) / math.sqrt(head_dim)
+    qp = torch.randn(q_heads, head_dim, rank, generator=g) / math.sqrt(head_dim)
+    return kp.to(device), qp.to(device)
+
+
+def _dtypes(device):
+    return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+
+
+def _check_codes(codes, ranges, k, kp, block_size, seq_lens):
+    """Ranges equal the reference's; codes equal it except at a rounding tie of (x - lo) / step
+    (the coefficient sums are ordered differently), where they may differ by one."""
+    rc, rr = ref.key_sketch(k.cpu(), kp.cpu(), block_size, seq_lens.cpu(), codes.shape[2])
+    codes, ranges = codes.cpu(), ranges.cpu()
+    lo_ok = (ranges.float() - rr.float()).abs() <= rr.float().abs() * 2 ** -7 + 1e-30  # within 1 bf16 ulp
+    assert bool(lo_ok.all()), "sketch ranges differ from the reference by more than one bf16 ulp"
+    frac_equal = float((ranges == rr).float().mean())
+    assert frac_equal > 0.99, f"only {frac_equal:.4f} of the ranges equal the reference"
+    got = torch.stack([codes & 0xF, codes >> 4], -1).int()
+    want = torch.stack([rc & 0xF, rc >> 4], -1).int()
+    assert int((got - want).abs().max()) <= 1
+    assert float((got == want).float().mean()) > 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size,rank,head_dim", [(64, 8, 64), (16, 4, 128), (32, 16, 64), (128, 2, 64)])
+def test_key_sketch_matches_reference(device, block_size, rank, head_dim, poison_empty):
+    for dtype in _dtypes(device):
+        _, k, _, lens = make_case(3, 4, 2, 300, head_dim, dtype, device, seed=block_size + rank, lens=[300, 1, 171])
+        kp, _ = _projections(2, 4, head_dim, rank, 1, device)
+        codes, ranges = torch.ops.aether.key_sketch(k, lens, kp, block_size, math.ceil(300 / block_size) + 1)
+        _check_codes(codes, ranges, k, kp, block_size, lens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_sketch_update_equals_full_build(device):
+    dtype = torch.bfloat16
+    _, k, _, _ = make_case(2, 4, 2, 256, 64, dtype, device, seed=5, lens=[256, 256])
+    kp, qp = _projections(2, 4, 64, 8, 2, device)
+    calib = aether.SketchCalibration(kp, qp, 0.0)
+    lens = torch.tensor([100, 37], dtype=torch.int32, device=device)
+    sketch = aether.key_sketch(k, calib, 32, seq_lens=lens)
+    for step in ([101, 38], [128, 64], [200, 65], [256, 256]):
+        new = torch.tensor(step, dtype=torch.int32, device=device)
+        sketch.update(k, new)
+        full = aether.key_sketch(k, calib, 32, seq_lens=new)
+        assert torch.equal(sketch.codes, full.codes) and torch.equal(sketch.ranges, full.ranges)
+        assert torch.equal(sketch.seq_lens, new)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_sketch_paged_equals_contiguous(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bs = 16
+    _, k, _, lens = make_case(2, 2, 2, 96, 64, dtype, device, seed=9, lens=[96, 50])
+    kp, qp = _projections(2, 2, 64, 8, 3, device)
+    calib = aether.SketchCalibration(kp, qp, 0.0)
+    pages_per_seq = 96 // bs
+    perm = torch.randperm(2 * pages_per_seq, generator=torch.Generator().manual_seed(0))
+    table = perm.reshape(2, pages_per_seq).to(torch.int32).to(device)
+    paged = torch.zeros(2 * pages_per_seq, bs, 2, 64, dtype=dtype, device=device)
+    for b in range(2):
+        for p in range(pages_per_seq):
+            paged[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
+    a = aether.key_sketch(k, calib, bs, seq_lens=lens)
+    c = aether.key_sketch(paged, calib, bs, seq_lens=lens, block_table=table)
+    assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges)
+
+
+def _op_scores(q, sketch, stats, lens, bs, scale, policy="topk", group_agg="max", budget=0.5):
+    calib = sketch.calibration
+    empty = q.new_empty((0,), dtype=torch.float32)
+    stat_tensors = stats.tensors if stats is not None else (empty,) * 5
+    return torch.ops.aether.radar_select(
+        q, *stat_tensors, lens, bs, scale, "qsketch", policy, 0, budget, 1e-3, 0.9, 1, 0, 1, 1, True, None, None,
+        group_agg, sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("rank,bs,group", [(8, 64, 4), (4, 32, 3), (16, 16, 1), (6, 128, 2)])
+def test_sketch_scores_match_reference(device, weight, rank, bs, group, poison_empty):
+    head_dim = 128 if rank == 4 else 64
+    kv_heads = 2
+    for dtype in _dtypes(device):
+        if dtype == torch.float32 and device == "cuda":
+            continue
+        q, k, _, lens = make_case(3, kv_heads * group, kv_heads, 333, head_dim, dtype, device, seed=rank * bs,
+                                  lens=[333, 0, 150])
+        kp, qp = _projections(kv_heads, kv_heads * group, head_dim, rank, 4, device)
+        calib = aether.SketchCalibration(kp, qp, weight)
+        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
+        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
+        scale = 0.7 / math.sqrt(head_dim)
+        selected, counts, scores, mlo = _op_scores(q, sketch, stats, lens, bs, scale)
+        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
+                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
+                                      centroid_weight=weight, scale=scale)
+        torch.testing.assert_close(scores.cpu(), want, atol=2e-4, rtol=2e-5)
+        assert bool(torch.isinf(mlo).all() & (mlo < 0).all()), "qsketch has no M_g: it must be -inf"
+        # Given the op's own scores, the selection is exactly the reference's.
+        rs, rn = ref.select_blocks(scores.cpu(), mlo.cpu(), lens.cpu(), bs, kv_heads, budget_fraction=0.5)
+        assert torch.equal(selected.cpu(), rs) and torch.equal(counts.cpu(), rn)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_sum_aggregation_matches_reference(device, group, poison_empty):
+    kv_heads, nb, bs = 2, 37, 16
+    g = torch.Generator().manual_seed(group)
+    scores = torch.randn(3, kv_heads * group, nb, generator=g) * 3
+    scores[0, 0, 5] = float("nan")           # a NaN head: that head adds nothing
+    scores[1, :, 7] = scores[1, :, 8]        # exact ties: lower index first
+    scores[2, 0] = -math.inf                 # a head with no finite score
+    lens = torch.tensor([nb * bs, nb * bs - 5, 20 * bs + 3], dtype=torch.int32)
+    mlo = torch.full((3, kv_heads * group), -math.inf)
+    q = torch.randn(3, kv_heads * group, 64).to(device)
+    stats = aether.block_stats(torch.randn(3, kv_heads, nb * bs, 64).to(device), bs)
+    for budget in (0.1, 0.3, 0.77):
+        sel, cnt, _, _ = torch.ops.aether.radar_select(
+            q, *stats.tensors, lens.to(device), bs, 0.125, "tight", "topk", 0, budget, 1e-3, 0.9, 1, 0, 1, 1, False,
+            scores.to(device), mlo.to(device), "sum")
+        rs, rn = ref.select_blocks(scores, mlo, lens, bs, kv_heads, budget_fraction=budget, group_agg="sum")
+        assert torch.equal(sel.cpu(), rs) and torch.equal(cnt.cpu(), rn)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_attention_qsketch_end_to_end(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, lens = make_case(2, 8, 2, 700, 64, dtype, device, seed=11, lens=[700, 333])
+    kp, qp = _projections(2, 8, 64, 8, 5, device)
+    calib = aether.SketchCalibration(kp, qp, 0.5)
+    sketch = aether.key_sketch(k, calib, 64, seq_lens=lens)
+    out, sel = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.3,
+                                       return_selection=True)
+    stats = ref.block_stats(k.cpu(), 64, lens.cpu())
+    scores = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
+                                    lens.cpu(), 64, centroid=stats.centroid, centroid_weight=0.5)
+    mlo = torch.full(scores.shape[:2], -math.inf)
+    rs, rn = ref.select_blocks(scores, mlo, lens.cpu(), 64, 2, budget_fraction=0.3, group_agg="sum")
+    # Scores agree to ~1e-5; a near-tie could flip one block, so compare the selection only
+    # where the reference's sum priorities are separated.
+    assert torch.equal(sel.counts.cpu(), rn)
+    assert float((sel.indices.cpu() == rs).float().mean()) > 0.95
+    want, _ = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), 64,
+                                sel.indices.cpu(), sel.counts.cpu())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
+
+
+def test_calibrate_sketch_fits_logits_and_picks_a_weight():
+    q, k, _, _ = make_case(1, 6, 2, 512, 64, torch.float32, "cpu", seed=3)
+    qs = torch.randn(6, 64, 64) + q[0][:, None, :]  # queries near the decode query
+    calib = aether.calibrate_sketch(k[0], qs, rank=8, block_size=32, max_queries=16)
+    assert calib.key_proj.shape == (2, 64, 8) and calib.query_proj.shape == (6, 64, 8)
+    assert calib.centroid_weight in aether.sketch.CENTROID_WEIGHTS
+    # The rank-8 bilinear form approximates the logits far better than a random rank-8 one.
+    logits = torch.einsum("gnd,gsd->gns", qs, k[0].repeat_interleave(3, 0))
+    def err(kp, qp):
+        c = torch.einsum("hsd,hdr->hsr", k[0], kp).repeat_interleave(3, 0)
+        u = torch.einsum("gnd,gdr->gnr", qs, qp)
+        return float(((torch.einsum("gnr,gsr->gns", u, c) - logits) ** 2).mean())
+    rkp, rqp = _projections(2, 6, 64, 8, 0, "cpu")
+    assert err(calib.key_proj, calib.query_proj) < 0.5 * err(rkp, rqp)
+
+
+def test_qsketch_errors():
+    q, k, v, lens = make_case(1, 4, 2, 128, 64, torch.float32, "cpu", seed=1, lens=[128])
+    kp, qp = _projections(2, 4, 64, 8, 0, "cpu")
+    calib = aether.SketchCalibration(kp, qp, 0.0)
+    sketch = aether.key_sketch(k, calib, 32)
+    with pytest.raises(TypeError, match="sketch"):
+        aether.sparse_attention(q, k, v, score="qsketch")
+    with pytest.raises(ValueError, match="threshold"):
+        aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, policy="threshold")
+    with pytest.raises(ValueError, match="block_size"):
+        aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, block_size=64)
+    with pytest.raises(ValueError, match="group_agg"):
+        aether.sparse_attention(q, k, v, policy="adaptive", group_agg="sum")
+    with pytest.raises(ValueError, match="group_agg"):
+        aether.sparse_attention(q, k, v, group_agg="mean")
+    with pytest.raises(ValueError, match="only read by score='qsketch'"):
+        aether.sparse_attention(q, k, v, sketch=sketch)
+    with pytest.raises(ValueError, match="rank"):
+        aether.key_sketch(k, aether.SketchCalibration(kp[..., :7], qp[..., :7], 0.0), 32)
+    with pytest.raises(ValueError, match="other sequence lengths"):
+        aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=torch.tensor([100]))
+    with pytest.raises(ValueError, match="shrink"):
+        sketch.update(k, torch.tensor([10]))
+    # The operator checks too (never trusting the caller).
+    with pytest.raises(RuntimeError, match="qsketch"):
+        torch.ops.aether.radar_select(q, *aether.block_stats(k, 32).tensors, lens, 32, 0.125, "qsketch", "topk", 0,
+                                      0.5, 1e-3, 0.9, 1, 0, 1, 1)
+    with pytest.raises(RuntimeError, match="threshold"):
+        _op_scores(q, sketch, None, lens, 32, 0.125, policy="threshold")
+    with pytest.raises(RuntimeError, match="group_agg"):
+        _op_scores(q, sketch, None, lens, 32, 0.125, group_agg="avg")
+    with pytest.raises(TypeError, match="uint8"):
+        torch.ops.aether.key_sketch_update(k, lens, torch.zeros(1, dtype=torch.int32), kp, 32, None,
+                                           sketch.codes.int(), sketch.ranges)
