@@ -15,6 +15,12 @@ All attention goes through `sparse_decode_step`, which uses the compiled kernels
 (`aether.sparse_attention`) when the extension is built and the pure-PyTorch reference otherwise;
 the `oracle` score (true per-block attention mass, an upper limit for studies) exists only in the
 reference.
+
+The `qsketch` score (docs/selection.md) also needs the post-RoPE queries of the prefill: the
+cache keeps the last `SparseOptions.sketch_queries` of them (`record_queries`, called by the
+transformers integration at prefill), calibrates each statistics group's projection once from
+them and the prefill keys (`aether.calibrate_sketch`, at the first decode step), builds the 4-bit
+key sketch, and then updates it incrementally exactly like the block statistics.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import BlockStats, SCORES, POLICIES, UPPER_BOUND_SCORES
+from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES
+from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 
 EVAL_SCORES = SCORES + ("oracle",)
 BLOCK_SIZES = (16, 32, 64, 128)
+SKETCH_SCORE = "qsketch"
+DEFAULT_SKETCH_QUERIES = 256
 
 
 # ------------------------------------------------------------------------------- options
@@ -41,6 +50,10 @@ class SparseOptions:
 
     `score` may also be "oracle" (reference only: picks blocks by their true attention mass).
     `budget`: int = block count, float = fraction of the blocks (topk policy).
+    `group_agg`: topk's aggregation of a GQA group's head scores, "max" or "sum" (None: the
+    library default of `aether.sparse_attention`, "sum" for topk); only with policy="topk".
+    `sketch_rank`, `sketch_queries`: for score="qsketch", the sketch rank and how many of the last
+    prefill queries calibrate it.
     """
 
     score: str = "tight"
@@ -51,12 +64,27 @@ class SparseOptions:
     mass: float = 0.95
     sink_blocks: int = 1
     recent_blocks: int = 1
+    group_agg: str | None = None
+    sketch_rank: int = DEFAULT_RANK
+    sketch_queries: int = DEFAULT_SKETCH_QUERIES
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
             raise ValueError(f"score must be one of {EVAL_SCORES}, got {self.score!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.group_agg is not None and self.group_agg not in GROUP_AGGS:
+            raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None (the library default), "
+                             f"got {self.group_agg!r}")
+        if self.group_agg is not None and self.policy != "topk":
+            raise ValueError(f"group_agg applies to policy='topk' only, got group_agg={self.group_agg!r} with "
+                             f"policy={self.policy!r}")
+        rank = self.sketch_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank % 2 or not 2 <= rank <= 16:
+            raise ValueError(f"sketch_rank must be an even int in [2, 16], got {rank!r}")
+        if isinstance(self.sketch_queries, bool) or not isinstance(self.sketch_queries, int) \
+                or self.sketch_queries < 1:
+            raise ValueError(f"sketch_queries must be an int >= 1, got {self.sketch_queries!r}")
         if self.policy == "threshold" and self.score not in UPPER_BOUND_SCORES + ("oracle",):
             raise ValueError(f"policy='threshold' needs an upper-bound score {UPPER_BOUND_SCORES}, got "
                              f"score={self.score!r}")
@@ -145,12 +173,72 @@ def build_block_stats(k: torch.Tensor, block_size: int) -> BlockStats | RefBlock
     return RefBlockStats(*reference.block_stats(k, block_size, seq_lens), block_size=block_size, seq_lens=seq_lens)
 
 
+@dataclass
+class RefKeySketch(KeySketch):
+    """A key sketch kept with the pure-PyTorch reference (used when `aether._C` is not built).
+
+    Same fields, bytes and `update` contract as `aether.KeySketch` (contiguous caches only).
+    """
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeySketch":
+        """Rebuild only the blocks from each row's previous last block on (in place)."""
+        batch, _, capacity, _ = k.shape
+        if seq_lens is None:
+            seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=k.device)
+        if bool((seq_lens < self.seq_lens).any()):
+            raise ValueError("seq_lens must not shrink in update(); rebuild the sketch")
+        bs = self.block_size
+        needed = math.ceil(capacity / bs)
+        if needed > self.num_blocks:
+            extra = needed - self.num_blocks
+            self.codes = torch.cat([self.codes, self.codes.new_zeros(self.codes.shape[:2] + (extra,)
+                                                                     + self.codes.shape[3:])], 2)
+            self.ranges = torch.cat([self.ranges, self.ranges.new_zeros(self.ranges.shape[:2] + (extra,)
+                                                                        + self.ranges.shape[3:])], 2)
+        first = int(self.seq_lens.min()) // bs
+        last = math.ceil(int(seq_lens.max()) / bs)
+        if last > first:
+            part_lens = (seq_lens.to(torch.int64) - first * bs).clamp(min=0).to(torch.int32)
+            codes, ranges = reference.key_sketch(k[:, :, first * bs:], self.calibration.key_proj, bs, part_lens,
+                                                 num_blocks=last - first)
+            self.codes[:, :, first:last] = codes
+            self.ranges[:, :, first:last] = ranges
+        self.seq_lens = seq_lens.to(torch.int32).clone()
+        return self
+
+
+def build_key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int) -> KeySketch:
+    """The qsketch key sketch of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid)."""
+    if _use_extension(k):
+        return aether.key_sketch(k, calibration, block_size)
+    seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+    codes, ranges = reference.key_sketch(k, calibration.key_proj, block_size, seq_lens)
+    return RefKeySketch(codes, ranges, calibration, block_size, seq_lens)
+
+
+def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
+    """`aether.calibrate_sketch` for one sequence's prefill keys `[kv_heads, seq, head_dim]` and its
+    last prefill queries `[q_heads, n, head_dim]` (n <= seq), with the options' rank and budget (a
+    block-count budget is turned into the fraction it is of the prefill's blocks)."""
+    budget = options.budget
+    if isinstance(budget, int):
+        budget = min(1.0, budget / math.ceil(k.shape[1] / options.block_size))
+    return aether.calibrate_sketch(k, q, rank=options.sketch_rank, block_size=options.block_size,
+                                   budget=float(budget))
+
+
 # ---------------------------------------------------------------------- the one attention call
+
+
+def resolved_group_agg(options: SparseOptions) -> str:
+    """The group aggregation a step uses: the option, else the library default (sum for topk)."""
+    return options.group_agg or ("sum" if options.policy == "topk" else "max")
 
 
 def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: SparseOptions,
                        stats: BlockStats | RefBlockStats | None = None,
-                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float | None = None,
+                       sketch: KeySketch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One AETHER decode step over a whole cache view (every slot of `k`/`v` is a valid token).
 
     Every AETHER attention call of the cache and the integrations goes through here: the compiled
@@ -160,8 +248,11 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     Args:
         q: `[batch, q_heads, head_dim]`; k, v: `[batch, kv_heads, seq, head_dim]`.
         options: score, policy, budget and block size.
-        stats: statistics of `k` for `options.block_size` (computed when None; unused by oracle).
+        stats: statistics of `k` for `options.block_size` (computed when None; unused by oracle;
+            with qsketch only read, for the centroid term, when the centroid weight is not 0).
         scale: softmax scale (default 1/sqrt(head_dim)).
+        sketch: the key sketch of `k` (`KeySketch`, or `RefKeySketch` without the extension),
+            required by score="qsketch" and only read by it.
 
     Returns:
         `(out [batch, q_heads, head_dim] in q's dtype, selection [batch, kv_heads, num_blocks]
@@ -171,20 +262,34 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                   recent_blocks=options.recent_blocks, scale=scale)
     budget_blocks, budget_fraction = ((options.budget, 0.0) if isinstance(options.budget, int)
                                       else (0, float(options.budget)))
-    if options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats):
+    qsketch = options.score == SKETCH_SCORE
+    if qsketch and not isinstance(sketch, KeySketch):
+        raise ValueError("score='qsketch' needs the cache's key sketch (sketch=, built from a calibration of the "
+                         f"prefill queries and keys), got {type(sketch).__name__}")
+    if not qsketch and sketch is not None:
+        raise ValueError(f"sketch is only read by score='qsketch', got score={options.score!r}")
+    centroid_needed = not qsketch or sketch.calibration.centroid_weight != 0.0
+    if not centroid_needed:
+        stats = None  # the score reads no statistics
+    if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
+            and not isinstance(sketch, RefKeySketch)):
         out, selection = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
-                                                 score=options.score, budget=options.budget,
-                                                 return_selection=True, **kwargs)
+                                                 score=options.score, budget=options.budget, sketch=sketch,
+                                                 group_agg=options.group_agg, return_selection=True, **kwargs)
         return out, selection.indices
-    ref_stats = None
-    if options.score != "oracle":
+    ref_stats = ref_sketch = None
+    if options.score != "oracle" and centroid_needed:
         if stats is None:
             stats = build_block_stats(k, options.block_size)
         ref_stats = reference.BlockStatsRef(*(t for t in (stats.centroid, stats.lo, stats.hi, stats.radius,
                                                           stats.spread)))
+    if qsketch:
+        calib = sketch.calibration
+        ref_sketch = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
     out, _, selected, _ = reference.sparse_attention(
         q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
-        budget_blocks=budget_blocks, budget_fraction=budget_fraction, **kwargs)
+        budget_blocks=budget_blocks, budget_fraction=budget_fraction, group_agg=resolved_group_agg(options),
+        sketch=ref_sketch, **kwargs)
     return out, selected
 
 
@@ -196,7 +301,11 @@ def metadata_bytes_per_block(score: str, head_dim: int) -> int:
 
     ball: centroid + radius; box: lo + hi; tight: centroid + lo + hi + radius; mean: centroid;
     variance: centroid + radius + spread; oracle: 0 (an idealised selector; it really reads every key).
+    qsketch depends on the layer's calibration: `KeySketch.bytes_per_block()`.
     """
+    if score == SKETCH_SCORE:
+        raise ValueError("qsketch's bytes per block depend on its rank and centroid weight: use "
+                         "KeySketch.bytes_per_block()")
     floats = {"ball": head_dim + 1, "box": 2 * head_dim, "tight": 3 * head_dim + 1, "mean": head_dim,
               "variance": head_dim + 2, "oracle": 0}[score]
     return 4 * floats
@@ -207,22 +316,31 @@ class ReadCounter:
     """Tokens and blocks an AETHER layer read, accumulated on the device (no host sync per step).
 
     `tokens_read`: K/V tokens of the selected blocks summed over (batch, kv_heads, steps);
-    `tokens_total`: what dense attention would have read; `blocks_total`: blocks scored.
+    `tokens_total`: what dense attention would have read; `blocks_total`: blocks scored;
+    `sketch_bytes`: bytes the qsketch score read (sketch of every block + float32 centroid when
+    its weight is not 0 + the float32 query projection once per row and step), host-side.
     """
 
     tokens_read: torch.Tensor | int = 0
     tokens_total: int = 0
     blocks_total: int = 0
     steps: int = 0
+    sketch_bytes: int = 0
 
-    def add(self, selection: torch.Tensor, length: int, block_size: int) -> None:
+    def add(self, selection: torch.Tensor, length: int, block_size: int,
+            sketch: KeySketch | None = None) -> None:
+        """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
         self.tokens_read = self.tokens_read + read
         rows = selection.shape[0] * selection.shape[1]
+        num_blocks = math.ceil(length / block_size)
         self.tokens_total += rows * length
-        self.blocks_total += rows * math.ceil(length / block_size)
+        self.blocks_total += rows * num_blocks
+        if sketch is not None:
+            self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
+                                  + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
         self.steps += 1
 
     def fractions(self, head_dim: int, score: str, kv_element_bytes: int = 2) -> dict[str, float]:
@@ -235,7 +353,10 @@ class ReadCounter:
             return {"selected": 0.0, "metadata": 0.0}
         selected = float(self.tokens_read) / self.tokens_total
         dense_bytes = self.tokens_total * 2 * head_dim * kv_element_bytes
-        metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
+        if score == SKETCH_SCORE:
+            metadata = self.sketch_bytes / dense_bytes
+        else:
+            metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
         return {"selected": selected, "metadata": metadata}
 
 
@@ -261,6 +382,13 @@ class AetherKVCache:
         self.row_starts: list[int] | None = None  # None: every row starts at slot 0
         self._stats: list[BlockStats | RefBlockStats] | None = None
         self._stats_length = 0  # the length the statistics describe (host-side: no device sync)
+        # qsketch: the last prefill queries, the slot their last position attends up to (exclusive),
+        # one calibration and one sketch per statistics group
+        self._queries: torch.Tensor | None = None
+        self._queries_end = 0
+        self._calibrations: list[SketchCalibration] | None = None
+        self._sketches: list[KeySketch] | None = None
+        self._sketch_length = 0
         self.reads = ReadCounter()
 
     # ---- storage
@@ -314,10 +442,55 @@ class AetherKVCache:
         grown[:, :, :self.length] = buffer[:, :, :self.length]
         return grown
 
+    def record_queries(self, q: torch.Tensor) -> None:
+        """Keep the post-RoPE prefill queries `q` `[batch, q_heads, n, head_dim]` of the last `n`
+        cached positions (call right after appending their keys) for calibrating the qsketch score.
+
+        Only the last `options.sketch_queries` positions are kept; a chunk that continues the
+        previous one (its first query sits right after the kept ones) is appended to them.
+        """
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise ValueError(f"q must be a 4-D tensor [batch, q_heads, n, head_dim], got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        if self._k is None:
+            raise ValueError("record_queries: the cache is empty; append the prefill keys and values first")
+        n = q.shape[2]
+        if q.shape[0] != self._k.shape[0] or q.shape[3] != self._k.shape[3] or q.shape[1] % self._k.shape[1] \
+                or not 1 <= n <= self.length:
+            raise ValueError(f"q {tuple(q.shape)} must be [batch={self._k.shape[0]}, q_heads (a multiple of "
+                             f"{self._k.shape[1]}), n (1..{self.length}), head_dim={self._k.shape[3]}]")
+        keep = self.options.sketch_queries
+        q = q[:, :, -keep:].detach()
+        previous = self._queries
+        if (previous is not None and self._queries_end == self.length - n and previous.shape[:2] == q.shape[:2]
+                and previous.dtype == q.dtype and previous.device == q.device):
+            q = torch.cat([previous, q], dim=2)[:, :, -keep:]
+        self._queries = q.clone()
+        self._queries_end = self.length
+
+    @property
+    def prefill_queries(self) -> tuple[torch.Tensor, int] | None:
+        """`(queries [batch, q_heads, n, head_dim], end)` kept by `record_queries` (query i sits at
+        slot `end - n + i`), or None."""
+        return None if self._queries is None else (self._queries, self._queries_end)
+
+    def set_prefill_queries(self, queries: tuple[torch.Tensor, int] | None) -> None:
+        """Adopt `prefill_queries` of another cache holding the same prefix (e.g. a copy of it)."""
+        if queries is None:
+            self._queries, self._queries_end = None, 0
+            return
+        q, end = queries
+        if not 1 <= q.shape[2] <= end <= self.length:
+            raise ValueError(f"queries of {q.shape[2]} positions ending at slot {end} do not fit this cache of "
+                             f"{self.length} tokens")
+        self._queries, self._queries_end = q, int(end)
+        self._calibrations = self._sketches = None
+
     def set_row_starts(self, starts: list[int] | None) -> None:
         """First valid slot of every row (left padding); None or all zeros: no padding.
 
-        Changing the layout drops the statistics (they are rebuilt at the next `stats()`).
+        Changing the layout drops the statistics and sketches (they are rebuilt at the next
+        `stats()` / `sketches()`; the sketches are recalibrated).
         """
         if starts is not None:
             starts = [int(s) for s in starts]
@@ -330,6 +503,7 @@ class AetherKVCache:
         if starts != self.row_starts:
             self.row_starts = starts
             self._stats = None
+            self._calibrations = self._sketches = None
 
     def reindex(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (beam search reordering, batch selection); statistics are rebuilt."""
@@ -338,7 +512,10 @@ class AetherKVCache:
             self._v = self._v.index_select(0, indices.to(self._v.device))
         if self.row_starts is not None:
             self.row_starts = [self.row_starts[int(i)] for i in indices.tolist()]
+        if self._queries is not None:
+            self._queries = self._queries.index_select(0, indices.to(self._queries.device))
         self._stats = None
+        self._calibrations = self._sketches = None  # recalibrated: row 0 may be another sequence now
 
     def truncate(self, length: int) -> None:
         """Drop every token at or past slot `length`; statistics are rebuilt."""
@@ -348,6 +525,13 @@ class AetherKVCache:
         if self.row_starts is not None:
             self.row_starts = [min(s, length) for s in self.row_starts]
         self._stats = None
+        self._sketches = None
+        if self._queries is not None and length < self._queries_end:
+            # drop the queries past the end; what remains recalibrates the sketch
+            keep = self._queries.shape[2] - (self._queries_end - length)
+            self._queries = self._queries[:, :, :keep] if keep > 0 else None
+            self._queries_end = length if keep > 0 else 0
+            self._calibrations = None
 
     # ---- statistics
 
@@ -373,6 +557,49 @@ class AetherKVCache:
             self._stats_length = self.length
         return self._stats
 
+    def calibrations(self) -> list[SketchCalibration]:
+        """The qsketch calibration of every group of `_row_views()` (computed once, on first use).
+
+        Group (rows, start) is calibrated on its first row: keys `[start, end)` and the last
+        recorded prefill queries that lie in that range (`end` = where the recorded queries end).
+        """
+        if self._calibrations is None:
+            if self._queries is None:
+                raise ValueError("score='qsketch' calibrates its key sketch from the prefill's queries and keys, "
+                                 "but this cache holds no prefill queries: run the prompt through the model with "
+                                 "this cache first (a forward of more than one token; the integration records "
+                                 "the queries), or call record_queries(q) after appending the prefill")
+            calibrations = []
+            for rows, start in self._row_views():
+                row = rows.start or 0
+                valid = self._queries_end - start
+                if valid < 1:
+                    raise ValueError(f"row {row} has no prefill token (its first valid slot {start} is past the "
+                                     f"recorded prefill's end {self._queries_end}): cannot calibrate qsketch")
+                k = self._k[row, :, start:self._queries_end]
+                q = self._queries[row, :, -min(valid, self._queries.shape[2]):]
+                calibrations.append(calibrate_key_sketch(k, q, self.options))
+            self._calibrations = calibrations
+        return self._calibrations
+
+    def sketches(self) -> list[KeySketch]:
+        """The qsketch key sketches, one per group of `_row_views()`, current with `length`.
+
+        Calibrated and built once (at the first decode step); later calls only refresh the blocks
+        that received tokens (`KeySketch.update`, no host sync).
+        """
+        keys = self.keys
+        views = self._row_views()
+        if self._sketches is None:
+            self._sketches = [build_key_sketch(keys[rows, :, start:], calib, self.options.block_size)
+                              for calib, (rows, start) in zip(self.calibrations(), views)]
+            self._sketch_length = self.length
+        elif self._sketch_length != self.length:
+            for sk, (rows, start) in zip(self._sketches, views):
+                sk.update(keys[rows, :, start:])
+            self._sketch_length = self.length
+        return self._sketches
+
     # ---- attention
 
     def attend(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -382,14 +609,22 @@ class AetherKVCache:
         """
         if q.dim() != 3 or q.shape[0] != self.keys.shape[0]:
             raise ValueError(f"q must be [batch={self.keys.shape[0]}, q_heads, head_dim], got {tuple(q.shape)}")
-        use_stats = self.options.score != "oracle"
-        stats = self.stats() if use_stats else [None] * len(self._row_views())
+        views = self._row_views()
+        none = [None] * len(views)
+        sketches = self.sketches() if self.options.score == SKETCH_SCORE else none
+        if self.options.score == "oracle":
+            stats = none
+        elif self.options.score == SKETCH_SCORE:  # statistics only for a centroid term
+            needed = any(sk.calibration.centroid_weight != 0.0 for sk in sketches)
+            stats = self.stats() if needed else none
+        else:
+            stats = self.stats()
         keys, values = self.keys, self.values
         outs = []
-        for st, (rows, start) in zip(stats, self._row_views()):
+        for st, sk, (rows, start) in zip(stats, sketches, views):
             k, v = keys[rows, :, start:], values[rows, :, start:]
-            out, selection = sparse_decode_step(q[rows], k, v, self.options, st, scale)
-            self.reads.add(selection, k.shape[2], self.options.block_size)
+            out, selection = sparse_decode_step(q[rows], k, v, self.options, st, scale, sketch=sk)
+            self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk)
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

@@ -6,8 +6,9 @@ prefilled densely, then tokens are fed one at a time, each step running AETHER i
 layers):
 
 - perplexity of real text (the texts of `aether/data/`) over the last `--decode` tokens of a
-  `--context`-token window, its change against dense, and the top-1 agreement with dense (the
-  fraction of steps whose most likely next token equals dense's; teacher-forced);
+  `--context`-token window, its change against dense, the top-1 agreement with dense (the
+  fraction of steps whose most likely next token equals dense's; teacher-forced) and the mean
+  KL divergence KL(dense || sparse) of the next-token distributions;
 - greedy-generation agreement: `--gen-tokens` tokens generated greedily from the first text's
   prefix, compared position by position with dense's, and the length of the common prefix;
 - passkey retrieval: a 5-digit number hidden at depths `--passkey-depths` of filler haystacks of
@@ -18,7 +19,12 @@ layers):
   and the same over all layers (dense layers read everything).
 
 Prefills are shared: each prompt is prefilled once densely, and its KV cache is copied into a
-fresh `AetherCache` per configuration (the statistics are then built once and updated per token).
+fresh `AetherCache` per configuration (the statistics are then built once and updated per token;
+for `qsketch` the prefill also keeps the last 256 post-RoPE queries of every sparse layer, which
+calibrate each configuration's sketch at its first decode step).
+
+A score may carry a group aggregation, `--scores tight:max,tight:sum,qsketch:sum` (`--group-agg`
+sets it for the entries without one; none: the library default, sum for top-k).
 Results go to a JSON file (written after every configuration) and a plot of quality vs KV read.
 """
 
@@ -43,7 +49,9 @@ from aether.models import require_eval_extra
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXTS = ("vim_user_manual", "python_language_reference", "gnu_gpl3_lgpl3")
-ALL_SCORES = ("ball", "box", "tight", "mean", "variance", "oracle")
+DEFAULT_SCORES = ("ball", "box", "tight", "mean", "variance", "oracle")
+ALL_SCORES = DEFAULT_SCORES + ("qsketch",)
+GROUP_AGGS = ("max", "sum")
 
 PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the pass key.\n")
@@ -60,12 +68,14 @@ class Config:
     budget: float = 1.0
     block_size: int = 64
     policy: str = "topk"
+    group_agg: str | None = None  # None: the library default (sum for topk)
 
     @property
     def name(self) -> str:
         if self.score == "dense":
             return "dense"
-        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}"
+        agg = f" {self.group_agg}" if self.group_agg else ""
+        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}{agg}"
 
 
 @dataclass
@@ -79,7 +89,8 @@ class EvalSettings:
     passkey_lengths: tuple[int, ...] = (2048, 4096, 8192)
     passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     passkey_answer_tokens: int = 8
-    scores: tuple[str, ...] = ALL_SCORES
+    scores: tuple[str, ...] = DEFAULT_SCORES  # entries "score" or "score:group_agg"
+    group_agg: str | None = None  # for the score entries without ":group_agg" (None: library default)
     budgets: tuple[float, ...] = (0.0625, 0.125, 0.25)
     block_sizes: tuple[int, ...] = (16, 64)
     dense_layers: tuple[int, ...] = (0, 1)
@@ -87,6 +98,17 @@ class EvalSettings:
     kv_element_bytes: int = 2
     seed: int = 0
     prefill_threads: int | None = None
+
+
+def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
+    """`"tight:max"` -> `("tight", "max")`; `"tight"` -> `("tight", default_agg)`; checked."""
+    score, _, agg = entry.partition(":")
+    agg = agg or default_agg
+    if score not in ALL_SCORES:
+        raise ValueError(f"scores must be among {ALL_SCORES} (optionally ':max' or ':sum'), got {entry!r}")
+    if agg is not None and agg not in GROUP_AGGS:
+        raise ValueError(f"group aggregation must be one of {GROUP_AGGS}, got {agg!r} in {entry!r}")
+    return score, agg
 
 
 def load_text_ids(tokenizer, name: str, num_tokens: int) -> torch.Tensor:
@@ -131,7 +153,12 @@ class Runner:
         if config.score == "dense":
             return self.AetherCache(self.model.config, dense_layers=range(self.num_layers))
         return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
-                                budget=config.budget, block_size=config.block_size, policy=config.policy)
+                                budget=config.budget, block_size=config.block_size, policy=config.policy,
+                                group_agg=config.group_agg)
+
+    def needs_queries(self) -> bool:
+        """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
+        return any(parse_score(s)[0] == "qsketch" for s in self.settings.scores)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -144,7 +171,12 @@ class Runner:
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor):
         """Dense prefill (with `prefill_threads` CPU threads when set); returns (cache, last logits)."""
-        cache = self.new_cache(Config("dense"))
+        if self.needs_queries():
+            # prefill runs dense SDPA in every layer either way; a qsketch cache also keeps the last
+            # prefill queries of its sparse layers, which copy_cache hands to each configuration
+            cache = self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score="qsketch")
+        else:
+            cache = self.new_cache(Config("dense"))
         threads = torch.get_num_threads()
         if self.prefill_threads:
             torch.set_num_threads(self.prefill_threads)
@@ -158,20 +190,35 @@ class Runner:
         cache = self.new_cache(config)
         for src, dst in zip(source.layers, cache.layers):
             dst.update(src.kv.keys, src.kv.values)
+            if config.score == "qsketch" and dst.sparse:
+                if src.kv.prefill_queries is None:
+                    raise ValueError(f"layer {dst.layer_idx}: the prefill kept no queries to calibrate qsketch")
+                dst.kv.set_prefill_queries(src.kv.prefill_queries)
         return cache
 
 
-def _text_ppl(runner: Runner, ids: torch.Tensor, prefix_cache, prefix_logits, config: Config, decode: int):
-    """Teacher-forced decode of the last `decode` tokens: (nll per step, top-1 ids, cache)."""
+def _text_ppl(runner: Runner, ids: torch.Tensor, prefix_cache, prefix_logits, config: Config, decode: int,
+              reference_logprobs: torch.Tensor | None = None):
+    """Teacher-forced decode of the last `decode` tokens: (nll per step, top-1 ids, cache, x).
+
+    x: with `reference_logprobs` `[decode, vocab]` (dense's), the KL(dense || this) per step;
+    without, this run's log-probabilities `[decode, vocab]` (to serve as the reference).
+    """
     cache = runner.copy_cache(prefix_cache, config)
     prefix = ids.shape[1] - decode - 1
-    nlls, top1 = [], []
+    nlls, top1, kls, logprobs = [], [], [], []
     for i in range(decode):
         logits = runner.forward(ids[:, prefix + i:prefix + i + 1], cache)
         target = ids[0, prefix + i + 1]
         nlls.append(float(torch.nn.functional.cross_entropy(logits, target[None])))
         top1.append(int(logits.argmax(-1)))
-    return nlls, top1, cache
+        lp = torch.log_softmax(logits[0].double(), dim=-1)
+        if reference_logprobs is None:
+            logprobs.append(lp.float())
+        else:
+            ref = reference_logprobs[i].double()
+            kls.append(float((ref.exp() * (ref - lp)).sum()))
+    return nlls, top1, cache, (kls if reference_logprobs is not None else torch.stack(logprobs))
 
 
 def _greedy(runner: Runner, prefix_cache, prefix_logits: torch.Tensor, config: Config, tokens: int,
@@ -191,13 +238,21 @@ def _greedy(runner: Runner, prefix_cache, prefix_logits: torch.Tensor, config: C
     return out, cache
 
 
+def sketch_centroid_weights(cache) -> dict[int, float]:
+    """`{layer: centroid weight}` of the qsketch calibrations of an `AetherCache`'s sparse layers
+    (first statistics group of each)."""
+    return {layer.layer_idx: layer.kv.calibrations()[0].centroid_weight
+            for layer in cache.layers if layer.sparse and layer.kv.length}
+
+
 def configs_for(settings: EvalSettings) -> list[Config]:
-    """The dense baseline followed by every score x budget x block size."""
+    """The dense baseline followed by every score (with its group aggregation) x budget x block size."""
     configs = [Config("dense")]
     for block_size in settings.block_sizes:
         for budget in settings.budgets:
-            for score in settings.scores:
-                configs.append(Config(score, float(budget), int(block_size)))
+            for entry in settings.scores:
+                score, agg = parse_score(entry, settings.group_agg)
+                configs.append(Config(score, float(budget), int(block_size), group_agg=agg))
     return configs
 
 
@@ -230,8 +285,9 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
         if task not in ("ppl", "gen", "passkey"):
             raise ValueError(f"tasks must be among ('ppl', 'gen', 'passkey'), got {task!r}")
     for score in settings.scores:
-        if score not in ALL_SCORES:
-            raise ValueError(f"scores must be among {ALL_SCORES}, got {score!r}")
+        parse_score(score, settings.group_agg)
+    if settings.group_agg is not None and settings.group_agg not in GROUP_AGGS:
+        raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {settings.group_agg!r}")
     if not 1 <= settings.decode < settings.context:
         raise ValueError(f"decode must be in [1, context={settings.context}), got {settings.decode}")
     torch.manual_seed(settings.seed)
@@ -274,16 +330,21 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
             entry["ppl"] = {}
             for name in settings.texts:
                 ids, cache0, logits0 = prefixes[name]
-                nlls, top1, cache = _text_ppl(runner, ids, cache0, logits0, config, settings.decode)
+                ref = dense_ref.get(("ppl", name))
+                nlls, top1, cache, extra = _text_ppl(runner, ids, cache0, logits0, config, settings.decode,
+                                                     None if ref is None else ref[2])
                 steps += settings.decode
                 ppl = math.exp(sum(nlls) / len(nlls))
                 item = {"ppl": ppl, "nll": sum(nlls) / len(nlls)}
                 if config.score == "dense":
-                    dense_ref[("ppl", name)] = (ppl, top1)
+                    dense_ref[("ppl", name)] = (ppl, top1, extra)
                 else:
-                    dense_ppl, dense_top1 = dense_ref[("ppl", name)]
+                    dense_ppl, dense_top1, _ = ref
                     item["ppl_change"] = ppl / dense_ppl - 1.0
                     item["top1_agreement"] = sum(a == b for a, b in zip(top1, dense_top1)) / len(top1)
+                    item["kl"] = sum(extra) / len(extra)
+                    if config.score == "qsketch":  # the centroid weight each sparse layer calibrated
+                        item["sketch_centroid_weights"] = sketch_centroid_weights(cache)
                     item["kv_read"] = cache.read_fractions(settings.kv_element_bytes)
                     reads.append(item["kv_read"])
                 entry["ppl"][name] = item
@@ -350,6 +411,8 @@ def summary_rows(result: dict) -> list[dict]:
             items = list(entry["ppl"].values())
             row["ppl_change"] = sum(i["ppl_change"] for i in items) / len(items)
             row["top1_agreement"] = sum(i["top1_agreement"] for i in items) / len(items)
+            if all("kl" in i for i in items):
+                row["kl"] = sum(i["kl"] for i in items) / len(items)
         if "kv_read" in entry:
             row.update({f"kv_{k}": v for k, v in entry["kv_read"].items()})
         if "gen" in entry:
@@ -373,10 +436,11 @@ def _passkey_cell(entry_passkey: dict | None) -> str:
 def format_table(result: dict) -> str:
     """Markdown table of `summary_rows` (the one docs/accuracy.md shows), dense first."""
     lines = ["| selection | KV read, sparse layers (selected + metadata) | ppl change | top-1 agreement "
-             "| greedy agreement (common prefix) | passkey (by length) |", "|---|---|---|---|---|---|"]
+             "| KL(dense ‖ sparse) | greedy agreement (common prefix) | passkey (by length) |",
+             "|---|---|---|---|---|---|---|"]
     dense = next((e for e in result["configs"] if e["config"]["score"] == "dense"), None)
     if dense is not None:
-        lines.append(f"| dense | 100% | 0 | 100% | 100% | {_passkey_cell(dense.get('passkey'))} |")
+        lines.append(f"| dense | 100% | 0 | 100% | 0 | 100% | {_passkey_cell(dense.get('passkey'))} |")
     by_name = {e["name"]: e for e in result["configs"]}
     for row in summary_rows(result):
         kv = f"{row['kv_sparse_layers']:.1%} ({row['kv_selected']:.1%} + {row['kv_metadata']:.1%})" \
@@ -387,9 +451,10 @@ def format_table(result: dict) -> str:
             kv = f"{r['sparse_layers']:.1%} ({r['selected']:.1%} + {r['metadata']:.1%})"
         ppl = f"{row['ppl_change']:+.2%}" if "ppl_change" in row else "-"
         top1 = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
+        kl = f"{row['kl']:.4f}" if "kl" in row else "-"
         gen = f"{row['gen_agreement']:.1%} ({row['gen_prefix_match']})" if "gen_agreement" in row else "-"
         pk = _passkey_cell(by_name[row["name"]].get("passkey"))
-        lines.append(f"| {row['name']} | {kv} | {ppl} | {top1} | {gen} | {pk} |")
+        lines.append(f"| {row['name']} | {kv} | {ppl} | {top1} | {kl} | {gen} | {pk} |")
     return "\n".join(lines)
 
 
@@ -403,24 +468,27 @@ def plot_results(result: dict, path: Path) -> None:
     rows = [r for r in summary_rows(result) if "ppl_change" in r and "kv_sparse_layers" in r]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     markers = {16: "o", 32: "^", 64: "s", 128: "D"}
-    colors = {s: f"C{i}" for i, s in enumerate(ALL_SCORES)}
-    for score in ALL_SCORES:
+    variants = sorted({(r["score"], r.get("group_agg") or "") for r in rows},
+                      key=lambda v: (ALL_SCORES.index(v[0]), v[1]))
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    for score, agg in variants:
         for bs in sorted({r["block_size"] for r in rows}):
-            sel = sorted((r for r in rows if r["score"] == score and r["block_size"] == bs),
-                         key=lambda r: r["kv_sparse_layers"])
+            sel = sorted((r for r in rows if r["score"] == score and (r.get("group_agg") or "") == agg
+                          and r["block_size"] == bs), key=lambda r: r["kv_sparse_layers"])
             if not sel:
                 continue
             x = [100 * r["kv_sparse_layers"] for r in sel]
             style = "-" if bs == 64 else "--"
+            label = f"{score}{' ' + agg if agg else ''} bs{bs}"
             axes[0].plot(x, [100 * r["ppl_change"] for r in sel], style, marker=markers.get(bs, "x"),
-                         color=colors[score], label=f"{score} bs{bs}")
+                         color=colors[(score, agg)], label=label)
             axes[1].plot(x, [100 * r["top1_agreement"] for r in sel], style, marker=markers.get(bs, "x"),
-                         color=colors[score], label=f"{score} bs{bs}")
+                         color=colors[(score, agg)], label=label)
     axes[0].set_ylabel("perplexity change vs dense (%)")
     axes[0].set_yscale("symlog", linthresh=1.0)
     axes[1].set_ylabel("top-1 agreement with dense (%)")
     for ax in axes:
-        ax.set_xlabel("KV bytes read per decode step, sparse layers (% of dense; K/V bf16 + fp32 stats)")
+        ax.set_xlabel("KV bytes read per decode step, sparse layers (% of dense; K/V bf16 + metadata)")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, ncol=2)
     env = result["environment"]
@@ -482,7 +550,7 @@ def run_model_demo(context: int | None = None, decode: int = 64, gen_tokens: int
     dense_top1 = dense_gen = dense_ppl = None
     for config in configs:
         t1 = time.time()
-        nlls, top1, cache = _text_ppl(runner, ids, cache0, logits0, config, decode)
+        nlls, top1, cache, _ = _text_ppl(runner, ids, cache0, logits0, config, decode)
         if device == "cuda":
             torch.cuda.synchronize()
         tokens_per_s = decode / (time.time() - t1)
@@ -563,7 +631,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="greedy tokens compared with dense")
     p.add_argument("--passkey-lengths", type=_ints, default=d.passkey_lengths)
     p.add_argument("--passkey-depths", type=_floats, default=d.passkey_depths)
-    p.add_argument("--scores", type=_strs, default=d.scores, help=f"comma-separated, from {ALL_SCORES}")
+    p.add_argument("--scores", type=_strs, default=d.scores,
+                   help=f"comma-separated, from {ALL_SCORES}, each optionally with ':max' or ':sum' (the "
+                        "top-k group aggregation), e.g. tight:max,tight:sum,qsketch:sum")
+    p.add_argument("--group-agg", choices=GROUP_AGGS, default=None,
+                   help="group aggregation of the --scores entries without one (default: the library's, sum)")
     p.add_argument("--budgets", type=_floats, default=d.budgets, help="top-k fractions of the blocks")
     p.add_argument("--block-sizes", type=_ints, default=d.block_sizes)
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
@@ -591,7 +663,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """EvalSettings from parsed flags (`--quick` replaces the sizes by a CI-sized setting)."""
     settings = EvalSettings(context=args.context, decode=args.decode, texts=args.texts, gen_tokens=args.gen_tokens,
                             passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
-                            scores=args.scores, budgets=args.budgets, block_sizes=args.block_sizes,
+                            scores=args.scores, group_agg=args.group_agg, budgets=args.budgets,
+                            block_sizes=args.block_sizes,
                             dense_layers=args.dense_layers, tasks=args.tasks,
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads)

@@ -13,6 +13,12 @@ exactly like `attn_implementation="sdpa"`; every decode step (one query token) o
 runs AETHER over the layer's `AetherKVCache`, whose block statistics are built once after prefill
 and refreshed incrementally per appended token.
 
+`score="qsketch"`: at prefill every sparse layer keeps the post-RoPE queries of the last
+`sketch_queries` (256) prompt positions; at the first decode step it calibrates its rank-8 sketch
+projection and centroid weight from them and the prompt's keys (`aether.calibrate_sketch`; per
+row of a left-padded batch, else on the first row), builds the key sketch, and then updates it
+per token like the statistics. A decode without a prefill through this cache raises.
+
 How the attention function finds the cache: transformers never hands the cache to an attention
 function, so each `AetherLayer.update` tags the key tensor it returns with its layer
 (`key._aether_layer`, a weak reference); the attention function checks that the tag's layer index equals
@@ -123,9 +129,12 @@ class AetherCache(DynamicCache):
         config: the model config (number of layers, attention layout checks).
         dense_layers: layer indices that always run dense attention (default: the first two;
             the first layers of LLMs attend broadly and are cheap to keep exact).
-        score, policy, budget, block_size, eps, mass, sink_blocks, recent_blocks: AETHER's
-            selection options, as in `aether.sparse_attention` (`score="oracle"` picks blocks by
-            their true attention mass with the reference implementation: a study tool).
+        score, policy, budget, block_size, eps, mass, sink_blocks, recent_blocks, group_agg:
+            AETHER's selection options, as in `aether.sparse_attention` (`score="oracle"` picks
+            blocks by their true attention mass with the reference implementation: a study tool;
+            `group_agg=None` is the library default, "sum" for topk).
+        sketch_rank, sketch_queries: score="qsketch" only: the sketch's rank and how many of the
+            last prefill queries calibrate it.
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -134,7 +143,8 @@ class AetherCache(DynamicCache):
 
     def __init__(self, config, *, dense_layers: Iterable[int] | None = DEFAULT_DENSE_LAYERS, score: str = "tight",
                  policy: str = "topk", budget: int | float = 0.25, block_size: int = 64, eps: float = 1e-3,
-                 mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1) -> None:
+                 mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
+                 sketch_rank: int = 8, sketch_queries: int = 256) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -145,7 +155,8 @@ class AetherCache(DynamicCache):
         if bad:
             raise ValueError(f"dense_layers must hold layer indices in [0, {num_layers}), got {bad}")
         self.options = SparseOptions(score=score, policy=policy, budget=budget, block_size=block_size, eps=eps,
-                                     mass=mass, sink_blocks=sink_blocks, recent_blocks=recent_blocks)
+                                     mass=mass, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
+                                     group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]
@@ -164,7 +175,8 @@ class AetherCache(DynamicCache):
         """KV bytes read by decode steps so far, relative to dense attention over the same steps.
 
         Returns `selected` (K/V of the selected blocks, sparse layers only), `metadata` (block
-        statistics read by the radar, sparse layers only), `sparse_layers` (their sum) and
+        statistics, or for qsketch the key sketch (+ centroid when its weight is not 0, + the
+        query projection), read by the radar, sparse layers only), `sparse_layers` (their sum) and
         `all_layers` (dense layers count as reading everything). `kv_element_bytes`: 2 for a bf16
         cache (default: the deployment case), 4 for float32.
         """
@@ -239,6 +251,9 @@ def aether_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                            f"{module.layer_idx}: the model must call cache.update with its own layer_idx")
     sparse = (layer.sparse and query.shape[2] == 1 and not module.training
               and not getattr(module, "sliding_window", None))
+    if (layer.sparse and query.shape[2] > 1 and not module.training
+            and layer.kv.options.score == "qsketch"):
+        layer.kv.record_queries(query)  # the prefill queries that calibrate the layer's sketch
     if sparse:
         starts, usable = layer.parent().row_layout(attention_mask, key.shape[2])
         sparse = usable
