@@ -15,6 +15,7 @@ from aether.eval import (
     build_parser,
     configs_for,
     format_table,
+    parse_score,
     passkey_prompt,
     run_eval,
     run_model_demo,
@@ -46,6 +47,22 @@ def test_quick_flag_and_config_grid():
     configs = configs_for(full)
     assert configs[0] == Config("dense")
     assert len(configs) == 1 + len(full.scores) * len(full.budgets) * len(full.block_sizes)
+
+
+def test_scores_with_group_aggregation():
+    assert parse_score("tight:max") == ("tight", "max")
+    assert parse_score("qsketch") == ("qsketch", None)
+    assert parse_score("qsketch", "sum") == ("qsketch", "sum")
+    assert parse_score("tight:max", "sum") == ("tight", "max")
+    with pytest.raises(ValueError, match="group aggregation"):
+        parse_score("tight:mean")
+    with pytest.raises(ValueError, match="scores"):
+        parse_score("magic:max")
+    args = build_parser().parse_args(["--scores", "tight:max,tight:sum,qsketch", "--group-agg", "sum",
+                                      "--budgets", "0.125", "--block-sizes", "64"])
+    names = [c.name for c in configs_for(settings_from_args(args))]
+    assert names == ["dense", "tight bs64 topk 0.125 max", "tight bs64 topk 0.125 sum", "qsketch bs64 topk 0.125 sum"]
+    assert Config("tight", 0.25, 16).name == "tight bs16 topk 0.25"  # no aggregation given: the old name
 
 
 def test_passkey_prompt_layout(bundle):
@@ -88,6 +105,29 @@ def test_harness_end_to_end(bundle, tmp_path):
     assert len(rows) == 4
     table = format_table(result)
     assert "tight bs16 topk 0.25" in table and "| selection |" in table
+
+
+def test_harness_qsketch_and_group_agg(bundle, tmp_path):
+    """qsketch through the harness: the prefill's queries calibrate every sparse layer, a full budget
+    is dense, a sparse one reads its sketch bytes as metadata; max and sum aggregation both run."""
+    settings = EvalSettings(**{**QUICK, "scores": ("qsketch:sum", "tight:max"), "budgets": (0.25, 1.0),
+                               "tasks": ("ppl",)})
+    result = run_eval(settings, output=tmp_path / "acc.json", plot=None, model_bundle=bundle, progress=False)
+    by_name = {c["name"]: c for c in result["configs"]}
+    assert set(by_name) == {"dense", "qsketch bs16 topk 0.25 sum", "tight bs16 topk 0.25 max",
+                            "qsketch bs16 topk 1 sum", "tight bs16 topk 1 max"}
+    for name in ("qsketch bs16 topk 1 sum", "tight bs16 topk 1 max"):
+        ppl = by_name[name]["ppl"]["vim_user_manual"]
+        assert ppl["top1_agreement"] == 1.0 and abs(ppl["ppl_change"]) < 1e-4 and abs(ppl["kl"]) < 1e-6
+    sparse = by_name["qsketch bs16 topk 0.25 sum"]
+    item = sparse["ppl"]["vim_user_manual"]
+    assert item["kl"] > 0.0
+    weights = item["sketch_centroid_weights"]
+    assert sorted(weights) == list(range(2, 30)) and set(weights.values()) <= {0.0, 0.5, 1.0}
+    # 16-token blocks: sketch 96 B (+ 256 B centroid) per block vs 4 KiB of bf16 K+V, plus the query projection
+    assert 96 / 4096 < sparse["kv_read"]["metadata"] < by_name["tight bs16 topk 0.25 max"]["kv_read"]["metadata"]
+    assert 0.0 < sparse["kv_read"]["selected"] < 0.6
+    assert "KL" in format_table(result)
 
 
 def test_model_demo_prints_table(bundle, tmp_path, capsys):

@@ -263,3 +263,271 @@ def test_unsupported_config_and_options_rejected(smollm):
     config.sliding_window = 512
     with pytest.raises(ValueError, match="sliding"):
         AetherCache(config)
+
+
+# ------------------------------------------------------------------ qsketch and group_agg
+
+
+def _assert_sketch_equal(got, want, where: str) -> None:
+    nb = want.codes.shape[2]
+    assert torch.equal(got.codes[:, :, :nb], want.codes), f"sketch codes differ from a fresh build {where}"
+    assert torch.equal(got.ranges[:, :, :nb], want.ranges), f"sketch ranges differ from a fresh build {where}"
+    assert not got.codes[:, :, nb:].any() and not got.ranges[:, :, nb:].float().any(), \
+        f"sketch has non-zero blocks past the end {where}"
+
+
+def _assert_calibration_equal(got, want) -> None:
+    torch.testing.assert_close(got.key_proj, want.key_proj, rtol=0, atol=0)
+    torch.testing.assert_close(got.query_proj, want.query_proj, rtol=0, atol=0)
+    assert got.centroid_weight == want.centroid_weight
+
+
+def _qsketch_cache(block_size: int = 16, budget: float = 0.25, prefill: int = 150, queries: int = 40,
+                   batch: int = 1, seed: int = 11, **options):
+    torch.manual_seed(seed)
+    cache = AetherKVCache(SparseOptions(score="qsketch", budget=budget, block_size=block_size, **options),
+                          initial_capacity=8)
+    k = torch.randn(batch, 3, prefill, 64)
+    k[..., :2] *= 4.0  # a few outlier channels, as real keys have
+    cache.append(k, torch.randn(batch, 3, prefill, 64))
+    q = torch.randn(batch, 9, queries, 64)
+    cache.record_queries(q)
+    return cache, q
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_qsketch_sketch_updated_incrementally_equals_fresh_build(backend, block_size):
+    cache, q = _qsketch_cache(block_size=block_size, prefill=97, queries=30)
+    calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=block_size, budget=0.25)
+    calib0 = cache.calibrations()[0]
+    _assert_calibration_equal(calib0, calib)
+    first = cache.sketches()[0]
+    assert isinstance(first, cache_mod.RefKeySketch) == (backend == "reference")
+    for step in range(2 * block_size + 3):  # crosses block boundaries and buffer growth
+        cache.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+        if step % 7 == 0:  # attend now and then: the sketch is refreshed lazily, only when read
+            cache.attend(torch.randn(1, 9, 64))
+        sketch = cache.sketches()[0]
+        assert sketch is first, "the sketch was rebuilt instead of updated"
+        assert cache.calibrations()[0] is calib0, "the sketch was recalibrated"
+        _assert_sketch_equal(sketch, cache_mod.build_key_sketch(cache.keys, calib, block_size), f"at step {step}")
+
+
+def test_qsketch_decode_matches_sparse_attention():
+    """Every decode step through the cache equals aether.sparse_attention called directly with a sketch
+    built from scratch on the same keys and calibrated from the same prefill keys and queries."""
+    if not aether.extension_available():
+        pytest.skip("aether._C is not built")
+    for group_agg in (None, "max", "sum"):
+        cache, q = _qsketch_cache(block_size=16, budget=0.25, prefill=150, queries=40, group_agg=group_agg)
+        calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=16, budget=0.25)
+        for step in range(20):
+            cache.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+            qd = torch.randn(1, 9, 64)
+            got = cache.attend(qd)
+            fresh = aether.key_sketch(cache.keys, calib, 16)
+            want, sel = aether.sparse_attention(qd, cache.keys, cache.values, score="qsketch", sketch=fresh,
+                                                budget=0.25, block_size=16, group_agg=group_agg,
+                                                return_selection=True)
+            assert torch.equal(got, want), f"group_agg={group_agg} step {step}: output differs"
+            assert int((sel.indices >= 0).sum()) < 3 * (cache.length // 16), "qsketch read every block"
+
+
+def test_qsketch_left_padding_calibrates_and_sketches_per_row(backend):
+    cache, q = _qsketch_cache(block_size=16, prefill=90, queries=50, batch=2)
+    cache.set_row_starts([0, 60])  # row 1 has 30 prefill tokens: only its last 30 queries are valid
+    for step in range(18):
+        cache.append(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64))
+        cache.attend(torch.randn(2, 9, 64))
+    sketches, calibrations = cache.sketches(), cache.calibrations()
+    assert len(sketches) == 2
+    for row, (start, n) in enumerate(((0, 50), (60, 30))):
+        calib = aether.calibrate_sketch(cache.keys[row, :, start:90], q[row, :, -n:], rank=8, block_size=16,
+                                        budget=0.25)
+        _assert_calibration_equal(calibrations[row], calib)
+        fresh = cache_mod.build_key_sketch(cache.keys[row:row + 1, :, start:], calib, 16)
+        _assert_sketch_equal(sketches[row], fresh, f"row {row}")
+
+
+def test_qsketch_read_accounting():
+    """Metadata of qsketch = its sketch bytes per block (+ centroid if weighted) + the query projection."""
+    if not aether.extension_available():
+        pytest.skip("aether._C is not built")
+    cache, _ = _qsketch_cache(block_size=16, budget=2, prefill=64 + 4, queries=20, recent_blocks=0)
+    cache.attend(torch.randn(1, 9, 64))
+    sketch = cache.sketches()[0]
+    per_block = 16 * 8 // 2 + 4 * 8 + (4 * 64 if sketch.calibration.centroid_weight != 0.0 else 0)
+    assert sketch.bytes_per_block() == per_block
+    want = 3 * 5 * per_block + 4 * 9 * 64 * 8  # 3 KV heads x 5 blocks, float32 query_proj [9, 64, 8]
+    assert cache.reads.sketch_bytes == want
+    fractions = cache.reads.fractions(64, "qsketch", kv_element_bytes=2)
+    assert fractions["metadata"] == pytest.approx(want / (3 * 68 * 2 * 64 * 2))
+    assert fractions["selected"] == pytest.approx((16 + 4) / 68)  # budget 2: the sink + the partial tail
+    with pytest.raises(ValueError, match="bytes_per_block"):
+        cache_mod.metadata_bytes_per_block("qsketch", 64)
+
+
+def test_qsketch_truncate_and_reindex_rebuild():
+    cache, q = _qsketch_cache(block_size=16, prefill=100, queries=40, batch=2)
+    for _ in range(5):
+        cache.append(torch.randn(2, 3, 1, 64), torch.randn(2, 3, 1, 64))
+        cache.attend(torch.randn(2, 9, 64))
+    calib = cache.calibrations()[0]
+    cache.truncate(102)  # past the prefill: same calibration, sketch rebuilt for the shorter cache
+    assert cache.calibrations()[0] is calib
+    _assert_sketch_equal(cache.sketches()[0], cache_mod.build_key_sketch(cache.keys, calib, 16), "after truncate")
+    cache.truncate(90)  # into the prefill: the queries past slot 90 are dropped and it recalibrates
+    queries, end = cache.prefill_queries
+    assert end == 90 and torch.equal(queries, q[:, :, :30])
+    want = aether.calibrate_sketch(cache.keys[0], q[0, :, :30], rank=8, block_size=16, budget=0.25)
+    _assert_calibration_equal(cache.calibrations()[0], want)
+    cache.reindex(torch.tensor([1, 0]))  # row 0 is the other sequence now: recalibrated on it
+    want = aether.calibrate_sketch(cache.keys[0], q[1, :, :30], rank=8, block_size=16, budget=0.25)
+    _assert_calibration_equal(cache.calibrations()[0], want)
+
+
+def test_record_queries_keeps_the_tail_of_consecutive_chunks():
+    cache = AetherKVCache(SparseOptions(score="qsketch", sketch_queries=8))
+    q1, q2 = torch.randn(1, 9, 6, 64), torch.randn(1, 9, 5, 64)
+    cache.append(torch.randn(1, 3, 6, 64), torch.randn(1, 3, 6, 64))
+    cache.record_queries(q1)
+    cache.append(torch.randn(1, 3, 5, 64), torch.randn(1, 3, 5, 64))
+    cache.record_queries(q2)
+    queries, end = cache.prefill_queries
+    assert end == 11 and torch.equal(queries, torch.cat([q1, q2], 2)[:, :, -8:])
+
+
+def test_qsketch_and_group_agg_errors():
+    with pytest.raises(ValueError, match="group_agg"):
+        SparseOptions(group_agg="mean")
+    with pytest.raises(ValueError, match="topk"):
+        SparseOptions(policy="adaptive", group_agg="max")
+    with pytest.raises(ValueError, match="threshold"):
+        SparseOptions(score="qsketch", policy="threshold")
+    with pytest.raises(ValueError, match="sketch_rank"):
+        SparseOptions(score="qsketch", sketch_rank=5)
+    cache = AetherKVCache(SparseOptions(score="qsketch", block_size=16))
+    cache.append(torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64))
+    with pytest.raises(ValueError, match="no prefill queries"):
+        cache.attend(torch.randn(1, 9, 64))
+    with pytest.raises(ValueError, match="q_heads"):
+        cache.record_queries(torch.randn(1, 8, 4, 64))
+    with pytest.raises(ValueError, match="n \\(1..40\\)"):
+        cache.record_queries(torch.randn(1, 9, 41, 64))
+    q, k, v = torch.randn(1, 9, 64), torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    with pytest.raises(ValueError, match="key sketch"):
+        sparse_decode_step(q, k, v, SparseOptions(score="qsketch", block_size=16))
+
+
+# ------------------------------------------------------------------ a tiny random Llama (transformers)
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="needs transformers (pip install -e .[eval])")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aether.integrations.transformers import register
+
+    register()
+    config = LlamaConfig(vocab_size=96, hidden_size=384, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    config._attn_implementation = "aether"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper attention than the random init's, so that selection matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model
+
+
+@needs_transformers
+def test_tiny_model_qsketch_decode_matches_sparse_attention(tiny_llama, monkeypatch):
+    """Through the transformers integration: each sparse layer calibrates from the prefill query the
+    attention function saw (its last sketch_queries positions) and the prefill keys, and every decode
+    step equals aether.sparse_attention with a freshly built sketch."""
+    if not aether.extension_available():
+        pytest.skip("aether._C is not built")
+    import aether.integrations.transformers as tr
+
+    prefill_seen, calls = {}, []
+    real_sdpa, real_sparse = tr.sdpa_attention_forward, aether.sparse_attention
+
+    def spy_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] > 1:
+            prefill_seen[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+        return real_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    def spy_sparse(q, k, v, **kwargs):
+        out = real_sparse(q, k, v, **kwargs)
+        calls.append((q.clone(), k.clone(), v.clone(), dict(kwargs), out[0].clone()))
+        return out
+
+    monkeypatch.setattr(tr, "sdpa_attention_forward", spy_sdpa)
+    monkeypatch.setattr(aether, "sparse_attention", spy_sparse)
+    cache = tr.AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", budget=0.25, block_size=16,
+                           sketch_queries=64)
+    ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(3))
+    _decode(tiny_llama, ids, cache, 20)
+    for layer in (1, 2):
+        q, k = prefill_seen[layer]
+        want = aether.calibrate_sketch(k[0], q[0, :, -64:], rank=8, block_size=16, budget=0.25)
+        _assert_calibration_equal(cache.layers[layer].kv.calibrations()[0], want)
+    assert len(calls) == 2 * 20 and len({id(c[3]["sketch"]) for c in calls}) == 2  # one sketch per sparse layer
+    for q, k, v, kwargs, out in calls:
+        assert kwargs["score"] == "qsketch" and kwargs["group_agg"] is None
+        fresh = aether.key_sketch(k, kwargs["sketch"].calibration, 16)
+        stats = None if kwargs["stats"] is None else aether.block_stats(k, 16)  # for a centroid term
+        want = real_sparse(q, k, v, score="qsketch", sketch=fresh, budget=0.25, block_size=16, stats=stats,
+                           scale=kwargs["scale"], return_selection=True)[0]
+        assert torch.equal(out, want)
+    fractions = cache.read_fractions()
+    assert fractions["selected"] < 0.6 and 0.0 < fractions["metadata"] < 0.3
+
+
+@needs_transformers
+def test_tiny_model_qsketch_full_budget_equals_dense(tiny_llama):
+    from aether.integrations.transformers import AetherCache
+
+    ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(4))
+    dense_tokens, dense_logits = _decode(tiny_llama, ids, AetherCache(tiny_llama.config, dense_layers=range(3)), 8)
+    for group_agg in ("max", "sum"):
+        cache = AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", budget=1.0, block_size=16,
+                            group_agg=group_agg)
+        tokens, logits = _decode(tiny_llama, ids, cache, 8)
+        assert torch.equal(tokens, dense_tokens)
+        torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-4)
+        assert cache.read_fractions()["selected"] == pytest.approx(1.0)
+
+
+@needs_transformers
+def test_tiny_model_group_agg_passed_through(tiny_llama, monkeypatch):
+    from aether.integrations.transformers import AetherCache
+
+    seen = []
+    real_sparse = aether.sparse_attention
+    monkeypatch.setattr(aether, "sparse_attention",
+                        lambda *a, **kw: (seen.append(kw["group_agg"]), real_sparse(*a, **kw))[1])
+    ids = torch.randint(0, 96, (1, 120), generator=torch.Generator().manual_seed(5))
+    for group_agg in ("max", "sum", None):
+        seen.clear()
+        _decode(tiny_llama, ids, AetherCache(tiny_llama.config, dense_layers=(0,), score="tight", budget=0.25,
+                                             block_size=16, group_agg=group_agg), 3)
+        if aether.extension_available():
+            assert seen and set(seen) == {group_agg}
+    with pytest.raises(ValueError, match="group_agg"):
+        AetherCache(tiny_llama.config, group_agg="avg")
+
+
+@needs_transformers
+def test_tiny_model_qsketch_without_prefill_says_so(tiny_llama):
+    from aether.integrations.transformers import AetherCache
+
+    cache = AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", block_size=16)
+    with pytest.raises(ValueError, match="prefill"):
+        _decode(tiny_llama, torch.tensor([[5]]), cache, 2)  # a one-token prompt has no prefill forward
