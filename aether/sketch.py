@@ -49,8 +49,8 @@ class SketchCalibration(NamedTuple):
 
 def _check_rank(rank: object, head_dim: int) -> int:
     rank = _check_count(rank, "rank", 2)
-    if rank % 2 or rank > 16 or rank > head_dim:
-        raise ValueError(f"rank must be even, in [2, 16] and <= head_dim ({head_dim}), got {rank}")
+    if rank not in (2, 4, 8, 16) or rank > head_dim:
+        raise ValueError(f"rank must be 2, 4, 8 or 16 and <= head_dim ({head_dim}), got {rank}")
     return rank
 
 

@@ -17,7 +17,7 @@ for dtype in (torch.float16, torch.bfloat16):
         lens = torch.tensor([300, 97], dtype=torch.int32, device="cuda")
         stats = aether.block_stats(k, bs, seq_lens=lens)
         stats.update(k, lens)
-        for rank, weight in ((8, 0.5), (6, 0.0), (16, 1.0)):
+        for rank, weight in ((8, 0.5), (2, 0.0), (16, 1.0), (4, 0.0)):
             calib = aether.SketchCalibration(torch.randn(2, head_dim, rank, device="cuda"),
                                              torch.randn(2 * group, head_dim, rank, device="cuda"), weight)
             sketch = aether.key_sketch(k, calib, bs, seq_lens=lens - 40)

@@ -97,7 +97,7 @@ def _op_scores(q, sketch, stats, lens, bs, scale, policy="topk", group_agg="max"
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("rank,bs,group", [(8, 64, 4), (4, 32, 3), (16, 16, 1), (6, 128, 2)])
+@pytest.mark.parametrize("rank,bs,group", [(8, 64, 4), (4, 32, 3), (16, 16, 1), (2, 128, 2)])
 def test_sketch_scores_match_reference(device, weight, rank, bs, group, poison_empty):
     head_dim = 128 if rank == 4 else 64
     kv_heads = 2

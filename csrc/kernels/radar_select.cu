@@ -27,15 +27,17 @@ cudaError_t validate(const RadarSelectParams& p) {
     case Score::kSketch:
       if (p.policy == Policy::kThreshold) return cudaErrorInvalidValue;  // not an upper bound
       if (p.in_head_scores != nullptr) break;  // nothing of the sketch is read
-      if (p.sketch_rank < 2 || p.sketch_rank > kMaxSketchRank || p.sketch_rank % 2 != 0) return cudaErrorInvalidValue;
+      if (p.sketch_rank != 2 && p.sketch_rank != 4 && p.sketch_rank != 8 && p.sketch_rank != 16) {
+        return cudaErrorInvalidValue;
+      }
       if (p.block_size > kMaxSketchBlockSize) return cudaErrorInvalidValue;
       if (p.sketch_codes == nullptr || p.sketch_ranges == nullptr || p.sketch_key_proj == nullptr ||
           p.sketch_query_proj == nullptr) {
         return cudaErrorInvalidValue;
       }
       if (p.centroid_weight != 0.0f && p.centroid == nullptr) return cudaErrorInvalidValue;
-      // Codes are read as 4-byte words (R = 8, 16).
-      if (reinterpret_cast<uintptr_t>(p.sketch_codes) % 4 != 0) return cudaErrorInvalidValue;
+      // Codes are read as 16-byte vectors, centroids as float4.
+      if (reinterpret_cast<uintptr_t>(p.sketch_codes) % 16 != 0) return cudaErrorInvalidValue;
       break;
     default: return cudaErrorInvalidValue;
   }

@@ -279,9 +279,9 @@ void block_stats_update(const Tensor& k, const Tensor& seq_lens, const Tensor& f
 // ----------------------------------------------------------------------------------- key_sketch
 
 void check_sketch_rank(int64_t rank) {
-  AETHER_CHECK(rank >= 2 && rank <= aether::kMaxSketchRank && rank % 2 == 0,
-               "aether: the sketch rank (key_proj.size(2)) must be even in [2, ", aether::kMaxSketchRank, "], got ",
-               rank);
+  // Powers of two: the CUDA score kernel is instantiated per rank and unpacks whole 16-byte vectors.
+  AETHER_CHECK(rank == 2 || rank == 4 || rank == 8 || rank == 16,
+               "aether: the sketch rank (key_proj.size(2)) must be 2, 4, 8 or 16, got ", rank);
 }
 
 void check_key_proj(const Tensor& key_proj, int64_t kv_heads, int64_t head_dim, const Tensor& ref) {

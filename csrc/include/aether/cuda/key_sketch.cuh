@@ -1,21 +1,26 @@
 // Key sketch kernels: the 4-bit token sketch (key_sketch) and the "qsketch" block score.
 //
 // 1. key_sketch_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), kSketchThreads threads: one
-//    CTA builds one block at a time. The warps split the block's tokens, the lanes a key's
-//    channels; each of the R coefficients x_tr = key_proj_h^T k_t is a warp sum. Then R threads
-//    take the per-coefficient min / max (bf16, round to nearest even) and all threads quantise
-//    and pack two codes per byte. A block is always rebuilt from all of its tokens, so an append
-//    (first_block set) equals a full build, as for block_stats.
-// 2. sketch_score_kernel<kHeadDim>, grid (batch * kv_heads, slices), kSketchThreads threads: each
-//    CTA stages u_g = query_proj_g^T q_g and (centroid weight a != 0) q'_g = q_g - key_proj_h u_g
-//    for the G heads of its group in shared memory, then every warp scores one block at a time:
-//    the lanes hold the packed codes of tokens lane, lane + 32, ... (one 4-byte word per 8
-//    coefficients), and for each head the per-token logits s * (base + sum_r w_r code_tr) (with
-//    base = u . lo + a q' . centroid and w_r = u_r step_r) are reduced to a log-sum-exp with a
-//    warp max and a warp sum. The score bytes per block are bs * R / 2 codes + 4R range bytes
-//    (+ 4D centroid bytes when a != 0): 288 B for a 64-token block at R = 8, 1.8% of its K+V at
-//    head_dim 64, 0.9% at 128. It writes the same outputs as radar_score_kernel (group score =
-//    max over the heads, per-head scores when asked), so radar_select_kernel selects unchanged.
+//    CTA builds one block at a time. The block's keys are staged in shared memory as float32
+//    (rows padded by one float against bank conflicts), then each thread computes whole
+//    coefficients x_tr = key_proj_h^T k_t (a D-long dot product from shared memory, no shuffles:
+//    the first version reduced every coefficient over a warp and was latency-bound, ~40 us for
+//    one block per head), a warp per coefficient takes its min / max (bf16, round to nearest
+//    even), and all threads quantise and pack two codes per byte. A block is always rebuilt from
+//    all of its tokens, so an append (first_block set) equals a full build, as for block_stats.
+// 2. sketch_score_kernel<kHeadDim, kRank>, grid (batch * kv_heads, slices), kSketchThreads
+//    threads. The CTA stages u_g = query_proj_g^T q_g (8 lanes per output) and, for a centroid
+//    weight a != 0, q'_g = q_g - key_proj_h u_g for the G heads of its group. Then each LANE
+//    scores one block (a warp covers 32 consecutive blocks, so its loads cover one contiguous
+//    span of codes): it reads the block's bf16 ranges, its codes as 16-byte vectors and (a != 0)
+//    its float32 centroid, and for four heads at a time runs an online log-sum-exp over the
+//    block's tokens of s * (base_g + sum_r w_gr code_tr), base_g = u_g . lo + a q'_g . centroid,
+//    w_gr = u_gr step_r. No shuffles in the block loop: the first version spread a block over a
+//    warp and spent its time in warp reductions (121 us for 8 x 32k on an H200). The score
+//    bytes per block are bs * R / 2 codes + 4R range bytes (+ 4D centroid bytes when a != 0):
+//    288 B for a 64-token block at R = 8. It writes the same outputs as radar_score_kernel
+//    (group score = max over the heads, per-head scores when asked), so radar_select_kernel
+//    selects unchanged.
 #pragma once
 
 #include <cmath>
@@ -30,17 +35,27 @@ namespace cuda {
 constexpr int kSketchThreads = 128;
 constexpr int kSketchWarps = kSketchThreads / kWarpSize;
 constexpr int kMaxSketchBlockSize = 128;  // the API's largest block; sizes the shared buffers
-constexpr int kMaxTokensPerLane = kMaxSketchBlockSize / kWarpSize;
+
+// Dynamic shared memory of the build kernel, in floats: keys [bs][D + 1], key_proj [D][R],
+// coefficients [bs][R], lo and step [R].
+inline size_t key_sketch_smem_bytes(int block_size, int head_dim, int rank) {
+  return sizeof(float) * (static_cast<size_t>(block_size) * (head_dim + 1) + static_cast<size_t>(head_dim) * rank +
+                          static_cast<size_t>(block_size) * rank + 2 * kMaxSketchRank);
+}
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kSketchThreads)
 key_sketch_kernel(const KeySketchParams p) {
-  constexpr int kPerLane = kHeadDim / kWarpSize;  // channels per lane
-  __shared__ float s_proj[kHeadDim * kMaxSketchRank];            // [D][R]
-  __shared__ float s_x[kMaxSketchBlockSize * kMaxSketchRank];    // [bs][R]
-  __shared__ float s_lo[kMaxSketchRank], s_step[kMaxSketchRank];
-
+  constexpr int kRow = kHeadDim + 1;  // padded key row
+  constexpr int kChunks = kHeadDim / 8;
+  extern __shared__ __align__(16) float s_dyn[];
   const int R = p.rank;
+  float* s_keys = s_dyn;                            // [bs][kRow]
+  float* s_proj = s_keys + p.block_size * kRow;     // [D][R]
+  float* s_x = s_proj + kHeadDim * R;               // [bs][R]
+  float* s_lo = s_x + p.block_size * R;             // [kMaxSketchRank]
+  float* s_step = s_lo + kMaxSketchRank;            // [kMaxSketchRank]
+
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
@@ -56,7 +71,6 @@ key_sketch_kernel(const KeySketchParams p) {
   for (int i = tid; i < kHeadDim * R; i += kSketchThreads) {
     s_proj[i] = p.key_proj[static_cast<int64_t>(h) * kHeadDim * R + i];
   }
-  __syncthreads();
   const T* data = static_cast<const T*>(p.k.data);
   const int code_bytes = p.block_size * R / 2;
 
@@ -78,33 +92,39 @@ key_sketch_kernel(const KeySketchParams p) {
       const int64_t page = p.k.block_table[b * p.k.block_table_stride + j];
       block_base = data + page * p.k.stride_seq + h * p.k.stride_head;
     }
-    // Coefficients: warp w takes tokens w, w + 4, ...; lane l channels [l * kPerLane, +kPerLane).
-    for (int t = warp; t < n_tokens; t += kSketchWarps) {
-      float key[kPerLane];
-      const T* src = block_base + t * p.k.stride_token + lane * kPerLane;
+    for (int i = tid; i < n_tokens * kChunks; i += kSketchThreads) {
+      const int t = i / kChunks, c = i % kChunks;
+      float x[8];
+      load8_as_float(block_base + t * p.k.stride_token + c * 8, x);
 #pragma unroll
-      for (int c = 0; c < kPerLane; ++c) key[c] = to_float(src[c]);
-      for (int r = 0; r < R; ++r) {
-        float partial = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kPerLane; ++c) partial = fmaf(key[c], s_proj[(lane * kPerLane + c) * R + r], partial);
-        partial = warp_sum(partial);
-        if (lane == 0) s_x[t * R + r] = partial;
-      }
+      for (int e = 0; e < 8; ++e) s_keys[t * kRow + c * 8 + e] = x[e];
+    }
+    __syncthreads();  // also publishes s_proj on the first block
+    for (int pair = tid; pair < n_tokens * R; pair += kSketchThreads) {
+      const int t = pair / R, r = pair % R;
+      const float* key = s_keys + t * kRow;
+      float x = 0.0f;
+#pragma unroll 8
+      for (int d = 0; d < kHeadDim; ++d) x = fmaf(key[d], s_proj[d * R + r], x);
+      s_x[pair] = x;
     }
     __syncthreads();
-    if (tid < R) {
+    for (int r = warp; r < R; r += kSketchWarps) {
       float mn = INFINITY, mx = -INFINITY;
-      for (int t = 0; t < n_tokens; ++t) {
-        mn = fminf(mn, s_x[t * R + tid]);
-        mx = fmaxf(mx, s_x[t * R + tid]);
+      for (int t = lane; t < n_tokens; t += kWarpSize) {
+        mn = fminf(mn, s_x[t * R + r]);
+        mx = fmaxf(mx, s_x[t * R + r]);
       }
-      const __nv_bfloat16 lo = __float2bfloat16_rn(mn);
-      const __nv_bfloat16 hi = __float2bfloat16_rn(mx);
-      ranges[tid] = __bfloat16_as_ushort(lo);
-      ranges[R + tid] = __bfloat16_as_ushort(hi);
-      s_lo[tid] = __bfloat162float(lo);
-      s_step[tid] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(kSketchLevels));
+      mn = -warp_max(-mn);
+      mx = warp_max(mx);
+      if (lane == 0) {
+        const __nv_bfloat16 lo = __float2bfloat16_rn(mn);
+        const __nv_bfloat16 hi = __float2bfloat16_rn(mx);
+        ranges[r] = __bfloat16_as_ushort(lo);
+        ranges[R + r] = __bfloat16_as_ushort(hi);
+        s_lo[r] = __bfloat162float(lo);
+        s_step[r] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(kSketchLevels));
+      }
     }
     __syncthreads();
     auto quantise = [&](int t, int r) -> unsigned {
@@ -118,7 +138,7 @@ key_sketch_kernel(const KeySketchParams p) {
       const int r = 2 * (i % (R / 2));
       codes[i] = static_cast<uint8_t>(quantise(t, r) | (quantise(t, r + 1) << 4));
     }
-    __syncthreads();  // s_x, s_lo, s_step are rewritten by the next block
+    __syncthreads();  // s_keys, s_x, s_lo, s_step are rewritten by the next block
   }
 }
 
@@ -134,8 +154,13 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
     slices = std::min<int64_t>(slices, std::max<int64_t>(1, ceil_div(4 * num_sms, heads)));
   }
   slices = std::min<int64_t>(slices, 65535);
+  const size_t smem = key_sketch_smem_bytes(p.block_size, kHeadDim, p.rank);
+  auto kernel = key_sketch_kernel<T, kHeadDim>;
+  if (smem > 48 * 1024) {
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  key_sketch_kernel<T, kHeadDim><<<grid, kSketchThreads, 0, stream>>>(p);
+  kernel<<<grid, kSketchThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -143,22 +168,24 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
 // qsketch scores.
 
 // Shared memory of the score kernel, in floats: q [G][D], q' [G][D] (a != 0), u [G][R].
-inline size_t sketch_score_smem_bytes(int group, int head_dim, bool centroid) {
+inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, bool centroid) {
   return sizeof(float) * (static_cast<size_t>(group) * head_dim * (centroid ? 2 : 1) +
-                          static_cast<size_t>(group) * kMaxSketchRank);
+                          static_cast<size_t>(group) * rank);
 }
 
-template <int kHeadDim>
+constexpr int kSketchHeadTile = 4;  // heads scored per pass over a block's codes
+
+template <int kHeadDim, int kRank>
 __global__ void __launch_bounds__(kSketchThreads)
 sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
-  constexpr int kPerLane = kHeadDim / kWarpSize;
+  constexpr int kTokensPerVec = 32 / kRank;  // tokens per 16-byte vector of codes
+  static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
   extern __shared__ __align__(16) float s_dyn[];
   const int G = p.q_heads / p.kv_heads;
-  const int R = p.sketch_rank;
   const bool use_centroid = p.centroid_weight != 0.0f;
-  float* s_q = s_dyn;                                            // [G][D]
-  float* s_qrest = s_q + G * kHeadDim;                           // [G][D] when use_centroid
-  float* s_u = s_qrest + (use_centroid ? G * kHeadDim : 0);      // [G][kMaxSketchRank]
+  float* s_q = s_dyn;                                        // [G][D]
+  float* s_qrest = s_q + G * kHeadDim;                       // [G][D] when use_centroid
+  float* s_u = s_qrest + (use_centroid ? G * kHeadDim : 0);  // [G][kRank]
 
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
@@ -176,136 +203,165 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     s_q[i] = load_q_element(p.q, p.dtype, b * p.q_stride_batch + (static_cast<int64_t>(h) * G + g) * p.q_stride_head + d);
   }
   __syncthreads();
-  for (int i = tid; i < G * R; i += kSketchThreads) {
-    const int g = i / R, r = i % R;
-    const float* proj = p.sketch_query_proj + (static_cast<int64_t>(h) * G + g) * kHeadDim * R + r;
-    float u = 0.0f;
-    for (int d = 0; d < kHeadDim; ++d) u = fmaf(__ldg(proj + d * R), s_q[g * kHeadDim + d], u);
-    s_u[g * kMaxSketchRank + r] = u;
+  // u: each output is a D-long dot product split over 8 lanes (uniform trip count: shuffles).
+  constexpr int kLanesPerOutput = 8;
+  for (int base = 0; base < G * kRank; base += kSketchThreads / kLanesPerOutput) {
+    const int o = base + tid / kLanesPerOutput;
+    const int sub = tid % kLanesPerOutput;
+    float partial = 0.0f;
+    if (o < G * kRank) {
+      const int g = o / kRank, r = o % kRank;
+      const float* proj = p.sketch_query_proj + (static_cast<int64_t>(h) * G + g) * kHeadDim * kRank + r;
+#pragma unroll 8
+      for (int d = sub; d < kHeadDim; d += kLanesPerOutput) partial = fmaf(__ldg(proj + d * kRank), s_q[g * kHeadDim + d], partial);
+    }
+#pragma unroll
+    for (int offset = kLanesPerOutput / 2; offset > 0; offset >>= 1) partial += __shfl_xor_sync(kFullMask, partial, offset);
+    if (o < G * kRank && sub == 0) s_u[o] = partial;
   }
   __syncthreads();
   if (use_centroid) {
     for (int i = tid; i < G * kHeadDim; i += kSketchThreads) {
       const int g = i / kHeadDim, d = i % kHeadDim;
-      const float* proj = p.sketch_key_proj + (static_cast<int64_t>(h) * kHeadDim + d) * R;
+      const float* proj = p.sketch_key_proj + (static_cast<int64_t>(h) * kHeadDim + d) * kRank;
       float projected = 0.0f;
-      for (int r = 0; r < R; ++r) projected = fmaf(__ldg(proj + r), s_u[g * kMaxSketchRank + r], projected);
+#pragma unroll
+      for (int r = 0; r < kRank; ++r) projected = fmaf(__ldg(proj + r), s_u[g * kRank + r], projected);
       s_qrest[i] = s_q[i] - projected;
     }
     __syncthreads();
   }
 
-  const int code_bytes = p.block_size * R / 2;
-  const int words = R % 8 == 0 ? R / 8 : 0;  // 4-byte words per token (else bytes are read)
-  const int n_warps = gridDim.y * kSketchWarps;
-  for (int j = blockIdx.y * kSketchWarps + warp; j < p.num_blocks; j += n_warps) {
-    if (j >= n_blocks) {  // uniform over the warp
-      for (int g = lane; g < G; g += kWarpSize) {
+  const int code_bytes = p.block_size * kRank / 2;
+  const int vecs_per_block = code_bytes / 16;
+  const int n_spans = (p.num_blocks + kWarpSize - 1) / kWarpSize;
+  for (int span = blockIdx.y * kSketchWarps + warp; span < n_spans; span += gridDim.y * kSketchWarps) {
+    const int j = span * kWarpSize + lane;
+    if (j >= p.num_blocks) continue;
+    if (j >= n_blocks) {
+      for (int g = 0; g < G; ++g) {
         if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
       }
-      if (lane == 0) ws.group_scores[row0 + j] = -INFINITY;
+      ws.group_scores[row0 + j] = -INFINITY;
       continue;
     }
     const int n_tokens = min(p.block_size, len - j * p.block_size);
-    const uint8_t* codes = p.sketch_codes + (row0 + j) * code_bytes;
-    const uint16_t* ranges = p.sketch_ranges + (row0 + j) * 2 * R;
-    // Lane r < R holds coefficient r's lo and step.
-    float lo = 0.0f, step = 0.0f;
-    if (lane < R) {
-      lo = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + lane)));
-      const float hi = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + R + lane)));
-      step = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kSketchLevels));
-    }
-    // Packed codes of this lane's tokens (kMaxSketchRank / 2 = 8 bytes = 2 words per token).
-    uint32_t packed[kMaxTokensPerLane][kMaxSketchRank / 8];
+    const uint4* codes = reinterpret_cast<const uint4*>(p.sketch_codes + (row0 + j) * code_bytes);
+    const uint16_t* ranges = p.sketch_ranges + (row0 + j) * 2 * kRank;
+    const float* centroid = p.centroid + (row0 + j) * kHeadDim;
+    float lo[kRank], step[kRank];
 #pragma unroll
-    for (int i = 0; i < kMaxTokensPerLane; ++i) {
-      const int t = lane + i * kWarpSize;
-#pragma unroll
-      for (int w = 0; w < kMaxSketchRank / 8; ++w) packed[i][w] = 0u;
-      if (t < n_tokens) {
-        const uint8_t* src = codes + t * (R / 2);
-        if (words > 0) {
-#pragma unroll
-          for (int w = 0; w < kMaxSketchRank / 8; ++w) {
-            if (w < words) packed[i][w] = __ldg(reinterpret_cast<const uint32_t*>(src) + w);
-          }
-        } else {  // constant indices only, so that packed stays in registers
-#pragma unroll
-          for (int byte = 0; byte < kMaxSketchRank / 2; ++byte) {
-            if (byte < R / 2) packed[i][byte / 4] |= static_cast<uint32_t>(__ldg(src + byte)) << (8 * (byte % 4));
-          }
-        }
-      }
-    }
-    float centroid[kPerLane];
-    if (use_centroid) {
-      const float* src = p.centroid + (row0 + j) * kHeadDim + lane * kPerLane;
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) centroid[c] = __ldg(src + c);
+    for (int r = 0; r < kRank; ++r) {
+      lo[r] = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + r)));
+      const float hi = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + kRank + r)));
+      step[r] = __fdiv_rn(__fsub_rn(hi, lo[r]), static_cast<float>(kSketchLevels));
     }
 
     float group = -INFINITY;
-    for (int g = 0; g < G; ++g) {
-      const float u = lane < R ? s_u[g * kMaxSketchRank + lane] : 0.0f;
-      float base = warp_sum(u * lo);
-      if (use_centroid) {
-        float dot = 0.0f;
+    for (int g0 = 0; g0 < G; g0 += kSketchHeadTile) {
+      float base[kSketchHeadTile], w[kSketchHeadTile][kRank], m[kSketchHeadTile], sum[kSketchHeadTile];
 #pragma unroll
-        for (int c = 0; c < kPerLane; ++c) dot = fmaf(s_qrest[g * kHeadDim + lane * kPerLane + c], centroid[c], dot);
-        base = fmaf(p.centroid_weight, warp_sum(dot), base);
-      }
-      const float w_lane = u * step;
-      float w[kMaxSketchRank];
+      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+        const int g = min(g0 + gg, G - 1);  // a short last tile repeats a head; not written
+        float bsum = 0.0f;
 #pragma unroll
-      for (int r = 0; r < kMaxSketchRank; ++r) w[r] = __shfl_sync(kFullMask, w_lane, r);
-      float logit[kMaxTokensPerLane];
-      float local_max = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kMaxTokensPerLane; ++i) {
-        float x = base;
-#pragma unroll
-        for (int r = 0; r < kMaxSketchRank; ++r) {
-          if (r < R) x = fmaf(w[r], static_cast<float>((packed[i][r / 8] >> (4 * (r % 8))) & 0xFu), x);
+        for (int r = 0; r < kRank; ++r) {
+          const float u = s_u[g * kRank + r];
+          bsum = fmaf(u, lo[r], bsum);
+          w[gg][r] = u * step[r];
         }
-        logit[i] = lane + i * kWarpSize < n_tokens ? p.scale * x : -INFINITY;
-        local_max = fmaxf(local_max, logit[i]);
+        base[gg] = bsum;
+        m[gg] = -INFINITY;
+        sum[gg] = 0.0f;
       }
-      const float top = warp_max(local_max);
-      float sum = 0.0f;
+      if (use_centroid) {
+        float dot[kSketchHeadTile] = {};
+        for (int d = 0; d < kHeadDim; d += 4) {
+          const float4 c = __ldg(reinterpret_cast<const float4*>(centroid + d));
 #pragma unroll
-      for (int i = 0; i < kMaxTokensPerLane; ++i) sum += logit[i] == -INFINITY ? 0.0f : expf(logit[i] - top);
-      sum = warp_sum(sum);
-      const float score = top + logf(sum);
-      if (lane == 0 && ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
-      group = fmaxf(group, score);
+          for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+            const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + d;
+            dot[gg] = fmaf(qr[0], c.x, fmaf(qr[1], c.y, fmaf(qr[2], c.z, fmaf(qr[3], c.w, dot[gg]))));
+          }
+        }
+#pragma unroll
+        for (int gg = 0; gg < kSketchHeadTile; ++gg) base[gg] = fmaf(p.centroid_weight, dot[gg], base[gg]);
+      }
+      for (int v = 0; v < vecs_per_block; ++v) {
+        if (v * kTokensPerVec >= n_tokens) break;
+        const uint4 vec = __ldg(codes + v);
+        const uint32_t words[4] = {vec.x, vec.y, vec.z, vec.w};
+#pragma unroll
+        for (int tt = 0; tt < kTokensPerVec; ++tt) {
+          if (v * kTokensPerVec + tt >= n_tokens) break;
+          float code[kRank];
+#pragma unroll
+          for (int r = 0; r < kRank; ++r) {
+            const int nibble = tt * kRank + r;
+            code[r] = static_cast<float>((words[nibble / 8] >> (4 * (nibble % 8))) & 0xFu);
+          }
+#pragma unroll
+          for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+            float x = base[gg];
+#pragma unroll
+            for (int r = 0; r < kRank; ++r) x = fmaf(w[gg][r], code[r], x);
+            x *= p.scale;
+            // Online log-sum-exp; a -inf logit adds nothing (and must not form -inf - -inf).
+            if (x > m[gg]) {
+              sum[gg] = sum[gg] * expf(m[gg] - x) + 1.0f;
+              m[gg] = x;
+            } else if (x != -INFINITY) {
+              sum[gg] += expf(x - m[gg]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+        const int g = g0 + gg;
+        if (g >= G) break;
+        const float score = m[gg] + logf(sum[gg]);
+        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
+        group = fmaxf(group, score);
+      }
     }
-    if (lane == 0) ws.group_scores[row0 + j] = group;
+    ws.group_scores[row0 + j] = group;
   }
 }
 
-// grid (batch * kv_heads, slices): about two waves of warps over the blocks, at most one slice
-// per kSketchWarps blocks. Sets ws->n_chunks (no M_g partials: qsketch has no bound).
-template <int kHeadDim>
-cudaError_t launch_sketch_score(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
-  int num_sms = 0, optin = 0;
-  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+// grid (batch * kv_heads, slices): a warp scores 32 consecutive blocks (one per lane); slices
+// give every warp of a (b, kv_head) about one span, at most 65535. Sets ws->n_chunks (no M_g
+// partials: qsketch has no bound, radar_needs_mlo is false).
+template <int kHeadDim, int kRank>
+cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
+  int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   const int G = p.q_heads / p.kv_heads;
-  const size_t smem = sketch_score_smem_bytes(G, kHeadDim, p.centroid_weight != 0.0f);
+  const size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.centroid_weight != 0.0f);
   if (smem + 1024 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
-  auto kernel = sketch_score_kernel<kHeadDim>;
+  auto kernel = sketch_score_kernel<kHeadDim, kRank>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int64_t max_slices = ceil_div(p.num_blocks, kSketchWarps);
-  const int64_t wanted = ceil_div(16LL * num_sms, heads_kv);  // ~16 CTAs of 4 warps per SM
-  const int64_t slices = std::min<int64_t>(std::max<int64_t>(1, std::min(max_slices, wanted)), 65535);
-  ws->n_chunks = static_cast<int32_t>(slices);
+  const int64_t spans = ceil_div(p.num_blocks, kWarpSize);
+  const int64_t slices = std::min<int64_t>(std::max<int64_t>(1, ceil_div(spans, kSketchWarps)), 65535);
+  ws->n_chunks = static_cast<int32_t>(std::min<int64_t>(slices, ws->n_chunks));
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
   kernel<<<grid, kSketchThreads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
+}
+
+// One instantiation per head_dim (sketch_score_hd*.cu) covering the ranks 2, 4, 8, 16.
+template <int kHeadDim>
+cudaError_t launch_sketch_score(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
+  switch (p.sketch_rank) {
+    case 2: return launch_sketch_score_rank<kHeadDim, 2>(p, ws, stream);
+    case 4: return launch_sketch_score_rank<kHeadDim, 4>(p, ws, stream);
+    case 8: return launch_sketch_score_rank<kHeadDim, 8>(p, ws, stream);
+    case 16: return launch_sketch_score_rank<kHeadDim, 16>(p, ws, stream);
+    default: return cudaErrorInvalidValue;  // ranks are powers of two
+  }
 }
 
 }  // namespace cuda

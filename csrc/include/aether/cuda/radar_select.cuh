@@ -841,21 +841,24 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
         // S_j = sum_g exp(s_gj - m_g) / Z_g (double, rounded to float); heads without a finite,
-        // positive Z_g add nothing. s_head_max / s_head_total are free under topk.
-        for (int g = 0; g < G; ++g) {
+        // positive Z_g add nothing. A warp per head (all heads at once, one barrier); the sums are
+        // in a fixed order (lane-strided, then the warp tree), so the result is deterministic.
+        // s_head_max / s_head_total are free under topk.
+        const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+        for (int g = warp; g < G; g += kSelectWarps) {
           const float* row = ws.head_scores_in + (q_head0 + g) * NB;
           float local_max = -INFINITY;
-          for (int j = tid; j < n_blocks; j += blockDim.x) {
+          for (int j = lane; j < n_blocks; j += kWarpSize) {
             const float s = row[j];
             local_max = (local_max < s) ? s : local_max;  // skips NaN
           }
-          const float top = block_reduce(local_max, sh.reduce_f, MaxOp());
+          const float top = warp_max(local_max);
           double local_total = 0.0;
-          for (int j = tid; j < n_blocks; j += blockDim.x) {
+          for (int j = lane; j < n_blocks; j += kWarpSize) {
             local_total += exp(static_cast<double>(row[j]) - static_cast<double>(top));
           }
-          const double z = block_reduce(local_total, sh.reduce_d, SumOp());
-          if (tid == 0) {
+          const double z = warp_sum(local_total);
+          if (lane == 0) {
             s_head_max[g] = top;
             s_head_total[g] = z;
           }
