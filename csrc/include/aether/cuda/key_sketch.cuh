@@ -10,13 +10,14 @@
 //    all of its tokens, so an append (first_block set) equals a full build, as for block_stats.
 // 2. sketch_score_kernel<kHeadDim, kRank>, grid (batch * kv_heads, slices), kSketchThreads
 //    threads. The CTA stages u_g = query_proj_g^T q_g (8 lanes per output) and, for a centroid
-//    weight a != 0, q'_g = q_g - key_proj_h u_g for the G heads of its group. Then each LANE
-//    scores one block (a warp covers 32 consecutive blocks, so its loads cover one contiguous
-//    span of codes): it reads the block's bf16 ranges, its codes as 16-byte vectors and (a != 0)
-//    its float32 centroid, and for four heads at a time runs an online log-sum-exp over the
-//    block's tokens of s * (base_g + sum_r w_gr code_tr), base_g = u_g . lo + a q'_g . centroid,
-//    w_gr = u_gr step_r. No shuffles in the block loop: the first version spread a block over a
-//    warp and spent its time in warp reductions (121 us for 8 x 32k on an H200). The score
+//    weight a != 0, q'_g = q_g - key_proj_h u_g for the G heads of its group. Then 8 lanes
+//    score one block (a warp covers 4 consecutive blocks): each lane first loads its share of
+//    the block's codes (16-byte vectors) and float32 centroid (a != 0) into registers, then for
+//    four heads at a time runs an online log-sum-exp over its tokens of
+//    s * (base_g + sum_r w_gr code_tr), base_g = u_g . lo + a q'_g . centroid, w_gr = u_gr step_r,
+//    and the 8 lanes merge their (max, sum) pairs with 3 shuffles. History (8 x 32k, H200): a
+//    warp per block with warp reductions per head took 121 us, a lane per block with loads in
+//    the token loop 45 us (latency chains of 16 dependent loads per lane, 8 warps per SM). The score
 //    bytes per block are bs * R / 2 codes + 4R range bytes (+ 4D centroid bytes when a != 0):
 //    288 B for a 64-token block at R = 8. It writes the same outputs as radar_score_kernel
 //    (group score = max over the heads, per-head scores when asked), so radar_select_kernel
@@ -173,7 +174,7 @@ inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, bool ce
                           static_cast<size_t>(group) * rank);
 }
 
-constexpr int kSketchHeadTile = 4;  // heads scored per pass over a block's codes
+constexpr int kSketchHeadTile = 2;  // heads scored per pass over a block's codes (4: 255 registers at R = 8)
 
 template <int kHeadDim, int kRank>
 __global__ void __launch_bounds__(kSketchThreads)
@@ -232,33 +233,52 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     __syncthreads();
   }
 
+  // Eight lanes per block, four blocks per warp: every lane preloads its share of the block's
+  // codes (and centroid) before any arithmetic, so a lane waits for memory once per block.
+  constexpr int kLanesPerBlock = 8;
+  constexpr int kBlocksPerWarp = kWarpSize / kLanesPerBlock;
+  constexpr int kMaxVecs = (kMaxSketchBlockSize * kRank / 32 + kLanesPerBlock - 1) / kLanesPerBlock;
+  constexpr int kCentroidVecs = kHeadDim / 4 / kLanesPerBlock;  // float4 per lane
+  const int sub = lane % kLanesPerBlock;
   const int code_bytes = p.block_size * kRank / 2;
-  const int vecs_per_block = code_bytes / 16;
-  const int n_spans = (p.num_blocks + kWarpSize - 1) / kWarpSize;
+  const int n_vecs = code_bytes / 16;
+  const int n_spans = (p.num_blocks + kBlocksPerWarp - 1) / kBlocksPerWarp;
   for (int span = blockIdx.y * kSketchWarps + warp; span < n_spans; span += gridDim.y * kSketchWarps) {
-    const int j = span * kWarpSize + lane;
-    if (j >= p.num_blocks) continue;
-    if (j >= n_blocks) {
+    const int j = span * kBlocksPerWarp + lane / kLanesPerBlock;
+    const bool active = j < n_blocks;
+    if (!active && j < p.num_blocks && sub == 0) {
       for (int g = 0; g < G; ++g) {
         if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
       }
       ws.group_scores[row0 + j] = -INFINITY;
-      continue;
     }
-    const int n_tokens = min(p.block_size, len - j * p.block_size);
-    const uint4* codes = reinterpret_cast<const uint4*>(p.sketch_codes + (row0 + j) * code_bytes);
-    const uint16_t* ranges = p.sketch_ranges + (row0 + j) * 2 * kRank;
-    const float* centroid = p.centroid + (row0 + j) * kHeadDim;
+    const int n_tokens = active ? min(p.block_size, len - j * p.block_size) : 0;
+    const int64_t row = row0 + (active ? j : 0);
+    const uint4* codes = reinterpret_cast<const uint4*>(p.sketch_codes + row * code_bytes);
+    uint4 vec[kMaxVecs];
+#pragma unroll
+    for (int i = 0; i < kMaxVecs; ++i) {
+      const int v = sub + i * kLanesPerBlock;
+      vec[i] = (v < n_vecs && v * kTokensPerVec < n_tokens) ? __ldg(codes + v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float4 cen[kCentroidVecs];
+#pragma unroll
+    for (int i = 0; i < kCentroidVecs; ++i) {
+      cen[i] = (use_centroid && active)
+                   ? __ldg(reinterpret_cast<const float4*>(p.centroid + row * kHeadDim) + sub + i * kLanesPerBlock)
+                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    const uint16_t* ranges = p.sketch_ranges + row * 2 * kRank;
     float lo[kRank], step[kRank];
 #pragma unroll
     for (int r = 0; r < kRank; ++r) {
-      lo[r] = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + r)));
-      const float hi = __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + kRank + r)));
+      lo[r] = active ? __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + r))) : 0.0f;
+      const float hi = active ? __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + kRank + r))) : 0.0f;
       step[r] = __fdiv_rn(__fsub_rn(hi, lo[r]), static_cast<float>(kSketchLevels));
     }
 
     float group = -INFINITY;
-    for (int g0 = 0; g0 < G; g0 += kSketchHeadTile) {
+    for (int g0 = 0; g0 < G; g0 += kSketchHeadTile) {  // uniform over the warp
       float base[kSketchHeadTile], w[kSketchHeadTile][kRank], m[kSketchHeadTile], sum[kSketchHeadTile];
 #pragma unroll
       for (int gg = 0; gg < kSketchHeadTile; ++gg) {
@@ -275,22 +295,27 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
         sum[gg] = 0.0f;
       }
       if (use_centroid) {
-        float dot[kSketchHeadTile] = {};
-        for (int d = 0; d < kHeadDim; d += 4) {
-          const float4 c = __ldg(reinterpret_cast<const float4*>(centroid + d));
+        float dot[kSketchHeadTile];
 #pragma unroll
-          for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-            const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + d;
-            dot[gg] = fmaf(qr[0], c.x, fmaf(qr[1], c.y, fmaf(qr[2], c.z, fmaf(qr[3], c.w, dot[gg]))));
+        for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+          const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim;
+          float acc = 0.0f;
+#pragma unroll
+          for (int i = 0; i < kCentroidVecs; ++i) {
+            const float4 q4 = *reinterpret_cast<const float4*>(qr + 4 * (sub + i * kLanesPerBlock));
+            acc = fmaf(q4.x, cen[i].x, fmaf(q4.y, cen[i].y, fmaf(q4.z, cen[i].z, fmaf(q4.w, cen[i].w, acc))));
           }
+#pragma unroll
+          for (int offset = kLanesPerBlock / 2; offset > 0; offset >>= 1) acc += __shfl_xor_sync(kFullMask, acc, offset);
+          dot[gg] = acc;
         }
 #pragma unroll
         for (int gg = 0; gg < kSketchHeadTile; ++gg) base[gg] = fmaf(p.centroid_weight, dot[gg], base[gg]);
       }
-      for (int v = 0; v < vecs_per_block; ++v) {
-        if (v * kTokensPerVec >= n_tokens) break;
-        const uint4 vec = __ldg(codes + v);
-        const uint32_t words[4] = {vec.x, vec.y, vec.z, vec.w};
+#pragma unroll
+      for (int i = 0; i < kMaxVecs; ++i) {
+        const int v = sub + i * kLanesPerBlock;
+        const uint32_t words[4] = {vec[i].x, vec[i].y, vec[i].z, vec[i].w};
 #pragma unroll
         for (int tt = 0; tt < kTokensPerVec; ++tt) {
           if (v * kTokensPerVec + tt >= n_tokens) break;
@@ -316,20 +341,37 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
           }
         }
       }
+      // Merge the eight lanes' (max, sum) pairs of each head.
+#pragma unroll
+      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
+#pragma unroll
+        for (int offset = kLanesPerBlock / 2; offset > 0; offset >>= 1) {
+          const float m_o = __shfl_xor_sync(kFullMask, m[gg], offset);
+          const float s_o = __shfl_xor_sync(kFullMask, sum[gg], offset);
+          const float top = fmaxf(m[gg], m_o);
+          if (top != -INFINITY) {
+            sum[gg] = (m[gg] == -INFINITY ? 0.0f : sum[gg] * expf(m[gg] - top)) +
+                      (m_o == -INFINITY ? 0.0f : s_o * expf(m_o - top));
+            m[gg] = top;
+          }
+        }
+      }
 #pragma unroll
       for (int gg = 0; gg < kSketchHeadTile; ++gg) {
         const int g = g0 + gg;
         if (g >= G) break;
         const float score = m[gg] + logf(sum[gg]);
-        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
+        if (active && sub == 0 && ws.head_scores_out != nullptr) {
+          ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
+        }
         group = fmaxf(group, score);
       }
     }
-    ws.group_scores[row0 + j] = group;
+    if (active && sub == 0) ws.group_scores[row0 + j] = group;
   }
 }
 
-// grid (batch * kv_heads, slices): a warp scores 32 consecutive blocks (one per lane); slices
+// grid (batch * kv_heads, slices): a warp scores 4 consecutive blocks (8 lanes each); slices
 // give every warp of a (b, kv_head) about one span, at most 65535. Sets ws->n_chunks (no M_g
 // partials: qsketch has no bound, radar_needs_mlo is false).
 template <int kHeadDim, int kRank>
@@ -344,7 +386,7 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int64_t spans = ceil_div(p.num_blocks, kWarpSize);
+  const int64_t spans = ceil_div(p.num_blocks, 4);  // kBlocksPerWarp
   const int64_t slices = std::min<int64_t>(std::max<int64_t>(1, ceil_div(spans, kSketchWarps)), 65535);
   ws->n_chunks = static_cast<int32_t>(std::min<int64_t>(slices, ws->n_chunks));
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
