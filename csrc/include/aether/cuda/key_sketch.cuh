@@ -371,8 +371,8 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   }
 }
 
-// grid (batch * kv_heads, slices): a warp scores 4 consecutive blocks (8 lanes each); slices
-// give every warp of a (b, kv_head) about one span, at most 65535. Sets ws->n_chunks (no M_g
+// grid (batch * kv_heads, slices): a warp scores 4 consecutive blocks (8 lanes each) at a time
+// and strides over the spans of its (b, kv_head); slices fill one wave of resident CTAs. Sets ws->n_chunks (no M_g
 // partials: qsketch has no bound, radar_needs_mlo is false).
 template <int kHeadDim, int kRank>
 cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
@@ -385,9 +385,17 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
+  // One wave of resident CTAs: every CTA recomputes u and q' for its group (G * D * R loads), so
+  // more CTAs than fit at once pay that prologue again per wave (measured: 4 waves at 8 x 32k
+  // cost 70 us, most of it prologues).
+  int num_sms = 0, per_sm = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSketchThreads, smem));
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int64_t spans = ceil_div(p.num_blocks, 4);  // kBlocksPerWarp
-  const int64_t slices = std::min<int64_t>(std::max<int64_t>(1, ceil_div(spans, kSketchWarps)), 65535);
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
+  const int64_t slices = std::min<int64_t>(
+      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchWarps), ceil_div(resident, heads_kv))), 65535);
   ws->n_chunks = static_cast<int32_t>(std::min<int64_t>(slices, ws->n_chunks));
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
   kernel<<<grid, kSketchThreads, smem, stream>>>(p, *ws);
