@@ -1,25 +1,36 @@
 """One AETHER decode step (8 x 32k, 32q/8kv, d128, bf16, keep 1/8 of 64-token blocks), repeated,
-for Nsight Compute: `ncu --clock-control none --launch-skip 20 --launch-count 10 python3 bench/profile_step.py`."""
+for Nsight Compute: `ncu --clock-control none --launch-skip 20 --launch-count 10 python3 bench/profile_step.py`.
+Arguments: [batch ctx block_size [score]], score "tight" (default) or "qsketch" (rank 8, centroid
+weight 0.5, random projections; appends key_sketch_update to the step)."""
 
 import math
 import sys
 
 import torch
 
-import aether  # noqa: F401
+import aether
 
 batch, ctx, bs = (int(x) for x in (sys.argv[1:4] if len(sys.argv) > 3 else (8, 32768, 64)))
+score = sys.argv[4] if len(sys.argv) > 4 else "tight"
 k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16)
 v = torch.randn_like(k)
 q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
 lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
 stats = torch.ops.aether.block_stats(k, lens, bs, math.ceil(ctx / bs), None)
 first = torch.full((batch,), (ctx - 1) // bs, dtype=torch.int32, device="cuda")
+calib = aether.SketchCalibration(torch.randn(8, 128, 8, device="cuda") / 11, torch.randn(32, 128, 8, device="cuda") / 11,
+                                 0.5)
+sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
+extra = (None, None, None, None, 0.0)
+if score == "qsketch":
+    extra = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, calib.centroid_weight)
 nb = math.ceil(ctx / bs / 8)
 for _ in range(6):
     torch.ops.aether.block_stats_update(k, lens, first, bs, None, *stats)
-    sel, cnt, _, _ = torch.ops.aether.radar_select(q, *stats, lens, bs, 0.088, "tight", "topk", nb, 0.0, 1e-3, 0.95,
-                                                   1, 0, 1, 1)
+    if score == "qsketch":
+        torch.ops.aether.key_sketch_update(k, lens, first, calib.key_proj, bs, None, sketch.codes, sketch.ranges)
+    sel, cnt, _, _ = torch.ops.aether.radar_select(q, *stats, lens, bs, 0.088, score, "topk", nb, 0.0, 1e-3, 0.95,
+                                                   1, 0, 1, 1, False, None, None, "sum", *extra)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, lens, bs, 0.088, sel, cnt, None, nb)
 torch.cuda.synchronize()
 print("profile_step: done")
