@@ -56,8 +56,7 @@ def test_decode_step_graph_capture_and_replay():
         assert torch.equal(static_out, out)
         assert torch.equal(static_lse, lse)
         r_out, r_lse, _, _ = ref.sparse_attention(static_q.cpu(), k.cpu(), v.cpu(), seq_lens=lens.cpu(),
-                                                  block_size=bs, budget_blocks=4, budget_fraction=0.0,
-                                                  group_agg="sum")
+                                                  block_size=bs, budget_blocks=4, budget_fraction=0.0)
         torch.testing.assert_close(out.cpu().float(), r_out.float(), rtol=2e-2, atol=2e-2)
     assert int(lens[0]) == 700 + 1 + 4  # the warm-up and 4 replays ran; the capture itself does not
 
