@@ -449,6 +449,10 @@ def format_table(result: dict) -> str:
         if kv == "-" and gen_entry and "kv_read" in gen_entry:
             r = gen_entry["kv_read"]
             kv = f"{r['sparse_layers']:.1%} ({r['selected']:.1%} + {r['metadata']:.1%})"
+        passkey_entry = by_name[row["name"]].get("passkey")
+        if kv == "-" and passkey_entry and all("kv_read" in c for c in passkey_entry["cases"]):
+            cases = passkey_entry["cases"]  # only the total is kept per passkey case
+            kv = f"{sum(c['kv_read'] for c in cases) / len(cases):.1%} (passkey)"
         ppl = f"{row['ppl_change']:+.2%}" if "ppl_change" in row else "-"
         top1 = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
         kl = f"{row['kl']:.4f}" if "kl" in row else "-"
