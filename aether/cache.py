@@ -51,7 +51,8 @@ class SparseOptions:
     `score` may also be "oracle" (reference only: picks blocks by their true attention mass).
     `budget`: int = block count, float = fraction of the blocks (topk policy).
     `group_agg`: topk's aggregation of a GQA group's head scores, "max" or "sum" (None: the
-    library default of `aether.sparse_attention`, "sum" for topk); only with policy="topk".
+    library default of `aether.sparse_attention`: "sum" for qsketch with topk, else "max");
+    only with policy="topk".
     `sketch_rank`, `sketch_queries`: for score="qsketch", the sketch rank and how many of the last
     prefill queries calibrate it.
     """
@@ -231,8 +232,11 @@ def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOption
 
 
 def resolved_group_agg(options: SparseOptions) -> str:
-    """The group aggregation a step uses: the option, else the library default (sum for topk)."""
-    return options.group_agg or ("sum" if options.policy == "topk" else "max")
+    """The group aggregation a step uses: the option, else `aether.sparse_attention`'s default (sum
+    for qsketch with topk, whose scores are mass estimates; max for the bounds and the oracle)."""
+    if options.group_agg is not None:
+        return options.group_agg
+    return "sum" if options.score == SKETCH_SCORE and options.policy == "topk" else "max"
 
 
 def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: SparseOptions,

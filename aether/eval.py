@@ -24,7 +24,7 @@ for `qsketch` the prefill also keeps the last 256 post-RoPE queries of every spa
 calibrate each configuration's sketch at its first decode step).
 
 A score may carry a group aggregation, `--scores tight:max,tight:sum,qsketch:sum` (`--group-agg`
-sets it for the entries without one; none: the library default, sum for top-k).
+sets it for the entries without one; none: the library default, sum for qsketch, else max).
 Results go to a JSON file (written after every configuration) and a plot of quality vs KV read.
 """
 
@@ -68,7 +68,7 @@ class Config:
     budget: float = 1.0
     block_size: int = 64
     policy: str = "topk"
-    group_agg: str | None = None  # None: the library default (sum for topk)
+    group_agg: str | None = None  # None: the library default (sum for qsketch, else max)
 
     @property
     def name(self) -> str:
@@ -639,7 +639,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help=f"comma-separated, from {ALL_SCORES}, each optionally with ':max' or ':sum' (the "
                         "top-k group aggregation), e.g. tight:max,tight:sum,qsketch:sum")
     p.add_argument("--group-agg", choices=GROUP_AGGS, default=None,
-                   help="group aggregation of the --scores entries without one (default: the library's, sum)")
+                   help="group aggregation of the --scores entries without one (default: the library's: sum for qsketch, else max)")
     p.add_argument("--budgets", type=_floats, default=d.budgets, help="top-k fractions of the blocks")
     p.add_argument("--block-sizes", type=_ints, default=d.block_sizes)
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)

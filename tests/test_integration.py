@@ -535,3 +535,36 @@ def test_tiny_model_qsketch_without_prefill_says_so(tiny_llama):
     cache = AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", block_size=16)
     with pytest.raises(ValueError, match="prefill"):
         _decode(tiny_llama, torch.tensor([[5]]), cache, 2)  # a one-token prompt has no prefill forward
+
+
+def test_default_group_agg_same_in_extension_and_reference(monkeypatch):
+    """group_agg=None: the reference fallback resolves it as aether.sparse_attention does."""
+    assert cache_mod.resolved_group_agg(SparseOptions(score="tight")) == "max"
+    assert cache_mod.resolved_group_agg(SparseOptions(score="qsketch")) == "sum"
+    assert cache_mod.resolved_group_agg(SparseOptions(score="qsketch", policy="adaptive")) == "max"
+    assert cache_mod.resolved_group_agg(SparseOptions(score="tight", group_agg="sum")) == "sum"
+    if not aether.extension_available():
+        pytest.skip("aether._C is not built")
+    cache, _ = _qsketch_cache(block_size=16, budget=0.25, prefill=200, queries=40, seed=12)
+    cache.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+    stats, sketch = cache.stats()[0], cache.sketches()[0]
+    queries = [torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(s)) * 3 for s in range(8)]
+
+    def selections(score, group_agg, reference_backend):
+        if reference_backend:
+            monkeypatch.setattr(cache_mod, "_use_extension", lambda k: False)
+        else:
+            monkeypatch.undo()
+        opts = SparseOptions(score=score, budget=0.25, block_size=16, group_agg=group_agg)
+        st = stats if not reference_backend else cache_mod.RefBlockStats(
+            *(t.clone() for t in stats.tensors), block_size=16, seq_lens=stats.seq_lens.clone())
+        sk = sketch if score == "qsketch" else None
+        return [sparse_decode_step(q, cache.keys, cache.values, opts, st, sketch=sk)[1] for q in queries]
+
+    for score in ("tight", "qsketch"):
+        default = selections(score, None, reference_backend=True)
+        assert all(torch.equal(a, b) for a, b in zip(default, selections(score, None, reference_backend=False)))
+        expected = selections(score, cache_mod.resolved_group_agg(SparseOptions(score=score)), False)
+        other = selections(score, "max" if score == "qsketch" else "sum", False)
+        assert all(torch.equal(a, b) for a, b in zip(default, expected))
+        assert not all(torch.equal(a, b) for a, b in zip(default, other)), "the check cannot tell max from sum"

@@ -132,7 +132,7 @@ class AetherCache(DynamicCache):
         score, policy, budget, block_size, eps, mass, sink_blocks, recent_blocks, group_agg:
             AETHER's selection options, as in `aether.sparse_attention` (`score="oracle"` picks
             blocks by their true attention mass with the reference implementation: a study tool;
-            `group_agg=None` is the library default, "sum" for topk).
+            `group_agg=None` is the library default: "sum" for qsketch with topk, else "max").
         sketch_rank, sketch_queries: score="qsketch" only: the sketch's rank and how many of the
             last prefill queries calibrate it.
 
