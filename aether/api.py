@@ -174,35 +174,61 @@ class BlockStats:
         decode step costs O(block_size * head_dim) per head, whatever the sequence length, and
         the result equals a full rebuild. Lengths may only grow. The capacity grows when `k` grew.
         """
-        _ops.require_extension()
-        k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
-        if (block_table is not None) != self.paged:
-            raise ValueError("block_table must be given exactly when the statistics were built for a paged cache "
-                             f"(these were built {'paged' if self.paged else 'contiguous'})")
-        block_table = _check_block_table(block_table, k)
-        batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, self.block_size, "k")
-        _check_stats_match(self, batch, kv_heads, head_dim, k.device)
-        seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
-        if _host_checks_allowed(seq_lens) and bool((seq_lens < self.seq_lens).any()):
-            raise ValueError("seq_lens must not shrink in update(); build new statistics with aether.block_stats")
-        needed = math.ceil(capacity / self.block_size)
-        if needed > self.num_blocks:
-            self._grow(needed)
-        first_block = torch.div(self.seq_lens, self.block_size, rounding_mode="floor").to(torch.int32)
+        k, seq_lens, block_table, first_block, needed = _prepare_update(
+            self, k, seq_lens, block_table, "the statistics", "build new statistics with aether.block_stats",
+            _check_stats_match)
+        self.centroid, self.lo, self.hi, self.radius, self.spread = (_grow_blocks(t, needed) for t in self.tensors)
         torch.ops.aether.block_stats_update(k, seq_lens, first_block, self.block_size, block_table, *self.tensors)
         # In place, so that a CUDA graph that captured this call reads and advances the same tensor.
         self.seq_lens.copy_(seq_lens)
         return self
 
-    def _grow(self, num_blocks: int) -> None:
-        extra = num_blocks - self.num_blocks
 
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[2] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim=2)
+def _grow_blocks(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``t`` with dim 2 (blocks) zero-padded to ``num_blocks`` (unchanged when it holds enough)."""
+    if t.shape[2] >= num_blocks:
+        return t
+    shape = list(t.shape)
+    shape[2] = num_blocks - t.shape[2]
+    return torch.cat([t, t.new_zeros(shape)], dim=2)
 
-        self.centroid, self.lo, self.hi, self.radius, self.spread = (pad(t) for t in self.tensors)
+
+def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, check_match):
+    """The checks shared by `BlockStats.update` and `KeySketch.update`: the cache, its layout and
+    lengths against the state (`block_size`, `paged`, `seq_lens`), lengths that only grow.
+    Returns ``(k, seq_lens, block_table, first_block, num_blocks)``: the blocks to rebuild start
+    at each sequence's previous last block; ``num_blocks`` is the capacity the cache now needs."""
+    _ops.require_extension()
+    k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    if (block_table is not None) != state.paged:
+        raise ValueError(f"block_table must be given exactly when {what} were built for a paged cache "
+                         f"(these were built {'paged' if state.paged else 'contiguous'})")
+    block_table = _check_block_table(block_table, k)
+    batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, state.block_size, "k")
+    check_match(state, batch, kv_heads, head_dim, k.device)
+    seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+    if _host_checks_allowed(seq_lens) and bool((seq_lens < state.seq_lens).any()):
+        raise ValueError(f"seq_lens must not shrink in update(); {rebuild}")
+    first_block = torch.div(state.seq_lens, state.block_size, rounding_mode="floor").to(torch.int32)
+    return k, seq_lens, block_table, first_block, math.ceil(capacity / state.block_size)
+
+
+def _check_current(state, what: str, verb: str, block_size: int, block_table, capacity: int,
+                   seq_lens: torch.Tensor) -> None:
+    """That a per-cache state (`BlockStats`, `KeySketch`) describes this call's cache: block size,
+    layout, coverage and lengths (the last needs a host sync on CUDA; skipped where not allowed)."""
+    if state.block_size != block_size:
+        raise ValueError(f"{what} {verb} built with block_size {state.block_size} but block_size is {block_size}")
+    if state.paged != (block_table is not None):
+        raise ValueError(f"{what} {verb} built for a " + ("paged" if state.paged else "contiguous") +
+                         " cache but this call uses a " + ("paged" if block_table is not None else "contiguous")
+                         + " one")
+    if state.num_blocks * block_size < capacity:
+        raise ValueError(f"{what} {verb} built for {state.num_blocks * block_size} token slots but the cache holds "
+                         f"{capacity}; call .update(k, seq_lens) after appending")
+    if _host_checks_allowed(seq_lens) and not torch.equal(state.seq_lens, seq_lens):
+        raise ValueError(f"{what} {verb} computed for other sequence lengths; call .update(k, seq_lens) after "
+                         "appending tokens")
 
 
 def _check_stats_match(stats: BlockStats, batch: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
@@ -406,44 +432,20 @@ def sparse_attention(
 
     if score == "qsketch":
         _check_sketch_match(sketch, batch, kv_heads, head_dim, q.device)
-        if sketch.block_size != block_size:
-            raise ValueError(f"the sketch was built with block_size {sketch.block_size} but block_size is {block_size}")
-        if sketch.paged != (block_table is not None):
-            raise ValueError("the sketch was built for a " + ("paged" if sketch.paged else "contiguous") +
-                             " cache but this call uses a " + ("paged" if block_table is not None else "contiguous")
-                             + " one")
+        _check_current(sketch, "the sketch", "was", block_size, block_table, capacity, seq_lens)
         if sketch.calibration.query_proj.shape[0] != q.shape[1]:
             raise ValueError(f"the sketch's query_proj has {sketch.calibration.query_proj.shape[0]} query heads but q "
                              f"has {q.shape[1]}")
-        if sketch.num_blocks * block_size < capacity:
-            raise ValueError(f"the sketch covers {sketch.num_blocks * block_size} tokens but the cache holds "
-                             f"{capacity}; call sketch.update(k, seq_lens) after appending")
-        if _host_checks_allowed(seq_lens) and not torch.equal(sketch.seq_lens, seq_lens):
-            raise ValueError("the sketch was built for other sequence lengths; call sketch.update(k, seq_lens) "
-                             "after appending tokens")
         num_blocks = sketch.num_blocks
-        if sketch.calibration.centroid_weight == 0.0 and stats is None:
-            placeholder = q.new_empty((0,), dtype=torch.float32)
-            stat_tensors = (placeholder,) * 5
-            stats = False  # not needed: the score reads no centroid
-    if stats is None:
-        stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
-    elif stats is not False:
-        if stats.block_size != block_size:
-            raise ValueError(f"stats were built with block_size {stats.block_size} but block_size is {block_size}")
-        if stats.paged != (block_table is not None):
-            raise ValueError("stats were built for a " + ("paged" if stats.paged else "contiguous") +
-                             " cache but this call uses a " + ("paged" if block_table is not None else "contiguous")
-                             + " one")
-        _check_stats_match(stats, batch, kv_heads, head_dim, q.device)
-        if stats.num_blocks * block_size < capacity:
-            raise ValueError(f"stats cover {stats.num_blocks * block_size} tokens but the cache holds {capacity}; "
-                             "call stats.update(k, seq_lens) after appending")
-        if _host_checks_allowed(seq_lens) and not torch.equal(stats.seq_lens, seq_lens):
-            raise ValueError("stats were computed for other sequence lengths; call stats.update(k, seq_lens) "
-                             "after appending tokens")
-
-    if stats is not False:
+    # qsketch reads the statistics (the centroid) only when its centroid weight is not 0.
+    if score == "qsketch" and sketch.calibration.centroid_weight == 0.0 and stats is None:
+        stat_tensors = (q.new_empty((0,), dtype=torch.float32),) * 5  # placeholders, never read
+    else:
+        if stats is None:
+            stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
+        else:
+            _check_current(stats, "stats", "were", block_size, block_table, capacity, seq_lens)
+            _check_stats_match(stats, batch, kv_heads, head_dim, q.device)
         stat_tensors = stats.tensors
         if score != "qsketch":
             num_blocks = stats.num_blocks

@@ -24,7 +24,7 @@ import torch
 
 from aether import _ops, reference, selection
 from aether.api import (_cache_dims, _check_block_size, _check_block_table, _check_count, _check_head_dim,
-                        _check_tensor, _host_checks_allowed, _normalize_seq_lens, DEFAULT_BLOCK_SIZE)
+                        _check_tensor, _grow_blocks, _normalize_seq_lens, _prepare_update, DEFAULT_BLOCK_SIZE)
 
 DEFAULT_RANK = 8
 CENTROID_WEIGHTS = (0.0, 0.5, 1.0)
@@ -54,29 +54,38 @@ def _check_rank(rank: object, head_dim: int) -> int:
     return rank
 
 
-def _recalled_mass(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
-                   budget: float, weight: float, centroid: torch.Tensor, codes: torch.Tensor,
-                   ranges: torch.Tensor) -> float:
-    """Mean true attention mass that top-k on qsketch scores keeps for queries at the last
-    positions of ``k`` (each sees its prefix), sum aggregation, 1 sink + 1 recent block."""
+def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
+                     budget: float, weights: tuple[float, ...], centroid: torch.Tensor, codes: torch.Tensor,
+                     ranges: torch.Tensor, chunk: int = 8) -> list[float]:
+    """For each centroid weight: the mean true attention mass that top-k on qsketch scores keeps
+    for queries at the last positions of ``k`` (each sees its prefix), sum aggregation, 1 sink +
+    1 recent block. Queries go in chunks of ``chunk`` (memory O(chunk * q_heads * seq * rank));
+    the true block masses of a chunk are computed once for all weights."""
     kv_heads, seq_len, head_dim = k.shape
-    n = q.shape[1]
-    group = q.shape[0] // kv_heads
+    q_heads, n = q.shape[0], q.shape[1]
+    group = q_heads // kv_heads
     nb = reference.num_blocks_for(seq_len, block_size)
-    positions = torch.arange(seq_len - n, seq_len, device=k.device)
-    lens = (positions + 1).to(torch.int32)
-    qb = q.transpose(0, 1).float()  # [N, Hq, D]
-    scores = reference.sketch_head_scores(
-        qb, codes.expand(n, -1, -1, -1, -1), ranges.expand(n, -1, -1, -1, -1), calib.key_proj, calib.query_proj,
-        lens, block_size, centroid=centroid.expand(n, -1, -1, -1), centroid_weight=weight)
-    mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget, sink_blocks=1,
-                                 recent_blocks=1, agg="sum", return_mask=True)  # [N, Hkv, NB]
-    logits = torch.einsum("ngd,gsd->ngs", qb, k.float().repeat_interleave(group, 0)) / math.sqrt(head_dim)
-    causal = torch.arange(seq_len, device=k.device)[None, :] <= positions[:, None]
-    probs = torch.softmax(logits.masked_fill(~causal[:, None, :], -math.inf), dim=-1)
-    probs = torch.nn.functional.pad(probs, (0, nb * block_size - seq_len))
-    block_mass = probs.reshape(n, q.shape[0], nb, block_size).sum(-1)
-    return float((block_mass * mask.repeat_interleave(group, 1)).sum(-1).mean())
+    keys = k.float().repeat_interleave(group, 0)
+    totals = [0.0] * len(weights)
+    for start in range(0, n, chunk):
+        qb = q[:, start:start + chunk].transpose(0, 1).float()  # [c, Hq, D]
+        c = qb.shape[0]
+        positions = torch.arange(seq_len - n + start, seq_len - n + start + c, device=k.device)
+        lens = (positions + 1).to(torch.int32)
+        logits = torch.einsum("ngd,gsd->ngs", qb, keys) / math.sqrt(head_dim)
+        causal = torch.arange(seq_len, device=k.device)[None, :] <= positions[:, None]
+        probs = torch.softmax(logits.masked_fill(~causal[:, None, :], -math.inf), dim=-1)
+        probs = torch.nn.functional.pad(probs, (0, nb * block_size - seq_len))
+        block_mass = probs.reshape(c, q_heads, nb, block_size).sum(-1)
+        for i, weight in enumerate(weights):
+            scores = reference.sketch_head_scores(
+                qb, codes.expand(c, -1, -1, -1, -1), ranges.expand(c, -1, -1, -1, -1), calib.key_proj,
+                calib.query_proj, lens, block_size, centroid=centroid.expand(c, -1, -1, -1),
+                centroid_weight=float(weight))
+            mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget, sink_blocks=1,
+                                         recent_blocks=1, agg="sum", return_mask=True)  # [c, Hkv, NB]
+            totals[i] += float((block_mass * mask.repeat_interleave(group, 1)).sum())
+    return [t / (n * q_heads) for t in totals]
 
 
 def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RANK,
@@ -126,8 +135,7 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
     kb = k[None]
     codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
     centroid = reference.block_stats(kb, block_size).centroid
-    recalled = [_recalled_mass(q_tail, k, calib, block_size, budget, float(w), centroid, codes, ranges)
-                for w in weights]
+    recalled = _recalled_masses(q_tail, k, calib, block_size, budget, weights, centroid, codes, ranges)
     best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
     return calib._replace(centroid_weight=float(weights[best]))
 
@@ -163,23 +171,10 @@ class KeySketch:
                block_table: torch.Tensor | None = None) -> "KeySketch":
         """Refresh the sketch after tokens were appended to ``k`` (in place, CUDA-graph safe):
         only the blocks from each sequence's previous last block on are rebuilt."""
-        _ops.require_extension()
-        k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
-        if (block_table is not None) != self.paged:
-            raise ValueError("block_table must be given exactly when the sketch was built for a paged cache "
-                             f"(this one was built {'paged' if self.paged else 'contiguous'})")
-        block_table = _check_block_table(block_table, k)
-        batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, self.block_size, "k")
-        _check_sketch_match(self, batch, kv_heads, head_dim, k.device)
-        seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
-        if _host_checks_allowed(seq_lens) and bool((seq_lens < self.seq_lens).any()):
-            raise ValueError("seq_lens must not shrink in update(); build a new sketch with aether.key_sketch")
-        needed = math.ceil(capacity / self.block_size)
-        if needed > self.num_blocks:
-            extra = needed - self.num_blocks
-            self.codes = torch.cat([self.codes, self.codes.new_zeros((batch, kv_heads, extra) + self.codes.shape[3:])], 2)
-            self.ranges = torch.cat([self.ranges, self.ranges.new_zeros((batch, kv_heads, extra) + self.ranges.shape[3:])], 2)
-        first_block = torch.div(self.seq_lens, self.block_size, rounding_mode="floor").to(torch.int32)
+        k, seq_lens, block_table, first_block, needed = _prepare_update(
+            self, k, seq_lens, block_table, "the sketch", "build a new sketch with aether.key_sketch",
+            _check_sketch_match)
+        self.codes, self.ranges = _grow_blocks(self.codes, needed), _grow_blocks(self.ranges, needed)
         torch.ops.aether.key_sketch_update(k, seq_lens, first_block, self.calibration.key_proj, self.block_size,
                                            block_table, self.codes, self.ranges)
         self.seq_lens.copy_(seq_lens)
