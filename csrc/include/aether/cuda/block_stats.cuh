@@ -159,16 +159,8 @@ template <typename T, int kHeadDim>
 cudaError_t launch_block_stats(const BlockStatsParams& p, cudaStream_t stream) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (heads == 0 || p.num_blocks == 0) return cudaSuccess;
-  // grid.y slices the blocks of a head (the kernel strides over the rest). A full build gives
-  // every block its own CTA (capped by the grid limit); an append usually refreshes one or two
-  // blocks per head, so it only needs enough CTAs to fill the GPU once: the others exit at once.
-  int64_t slices = p.num_blocks;
-  if (p.first_block != nullptr) {
-    int num_sms = 0;
-    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-    slices = std::min<int64_t>(slices, std::max<int64_t>(1, ceil_div(4 * num_sms, heads)));
-  }
-  slices = std::min<int64_t>(slices, 65535);  // grid.y limit
+  int64_t slices = 0;
+  AETHER_CUDA_TRY(block_build_slices(p.num_blocks, heads, p.first_block != nullptr, &slices));
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
   block_stats_kernel<T, kHeadDim><<<grid, kStatsThreads, 0, stream>>>(p);
   return cudaGetLastError();

@@ -36,6 +36,21 @@ inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// grid.y of the per-block build kernels (block_stats, key_sketch), whose CTAs stride over the
+// blocks of one (b, kv_head): a full build gives every block its own CTA; an append (first_block
+// set) refreshes one or two blocks per head, so it only needs enough CTAs to fill the GPU once
+// (the others exit at once). Capped by the grid.y limit.
+inline cudaError_t block_build_slices(int num_blocks, int64_t heads, bool append, int64_t* slices) {
+  *slices = num_blocks;
+  if (append) {
+    int num_sms = 0;
+    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+    *slices = std::min<int64_t>(*slices, std::max<int64_t>(1, ceil_div(4 * num_sms, heads)));
+  }
+  *slices = std::min<int64_t>(*slices, 65535);
+  return cudaSuccess;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Element conversions.
 

@@ -147,14 +147,8 @@ template <typename T, int kHeadDim>
 cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (heads == 0 || p.num_blocks == 0) return cudaSuccess;
-  // As block_stats: a full build gives every block a CTA, an append only enough to fill the GPU.
-  int64_t slices = p.num_blocks;
-  if (p.first_block != nullptr) {
-    int num_sms = 0;
-    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-    slices = std::min<int64_t>(slices, std::max<int64_t>(1, ceil_div(4 * num_sms, heads)));
-  }
-  slices = std::min<int64_t>(slices, 65535);
+  int64_t slices = 0;  // as block_stats
+  AETHER_CUDA_TRY(block_build_slices(p.num_blocks, heads, p.first_block != nullptr, &slices));
   const size_t smem = key_sketch_smem_bytes(p.block_size, kHeadDim, p.rank);
   auto kernel = key_sketch_kernel<T, kHeadDim>;
   if (smem > 48 * 1024) {
@@ -372,7 +366,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
 }
 
 // grid (batch * kv_heads, slices): a warp scores 4 consecutive blocks (8 lanes each) at a time
-// and strides over the spans of its (b, kv_head); slices fill one wave of resident CTAs. Sets ws->n_chunks (no M_g
+// and strides over the spans of its (b, kv_head); slices fill one wave of resident CTAs. (No M_g
 // partials: qsketch has no bound, radar_needs_mlo is false).
 template <int kHeadDim, int kRank>
 cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
@@ -396,7 +390,6 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
   const int64_t slices = std::min<int64_t>(
       std::max<int64_t>(1, std::min(ceil_div(spans, kSketchWarps), ceil_div(resident, heads_kv))), 65535);
-  ws->n_chunks = static_cast<int32_t>(std::min<int64_t>(slices, ws->n_chunks));
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
   kernel<<<grid, kSketchThreads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
