@@ -27,6 +27,7 @@
 #include <cmath>
 
 #include "aether/cuda/common.cuh"
+#include "aether/cuda/mma.cuh"
 #include "aether/cuda/radar_select.cuh"
 #include "aether/params.h"
 
@@ -162,36 +163,345 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------
 // qsketch scores.
 
-// Shared memory of the score kernel, in floats: q [G][D], q' [G][D] (a != 0), u [G][R].
-inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, bool centroid) {
-  return sizeof(float) * (static_cast<size_t>(group) * head_dim * (centroid ? 2 : 1) +
-                          static_cast<size_t>(group) * rank);
+constexpr int kSketchLanesPerBlock = 4;  // lanes that share one block's codes
+constexpr int kSketchBlocksPerWarp = kWarpSize / kSketchLanesPerBlock;  // blocks of one span
+constexpr int kSketchScoreMinCtas = 4;   // 16 warps per SM: at most 128 registers
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// The per-warp staging buffer of one span (8 consecutive blocks), in bytes: codes, ranges,
+// centroids (only when a != 0). Two per warp: the next span is copied (cp.async) while the
+// current one is scored. Bank conflicts: a quarter warp reads 16-byte vectors v = sub + 4i of
+// two neighbouring blocks; an odd block stores vector v at v ^ 4 (when it has 8 or more), so the
+// two blocks hit different halves of the banks without padding (padding cost a CTA per SM).
+struct SketchStageLayout {
+  int code_stride, centroid_stride, ranges_offset, centroid_offset, bytes;
+  __host__ __device__ SketchStageLayout(int block_size, int rank, int head_dim, bool centroid) {
+    code_stride = block_size * rank / 2;
+    centroid_stride = centroid ? head_dim * 4 : 0;
+    ranges_offset = kSketchBlocksPerWarp * code_stride;
+    centroid_offset = ranges_offset + kSketchBlocksPerWarp * 4 * rank;  // 4R: a multiple of 8
+    centroid_offset = (centroid_offset + 15) / 16 * 16;
+    bytes = centroid_offset + kSketchBlocksPerWarp * centroid_stride;
+  }
+};
+
+// Prologue floats: q [G][D], q' [G][D] (a != 0), u [G][R]; then 2 stages per warp.
+__host__ __device__ inline size_t sketch_score_prologue_bytes(int group, int head_dim, int rank, bool centroid) {
+  const size_t floats = static_cast<size_t>(group) * head_dim * (centroid ? 2 : 1) + static_cast<size_t>(group) * rank;
+  return (sizeof(float) * floats + 15) / 16 * 16;
+}
+inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid) {
+  const SketchStageLayout layout(block_size, rank, head_dim, centroid);
+  return sketch_score_prologue_bytes(group, head_dim, rank, centroid) +
+         static_cast<size_t>(kSketchWarps) * 2 * layout.bytes;
 }
 
-constexpr int kSketchHeadTile = 2;  // heads scored per pass over a block's codes (4: 255 registers at R = 8)
+// Slot of 16-byte vector v of staged block blk (n_vecs vectors per block): see SketchStageLayout.
+__device__ __forceinline__ int sketch_slot(int v, int blk, int n_vecs) {
+  return n_vecs >= 8 ? v ^ ((blk & 1) << 2) : v;
+}
 
+__device__ __forceinline__ float fast_exp2(float x) {  // MUFU.EX2; 2^x < 2^-126 flushes to 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Code c (0..15) of nibble `kNibble` of a 32-bit word of codes, exactly, as a float: the nibble
+// goes into the low byte of 2^23's bit pattern (0x4B000000 | c is 2^23 + c), then 2^23 is
+// subtracted. `lo` holds the even nibbles of the word in its bytes, `hi` the odd ones.
+template <int kNibble>
+__device__ __forceinline__ float nibble_as_float(uint32_t lo, uint32_t hi) {
+  constexpr uint32_t kSelect = (kNibble / 2) | (4u << 4) | (5u << 8) | (7u << 12);
+  return __uint_as_float(__byte_perm(kNibble % 2 == 0 ? lo : hi, 0x4B000000u, kSelect)) - 8388608.0f;
+}
+
+// The kRank codes of token `tt` of a 16-byte vector (32 / kRank tokens per vector).
+template <int kRank>
+__device__ __forceinline__ void token_codes(const uint32_t (&lo)[4], const uint32_t (&hi)[4], int tt, float (&code)[kRank]) {
+#pragma unroll
+  for (int r = 0; r < kRank; ++r) {
+    const int nibble = tt * kRank + r;  // compile-time after unrolling
+    const int word = nibble / 8;
+    switch (nibble % 8) {
+      case 0: code[r] = nibble_as_float<0>(lo[word], hi[word]); break;
+      case 1: code[r] = nibble_as_float<1>(lo[word], hi[word]); break;
+      case 2: code[r] = nibble_as_float<2>(lo[word], hi[word]); break;
+      case 3: code[r] = nibble_as_float<3>(lo[word], hi[word]); break;
+      case 4: code[r] = nibble_as_float<4>(lo[word], hi[word]); break;
+      case 5: code[r] = nibble_as_float<5>(lo[word], hi[word]); break;
+      case 6: code[r] = nibble_as_float<6>(lo[word], hi[word]); break;
+      default: code[r] = nibble_as_float<7>(lo[word], hi[word]); break;
+    }
+  }
+}
+
+// Over this lane's tokens of one block (its vectors v = sub, sub + 4, ... of the staged codes):
+// kMax false: acc[g] += 2^(bias_g + sum_r w_gr code_tr); kMax true: acc[g] = max(acc[g], x_t).
+// kFull: the block is full (no per-token test). One vector per iteration, not unrolled: a fully
+// unrolled block (~1000 instructions per chunk) stalled 45% of the time on instruction fetch.
+template <int kRank, int kTile, bool kFull, bool kMax>
+__device__ __forceinline__ void sketch_lane_pass(const uint4* codes, int n_vecs, int sub, int blk, int n_tokens,
+                                                 const float (&bias)[kTile], const float (&w)[kTile][kRank],
+                                                 float (&acc)[kTile]) {
+  constexpr int kTokensPerVec = 32 / kRank;
+#pragma unroll 1
+  for (int v = sub; v < n_vecs; v += kSketchLanesPerBlock) {
+    const uint4 vec = codes[sketch_slot(v, blk, n_vecs)];
+    const uint32_t words[4] = {vec.x, vec.y, vec.z, vec.w};
+    uint32_t lo[4], hi[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      lo[q] = words[q] & 0x0F0F0F0Fu;
+      hi[q] = (words[q] >> 4) & 0x0F0F0F0Fu;
+    }
+    const int first = v * kTokensPerVec;
+#pragma unroll
+    for (int tt = 0; tt < kTokensPerVec; ++tt) {
+      const bool valid = kFull || first + tt < n_tokens;
+      float code[kRank];
+      token_codes<kRank>(lo, hi, tt, code);
+#pragma unroll
+      for (int gg = 0; gg < kTile; ++gg) {
+        float x = bias[gg];
+#pragma unroll
+        for (int r = 0; r < kRank; ++r) x = fmaf(w[gg][r], code[r], x);
+        if (kMax) {
+          if (valid) acc[gg] = fmaxf(acc[gg], x);
+        } else {
+          const float e = fast_exp2(x);
+          acc[gg] += valid ? e : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// Scores (natural log units) of one staged block with n_tokens > 0 for heads g0 .. g0 + kTile - 1
+// (a tile past G repeats head G - 1; its result is dropped). The block's four lanes return the
+// same scores.
+template <int kHeadDim, int kRank, int kTile>
+__device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float* s_qrest, int G, int g0,
+                                                  const uint4* codes, int n_vecs, int sub, int blk, int n_tokens, bool full,
+                                                  const float4* centroid, const float (&lo)[kRank],
+                                                  const float (&step)[kRank], float (&score)[kTile]) {
+  constexpr int kCentroidVecs = kHeadDim / 4 / kSketchLanesPerBlock;
+  const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
+  // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c;
+  // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
+  float bias[kTile], w[kTile][kRank], bound[kTile], dot[kTile];
+#pragma unroll
+  for (int gg = 0; gg < kTile; ++gg) dot[gg] = 0.0f;
+  if (centroid != nullptr) {  // s_qrest is pre-scaled by a * scale * log2 e
+#pragma unroll
+    for (int i = 0; i < kCentroidVecs; ++i) {
+      const float4 c4 = centroid[sketch_slot(sub + i * kSketchLanesPerBlock, blk, kHeadDim / 4)];
+#pragma unroll
+      for (int gg = 0; gg < kTile; ++gg) {
+        const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim;
+        const float4 q4 = *reinterpret_cast<const float4*>(qr + 4 * (sub + i * kSketchLanesPerBlock));
+        dot[gg] = fmaf(q4.x, c4.x, fmaf(q4.y, c4.y, fmaf(q4.z, c4.z, fmaf(q4.w, c4.w, dot[gg]))));
+      }
+    }
+#pragma unroll
+    for (int gg = 0; gg < kTile; ++gg) {
+#pragma unroll
+      for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) dot[gg] += __shfl_xor_sync(group_mask, dot[gg], offset);
+    }
+  }
+#pragma unroll
+  for (int gg = 0; gg < kTile; ++gg) {
+    const int g = min(g0 + gg, G - 1);
+    float base = dot[gg];
+    float top = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRank; ++r) {
+      const float u = s_uc[g * kRank + r];  // pre-scaled by scale * log2 e
+      base = fmaf(u, lo[r], base);
+      w[gg][r] = u * step[r];
+      top = fmaf(fmaxf(w[gg][r], 0.0f), static_cast<float>(kSketchLevels), top);
+    }
+    bound[gg] = base + top;
+    bias[gg] = base - bound[gg];  // -top up to rounding: the largest x_t - bound is about 0
+  }
+  float sum[kTile];
+#pragma unroll
+  for (int gg = 0; gg < kTile; ++gg) sum[gg] = 0.0f;
+  if (full) {
+    sketch_lane_pass<kRank, kTile, true, false>(codes, n_vecs, sub, blk, n_tokens, bias, w, sum);
+  } else {
+    sketch_lane_pass<kRank, kTile, false, false>(codes, n_vecs, sub, blk, n_tokens, bias, w, sum);
+  }
+#pragma unroll
+  for (int gg = 0; gg < kTile; ++gg) {
+#pragma unroll
+    for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) sum[gg] += __shfl_xor_sync(group_mask, sum[gg], offset);
+  }
+  // The bound can sit far above the block's largest x_t (by up to 15 sum_r |w_r|); when every term
+  // underflows (sum < 2^-100: the largest term is not resolved to float precision) the block's
+  // four lanes redo that head against the true maximum. Rare; the four lanes agree on it.
+  constexpr float kTiny = 7.8886090522e-31f;  // 2^-100
+#pragma unroll
+  for (int gg = 0; gg < kTile; ++gg) {
+    float shift = 0.0f;
+    if (sum[gg] < kTiny) {
+      float one_bias[1] = {bias[gg]}, one_w[1][kRank], top[1] = {-INFINITY}, one_sum[1] = {0.0f};
+#pragma unroll
+      for (int r = 0; r < kRank; ++r) one_w[0][r] = w[gg][r];
+      sketch_lane_pass<kRank, 1, false, true>(codes, n_vecs, sub, blk, n_tokens, one_bias, one_w, top);
+#pragma unroll
+      for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) {
+        top[0] = fmaxf(top[0], __shfl_xor_sync(group_mask, top[0], offset));
+      }
+      one_bias[0] = bias[gg] - top[0];
+      sketch_lane_pass<kRank, 1, false, false>(codes, n_vecs, sub, blk, n_tokens, one_bias, one_w, one_sum);
+#pragma unroll
+      for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) {
+        one_sum[0] += __shfl_xor_sync(group_mask, one_sum[0], offset);
+      }
+      sum[gg] = one_sum[0];
+      shift = top[0];
+    }
+    score[gg] = (bound[gg] + shift + __log2f(sum[gg])) * kLn2;
+  }
+}
+
+// cp.async of span `span`'s valid blocks (j < n_blocks) into a stage buffer, by the 32 lanes of
+// the warp; blocks past n_blocks are not read (their scores are -inf).
 template <int kHeadDim, int kRank>
-__global__ void __launch_bounds__(kSketchThreads)
-sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
-  constexpr int kTokensPerVec = 32 / kRank;  // tokens per 16-byte vector of codes
-  static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
-  extern __shared__ __align__(16) float s_dyn[];
-  const int G = p.q_heads / p.kv_heads;
-  const bool use_centroid = p.centroid_weight != 0.0f;
-  float* s_q = s_dyn;                                        // [G][D]
-  float* s_qrest = s_q + G * kHeadDim;                       // [G][D] when use_centroid
-  float* s_u = s_qrest + (use_centroid ? G * kHeadDim : 0);  // [G][kRank]
+__device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, const SketchStageLayout& layout, char* stage,
+                                                  int64_t row0, int span, int n_blocks, bool use_centroid, int lane) {
+  const int j0 = span * kSketchBlocksPerWarp;
+  const int n_copy = min(kSketchBlocksPerWarp, n_blocks - j0);
+  if (n_copy <= 0) return;
+  const int code_bytes = p.block_size * kRank / 2;
+  const int code_vecs = code_bytes / 16;  // a power of two (block size and rank are)
+  const int vec_shift = __ffs(code_vecs) - 1;
+  const uint8_t* codes = p.sketch_codes + (row0 + j0) * code_bytes;
+  for (int c = lane; c < n_copy * code_vecs; c += kWarpSize) {
+    const int blk = c >> vec_shift, v = c & (code_vecs - 1);
+    cp_async_16(shared_address(stage + blk * layout.code_stride + sketch_slot(v, blk, code_vecs) * 16),
+                codes + static_cast<int64_t>(c) * 16, 16);
+  }
+  const uint8_t* ranges = reinterpret_cast<const uint8_t*>(p.sketch_ranges + (row0 + j0) * 2 * kRank);
+  for (int c = lane; c < n_copy * kRank; c += kWarpSize) {  // 4R bytes per block: R words
+    cp_async_4(shared_address(stage + layout.ranges_offset + c * 4), ranges + static_cast<int64_t>(c) * 4);
+  }
+  if (use_centroid) {
+    constexpr int kVecs = kHeadDim / 4;
+    const float* centroid = p.centroid + (row0 + j0) * kHeadDim;
+    for (int c = lane; c < n_copy * kVecs; c += kWarpSize) {
+      const int blk = c / kVecs, v = c % kVecs;
+      cp_async_16(shared_address(stage + layout.centroid_offset + blk * layout.centroid_stride + sketch_slot(v, blk, kVecs) * 16),
+                  centroid + static_cast<int64_t>(c) * 4, 16);
+    }
+  }
+}
 
+// grid (batch * kv_heads, slices), kSketchThreads threads. A warp scores spans of 8 consecutive
+// blocks, four lanes per block; kTile heads of the group at a time share the unpacked codes.
+template <int kHeadDim, int kRank, int kTile>
+__device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, const RadarWorkspace& ws,
+                                                  const float* s_uc, const float* s_qrest, char* s_stages,
+                                                  bool use_centroid) {
+  const int G = p.q_heads / p.kv_heads;
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int sub = lane % kSketchLanesPerBlock;
+  const int blk = lane / kSketchLanesPerBlock;
   const int len = p.seq_lens[b];
   const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
   const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
   const int64_t row0 = static_cast<int64_t>(bh) * p.num_blocks;
+  const int n_vecs = p.block_size * kRank / 2 / 16;
+  const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
+  char* stages = s_stages + static_cast<size_t>(warp) * 2 * layout.bytes;
+  const int n_spans = (p.num_blocks + kSketchBlocksPerWarp - 1) / kSketchBlocksPerWarp;
+  const int stride = gridDim.y * kSketchWarps;
+  int span = blockIdx.y * kSketchWarps + warp;  // its stage was issued before the prologue
+  for (int k = 0; span < n_spans; span += stride, ++k) {  // uniform over the warp
+    // Stage the next span, then wait for this one (one group may stay in flight).
+    if (span + stride < n_spans) {
+      sketch_stage_span<kHeadDim, kRank>(p, layout, stages + ((k + 1) & 1) * layout.bytes, row0, span + stride, n_blocks,
+                                         use_centroid, lane);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const char* stage = stages + (k & 1) * layout.bytes;
+    const int j = span * kSketchBlocksPerWarp + blk;
+    const int n_tokens = j < n_blocks ? min(p.block_size, len - j * p.block_size) : 0;
+    if (j < p.num_blocks) {  // the four lanes of a block agree
+      float group = -INFINITY;
+      if (n_tokens > 0) {
+        const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
+        const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + blk * 4 * kRank);
+        const float4* centroid =
+            use_centroid ? reinterpret_cast<const float4*>(stage + layout.centroid_offset + blk * layout.centroid_stride)
+                         : nullptr;
+        // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
+        float lo[kRank], step[kRank];
+#pragma unroll
+        for (int r = 0; r < kRank; r += 2) {
+          const uint32_t lo_pair = ranges[r / 2], hi_pair = ranges[kRank / 2 + r / 2];
+          lo[r] = __uint_as_float(lo_pair << 16);
+          lo[r + 1] = __uint_as_float(lo_pair & 0xFFFF0000u);
+          step[r] = (__uint_as_float(hi_pair << 16) - lo[r]) * (1.0f / kSketchLevels);
+          step[r + 1] = (__uint_as_float(hi_pair & 0xFFFF0000u) - lo[r + 1]) * (1.0f / kSketchLevels);
+        }
+        const bool full = n_tokens == p.block_size;
+        for (int g0 = 0; g0 < G; g0 += kTile) {
+          float score[kTile];
+          sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, s_qrest, G, g0, codes, n_vecs, sub, blk, n_tokens, full, centroid,
+                                                    lo, step, score);
+#pragma unroll
+          for (int gg = 0; gg < kTile; ++gg) {
+            if (g0 + gg >= G) break;
+            if (sub == 0 && ws.head_scores_out != nullptr) {
+              ws.head_scores_out[(q_head0 + g0 + gg) * p.num_blocks + j] = score[gg];
+            }
+            group = fmaxf(group, score[gg]);
+          }
+        }
+      } else if (sub == 0 && ws.head_scores_out != nullptr) {
+        for (int g = 0; g < G; ++g) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
+      }
+      if (sub == 0) ws.group_scores[row0 + j] = group;
+    }
+    __syncwarp();  // every lane is done with this stage before the next iteration refills it
+  }
+  cp_async_wait<0>();
+}
+
+template <int kHeadDim, int kRank>
+__global__ void __launch_bounds__(kSketchThreads, kSketchScoreMinCtas)
+sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+  static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
+  extern __shared__ __align__(16) float s_dyn[];
+  const int G = p.q_heads / p.kv_heads;
+  const bool use_centroid = p.centroid_weight != 0.0f;
+  float* s_q = s_dyn;                                         // [G][D]
+  float* s_qrest = s_q + G * kHeadDim;                        // [G][D] when use_centroid
+  float* s_uc = s_qrest + (use_centroid ? G * kHeadDim : 0);  // [G][kRank]
+  char* s_stages = reinterpret_cast<char*>(s_dyn) + sketch_score_prologue_bytes(G, kHeadDim, kRank, use_centroid);
+  const int b = blockIdx.x / p.kv_heads;
+  const int h = blockIdx.x % p.kv_heads;
+  const int tid = threadIdx.x;
+  const float to_log2 = p.scale * kLog2e;
+  {  // Each warp's first span is in flight while the prologue runs (sketch_score_body waits for it).
+    const int lane = tid % kWarpSize, warp = tid / kWarpSize;
+    const int len = p.seq_lens[b];
+    const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
+    const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
+    sketch_stage_span<kHeadDim, kRank>(p, layout, s_stages + static_cast<size_t>(warp) * 2 * layout.bytes,
+                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * kSketchWarps + warp,
+                                       n_blocks, use_centroid, lane);
+    cp_async_commit();
+  }
 
   for (int i = tid; i < G * kHeadDim; i += kSketchThreads) {
     const int g = i / kHeadDim, d = i % kHeadDim;
@@ -199,6 +509,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   }
   __syncthreads();
   // u: each output is a D-long dot product split over 8 lanes (uniform trip count: shuffles).
+  // s_uc holds u unscaled until q' is formed, then in 2^-units.
   constexpr int kLanesPerOutput = 8;
   for (int base = 0; base < G * kRank; base += kSketchThreads / kLanesPerOutput) {
     const int o = base + tid / kLanesPerOutput;
@@ -212,184 +523,59 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     }
 #pragma unroll
     for (int offset = kLanesPerOutput / 2; offset > 0; offset >>= 1) partial += __shfl_xor_sync(kFullMask, partial, offset);
-    if (o < G * kRank && sub == 0) s_u[o] = partial;
+    if (o < G * kRank && sub == 0) s_uc[o] = partial;
   }
   __syncthreads();
-  if (use_centroid) {
+  if (use_centroid) {  // q' = a * scale * log2 e * (q - key_proj_h u)
+    const float a = p.centroid_weight * to_log2;
     for (int i = tid; i < G * kHeadDim; i += kSketchThreads) {
       const int g = i / kHeadDim, d = i % kHeadDim;
       const float* proj = p.sketch_key_proj + (static_cast<int64_t>(h) * kHeadDim + d) * kRank;
       float projected = 0.0f;
 #pragma unroll
-      for (int r = 0; r < kRank; ++r) projected = fmaf(__ldg(proj + r), s_u[g * kRank + r], projected);
-      s_qrest[i] = s_q[i] - projected;
+      for (int r = 0; r < kRank; ++r) projected = fmaf(__ldg(proj + r), s_uc[g * kRank + r], projected);
+      s_qrest[i] = a * (s_q[i] - projected);
     }
     __syncthreads();
   }
+  for (int i = tid; i < G * kRank; i += kSketchThreads) s_uc[i] *= to_log2;
+  __syncthreads();
 
-  // Eight lanes per block, four blocks per warp: every lane preloads its share of the block's
-  // codes (and centroid) before any arithmetic, so a lane waits for memory once per block.
-  constexpr int kLanesPerBlock = 8;
-  constexpr int kBlocksPerWarp = kWarpSize / kLanesPerBlock;
-  constexpr int kMaxVecs = (kMaxSketchBlockSize * kRank / 32 + kLanesPerBlock - 1) / kLanesPerBlock;
-  constexpr int kCentroidVecs = kHeadDim / 4 / kLanesPerBlock;  // float4 per lane
-  const int sub = lane % kLanesPerBlock;
-  const int code_bytes = p.block_size * kRank / 2;
-  const int n_vecs = code_bytes / 16;
-  const int n_spans = (p.num_blocks + kBlocksPerWarp - 1) / kBlocksPerWarp;
-  for (int span = blockIdx.y * kSketchWarps + warp; span < n_spans; span += gridDim.y * kSketchWarps) {
-    const int j = span * kBlocksPerWarp + lane / kLanesPerBlock;
-    const bool active = j < n_blocks;
-    if (!active && j < p.num_blocks && sub == 0) {
-      for (int g = 0; g < G; ++g) {
-        if (ws.head_scores_out != nullptr) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
-      }
-      ws.group_scores[row0 + j] = -INFINITY;
-    }
-    const int n_tokens = active ? min(p.block_size, len - j * p.block_size) : 0;
-    const int64_t row = row0 + (active ? j : 0);
-    const uint4* codes = reinterpret_cast<const uint4*>(p.sketch_codes + row * code_bytes);
-    uint4 vec[kMaxVecs];
-#pragma unroll
-    for (int i = 0; i < kMaxVecs; ++i) {
-      const int v = sub + i * kLanesPerBlock;
-      vec[i] = (v < n_vecs && v * kTokensPerVec < n_tokens) ? __ldg(codes + v) : make_uint4(0u, 0u, 0u, 0u);
-    }
-    float4 cen[kCentroidVecs];
-#pragma unroll
-    for (int i = 0; i < kCentroidVecs; ++i) {
-      cen[i] = (use_centroid && active)
-                   ? __ldg(reinterpret_cast<const float4*>(p.centroid + row * kHeadDim) + sub + i * kLanesPerBlock)
-                   : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
-    const uint16_t* ranges = p.sketch_ranges + row * 2 * kRank;
-    float lo[kRank], step[kRank];
-#pragma unroll
-    for (int r = 0; r < kRank; ++r) {
-      lo[r] = active ? __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + r))) : 0.0f;
-      const float hi = active ? __bfloat162float(__ushort_as_bfloat16(__ldg(ranges + kRank + r))) : 0.0f;
-      step[r] = __fdiv_rn(__fsub_rn(hi, lo[r]), static_cast<float>(kSketchLevels));
-    }
-
-    float group = -INFINITY;
-    for (int g0 = 0; g0 < G; g0 += kSketchHeadTile) {  // uniform over the warp
-      float base[kSketchHeadTile], w[kSketchHeadTile][kRank], m[kSketchHeadTile], sum[kSketchHeadTile];
-#pragma unroll
-      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-        const int g = min(g0 + gg, G - 1);  // a short last tile repeats a head; not written
-        float bsum = 0.0f;
-#pragma unroll
-        for (int r = 0; r < kRank; ++r) {
-          const float u = s_u[g * kRank + r];
-          bsum = fmaf(u, lo[r], bsum);
-          w[gg][r] = u * step[r];
-        }
-        base[gg] = bsum;
-        m[gg] = -INFINITY;
-        sum[gg] = 0.0f;
-      }
-      if (use_centroid) {
-        float dot[kSketchHeadTile];
-#pragma unroll
-        for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-          const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim;
-          float acc = 0.0f;
-#pragma unroll
-          for (int i = 0; i < kCentroidVecs; ++i) {
-            const float4 q4 = *reinterpret_cast<const float4*>(qr + 4 * (sub + i * kLanesPerBlock));
-            acc = fmaf(q4.x, cen[i].x, fmaf(q4.y, cen[i].y, fmaf(q4.z, cen[i].z, fmaf(q4.w, cen[i].w, acc))));
-          }
-#pragma unroll
-          for (int offset = kLanesPerBlock / 2; offset > 0; offset >>= 1) acc += __shfl_xor_sync(kFullMask, acc, offset);
-          dot[gg] = acc;
-        }
-#pragma unroll
-        for (int gg = 0; gg < kSketchHeadTile; ++gg) base[gg] = fmaf(p.centroid_weight, dot[gg], base[gg]);
-      }
-#pragma unroll
-      for (int i = 0; i < kMaxVecs; ++i) {
-        const int v = sub + i * kLanesPerBlock;
-        const uint32_t words[4] = {vec[i].x, vec[i].y, vec[i].z, vec[i].w};
-#pragma unroll
-        for (int tt = 0; tt < kTokensPerVec; ++tt) {
-          if (v * kTokensPerVec + tt >= n_tokens) break;
-          float code[kRank];
-#pragma unroll
-          for (int r = 0; r < kRank; ++r) {
-            const int nibble = tt * kRank + r;
-            code[r] = static_cast<float>((words[nibble / 8] >> (4 * (nibble % 8))) & 0xFu);
-          }
-#pragma unroll
-          for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-            float x = base[gg];
-#pragma unroll
-            for (int r = 0; r < kRank; ++r) x = fmaf(w[gg][r], code[r], x);
-            x *= p.scale;
-            // Online log-sum-exp; a -inf logit adds nothing (and must not form -inf - -inf).
-            if (x > m[gg]) {
-              sum[gg] = sum[gg] * expf(m[gg] - x) + 1.0f;
-              m[gg] = x;
-            } else if (x != -INFINITY) {
-              sum[gg] += expf(x - m[gg]);
-            }
-          }
-        }
-      }
-      // Merge the eight lanes' (max, sum) pairs of each head.
-#pragma unroll
-      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-#pragma unroll
-        for (int offset = kLanesPerBlock / 2; offset > 0; offset >>= 1) {
-          const float m_o = __shfl_xor_sync(kFullMask, m[gg], offset);
-          const float s_o = __shfl_xor_sync(kFullMask, sum[gg], offset);
-          const float top = fmaxf(m[gg], m_o);
-          if (top != -INFINITY) {
-            sum[gg] = (m[gg] == -INFINITY ? 0.0f : sum[gg] * expf(m[gg] - top)) +
-                      (m_o == -INFINITY ? 0.0f : s_o * expf(m_o - top));
-            m[gg] = top;
-          }
-        }
-      }
-#pragma unroll
-      for (int gg = 0; gg < kSketchHeadTile; ++gg) {
-        const int g = g0 + gg;
-        if (g >= G) break;
-        const float score = m[gg] + logf(sum[gg]);
-        if (active && sub == 0 && ws.head_scores_out != nullptr) {
-          ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = score;
-        }
-        group = fmaxf(group, score);
-      }
-    }
-    if (active && sub == 0) ws.group_scores[row0 + j] = group;
+  // Heads per pass over the codes: the largest tile that divides G (a short tile would repeat a
+  // head); rank 16 keeps two (w alone is 16 registers per head).
+  constexpr int kWideTile = kRank <= 8 ? 4 : 2;
+  if (G % kWideTile == 0) {
+    sketch_score_body<kHeadDim, kRank, kWideTile>(p, ws, s_uc, s_qrest, s_stages, use_centroid);
+  } else if (G % 2 == 0) {
+    sketch_score_body<kHeadDim, kRank, 2>(p, ws, s_uc, s_qrest, s_stages, use_centroid);
+  } else {
+    sketch_score_body<kHeadDim, kRank, 1>(p, ws, s_uc, s_qrest, s_stages, use_centroid);
   }
 }
 
-// grid (batch * kv_heads, slices): a warp scores 4 consecutive blocks (8 lanes each) at a time
-// and strides over the spans of its (b, kv_head); slices fill one wave of resident CTAs. (No M_g
-// partials: qsketch has no bound, radar_needs_mlo is false).
+// grid (batch * kv_heads, slices): every CTA recomputes u and q' for its group (G * D * R loads),
+// so the slices fill exactly one wave of resident CTAs (a partial second wave doubled the time:
+// measured 38.7 us at 8 x 32k with 1.09 waves). No M_g partials: qsketch has no bound
+// (radar_needs_mlo is false).
 template <int kHeadDim, int kRank>
 cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace* ws, cudaStream_t stream) {
   int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   const int G = p.q_heads / p.kv_heads;
-  const size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.centroid_weight != 0.0f);
+  const size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, p.centroid_weight != 0.0f);
   if (smem + 1024 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
   auto kernel = sketch_score_kernel<kHeadDim, kRank>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  // One wave of resident CTAs: every CTA recomputes u and q' for its group (G * D * R loads), so
-  // more CTAs than fit at once pay that prologue again per wave (measured: 4 waves at 8 x 32k
-  // cost 70 us, most of it prologues).
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSketchThreads, smem));
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int64_t spans = ceil_div(p.num_blocks, 4);  // kBlocksPerWarp
+  const int64_t spans = ceil_div(p.num_blocks, kSketchBlocksPerWarp);
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
   const int64_t slices = std::min<int64_t>(
-      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchWarps), ceil_div(resident, heads_kv))), 65535);
+      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchWarps), resident / heads_kv)), 65535);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
   kernel<<<grid, kSketchThreads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
