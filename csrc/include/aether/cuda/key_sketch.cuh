@@ -165,7 +165,9 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
 
 constexpr int kSketchLanesPerBlock = 4;  // lanes that share one block's codes
 constexpr int kSketchBlocksPerWarp = kWarpSize / kSketchLanesPerBlock;  // blocks of one span
-constexpr int kSketchScoreMinCtas = 4;   // 16 warps per SM: at most 128 registers
+constexpr int kSketchScoreThreads = 256;  // 8 warps share one prologue (u, q') per CTA
+constexpr int kSketchScoreWarps = kSketchScoreThreads / kWarpSize;
+constexpr int kSketchScoreMinCtas = 2;    // 16 warps per SM: at most 128 registers
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -194,7 +196,7 @@ __host__ __device__ inline size_t sketch_score_prologue_bytes(int group, int hea
 inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid) {
   const SketchStageLayout layout(block_size, rank, head_dim, centroid);
   return sketch_score_prologue_bytes(group, head_dim, rank, centroid) +
-         static_cast<size_t>(kSketchWarps) * 2 * layout.bytes;
+         static_cast<size_t>(kSketchScoreWarps) * 2 * layout.bytes;
 }
 
 // Slot of 16-byte vector v of staged block blk (n_vecs vectors per block): see SketchStageLayout.
@@ -399,7 +401,7 @@ __device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, co
   }
 }
 
-// grid (batch * kv_heads, slices), kSketchThreads threads. A warp scores spans of 8 consecutive
+// grid (batch * kv_heads, slices), kSketchScoreThreads threads. A warp scores spans of 8 consecutive
 // blocks, four lanes per block; kTile heads of the group at a time share the unpacked codes.
 template <int kHeadDim, int kRank, int kTile>
 __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, const RadarWorkspace& ws,
@@ -421,8 +423,8 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
   const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
   char* stages = s_stages + static_cast<size_t>(warp) * 2 * layout.bytes;
   const int n_spans = (p.num_blocks + kSketchBlocksPerWarp - 1) / kSketchBlocksPerWarp;
-  const int stride = gridDim.y * kSketchWarps;
-  int span = blockIdx.y * kSketchWarps + warp;  // its stage was issued before the prologue
+  const int stride = gridDim.y * kSketchScoreWarps;
+  int span = blockIdx.y * kSketchScoreWarps + warp;  // its stage was issued before the prologue
   for (int k = 0; span < n_spans; span += stride, ++k) {  // uniform over the warp
     // Stage the next span, then wait for this one (one group may stay in flight).
     if (span + stride < n_spans) {
@@ -478,7 +480,7 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
 }
 
 template <int kHeadDim, int kRank>
-__global__ void __launch_bounds__(kSketchThreads, kSketchScoreMinCtas)
+__global__ void __launch_bounds__(kSketchScoreThreads, kSketchScoreMinCtas)
 sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
   extern __shared__ __align__(16) float s_dyn[];
@@ -498,12 +500,12 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
     const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
     sketch_stage_span<kHeadDim, kRank>(p, layout, s_stages + static_cast<size_t>(warp) * 2 * layout.bytes,
-                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * kSketchWarps + warp,
+                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * kSketchScoreWarps + warp,
                                        n_blocks, use_centroid, lane);
     cp_async_commit();
   }
 
-  for (int i = tid; i < G * kHeadDim; i += kSketchThreads) {
+  for (int i = tid; i < G * kHeadDim; i += kSketchScoreThreads) {
     const int g = i / kHeadDim, d = i % kHeadDim;
     s_q[i] = load_q_element(p.q, p.dtype, b * p.q_stride_batch + (static_cast<int64_t>(h) * G + g) * p.q_stride_head + d);
   }
@@ -511,7 +513,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   // u: each output is a D-long dot product split over 8 lanes (uniform trip count: shuffles).
   // s_uc holds u unscaled until q' is formed, then in 2^-units.
   constexpr int kLanesPerOutput = 8;
-  for (int base = 0; base < G * kRank; base += kSketchThreads / kLanesPerOutput) {
+  for (int base = 0; base < G * kRank; base += kSketchScoreThreads / kLanesPerOutput) {
     const int o = base + tid / kLanesPerOutput;
     const int sub = tid % kLanesPerOutput;
     float partial = 0.0f;
@@ -528,7 +530,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   __syncthreads();
   if (use_centroid) {  // q' = a * scale * log2 e * (q - key_proj_h u)
     const float a = p.centroid_weight * to_log2;
-    for (int i = tid; i < G * kHeadDim; i += kSketchThreads) {
+    for (int i = tid; i < G * kHeadDim; i += kSketchScoreThreads) {
       const int g = i / kHeadDim, d = i % kHeadDim;
       const float* proj = p.sketch_key_proj + (static_cast<int64_t>(h) * kHeadDim + d) * kRank;
       float projected = 0.0f;
@@ -538,7 +540,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     }
     __syncthreads();
   }
-  for (int i = tid; i < G * kRank; i += kSketchThreads) s_uc[i] *= to_log2;
+  for (int i = tid; i < G * kRank; i += kSketchScoreThreads) s_uc[i] *= to_log2;
   __syncthreads();
 
   // Heads per pass over the codes: the largest tile that divides G (a short tile would repeat a
@@ -570,14 +572,14 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   }
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSketchThreads, smem));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSketchScoreThreads, smem));
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int64_t spans = ceil_div(p.num_blocks, kSketchBlocksPerWarp);
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
   const int64_t slices = std::min<int64_t>(
-      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchWarps), resident / heads_kv)), 65535);
+      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchScoreWarps), resident / heads_kv)), 65535);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  kernel<<<grid, kSketchThreads, smem, stream>>>(p, *ws);
+  kernel<<<grid, kSketchScoreThreads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
 }
 
