@@ -123,6 +123,33 @@ def test_sketch_scores_match_reference(device, weight, rank, bs, group, poison_e
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rank,bs", [(8, 64), (2, 16), (16, 128)])
+def test_sketch_scores_large_logits_and_constant_blocks(device, rank, bs, poison_empty):
+    """Logit spreads of hundreds (the CUDA kernel shifts by an upper bound of each block's logits
+    and falls back to the true maximum when every term underflows) and blocks whose keys are all
+    equal (zero-width ranges) score as the reference does."""
+    kv_heads, group, head_dim = 2, 4, 64
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, _, lens = make_case(2, kv_heads * group, kv_heads, 300, head_dim, dtype, device, seed=rank + bs,
+                              lens=[300, 201])
+    k[:, :, :bs] = k[:, :, :1]  # block 0: one key repeated
+    q = (q.float() * 300).to(dtype)  # spreads of hundreds of logits per block
+    kp, qp = _projections(kv_heads, kv_heads * group, head_dim, rank, 7, device)
+    for weight in (0.0, 0.5):
+        calib = aether.SketchCalibration(kp, qp, weight)
+        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
+        assert bool((sketch.ranges[:, :, 0, 0] == sketch.ranges[:, :, 0, 1]).all()), "block 0 must have zero-width ranges"
+        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
+        scale = 1.0 / math.sqrt(head_dim)
+        _, _, scores, _ = _op_scores(q, sketch, stats, lens, bs, scale)
+        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
+                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
+                                      centroid_weight=weight, scale=scale)
+        assert float(want[torch.isfinite(want)].abs().max()) > 100, "the case must reach large logits"
+        torch.testing.assert_close(scores.cpu(), want, atol=1e-3, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_sum_aggregation_matches_reference(device, group, poison_empty):
     kv_heads, nb, bs = 2, 37, 16
