@@ -50,7 +50,13 @@ shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
 python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
 note "benchmark: rc=$?"
+if [ "${1:-}" != "quick" ]; then  # 32-token blocks (the finer granularity of docs/selection.md) at 8 x 32k
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 \
+    --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1
+  note "benchmark (32-token blocks): rc=$?"
+fi
 echo
 printf '%s\n' "${summary[@]}"
 sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
+[ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 tail -5 "$OUT/bench.log" | grep -i error

@@ -1,0 +1,606 @@
+// aether::cuda::key_sketch and the CUDA qsketch score (radar_select with Score::kSketch) against
+// the CPU kernels as oracle.
+//
+// Build: the CUDA coefficients are fmaf chains, the CPU's separate multiply-adds, so the two
+// sketches are not bit-identical. What is guaranteed (and checked) is that every CUDA range is
+// the bfloat16 rounding of a value within float32 error of the exact min / max, and every CUDA
+// code is rint((x - lo) / step) of its own range up to that error; against the CPU, ranges and
+// codes agree almost everywhere and codes under equal ranges differ by at most one level.
+// An append (first_block) is bit-identical to a full build and writes only its blocks.
+// Score: both backends score the same (CPU-built) sketch; per-head scores agree within float32
+// rounding, -inf exactly past the end, and the CUDA selection is the CPU's selection given the
+// CUDA scores. Large logits force the kernel's underflow fallback; constant blocks have step 0.
+// Outputs are poisoned before every call.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include "aether/cpu/kernels.h"
+#include "aether/cuda/launchers.h"
+#include "cuda_test_util.cuh"
+#include "test_util.h"
+
+namespace aether {
+namespace {
+
+using test::DeviceBytes;
+using test::has_cuda_device;
+using test::KVKind;
+using test::SketchBuffers;
+using test::StatsBuffers;
+using test::TestKV;
+using test::TestQuery;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kLog2e = 1.4426950408889634;
+
+// [rows, D, R] float32 projections, N(0, stddev^2).
+std::vector<float> random_proj(int rows, int head_dim, int rank, std::mt19937_64& rng, double stddev) {
+  std::normal_distribution<double> normal(0.0, stddev);
+  std::vector<float> proj(static_cast<size_t>(rows) * head_dim * rank);
+  for (auto& value : proj) value = static_cast<float>(normal(rng));
+  return proj;
+}
+
+KeySketchParams sketch_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const float* key_proj, int rank,
+                              uint8_t* codes, uint16_t* ranges) {
+  KeySketchParams p;
+  p.k = layout;
+  p.dtype = kv.dtype;
+  p.seq_lens = lens;
+  p.key_proj = key_proj;
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.rank = rank;
+  p.sketch.codes = codes;
+  p.sketch.ranges = ranges;
+  return p;
+}
+
+SketchBuffers cpu_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj, int rank) {
+  SketchBuffers out(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank);
+  out.poison();
+  cpu::key_sketch(sketch_params(kv, kv.layout(), lens.data(), key_proj.data(), rank, out.codes.data(), out.ranges.data()));
+  return out;
+}
+
+// Device copies of the keys and projections one key_sketch case reuses across calls.
+struct DeviceKeys {
+  DeviceBytes k, table, proj;
+  DeviceKeys(const TestKV& kv, const std::vector<float>& key_proj)
+      : k(kv.data.data(), kv.data.size_bytes()),
+        table(kv.block_table.data(), kv.block_table.size() * sizeof(int32_t)),
+        proj(key_proj.data(), key_proj.size() * sizeof(float)) {}
+};
+
+// cuda::key_sketch over `sketch`: its current bytes are uploaded first, so the poison (or an
+// earlier build) shows wherever the kernel does not write; the result is downloaded into it.
+void run_cuda_sketch(const TestKV& kv, const DeviceKeys& keys, const std::vector<int32_t>& lens,
+                     const std::vector<int32_t>* first_block, SketchBuffers& sketch) {
+  DeviceBytes d_lens(lens.data(), lens.size() * sizeof(int32_t));
+  DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
+  DeviceBytes d_codes(sketch.codes.data(), sketch.codes.size());
+  DeviceBytes d_ranges(sketch.ranges.data(), sketch.ranges.size() * sizeof(uint16_t));
+  ASSERT_TRUE(d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
+  const KVLayout layout = kv.layout(keys.k.ptr, kv.kind == KVKind::kPaged ? keys.table.as<int32_t>() : nullptr);
+  KeySketchParams p = sketch_params(kv, layout, d_lens.as<int32_t>(), keys.proj.as<float>(), sketch.rank,
+                                    d_codes.as<uint8_t>(), d_ranges.as<uint16_t>());
+  p.first_block = first_block ? d_first.as<int32_t>() : nullptr;
+  ASSERT_CUDA(cuda::key_sketch(p, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  d_codes.download(sketch.codes.data());
+  d_ranges.download(sketch.ranges.data());
+}
+
+struct BuildCase {
+  DType dtype;
+  KVKind kind;
+  int block_size, rank, head_dim;
+  int32_t max_len;
+};
+
+std::string describe(const BuildCase& c) {
+  return std::string(test::dtype_name(c.dtype)) + " " + test::kv_kind_name(c.kind) + " bs=" + std::to_string(c.block_size) +
+         " R=" + std::to_string(c.rank) + " D=" + std::to_string(c.head_dim) + " max_len=" + std::to_string(c.max_len);
+}
+
+std::vector<BuildCase> build_cases() {
+  // (block_size, rank, head_dim, max_len): partial last blocks, a single token, one exact block.
+  const int shapes[][4] = {{16, 2, 64, 97}, {64, 8, 128, 301}, {128, 16, 64, 389},
+                           {32, 4, 256, 161}, {16, 16, 128, 1}, {128, 4, 64, 128}};
+  std::vector<BuildCase> cases;
+  int n = 0;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (const auto& s : shapes) cases.push_back({dtype, static_cast<KVKind>(n++ % 3), s[0], s[1], s[2], s[3]});
+  }
+  return cases;
+}
+
+TEST(CudaKeySketch, FullBuildMatchesCpuWithinCoefficientRounding) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 5, heads = 2;  // 5: mixed_lengths forces max_len, 0, 1, bs and bs + 1 in
+  int64_t ranges_checked = 0, ranges_equal = 0, codes_checked = 0, codes_equal = 0;
+  for (const BuildCase& c : build_cases()) {
+    SCOPED_TRACE(describe(c));
+    const int R = c.rank, bs = c.block_size, bytes = R / 2;
+    const int num_blocks = test::blocks_of(c.max_len, bs) + 2;  // spare blocks: zero-filled
+    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
+    const std::vector<float> key_proj = random_proj(heads, c.head_dim, R, rng, 1.0 / std::sqrt(c.head_dim));
+    const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, bs, rng);
+    kv.poison_after(lens);  // a kernel reading past the end sees NaN
+    const SketchBuffers cpu = cpu_sketch(kv, lens, key_proj, R);
+    SketchBuffers gpu(batch, heads, num_blocks, bs, R);
+    gpu.poison();
+    const DeviceKeys keys(kv, key_proj);
+    run_cuda_sketch(kv, keys, lens, nullptr, gpu);
+    if (testing::Test::HasFatalFailure()) return;
+
+    for (int b = 0; b < batch; ++b) {
+      const int32_t n_blocks = test::blocks_of(lens[b], bs);
+      for (int h = 0; h < heads; ++h) {
+        for (int j = 0; j < num_blocks; ++j) {
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j) +
+                                    " len=" + std::to_string(lens[b]);
+          const uint16_t* g_ranges = gpu.block_ranges(b, h, j);
+          const uint16_t* c_ranges = cpu.block_ranges(b, h, j);
+          const uint8_t* g_codes = gpu.block_codes(b, h, j);
+          const int t0 = j * bs;
+          const int n = j < n_blocks ? std::min(lens[b], t0 + bs) - t0 : 0;
+          if (n == 0) {
+            for (int r = 0; r < 2 * R; ++r) ASSERT_EQ(g_ranges[r], 0) << where;
+          }
+          for (int i = n * bytes; i < bs * bytes; ++i) ASSERT_EQ(g_codes[i], 0) << where << " invalid slot byte " << i;
+          if (n == 0) continue;
+
+          std::vector<std::vector<double>> x;  // exact coefficients and the float32 error bound
+          std::vector<double> error;
+          for (int t = 0; t < n; ++t) {
+            double e = 0.0;
+            x.push_back(test::sketch_coefficients(kv, key_proj, R, b, h, t0 + t, &e));
+            error.push_back(e);
+          }
+          const double worst = *std::max_element(error.begin(), error.end());
+          // A float32 min / max lies within `worst` of the exact one; its bfloat16 rounding is then
+          // between the roundings of the two ends of that interval.
+          const auto rounds_from = [&](double value, uint16_t bits) {
+            const double got = test::decode_bf16(bits);
+            return got >= test::round_to_bf16(value - worst) && got <= test::round_to_bf16(value + worst);
+          };
+          for (int r = 0; r < R; ++r) {
+            double low = test::kInf, high = -test::kInf;
+            for (int t = 0; t < n; ++t) {
+              low = std::min(low, x[t][r]);
+              high = std::max(high, x[t][r]);
+            }
+            ASSERT_TRUE(rounds_from(low, g_ranges[r])) << where << " r=" << r << " lo " << test::decode_bf16(g_ranges[r])
+                                                       << " vs exact min " << low;
+            ASSERT_TRUE(rounds_from(high, g_ranges[R + r]))
+                << where << " r=" << r << " hi " << test::decode_bf16(g_ranges[R + r]) << " vs exact max " << high;
+            ranges_checked += 2;
+            ranges_equal += (g_ranges[r] == c_ranges[r]) + (g_ranges[R + r] == c_ranges[R + r]);
+            const bool same_range = g_ranges[r] == c_ranges[r] && g_ranges[R + r] == c_ranges[R + r];
+
+            const double lo = test::decode_bf16(g_ranges[r]);
+            const double step = test::sketch_step_of(g_ranges[r], g_ranges[R + r]);
+            for (int t = 0; t < n; ++t) {
+              const int actual = gpu.code(b, h, j, t, r);
+              const int expected = cpu.code(b, h, j, t, r);
+              ++codes_checked;
+              codes_equal += actual == expected;
+              if (!(step > 0.0)) {  // one token, a constant coefficient, or a range below one ulp
+                ASSERT_EQ(actual, 0) << where << " t=" << t << " r=" << r;
+                continue;
+              }
+              // rint of the quotient from the kernel's own range; a neighbour only within the
+              // coefficient's float32 error (plus the quotient's own rounding) of a .5 boundary.
+              const double quotient = (x[t][r] - lo) / step;
+              const double slack = 1e-4 + 2.0 * error[t] / step;
+              const double least = std::clamp(test::rint_ties_even(quotient - slack), 0.0, 15.0);
+              const double most = std::clamp(test::rint_ties_even(quotient + slack), 0.0, 15.0);
+              ASSERT_GE(actual, least) << where << " t=" << t << " r=" << r << " quotient " << quotient;
+              ASSERT_LE(actual, most) << where << " t=" << t << " r=" << r << " quotient " << quotient;
+              if (same_range) {
+                ASSERT_LE(std::abs(actual - expected), std::max(1.0, most - least))
+                    << where << " t=" << t << " r=" << r << " cpu code " << expected << " quotient " << quotient;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  ASSERT_GT(codes_checked, 20000);
+  // FMA vs separate roundings moves a coefficient by ~1e-7 relative: a bfloat16 range flips in
+  // well under 1% of the cases, a code (a quotient within ~1e-6 of .5, or a flipped range) too.
+  EXPECT_GE(ranges_equal * 100, ranges_checked * 99) << ranges_equal << " of " << ranges_checked << " ranges equal";
+  EXPECT_GE(codes_equal * 100, codes_checked * 99) << codes_equal << " of " << codes_checked << " codes equal";
+}
+
+// Append after new tokens (params.h: only blocks [first_block, ceil(len / bs)) are written, each
+// rebuilt from all its tokens): on top of a build of the old lengths it must reproduce the full
+// build of the new lengths bit for bit; on a poisoned sketch every other byte keeps the poison.
+TEST(CudaKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 5, heads = 2;
+  for (const BuildCase& c : build_cases()) {
+    SCOPED_TRACE(describe(c));
+    const int R = c.rank, bs = c.block_size;
+    const int num_blocks = test::blocks_of(c.max_len, bs) + 2;
+    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
+    const std::vector<float> key_proj = random_proj(heads, c.head_dim, R, rng, 0.3);
+    const std::vector<int32_t> new_lens = test::mixed_lengths(batch, c.max_len, bs, rng);
+    std::vector<int32_t> old_lens(batch), first(batch);
+    for (int b = 0; b < batch; ++b) {
+      old_lens[b] = std::uniform_int_distribution<int32_t>(0, new_lens[b])(rng);
+      first[b] = old_lens[b] / bs;  // the block holding the old end
+      if (b == 1) first[b] = test::blocks_of(new_lens[b], bs) + (c.rank % 4 == 0);  // nothing to write
+    }
+    kv.poison_after(new_lens);
+    const DeviceKeys keys(kv, key_proj);
+
+    SketchBuffers full(batch, heads, num_blocks, bs, R);
+    full.poison();
+    run_cuda_sketch(kv, keys, new_lens, nullptr, full);
+    SketchBuffers appended(batch, heads, num_blocks, bs, R);
+    appended.poison();
+    run_cuda_sketch(kv, keys, old_lens, nullptr, appended);
+    std::vector<int32_t> catch_up = first;
+    catch_up[1] = old_lens[1] / bs;  // every sequence must reach its new length here
+    run_cuda_sketch(kv, keys, new_lens, &catch_up, appended);
+    if (testing::Test::HasFatalFailure()) return;
+    ASSERT_EQ(appended.codes, full.codes);
+    ASSERT_EQ(appended.ranges, full.ranges);
+
+    SketchBuffers alone(batch, heads, num_blocks, bs, R);
+    alone.poison();
+    run_cuda_sketch(kv, keys, new_lens, &first, alone);
+    if (testing::Test::HasFatalFailure()) return;
+    const int code_bytes = bs * R / 2;
+    for (int b = 0; b < batch; ++b) {
+      for (int h = 0; h < heads; ++h) {
+        for (int j = 0; j < num_blocks; ++j) {
+          const bool written = j >= first[b] && j < test::blocks_of(new_lens[b], bs);
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j) +
+                                    " first=" + std::to_string(first[b]) + " len=" + std::to_string(new_lens[b]);
+          for (int i = 0; i < code_bytes; ++i) {
+            ASSERT_EQ(alone.block_codes(b, h, j)[i], written ? full.block_codes(b, h, j)[i] : 0xAB) << where;
+          }
+          for (int i = 0; i < 2 * R; ++i) {
+            ASSERT_EQ(alone.block_ranges(b, h, j)[i], written ? full.block_ranges(b, h, j)[i] : 0xABAB) << where;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// qsketch scores.
+
+StatsBuffers cpu_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
+  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
+  BlockStatsParams p;
+  p.k = kv.layout();
+  p.dtype = kv.dtype;
+  p.seq_lens = lens.data();
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.stats = stats.tensors();
+  cpu::block_stats(p);
+  return stats;
+}
+
+struct SelectOutputs {
+  std::vector<int32_t> selected, num_selected;
+  std::vector<float> head_scores, head_mlo;
+  explicit SelectOutputs(const RadarSelectParams& p)
+      : selected(static_cast<size_t>(p.batch) * p.kv_heads * p.num_blocks, -7),
+        num_selected(static_cast<size_t>(p.batch) * p.kv_heads, -7),
+        head_scores(static_cast<size_t>(p.batch) * p.q_heads * p.num_blocks, test::float_nan()),
+        head_mlo(static_cast<size_t>(p.batch) * p.q_heads, test::float_nan()) {}
+};
+
+// Host params of a qsketch topk selection; the centroid is passed only when a != 0, so a kernel
+// that reads it regardless faults.
+RadarSelectParams sketch_select_params(const TestQuery& q, const TestKV& kv, const std::vector<int32_t>& lens,
+                                       const SketchBuffers& sketch, const std::vector<float>& key_proj,
+                                       const std::vector<float>& query_proj, const StatsBuffers& stats, float weight,
+                                       GroupAgg agg) {
+  RadarSelectParams p;
+  p.q = q.data.data();
+  p.q_stride_batch = q.stride_batch;
+  p.q_stride_head = q.stride_head;
+  p.dtype = q.data.dtype;
+  p.centroid = weight != 0.0f ? stats.centroid.data() : nullptr;
+  p.sketch_codes = sketch.codes.data();
+  p.sketch_ranges = sketch.ranges.data();
+  p.sketch_key_proj = key_proj.data();
+  p.sketch_query_proj = query_proj.data();
+  p.sketch_rank = sketch.rank;
+  p.centroid_weight = weight;
+  p.seq_lens = lens.data();
+  p.batch = kv.batch;
+  p.q_heads = q.heads;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kv.head_dim)));
+  p.score = Score::kSketch;
+  p.policy = Policy::kTopK;
+  p.group_agg = agg;
+  p.budget_fraction = 0.3;
+  return p;
+}
+
+// Every host input of `host` is copied to the device; outputs and workspace are poisoned (0xA5
+// integers, 0xFF = NaN floats).
+void run_cuda_select(const RadarSelectParams& host, size_t q_bytes, SelectOutputs& out) {
+  const size_t blocks = static_cast<size_t>(host.batch) * host.kv_heads * host.num_blocks;
+  const size_t R = host.sketch_rank, D = host.head_dim;
+  DeviceBytes d_q(host.q, q_bytes);
+  DeviceBytes d_codes(host.sketch_codes, blocks * host.block_size * R / 2);
+  DeviceBytes d_ranges(host.sketch_ranges, blocks * 2 * R * sizeof(uint16_t));
+  DeviceBytes d_key_proj(host.sketch_key_proj, host.kv_heads * D * R * sizeof(float));
+  DeviceBytes d_query_proj(host.sketch_query_proj, host.q_heads * D * R * sizeof(float));
+  DeviceBytes d_centroid(host.centroid, host.centroid ? blocks * D * sizeof(float) : 0);
+  DeviceBytes d_lens(host.seq_lens, host.batch * sizeof(int32_t));
+  DeviceBytes d_selected(out.selected.size() * 4), d_num_selected(out.num_selected.size() * 4);
+  DeviceBytes d_scores(out.head_scores.size() * 4), d_mlo(out.head_mlo.size() * 4);
+  ASSERT_CUDA(cudaMemset(d_selected.ptr, 0xA5, d_selected.size));
+  ASSERT_CUDA(cudaMemset(d_num_selected.ptr, 0xA5, d_num_selected.size));
+  ASSERT_CUDA(cudaMemset(d_scores.ptr, 0xFF, d_scores.size));
+  ASSERT_CUDA(cudaMemset(d_mlo.ptr, 0xFF, d_mlo.size));
+  RadarSelectParams p = host;
+  p.q = d_q.ptr;
+  p.sketch_codes = d_codes.as<uint8_t>();
+  p.sketch_ranges = d_ranges.as<uint16_t>();
+  p.sketch_key_proj = d_key_proj.as<float>();
+  p.sketch_query_proj = d_query_proj.as<float>();
+  p.centroid = host.centroid ? d_centroid.as<float>() : nullptr;
+  p.seq_lens = d_lens.as<int32_t>();
+  p.selected = d_selected.as<int32_t>();
+  p.num_selected = d_num_selected.as<int32_t>();
+  p.out_head_scores = d_scores.as<float>();
+  p.out_head_mlo = d_mlo.as<float>();
+  DeviceBytes workspace(cuda::radar_select_workspace_bytes(p));
+  ASSERT_NE(workspace.ptr, nullptr);
+  ASSERT_CUDA(cudaMemset(workspace.ptr, 0xFF, workspace.size));
+  ASSERT_CUDA(cuda::radar_select(p, workspace.ptr, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  d_selected.download(out.selected.data());
+  d_num_selected.download(out.num_selected.data());
+  d_scores.download(out.head_scores.data());
+  d_mlo.download(out.head_mlo.data());
+}
+
+void run_cpu_select(const RadarSelectParams& host, SelectOutputs& out) {
+  RadarSelectParams p = host;
+  p.selected = out.selected.data();
+  p.num_selected = out.num_selected.data();
+  p.out_head_scores = out.head_scores.data();
+  p.out_head_mlo = out.head_mlo.data();
+  cpu::radar_select(p);
+}
+
+// Runs both backends on `p` (host pointers) and compares. The score tolerance is 2e-4 + 2e-5 x
+// the larger of |score| and the block's logit magnitude scale * (sum_r |u|_r max(|lo_r|, |hi_r|)
+// + |a| sum_d (|q_d| + sum_r |kp_dr| |u|_r) |c_d|), |u|_r = sum_d |qp_dr q_d|: float32 dot
+// products over D + R terms err by ~1e-5 of that magnitude at worst, which a logit that cancels
+// to near 0 (large u, mixed signs) would not see in |score|.
+void expect_cuda_matches_cpu(const RadarSelectParams& p, const TestQuery& q, const SketchBuffers& sketch,
+                             const std::vector<int32_t>& lens) {
+  SelectOutputs cpu_out(p), cuda_out(p);
+  run_cpu_select(p, cpu_out);
+  run_cuda_select(p, q.data.size_bytes(), cuda_out);
+  if (testing::Test::HasFatalFailure()) return;
+  const int G = p.q_heads / p.kv_heads, D = p.head_dim, R = p.sketch_rank, NB = p.num_blocks;
+  const double a = p.centroid_weight;
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t n_blocks = std::min(test::blocks_of(lens[b], p.block_size), NB);
+    for (int hq = 0; hq < p.q_heads; ++hq) {
+      const int h = hq / G;
+      const std::vector<double> qv = q.row(b, hq);
+      const float* query_proj = p.sketch_query_proj + static_cast<size_t>(hq) * D * R;
+      const float* key_proj = p.sketch_key_proj + static_cast<size_t>(h) * D * R;
+      std::vector<double> u_abs(R, 0.0), rest_abs(D, 0.0);
+      for (int d = 0; d < D; ++d) {
+        for (int r = 0; r < R; ++r) u_abs[r] += std::fabs(query_proj[d * R + r] * qv[d]);
+      }
+      for (int d = 0; d < D; ++d) {
+        rest_abs[d] = std::fabs(qv[d]);
+        for (int r = 0; r < R; ++r) rest_abs[d] += std::fabs(key_proj[d * R + r]) * u_abs[r];
+      }
+      const int64_t row = static_cast<int64_t>(b) * p.q_heads + hq;
+      ASSERT_EQ(cuda_out.head_mlo[row], kNegInf) << "qsketch has no M_g: b=" << b << " head=" << hq;
+      for (int j = 0; j < NB; ++j) {
+        const float expected = cpu_out.head_scores[row * NB + j];
+        const float actual = cuda_out.head_scores[row * NB + j];
+        const std::string where = "b=" + std::to_string(b) + " head=" + std::to_string(hq) + " block " +
+                                  std::to_string(j) + " len=" + std::to_string(lens[b]);
+        if (j >= n_blocks) {
+          ASSERT_EQ(expected, kNegInf) << where;
+          ASSERT_EQ(actual, kNegInf) << where;
+          continue;
+        }
+        ASSERT_TRUE(std::isfinite(expected)) << where << " cpu " << expected;
+        ASSERT_TRUE(std::isfinite(actual)) << where << " cuda " << actual << " cpu " << expected;
+        const uint16_t* ranges = sketch.block_ranges(b, h, j);
+        double magnitude = 0.0;
+        for (int r = 0; r < R; ++r) {
+          magnitude += u_abs[r] * std::max(std::fabs(test::decode_bf16(ranges[r])), std::fabs(test::decode_bf16(ranges[R + r])));
+        }
+        if (a != 0.0) {
+          const float* centroid = p.centroid + (static_cast<size_t>(b * p.kv_heads + h) * NB + j) * D;
+          for (int d = 0; d < D; ++d) magnitude += std::fabs(a) * rest_abs[d] * std::fabs(centroid[d]);
+        }
+        magnitude *= p.scale;
+        const double tolerance = 2e-4 + 2e-5 * std::max<double>(std::fabs(expected), magnitude);
+        ASSERT_NEAR(actual, expected, tolerance) << where << " logit magnitude " << magnitude;
+      }
+    }
+  }
+  // Selection: the CPU rules applied to the CUDA scores must pick exactly the CUDA rows (topk is
+  // a deterministic function of the float32 per-head scores, for both group aggregations).
+  RadarSelectParams given = p;
+  given.in_head_scores = cuda_out.head_scores.data();
+  SelectOutputs from_cuda_scores(p);
+  run_cpu_select(given, from_cuda_scores);
+  ASSERT_EQ(cuda_out.num_selected, from_cuda_scores.num_selected);
+  ASSERT_EQ(cuda_out.selected, from_cuda_scores.selected);
+}
+
+TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 5, kv_heads = 2;  // lengths max_len (partial last block), 0, 1, bs, bs + 1
+  const DType dtypes[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};
+  int shape = 0;
+  for (int bs : {16, 128}) {
+    for (int D : {64, 128}) {
+      for (int R : {2, 4, 8, 16}) {
+        const DType dtype = dtypes[shape % 3];
+        const KVKind kind = shape % 2 ? KVKind::kPaged : KVKind::kContiguous;  // only the CPU build reads keys
+        ++shape;
+        const int32_t max_len = bs == 16 ? 16 * 23 + 5 : 128 * 5 + 37;
+        const int num_blocks = test::blocks_of(max_len, bs) + 1;
+        TestKV kv(dtype, kind, batch, kv_heads, D, bs, num_blocks, rng);
+        const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
+        const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+        const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
+        const StatsBuffers stats = cpu_stats(kv, lens);
+        for (int G : {1, 3, 4, 8}) {
+          TestQuery q(dtype, batch, G * kv_heads, D);
+          q.fill_normal(rng);
+          const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 2.0 / std::sqrt(D));
+          for (float weight : {0.0f, 0.5f}) {
+            for (GroupAgg agg : {GroupAgg::kMax, GroupAgg::kSum}) {
+              SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) + " bs=" +
+                           std::to_string(bs) + " D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" +
+                           std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
+                           (agg == GroupAgg::kSum ? "sum" : "max"));
+              const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, stats, weight, agg);
+              expect_cuda_matches_cpu(p, q, sketch, lens);
+              if (testing::Test::HasFatalFailure()) return;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Large logits: queries scaled by up to 200 put the kernel's bound (every coefficient at its most
+// favourable code) hundreds of log2 units above the block's largest logit, so every 2^(x - bound)
+// underflows and the kernel rescans against the true maximum. Every third block holds one key
+// repeated (lo == hi, step 0, codes 0: all its logits are equal and the bound is exact).
+TEST(CudaSketchScore, LargeLogitsAndConstantBlocksMatchCpu) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 4, kv_heads = 2, bs = 64;
+  const int32_t max_len = bs * 9 + 17;
+  const int num_blocks = test::blocks_of(max_len, bs) + 1;
+  int64_t fallback_blocks = 0, direct_blocks = 0, constant_blocks = 0;
+  for (int D : {64, 128}) {
+    for (int R : {8, 16}) {
+      TestKV kv(DType::kBFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
+      for (int b = 0; b < batch; ++b) {
+        for (int h = 0; h < kv_heads; ++h) {
+          for (int j = 1; j < num_blocks; j += 3) {
+            for (int t = j * bs + 1; t < (j + 1) * bs; ++t) {
+              for (int i = 0; i < D; ++i) kv.data.set(kv.offset(b, h, t) + i, kv.at(b, h, j * bs, i));
+            }
+          }
+        }
+      }
+      const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
+      const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+      const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
+      const StatsBuffers stats = cpu_stats(kv, lens);
+      for (int b = 0; b < batch; ++b) {  // the repeated key gives exactly equal coefficients
+        for (int h = 0; h < kv_heads; ++h) {
+          for (int j = 1; j < test::blocks_of(lens[b], bs); j += 3) {
+            const uint16_t* ranges = sketch.block_ranges(b, h, j);
+            for (int r = 0; r < R; ++r) ASSERT_EQ(ranges[r], ranges[R + r]) << "b=" << b << " h=" << h << " j=" << j;
+            ++constant_blocks;
+          }
+        }
+      }
+      for (int G : {3, 4}) {  // an odd group takes the one-head tile, 4 the wide tile
+        for (double q_scale : {1.0, 30.0, 200.0}) {
+          TestQuery q(DType::kBFloat16, batch, G * kv_heads, D);
+          q.fill_normal(rng, q_scale);
+          const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+          for (float weight : {0.0f, 0.5f}) {
+            const GroupAgg agg = weight == 0.0f ? GroupAgg::kMax : GroupAgg::kSum;
+            SCOPED_TRACE("D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" + std::to_string(G) +
+                         " q x" + std::to_string(q_scale) + " a=" + std::to_string(weight));
+            const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, stats, weight, agg);
+            expect_cuda_matches_cpu(p, q, sketch, lens);
+            if (testing::Test::HasFatalFailure()) return;
+            if (weight != 0.0f) continue;  // the centroid term shifts bound and logits alike
+            // Which path the kernel took, from exact u: the gap (log2 units) between the bound and
+            // the largest x_t is min_t sum_r |w_r| (w_r > 0 ? 15 - code : code), w_r = s log2(e) u_r
+            // step_r. Above 100 + log2(bs) every term is below 2^-100: the fallback runs.
+            for (int b = 0; b < batch; ++b) {
+              const int32_t n_blocks = test::blocks_of(lens[b], bs);
+              for (int hq = 0; hq < p.q_heads; ++hq) {
+                const int h = hq / G;
+                const std::vector<double> qv = q.row(b, hq);
+                std::vector<double> u(R, 0.0);
+                for (int d = 0; d < D; ++d) {
+                  for (int r = 0; r < R; ++r) u[r] += query_proj[(static_cast<size_t>(hq) * D + d) * R + r] * qv[d];
+                }
+                for (int j = 0; j < n_blocks; ++j) {
+                  const int n = std::min(lens[b], (j + 1) * bs) - j * bs;
+                  const uint16_t* ranges = sketch.block_ranges(b, h, j);
+                  double gap = test::kInf;
+                  for (int t = 0; t < n; ++t) {
+                    double deficit = 0.0;
+                    for (int r = 0; r < R; ++r) {
+                      const double w = p.scale * kLog2e * u[r] * test::sketch_step_of(ranges[r], ranges[R + r]);
+                      const int code = sketch.code(b, h, j, t, r);
+                      deficit += std::fabs(w) * (w > 0.0 ? 15 - code : code);
+                    }
+                    gap = std::min(gap, deficit);
+                  }
+                  fallback_blocks += gap > 110.0;
+                  direct_blocks += gap < 90.0;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(fallback_blocks, 100) << "the underflow fallback was barely exercised";
+  EXPECT_GT(direct_blocks, 100);
+  EXPECT_GT(constant_blocks, 0);
+}
+
+}  // namespace
+}  // namespace aether
