@@ -26,7 +26,7 @@ key sketch, and then updates it incrementally exactly like the block statistics.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,11 +34,13 @@ import aether
 from aether import reference
 from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
+from aether.sketch import recall_curve as sketch_recall_curve
 
 EVAL_SCORES = SCORES + ("oracle",)
 BLOCK_SIZES = (16, 32, 64, 128)
 SKETCH_SCORE = "qsketch"
 DEFAULT_SKETCH_QUERIES = 256
+BUDGET_ALLOCATIONS = ("uniform", "layer")
 
 
 # ------------------------------------------------------------------------------- options
@@ -55,6 +57,9 @@ class SparseOptions:
     only with policy="topk".
     `sketch_rank`, `sketch_queries`: for score="qsketch", the sketch rank and how many of the last
     prefill queries calibrate it.
+    `budget_allocation`: "uniform" (every sparse layer keeps `budget`) or "layer" (qsketch with a
+    float top-k budget only; `AetherCache` gives each sparse layer its own fraction, mean at most
+    `budget`, from the recall curves measured at prefill: `aether.sketch.allocate_budgets`).
     """
 
     score: str = "tight"
@@ -68,6 +73,7 @@ class SparseOptions:
     group_agg: str | None = None
     sketch_rank: int = DEFAULT_RANK
     sketch_queries: int = DEFAULT_SKETCH_QUERIES
+    budget_allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -86,6 +92,12 @@ class SparseOptions:
         if isinstance(self.sketch_queries, bool) or not isinstance(self.sketch_queries, int) \
                 or self.sketch_queries < 1:
             raise ValueError(f"sketch_queries must be an int >= 1, got {self.sketch_queries!r}")
+        if self.budget_allocation not in BUDGET_ALLOCATIONS:
+            raise ValueError(f"budget_allocation must be one of {BUDGET_ALLOCATIONS}, got {self.budget_allocation!r}")
+        if self.budget_allocation == "layer" and (self.score != SKETCH_SCORE or self.policy != "topk"
+                                                  or not isinstance(self.budget, float)):
+            raise ValueError("budget_allocation='layer' needs score='qsketch', policy='topk' and a float budget "
+                             f"(a fraction), got score={self.score!r}, policy={self.policy!r}, budget={self.budget!r}")
         if self.policy == "threshold" and self.score not in UPPER_BOUND_SCORES + ("oracle",):
             raise ValueError(f"policy='threshold' needs an upper-bound score {UPPER_BOUND_SCORES}, got "
                              f"score={self.score!r}")
@@ -393,6 +405,7 @@ class AetherKVCache:
         self._calibrations: list[SketchCalibration] | None = None
         self._sketches: list[KeySketch] | None = None
         self._sketch_length = 0
+        self.budget: float | None = None  # this layer's top-k fraction when allocated per layer, else None
         self.reads = ReadCounter()
 
     # ---- storage
@@ -489,6 +502,7 @@ class AetherKVCache:
                              f"{self.length} tokens")
         self._queries, self._queries_end = q, int(end)
         self._calibrations = self._sketches = None
+        self.budget = None  # the per-layer allocation follows the calibration
 
     def set_row_starts(self, starts: list[int] | None) -> None:
         """First valid slot of every row (left padding); None or all zeros: no padding.
@@ -508,6 +522,7 @@ class AetherKVCache:
             self.row_starts = starts
             self._stats = None
             self._calibrations = self._sketches = None
+            self.budget = None  # the per-layer allocation follows the calibration
 
     def reindex(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (beam search reordering, batch selection); statistics are rebuilt."""
@@ -520,6 +535,7 @@ class AetherKVCache:
             self._queries = self._queries.index_select(0, indices.to(self._queries.device))
         self._stats = None
         self._calibrations = self._sketches = None  # recalibrated: row 0 may be another sequence now
+        self.budget = None  # the per-layer allocation follows the calibration
 
     def truncate(self, length: int) -> None:
         """Drop every token at or past slot `length`; statistics are rebuilt."""
@@ -536,6 +552,7 @@ class AetherKVCache:
             self._queries = self._queries[:, :, :keep] if keep > 0 else None
             self._queries_end = length if keep > 0 else 0
             self._calibrations = None
+            self.budget = None
 
     # ---- statistics
 
@@ -586,6 +603,17 @@ class AetherKVCache:
             self._calibrations = calibrations
         return self._calibrations
 
+    def recall_curve(self, fractions: tuple[float, ...]) -> list[float]:
+        """Mass recalled by qsketch top-k at each keep fraction on the prefill queries
+        (`aether.sketch.recall_curve`), measured on the first group of `_row_views()`."""
+        calib = self.calibrations()[0]
+        rows, start = self._row_views()[0]
+        row = rows.start or 0
+        valid = self._queries_end - start
+        k = self._k[row, :, start:self._queries_end]
+        q = self._queries[row, :, -min(valid, self._queries.shape[2]):]
+        return sketch_recall_curve(k, q, calib, block_size=self.options.block_size, fractions=fractions)
+
     def sketches(self) -> list[KeySketch]:
         """The qsketch key sketches, one per group of `_row_views()`, current with `length`.
 
@@ -624,10 +652,11 @@ class AetherKVCache:
         else:
             stats = self.stats()
         keys, values = self.keys, self.values
+        options = self.options if self.budget is None else replace(self.options, budget=self.budget)
         outs = []
         for st, sk, (rows, start) in zip(stats, sketches, views):
             k, v = keys[rows, :, start:], values[rows, :, start:]
-            out, selection = sparse_decode_step(q[rows], k, v, self.options, st, scale, sketch=sk)
+            out, selection = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk)
             self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk)
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from aether.cache import BUDGET_ALLOCATIONS
 from aether.models import require_eval_extra
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -69,13 +70,15 @@ class Config:
     block_size: int = 64
     policy: str = "topk"
     group_agg: str | None = None  # None: the library default (sum for qsketch, else max)
+    budget_allocation: str = "uniform"  # "layer": per-layer fractions (qsketch only)
 
     @property
     def name(self) -> str:
         if self.score == "dense":
             return "dense"
         agg = f" {self.group_agg}" if self.group_agg else ""
-        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}{agg}"
+        alloc = " per-layer" if self.budget_allocation == "layer" else ""
+        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}{agg}{alloc}"
 
 
 @dataclass
@@ -98,6 +101,7 @@ class EvalSettings:
     kv_element_bytes: int = 2
     seed: int = 0
     prefill_threads: int | None = None
+    budget_allocations: tuple[str, ...] = ("uniform",)  # qsketch configs run once per entry
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -154,7 +158,7 @@ class Runner:
             return self.AetherCache(self.model.config, dense_layers=range(self.num_layers))
         return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
-                                group_agg=config.group_agg)
+                                group_agg=config.group_agg, budget_allocation=config.budget_allocation)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -252,7 +256,9 @@ def configs_for(settings: EvalSettings) -> list[Config]:
         for budget in settings.budgets:
             for entry in settings.scores:
                 score, agg = parse_score(entry, settings.group_agg)
-                configs.append(Config(score, float(budget), int(block_size), group_agg=agg))
+                for allocation in settings.budget_allocations if score == "qsketch" else ("uniform",):
+                    configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
+                                          budget_allocation=allocation))
     return configs
 
 
@@ -286,6 +292,9 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
             raise ValueError(f"tasks must be among ('ppl', 'gen', 'passkey'), got {task!r}")
     for score in settings.scores:
         parse_score(score, settings.group_agg)
+    for allocation in settings.budget_allocations:
+        if allocation not in BUDGET_ALLOCATIONS:
+            raise ValueError(f"budget_allocations must be among {BUDGET_ALLOCATIONS}, got {allocation!r}")
     if settings.group_agg is not None and settings.group_agg not in GROUP_AGGS:
         raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {settings.group_agg!r}")
     if not 1 <= settings.decode < settings.context:
@@ -345,6 +354,9 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
                     item["kl"] = sum(extra) / len(extra)
                     if config.score == "qsketch":  # the centroid weight each sparse layer calibrated
                         item["sketch_centroid_weights"] = sketch_centroid_weights(cache)
+                    if config.budget_allocation == "layer":  # each sparse layer's allocated fraction
+                        item["layer_budgets"] = {layer.layer_idx: layer.kv.budget for layer in cache.layers
+                                                 if layer.sparse}
                     item["kv_read"] = cache.read_fractions(settings.kv_element_bytes)
                     reads.append(item["kv_read"])
                 entry["ppl"][name] = item
@@ -641,6 +653,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--group-agg", choices=GROUP_AGGS, default=None,
                    help="group aggregation of the --scores entries without one (default: the library's: sum for qsketch, else max)")
     p.add_argument("--budgets", type=_floats, default=d.budgets, help="top-k fractions of the blocks")
+    p.add_argument("--budget-allocations", type=_strs, default=d.budget_allocations,
+                   help="comma-separated from uniform,layer: qsketch configs run once per entry ('layer': "
+                        "per-layer fractions from prefill recall curves, same mean)")
     p.add_argument("--block-sizes", type=_ints, default=d.block_sizes)
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
@@ -671,7 +686,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             block_sizes=args.block_sizes,
                             dense_layers=args.dense_layers, tasks=args.tasks,
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
-                            prefill_threads=args.prefill_threads)
+                            prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

@@ -140,6 +140,75 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
     return calib._replace(centroid_weight=float(weights[best]))
 
 
+ALLOCATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+
+
+def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 fractions: tuple[float, ...], max_queries: int = 64) -> list[float]:
+    """Mean true attention mass that top-k on this layer's qsketch scores keeps, per keep fraction.
+
+    Measured like the centroid-weight choice of :func:`calibrate_sketch`: the last
+    ``max_queries`` prefill queries ``q`` ``[q_heads, n, head_dim]`` over the prefill keys ``k``
+    ``[kv_heads, seq, head_dim]`` (each query sees its prefix), sum aggregation, 1 sink + 1 recent
+    block. Returns one mean recalled mass in [0, 1] per fraction.
+    """
+    k = _check_tensor(k, "k", 3, "[kv_heads, seq, head_dim]")
+    q = _check_tensor(q, "q", 3, "[q_heads, n, head_dim]")
+    block_size = _check_block_size(block_size)
+    _check_count(max_queries, "max_queries", 1)
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+    kb = k[None]
+    codes, ranges = reference.key_sketch(kb, calib.key_proj.to(k.device), block_size)
+    centroid = reference.block_stats(kb, block_size).centroid
+    calib = SketchCalibration(calib.key_proj.to(k.device), calib.query_proj.to(k.device), calib.centroid_weight)
+    q_tail = q[:, -max_queries:]
+    return [_recalled_masses(q_tail, k, calib, block_size, float(f), (calib.centroid_weight,), centroid, codes,
+                             ranges)[0] for f in fractions]
+
+
+def allocate_budgets(curves: list[list[float]], budget: float,
+                     multipliers: tuple[float, ...] = ALLOCATION_MULTIPLIERS) -> list[float]:
+    """Per-layer keep fractions with mean at most ``budget`` that recall the most mass in total.
+
+    ``curves[l][i]`` is layer l's recalled mass at keep fraction ``budget * multipliers[i]``
+    (:func:`recall_curve`; multipliers ascending and containing 1). Greedy on the marginal gain
+    per unit of budget: every layer starts at the smallest multiplier and the step with the best
+    gain per unit is taken while the mean stays within ``budget`` (exact for concave curves on an
+    evenly spaced grid, a knapsack approximation otherwise; recalled mass is concave in practice).
+    Fractions are capped at 1.
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    mults = tuple(float(m) for m in multipliers)
+    if list(mults) != sorted(set(mults)) or 1.0 not in mults or mults[0] <= 0.0:
+        raise ValueError(f"multipliers must be positive, strictly ascending and contain 1, got {multipliers}")
+    for i, curve in enumerate(curves):
+        if len(curve) != len(mults):
+            raise ValueError(f"curves[{i}] has {len(curve)} points, expected one per multiplier ({len(mults)})")
+    if not curves:
+        return []
+    at = [0] * len(curves)
+    room = len(curves) * 1.0 - len(curves) * mults[0]  # in units of budget
+    while True:
+        best = None
+        for layer, i in enumerate(at):
+            if i + 1 == len(mults):
+                continue
+            cost = mults[i + 1] - mults[i]
+            if cost > room + 1e-9:
+                continue
+            gain = (curves[layer][i + 1] - curves[layer][i]) / cost
+            if best is None or gain > best[0]:  # ties: the lower layer
+                best = (gain, layer, cost)
+        if best is None:
+            break
+        at[best[1]] += 1
+        room -= best[2]
+    return [min(1.0, budget * mults[i]) for i in at]
+
+
 @dataclass
 class KeySketch:
     """The key sketch of a KV cache, reusable across decode steps (see the module docstring).

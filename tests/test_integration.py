@@ -568,3 +568,91 @@ def test_default_group_agg_same_in_extension_and_reference(monkeypatch):
         other = selections(score, "max" if score == "qsketch" else "sum", False)
         assert all(torch.equal(a, b) for a, b in zip(default, expected))
         assert not all(torch.equal(a, b) for a, b in zip(default, other)), "the check cannot tell max from sum"
+
+
+# ------------------------------------------------------------------ per-layer budget allocation
+
+
+def test_allocate_budgets_is_optimal_on_small_concave_curves():
+    """The greedy allocation equals the brute-force best (most total recall, mean fraction at most
+    the budget) on random concave curves, and respects the mean and the cap at 1."""
+    import itertools
+
+    from aether.sketch import allocate_budgets
+    mults = (0.5, 1.0, 1.5, 2.0)
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        curves = []
+        for _ in range(3):
+            gains = torch.rand(len(mults), generator=g).sort(descending=True).values * 0.2  # concave
+            curves.append([float(x) for x in gains.cumsum(0)])
+        got = allocate_budgets(curves, 0.2, mults)
+        assert sum(got) / len(got) <= 0.2 + 1e-12
+        best = max(sum(c[i] for c, i in zip(curves, pick)) for pick in itertools.product(range(len(mults)), repeat=3)
+                   if sum(mults[i] for i in pick) <= 3.0 + 1e-9)
+        total = sum(c[mults.index(round(f / 0.2, 9))] for c, f in zip(curves, got))
+        assert total == pytest.approx(best, abs=1e-12), f"trial {trial}: greedy {total} < best {best}"
+    assert allocate_budgets([[0.5, 0.9, 1.0, 1.0]], 0.6, mults) == [0.6]  # one layer keeps the budget
+    assert allocate_budgets([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]], 0.6, mults)[0] == pytest.approx(0.9)
+    assert max(allocate_budgets([[0.1, 0.2, 0.9, 1.0], [0.5, 0.5, 0.5, 0.5]], 0.6, mults)) <= 1.0
+    with pytest.raises(ValueError, match="multipliers"):
+        allocate_budgets([[0.0, 1.0]], 0.1, (0.5, 2.0))
+    with pytest.raises(ValueError, match="curves\\[0\\]"):
+        allocate_budgets([[0.0, 1.0]], 0.1, mults)
+    with pytest.raises(ValueError, match="budget"):
+        allocate_budgets([], 1.5, mults)
+
+
+def test_recall_curve_is_monotone_and_complete_at_full_budget():
+    from aether.sketch import recall_curve
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 300, 64, generator=g)
+    qs = torch.randn(4, 40, 64, generator=g) + torch.randn(4, 1, 64, generator=g)
+    calib = aether.calibrate_sketch(k[0], qs, rank=8, block_size=16, max_queries=16)
+    curve = recall_curve(k[0], qs, calib, block_size=16, fractions=(0.1, 0.2, 0.5, 1.0), max_queries=16)
+    assert all(0.0 <= a <= b + 1e-6 for a, b in zip(curve, curve[1:])), curve
+    assert curve[-1] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="fractions"):
+        recall_curve(k[0], qs, calib, block_size=16, fractions=(0.0,))
+
+
+def test_budget_allocation_options_are_validated():
+    assert SparseOptions(score="qsketch", budget=0.125, budget_allocation="layer").budget_allocation == "layer"
+    with pytest.raises(ValueError, match="budget_allocation must be one of"):
+        SparseOptions(budget_allocation="head")
+    with pytest.raises(ValueError, match="budget_allocation='layer' needs score='qsketch'"):
+        SparseOptions(score="tight", budget_allocation="layer")
+    with pytest.raises(ValueError, match="float budget"):
+        SparseOptions(score="qsketch", budget=4, budget_allocation="layer")
+
+
+@needs_transformers
+def test_tiny_model_per_layer_budgets(tiny_llama, monkeypatch):
+    """budget_allocation="layer": at the first decode step every sparse layer gets its own fraction
+    (mean at most the budget), each layer's steps run with it, and a truncation re-allocates."""
+    from aether.integrations.transformers import AetherCache
+
+    seen = []
+    real_step = cache_mod.sparse_decode_step
+
+    def spy_step(q, k, v, options, *args, **kwargs):
+        seen.append(options.budget)
+        return real_step(q, k, v, options, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "sparse_decode_step", spy_step)
+    cache = AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", budget=0.25, block_size=16,
+                        sketch_queries=64, budget_allocation="layer")
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(5))
+    _decode(tiny_llama, ids, cache, 4)
+    budgets = [layer.kv.budget for layer in cache.layers if layer.sparse]
+    assert all(b is not None and 0.0 < b <= 1.0 for b in budgets) and len(budgets) == 2
+    assert sum(budgets) / len(budgets) <= 0.25 + 1e-9
+    assert cache.layers[0].kv.budget is None  # dense layer
+    assert seen == budgets * 4  # layer 1, layer 2 at every decode step, each with its own fraction
+    assert budgets == cache.allocate_budgets()  # deterministic
+    cache.crop(250)
+    assert all(layer.kv.budget is None for layer in cache.layers[1:])
+    _decode(tiny_llama, ids[:, :1], cache, 1)
+    assert all(layer.kv.budget is not None for layer in cache.layers[1:])
+    with pytest.raises(ValueError, match="budget_allocation"):
+        AetherCache(tiny_llama.config, score="tight", budget_allocation="layer")

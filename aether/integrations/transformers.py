@@ -46,6 +46,7 @@ from collections.abc import Iterable
 import torch
 
 from aether.cache import AetherKVCache, SparseOptions
+from aether.sketch import ALLOCATION_MULTIPLIERS, allocate_budgets
 from aether.models import require_eval_extra
 
 require_eval_extra()
@@ -135,6 +136,10 @@ class AetherCache(DynamicCache):
             `group_agg=None` is the library default: "sum" for qsketch with topk, else "max").
         sketch_rank, sketch_queries: score="qsketch" only: the sketch's rank and how many of the
             last prefill queries calibrate it.
+        budget_allocation: "uniform" (every sparse layer keeps `budget`) or "layer" (qsketch, float
+            budget: at the first decode step every sparse layer gets its own keep fraction, mean
+            at most `budget`, from recall curves measured on the prefill queries;
+            `allocate_budgets`).
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -144,7 +149,7 @@ class AetherCache(DynamicCache):
     def __init__(self, config, *, dense_layers: Iterable[int] | None = DEFAULT_DENSE_LAYERS, score: str = "tight",
                  policy: str = "topk", budget: int | float = 0.25, block_size: int = 64, eps: float = 1e-3,
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
-                 sketch_rank: int = 8, sketch_queries: int = 256) -> None:
+                 sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform") -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -156,7 +161,8 @@ class AetherCache(DynamicCache):
             raise ValueError(f"dense_layers must hold layer indices in [0, {num_layers}), got {bad}")
         self.options = SparseOptions(score=score, policy=policy, budget=budget, block_size=block_size, eps=eps,
                                      mass=mass, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
-                                     group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries)
+                                     group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries,
+                                     budget_allocation=budget_allocation)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]
@@ -170,6 +176,30 @@ class AetherCache(DynamicCache):
         starts, usable = _row_starts(attention_mask, length)
         self._mask_memo = (attention_mask, starts, usable)
         return starts, usable
+
+    def allocate_budgets(self, starts: list[int] | None = None) -> list[float]:
+        """Give every sparse layer its own top-k fraction (`budget_allocation="layer"`).
+
+        Each sparse layer's recall curve (mass kept by qsketch top-k at `budget` times
+        `aether.sketch.ALLOCATION_MULTIPLIERS`, on its prefill queries) feeds
+        `aether.sketch.allocate_budgets`; the fractions are stored in `layer.kv.budget` (mean over
+        the sparse layers at most `budget`) and returned. `starts`: the decode step's row starts,
+        applied to every sparse layer first (so the later per-layer call does not recalibrate).
+        """
+        if self.options.budget_allocation != "layer":
+            raise ValueError(f"allocate_budgets needs budget_allocation='layer', got "
+                             f"{self.options.budget_allocation!r}")
+        budget = float(self.options.budget)
+        fractions = tuple(min(1.0, budget * m) for m in ALLOCATION_MULTIPLIERS)
+        sparse = [layer for layer in self.layers if layer.sparse]
+        curves = []
+        for layer in sparse:
+            layer.kv.set_row_starts(starts)
+            curves.append(layer.kv.recall_curve(fractions))
+        budgets = allocate_budgets(curves, budget)
+        for layer, fraction in zip(sparse, budgets):
+            layer.kv.budget = fraction
+        return budgets
 
     def read_fractions(self, kv_element_bytes: int = 2) -> dict[str, float]:
         """KV bytes read by decode steps so far, relative to dense attention over the same steps.
@@ -261,6 +291,8 @@ def aether_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer.kv.set_row_starts(starts)
+    if layer.kv.options.budget_allocation == "layer" and layer.kv.budget is None:
+        layer.parent().allocate_budgets(starts)
     out = layer.kv.attend(query[:, :, 0, :], scale=scaling)
     return out[:, None, :, :], None
 
