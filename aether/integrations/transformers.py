@@ -196,7 +196,7 @@ class AetherCache(DynamicCache):
         for layer in sparse:
             layer.kv.set_row_starts(starts)
             curves.append(layer.kv.recall_curve(fractions))
-        budgets = allocate_budgets(curves, budget)
+        budgets = allocate_budgets(curves, budget, ALLOCATION_MULTIPLIERS)
         for layer, fraction in zip(sparse, budgets):
             layer.kv.budget = fraction
         return budgets
