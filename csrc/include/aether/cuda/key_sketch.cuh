@@ -171,8 +171,8 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
 
 constexpr int kSketchLanesPerBlock = 4;  // lanes that share one block's codes
 constexpr int kSketchBlocksPerWarp = kWarpSize / kSketchLanesPerBlock;  // blocks of one span
-constexpr int kSketchScoreThreads = 256;  // 8 warps share one prologue (u, q') per CTA
-constexpr int kSketchScoreWarps = kSketchScoreThreads / kWarpSize;
+constexpr int kSketchScoreThreads = 256;  // at most; 8 warps share one prologue (u, q') per CTA
+constexpr int kSketchScoreWarps = kSketchScoreThreads / kWarpSize;  // fewer when the stages do not fit
 constexpr int kSketchScoreMinCtas = 2;    // 16 warps per SM: at most 128 registers
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -199,10 +199,9 @@ __host__ __device__ inline size_t sketch_score_prologue_bytes(int group, int hea
   const size_t floats = static_cast<size_t>(group) * head_dim * (centroid ? 2 : 1) + static_cast<size_t>(group) * rank;
   return (sizeof(float) * floats + 15) / 16 * 16;
 }
-inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid) {
+inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid, int warps) {
   const SketchStageLayout layout(block_size, rank, head_dim, centroid);
-  return sketch_score_prologue_bytes(group, head_dim, rank, centroid) +
-         static_cast<size_t>(kSketchScoreWarps) * 2 * layout.bytes;
+  return sketch_score_prologue_bytes(group, head_dim, rank, centroid) + static_cast<size_t>(warps) * 2 * layout.bytes;
 }
 
 // Slot of 16-byte vector v of staged block blk (n_vecs vectors per block): see SketchStageLayout.
@@ -429,8 +428,9 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
   const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
   char* stages = s_stages + static_cast<size_t>(warp) * 2 * layout.bytes;
   const int n_spans = (p.num_blocks + kSketchBlocksPerWarp - 1) / kSketchBlocksPerWarp;
-  const int stride = gridDim.y * kSketchScoreWarps;
-  int span = blockIdx.y * kSketchScoreWarps + warp;  // its stage was issued before the prologue
+  const int n_warps = blockDim.x / kWarpSize;
+  const int stride = gridDim.y * n_warps;
+  int span = blockIdx.y * n_warps + warp;  // its stage was issued before the prologue
   for (int k = 0; span < n_spans; span += stride, ++k) {  // uniform over the warp
     // Stage the next span, then wait for this one (one group may stay in flight).
     if (span + stride < n_spans) {
@@ -506,12 +506,13 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
     const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
     sketch_stage_span<kHeadDim, kRank>(p, layout, s_stages + static_cast<size_t>(warp) * 2 * layout.bytes,
-                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * kSketchScoreWarps + warp,
+                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * (blockDim.x / kWarpSize) + warp,
                                        n_blocks, use_centroid, lane);
     cp_async_commit();
   }
 
-  for (int i = tid; i < G * kHeadDim; i += kSketchScoreThreads) {
+  const int threads = blockDim.x;  // a multiple of 32: 32 .. kSketchScoreThreads
+  for (int i = tid; i < G * kHeadDim; i += threads) {
     const int g = i / kHeadDim, d = i % kHeadDim;
     s_q[i] = load_q_element(p.q, p.dtype, b * p.q_stride_batch + (static_cast<int64_t>(h) * G + g) * p.q_stride_head + d);
   }
@@ -519,7 +520,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   // u: each output is a D-long dot product split over 8 lanes (uniform trip count: shuffles).
   // s_uc holds u unscaled until q' is formed, then in 2^-units.
   constexpr int kLanesPerOutput = 8;
-  for (int base = 0; base < G * kRank; base += kSketchScoreThreads / kLanesPerOutput) {
+  for (int base = 0; base < G * kRank; base += threads / kLanesPerOutput) {
     const int o = base + tid / kLanesPerOutput;
     const int sub = tid % kLanesPerOutput;
     float partial = 0.0f;
@@ -536,7 +537,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
   __syncthreads();
   if (use_centroid) {  // q' = a * scale * log2 e * (q - key_proj_h u)
     const float a = p.centroid_weight * to_log2;
-    for (int i = tid; i < G * kHeadDim; i += kSketchScoreThreads) {
+    for (int i = tid; i < G * kHeadDim; i += threads) {
       const int g = i / kHeadDim, d = i % kHeadDim;
       const float* proj = p.sketch_key_proj + (static_cast<int64_t>(h) * kHeadDim + d) * kRank;
       float projected = 0.0f;
@@ -546,7 +547,7 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     }
     __syncthreads();
   }
-  for (int i = tid; i < G * kRank; i += kSketchScoreThreads) s_uc[i] *= to_log2;
+  for (int i = tid; i < G * kRank; i += threads) s_uc[i] *= to_log2;
   __syncthreads();
 
   // Heads per pass over the codes: the largest tile that divides G (a short tile would repeat a
@@ -570,22 +571,31 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   const int G = p.q_heads / p.kv_heads;
-  const size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, p.centroid_weight != 0.0f);
+  const bool centroid = p.centroid_weight != 0.0f;
+  // 8 warps per CTA, fewer where their stages do not fit (e.g. head_dim 256, 128-token blocks,
+  // rank 16 with a centroid: 17 KB per stage).
+  int warps = kSketchScoreWarps;
+  size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps);
+  while (warps > 1 && smem + 1024 > static_cast<size_t>(optin)) {
+    warps /= 2;
+    smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps);
+  }
   if (smem + 1024 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
+  const int threads = warps * kWarpSize;
   auto kernel = sketch_score_kernel<kHeadDim, kRank>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSketchScoreThreads, smem));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   const int64_t heads_kv = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int64_t spans = ceil_div(p.num_blocks, kSketchBlocksPerWarp);
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * num_sms;
   const int64_t slices = std::min<int64_t>(
-      std::max<int64_t>(1, std::min(ceil_div(spans, kSketchScoreWarps), resident / heads_kv)), 65535);
+      std::max<int64_t>(1, std::min(ceil_div(spans, warps), resident / heads_kv)), 65535);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  kernel<<<grid, kSketchScoreThreads, smem, stream>>>(p, *ws);
+  kernel<<<grid, threads, smem, stream>>>(p, *ws);
   return cudaGetLastError();
 }
 
