@@ -535,7 +535,8 @@ class AetherKVCache:
             self._queries = self._queries.index_select(0, indices.to(self._queries.device))
         self._stats = None
         self._calibrations = self._sketches = None  # recalibrated: row 0 may be another sequence now
-        self.budget = None  # the per-layer allocation follows the calibration
+        # self.budget stays: the rows still continue the prompt it was allocated for (beam search
+        # reorders every step; re-allocating each time would redo every layer's recall curve)
 
     def truncate(self, length: int) -> None:
         """Drop every token at or past slot `length`; statistics are rebuilt."""

@@ -256,7 +256,7 @@ def configs_for(settings: EvalSettings) -> list[Config]:
         for budget in settings.budgets:
             for entry in settings.scores:
                 score, agg = parse_score(entry, settings.group_agg)
-                for allocation in settings.budget_allocations if score == "qsketch" else ("uniform",):
+                for allocation in dict.fromkeys(settings.budget_allocations) if score == "qsketch" else ("uniform",):
                     configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
                                           budget_allocation=allocation))
     return configs

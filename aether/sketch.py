@@ -55,18 +55,19 @@ def _check_rank(rank: object, head_dim: int) -> int:
 
 
 def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
-                     budget: float, weights: tuple[float, ...], centroid: torch.Tensor, codes: torch.Tensor,
-                     ranges: torch.Tensor, chunk: int = 8) -> list[float]:
-    """For each centroid weight: the mean true attention mass that top-k on qsketch scores keeps
-    for queries at the last positions of ``k`` (each sees its prefix), sum aggregation, 1 sink +
-    1 recent block. Queries go in chunks of ``chunk`` (memory O(chunk * q_heads * seq * rank));
-    the true block masses of a chunk are computed once for all weights."""
+                     budgets: tuple[float, ...], weights: tuple[float, ...], centroid: torch.Tensor,
+                     codes: torch.Tensor, ranges: torch.Tensor, chunk: int = 8) -> list[list[float]]:
+    """``[weight][budget]``: the mean true attention mass that top-k at each budget fraction on
+    qsketch scores (each centroid weight) keeps for queries at the last positions of ``k`` (each
+    sees its prefix), sum aggregation, 1 sink + 1 recent block. Queries go in chunks of ``chunk``
+    (memory O(chunk * q_heads * seq * rank)); a chunk's true block masses are computed once, its
+    scores once per weight; only the top-k runs per budget."""
     kv_heads, seq_len, head_dim = k.shape
     q_heads, n = q.shape[0], q.shape[1]
     group = q_heads // kv_heads
     nb = reference.num_blocks_for(seq_len, block_size)
     keys = k.float().repeat_interleave(group, 0)
-    totals = [0.0] * len(weights)
+    totals = [[0.0] * len(budgets) for _ in weights]
     for start in range(0, n, chunk):
         qb = q[:, start:start + chunk].transpose(0, 1).float()  # [c, Hq, D]
         c = qb.shape[0]
@@ -82,10 +83,25 @@ def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration,
                 qb, codes.expand(c, -1, -1, -1, -1), ranges.expand(c, -1, -1, -1, -1), calib.key_proj,
                 calib.query_proj, lens, block_size, centroid=centroid.expand(c, -1, -1, -1),
                 centroid_weight=float(weight))
-            mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget, sink_blocks=1,
-                                         recent_blocks=1, agg="sum", return_mask=True)  # [c, Hkv, NB]
-            totals[i] += float((block_mass * mask.repeat_interleave(group, 1)).sum())
-    return [t / (n * q_heads) for t in totals]
+            for j, budget in enumerate(budgets):
+                mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget,
+                                             sink_blocks=1, recent_blocks=1, agg="sum", return_mask=True)
+                totals[i][j] += float((block_mass * mask.repeat_interleave(group, 1)).sum())  # mask [c, Hkv, NB]
+    return [[t / (n * q_heads) for t in row] for row in totals]
+
+
+def _check_calibration_inputs(k: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's prefill keys ``[kv_heads, seq, head_dim]`` and last queries ``[q_heads, n, head_dim]``."""
+    k = _check_tensor(k, "k", 3, "[kv_heads, seq, head_dim]")
+    q = _check_tensor(q, "q", 3, "[q_heads, n, head_dim]")
+    kv_heads, seq_len, head_dim = k.shape
+    if q.shape[2] != head_dim or q.shape[0] % kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} must be [q_heads (a multiple of {kv_heads}), n, {head_dim}]")
+    if q.device != k.device:
+        raise ValueError(f"q is on {q.device} but k is on {k.device}")
+    if not 1 <= q.shape[1] <= seq_len:
+        raise ValueError(f"q must hold between 1 and seq ({seq_len}) queries, got {q.shape[1]}")
+    return k, q
 
 
 def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RANK,
@@ -107,15 +123,8 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
         q: ``[q_heads, n, head_dim]`` post-RoPE queries of the last ``n`` prefill positions
             (query i sits at position ``seq - n + i``).
     """
-    k = _check_tensor(k, "k", 3, "[kv_heads, seq, head_dim]")
-    q = _check_tensor(q, "q", 3, "[q_heads, n, head_dim]")
+    k, q = _check_calibration_inputs(k, q)
     kv_heads, seq_len, head_dim = k.shape
-    if q.shape[2] != head_dim or q.shape[0] % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} must be [q_heads (a multiple of {kv_heads}), n, {head_dim}]")
-    if q.device != k.device:
-        raise ValueError(f"q is on {q.device} but k is on {k.device}")
-    if not 1 <= q.shape[1] <= seq_len:
-        raise ValueError(f"q must hold between 1 and seq ({seq_len}) queries, got {q.shape[1]}")
     rank = _check_rank(rank, head_dim)
     block_size = _check_block_size(block_size)
     if not 0.0 < budget <= 1.0:
@@ -135,7 +144,8 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
     kb = k[None]
     codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
     centroid = reference.block_stats(kb, block_size).centroid
-    recalled = _recalled_masses(q_tail, k, calib, block_size, budget, weights, centroid, codes, ranges)
+    recalled = [row[0] for row in _recalled_masses(q_tail, k, calib, block_size, (budget,), weights, centroid,
+                                                   codes, ranges)]
     best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
     return calib._replace(centroid_weight=float(weights[best]))
 
@@ -149,23 +159,25 @@ def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, 
 
     Measured like the centroid-weight choice of :func:`calibrate_sketch`: the last
     ``max_queries`` prefill queries ``q`` ``[q_heads, n, head_dim]`` over the prefill keys ``k``
-    ``[kv_heads, seq, head_dim]`` (each query sees its prefix), sum aggregation, 1 sink + 1 recent
-    block. Returns one mean recalled mass in [0, 1] per fraction.
+    ``[kv_heads, seq, head_dim]`` (each query sees its prefix; softmax scale 1/sqrt(head_dim)),
+    sum aggregation, 1 sink + 1 recent block. Returns one mean recalled mass in [0, 1] per
+    fraction (the masses and scores are computed once; only the top-k runs per fraction).
     """
-    k = _check_tensor(k, "k", 3, "[kv_heads, seq, head_dim]")
-    q = _check_tensor(q, "q", 3, "[q_heads, n, head_dim]")
+    k, q = _check_calibration_inputs(k, q)
     block_size = _check_block_size(block_size)
     _check_count(max_queries, "max_queries", 1)
-    for f in fractions:
-        if not 0.0 < f <= 1.0:
-            raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+    if calib.key_proj.shape[:2] != k.shape[::2] or calib.query_proj.shape[:2] != (q.shape[0], k.shape[2]):
+        raise ValueError(f"calibration projections {tuple(calib.key_proj.shape)} / {tuple(calib.query_proj.shape)} "
+                         f"do not match k {tuple(k.shape)} and q {tuple(q.shape)}")
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"fractions must be non-empty and lie in (0, 1], got {fractions}")
     kb = k[None]
-    codes, ranges = reference.key_sketch(kb, calib.key_proj.to(k.device), block_size)
-    centroid = reference.block_stats(kb, block_size).centroid
     calib = SketchCalibration(calib.key_proj.to(k.device), calib.query_proj.to(k.device), calib.centroid_weight)
-    q_tail = q[:, -max_queries:]
-    return [_recalled_masses(q_tail, k, calib, block_size, float(f), (calib.centroid_weight,), centroid, codes,
-                             ranges)[0] for f in fractions]
+    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
+    centroid = reference.block_stats(kb, block_size).centroid
+    return _recalled_masses(q[:, -max_queries:], k, calib, block_size, fractions, (calib.centroid_weight,), centroid,
+                            codes, ranges)[0]
 
 
 def allocate_budgets(curves: list[list[float]], budget: float,
@@ -175,8 +187,9 @@ def allocate_budgets(curves: list[list[float]], budget: float,
     ``curves[l][i]`` is layer l's recalled mass at keep fraction ``budget * multipliers[i]``
     (:func:`recall_curve`; multipliers ascending and containing 1). Greedy on the marginal gain
     per unit of budget: every layer starts at the smallest multiplier and the step with the best
-    gain per unit is taken while the mean stays within ``budget`` (exact for concave curves on an
-    evenly spaced grid, a knapsack approximation otherwise; recalled mass is concave in practice).
+    gain per unit is taken while the mean stays within ``budget`` (exact for concave curves when
+    every step costs the same, a knapsack approximation otherwise, e.g. on the default grid whose
+    steps are 0.25 then 0.5; recalled mass is concave in practice).
     Fractions are capped at 1.
     """
     if not 0.0 < budget <= 1.0:
@@ -187,6 +200,8 @@ def allocate_budgets(curves: list[list[float]], budget: float,
     for i, curve in enumerate(curves):
         if len(curve) != len(mults):
             raise ValueError(f"curves[{i}] has {len(curve)} points, expected one per multiplier ({len(mults)})")
+        if not all(math.isfinite(x) for x in curve):
+            raise ValueError(f"curves[{i}] holds a non-finite value: {list(curve)}")
     if not curves:
         return []
     at = [0] * len(curves)

@@ -601,6 +601,8 @@ def test_allocate_budgets_is_optimal_on_small_concave_curves():
         allocate_budgets([[0.0, 1.0]], 0.1, mults)
     with pytest.raises(ValueError, match="budget"):
         allocate_budgets([], 1.5, mults)
+    with pytest.raises(ValueError, match="non-finite"):
+        allocate_budgets([[0.1, float("nan"), 0.3, 0.4]], 0.1, mults)
 
 
 def test_recall_curve_is_monotone_and_complete_at_full_budget():
@@ -614,6 +616,12 @@ def test_recall_curve_is_monotone_and_complete_at_full_budget():
     assert curve[-1] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="fractions"):
         recall_curve(k[0], qs, calib, block_size=16, fractions=(0.0,))
+    with pytest.raises(ValueError, match="between 1 and seq"):
+        recall_curve(k[0, :, :30], qs, calib, block_size=16, fractions=(0.5,))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        recall_curve(k[0], qs[:3], calib, block_size=16, fractions=(0.5,))
+    with pytest.raises(ValueError, match="projections"):
+        recall_curve(k[0], qs[:2], calib, block_size=16, fractions=(0.5,))
 
 
 def test_budget_allocation_options_are_validated():
@@ -650,6 +658,8 @@ def test_tiny_model_per_layer_budgets(tiny_llama, monkeypatch):
     assert cache.layers[0].kv.budget is None  # dense layer
     assert seen == budgets * 4  # layer 1, layer 2 at every decode step, each with its own fraction
     assert budgets == cache.allocate_budgets()  # deterministic
+    cache.reorder_cache(torch.tensor([0]))  # beam search reorders every step: the allocation stays
+    assert [layer.kv.budget for layer in cache.layers if layer.sparse] == budgets
     cache.crop(250)
     assert all(layer.kv.budget is None for layer in cache.layers[1:])
     _decode(tiny_llama, ids[:, :1], cache, 1)
