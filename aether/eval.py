@@ -71,11 +71,14 @@ class Config:
     policy: str = "topk"
     group_agg: str | None = None  # None: the library default (sum for qsketch, else max)
     budget_allocation: str = "uniform"  # "layer": per-layer fractions (qsketch only)
+    mass: float = 0.95  # the adaptive policy's estimated-mass target
 
     @property
     def name(self) -> str:
         if self.score == "dense":
             return "dense"
+        if self.policy == "adaptive":
+            return f"{self.score} bs{self.block_size} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
         alloc = " per-layer" if self.budget_allocation == "layer" else ""
         return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}{agg}{alloc}"
@@ -102,6 +105,7 @@ class EvalSettings:
     seed: int = 0
     prefill_threads: int | None = None
     budget_allocations: tuple[str, ...] = ("uniform",)  # qsketch configs run once per entry
+    adaptive_masses: tuple[float, ...] = ()  # also run each score with policy="adaptive" at these targets
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -158,7 +162,8 @@ class Runner:
             return self.AetherCache(self.model.config, dense_layers=range(self.num_layers))
         return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
-                                group_agg=config.group_agg, budget_allocation=config.budget_allocation)
+                                group_agg=config.group_agg, budget_allocation=config.budget_allocation,
+                                mass=config.mass)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -259,6 +264,11 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                 for allocation in dict.fromkeys(settings.budget_allocations) if score == "qsketch" else ("uniform",):
                     configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
                                           budget_allocation=allocation))
+        for mass in settings.adaptive_masses:
+            for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
+                # budget: only what a qsketch calibration measures its centroid weight at
+                calib_budget = float(settings.budgets[0]) if settings.budgets else 0.125
+                configs.append(Config(entry, calib_budget, int(block_size), policy="adaptive", mass=float(mass)))
     return configs
 
 
@@ -653,6 +663,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--group-agg", choices=GROUP_AGGS, default=None,
                    help="group aggregation of the --scores entries without one (default: the library's: sum for qsketch, else max)")
     p.add_argument("--budgets", type=_floats, default=d.budgets, help="top-k fractions of the blocks")
+    p.add_argument("--adaptive-masses", type=_floats, default=d.adaptive_masses,
+                   help="also run every score with policy='adaptive' (smallest block set whose estimated mass "
+                        "reaches p), one run per p")
     p.add_argument("--budget-allocations", type=_strs, default=d.budget_allocations,
                    help="comma-separated from uniform,layer: qsketch configs run once per entry ('layer': "
                         "per-layer fractions from prefill recall curves, same mean)")
@@ -686,7 +699,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             block_sizes=args.block_sizes,
                             dense_layers=args.dense_layers, tasks=args.tasks,
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
-                            prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations)
+                            prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
+                            adaptive_masses=args.adaptive_masses)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

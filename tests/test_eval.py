@@ -65,6 +65,18 @@ def test_scores_with_group_aggregation():
     assert Config("tight", 0.25, 16).name == "tight bs16 topk 0.25"  # no aggregation given: the old name
 
 
+def test_budget_allocation_and_adaptive_configs():
+    args = build_parser().parse_args(["--scores", "tight,qsketch:sum", "--budgets", "0.125", "--block-sizes", "64",
+                                      "--budget-allocations", "uniform,layer,layer", "--adaptive-masses", "0.9"])
+    configs = configs_for(settings_from_args(args))
+    names = [c.name for c in configs]
+    assert names == ["dense", "tight bs64 topk 0.125", "qsketch bs64 topk 0.125 sum",
+                     "qsketch bs64 topk 0.125 sum per-layer", "tight bs64 adaptive p=0.9", "qsketch bs64 adaptive p=0.9"]
+    adaptive = configs[-1]
+    assert adaptive.policy == "adaptive" and adaptive.mass == 0.9 and adaptive.group_agg is None
+    assert adaptive.budget == 0.125  # what the qsketch calibration measures its centroid weight at
+
+
 def test_passkey_prompt_layout(bundle):
     tokenizer, _ = bundle
     haystack, question = passkey_prompt(tokenizer, 600, 0.5, 12345)
