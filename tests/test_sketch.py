@@ -125,6 +125,31 @@ def test_sketch_scores_match_reference(device, weight, rank, bs, group, head_dim
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sketch_scores_many_rows_refill_the_stages(device, poison_empty):
+    """Enough (batch x KV heads) rows that the CUDA launch runs one CTA slice per row, so every warp
+    scores several spans and refills its shared-memory stage while reading the other one; an odd
+    block count leaves a partial last span."""
+    if device != "cuda":
+        pytest.skip("the staging pipeline is CUDA's; the CPU kernel is covered by the other cases")
+    kv_heads, group, head_dim, bs, rank = 8, 2, 64, 16, 8
+    lens = [3203 - 37 * i for i in range(48)]
+    q, k, _, lens = make_case(48, kv_heads * group, kv_heads, 3203, head_dim, torch.bfloat16, device, seed=21,
+                              lens=lens)
+    kp, qp = _projections(kv_heads, kv_heads * group, head_dim, rank, 8, device)
+    for weight in (0.0, 0.5):
+        calib = aether.SketchCalibration(kp, qp, weight)
+        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
+        assert sketch.num_blocks == 201
+        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
+        scale = 1.0 / math.sqrt(head_dim)
+        _, _, scores, _ = _op_scores(q, sketch, stats, lens, bs, scale)
+        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
+                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
+                                      centroid_weight=weight, scale=scale)
+        torch.testing.assert_close(scores.cpu(), want, atol=2e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rank,bs", [(8, 64), (2, 16), (16, 128)])
 def test_sketch_scores_large_logits_and_constant_blocks(device, rank, bs, poison_empty):
     """Logit spreads of hundreds (the CUDA kernel shifts by an upper bound of each block's logits
