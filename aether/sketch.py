@@ -68,6 +68,12 @@ def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration,
     nb = reference.num_blocks_for(seq_len, block_size)
     keys = k.float().repeat_interleave(group, 0)
     totals = [[0.0] * len(budgets) for _ in weights]
+    # The query-independent parts of reference.sketch_head_scores, once: dequantised coefficients
+    # and centroids per query head (the reference would expand and unpack them per query).
+    deq = reference.unpack_sketch(codes, ranges)[0].repeat_interleave(group, 0)  # [Hq, NB, bs, R]
+    cen = centroid[0].float().repeat_interleave(group, 0)  # [Hq, NB, D]
+    kp = calib.key_proj.float().repeat_interleave(group, 0)  # [Hq, D, R]
+    scale = 1.0 / math.sqrt(head_dim)
     for start in range(0, n, chunk):
         qb = q[:, start:start + chunk].transpose(0, 1).float()  # [c, Hq, D]
         c = qb.shape[0]
@@ -78,11 +84,14 @@ def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration,
         probs = torch.softmax(logits.masked_fill(~causal[:, None, :], -math.inf), dim=-1)
         probs = torch.nn.functional.pad(probs, (0, nb * block_size - seq_len))
         block_mass = probs.reshape(c, q_heads, nb, block_size).sum(-1)
+        # reference.sketch_head_scores, operation for operation, on the shared tensors
+        u = torch.einsum("bgd,gdr->bgr", qb, calib.query_proj.float())
+        sketch_logits = torch.einsum("bgr,gntr->bgnt", u, deq)
+        base = torch.einsum("bgd,gnd->bgn", qb - torch.einsum("gdr,bgr->bgd", kp, u), cen)
+        valid = reference._token_valid(lens, nb * block_size).reshape(c, 1, nb, block_size)
         for i, weight in enumerate(weights):
-            scores = reference.sketch_head_scores(
-                qb, codes.expand(c, -1, -1, -1, -1), ranges.expand(c, -1, -1, -1, -1), calib.key_proj,
-                calib.query_proj, lens, block_size, centroid=centroid.expand(c, -1, -1, -1),
-                centroid_weight=float(weight))
+            logits = sketch_logits + float(weight) * base[..., None] if weight != 0.0 else sketch_logits
+            scores = torch.logsumexp((scale * logits).masked_fill(~valid, -math.inf), dim=-1)
             for j, budget in enumerate(budgets):
                 mask = selection.select_topk(scores, lens, block_size, kv_heads, budget_fraction=budget,
                                              sink_blocks=1, recent_blocks=1, agg="sum", return_mask=True)

@@ -237,6 +237,41 @@ def test_calibrate_sketch_fits_logits_and_picks_a_weight():
     assert err(calib.key_proj, calib.query_proj) < 0.5 * err(rkp, rqp)
 
 
+def test_recalled_masses_equal_the_reference_scores_path():
+    """The calibration's recalled masses (shared dequantised sketch per chunk) equal the ones from
+    reference.sketch_head_scores called per query, for every centroid weight and budget."""
+    from aether import selection
+    from aether.sketch import _recalled_masses
+    seq, bs, group = 600, 16, 3
+    q, k, _, _ = make_case(1, 6, 2, seq, 64, torch.float32, "cpu", seed=2, lens=[seq])
+    k = k[0]
+    q = torch.randn(6, 20, 64, generator=torch.Generator().manual_seed(3)) + q[0][:, None, :]
+    kp, qp = _projections(2, 6, 64, 8, 1, "cpu")
+    calib = aether.SketchCalibration(kp, qp, 0.0)
+    codes, ranges = ref.key_sketch(k[None], kp, bs)
+    centroid = ref.block_stats(k[None], bs).centroid
+    weights, budgets = (0.0, 0.5, 1.0), (0.15, 0.35)
+    got = _recalled_masses(q, k, calib, bs, budgets, weights, centroid, codes, ranges, chunk=7)
+    nb = math.ceil(seq / bs)
+    want = [[0.0] * len(budgets) for _ in weights]
+    for i in range(q.shape[1]):
+        pos = seq - q.shape[1] + i
+        lens = torch.tensor([pos + 1], dtype=torch.int32)
+        qi = q[:, i][None]
+        logits = torch.einsum("bgd,gsd->bgs", qi, k.repeat_interleave(group, 0)) / 8.0
+        probs = torch.softmax(logits.masked_fill(torch.arange(seq) > pos, -math.inf), dim=-1)
+        mass = torch.nn.functional.pad(probs, (0, nb * bs - seq)).reshape(1, 6, nb, bs).sum(-1)
+        for a, w in enumerate(weights):
+            scores = ref.sketch_head_scores(qi, codes, ranges, kp, qp, lens, bs, centroid=centroid, centroid_weight=w)
+            for b, budget in enumerate(budgets):
+                mask = selection.select_topk(scores, lens, bs, 2, budget_fraction=budget, sink_blocks=1,
+                                             recent_blocks=1, agg="sum", return_mask=True)
+                want[a][b] += float((mass * mask.repeat_interleave(group, 1)).sum()) / (q.shape[1] * 6)
+    assert len({tuple(row) for row in want}) == len(weights), "the centroid weights must select differently"
+    for a in range(len(weights)):
+        assert got[a] == pytest.approx(want[a], abs=1e-6)
+
+
 def test_qsketch_errors():
     q, k, v, lens = make_case(1, 4, 2, 128, 64, torch.float32, "cpu", seed=1, lens=[128])
     kp, qp = _projections(2, 4, 64, 8, 0, "cpu")
