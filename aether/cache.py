@@ -406,6 +406,7 @@ class AetherKVCache:
         self._sketches: list[KeySketch] | None = None
         self._sketch_length = 0
         self.budget: float | None = None  # this layer's top-k fraction when allocated per layer, else None
+        self._budget_options: SparseOptions | None = None  # `options` with `budget` (see _step_options)
         self.reads = ReadCounter()
 
     # ---- storage
@@ -591,28 +592,26 @@ class AetherKVCache:
                                  "but this cache holds no prefill queries: run the prompt through the model with "
                                  "this cache first (a forward of more than one token; the integration records "
                                  "the queries), or call record_queries(q) after appending the prefill")
-            calibrations = []
-            for rows, start in self._row_views():
-                row = rows.start or 0
-                valid = self._queries_end - start
-                if valid < 1:
-                    raise ValueError(f"row {row} has no prefill token (its first valid slot {start} is past the "
-                                     f"recorded prefill's end {self._queries_end}): cannot calibrate qsketch")
-                k = self._k[row, :, start:self._queries_end]
-                q = self._queries[row, :, -min(valid, self._queries.shape[2]):]
-                calibrations.append(calibrate_key_sketch(k, q, self.options))
-            self._calibrations = calibrations
+            self._calibrations = [calibrate_key_sketch(*self._prefill_of(rows, start), self.options)
+                                  for rows, start in self._row_views()]
         return self._calibrations
+
+    def _prefill_of(self, rows: slice, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(keys [kv_heads, n_keys, head_dim], queries [q_heads, n, head_dim])` of the prefill of
+        group (rows, start)'s first row: keys `[start, end)` and the recorded queries in that range."""
+        row = rows.start or 0
+        valid = self._queries_end - start
+        if valid < 1:
+            raise ValueError(f"row {row} has no prefill token (its first valid slot {start} is past the "
+                             f"recorded prefill's end {self._queries_end}): cannot calibrate qsketch")
+        return (self._k[row, :, start:self._queries_end],
+                self._queries[row, :, -min(valid, self._queries.shape[2]):])
 
     def recall_curve(self, fractions: tuple[float, ...]) -> list[float]:
         """Mass recalled by qsketch top-k at each keep fraction on the prefill queries
         (`aether.sketch.recall_curve`), measured on the first group of `_row_views()`."""
         calib = self.calibrations()[0]
-        rows, start = self._row_views()[0]
-        row = rows.start or 0
-        valid = self._queries_end - start
-        k = self._k[row, :, start:self._queries_end]
-        q = self._queries[row, :, -min(valid, self._queries.shape[2]):]
+        k, q = self._prefill_of(*self._row_views()[0])
         return sketch_recall_curve(k, q, calib, block_size=self.options.block_size, fractions=fractions)
 
     def sketches(self) -> list[KeySketch]:
@@ -635,6 +634,16 @@ class AetherKVCache:
 
     # ---- attention
 
+    def _step_options(self) -> SparseOptions:
+        """The options of a decode step: `options` with this layer's allocated budget, if any
+        (built once per allocation, not per step)."""
+        if self.budget is None:
+            return self.options
+        memo = self._budget_options
+        if memo is None or memo.budget != self.budget:
+            memo = self._budget_options = replace(self.options, budget=self.budget)
+        return memo
+
     def attend(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """AETHER attention of decode queries `q` `[batch, q_heads, head_dim]` over the cache.
 
@@ -653,7 +662,7 @@ class AetherKVCache:
         else:
             stats = self.stats()
         keys, values = self.keys, self.values
-        options = self.options if self.budget is None else replace(self.options, budget=self.budget)
+        options = self._step_options()
         outs = []
         for st, sk, (rows, start) in zip(stats, sketches, views):
             k, v = keys[rows, :, start:], values[rows, :, start:]

@@ -54,6 +54,14 @@ def _check_rank(rank: object, head_dim: int) -> int:
     return rank
 
 
+def _layer_sketch(k: torch.Tensor, calib: SketchCalibration, block_size: int):
+    """``(centroid, codes, ranges)`` of one sequence's prefill keys ``[kv_heads, seq, head_dim]``
+    (reference implementations, batch 1), in the order :func:`_recalled_masses` takes them."""
+    kb = k[None]
+    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
+    return reference.block_stats(kb, block_size).centroid, codes, ranges
+
+
 def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
                      budgets: tuple[float, ...], weights: tuple[float, ...], centroid: torch.Tensor,
                      codes: torch.Tensor, ranges: torch.Tensor, chunk: int = 8) -> list[list[float]]:
@@ -150,11 +158,8 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
         if not math.isfinite(w):
             raise ValueError(f"centroid_weights must be finite, got {weights}")
     q_tail = q[:, -max_queries:]
-    kb = k[None]
-    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
-    centroid = reference.block_stats(kb, block_size).centroid
-    recalled = [row[0] for row in _recalled_masses(q_tail, k, calib, block_size, (budget,), weights, centroid,
-                                                   codes, ranges)]
+    recalled = [row[0] for row in _recalled_masses(q_tail, k, calib, block_size, (budget,), weights,
+                                                   *_layer_sketch(k, calib, block_size))]
     best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
     return calib._replace(centroid_weight=float(weights[best]))
 
@@ -181,12 +186,9 @@ def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, 
     fractions = tuple(float(f) for f in fractions)
     if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
         raise ValueError(f"fractions must be non-empty and lie in (0, 1], got {fractions}")
-    kb = k[None]
     calib = SketchCalibration(calib.key_proj.to(k.device), calib.query_proj.to(k.device), calib.centroid_weight)
-    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
-    centroid = reference.block_stats(kb, block_size).centroid
-    return _recalled_masses(q[:, -max_queries:], k, calib, block_size, fractions, (calib.centroid_weight,), centroid,
-                            codes, ranges)[0]
+    return _recalled_masses(q[:, -max_queries:], k, calib, block_size, fractions, (calib.centroid_weight,),
+                            *_layer_sketch(k, calib, block_size))[0]
 
 
 def allocate_budgets(curves: list[list[float]], budget: float,

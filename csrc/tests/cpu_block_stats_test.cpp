@@ -32,20 +32,6 @@ std::string describe(const StatsCase& c) {
          " max_len=" + std::to_string(c.max_len);
 }
 
-BlockStatsParams make_params(const TestKV& kv, const std::vector<int32_t>& lens, StatsBuffers& out) {
-  BlockStatsParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.stats = out.tensors();
-  return p;
-}
-
 std::vector<StatsCase> stats_cases() {
   std::vector<StatsCase> cases;
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
@@ -82,7 +68,7 @@ TEST(CpuBlockStats, FullBuildMatchesNaiveReference) {
 
     StatsBuffers out(c.batch, c.heads, num_blocks, c.head_dim);
     out.poison();
-    cpu::block_stats(make_params(kv, lens, out));
+    cpu::block_stats(test::block_stats_params(kv, lens, out));
     const test::NaiveStats ref = test::naive_block_stats(kv, lens);
 
     const int D = c.head_dim;
@@ -170,10 +156,10 @@ TEST(CpuBlockStats, AppendIsBitIdenticalToFullBuild) {
 
     StatsBuffers full(c.batch, c.heads, num_blocks, c.head_dim);
     full.poison();
-    cpu::block_stats(make_params(kv, new_lens, full));
+    cpu::block_stats(test::block_stats_params(kv, new_lens, full));
 
     StatsBuffers appended(c.batch, c.heads, num_blocks, c.head_dim);
-    cpu::block_stats(make_params(kv, old_lens, appended));
+    cpu::block_stats(test::block_stats_params(kv, old_lens, appended));
     // Blocks outside the append range get a sentinel: they must come back unchanged.
     for (int b = 0; b < c.batch; ++b) {
       const int32_t end = test::blocks_of(new_lens[b], c.block_size);
@@ -190,7 +176,7 @@ TEST(CpuBlockStats, AppendIsBitIdenticalToFullBuild) {
         }
       }
     }
-    BlockStatsParams p = make_params(kv, new_lens, appended);
+    BlockStatsParams p = test::block_stats_params(kv, new_lens, appended);
     p.first_block = first_block.data();
     cpu::block_stats(p);
 

@@ -62,23 +62,6 @@ void attach_stats(RadarSelectParams& p, StatsBuffers& stats) {
   p.spread = stats.spread.data();
 }
 
-StatsBuffers build_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
-  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
-  stats.poison();
-  BlockStatsParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.stats = stats.tensors();
-  cpu::block_stats(p);
-  return stats;
-}
-
 // The selection rows written by the kernel must equal the naive rules applied to the per-head
 // scores the kernel reports (or was given).
 void expect_selection_matches_naive(const RadarSelectParams& p, const std::vector<int32_t>& lens,
@@ -135,7 +118,7 @@ TEST(CpuRadarSelect, ScoresMatchNaiveAndBoundTheTrueBlockMaximum) {
     TestKV kv(c.dtype, KVKind::kPaged, batch, kv_heads, c.head_dim, c.block_size, num_blocks, rng);
     const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, c.block_size, rng);
     kv.poison_after(lens);
-    StatsBuffers stats = build_stats(kv, lens);
+    StatsBuffers stats = test::cpu_block_stats(kv, lens);
     TestQuery q(c.dtype, batch, q_heads, c.head_dim);
     q.fill_normal(rng);
 
@@ -428,7 +411,7 @@ TEST(CpuRadarSelect, ThresholdDroppedMassIsBelowEps) {
       TestKV kv(dtype, KVKind::kContiguous, batch, kv_heads, head_dim, block_size, num_blocks, rng, 3.0, 0.1);
       const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, block_size, rng);
       kv.poison_after(lens);
-      StatsBuffers stats = build_stats(kv, lens);
+      StatsBuffers stats = test::cpu_block_stats(kv, lens);
       TestQuery q(dtype, batch, q_heads, head_dim);
       q.fill_normal(rng, 2.0);
       for (Score score : {Score::kBall, Score::kBox, Score::kTight}) {
@@ -495,7 +478,7 @@ TEST(CpuRadarSelect, GivenScoresAndLowerBoundsAreHonoured) {
   const int num_blocks = test::blocks_of(max_len, bs);
   TestKV kv(DType::kFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng, 3.0, 0.1);
   const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
-  StatsBuffers stats = build_stats(kv, lens);
+  StatsBuffers stats = test::cpu_block_stats(kv, lens);
   TestQuery q(DType::kFloat16, batch, q_heads, D);
   q.fill_normal(rng, 2.0);
 
@@ -660,7 +643,7 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
         for (auto& value : key_proj) value = static_cast<float>(normal(rng));
         for (auto& value : query_proj) value = static_cast<float>(normal(rng));
         const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, c.rank);
-        StatsBuffers stats = build_stats(kv, lens);
+        StatsBuffers stats = test::cpu_block_stats(kv, lens);
         TestQuery q(dtype, batch, q_heads, c.head_dim);
         q.fill_normal(rng, 2.0);
 
@@ -763,7 +746,7 @@ TEST(CpuRadarSelect, SketchScoreIsTheTrueBlockLogMassWhenTheSketchIsExact) {
           for (int d = 0; d < D; ++d) query_proj[(static_cast<size_t>(g) * D + d) * R + d] = 1.0f;
         }
         const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, R);
-        StatsBuffers stats = build_stats(kv, lens);
+        StatsBuffers stats = test::cpu_block_stats(kv, lens);
         TestQuery q(dtype, batch, q_heads, D);
         q.fill_normal(rng, 0.5);
 

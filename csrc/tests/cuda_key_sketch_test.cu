@@ -293,22 +293,6 @@ TEST(CudaKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
 // ---------------------------------------------------------------------------------------------
 // qsketch scores.
 
-StatsBuffers cpu_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
-  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
-  BlockStatsParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.stats = stats.tensors();
-  cpu::block_stats(p);
-  return stats;
-}
-
 struct SelectOutputs {
   std::vector<int32_t> selected, num_selected;
   std::vector<float> head_scores, head_mlo;
@@ -489,7 +473,7 @@ TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
         const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
         const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
         const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
-        const StatsBuffers stats = cpu_stats(kv, lens);
+        const StatsBuffers stats = test::cpu_block_stats(kv, lens);
         for (int G : {1, 3, 4, 8}) {
           TestQuery q(dtype, batch, G * kv_heads, D);
           q.fill_normal(rng);
@@ -539,7 +523,7 @@ TEST(CudaSketchScore, LargeLogitsAndConstantBlocksMatchCpu) {
       const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
       const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
       const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
-      const StatsBuffers stats = cpu_stats(kv, lens);
+      const StatsBuffers stats = test::cpu_block_stats(kv, lens);
       for (int b = 0; b < batch; ++b) {  // the repeated key gives exactly equal coefficients
         for (int h = 0; h < kv_heads; ++h) {
           for (int j = 1; j < test::blocks_of(lens[b], bs); j += 3) {

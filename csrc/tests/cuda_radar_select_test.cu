@@ -272,22 +272,6 @@ RadarSelectParams base_params(int batch, int q_heads, int kv_heads, int head_dim
   return p;
 }
 
-StatsBuffers cpu_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
-  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
-  BlockStatsParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.stats = stats.tensors();
-  cpu::block_stats(p);
-  return stats;
-}
-
 struct RadarCase {
   DType dtype;
   int group, head_dim, block_size;
@@ -312,7 +296,7 @@ TEST(CudaRadarSelect, ScoresWithinFloatRoundingAndSelectionMatchesCpu) {
     TestKV kv(c.dtype, n % 2 ? KVKind::kPaged : KVKind::kContiguous, batch, kv_heads, c.head_dim, c.block_size,
               num_blocks, rng);
     const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, c.block_size, rng);
-    StatsBuffers stats = cpu_stats(kv, lens);
+    StatsBuffers stats = test::cpu_block_stats(kv, lens);
     TestQuery q(c.dtype, batch, q_heads, c.head_dim);
     q.fill_normal(rng);
     for (Score score : scores) {

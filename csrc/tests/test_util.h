@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "aether/cpu/kernels.h"
 #include "aether/params.h"
 
 namespace aether {
@@ -404,6 +405,29 @@ struct StatsBuffers {
     return (b * heads + h) * num_blocks + j;
   }
 };
+
+// BlockStatsParams of a full build (no first_block) of kv's host data into `out`.
+inline BlockStatsParams block_stats_params(const TestKV& kv, const std::vector<int32_t>& lens, StatsBuffers& out) {
+  BlockStatsParams p;
+  p.k = kv.layout();
+  p.dtype = kv.dtype;
+  p.seq_lens = lens.data();
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.stats = out.tensors();
+  return p;
+}
+
+// The CPU kernel's statistics of kv (outputs poisoned first): the oracle input of score tests.
+inline StatsBuffers cpu_block_stats(const TestKV& kv, const std::vector<int32_t>& lens) {
+  StatsBuffers stats(kv.batch, kv.heads, kv.num_blocks, kv.head_dim);
+  stats.poison();
+  cpu::block_stats(block_stats_params(kv, lens, stats));
+  return stats;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Naive reference, double precision, straight from the semantics.
