@@ -65,7 +65,7 @@ if _IMPORT_ERROR is None:
                            budget_blocks, budget_fraction, eps, mass, min_blocks, max_blocks, sink_blocks,
                            recent_blocks, return_scores=False, head_scores=None, head_mlo=None, group_agg="max",
                            sketch_codes=None, sketch_ranges=None, sketch_key_proj=None, sketch_query_proj=None,
-                           centroid_weight=0.0):
+                           centroid_weight=0.0, sketch_centroid=None):
         shaped = sketch_codes if score == "qsketch" else centroid
         batch, kv_heads, num_blocks = shaped.shape[0], shaped.shape[1], shaped.shape[2]
         q_heads = q.shape[1]
@@ -80,15 +80,17 @@ if _IMPORT_ERROR is None:
         return selected, num_selected, scores, mlo
 
     @torch.library.register_fake("aether::key_sketch")
-    def _key_sketch_fake(k, seq_lens, key_proj, block_size, num_blocks, block_table=None):
-        batch, kv_heads, _, _ = _cache_shape(k, block_table, block_size)
+    def _key_sketch_fake(k, seq_lens, key_proj, block_size, num_blocks, block_table=None, blocks_per_sketch=1):
+        batch, kv_heads, _, head_dim = _cache_shape(k, block_table, block_size)
         rank = key_proj.shape[2]
+        sketch_blocks = num_blocks // blocks_per_sketch
         codes = k.new_empty((batch, kv_heads, num_blocks, block_size, rank // 2), dtype=torch.uint8)
-        ranges = k.new_empty((batch, kv_heads, num_blocks, 2, rank), dtype=torch.bfloat16)
-        return codes, ranges
+        ranges = k.new_empty((batch, kv_heads, sketch_blocks, 2, rank), dtype=torch.bfloat16)
+        centroid = k.new_empty((batch, kv_heads, sketch_blocks, head_dim), dtype=torch.bfloat16)
+        return codes, ranges, centroid
 
     @torch.library.register_fake("aether::key_sketch_update")
-    def _key_sketch_update_fake(k, seq_lens, first_block, key_proj, block_size, block_table, codes, ranges):
+    def _key_sketch_update_fake(k, seq_lens, first_block, key_proj, block_size, block_table, codes, ranges, centroid):
         return None
 
     @torch.library.register_fake("aether::sparse_decode")

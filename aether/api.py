@@ -344,7 +344,8 @@ def sparse_attention(
         k, v: the cache, `[batch, kv_heads, seq, head_dim]`, or paged
             `[num_pages, page_size, kv_heads, head_dim]` with `block_table`. Same dtype as q
             (float32, float16, bfloat16) and device.
-        stats: precomputed `BlockStats` (from `aether.block_stats`); computed when None.
+        stats: precomputed `BlockStats` (from `aether.block_stats`); computed when None. Not read by
+            score="qsketch" (must be None there: the sketch carries its centroid).
         block_size: tokens per block, 16/32/64/128 (default: stats.block_size, else 64).
         score: block score: "tight" (min of ball and box), "ball", "box", "mean", "variance", or
             "qsketch" (log-sum-exp of approximate token logits from a 4-bit key sketch: pass
@@ -437,9 +438,16 @@ def sparse_attention(
             raise ValueError(f"the sketch's query_proj has {sketch.calibration.query_proj.shape[0]} query heads but q "
                              f"has {q.shape[1]}")
         num_blocks = sketch.num_blocks
-    # qsketch reads the statistics (the centroid) only when its centroid weight is not 0.
-    if score == "qsketch" and sketch.calibration.centroid_weight == 0.0 and stats is None:
+    sketch_args = (None, None, None, None, 0.0, None)
+    if score == "qsketch":
+        # The sketch carries its own centroid; qsketch reads no block statistics.
+        if stats is not None:
+            raise ValueError("stats are not read by score='qsketch' (the KeySketch carries its centroid); pass "
+                             "stats=None")
         stat_tensors = (q.new_empty((0,), dtype=torch.float32),) * 5  # placeholders, never read
+        calib = sketch.calibration
+        sketch_args = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight),
+                       sketch.centroid)
     else:
         if stats is None:
             stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)
@@ -447,14 +455,7 @@ def sparse_attention(
             _check_current(stats, "stats", "were", block_size, block_table, capacity, seq_lens)
             _check_stats_match(stats, batch, kv_heads, head_dim, q.device)
         stat_tensors = stats.tensors
-        if score != "qsketch":
-            num_blocks = stats.num_blocks
-        elif stats.num_blocks != num_blocks:
-            raise ValueError(f"stats hold {stats.num_blocks} blocks but the sketch {num_blocks}; update both")
-    sketch_args = (None, None, None, None, 0.0)
-    if score == "qsketch":
-        calib = sketch.calibration
-        sketch_args = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
+        num_blocks = stats.num_blocks
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
     selected, counts, _, _ = torch.ops.aether.radar_select(
         q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,

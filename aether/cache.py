@@ -32,7 +32,7 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES
+from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
 
@@ -56,7 +56,9 @@ class SparseOptions:
     library default of `aether.sparse_attention`: "sum" for qsketch with topk, else "max");
     only with policy="topk".
     `sketch_rank`, `sketch_queries`: for score="qsketch", the sketch rank and how many of the last
-    prefill queries calibrate it.
+    prefill queries calibrate it. `blocks_per_sketch`: for score="qsketch", how many blocks share
+    one sketch block's ranges and centroid (1, 2, 4, 8; `aether.key_sketch`): 2 with 32-token
+    blocks selects at 32 tokens for the metadata bytes of 64-token blocks.
     `budget_allocation`: "uniform" (every sparse layer keeps `budget`) or "layer" (qsketch with a
     float top-k budget only; `AetherCache` gives each sparse layer its own fraction, mean at most
     `budget`, from the recall curves measured at prefill: `aether.sketch.allocate_budgets`).
@@ -74,6 +76,7 @@ class SparseOptions:
     sketch_rank: int = DEFAULT_RANK
     sketch_queries: int = DEFAULT_SKETCH_QUERIES
     budget_allocation: str = "uniform"
+    blocks_per_sketch: int = 1
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -109,6 +112,13 @@ class SparseOptions:
             raise ValueError(f"budget as a fraction must be in (0, 1], got {self.budget}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
+        per = self.blocks_per_sketch
+        if isinstance(per, bool) or not isinstance(per, int) or per not in (1, 2, 4, 8) or per * self.block_size > 128:
+            raise ValueError(f"blocks_per_sketch must be 1, 2, 4 or 8 with blocks_per_sketch * block_size <= 128 "
+                             f"(block_size {self.block_size}), got {per!r}")
+        if per != 1 and self.score != SKETCH_SCORE:
+            raise ValueError(f"blocks_per_sketch is a qsketch option, got blocks_per_sketch={per} with "
+                             f"score={self.score!r}")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if not 0.0 < self.mass <= 1.0:
@@ -194,39 +204,42 @@ class RefKeySketch(KeySketch):
     """
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeySketch":
-        """Rebuild only the blocks from each row's previous last block on (in place)."""
+        """Rebuild only the sketch blocks from each row's previous last block on (in place)."""
         batch, _, capacity, _ = k.shape
         if seq_lens is None:
             seq_lens = torch.full((batch,), capacity, dtype=torch.int32, device=k.device)
         if bool((seq_lens < self.seq_lens).any()):
             raise ValueError("seq_lens must not shrink in update(); rebuild the sketch")
-        bs = self.block_size
-        needed = math.ceil(capacity / bs)
-        if needed > self.num_blocks:
-            extra = needed - self.num_blocks
-            self.codes = torch.cat([self.codes, self.codes.new_zeros(self.codes.shape[:2] + (extra,)
-                                                                     + self.codes.shape[3:])], 2)
-            self.ranges = torch.cat([self.ranges, self.ranges.new_zeros(self.ranges.shape[:2] + (extra,)
-                                                                        + self.ranges.shape[3:])], 2)
-        first = int(self.seq_lens.min()) // bs
-        last = math.ceil(int(seq_lens.max()) / bs)
+        sb = self.block_size * self.blocks_per_sketch  # tokens per sketch block
+        per = self.blocks_per_sketch
+        needed = math.ceil(capacity / sb)  # sketch blocks
+        have = self.ranges.shape[2]
+        if needed > have:
+            self.codes = _grow_blocks(self.codes, needed * per)
+            self.ranges, self.centroid = _grow_blocks(self.ranges, needed), _grow_blocks(self.centroid, needed)
+        first = int(self.seq_lens.min()) // sb
+        last = math.ceil(int(seq_lens.max()) / sb)
         if last > first:
-            part_lens = (seq_lens.to(torch.int64) - first * bs).clamp(min=0).to(torch.int32)
-            codes, ranges = reference.key_sketch(k[:, :, first * bs:], self.calibration.key_proj, bs, part_lens,
-                                                 num_blocks=last - first)
-            self.codes[:, :, first:last] = codes
+            part_lens = (seq_lens.to(torch.int64) - first * sb).clamp(min=0).to(torch.int32)
+            codes, ranges, centroid = reference.key_sketch(k[:, :, first * sb:], self.calibration.key_proj,
+                                                           self.block_size, part_lens, num_blocks=(last - first) * per,
+                                                           blocks_per_sketch=per)
+            self.codes[:, :, first * per:last * per] = codes
             self.ranges[:, :, first:last] = ranges
+            self.centroid[:, :, first:last] = centroid
         self.seq_lens = seq_lens.to(torch.int32).clone()
         return self
 
 
-def build_key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int) -> KeySketch:
+def build_key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int,
+                     blocks_per_sketch: int = 1) -> KeySketch:
     """The qsketch key sketch of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid)."""
     if _use_extension(k):
-        return aether.key_sketch(k, calibration, block_size)
+        return aether.key_sketch(k, calibration, block_size, blocks_per_sketch=blocks_per_sketch)
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
-    codes, ranges = reference.key_sketch(k, calibration.key_proj, block_size, seq_lens)
-    return RefKeySketch(codes, ranges, calibration, block_size, seq_lens)
+    codes, ranges, centroid = reference.key_sketch(k, calibration.key_proj, block_size, seq_lens,
+                                                   blocks_per_sketch=blocks_per_sketch)
+    return RefKeySketch(codes, ranges, centroid, calibration, block_size, seq_lens)
 
 
 def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
@@ -237,7 +250,7 @@ def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOption
     if isinstance(budget, int):
         budget = min(1.0, budget / math.ceil(k.shape[1] / options.block_size))
     return aether.calibrate_sketch(k, q, rank=options.sketch_rank, block_size=options.block_size,
-                                   budget=float(budget))
+                                   blocks_per_sketch=options.blocks_per_sketch, budget=float(budget))
 
 
 # ---------------------------------------------------------------------- the one attention call
@@ -264,8 +277,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     Args:
         q: `[batch, q_heads, head_dim]`; k, v: `[batch, kv_heads, seq, head_dim]`.
         options: score, policy, budget and block size.
-        stats: statistics of `k` for `options.block_size` (computed when None; unused by oracle;
-            with qsketch only read, for the centroid term, when the centroid weight is not 0).
+        stats: statistics of `k` for `options.block_size` (computed when None; unused by oracle
+            and qsketch, whose sketch carries its centroid).
         scale: softmax scale (default 1/sqrt(head_dim)).
         sketch: the key sketch of `k` (`KeySketch`, or `RefKeySketch` without the extension),
             required by score="qsketch" and only read by it.
@@ -284,9 +297,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                          f"prefill queries and keys), got {type(sketch).__name__}")
     if not qsketch and sketch is not None:
         raise ValueError(f"sketch is only read by score='qsketch', got score={options.score!r}")
-    centroid_needed = not qsketch or sketch.calibration.centroid_weight != 0.0
-    if not centroid_needed:
-        stats = None  # the score reads no statistics
+    if qsketch:
+        stats = None  # the sketch carries its centroid: no statistics are read
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
             and not isinstance(sketch, RefKeySketch)):
         out, selection = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
@@ -294,14 +306,15 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                                                  group_agg=options.group_agg, return_selection=True, **kwargs)
         return out, selection.indices
     ref_stats = ref_sketch = None
-    if options.score != "oracle" and centroid_needed:
+    if options.score not in ("oracle", SKETCH_SCORE):
         if stats is None:
             stats = build_block_stats(k, options.block_size)
         ref_stats = reference.BlockStatsRef(*(t for t in (stats.centroid, stats.lo, stats.hi, stats.radius,
                                                           stats.spread)))
     if qsketch:
         calib = sketch.calibration
-        ref_sketch = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
+        ref_sketch = (sketch.codes, sketch.ranges, sketch.centroid, calib.key_proj, calib.query_proj,
+                      float(calib.centroid_weight))
     out, _, selected, _ = reference.sparse_attention(
         q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, group_agg=resolved_group_agg(options),
@@ -333,8 +346,9 @@ class ReadCounter:
 
     `tokens_read`: K/V tokens of the selected blocks summed over (batch, kv_heads, steps);
     `tokens_total`: what dense attention would have read; `blocks_total`: blocks scored;
-    `sketch_bytes`: bytes the qsketch score read (sketch of every block + float32 centroid when
-    its weight is not 0 + the float32 query projection once per row and step), host-side.
+    `sketch_bytes`: bytes the qsketch score read (sketch of every block + bf16 centroid of every
+    sketch block when its weight is not 0 + the float32 query projection once per row and step),
+    host-side.
     """
 
     tokens_read: torch.Tensor | int = 0
@@ -612,7 +626,8 @@ class AetherKVCache:
         (`aether.sketch.recall_curve`), measured on the first group of `_row_views()`."""
         calib = self.calibrations()[0]
         k, q = self._prefill_of(*self._row_views()[0])
-        return sketch_recall_curve(k, q, calib, block_size=self.options.block_size, fractions=fractions)
+        return sketch_recall_curve(k, q, calib, block_size=self.options.block_size, fractions=fractions,
+                                   blocks_per_sketch=self.options.blocks_per_sketch)
 
     def sketches(self) -> list[KeySketch]:
         """The qsketch key sketches, one per group of `_row_views()`, current with `length`.
@@ -623,7 +638,8 @@ class AetherKVCache:
         keys = self.keys
         views = self._row_views()
         if self._sketches is None:
-            self._sketches = [build_key_sketch(keys[rows, :, start:], calib, self.options.block_size)
+            self._sketches = [build_key_sketch(keys[rows, :, start:], calib, self.options.block_size,
+                                               self.options.blocks_per_sketch)
                               for calib, (rows, start) in zip(self.calibrations(), views)]
             self._sketch_length = self.length
         elif self._sketch_length != self.length:
@@ -654,11 +670,8 @@ class AetherKVCache:
         views = self._row_views()
         none = [None] * len(views)
         sketches = self.sketches() if self.options.score == SKETCH_SCORE else none
-        if self.options.score == "oracle":
+        if self.options.score in ("oracle", SKETCH_SCORE):  # qsketch's sketch carries its centroid
             stats = none
-        elif self.options.score == SKETCH_SCORE:  # statistics only for a centroid term
-            needed = any(sk.calibration.centroid_weight != 0.0 for sk in sketches)
-            stats = self.stats() if needed else none
         else:
             stats = self.stats()
         keys, values = self.keys, self.values

@@ -72,6 +72,7 @@ class Config:
     group_agg: str | None = None  # None: the library default (sum for qsketch, else max)
     budget_allocation: str = "uniform"  # "layer": per-layer fractions (qsketch only)
     mass: float = 0.95  # the adaptive policy's estimated-mass target
+    blocks_per_sketch: int = 1  # qsketch: blocks sharing one sketch block's ranges and centroid
 
     @property
     def name(self) -> str:
@@ -81,7 +82,8 @@ class Config:
             return f"{self.score} bs{self.block_size} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
         alloc = " per-layer" if self.budget_allocation == "layer" else ""
-        return f"{self.score} bs{self.block_size} {self.policy} {self.budget:g}{agg}{alloc}"
+        per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
+        return f"{self.score} bs{self.block_size}{per} {self.policy} {self.budget:g}{agg}{alloc}"
 
 
 @dataclass
@@ -106,6 +108,7 @@ class EvalSettings:
     prefill_threads: int | None = None
     budget_allocations: tuple[str, ...] = ("uniform",)  # qsketch configs run once per entry
     adaptive_masses: tuple[float, ...] = ()  # also run each score with policy="adaptive" at these targets
+    blocks_per_sketch: tuple[int, ...] = (1,)  # qsketch configs run once per entry
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -163,7 +166,7 @@ class Runner:
         return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
                                 group_agg=config.group_agg, budget_allocation=config.budget_allocation,
-                                mass=config.mass)
+                                mass=config.mass, blocks_per_sketch=config.blocks_per_sketch)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -261,9 +264,13 @@ def configs_for(settings: EvalSettings) -> list[Config]:
         for budget in settings.budgets:
             for entry in settings.scores:
                 score, agg = parse_score(entry, settings.group_agg)
-                for allocation in dict.fromkeys(settings.budget_allocations) if score == "qsketch" else ("uniform",):
-                    configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
-                                          budget_allocation=allocation))
+                sketch = score == "qsketch"
+                for allocation in dict.fromkeys(settings.budget_allocations) if sketch else ("uniform",):
+                    for per in dict.fromkeys(settings.blocks_per_sketch) if sketch else (1,):
+                        if per * block_size > 128:
+                            continue
+                        configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
+                                              budget_allocation=allocation, blocks_per_sketch=int(per)))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -305,6 +312,9 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
     for allocation in settings.budget_allocations:
         if allocation not in BUDGET_ALLOCATIONS:
             raise ValueError(f"budget_allocations must be among {BUDGET_ALLOCATIONS}, got {allocation!r}")
+    for per in settings.blocks_per_sketch:
+        if per not in (1, 2, 4, 8):
+            raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
     if settings.group_agg is not None and settings.group_agg not in GROUP_AGGS:
         raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {settings.group_agg!r}")
     if not 1 <= settings.decode < settings.context:
@@ -670,6 +680,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="comma-separated from uniform,layer: qsketch configs run once per entry ('layer': "
                         "per-layer fractions from prefill recall curves, same mean)")
     p.add_argument("--block-sizes", type=_ints, default=d.block_sizes)
+    p.add_argument("--blocks-per-sketch", type=_ints, default=d.blocks_per_sketch,
+                   help="qsketch configs run once per entry: blocks sharing one sketch block's ranges and "
+                        "centroid (1, 2, 4, 8; entries with blocks_per_sketch * block_size > 128 are skipped)")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -700,7 +713,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             dense_layers=args.dense_layers, tasks=args.tasks,
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
-                            adaptive_masses=args.adaptive_masses)
+                            adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

@@ -206,54 +206,75 @@ def head_scores(q: Tensor, stats: BlockStatsRef, seq_lens: Tensor, block_size: i
 # Key sketch ("qsketch", docs/architecture.md "Key sketch")
 # ----------------------------------------------------------------------------------------------
 
+def sketch_num_blocks(seq_len: int, block_size: int, blocks_per_sketch: int = 1) -> int:
+    """Blocks of a sketch covering ``seq_len`` tokens: a multiple of ``blocks_per_sketch``."""
+    sb = block_size * blocks_per_sketch
+    return num_blocks_for(seq_len, sb) * blocks_per_sketch
+
+
 def key_sketch(k: Tensor, key_proj: Tensor, block_size: int, seq_lens: Tensor | None = None,
-               num_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+               num_blocks: int | None = None, blocks_per_sketch: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """The 4-bit key sketch of every block.
 
-    Token t of KV head h has ``R`` coefficients ``x_tr = sum_d key_proj[h, d, r] k_td`` (float32).
-    Per (block, coefficient) over the block's valid tokens: ``lo = bf16(min x)``,
-    ``hi = bf16(max x)`` (round to nearest even), ``step = (hi - lo) / 15`` (float32) and
-    ``code = clamp(rint((x - lo) / step), 0, 15)`` where ``step > 0``, else 0. Invalid tokens get
-    code 0 and empty blocks zero ranges.
+    A *sketch block* is ``P = blocks_per_sketch`` consecutive blocks (``P * block_size`` tokens);
+    its ranges and centroid are shared by its blocks. Token t of KV head h has ``R`` coefficients
+    ``x_tr = sum_d key_proj[h, d, r] k_td`` (float32). Per (sketch block, coefficient) over its
+    valid tokens: ``lo = bf16(min x)``, ``hi = bf16(max x)`` (round to nearest even),
+    ``step = (hi - lo) / 15`` (float32) and ``code = clamp(rint((x - lo) / step), 0, 15)`` where
+    ``step > 0``, else 0; the centroid is ``bf16(mean of the valid keys)`` (float32 sum). Invalid
+    tokens get code 0, empty sketch blocks zero ranges and a zero centroid.
 
     Args:
         k: ``[B, Hkv, S, D]`` keys. key_proj: ``[Hkv, D, R]`` float32, R even.
+        num_blocks: capacity NB in blocks, a multiple of P (default: the fewest covering S).
 
     Returns:
         ``(codes [B, Hkv, NB, block_size, R // 2] uint8``, coefficient 2i in the low nibble of
-        byte i and 2i + 1 in the high nibble; ``ranges [B, Hkv, NB, 2, R] bfloat16``: lo, hi).
+        byte i and 2i + 1 in the high nibble; ``ranges [B, Hkv, NB / P, 2, R] bfloat16``: lo, hi;
+        ``centroid [B, Hkv, NB / P, D] bfloat16)``.
     """
     batch, kv_heads, seq_len, head_dim = k.shape
     rank = key_proj.shape[2]
     assert key_proj.shape == (kv_heads, head_dim, rank) and rank % 2 == 0
+    per = blocks_per_sketch
     seq_lens = _default_seq_lens(batch, seq_len, seq_lens, k.device)
-    nb = num_blocks_for(seq_len, block_size) if num_blocks is None else num_blocks
+    nb = sketch_num_blocks(seq_len, block_size, per) if num_blocks is None else num_blocks
+    assert nb % per == 0, "num_blocks must be a multiple of blocks_per_sketch"
+    ns, sb = nb // per, block_size * per
     capacity = nb * block_size
     keys = k.float()
     keys = torch.nn.functional.pad(keys, (0, 0, 0, capacity - seq_len)) if seq_len < capacity \
         else keys[:, :, :capacity]
-    x = torch.einsum("bhsd,hdr->bhsr", keys, key_proj.float()).reshape(batch, kv_heads, nb, block_size, rank)
-    valid = _token_valid(seq_lens, capacity).reshape(batch, 1, nb, block_size, 1)
-    block_valid = valid.any(dim=3)  # [B, 1, NB, 1]
+    x = torch.einsum("bhsd,hdr->bhsr", keys, key_proj.float()).reshape(batch, kv_heads, ns, sb, rank)
+    valid = _token_valid(seq_lens, capacity).reshape(batch, 1, ns, sb, 1)
+    block_valid = valid.any(dim=3)  # [B, 1, NS, 1]
     lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~block_valid, 0.0)
     hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~block_valid, 0.0)
     lo, hi = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
-    step = (hi.float() - lo.float()) / SKETCH_LEVELS  # [B, Hkv, NB, R]
+    step = (hi.float() - lo.float()) / SKETCH_LEVELS  # [B, Hkv, NS, R]
     safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
     codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, SKETCH_LEVELS)
     codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes)).to(torch.uint8)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    ranges = torch.stack([lo, hi], dim=3)  # [B, Hkv, NB, 2, R]
-    return packed.contiguous(), ranges.contiguous()
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(batch, kv_heads, nb, block_size, rank // 2)
+    ranges = torch.stack([lo, hi], dim=3)  # [B, Hkv, NS, 2, R]
+    counts = valid.sum(dim=3).float()  # [B, 1, NS, 1]
+    block_keys = keys.reshape(batch, kv_heads, ns, sb, head_dim)
+    total = torch.zeros(batch, kv_heads, ns, head_dim, dtype=torch.float32, device=k.device)
+    for t in range(sb):  # token order, as the kernels sum; invalid slots (maybe not finite) add nothing
+        total = torch.where(valid[:, :, :, t], total + block_keys[:, :, :, t], total)
+    centroid = (total / counts.clamp(min=1.0)).to(torch.bfloat16)
+    return packed.contiguous(), ranges.contiguous(), centroid.contiguous()
 
 
 def unpack_sketch(codes: Tensor, ranges: Tensor) -> Tensor:
-    """Dequantised coefficients ``[B, Hkv, NB, bs, R]`` float32: ``lo + code * step``."""
+    """Dequantised coefficients ``[B, Hkv, NB, bs, R]`` float32: ``lo + code * step``, with the
+    ranges of each block's sketch block (P = NB / ranges.shape[2] blocks share one)."""
+    per = codes.shape[2] // ranges.shape[2]
     low = (codes & 0xF).to(torch.float32)
     high = (codes >> 4).to(torch.float32)
     code = torch.stack([low, high], dim=-1).flatten(-2)  # [B, Hkv, NB, bs, R]
-    lo = ranges[:, :, :, 0].float()
-    step = (ranges[:, :, :, 1].float() - lo) / SKETCH_LEVELS
+    lo = ranges[:, :, :, 0].float().repeat_interleave(per, dim=2)
+    step = (ranges[:, :, :, 1].float().repeat_interleave(per, dim=2) - lo) / SKETCH_LEVELS
     return lo[:, :, :, None, :] + code * step[:, :, :, None, :]
 
 
@@ -263,12 +284,14 @@ def sketch_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, key_proj: Tenso
     """qsketch scores ``[B, Hq, NB]`` (-inf for invalid blocks).
 
     Query head g of KV head h: ``u_g = query_proj_g^T q_g``; approximate logit of valid token t
-    of block j: ``s * (u_g . deq_t + a * (q_g - key_proj_h u_g) . centroid_j)`` with ``deq_t``
-    the dequantised coefficients and ``a = centroid_weight``; the score is the log-sum-exp of
-    these over the block's valid tokens.
+    of block j in sketch block m = j / P: ``s * (u_g . deq_t + a * (q_g - key_proj_h u_g) . c_m)``
+    with ``deq_t`` the dequantised coefficients, ``c_m`` the sketch's centroid and
+    ``a = centroid_weight``; the score is the log-sum-exp of these over the block's valid tokens.
+    P = NB / ranges.shape[2].
     """
     batch, q_heads, head_dim = q.shape
     kv_heads, nb = codes.shape[1], codes.shape[2]
+    per = nb // ranges.shape[2]
     group = q_heads // kv_heads
     s = _default_scale(head_dim, scale)
     qf = q.float()
@@ -276,10 +299,11 @@ def sketch_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, key_proj: Tenso
     deq = _expand_to_query_heads(unpack_sketch(codes, ranges), group)  # [B, Hq, NB, bs, R]
     logits = torch.einsum("bgr,bgntr->bgnt", u, deq)
     if centroid_weight != 0.0:
-        assert centroid is not None, "centroid_weight != 0 needs the block centroids"
+        assert centroid is not None, "centroid_weight != 0 needs the sketch centroids"
         kp = _expand_to_query_heads(key_proj.float()[None], group)[0]  # [Hq, D, R]
         q_rest = qf - torch.einsum("gdr,bgr->bgd", kp, u)
-        base = torch.einsum("bgd,bgnd->bgn", q_rest, _expand_to_query_heads(centroid.float(), group))
+        cent = _expand_to_query_heads(centroid.float().repeat_interleave(per, dim=2), group)
+        base = torch.einsum("bgd,bgnd->bgn", q_rest, cent)
         logits = logits + centroid_weight * base[..., None]
     valid = _token_valid(seq_lens, nb * block_size).reshape(batch, 1, nb, block_size)
     logits = (s * logits).masked_fill(~valid, -math.inf)
@@ -569,26 +593,24 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
                      sink_blocks: int = 1, recent_blocks: int = 1,
                      seq_lens: Tensor | None = None,
                      scale: float | None = None, group_agg: str = "max",
-                     sketch: tuple[Tensor, Tensor, Tensor, Tensor, float] | None = None,
+                     sketch: tuple | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole decode step: statistics, radar scores, selection, attention.
 
     ``score`` may also be ``oracle`` (true per-block log-mass; the threshold policy then uses the
     true largest logit of each head as M_g) or ``qsketch`` with ``sketch = (key_proj, query_proj,
-    centroid_weight)`` (the sketch is built from ``k``) or ``(codes, ranges, key_proj, query_proj,
-    centroid_weight)``. Returns ``(out, lse, selected, num_selected)``.
+    centroid_weight[, blocks_per_sketch])`` (the sketch is built from ``k``) or ``(codes, ranges,
+    centroid, key_proj, query_proj, centroid_weight)``. Returns ``(out, lse, selected, num_selected)``.
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
     if score == SKETCH_SCORE:
         assert sketch is not None, "score='qsketch' needs sketch="
-        if len(sketch) == 3:
-            key_proj, query_proj, weight = sketch
-            codes, ranges = key_sketch(k, key_proj, block_size, seq_lens)
+        if len(sketch) in (3, 4):
+            key_proj, query_proj, weight = sketch[:3]
+            per = sketch[3] if len(sketch) == 4 else 1
+            codes, ranges, centroid = key_sketch(k, key_proj, block_size, seq_lens, blocks_per_sketch=per)
         else:
-            codes, ranges, key_proj, query_proj, weight = sketch
-        centroid = None
-        if weight != 0.0:
-            centroid = (stats if stats is not None else block_stats(k, block_size, seq_lens)).centroid
+            codes, ranges, centroid, key_proj, query_proj, weight = sketch
         scores = sketch_head_scores(q, codes, ranges, key_proj, query_proj, seq_lens, block_size,
                                     centroid=centroid, centroid_weight=weight, scale=scale)
         mlo = torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)

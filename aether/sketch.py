@@ -5,13 +5,15 @@ Per layer and KV head a rank-R projection of the keys is calibrated once at pref
 [lo, hi] range per (block, coefficient) (:func:`key_sketch`, :class:`KeySketch`); at decode the
 score of a block for query head g is the log-sum-exp over its tokens of the approximate logits
 
-    s * (u_g . dequant(c_t) + a * (q_g - key_proj u_g) . centroid_b),   u_g = query_proj_g^T q_g,
+    s * (u_g . dequant(c_t) + a * (q_g - key_proj u_g) . centroid_m),   u_g = query_proj_g^T q_g,
 
-an estimate of the block's attention mass (not a bound: the threshold policy rejects it). At
-R = 8 and 64-token blocks the sketch is 288 bytes per block and KV head (1.8% of the block's
-bf16 K+V at head_dim 64, 0.9% at 128), plus the float32 centroid when the centroid weight ``a``
-is not 0. docs/selection.md has the study behind the choices (rank, bits, the query-aware
-projection, the centroid weight).
+an estimate of the block's attention mass (not a bound: the threshold policy rejects it). The
+ranges and the bf16 centroid belong to a *sketch block* of ``blocks_per_sketch`` (P) consecutive
+blocks: P = 2 selects 32-token blocks with the metadata bytes of 64-token ones. At R = 8 and
+64-token sketch blocks the score reads 288 bytes per sketch block and KV head (codes + ranges;
+1.8% of its bf16 K+V at head_dim 64, 0.9% at 128), plus the bf16 centroid (2 * head_dim bytes)
+when the centroid weight ``a`` is not 0. docs/selection.md has the study behind the choices
+(rank, bits, the query-aware projection, the centroid weight, P).
 """
 
 from __future__ import annotations
@@ -54,12 +56,21 @@ def _check_rank(rank: object, head_dim: int) -> int:
     return rank
 
 
-def _layer_sketch(k: torch.Tensor, calib: SketchCalibration, block_size: int):
+def _check_blocks_per_sketch(per: object, block_size: int) -> int:
+    per = _check_count(per, "blocks_per_sketch", 1)
+    if per not in (1, 2, 4, 8) or per * block_size > 128:
+        raise ValueError(f"blocks_per_sketch must be 1, 2, 4 or 8 with blocks_per_sketch * block_size <= 128 "
+                         f"(block_size {block_size}), got {per}")
+    return per
+
+
+def _layer_sketch(k: torch.Tensor, calib: SketchCalibration, block_size: int, blocks_per_sketch: int = 1):
     """``(centroid, codes, ranges)`` of one sequence's prefill keys ``[kv_heads, seq, head_dim]``
-    (reference implementations, batch 1), in the order :func:`_recalled_masses` takes them."""
-    kb = k[None]
-    codes, ranges = reference.key_sketch(kb, calib.key_proj, block_size)
-    return reference.block_stats(kb, block_size).centroid, codes, ranges
+    (reference implementations, batch 1), in the order :func:`_recalled_masses` takes them; the
+    centroid per sketch block."""
+    codes, ranges, centroid = reference.key_sketch(k[None], calib.key_proj, block_size,
+                                                   blocks_per_sketch=blocks_per_sketch)
+    return centroid, codes, ranges
 
 
 def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration, block_size: int,
@@ -73,13 +84,14 @@ def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration,
     kv_heads, seq_len, head_dim = k.shape
     q_heads, n = q.shape[0], q.shape[1]
     group = q_heads // kv_heads
-    nb = reference.num_blocks_for(seq_len, block_size)
+    nb = codes.shape[2]  # a multiple of blocks_per_sketch
+    per = nb // ranges.shape[2]
     keys = k.float().repeat_interleave(group, 0)
     totals = [[0.0] * len(budgets) for _ in weights]
     # The query-independent parts of reference.sketch_head_scores, once: dequantised coefficients
     # and centroids per query head (the reference would expand and unpack them per query).
     deq = reference.unpack_sketch(codes, ranges)[0].repeat_interleave(group, 0)  # [Hq, NB, bs, R]
-    cen = centroid[0].float().repeat_interleave(group, 0)  # [Hq, NB, D]
+    cen = centroid[0].float().repeat_interleave(per, 1).repeat_interleave(group, 0)  # [Hq, NB, D]
     kp = calib.key_proj.float().repeat_interleave(group, 0)  # [Hq, D, R]
     scale = 1.0 / math.sqrt(head_dim)
     for start in range(0, n, chunk):
@@ -122,7 +134,7 @@ def _check_calibration_inputs(k: torch.Tensor, q: torch.Tensor) -> tuple[torch.T
 
 
 def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RANK,
-                     block_size: int = DEFAULT_BLOCK_SIZE, budget: float = 0.125,
+                     block_size: int = DEFAULT_BLOCK_SIZE, blocks_per_sketch: int = 1, budget: float = 0.125,
                      centroid_weights: tuple[float, ...] | None = CENTROID_WEIGHTS,
                      max_queries: int = 64) -> SketchCalibration:
     """Calibrate one layer's key sketch from its prefill keys and queries (once per prompt).
@@ -133,7 +145,8 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
     minimise the mean squared error of ``u . c`` against the logit ``q . k``.
     The centroid weight is the one of ``centroid_weights`` whose top-k selection at ``budget``
     recalls the most attention mass for the last ``max_queries`` queries (ties: the earlier,
-    so list the cheapest, 0, first); ``None`` keeps 0 without measuring.
+    so list the cheapest, 0, first); ``None`` keeps 0 without measuring. ``block_size`` and
+    ``blocks_per_sketch`` should be those of the sketch the calibration will serve.
 
     Args:
         k: ``[kv_heads, seq, head_dim]`` post-RoPE prefill keys of one sequence.
@@ -144,6 +157,7 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
     kv_heads, seq_len, head_dim = k.shape
     rank = _check_rank(rank, head_dim)
     block_size = _check_block_size(block_size)
+    per = _check_blocks_per_sketch(blocks_per_sketch, block_size)
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     _check_count(max_queries, "max_queries", 1)
@@ -159,7 +173,7 @@ def calibrate_sketch(k: torch.Tensor, q: torch.Tensor, *, rank: int = DEFAULT_RA
             raise ValueError(f"centroid_weights must be finite, got {weights}")
     q_tail = q[:, -max_queries:]
     recalled = [row[0] for row in _recalled_masses(q_tail, k, calib, block_size, (budget,), weights,
-                                                   *_layer_sketch(k, calib, block_size))]
+                                                   *_layer_sketch(k, calib, block_size, per))]
     best = max(range(len(weights)), key=lambda i: (recalled[i], -i))
     return calib._replace(centroid_weight=float(weights[best]))
 
@@ -168,7 +182,7 @@ ALLOCATION_MULTIPLIERS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 fractions: tuple[float, ...], max_queries: int = 64) -> list[float]:
+                 fractions: tuple[float, ...], max_queries: int = 64, blocks_per_sketch: int = 1) -> list[float]:
     """Mean true attention mass that top-k on this layer's qsketch scores keeps, per keep fraction.
 
     Measured like the centroid-weight choice of :func:`calibrate_sketch`: the last
@@ -179,6 +193,7 @@ def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, 
     """
     k, q = _check_calibration_inputs(k, q)
     block_size = _check_block_size(block_size)
+    per = _check_blocks_per_sketch(blocks_per_sketch, block_size)
     _check_count(max_queries, "max_queries", 1)
     if calib.key_proj.shape[:2] != k.shape[::2] or calib.query_proj.shape[:2] != (q.shape[0], k.shape[2]):
         raise ValueError(f"calibration projections {tuple(calib.key_proj.shape)} / {tuple(calib.query_proj.shape)} "
@@ -188,7 +203,7 @@ def recall_curve(k: torch.Tensor, q: torch.Tensor, calib: SketchCalibration, *, 
         raise ValueError(f"fractions must be non-empty and lie in (0, 1], got {fractions}")
     calib = SketchCalibration(calib.key_proj.to(k.device), calib.query_proj.to(k.device), calib.centroid_weight)
     return _recalled_masses(q[:, -max_queries:], k, calib, block_size, fractions, (calib.centroid_weight,),
-                            *_layer_sketch(k, calib, block_size))[0]
+                            *_layer_sketch(k, calib, block_size, per))[0]
 
 
 def allocate_budgets(curves: list[list[float]], budget: float,
@@ -240,12 +255,15 @@ class KeySketch:
     """The key sketch of a KV cache, reusable across decode steps (see the module docstring).
 
     codes: uint8 ``[batch, kv_heads, num_blocks, block_size, rank // 2]`` (two 4-bit codes per
-    byte); ranges: bfloat16 ``[batch, kv_heads, num_blocks, 2, rank]`` (lo, hi). Build with
-    :func:`key_sketch`; after appending tokens to the cache call :meth:`update`.
+    byte); ranges: bfloat16 ``[batch, kv_heads, num_blocks / P, 2, rank]`` (lo, hi); centroid:
+    bfloat16 ``[batch, kv_heads, num_blocks / P, head_dim]``, with P = ``blocks_per_sketch``
+    blocks sharing one sketch block's ranges and centroid. Build with :func:`key_sketch`; after
+    appending tokens to the cache call :meth:`update`.
     """
 
     codes: torch.Tensor
     ranges: torch.Tensor
+    centroid: torch.Tensor
     calibration: SketchCalibration
     block_size: int
     seq_lens: torch.Tensor
@@ -255,23 +273,31 @@ class KeySketch:
     def num_blocks(self) -> int:
         return self.codes.shape[2]
 
-    def bytes_per_block(self, with_centroid: bool | None = None, head_dim: int | None = None) -> int:
-        """Bytes the score reads per block and KV head (codes + ranges, + float32 centroid)."""
+    @property
+    def blocks_per_sketch(self) -> int:
+        return self.codes.shape[2] // max(self.ranges.shape[2], 1)
+
+    def bytes_per_block(self, with_centroid: bool | None = None, head_dim: int | None = None) -> float:
+        """Bytes the score reads per block and KV head: codes, plus the block's share of its sketch
+        block's ranges and bf16 centroid (the centroid only when the centroid weight is not 0)."""
         rank = self.calibration.rank
         use_centroid = self.calibration.centroid_weight != 0.0 if with_centroid is None else with_centroid
-        extra = 4 * (head_dim or self.calibration.key_proj.shape[1]) if use_centroid else 0
-        return self.block_size * rank // 2 + 2 * rank * 2 + extra
+        extra = 2 * (head_dim or self.calibration.key_proj.shape[1]) if use_centroid else 0
+        return self.block_size * rank // 2 + (2 * rank * 2 + extra) / self.blocks_per_sketch
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
                block_table: torch.Tensor | None = None) -> "KeySketch":
         """Refresh the sketch after tokens were appended to ``k`` (in place, CUDA-graph safe):
-        only the blocks from each sequence's previous last block on are rebuilt."""
+        only the sketch blocks from each sequence's previous last block on are rebuilt."""
         k, seq_lens, block_table, first_block, needed = _prepare_update(
             self, k, seq_lens, block_table, "the sketch", "build a new sketch with aether.key_sketch",
             _check_sketch_match)
-        self.codes, self.ranges = _grow_blocks(self.codes, needed), _grow_blocks(self.ranges, needed)
+        per = self.blocks_per_sketch
+        needed = -(-needed // per) * per
+        self.codes = _grow_blocks(self.codes, needed)
+        self.ranges, self.centroid = _grow_blocks(self.ranges, needed // per), _grow_blocks(self.centroid, needed // per)
         torch.ops.aether.key_sketch_update(k, seq_lens, first_block, self.calibration.key_proj, self.block_size,
-                                           block_table, self.codes, self.ranges)
+                                           block_table, self.codes, self.ranges, self.centroid)
         self.seq_lens.copy_(seq_lens)
         return self
 
@@ -305,25 +331,30 @@ def _check_calibration(calib: object, kv_heads: int, head_dim: int, device: torc
 
 
 def key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int = DEFAULT_BLOCK_SIZE, *,
-               seq_lens: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> KeySketch:
+               blocks_per_sketch: int = 1, seq_lens: torch.Tensor | None = None,
+               block_table: torch.Tensor | None = None) -> KeySketch:
     """Build the 4-bit key sketch of a cache with a calibrated projection.
 
     Args:
         k: keys, contiguous ``[batch, kv_heads, seq, head_dim]`` or paged
             ``[num_pages, page_size, kv_heads, head_dim]`` with ``block_table``.
         calibration: from :func:`calibrate_sketch` (on k's device).
-        block_size: tokens per block, 16/32/64/128.
+        block_size: tokens per block, 16/32/64/128: the granularity of selection and decoding.
+        blocks_per_sketch: P, blocks that share one set of ranges and one centroid (1, 2, 4 or 8,
+            P * block_size <= 128): P = 2 at 32-token blocks selects at 32 tokens for the metadata
+            bytes of 64-token blocks (docs/selection.md).
         seq_lens: valid tokens per sequence (default: all).
     """
     _ops.require_extension()
     k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
     block_size = _check_block_size(block_size)
+    per = _check_blocks_per_sketch(blocks_per_sketch, block_size)
     block_table = _check_block_table(block_table, k)
     batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
     _check_head_dim(head_dim, k.device)
     calibration = _check_calibration(calibration, kv_heads, head_dim, k.device)
     seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
-    num_blocks = math.ceil(capacity / block_size)
-    codes, ranges = torch.ops.aether.key_sketch(k, seq_lens, calibration.key_proj, block_size, num_blocks,
-                                                block_table)
-    return KeySketch(codes, ranges, calibration, block_size, seq_lens.clone(), block_table is not None)
+    num_blocks = math.ceil(capacity / (block_size * per)) * per
+    codes, ranges, centroid = torch.ops.aether.key_sketch(k, seq_lens, calibration.key_proj, block_size, num_blocks,
+                                                          block_table, per)
+    return KeySketch(codes, ranges, centroid, calibration, block_size, seq_lens.clone(), block_table is not None)

@@ -5,10 +5,11 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
 - dense: torch.nn.functional.scaled_dot_product_attention(enable_gqa=True) on one decode query;
 - aether dense: sparse_decode over every block (the keep-all path);
 - aether step at each (score, budget): the per-token append (block_stats_update of the last
-  block; for qsketch also key_sketch_update) + radar_select (top-k, group_agg as given) +
-  sparse_decode (+ merge), called through the operators and replayed as a CUDA graph, plus each
-  stage alone. qsketch uses rank 8, centroid weight 0.5 (it reads the centroid: the costlier
-  case) and random projections (timing does not depend on their values).
+  block; for qsketch key_sketch_update instead: its sketch carries the centroid) + radar_select
+  (top-k, group_agg as given) + sparse_decode (+ merge), called through the operators and
+  replayed as a CUDA graph, plus each stage alone. qsketch uses rank 8, centroid weight 0.5 (it
+  reads the centroid: the costlier case), --blocks-per-sketch blocks per sketch block and random
+  projections (timing does not depend on their values).
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -62,8 +63,9 @@ def _copy_bandwidth() -> float:
 class Case:
     """One shape: rotated caches, statistics, queries and preallocated outputs."""
 
-    def __init__(self, batch: int, ctx: int, block_size: int, dtype=torch.bfloat16):
+    def __init__(self, batch: int, ctx: int, block_size: int, dtype=torch.bfloat16, blocks_per_sketch: int = 1):
         self.batch, self.ctx, self.block_size = batch, ctx, block_size
+        self.per = blocks_per_sketch
         kv_bytes = 2 * batch * KV_HEADS * ctx * HEAD_DIM * 2
         self.copies = max(2, math.ceil(3 * L2_BYTES / kv_bytes))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -78,7 +80,8 @@ class Case:
         key_proj = torch.randn(KV_HEADS, HEAD_DIM, SKETCH_RANK, device="cuda", generator=gen) / HEAD_DIM ** 0.5
         query_proj = torch.randn(Q_HEADS, HEAD_DIM, SKETCH_RANK, device="cuda", generator=gen) / HEAD_DIM ** 0.5
         self.calib = aether.SketchCalibration(key_proj, query_proj, SKETCH_CENTROID_WEIGHT)
-        self.sketch = [aether.key_sketch(k, self.calib, block_size, seq_lens=self.lens) for k in self.k]
+        self.sketch = [aether.key_sketch(k, self.calib, block_size, seq_lens=self.lens, blocks_per_sketch=self.per)
+                       for k in self.k]
         self.group_agg = "sum"
         self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
         self.num_blocks = math.ceil(ctx / block_size)
@@ -96,26 +99,31 @@ class Case:
         return F.scaled_dot_product_attention(q, self.k[i], self.v[i], enable_gqa=True)
 
     def stats_append(self, i, score="tight"):
-        torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
-                                            *self.stats[i].tensors)
-        if score == "qsketch":
+        if score == "qsketch":  # the sketch carries its centroid: no block statistics
+            sk = self.sketch[i]
             torch.ops.aether.key_sketch_update(self.k[i], self.lens, self.first_block, self.calib.key_proj,
-                                               self.block_size, None, self.sketch[i].codes, self.sketch[i].ranges)
+                                               self.block_size, None, sk.codes, sk.ranges, sk.centroid)
+        else:
+            torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
+                                                *self.stats[i].tensors)
 
     def select(self, i, budget_blocks, score="tight"):
-        sketch = (None, None, None, None, 0.0)
         if score == "qsketch":
-            sketch = (self.sketch[i].codes, self.sketch[i].ranges, self.calib.key_proj, self.calib.query_proj,
-                      self.calib.centroid_weight)
+            sk = self.sketch[i]
+            empty = self.q[i].new_empty((0,), dtype=torch.float32)
+            return torch.ops.aether.radar_select(
+                self.q[i], *(empty,) * 5, self.lens, self.block_size, self.scale, score, "topk", budget_blocks, 0.0,
+                1e-3, 0.95, 1, 0, 1, 1, False, None, None, self.group_agg, sk.codes, sk.ranges, self.calib.key_proj,
+                self.calib.query_proj, self.calib.centroid_weight, sk.centroid)
         return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
                                              score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False, None,
-                                             None, self.group_agg, *sketch)
+                                             None, self.group_agg)
 
-    def meta_bytes_per_block(self, score: str) -> int:
+    def meta_bytes_per_block(self, score: str) -> float:
         """Bytes the radar reads per block and KV head."""
-        if score == "qsketch":
-            centroid = 4 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
-            return self.block_size * SKETCH_RANK // 2 + 4 * SKETCH_RANK + centroid
+        if score == "qsketch":  # codes; ranges and bf16 centroid shared by the sketch block's blocks
+            centroid = 2 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
+            return self.block_size * SKETCH_RANK // 2 + (4 * SKETCH_RANK + centroid) / self.per
         return (3 * HEAD_DIM + 2) * 4  # tight: centroid, lo, hi + radius (+ spread), float32
 
     def decode(self, i, sel, cnt, max_selected):
@@ -152,8 +160,8 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
-               group_agg: str) -> dict:
-    c = Case(batch, ctx, block_size)
+               group_agg: str, blocks_per_sketch: int = 1) -> dict:
+    c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
@@ -168,6 +176,8 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                 continue  # keep-all reads no score: one row is enough
             nb = max(1, math.ceil(frac * c.num_blocks - 1e-9))
             r = dict(score=score, group_agg=group_agg, fraction=frac, blocks=nb)
+            if score == "qsketch":
+                r["blocks_per_sketch"] = blocks_per_sketch
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
             sels = [c.select(i, nb, score) for i in range(c.copies)]
@@ -202,6 +212,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--scores", default="tight,qsketch")
     parser.add_argument("--group-agg", default="sum", choices=["max", "sum"])
+    parser.add_argument("--blocks-per-sketch", type=int, default=1, help="qsketch: blocks per sketch block")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -215,11 +226,12 @@ def main() -> int:
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
-                                         args.group_agg))
+                                         args.group_agg, args.blocks_per_sketch))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
-          f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size}")
+          f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size} (qsketch: {args.blocks_per_sketch} "
+          "per sketch block)")
     print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>7} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
           f"{'step':>6} {'x':>5} {'append':>6} {'radar':>6} {'decode':>6} {'GB/s':>5} | ideal of-ideal")
     for row in result["rows"]:

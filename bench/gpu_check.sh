@@ -50,8 +50,8 @@ shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
 python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
 note "benchmark: rc=$?"
-if [ "${1:-}" != "quick" ]; then  # 32-token blocks (the finer granularity of docs/selection.md) at 8 x 32k
-  python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 \
+if [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
     --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1
   note "benchmark (32-token blocks): rc=$?"
 fi

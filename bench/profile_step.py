@@ -1,7 +1,7 @@
 """One AETHER decode step (8 x 32k, 32q/8kv, d128, bf16, keep 1/8 of 64-token blocks), repeated,
 for Nsight Compute: `ncu --clock-control none --launch-skip 20 --launch-count 10 python3 bench/profile_step.py`.
 Arguments: [batch ctx block_size [score]], score "tight" (default) or "qsketch" (rank 8, centroid
-weight 0.5, random projections; appends key_sketch_update to the step)."""
+weight 0.5, random projections; its append is key_sketch_update instead of block_stats_update)."""
 
 import math
 import sys
@@ -22,14 +22,18 @@ calib = aether.SketchCalibration(torch.randn(8, 128, 8, device="cuda") / 11, tor
                                  0.5)
 sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
 extra = (None, None, None, None, 0.0)
-if score == "qsketch":
-    extra = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, calib.centroid_weight)
+stat_args = stats
+if score == "qsketch":  # reads no block statistics: its sketch carries the centroid
+    extra = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, calib.centroid_weight, sketch.centroid)
+    stat_args = (q.new_empty((0,), dtype=torch.float32),) * 5
 nb = math.ceil(ctx / bs / 8)
 for _ in range(6):
-    torch.ops.aether.block_stats_update(k, lens, first, bs, None, *stats)
     if score == "qsketch":
-        torch.ops.aether.key_sketch_update(k, lens, first, calib.key_proj, bs, None, sketch.codes, sketch.ranges)
-    sel, cnt, _, _ = torch.ops.aether.radar_select(q, *stats, lens, bs, 0.088, score, "topk", nb, 0.0, 1e-3, 0.95,
+        torch.ops.aether.key_sketch_update(k, lens, first, calib.key_proj, bs, None, sketch.codes, sketch.ranges,
+                                           sketch.centroid)
+    else:
+        torch.ops.aether.block_stats_update(k, lens, first, bs, None, *stats)
+    sel, cnt, _, _ = torch.ops.aether.radar_select(q, *stat_args, lens, bs, 0.088, score, "topk", nb, 0.0, 1e-3, 0.95,
                                                    1, 0, 1, 1, False, None, None, "sum", *extra)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, lens, bs, 0.088, sel, cnt, None, nb)
 torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""A small case of every kernel (all paths: stats and sketch build + append, each score, policy and
+"""A small case of every kernel (all paths: stats and sketch build + append (1 and 2 blocks per sketch block), each score, policy and
 group aggregation, dense and
 sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
 
@@ -17,13 +17,13 @@ for dtype in (torch.float16, torch.bfloat16):
         lens = torch.tensor([300, 97], dtype=torch.int32, device="cuda")
         stats = aether.block_stats(k, bs, seq_lens=lens)
         stats.update(k, lens)
-        for rank, weight in ((8, 0.5), (2, 0.0), (16, 1.0), (4, 0.0)):
+        for rank, weight, per in ((8, 0.5, 2), (2, 0.0, 1), (16, 1.0, 1), (4, 0.0, 2)):
             calib = aether.SketchCalibration(torch.randn(2, head_dim, rank, device="cuda"),
                                              torch.randn(2 * group, head_dim, rank, device="cuda"), weight)
-            sketch = aether.key_sketch(k, calib, bs, seq_lens=lens - 40)
+            sketch = aether.key_sketch(k, calib, bs, seq_lens=lens - 40, blocks_per_sketch=per)
             sketch.update(k, lens)
             for policy in ("topk", "adaptive"):
-                aether.sparse_attention(q, k, v, stats=stats, seq_lens=lens, score="qsketch", sketch=sketch,
+                aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch,
                                         policy=policy, budget=3)
         for score in aether.SCORES:
             if score == "qsketch":

@@ -269,11 +269,13 @@ def test_unsupported_config_and_options_rejected(smollm):
 
 
 def _assert_sketch_equal(got, want, where: str) -> None:
-    nb = want.codes.shape[2]
+    nb, ns = want.codes.shape[2], want.ranges.shape[2]
+    assert got.blocks_per_sketch == want.blocks_per_sketch
     assert torch.equal(got.codes[:, :, :nb], want.codes), f"sketch codes differ from a fresh build {where}"
-    assert torch.equal(got.ranges[:, :, :nb], want.ranges), f"sketch ranges differ from a fresh build {where}"
-    assert not got.codes[:, :, nb:].any() and not got.ranges[:, :, nb:].float().any(), \
-        f"sketch has non-zero blocks past the end {where}"
+    assert torch.equal(got.ranges[:, :, :ns], want.ranges), f"sketch ranges differ from a fresh build {where}"
+    assert torch.equal(got.centroid[:, :, :ns], want.centroid), f"sketch centroids differ from a fresh build {where}"
+    assert not got.codes[:, :, nb:].any() and not got.ranges[:, :, ns:].float().any() \
+        and not got.centroid[:, :, ns:].float().any(), f"sketch has non-zero blocks past the end {where}"
 
 
 def _assert_calibration_equal(got, want) -> None:
@@ -295,22 +297,23 @@ def _qsketch_cache(block_size: int = 16, budget: float = 0.25, prefill: int = 15
     return cache, q
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
-def test_qsketch_sketch_updated_incrementally_equals_fresh_build(backend, block_size):
-    cache, q = _qsketch_cache(block_size=block_size, prefill=97, queries=30)
-    calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=block_size, budget=0.25)
+@pytest.mark.parametrize("block_size,per", [(16, 1), (64, 1), (16, 2), (32, 4)])
+def test_qsketch_sketch_updated_incrementally_equals_fresh_build(backend, block_size, per):
+    cache, q = _qsketch_cache(block_size=block_size, prefill=97, queries=30, blocks_per_sketch=per)
+    calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=block_size, budget=0.25,
+                                    blocks_per_sketch=per)
     calib0 = cache.calibrations()[0]
     _assert_calibration_equal(calib0, calib)
     first = cache.sketches()[0]
     assert isinstance(first, cache_mod.RefKeySketch) == (backend == "reference")
-    for step in range(2 * block_size + 3):  # crosses block boundaries and buffer growth
+    for step in range(2 * block_size * per + 3):  # crosses sketch block boundaries and buffer growth
         cache.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
         if step % 7 == 0:  # attend now and then: the sketch is refreshed lazily, only when read
             cache.attend(torch.randn(1, 9, 64))
         sketch = cache.sketches()[0]
         assert sketch is first, "the sketch was rebuilt instead of updated"
         assert cache.calibrations()[0] is calib0, "the sketch was recalibrated"
-        _assert_sketch_equal(sketch, cache_mod.build_key_sketch(cache.keys, calib, block_size), f"at step {step}")
+        _assert_sketch_equal(sketch, cache_mod.build_key_sketch(cache.keys, calib, block_size, per), f"at step {step}")
 
 
 def test_qsketch_decode_matches_sparse_attention():
@@ -318,14 +321,16 @@ def test_qsketch_decode_matches_sparse_attention():
     built from scratch on the same keys and calibrated from the same prefill keys and queries."""
     if not aether.extension_available():
         pytest.skip("aether._C is not built")
-    for group_agg in (None, "max", "sum"):
-        cache, q = _qsketch_cache(block_size=16, budget=0.25, prefill=150, queries=40, group_agg=group_agg)
-        calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=16, budget=0.25)
+    for group_agg, per in ((None, 1), ("max", 1), ("sum", 1), (None, 2)):
+        cache, q = _qsketch_cache(block_size=16, budget=0.25, prefill=150, queries=40, group_agg=group_agg,
+                                  blocks_per_sketch=per)
+        calib = aether.calibrate_sketch(cache.keys[0], q[0], rank=8, block_size=16, budget=0.25,
+                                        blocks_per_sketch=per)
         for step in range(20):
             cache.append(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
             qd = torch.randn(1, 9, 64)
             got = cache.attend(qd)
-            fresh = aether.key_sketch(cache.keys, calib, 16)
+            fresh = aether.key_sketch(cache.keys, calib, 16, blocks_per_sketch=per)
             want, sel = aether.sparse_attention(qd, cache.keys, cache.values, score="qsketch", sketch=fresh,
                                                 budget=0.25, block_size=16, group_agg=group_agg,
                                                 return_selection=True)
@@ -356,7 +361,7 @@ def test_qsketch_read_accounting():
     cache, _ = _qsketch_cache(block_size=16, budget=2, prefill=64 + 4, queries=20, recent_blocks=0)
     cache.attend(torch.randn(1, 9, 64))
     sketch = cache.sketches()[0]
-    per_block = 16 * 8 // 2 + 4 * 8 + (4 * 64 if sketch.calibration.centroid_weight != 0.0 else 0)
+    per_block = 16 * 8 // 2 + 4 * 8 + (2 * 64 if sketch.calibration.centroid_weight != 0.0 else 0)
     assert sketch.bytes_per_block() == per_block
     want = 3 * 5 * per_block + 4 * 9 * 64 * 8  # 3 KV heads x 5 blocks, float32 query_proj [9, 64, 8]
     assert cache.reads.sketch_bytes == want
@@ -485,9 +490,9 @@ def test_tiny_model_qsketch_decode_matches_sparse_attention(tiny_llama, monkeypa
     assert len(calls) == 2 * 20 and len({id(c[3]["sketch"]) for c in calls}) == 2  # one sketch per sparse layer
     for q, k, v, kwargs, out in calls:
         assert kwargs["score"] == "qsketch" and kwargs["group_agg"] is None
+        assert kwargs["stats"] is None, "qsketch reads no block statistics"
         fresh = aether.key_sketch(k, kwargs["sketch"].calibration, 16)
-        stats = None if kwargs["stats"] is None else aether.block_stats(k, 16)  # for a centroid term
-        want = real_sparse(q, k, v, score="qsketch", sketch=fresh, budget=0.25, block_size=16, stats=stats,
+        want = real_sparse(q, k, v, score="qsketch", sketch=fresh, budget=0.25, block_size=16,
                            scale=kwargs["scale"], return_selection=True)[0]
         assert torch.equal(out, want)
     fractions = cache.read_fractions()

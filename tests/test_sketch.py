@@ -26,10 +26,13 @@ def _dtypes(device):
     return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
 
 
-def _check_codes(codes, ranges, k, kp, block_size, seq_lens):
+def _check_codes(codes, ranges, centroid, k, kp, block_size, seq_lens, per=1):
     """Ranges equal the reference's; codes equal it except at a rounding tie of (x - lo) / step
-    (the coefficient sums are ordered differently), where they may differ by one."""
-    rc, rr = ref.key_sketch(k.cpu(), kp.cpu(), block_size, seq_lens.cpu(), codes.shape[2])
+    (the coefficient sums are ordered differently), where they may differ by one. The centroid
+    (a float32 sum in token order, then bf16) equals the reference exactly."""
+    rc, rr, rm = ref.key_sketch(k.cpu(), kp.cpu(), block_size, seq_lens.cpu(), codes.shape[2], blocks_per_sketch=per)
+    assert rr.shape == ranges.shape and rm.shape == centroid.shape
+    assert torch.equal(centroid.cpu(), rm), "sketch centroids differ from the reference"
     codes, ranges = codes.cpu(), ranges.cpu()
     lo_ok = (ranges.float() - rr.float()).abs() <= rr.float().abs() * 2 ** -7 + 1e-30  # within 1 bf16 ulp
     assert bool(lo_ok.all()), "sketch ranges differ from the reference by more than one bf16 ulp"
@@ -42,33 +45,43 @@ def _check_codes(codes, ranges, k, kp, block_size, seq_lens):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("block_size,rank,head_dim", [(64, 8, 64), (16, 4, 128), (32, 16, 64), (128, 2, 64)])
-def test_key_sketch_matches_reference(device, block_size, rank, head_dim, poison_empty):
+@pytest.mark.parametrize("block_size,rank,head_dim,per", [(64, 8, 64, 1), (16, 4, 128, 2), (32, 16, 64, 4),
+                                                         (128, 2, 64, 1), (16, 8, 256, 8), (32, 8, 64, 2)])
+def test_key_sketch_matches_reference(device, block_size, rank, head_dim, per, poison_empty):
     for dtype in _dtypes(device):
         _, k, _, lens = make_case(3, 4, 2, 300, head_dim, dtype, device, seed=block_size + rank, lens=[300, 1, 171])
         kp, _ = _projections(2, 4, head_dim, rank, 1, device)
-        codes, ranges = torch.ops.aether.key_sketch(k, lens, kp, block_size, math.ceil(300 / block_size) + 1)
-        _check_codes(codes, ranges, k, kp, block_size, lens)
+        num_blocks = (math.ceil(300 / (block_size * per)) + 1) * per  # one empty sketch block past the end
+        codes, ranges, centroid = torch.ops.aether.key_sketch(k, lens, kp, block_size, num_blocks, None, per)
+        assert codes.shape[2] == num_blocks and ranges.shape[2] == num_blocks // per
+        _check_codes(codes, ranges, centroid, k, kp, block_size, lens, per)
+        # blocks sharing a sketch block: the same ranges, whatever their own tokens' spread
+        sketch = aether.key_sketch(k, aether.SketchCalibration(kp, torch.zeros(4, head_dim, rank, device=device),
+                                                               0.0), block_size, blocks_per_sketch=per, seq_lens=lens)
+        assert sketch.blocks_per_sketch == per and torch.equal(sketch.ranges, ranges[:, :, :sketch.ranges.shape[2]])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_key_sketch_update_equals_full_build(device):
+@pytest.mark.parametrize("per", [1, 2])
+def test_key_sketch_update_equals_full_build(device, per):
     dtype = torch.bfloat16
     _, k, _, _ = make_case(2, 4, 2, 256, 64, dtype, device, seed=5, lens=[256, 256])
     kp, qp = _projections(2, 4, 64, 8, 2, device)
     calib = aether.SketchCalibration(kp, qp, 0.0)
     lens = torch.tensor([100, 37], dtype=torch.int32, device=device)
-    sketch = aether.key_sketch(k, calib, 32, seq_lens=lens)
+    sketch = aether.key_sketch(k, calib, 32, seq_lens=lens, blocks_per_sketch=per)
     for step in ([101, 38], [128, 64], [200, 65], [256, 256]):
         new = torch.tensor(step, dtype=torch.int32, device=device)
         sketch.update(k, new)
-        full = aether.key_sketch(k, calib, 32, seq_lens=new)
+        full = aether.key_sketch(k, calib, 32, seq_lens=new, blocks_per_sketch=per)
         assert torch.equal(sketch.codes, full.codes) and torch.equal(sketch.ranges, full.ranges)
+        assert torch.equal(sketch.centroid, full.centroid)
         assert torch.equal(sketch.seq_lens, new)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_key_sketch_paged_equals_contiguous(device):
+@pytest.mark.parametrize("per", [1, 2])
+def test_key_sketch_paged_equals_contiguous(device, per):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bs = 16
     _, k, _, lens = make_case(2, 2, 2, 96, 64, dtype, device, seed=9, lens=[96, 50])
@@ -81,27 +94,35 @@ def test_key_sketch_paged_equals_contiguous(device):
     for b in range(2):
         for p in range(pages_per_seq):
             paged[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
-    a = aether.key_sketch(k, calib, bs, seq_lens=lens)
-    c = aether.key_sketch(paged, calib, bs, seq_lens=lens, block_table=table)
-    assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges)
+    a = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+    c = aether.key_sketch(paged, calib, bs, seq_lens=lens, block_table=table, blocks_per_sketch=per)
+    assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges) and torch.equal(a.centroid, c.centroid)
 
 
-def _op_scores(q, sketch, stats, lens, bs, scale, policy="topk", group_agg="max", budget=0.5):
+def _op_scores(q, sketch, lens, bs, scale, policy="topk", group_agg="max", budget=0.5):
     calib = sketch.calibration
-    empty = q.new_empty((0,), dtype=torch.float32)
-    stat_tensors = stats.tensors if stats is not None else (empty,) * 5
+    empty = q.new_empty((0,), dtype=torch.float32)  # qsketch reads no statistics
     return torch.ops.aether.radar_select(
-        q, *stat_tensors, lens, bs, scale, "qsketch", policy, 0, budget, 1e-3, 0.9, 1, 0, 1, 1, True, None, None,
-        group_agg, sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight))
+        q, *(empty,) * 5, lens, bs, scale, "qsketch", policy, 0, budget, 1e-3, 0.9, 1, 0, 1, 1, True, None, None,
+        group_agg, sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight),
+        sketch.centroid)
+
+
+def _ref_scores(q, sketch, lens, bs, scale=None):
+    calib = sketch.calibration
+    return ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), calib.key_proj.cpu(),
+                                  calib.query_proj.cpu(), lens.cpu(), bs, centroid=sketch.centroid.cpu(),
+                                  centroid_weight=float(calib.centroid_weight), scale=scale)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 # (16, 128, 8, 256): the largest per-block stage (17 KB with a centroid): the CUDA launch drops to
 # fewer warps per CTA to fit shared memory.
-@pytest.mark.parametrize("rank,bs,group,head_dim", [(8, 64, 4, 64), (4, 32, 3, 128), (16, 16, 1, 64), (2, 128, 2, 64),
-                                                    (16, 128, 8, 256)])
-def test_sketch_scores_match_reference(device, weight, rank, bs, group, head_dim, poison_empty):
+@pytest.mark.parametrize("rank,bs,group,head_dim,per", [(8, 64, 4, 64, 1), (4, 32, 3, 128, 2), (16, 16, 1, 64, 4),
+                                                        (2, 128, 2, 64, 1), (16, 128, 8, 256, 1), (8, 32, 4, 128, 2),
+                                                        (8, 16, 6, 256, 8)])
+def test_sketch_scores_match_reference(device, weight, rank, bs, group, head_dim, per, poison_empty):
     kv_heads = 2
     for dtype in _dtypes(device):
         if dtype == torch.float32 and device == "cuda":
@@ -110,13 +131,10 @@ def test_sketch_scores_match_reference(device, weight, rank, bs, group, head_dim
                                   lens=[333, 0, 150])
         kp, qp = _projections(kv_heads, kv_heads * group, head_dim, rank, 4, device)
         calib = aether.SketchCalibration(kp, qp, weight)
-        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
-        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
+        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
         scale = 0.7 / math.sqrt(head_dim)
-        selected, counts, scores, mlo = _op_scores(q, sketch, stats, lens, bs, scale)
-        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
-                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
-                                      centroid_weight=weight, scale=scale)
+        selected, counts, scores, mlo = _op_scores(q, sketch, lens, bs, scale)
+        want = _ref_scores(q, sketch, lens, bs, scale)
         torch.testing.assert_close(scores.cpu(), want, atol=2e-4, rtol=2e-5)
         assert bool(torch.isinf(mlo).all() & (mlo < 0).all()), "qsketch has no M_g: it must be -inf"
         # Given the op's own scores, the selection is exactly the reference's.
@@ -137,16 +155,14 @@ def test_sketch_scores_many_rows_refill_the_stages(device, poison_empty):
                               lens=lens)
     kp, qp = _projections(kv_heads, kv_heads * group, head_dim, rank, 8, device)
     for weight in (0.0, 0.5):
-        calib = aether.SketchCalibration(kp, qp, weight)
-        sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
-        assert sketch.num_blocks == 201
-        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
-        scale = 1.0 / math.sqrt(head_dim)
-        _, _, scores, _ = _op_scores(q, sketch, stats, lens, bs, scale)
-        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
-                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
-                                      centroid_weight=weight, scale=scale)
-        torch.testing.assert_close(scores.cpu(), want, atol=2e-4, rtol=2e-5)
+        for per in (1, 2):
+            calib = aether.SketchCalibration(kp, qp, weight)
+            sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+            assert sketch.num_blocks == (201 if per == 1 else 202)
+            scale = 1.0 / math.sqrt(head_dim)
+            _, _, scores, _ = _op_scores(q, sketch, lens, bs, scale)
+            want = _ref_scores(q, sketch, lens, bs, scale)
+            torch.testing.assert_close(scores.cpu(), want, atol=2e-4, rtol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -166,12 +182,9 @@ def test_sketch_scores_large_logits_and_constant_blocks(device, rank, bs, poison
         calib = aether.SketchCalibration(kp, qp, weight)
         sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
         assert bool((sketch.ranges[:, :, 0, 0] == sketch.ranges[:, :, 0, 1]).all()), "block 0 must have zero-width ranges"
-        stats = aether.block_stats(k, bs, seq_lens=lens) if weight else None
         scale = 1.0 / math.sqrt(head_dim)
-        _, _, scores, _ = _op_scores(q, sketch, stats, lens, bs, scale)
-        want = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
-                                      lens.cpu(), bs, centroid=stats.centroid.cpu() if stats else None,
-                                      centroid_weight=weight, scale=scale)
+        _, _, scores, _ = _op_scores(q, sketch, lens, bs, scale)
+        want = _ref_scores(q, sketch, lens, bs, scale)
         assert float(want[torch.isfinite(want)].abs().max()) > 100, "the case must reach large logits"
         torch.testing.assert_close(scores.cpu(), want, atol=1e-3, rtol=2e-5)
 
@@ -198,24 +211,29 @@ def test_sum_aggregation_matches_reference(device, group, poison_empty):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparse_attention_qsketch_end_to_end(device):
+@pytest.mark.parametrize("bs,per", [(64, 1), (32, 2)])
+def test_sparse_attention_qsketch_end_to_end(device, bs, per):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, lens = make_case(2, 8, 2, 700, 64, dtype, device, seed=11, lens=[700, 333])
     kp, qp = _projections(2, 8, 64, 8, 5, device)
     calib = aether.SketchCalibration(kp, qp, 0.5)
-    sketch = aether.key_sketch(k, calib, 64, seq_lens=lens)
+    sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
     out, sel = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.3,
                                        return_selection=True)
-    stats = ref.block_stats(k.cpu(), 64, lens.cpu())
-    scores = ref.sketch_head_scores(q.cpu(), sketch.codes.cpu(), sketch.ranges.cpu(), kp.cpu(), qp.cpu(),
-                                    lens.cpu(), 64, centroid=stats.centroid, centroid_weight=0.5)
+    assert sel.indices.shape[2] == sketch.num_blocks
+    # the reference builds its own sketch from k
+    _, _, rsel, rcnt = ref.sparse_attention(q.cpu(), k.cpu(), v.cpu(), block_size=bs, score="qsketch",
+                                            budget_fraction=0.3, seq_lens=lens.cpu(), group_agg="sum",
+                                            sketch=(kp.cpu(), qp.cpu(), 0.5, per))
+    scores = _ref_scores(q, sketch, lens, bs)
     mlo = torch.full(scores.shape[:2], -math.inf)
-    rs, rn = ref.select_blocks(scores, mlo, lens.cpu(), 64, 2, budget_fraction=0.3, group_agg="sum")
+    rs, rn = ref.select_blocks(scores, mlo, lens.cpu(), bs, 2, budget_fraction=0.3, group_agg="sum")
+    assert torch.equal(rcnt, rn) and float((rsel == rs).float().mean()) > 0.95
     # Scores agree to ~1e-5; a near-tie could flip one block, so compare the selection only
     # where the reference's sum priorities are separated.
     assert torch.equal(sel.counts.cpu(), rn)
     assert float((sel.indices.cpu() == rs).float().mean()) > 0.95
-    want, _ = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), 64,
+    want, _ = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs,
                                 sel.indices.cpu(), sel.counts.cpu())
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
@@ -237,7 +255,8 @@ def test_calibrate_sketch_fits_logits_and_picks_a_weight():
     assert err(calib.key_proj, calib.query_proj) < 0.5 * err(rkp, rqp)
 
 
-def test_recalled_masses_equal_the_reference_scores_path():
+@pytest.mark.parametrize("per", [1, 2])
+def test_recalled_masses_equal_the_reference_scores_path(per):
     """The calibration's recalled masses (shared dequantised sketch per chunk) equal the ones from
     reference.sketch_head_scores called per query, for every centroid weight and budget."""
     from aether import selection
@@ -248,11 +267,10 @@ def test_recalled_masses_equal_the_reference_scores_path():
     q = torch.randn(6, 20, 64, generator=torch.Generator().manual_seed(3)) + q[0][:, None, :]
     kp, qp = _projections(2, 6, 64, 8, 1, "cpu")
     calib = aether.SketchCalibration(kp, qp, 0.0)
-    codes, ranges = ref.key_sketch(k[None], kp, bs)
-    centroid = ref.block_stats(k[None], bs).centroid
+    codes, ranges, centroid = ref.key_sketch(k[None], kp, bs, blocks_per_sketch=per)
     weights, budgets = (0.0, 0.5, 1.0), (0.15, 0.35)
     got = _recalled_masses(q, k, calib, bs, budgets, weights, centroid, codes, ranges, chunk=7)
-    nb = math.ceil(seq / bs)
+    nb = codes.shape[2]
     want = [[0.0] * len(budgets) for _ in weights]
     for i in range(q.shape[1]):
         pos = seq - q.shape[1] + i
@@ -300,9 +318,31 @@ def test_qsketch_errors():
         torch.ops.aether.radar_select(q, *aether.block_stats(k, 32).tensors, lens, 32, 0.125, "qsketch", "topk", 0,
                                       0.5, 1e-3, 0.9, 1, 0, 1, 1)
     with pytest.raises(RuntimeError, match="threshold"):
-        _op_scores(q, sketch, None, lens, 32, 0.125, policy="threshold")
+        _op_scores(q, sketch, lens, 32, 0.125, policy="threshold")
     with pytest.raises(RuntimeError, match="group_agg"):
-        _op_scores(q, sketch, None, lens, 32, 0.125, group_agg="avg")
+        _op_scores(q, sketch, lens, 32, 0.125, group_agg="avg")
     with pytest.raises(TypeError, match="uint8"):
         torch.ops.aether.key_sketch_update(k, lens, torch.zeros(1, dtype=torch.int32), kp, 32, None,
-                                           sketch.codes.int(), sketch.ranges)
+                                           sketch.codes.int(), sketch.ranges, sketch.centroid)
+    with pytest.raises(TypeError, match="centroid must be bfloat16"):
+        torch.ops.aether.key_sketch_update(k, lens, torch.zeros(1, dtype=torch.int32), kp, 32, None,
+                                           sketch.codes, sketch.ranges, sketch.centroid.float())
+    # blocks_per_sketch: powers of two up to 8, sketch blocks of at most 128 tokens
+    for per, bs in ((3, 16), (16, 16), (0, 16), (8, 32)):
+        with pytest.raises(ValueError, match="blocks_per_sketch"):
+            aether.key_sketch(k, calib, bs, blocks_per_sketch=per)
+        with pytest.raises(RuntimeError, match="blocks_per_sketch"):
+            torch.ops.aether.key_sketch(k, lens, kp, bs, 8 * 16, None, per)
+    with pytest.raises(RuntimeError, match="multiple of blocks_per_sketch"):
+        torch.ops.aether.key_sketch(k, lens, kp, 16, 9, None, 2)
+    with pytest.raises(RuntimeError, match="sketch blocks"):  # ranges that do not divide the codes
+        paired = aether.key_sketch(k, calib, 16, blocks_per_sketch=2)
+        torch.ops.aether.radar_select(
+            q, *(q.new_empty((0,)),) * 5, lens, 16, 0.125, "qsketch", "topk", 0, 0.5, 1e-3, 0.9, 1, 0, 1, 1, False,
+            None, None, "sum", paired.codes[:, :, :7], paired.ranges, kp, qp, 0.0, paired.centroid)
+    with pytest.raises(RuntimeError, match="sketch_centroid"):
+        torch.ops.aether.radar_select(
+            q, *(q.new_empty((0,)),) * 5, lens, 32, 0.125, "qsketch", "topk", 0, 0.5, 1e-3, 0.9, 1, 0, 1, 1, False,
+            None, None, "sum", sketch.codes, sketch.ranges, kp, qp, 0.0)
+    with pytest.raises(ValueError, match="stats are not read"):
+        aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, stats=aether.block_stats(k, 32))

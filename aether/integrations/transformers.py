@@ -136,6 +136,9 @@ class AetherCache(DynamicCache):
             `group_agg=None` is the library default: "sum" for qsketch with topk, else "max").
         sketch_rank, sketch_queries: score="qsketch" only: the sketch's rank and how many of the
             last prefill queries calibrate it.
+        blocks_per_sketch: score="qsketch" only: blocks that share one sketch block's ranges and
+            centroid (1, 2, 4, 8; 2 with block_size=32 selects 32-token blocks for the metadata
+            bytes of 64-token ones, docs/selection.md).
         budget_allocation: "uniform" (every sparse layer keeps `budget`) or "layer" (qsketch, float
             budget: at the first decode step every sparse layer gets its own keep fraction, mean
             at most `budget`, from recall curves measured on the prefill queries;
@@ -149,7 +152,8 @@ class AetherCache(DynamicCache):
     def __init__(self, config, *, dense_layers: Iterable[int] | None = DEFAULT_DENSE_LAYERS, score: str = "tight",
                  policy: str = "topk", budget: int | float = 0.25, block_size: int = 64, eps: float = 1e-3,
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
-                 sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform") -> None:
+                 sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform",
+                 blocks_per_sketch: int = 1) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -162,7 +166,7 @@ class AetherCache(DynamicCache):
         self.options = SparseOptions(score=score, policy=policy, budget=budget, block_size=block_size, eps=eps,
                                      mass=mass, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
                                      group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries,
-                                     budget_allocation=budget_allocation)
+                                     budget_allocation=budget_allocation, blocks_per_sketch=blocks_per_sketch)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]

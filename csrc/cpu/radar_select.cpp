@@ -78,9 +78,12 @@ void check_params(const RadarSelectParams& p) {
       throw std::invalid_argument("aether::cpu::radar_select: score qsketch needs sketch_codes, "
                                   "sketch_ranges, sketch_key_proj and sketch_query_proj (got a null one)");
     }
-    if (p.centroid_weight != 0.0f && p.centroid == nullptr) {
+    const std::string per_error = blocks_per_sketch_error(p.blocks_per_sketch, p.block_size, p.num_blocks);
+    if (!per_error.empty()) throw std::invalid_argument("aether::cpu::radar_select: " + per_error);
+    // The centroid term reads the sketch's own centroid; the block statistics are not read.
+    if (p.centroid_weight != 0.0f && p.sketch_centroid == nullptr) {
       throw std::invalid_argument("aether::cpu::radar_select: score qsketch with centroid_weight " +
-                                  std::to_string(p.centroid_weight) + " != 0 needs centroid (got null)");
+                                  std::to_string(p.centroid_weight) + " != 0 needs sketch_centroid (got null)");
     }
   }
 }
@@ -123,19 +126,31 @@ void sketch_head_scores(const RadarSelectParams& p, int64_t b, int64_t h, int32_
     }
   }
 
-  const int64_t block_row = (b * p.kv_heads + h) * NB;  // index of block 0 of this (b, h)
+  // Block j reads the ranges and centroid of its sketch block m = j / P (rows of NB / P) and
+  // its own codes (rows of NB).
+  const int32_t P = p.blocks_per_sketch;
+  const int64_t block_row = (b * p.kv_heads + h) * NB;         // index of block 0 of this (b, h)
+  const int64_t sketch_row = (b * p.kv_heads + h) * (NB / P);  // index of sketch block 0
   std::vector<float> deq(static_cast<size_t>(bs) * R);
   std::vector<float> logits(static_cast<size_t>(bs));
+  std::vector<float> centroid(use_centroid ? static_cast<size_t>(D) : 0);
+  float lo[kMaxSketchRank];
+  float step[kMaxSketchRank];
   for (int32_t j = 0; j < n_blocks; ++j) {
     const int64_t token_begin = static_cast<int64_t>(j) * bs;
     const int32_t n = static_cast<int32_t>(std::min<int64_t>(len, token_begin + bs) - token_begin);
-    const uint16_t* lo_bits = p.sketch_ranges + (block_row + j) * 2 * R;
-    const uint16_t* hi_bits = lo_bits + R;
-    float lo[kMaxSketchRank];
-    float step[kMaxSketchRank];
-    for (int32_t r = 0; r < R; ++r) {
-      lo[r] = bfloat16_to_float(lo_bits[r]);
-      step[r] = sketch_step(lo_bits[r], hi_bits[r]);
+    if (j % P == 0) {  // first block of a sketch block: load its shared metadata
+      const int64_t m = j / P;
+      const uint16_t* lo_bits = p.sketch_ranges + (sketch_row + m) * 2 * R;
+      const uint16_t* hi_bits = lo_bits + R;
+      for (int32_t r = 0; r < R; ++r) {
+        lo[r] = bfloat16_to_float(lo_bits[r]);
+        step[r] = sketch_step(lo_bits[r], hi_bits[r]);
+      }
+      if (use_centroid) {
+        const uint16_t* centroid_bits = p.sketch_centroid + (sketch_row + m) * D;
+        for (int32_t d = 0; d < D; ++d) centroid[d] = bfloat16_to_float(centroid_bits[d]);
+      }
     }
     const uint8_t* codes = p.sketch_codes + (block_row + j) * static_cast<int64_t>(bs) * bytes;
     for (int32_t t = 0; t < n; ++t) {
@@ -146,7 +161,6 @@ void sketch_head_scores(const RadarSelectParams& p, int64_t b, int64_t h, int32_
             lo[2 * i + 1] + static_cast<float>(byte >> kSketchBits) * step[2 * i + 1];
       }
     }
-    const float* centroid = use_centroid ? p.centroid + (block_row + j) * D : nullptr;
 
     for (int32_t g = 0; g < G; ++g) {
       const float* ug = &u[static_cast<size_t>(g) * R];

@@ -1,6 +1,8 @@
 // aether::cpu::key_sketch: bit-for-bit against a brute-force build on inputs whose coefficients
 // are exact, within the rounding of the float32 coefficients on random inputs, hand-worked
-// blocks (ties, bfloat16 rounding, packing), and append == full build.
+// blocks (ties, bfloat16 rounding, packing, sketch blocks of several blocks), the centroid
+// against a naive float32 sum, append == full build and paged == contiguous, for
+// P = blocks_per_sketch 1, 2, 4 and 8.
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -26,34 +28,51 @@ struct SketchCase {
   KVKind kind;
   int batch, heads, head_dim, block_size, rank;
   int32_t max_len;
+  int per;  // P = blocks_per_sketch
 };
 
 std::string describe(const SketchCase& c) {
   return std::string(test::dtype_name(c.dtype)) + " " + test::kv_kind_name(c.kind) + " B=" +
          std::to_string(c.batch) + " H=" + std::to_string(c.heads) + " D=" + std::to_string(c.head_dim) +
          " bs=" + std::to_string(c.block_size) + " R=" + std::to_string(c.rank) +
-         " max_len=" + std::to_string(c.max_len);
+         " max_len=" + std::to_string(c.max_len) + " P=" + std::to_string(c.per);
 }
 
 std::vector<SketchCase> sketch_cases() {
   std::vector<SketchCase> cases;
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   const KVKind kinds[] = {KVKind::kContiguous, KVKind::kTokenMajor, KVKind::kPaged};
-  // (head_dim, block_size, max_len): lengths that are not multiples of the block size too.
+  // (head_dim, block_size, max_len): lengths that are not multiples of the block size (or of
+  // the sketch block size P * block_size) too.
   const int shapes[][3] = {{64, 16, 97}, {40, 64, 130}, {64, 64, 1}, {40, 16, 16}};
   const int ranks[] = {2, 8, 16};
   int n = 0;
   for (DType dtype : dtypes) {
     for (KVKind kind : kinds) {
       for (const auto& shape : shapes) {
-        const int batch = 1 + (n % 3) * 2;
-        const int heads = 1 + (n % 2);
-        cases.push_back({dtype, kind, batch, heads, shape[0], shape[1], ranks[n % 3], shape[2]});
-        ++n;
+        for (int per : {1, 2, 4, 8}) {
+          if (shape[1] * per > 128) continue;  // P * block_size <= 128
+          const int batch = 1 + (n % 4) * 2;
+          const int heads = 1 + (n % 2);
+          cases.push_back({dtype, kind, batch, heads, shape[0], shape[1], ranks[n % 3], shape[2], per});
+          ++n;
+        }
       }
     }
   }
   return cases;
+}
+
+// Capacity in blocks: a multiple of P with at least one whole spare sketch block, so the zero
+// fill past the end is exercised for every length.
+int capacity_of(const SketchCase& c, int spare_sketches = 1) {
+  return (test::blocks_of(c.max_len, c.block_size * c.per) + spare_sketches) * c.per;
+}
+
+// Lengths with the sketch-block edges too: one full sketch block, one token into the next.
+std::vector<int32_t> sketch_lengths(const SketchCase& c, std::mt19937_64& rng) {
+  const int32_t sb = c.block_size * c.per;
+  return test::mixed_lengths(c.batch, c.max_len, c.block_size, rng, {sb, sb + 1});
 }
 
 KeySketchParams make_params(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj,
@@ -68,9 +87,11 @@ KeySketchParams make_params(const TestKV& kv, const std::vector<int32_t>& lens, 
   p.head_dim = kv.head_dim;
   p.block_size = kv.block_size;
   p.num_blocks = kv.num_blocks;
+  p.blocks_per_sketch = out.blocks_per_sketch;
   p.rank = rank;
   p.sketch.codes = out.codes.data();
   p.sketch.ranges = out.ranges.data();
+  p.sketch.centroid = out.centroid_data();
   return p;
 }
 
@@ -96,20 +117,20 @@ TEST(CpuKeySketch, ExactCoefficientsMatchBruteForceBitForBit) {
   int64_t ties = 0;  // tokens whose (x - lo) / step is exactly k + 0.5: ties to even were tested
   for (const SketchCase& c : sketch_cases()) {
     SCOPED_TRACE(describe(c));
-    // One block of spare capacity so the zero fill past the end is exercised for every length.
-    const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 1;
+    const int num_blocks = capacity_of(c);
     TestKV kv(c.dtype, c.kind, c.batch, c.heads, c.head_dim, c.block_size, num_blocks, rng);
     std::vector<float> key_proj(static_cast<size_t>(c.heads) * c.head_dim * c.rank);
     make_exact(kv, key_proj, rng);
-    const std::vector<int32_t> lens = test::mixed_lengths(c.batch, c.max_len, c.block_size, rng);
+    const std::vector<int32_t> lens = sketch_lengths(c, rng);
     kv.poison_after(lens);  // a kernel reading past the end sees NaN
 
-    SketchBuffers out(c.batch, c.heads, num_blocks, c.block_size, c.rank);
+    SketchBuffers out(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
     out.poison();
     cpu::key_sketch(make_params(kv, lens, key_proj, c.rank, out));
-    const SketchBuffers expected = test::naive_key_sketch(kv, key_proj, c.rank, lens);
+    const SketchBuffers expected = test::naive_key_sketch(kv, key_proj, c.rank, lens, c.per);
     ASSERT_EQ(out.ranges, expected.ranges);
     ASSERT_EQ(out.codes, expected.codes);
+    ASSERT_EQ(out.centroid, expected.centroid);
 
     for (int b = 0; b < c.batch; ++b) {
       for (int h = 0; h < c.heads; ++h) {
@@ -134,38 +155,56 @@ TEST(CpuKeySketch, RandomInputsMatchBruteForceWithinRounding) {
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  int64_t codes_checked = 0, codes_loose = 0;
+  int64_t codes_checked = 0, codes_loose = 0, centroids_checked = 0;
   for (const SketchCase& c : sketch_cases()) {
     SCOPED_TRACE(describe(c));
-    const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 1;
+    const int num_blocks = capacity_of(c);
     TestKV kv(c.dtype, c.kind, c.batch, c.heads, c.head_dim, c.block_size, num_blocks, rng);
     std::vector<float> key_proj(static_cast<size_t>(c.heads) * c.head_dim * c.rank);
     std::normal_distribution<double> normal(0.0, 1.0 / std::sqrt(static_cast<double>(c.head_dim)));
     for (auto& value : key_proj) value = static_cast<float>(normal(rng));
-    const std::vector<int32_t> lens = test::mixed_lengths(c.batch, c.max_len, c.block_size, rng);
+    const std::vector<int32_t> lens = sketch_lengths(c, rng);
     kv.poison_after(lens);
 
-    SketchBuffers out(c.batch, c.heads, num_blocks, c.block_size, c.rank);
+    SketchBuffers out(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
     out.poison();
     cpu::key_sketch(make_params(kv, lens, key_proj, c.rank, out));
 
-    const int bytes = c.rank / 2;
+    const int bs = c.block_size, sb = bs * c.per;
     for (int b = 0; b < c.batch; ++b) {
-      const int32_t n_blocks = test::blocks_of(lens[b], c.block_size);
       for (int h = 0; h < c.heads; ++h) {
-        for (int j = 0; j < num_blocks; ++j) {
-          const uint16_t* ranges = out.block_ranges(b, h, j);
-          const uint8_t* codes = out.block_codes(b, h, j);
-          const int t0 = j * c.block_size;
-          const int n = j < n_blocks ? std::min(lens[b], t0 + c.block_size) - t0 : 0;
-          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j);
-          if (n == 0) {  // past the end: zero ranges and codes
+        for (int m = 0; m < out.num_sketches(); ++m) {
+          const uint16_t* ranges = out.sketch_ranges(b, h, m);
+          const uint16_t* centroid = out.sketch_centroid(b, h, m);
+          const int t0 = m * sb;
+          const int n = std::clamp(lens[b] - t0, 0, sb);  // valid tokens of the sketch block
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " m=" + std::to_string(m);
+          // Token t of the sketch block: block m * P + t / bs, slot t % bs.
+          const auto code_at = [&](int t, int r) { return out.code(b, h, m * c.per + t / bs, t % bs, r); };
+          if (n == 0) {  // past the end: zero ranges and centroid
             for (int r = 0; r < 2 * c.rank; ++r) ASSERT_EQ(ranges[r], 0) << where;
+            for (int d = 0; d < c.head_dim; ++d) ASSERT_EQ(centroid[d], 0) << where;
           }
-          for (int t = n; t < c.block_size; ++t) {  // invalid slots: code 0
-            for (int i = 0; i < bytes; ++i) ASSERT_EQ(codes[t * bytes + i], 0) << where << " t=" << t;
+          for (int t = n; t < sb; ++t) {  // invalid slots, whole blocks past the end too: code 0
+            for (int r = 0; r < c.rank; ++r) ASSERT_EQ(code_at(t, r), 0) << where << " t=" << t;
           }
           if (n == 0) continue;
+
+          // Centroid: bit for bit the naive float32 token-order mean, and within one bfloat16
+          // rounding (plus the float32 sum's error) of the exact mean.
+          const std::vector<uint16_t> naive = test::naive_sketch_centroid(kv, b, h, t0, t0 + n);
+          for (int d = 0; d < c.head_dim; ++d) {
+            ASSERT_EQ(centroid[d], naive[d]) << where << " d=" << d;
+            double sum = 0.0, magnitude = 0.0;
+            for (int t = t0; t < t0 + n; ++t) {
+              sum += kv.at(b, h, t, d);
+              magnitude += std::fabs(kv.at(b, h, t, d));
+            }
+            const double mean = sum / n, got = test::decode_bf16(centroid[d]);
+            const double tolerance = std::ldexp(1.0, -8) * std::fabs(got) + (n + 2) * std::ldexp(1.0, -24) * magnitude / n;
+            ASSERT_NEAR(got, mean, tolerance) << where << " d=" << d;
+            ++centroids_checked;
+          }
 
           std::vector<std::vector<double>> x;
           std::vector<double> error;
@@ -199,7 +238,7 @@ TEST(CpuKeySketch, RandomInputsMatchBruteForceWithinRounding) {
             const double lo = test::decode_bf16(ranges[r]);
             const double step = test::sketch_step_of(ranges[r], ranges[c.rank + r]);
             for (int t = 0; t < n; ++t) {
-              const int actual = out.code(b, h, j, t, r);
+              const int actual = code_at(t, r);
               if (!(step > 0.0)) {  // one token, or a range below one bfloat16 ulp
                 ASSERT_EQ(actual, 0) << where << " t=" << t << " r=" << r;
                 continue;
@@ -219,18 +258,19 @@ TEST(CpuKeySketch, RandomInputsMatchBruteForceWithinRounding) {
     }
   }
   ASSERT_GT(codes_checked, 10000);
+  ASSERT_GT(centroids_checked, 1000);
   EXPECT_LT(codes_loose * 100, codes_checked) << "the tolerance admits too many codes to test anything";
 }
 
 // Hand-worked: one head, D = 1, rank 2, key_proj = {1, -1}: x = (k, -k).
 TEST(CpuKeySketch, HandWorkedBlocks) {
   std::mt19937_64 rng(1);
-  const auto build = [&](const std::vector<double>& keys, int block_size, int num_blocks, int32_t len) {
+  const auto build = [&](const std::vector<double>& keys, int block_size, int num_blocks, int32_t len, int per = 1) {
     TestKV kv(DType::kFloat32, KVKind::kContiguous, 1, 1, 1, block_size, num_blocks, rng);
     for (size_t t = 0; t < keys.size(); ++t) kv.data.set(kv.offset(0, 0, static_cast<int64_t>(t)), keys[t]);
     std::vector<int32_t> lens = {len};
     std::vector<float> key_proj = {1.0f, -1.0f};
-    SketchBuffers out(1, 1, num_blocks, block_size, 2);
+    SketchBuffers out(1, 1, num_blocks, block_size, 2, 1, per);
     out.poison();
     cpu::key_sketch(make_params(kv, lens, key_proj, 2, out));
     return out;
@@ -244,6 +284,7 @@ TEST(CpuKeySketch, HandWorkedBlocks) {
   EXPECT_EQ(test::decode_bf16(a.ranges[1]), -15.0);
   EXPECT_EQ(test::decode_bf16(a.ranges[2]), 15.0);
   EXPECT_EQ(test::decode_bf16(a.ranges[3]), -0.0);
+  EXPECT_EQ(test::decode_bf16(a.centroid[0]), 7.5);  // mean of 0..15
 
   // Range 30, step 2: quotients 0.5 and 1.5 tie to 0 and 2; 2.5 to 2; 14.5 to 14.
   SketchBuffers b = build({0, 1, 3, 5, 29, 30}, 16, 1, 6);
@@ -271,28 +312,55 @@ TEST(CpuKeySketch, HandWorkedBlocks) {
   // The spare block of c (past the end) is all zeros in a full build.
   for (int t = 0; t < 16; ++t) EXPECT_EQ(c.codes[16 + t], 0);
   for (int r = 4; r < 8; ++r) EXPECT_EQ(c.ranges[r], 0);
+  EXPECT_EQ(c.centroid[1], 0);
+  // Centroid (257 + 259 + 300) / 3 = 272 exactly (a bfloat16); {259, 300}: 279.5 rounds to 280.
+  EXPECT_EQ(test::decode_bf16(c.centroid[0]), 272.0);
+  EXPECT_EQ(test::decode_bf16(d.centroid[0]), 280.0);
 
   // A constant coefficient: lo == hi, step 0, every code 0.
   SketchBuffers e = build({3, 3, 3}, 16, 1, 3);
   EXPECT_EQ(test::decode_bf16(e.ranges[0]), 3.0);
   EXPECT_EQ(test::decode_bf16(e.ranges[2]), 3.0);
   for (int t = 0; t < 16; ++t) EXPECT_EQ(e.codes[t], 0) << t;
+
+  // P = 2: blocks 0 and 1 (keys 0..30, 31 tokens) share one range 0..30, step 2, so block 1's
+  // codes are rint(k / 2) of that range (not 0..14 of its own 16..30), ties to even: 1 -> 0,
+  // 3 -> 2, 17 -> 8, 19 -> 10. The centroid is the mean over both blocks, 15; slot 15 of block 1
+  // is invalid (code 0); sketch block 1 (blocks 2, 3) lies past the end: zeros.
+  std::vector<double> ramp31(31);
+  for (int t = 0; t < 31; ++t) ramp31[t] = t;
+  SketchBuffers f = build(ramp31, 16, 4, 31, 2);
+  ASSERT_EQ(f.ranges.size(), 8u);
+  EXPECT_EQ(test::decode_bf16(f.ranges[0]), 0.0);
+  EXPECT_EQ(test::decode_bf16(f.ranges[2]), 30.0);
+  EXPECT_EQ(test::decode_bf16(f.centroid[0]), 15.0);
+  EXPECT_EQ(f.block_ranges(0, 0, 1), f.block_ranges(0, 0, 0));
+  const int expected_codes[] = {0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6, 6, 6, 7, 8};  // rint(t / 2), even ties
+  for (int t = 0; t < 16; ++t) EXPECT_EQ(f.code(0, 0, 0, t, 0), expected_codes[t]) << t;
+  // Key 16 + t: rint(8 + t / 2) = 8 + rint(t / 2), ties keep their parity.
+  for (int t = 0; t < 15; ++t) EXPECT_EQ(f.code(0, 0, 1, t, 0), 8 + expected_codes[t]) << t;
+  EXPECT_EQ(f.codes[31], 0) << "invalid slot 15 of block 1";
+  for (int i = 32; i < 64; ++i) EXPECT_EQ(f.codes[i], 0) << "sketch block 1, byte " << i;
+  for (int r = 4; r < 8; ++r) EXPECT_EQ(f.ranges[r], 0);
+  EXPECT_EQ(f.centroid[1], 0);
 }
 
-// Append after new tokens (first_block = the block holding the old end) must reproduce the full
-// build bit for bit, and write nothing outside [first_block, ceil(len / block_size)).
+// Append after new tokens (first_block = the block holding the old end, not necessarily the
+// first of its sketch block) must reproduce the full build bit for bit, and write nothing
+// outside the sketch blocks [first_block / P, ceil(len / (P * block_size))).
 TEST(CpuKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   for (const SketchCase& c : sketch_cases()) {
     SCOPED_TRACE(describe(c));
-    const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 2;
+    const int num_blocks = capacity_of(c, 2);
+    const int sb = c.block_size * c.per;
     TestKV kv(c.dtype, c.kind, c.batch, c.heads, c.head_dim, c.block_size, num_blocks, rng);
     std::vector<float> key_proj(static_cast<size_t>(c.heads) * c.head_dim * c.rank);
     std::normal_distribution<double> normal(0.0, 0.3);
     for (auto& value : key_proj) value = static_cast<float>(normal(rng));
-    const std::vector<int32_t> new_lens = test::mixed_lengths(c.batch, c.max_len, c.block_size, rng);
+    const std::vector<int32_t> new_lens = sketch_lengths(c, rng);
     std::vector<int32_t> old_lens(new_lens.size()), first_block(new_lens.size());
     for (size_t b = 0; b < new_lens.size(); ++b) {
       old_lens[b] = std::uniform_int_distribution<int32_t>(0, new_lens[b])(rng);
@@ -300,11 +368,11 @@ TEST(CpuKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
     }
     kv.poison_after(new_lens);
 
-    SketchBuffers full(c.batch, c.heads, num_blocks, c.block_size, c.rank);
+    SketchBuffers full(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
     full.poison();
     cpu::key_sketch(make_params(kv, new_lens, key_proj, c.rank, full));
 
-    SketchBuffers appended(c.batch, c.heads, num_blocks, c.block_size, c.rank);
+    SketchBuffers appended(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
     appended.poison();
     cpu::key_sketch(make_params(kv, old_lens, key_proj, c.rank, appended));
     KeySketchParams append = make_params(kv, new_lens, key_proj, c.rank, appended);
@@ -312,24 +380,33 @@ TEST(CpuKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
     cpu::key_sketch(append);
     ASSERT_EQ(appended.codes, full.codes);
     ASSERT_EQ(appended.ranges, full.ranges);
+    ASSERT_EQ(appended.centroid, full.centroid);
 
-    // Alone on a poisoned sketch: the listed blocks equal the full build, the others keep 0xAB.
-    SketchBuffers alone(c.batch, c.heads, num_blocks, c.block_size, c.rank);
+    // Alone on a poisoned sketch: the listed sketch blocks (all P blocks of codes of each) equal
+    // the full build, the others keep 0xAB.
+    SketchBuffers alone(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
     alone.poison();
     KeySketchParams only = make_params(kv, new_lens, key_proj, c.rank, alone);
     only.first_block = first_block.data();
     cpu::key_sketch(only);
     const int64_t code_bytes = static_cast<int64_t>(c.block_size) * (c.rank / 2);
     for (int b = 0; b < c.batch; ++b) {
+      const auto written = [&](int m) { return m >= first_block[b] / c.per && m < test::blocks_of(new_lens[b], sb); };
       for (int h = 0; h < c.heads; ++h) {
         for (int j = 0; j < num_blocks; ++j) {
-          const bool written = j >= first_block[b] && j < test::blocks_of(new_lens[b], c.block_size);
           const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j);
           for (int64_t i = 0; i < code_bytes; ++i) {
-            ASSERT_EQ(alone.block_codes(b, h, j)[i], written ? full.block_codes(b, h, j)[i] : 0xAB) << where;
+            ASSERT_EQ(alone.block_codes(b, h, j)[i], written(j / c.per) ? full.block_codes(b, h, j)[i] : 0xAB) << where;
           }
+        }
+        for (int m = 0; m < alone.num_sketches(); ++m) {
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " m=" + std::to_string(m);
           for (int i = 0; i < 2 * c.rank; ++i) {
-            ASSERT_EQ(alone.block_ranges(b, h, j)[i], written ? full.block_ranges(b, h, j)[i] : 0xABAB) << where;
+            ASSERT_EQ(alone.sketch_ranges(b, h, m)[i], written(m) ? full.sketch_ranges(b, h, m)[i] : 0xABAB) << where;
+          }
+          for (int d = 0; d < c.head_dim; ++d) {
+            ASSERT_EQ(alone.sketch_centroid(b, h, m)[d], written(m) ? full.sketch_centroid(b, h, m)[d] : 0xABAB)
+                << where;
           }
         }
       }
@@ -337,12 +414,50 @@ TEST(CpuKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
   }
 }
 
+// The same keys in a paged cache (P different, shuffled pages per sketch block) and in a
+// contiguous one give the same sketch, bit for bit.
+TEST(CpuKeySketch, PagedIsBitIdenticalToContiguous) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (const SketchCase& c : sketch_cases()) {
+    if (c.kind != KVKind::kPaged) continue;
+    SCOPED_TRACE(describe(c));
+    const int num_blocks = capacity_of(c);
+    TestKV paged(c.dtype, KVKind::kPaged, c.batch, c.heads, c.head_dim, c.block_size, num_blocks, rng);
+    TestKV contiguous(c.dtype, KVKind::kContiguous, c.batch, c.heads, c.head_dim, c.block_size, num_blocks, rng);
+    for (int b = 0; b < c.batch; ++b) {
+      for (int h = 0; h < c.heads; ++h) {
+        for (int64_t t = 0; t < static_cast<int64_t>(num_blocks) * c.block_size; ++t) {
+          for (int d = 0; d < c.head_dim; ++d) paged.data.set(paged.offset(b, h, t) + d, contiguous.at(b, h, t, d));
+        }
+      }
+    }
+    std::vector<float> key_proj(static_cast<size_t>(c.heads) * c.head_dim * c.rank);
+    std::normal_distribution<double> normal(0.0, 0.3);
+    for (auto& value : key_proj) value = static_cast<float>(normal(rng));
+    const std::vector<int32_t> lens = sketch_lengths(c, rng);
+    paged.poison_after(lens);
+    contiguous.poison_after(lens);
+
+    SketchBuffers from_paged(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
+    SketchBuffers from_contiguous(c.batch, c.heads, num_blocks, c.block_size, c.rank, c.head_dim, c.per);
+    from_paged.poison();
+    from_contiguous.poison();
+    cpu::key_sketch(make_params(paged, lens, key_proj, c.rank, from_paged));
+    cpu::key_sketch(make_params(contiguous, lens, key_proj, c.rank, from_contiguous));
+    ASSERT_EQ(from_paged.codes, from_contiguous.codes);
+    ASSERT_EQ(from_paged.ranges, from_contiguous.ranges);
+    ASSERT_EQ(from_paged.centroid, from_contiguous.centroid);
+  }
+}
+
 TEST(CpuKeySketch, RejectsValuesItCannotDispatch) {
   std::mt19937_64 rng(2);
-  TestKV kv(DType::kFloat32, KVKind::kContiguous, 1, 1, 8, 16, 1, rng);
+  TestKV kv(DType::kFloat32, KVKind::kContiguous, 1, 1, 8, 16, 4, rng);
   std::vector<int32_t> lens = {16};
   std::vector<float> key_proj(8 * 16, 0.5f);
-  SketchBuffers out(1, 1, 1, 16, 16);
+  SketchBuffers out(1, 1, 4, 16, 16, 8);
   const KeySketchParams p = make_params(kv, lens, key_proj, 4, out);
   const auto message_of = [&](const KeySketchParams& params) {
     try {
@@ -367,6 +482,46 @@ TEST(CpuKeySketch, RejectsValuesItCannotDispatch) {
   bad = p;
   bad.sketch.ranges = nullptr;
   EXPECT_NE(message_of(bad).find("sketch.ranges"), std::string::npos) << message_of(bad);
+  bad = p;
+  bad.sketch.centroid = nullptr;
+  EXPECT_NE(message_of(bad).find("sketch.centroid"), std::string::npos) << message_of(bad);
+
+  // blocks_per_sketch: a power of two in 1..8 (num_blocks 4 and block_size 16 allow P = 1, 2, 4;
+  // the buffers are large enough for any P here).
+  for (int per : {1, 2, 4}) {
+    bad = p;
+    bad.blocks_per_sketch = per;
+    EXPECT_EQ(message_of(bad), "no exception") << "P=" << per;
+  }
+  for (int per : {0, -1, -2, 3, 5, 6, 16}) {
+    bad = p;
+    bad.blocks_per_sketch = per;
+    const std::string message = message_of(bad);
+    EXPECT_NE(message.find("blocks_per_sketch " + std::to_string(per) + " (allowed: a power of two, 1..8)"),
+              std::string::npos)
+        << message;
+  }
+  bad = p;
+  bad.blocks_per_sketch = 8;  // P * block_size = 128 is allowed, but num_blocks 4 is not a multiple
+  EXPECT_NE(message_of(bad).find("num_blocks 4 is not a multiple of blocks_per_sketch 8"), std::string::npos)
+      << message_of(bad);
+  bad.num_blocks = 8;
+  bad.seq_lens = lens.data();
+  bad.batch = 0;  // nothing to write: the checks alone are under test
+  EXPECT_EQ(message_of(bad), "no exception");
+  bad = p;
+  bad.num_blocks = 3;
+  bad.blocks_per_sketch = 2;
+  EXPECT_NE(message_of(bad).find("num_blocks 3 is not a multiple of blocks_per_sketch 2"), std::string::npos)
+      << message_of(bad);
+  bad = p;
+  bad.block_size = 64;
+  bad.blocks_per_sketch = 4;  // 256 tokens per sketch block
+  EXPECT_NE(message_of(bad).find("block_size 64 * blocks_per_sketch 4 exceeds 128"), std::string::npos)
+      << message_of(bad);
+  bad.blocks_per_sketch = 2;  // 128: allowed
+  bad.batch = 0;
+  EXPECT_EQ(message_of(bad), "no exception");
 }
 
 }  // namespace

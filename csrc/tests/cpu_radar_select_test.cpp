@@ -6,6 +6,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -580,8 +581,8 @@ void expect_sum_selection_matches_naive(const RadarSelectParams& p, const std::v
 }
 
 test::SketchBuffers build_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj,
-                                 int rank) {
-  test::SketchBuffers sketch(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank);
+                                 int rank, int per = 1) {
+  test::SketchBuffers sketch(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank, kv.head_dim, per);
   sketch.poison();
   KeySketchParams p;
   p.k = kv.layout();
@@ -593,9 +594,11 @@ test::SketchBuffers build_sketch(const TestKV& kv, const std::vector<int32_t>& l
   p.head_dim = kv.head_dim;
   p.block_size = kv.block_size;
   p.num_blocks = kv.num_blocks;
+  p.blocks_per_sketch = per;
   p.rank = rank;
   p.sketch.codes = sketch.codes.data();
   p.sketch.ranges = sketch.ranges.data();
+  p.sketch.centroid = sketch.centroid_data();
   cpu::key_sketch(p);
   return sketch;
 }
@@ -605,9 +608,11 @@ void attach_sketch(RadarSelectParams& p, const test::SketchBuffers& sketch, cons
   p.score = Score::kSketch;
   p.sketch_codes = sketch.codes.data();
   p.sketch_ranges = sketch.ranges.data();
+  p.sketch_centroid = sketch.centroid_data();
   p.sketch_key_proj = key_proj.data();
   p.sketch_query_proj = query_proj.data();
   p.sketch_rank = sketch.rank;
+  p.blocks_per_sketch = sketch.blocks_per_sketch;
 }
 
 struct SketchScoreCase {
@@ -616,8 +621,8 @@ struct SketchScoreCase {
   int32_t max_len;
 };
 
-// qsketch scores against a brute force (double) over the kernel's own codes and ranges, so code
-// rounding never matters here; the statistics other than the centroid are not passed, and the
+// qsketch scores against a brute force (double) over the kernel's own codes, ranges and
+// centroid, so code rounding never matters here; no block statistics are passed, and the sketch
 // centroid only when centroid_weight != 0, so reading them would crash or produce NaN.
 TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
   const uint64_t seed = test::fresh_seed();
@@ -627,13 +632,21 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
   const SketchScoreCase cases[] = {{KVKind::kPaged, 1, 64, 16, 2, 97},       {KVKind::kContiguous, 3, 40, 64, 8, 130},
                                    {KVKind::kTokenMajor, 4, 64, 64, 16, 200}, {KVKind::kPaged, 4, 40, 16, 16, 1},
                                    {KVKind::kContiguous, 3, 64, 16, 8, 16},   {KVKind::kPaged, 1, 40, 64, 2, 63}};
+  std::vector<std::pair<SketchScoreCase, int>> with_per;  // every case with P = 1, 2, 4
+  for (const SketchScoreCase& c : cases) {
+    for (int per : {1, 2, 4}) {
+      if (c.block_size * per <= 128) with_per.emplace_back(c, per);
+    }
+  }
   int n = 0;
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    for (const SketchScoreCase& c : cases) {
+    for (const auto& combo : with_per) {
+      const SketchScoreCase& c = combo.first;
+      const int per = combo.second;
       for (float weight : {0.0f, 0.75f}) {
         ++n;
         const int q_heads = kv_heads * c.group;
-        const int num_blocks = test::blocks_of(c.max_len, c.block_size) + 1;
+        const int num_blocks = (test::blocks_of(c.max_len, c.block_size * per) + 1) * per;
         TestKV kv(dtype, c.kind, batch, kv_heads, c.head_dim, c.block_size, num_blocks, rng);
         const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, c.block_size, rng);
         kv.poison_after(lens);
@@ -642,8 +655,7 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
         std::vector<float> query_proj(static_cast<size_t>(q_heads) * c.head_dim * c.rank);
         for (auto& value : key_proj) value = static_cast<float>(normal(rng));
         for (auto& value : query_proj) value = static_cast<float>(normal(rng));
-        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, c.rank);
-        StatsBuffers stats = test::cpu_block_stats(kv, lens);
+        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, c.rank, per);
         TestQuery q(dtype, batch, q_heads, c.head_dim);
         q.fill_normal(rng, 2.0);
 
@@ -652,13 +664,14 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
         SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(c.kind) +
                      " G=" + std::to_string(c.group) + " D=" + std::to_string(c.head_dim) +
                      " bs=" + std::to_string(c.block_size) + " R=" + std::to_string(c.rank) +
-                     " max_len=" + std::to_string(c.max_len) + " weight=" + std::to_string(weight) +
+                     " max_len=" + std::to_string(c.max_len) + " P=" + std::to_string(per) +
+                     " weight=" + std::to_string(weight) +
                      " policy=" + std::to_string(static_cast<int>(policy)) +
                      " agg=" + std::to_string(static_cast<int>(agg)));
         RadarSelectParams p = base_params(batch, q_heads, kv_heads, c.head_dim, c.block_size, num_blocks, lens);
         attach_sketch(p, sketch, key_proj, query_proj);
         p.centroid_weight = weight;
-        if (weight != 0.0f) p.centroid = stats.centroid.data();
+        if (weight == 0.0f) p.sketch_centroid = nullptr;  // not read without the centroid term
         p.q = q.data.data();
         p.q_stride_batch = q.stride_batch;
         p.q_stride_head = q.stride_head;
@@ -689,7 +702,7 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
               const double expected = test::naive_sketch_score(
                   qg, &query_proj[static_cast<size_t>(hq) * c.head_dim * c.rank],
                   &key_proj[static_cast<size_t>(h) * c.head_dim * c.rank], sketch, b, h, j, tokens,
-                  &stats.centroid[stats.block_index(b, h, j) * c.head_dim], weight, p.scale, &magnitude);
+                  sketch.block_centroid(b, h, j).data(), weight, p.scale, &magnitude);
               const double u = std::ldexp(1.0, -24);
               const double tolerance = 2.0 * (c.head_dim + c.rank + 8) * u * magnitude + (c.block_size + 8) * u + 1e-6;
               ASSERT_NEAR(actual, expected, tolerance) << "b=" << b << " head=" << hq << " block=" << j;
@@ -708,21 +721,24 @@ TEST(CpuRadarSelect, SketchScoresMatchBruteForceOverTheKernelsSketch) {
 }
 
 // An independent check of the meaning: with rank = head_dim, identity projections and keys that
-// the 4-bit codes hold exactly (integers 0..15, every block spanning 0..15 in every channel so
-// step = 1), the qsketch score is the true log-sum-exp of the block's logits; the centroid term
-// is a * (q - I u) . centroid = 0.
+// the 4-bit codes hold exactly (integers 0..15, every block, hence every sketch block of P
+// blocks, spanning 0..15 in every channel so step = 1), the qsketch score is the true
+// log-sum-exp of the block's logits; the centroid term is a * (q - I u) . centroid = 0.
 TEST(CpuRadarSelect, SketchScoreIsTheTrueBlockLogMassWhenTheSketchIsExact) {
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
   const int batch = 4, kv_heads = 2, D = 8, R = 8;
+  const int shapes[][2] = {{16, 1}, {16, 2}, {16, 4}, {64, 1}, {64, 2}};  // (block_size, P)
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     for (int G : {1, 3}) {
-      for (int bs : {16, 64}) {
-        SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " G=" + std::to_string(G) + " bs=" + std::to_string(bs));
+      for (const auto& shape : shapes) {
+        const int bs = shape[0], per = shape[1];
+        SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " G=" + std::to_string(G) + " bs=" + std::to_string(bs) +
+                     " P=" + std::to_string(per));
         const int q_heads = kv_heads * G;
         const int32_t max_len = 5 * bs + 3;
-        const int num_blocks = test::blocks_of(max_len, bs);
+        const int num_blocks = test::blocks_of(max_len, bs * per) * per;
         TestKV kv(dtype, KVKind::kPaged, batch, kv_heads, D, bs, num_blocks, rng);
         const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
         std::uniform_int_distribution<int> level(0, 15);
@@ -745,14 +761,12 @@ TEST(CpuRadarSelect, SketchScoreIsTheTrueBlockLogMassWhenTheSketchIsExact) {
         for (int g = 0; g < q_heads; ++g) {
           for (int d = 0; d < D; ++d) query_proj[(static_cast<size_t>(g) * D + d) * R + d] = 1.0f;
         }
-        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, R);
-        StatsBuffers stats = test::cpu_block_stats(kv, lens);
+        const test::SketchBuffers sketch = build_sketch(kv, lens, key_proj, R, per);
         TestQuery q(dtype, batch, q_heads, D);
         q.fill_normal(rng, 0.5);
 
         RadarSelectParams p = base_params(batch, q_heads, kv_heads, D, bs, num_blocks, lens);
         attach_sketch(p, sketch, key_proj, query_proj);
-        p.centroid = stats.centroid.data();
         p.centroid_weight = 0.5f;
         p.q = q.data.data();
         p.q_stride_batch = q.stride_batch;
@@ -781,6 +795,98 @@ TEST(CpuRadarSelect, SketchScoreIsTheTrueBlockLogMassWhenTheSketchIsExact) {
                           1e-5 * (1.0 + std::fabs(expected)))
                   << "b=" << b << " head=" << hq << " block=" << j;
             }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Blocks of one sketch block are scored with its ranges and centroid (row (b * Hkv + h) * NB / P
+// + j / P). Hand-made sketch buffers whose ranges and centroid have NB rows per (b, h), not
+// NB / P, every row distinct: a kernel indexing them by block, or with rows of NB, reads other
+// values. Within a sketch block every full block gets the same codes, so their scores must be
+// equal, and they must equal the brute force over the sketch block's metadata.
+TEST(CpuRadarSelect, SketchBlocksShareTheirSketchBlocksRangesAndCentroid) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 2, kv_heads = 2, G = 2, q_heads = kv_heads * G, D = 4, R = 2, bs = 16;
+  for (int per : {2, 4}) {
+    SCOPED_TRACE("P=" + std::to_string(per));
+    const int num_blocks = 3 * per, NS = num_blocks / per;
+    const std::vector<int32_t> lens = {num_blocks * bs - 5, (per + 1) * bs + 3};  // partial last blocks
+    test::SketchBuffers sketch(batch, kv_heads, num_blocks, bs, R, D, per);
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (int b = 0; b < batch; ++b) {
+      for (int h = 0; h < kv_heads; ++h) {
+        for (int m = 0; m < NS; ++m) {
+          // Codes of block m * P, copied into the other blocks of the sketch block.
+          std::vector<uint8_t> first(static_cast<size_t>(bs) * R / 2);
+          for (auto& value : first) value = static_cast<uint8_t>(byte(rng));
+          for (int i = 0; i < per; ++i) {
+            const int64_t at = sketch.block_index(b, h, static_cast<int64_t>(m) * per + i) * bs * (R / 2);
+            std::copy(first.begin(), first.end(), sketch.codes.begin() + at);
+          }
+        }
+      }
+    }
+    // Metadata buffers with NB rows per (b, h): the first NS rows of the tensor are the sketch's,
+    // and every row (the rest too) holds distinct values.
+    const int64_t rows = static_cast<int64_t>(batch) * kv_heads * num_blocks;
+    std::vector<uint16_t> ranges(static_cast<size_t>(rows) * 2 * R), centroid(static_cast<size_t>(rows) * D);
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int r = 0; r < R; ++r) {
+        const double lo = -0.5 * static_cast<double>(row + 1) + 0.25 * r;
+        ranges[row * 2 * R + r] = test::encode_bf16_exact(test::round_to_bf16(lo));
+        ranges[row * 2 * R + R + r] = test::encode_bf16_exact(test::round_to_bf16(lo + 3.75 * (1 + (row + r) % 3)));
+      }
+      for (int d = 0; d < D; ++d) {
+        centroid[row * D + d] = test::encode_bf16_exact(test::round_to_bf16(0.75 * static_cast<double>(row) - 3.0 + d));
+      }
+    }
+    std::copy(ranges.begin(), ranges.begin() + static_cast<int64_t>(sketch.ranges.size()), sketch.ranges.begin());
+    std::copy(centroid.begin(), centroid.begin() + static_cast<int64_t>(sketch.centroid.size()), sketch.centroid.begin());
+
+    // key_proj keeps d = 0 -> r = 0 only, so q - key_proj u is nonzero and the centroid counts.
+    std::normal_distribution<double> normal(0.0, 0.5);
+    std::vector<float> key_proj(static_cast<size_t>(kv_heads) * D * R, 0.0f);
+    std::vector<float> query_proj(static_cast<size_t>(q_heads) * D * R);
+    for (int h = 0; h < kv_heads; ++h) key_proj[static_cast<size_t>(h) * D * R] = 1.0f;
+    for (auto& value : query_proj) value = static_cast<float>(normal(rng));
+    TestQuery q(DType::kFloat32, batch, q_heads, D);
+    q.fill_normal(rng, 1.0);
+
+    RadarSelectParams p = base_params(batch, q_heads, kv_heads, D, bs, num_blocks, lens);
+    attach_sketch(p, sketch, key_proj, query_proj);
+    p.sketch_ranges = ranges.data();
+    p.sketch_centroid = centroid.data();
+    p.centroid_weight = 0.5f;
+    p.q = q.data.data();
+    p.q_stride_batch = q.stride_batch;
+    p.q_stride_head = q.stride_head;
+    p.dtype = DType::kFloat32;
+    p.budget_blocks = 2;
+    SelectBuffers out(batch, q_heads, kv_heads, num_blocks);
+    out.attach(p);
+    cpu::radar_select(p);
+
+    for (int b = 0; b < batch; ++b) {
+      for (int hq = 0; hq < q_heads; ++hq) {
+        const int h = hq / G;
+        const std::vector<double> qg = q.row(b, hq);
+        const float* scores = &out.head_scores[(static_cast<size_t>(b) * q_heads + hq) * num_blocks];
+        for (int j = 0; j < test::blocks_of(lens[b], bs); ++j) {
+          const std::string where = "b=" + std::to_string(b) + " head=" + std::to_string(hq) + " block=" + std::to_string(j);
+          const int tokens = std::min(lens[b], (j + 1) * bs) - j * bs;
+          double magnitude = 0.0;
+          const double expected = test::naive_sketch_score(
+              qg, &query_proj[static_cast<size_t>(hq) * D * R], &key_proj[static_cast<size_t>(h) * D * R], sketch, b,
+              h, j, tokens, sketch.block_centroid(b, h, j).data(), p.centroid_weight, p.scale, &magnitude);
+          ASSERT_NEAR(scores[j], expected, 1e-5 * (1.0 + magnitude)) << where;
+          // A full block scores exactly like the sketch block's first block (same codes).
+          if (tokens == bs && j % per != 0) {
+            ASSERT_EQ(scores[j], scores[j - j % per]) << where;
           }
         }
       }
@@ -903,9 +1009,10 @@ TEST(CpuRadarSelect, GroupSumHandWorked) {
 TEST(CpuRadarSelect, SketchAndGroupAggValidation) {
   std::vector<int32_t> lens = {16};
   std::vector<float> scores = {0.0f}, mlo = {0.0f}, q(8, 1.0f), proj(8 * 4, 0.5f), centroid(8, 0.0f);
-  std::vector<uint8_t> codes(16 * 2, 0);
-  std::vector<uint16_t> ranges(2 * 4, 0);
-  std::vector<int32_t> selected(1), count(1);
+  // Sized for up to 8 blocks of 16 tokens, so the accepted P and num_blocks below can run.
+  std::vector<uint8_t> codes(8 * 16 * 2, 0);
+  std::vector<uint16_t> ranges(8 * 2 * 4, 0), sketch_centroid(8 * 8, 0);
+  std::vector<int32_t> selected(1), selected2(2), selected8(8), count(1);
   RadarSelectParams p = base_params(1, 1, 1, 8, 16, 1, lens);
   p.q = q.data();
   p.q_stride_batch = 8;
@@ -944,10 +1051,37 @@ TEST(CpuRadarSelect, SketchAndGroupAggValidation) {
   bad.sketch_query_proj = nullptr;
   EXPECT_NE(message_of(bad).find("sketch_query_proj"), std::string::npos) << message_of(bad);
   bad = p;
-  bad.centroid_weight = 0.5f;  // the centroid term needs the centroids
-  EXPECT_NE(message_of(bad).find("centroid"), std::string::npos) << message_of(bad);
-  bad.centroid = centroid.data();
+  bad.centroid_weight = 0.5f;  // the centroid term needs the sketch's centroids ...
+  EXPECT_NE(message_of(bad).find("needs sketch_centroid"), std::string::npos) << message_of(bad);
+  bad.centroid = centroid.data();  // ... the block statistics' do not do
+  EXPECT_NE(message_of(bad).find("needs sketch_centroid"), std::string::npos) << message_of(bad);
+  bad.centroid = nullptr;
+  bad.sketch_centroid = sketch_centroid.data();
   EXPECT_EQ(message_of(bad), "no exception");
+
+  // blocks_per_sketch: a power of two in 1..8, num_blocks a multiple of it, P * block_size <= 128.
+  for (int per : {0, -1, 3, 5, 16}) {
+    bad = p;
+    bad.blocks_per_sketch = per;
+    EXPECT_NE(message_of(bad).find("blocks_per_sketch " + std::to_string(per) + " (allowed: a power of two, 1..8)"),
+              std::string::npos)
+        << message_of(bad);
+  }
+  bad = p;
+  bad.blocks_per_sketch = 2;  // num_blocks is 1
+  EXPECT_NE(message_of(bad).find("num_blocks 1 is not a multiple of blocks_per_sketch 2"), std::string::npos)
+      << message_of(bad);
+  bad.num_blocks = 2;
+  bad.selected = selected2.data();
+  EXPECT_EQ(message_of(bad), "no exception");
+  bad = p;
+  bad.blocks_per_sketch = 8;  // 8 * 16 = 128: allowed; num_blocks 8 then
+  bad.num_blocks = 8;
+  bad.selected = selected8.data();
+  EXPECT_EQ(message_of(bad), "no exception");
+  bad.block_size = 32;  // 256 tokens per sketch block
+  EXPECT_NE(message_of(bad).find("block_size 32 * blocks_per_sketch 8 exceeds 128"), std::string::npos)
+      << message_of(bad);
   bad = p;
   bad.group_agg = static_cast<GroupAgg>(7);
   EXPECT_NE(message_of(bad).find("group_agg value 7"), std::string::npos) << message_of(bad);

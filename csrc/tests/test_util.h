@@ -353,15 +353,17 @@ struct TestQuery {
   }
 };
 
-// Random lengths in [0, max_len] with the edge cases forced in when the batch allows.
+// Random lengths in [0, max_len] with the edge cases forced in when the batch allows; extra_edges
+// (clamped to [0, max_len]) are forced in after the five standard ones.
 inline std::vector<int32_t> mixed_lengths(int batch, int32_t max_len, int block_size,
-                                          std::mt19937_64& rng) {
+                                          std::mt19937_64& rng, const std::vector<int32_t>& extra_edges = {}) {
   std::uniform_int_distribution<int32_t> any_len(0, max_len);
   std::vector<int32_t> lens(static_cast<size_t>(batch));
   for (auto& len : lens) len = any_len(rng);
-  const int32_t edges[] = {max_len, 0, 1, std::min(max_len, block_size),
-                           std::min(max_len, block_size + 1)};
-  for (int b = 0; b < batch && b < 5; ++b) lens[b] = edges[b];
+  std::vector<int32_t> edges = {max_len, 0, 1, std::min(max_len, block_size),
+                                std::min(max_len, block_size + 1)};
+  for (int32_t edge : extra_edges) edges.push_back(std::clamp(edge, 0, max_len));
+  for (int b = 0; b < batch && b < static_cast<int>(edges.size()); ++b) lens[b] = edges[b];
   std::shuffle(lens.begin(), lens.end(), rng);
   return lens;
 }
@@ -643,32 +645,66 @@ inline double naive_attention(const std::vector<double>& q, double scale, const 
 // ---------------------------------------------------------------------------------------------
 // Key sketch (KeySketchParams) and qsketch scores, written from the text of params.h.
 
-// Packed codes [B, H, NB, bs, R/2] and bfloat16 ranges [B, H, NB, 2, R] as the kernels write them.
+// Packed codes [B, H, NB, bs, R/2], bfloat16 ranges [B, H, NB/P, 2, R] and bfloat16 centroid
+// [B, H, NB/P, D] as the kernels write them (P = blocks_per_sketch blocks share one sketch
+// block's ranges and centroid). head_dim = 0 leaves the centroid empty (centroid_data() is then
+// null), for callers that do not pass one.
 struct SketchBuffers {
-  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, rank = 0;
+  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, rank = 0, head_dim = 0, blocks_per_sketch = 1;
   std::vector<uint8_t> codes;
   std::vector<uint16_t> ranges;
+  std::vector<uint16_t> centroid;
 
-  SketchBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int rank_)
-      : batch(batch_), heads(heads_), num_blocks(num_blocks_), block_size(block_size_), rank(rank_) {
+  SketchBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int rank_, int head_dim_ = 0,
+                int blocks_per_sketch_ = 1)
+      : batch(batch_),
+        heads(heads_),
+        num_blocks(num_blocks_),
+        block_size(block_size_),
+        rank(rank_),
+        head_dim(head_dim_),
+        blocks_per_sketch(blocks_per_sketch_) {
     const size_t blocks = static_cast<size_t>(batch) * heads * num_blocks;
+    const size_t sketches = static_cast<size_t>(batch) * heads * num_sketches();
     codes.assign(blocks * block_size * (rank / 2), 0);
-    ranges.assign(blocks * 2 * rank, 0);
+    ranges.assign(sketches * 2 * rank, 0);
+    centroid.assign(sketches * head_dim, 0);
   }
 
-  // 0xAB bytes: code 11/10 and range 0xABAB (a finite bfloat16), so an unwritten element is
-  // not mistaken for the zeros a full build writes.
+  // 0xAB bytes: code 11/10 and range/centroid 0xABAB (a finite bfloat16), so an unwritten
+  // element is not mistaken for the zeros a full build writes.
   void poison() {
     std::fill(codes.begin(), codes.end(), static_cast<uint8_t>(0xAB));
     std::fill(ranges.begin(), ranges.end(), static_cast<uint16_t>(0xABAB));
+    std::fill(centroid.begin(), centroid.end(), static_cast<uint16_t>(0xABAB));
   }
 
+  uint16_t* centroid_data() { return centroid.empty() ? nullptr : centroid.data(); }
+  const uint16_t* centroid_data() const { return centroid.empty() ? nullptr : centroid.data(); }
+
+  int num_sketches() const { return num_blocks / blocks_per_sketch; }
   int64_t block_index(int64_t b, int64_t h, int64_t j) const { return (b * heads + h) * num_blocks + j; }
+  int64_t sketch_index(int64_t b, int64_t h, int64_t m) const { return (b * heads + h) * num_sketches() + m; }
   const uint8_t* block_codes(int64_t b, int64_t h, int64_t j) const {
     return &codes[static_cast<size_t>(block_index(b, h, j)) * block_size * (rank / 2)];
   }
+  // Ranges (lo row, then hi row) and centroid of sketch block m.
+  const uint16_t* sketch_ranges(int64_t b, int64_t h, int64_t m) const {
+    return &ranges[static_cast<size_t>(sketch_index(b, h, m)) * 2 * rank];
+  }
+  const uint16_t* sketch_centroid(int64_t b, int64_t h, int64_t m) const {
+    return &centroid[static_cast<size_t>(sketch_index(b, h, m)) * head_dim];
+  }
+  // The ranges block j is scored with: those of its sketch block j / P.
   const uint16_t* block_ranges(int64_t b, int64_t h, int64_t j) const {
-    return &ranges[static_cast<size_t>(block_index(b, h, j)) * 2 * rank];
+    return sketch_ranges(b, h, j / blocks_per_sketch);
+  }
+  // The centroid of block j's sketch block, widened to float32 (exact).
+  std::vector<float> block_centroid(int64_t b, int64_t h, int64_t j) const {
+    const uint16_t* bits = sketch_centroid(b, h, j / blocks_per_sketch);
+    std::vector<float> values(static_cast<size_t>(head_dim));
+    for (int d = 0; d < head_dim; ++d) values[d] = static_cast<float>(decode_bf16(bits[d]));
+    return values;
   }
   // Code of coefficient r of token t of the block (unpacked: 2i low nibble, 2i + 1 high nibble).
   int code(int64_t b, int64_t h, int64_t j, int t, int r) const {
@@ -718,21 +754,37 @@ inline std::vector<double> sketch_coefficients(const TestKV& k, const std::vecto
   return x;
 }
 
+// The sketch centroid of tokens [t0, t1) of (b, h) as params.h defines it: the float32 sum of
+// the keys in token order from 0, divided by the count in float32, rounded to bfloat16 (ties to
+// even, by round_to_bf16, not by the kernels' bit manipulation).
+inline std::vector<uint16_t> naive_sketch_centroid(const TestKV& k, int b, int h, int t0, int t1) {
+  std::vector<uint16_t> bits(static_cast<size_t>(k.head_dim), 0);
+  if (t1 <= t0) return bits;
+  for (int d = 0; d < k.head_dim; ++d) {
+    float sum = 0.0f;
+    for (int t = t0; t < t1; ++t) sum += static_cast<float>(k.at(b, h, t, d));
+    bits[d] = encode_bf16_exact(round_to_bf16(sum / static_cast<float>(t1 - t0)));
+  }
+  return bits;
+}
+
 // The full-build sketch of the keys in double-precision coefficients: exact when the
 // coefficients are (small-integer keys, power-of-two projections), the expected bytes then.
+// Ranges and codes are taken over each sketch block of blocks_per_sketch blocks.
 inline SketchBuffers naive_key_sketch(const TestKV& k, const std::vector<float>& key_proj, int rank,
-                                      const std::vector<int32_t>& seq_lens) {
-  const int bs = k.block_size, bytes = rank / 2;
-  SketchBuffers out(k.batch, k.heads, k.num_blocks, bs, rank);
+                                      const std::vector<int32_t>& seq_lens, int blocks_per_sketch = 1) {
+  const int bs = k.block_size, bytes = rank / 2, sb = bs * blocks_per_sketch;
+  SketchBuffers out(k.batch, k.heads, k.num_blocks, bs, rank, k.head_dim, blocks_per_sketch);
   for (int b = 0; b < k.batch; ++b) {
     const int32_t len = seq_lens[b];
     for (int h = 0; h < k.heads; ++h) {
-      for (int j = 0; j < blocks_of(len, bs); ++j) {
-        const int t0 = j * bs, n = std::min(len, (j + 1) * bs) - t0;
+      for (int m = 0; m < blocks_of(len, sb); ++m) {
+        const int t0 = m * sb, n = std::min(len, (m + 1) * sb) - t0;
         std::vector<std::vector<double>> x;
         for (int t = 0; t < n; ++t) x.push_back(sketch_coefficients(k, key_proj, rank, b, h, t0 + t));
-        uint16_t* ranges = &out.ranges[static_cast<size_t>(out.block_index(b, h, j)) * 2 * rank];
-        uint8_t* codes = &out.codes[static_cast<size_t>(out.block_index(b, h, j)) * bs * bytes];
+        uint16_t* ranges = &out.ranges[static_cast<size_t>(out.sketch_index(b, h, m)) * 2 * rank];
+        // Token t of the sketch block is slot t % bs of block m * P + t / bs: contiguous bytes.
+        uint8_t* codes = &out.codes[static_cast<size_t>(out.block_index(b, h, static_cast<int64_t>(m) * blocks_per_sketch)) * bs * bytes];
         for (int r = 0; r < rank; ++r) {
           double low = kInf, high = -kInf;
           for (int t = 0; t < n; ++t) {
@@ -749,6 +801,8 @@ inline SketchBuffers naive_key_sketch(const TestKV& k, const std::vector<float>&
             codes[t * bytes + r / 2] = static_cast<uint8_t>(codes[t * bytes + r / 2] | (code << (4 * (r % 2))));
           }
         }
+        const std::vector<uint16_t> mean = naive_sketch_centroid(k, b, h, t0, t0 + n);
+        std::copy(mean.begin(), mean.end(), out.centroid.begin() + out.sketch_index(b, h, m) * k.head_dim);
       }
     }
   }
@@ -758,7 +812,9 @@ inline SketchBuffers naive_key_sketch(const TestKV& k, const std::vector<float>&
 // qsketch score of one block for query head q (double) of KV head h, from a sketch as the
 // kernels wrote it: the log-sum-exp over the block's n valid tokens of
 //   scale * (u . (lo + code step) + a (q - key_proj_h u) . centroid),  u = query_proj_g^T q,
-// all in double. `magnitude` receives a sum of |terms| bounding the float32 rounding error.
+// all in double, with lo and step of block j's sketch block (sketch.block_ranges) and `centroid`
+// the caller's (normally sketch.block_centroid(b, h, j); read only when weight != 0).
+// `magnitude` receives a sum of |terms| bounding the float32 rounding error.
 inline double naive_sketch_score(const std::vector<double>& q, const float* query_proj_g, const float* key_proj_h,
                                  const SketchBuffers& sketch, int b, int h, int j, int n,
                                  const float* centroid, double weight, double scale, double* magnitude) {

@@ -295,25 +295,54 @@ void check_key_proj(const Tensor& key_proj, int64_t kv_heads, int64_t head_dim, 
   check_same_device(key_proj, ref, "key_proj");
 }
 
-// codes uint8 [B, Hkv, NB, bs, R/2] and ranges bfloat16 [B, Hkv, NB, 2, R].
-void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch, int64_t kv_heads,
-                          int64_t num_blocks, int64_t block_size, int64_t rank, const Tensor& ref) {
+// P = blocks_per_sketch: blocks sharing one set of ranges and one centroid.
+void check_blocks_per_sketch(int64_t per, int64_t block_size) {
+  AETHER_CHECK(per >= 1 && per <= aether::kMaxBlocksPerSketch && (per & (per - 1)) == 0,
+               "aether: blocks_per_sketch must be 1, 2, 4 or 8, got ", per);
+  AETHER_CHECK(per * block_size <= 128, "aether: a sketch block (blocks_per_sketch * block_size = ", per, " * ",
+               block_size, ") must hold at most 128 tokens");
+}
+
+// P of existing sketch tensors: codes hold NB blocks, ranges NB / P sketch blocks.
+int64_t sketch_blocks_per_range(const Tensor& codes, const Tensor& ranges, int64_t block_size) {
+  AETHER_CHECK(codes.dim() == 5 && ranges.dim() == 5, "aether: sketch codes and ranges must be 5-D, got ",
+               codes.dim(), "-D and ", ranges.dim(), "-D");
+  const int64_t nb = codes.size(2), ns = ranges.size(2);
+  AETHER_CHECK((ns == 0 && nb == 0) || (ns > 0 && nb % ns == 0), "aether: the sketch codes hold ", nb,
+               " blocks but its ranges ", ns, " sketch blocks (must divide)");
+  const int64_t per = ns == 0 ? 1 : nb / ns;
+  check_blocks_per_sketch(per, block_size);
+  return per;
+}
+
+// codes uint8 [B, Hkv, NB, bs, R/2], ranges bfloat16 [B, Hkv, NB/P, 2, R], centroid bfloat16
+// [B, Hkv, NB/P, D].
+void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, const Tensor& centroid, int64_t batch,
+                          int64_t kv_heads, int64_t num_blocks, int64_t block_size, int64_t per, int64_t rank,
+                          int64_t head_dim, const Tensor& ref) {
   const std::vector<int64_t> code_shape = {batch, kv_heads, num_blocks, block_size, rank / 2};
-  const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks, 2, rank};
+  const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks / per, 2, rank};
+  const std::vector<int64_t> centroid_shape = {batch, kv_heads, num_blocks / per, head_dim};
   AETHER_CHECK_TYPE(codes.scalar_type() == at::kByte, "aether: sketch codes must be uint8, got ", codes.scalar_type());
   AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: sketch ranges must be bfloat16, got ",
                     ranges.scalar_type());
+  AETHER_CHECK_TYPE(centroid.scalar_type() == at::kBFloat16, "aether: sketch centroid must be bfloat16, got ",
+                    centroid.scalar_type());
   AETHER_CHECK(codes.sizes() == at::IntArrayRef(code_shape) && codes.is_contiguous(),
                "aether: sketch codes must be contiguous ", at::IntArrayRef(code_shape), ", got ", codes.sizes());
   AETHER_CHECK(ranges.sizes() == at::IntArrayRef(range_shape) && ranges.is_contiguous(),
                "aether: sketch ranges must be contiguous ", at::IntArrayRef(range_shape), ", got ", ranges.sizes());
+  AETHER_CHECK(centroid.sizes() == at::IntArrayRef(centroid_shape) && centroid.is_contiguous(),
+               "aether: sketch centroid must be contiguous ", at::IntArrayRef(centroid_shape), ", got ",
+               centroid.sizes());
   check_same_device(codes, ref, "sketch codes");
   check_same_device(ranges, ref, "sketch ranges");
+  check_same_device(centroid, ref, "sketch centroid");
 }
 
 aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
                                       int64_t block_size, const OptTensor& block_table, const Tensor& codes,
-                                      const Tensor& ranges) {
+                                      const Tensor& ranges, const Tensor& centroid) {
   check_block_size(block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
   check_head_dim(c.head_dim, k.is_cuda());
@@ -325,7 +354,8 @@ aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, c
   const int64_t num_blocks = codes.size(2);
   AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the sketch holds ", num_blocks, " blocks of ",
                block_size, " tokens but the cache has ", c.capacity, " slots");
-  check_sketch_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, rank, k);
+  const int64_t per = sketch_blocks_per_range(codes, ranges, block_size);
+  check_sketch_tensors(codes, ranges, centroid, c.batch, c.kv_heads, num_blocks, block_size, per, rank, c.head_dim, k);
 
   aether::KeySketchParams p;
   p.k = kv_layout(k, block_table);
@@ -337,9 +367,11 @@ aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, c
   p.head_dim = to_i32(c.head_dim, "head_dim");
   p.block_size = to_i32(block_size, "block_size");
   p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.blocks_per_sketch = to_i32(per, "blocks_per_sketch");
   p.rank = to_i32(rank, "rank");
   p.sketch.codes = codes.data_ptr<uint8_t>();
   p.sketch.ranges = reinterpret_cast<uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.sketch.centroid = reinterpret_cast<uint16_t*>(centroid.data_ptr<at::BFloat16>());
   return p;
 }
 
@@ -356,24 +388,31 @@ void run_key_sketch(const aether::KeySketchParams& p, const Tensor& k) {
   aether::cpu::key_sketch(p);
 }
 
-std::tuple<Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
-                                      int64_t block_size, int64_t num_blocks, const OptTensor& block_table) {
+std::tuple<Tensor, Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
+                                              int64_t block_size, int64_t num_blocks, const OptTensor& block_table,
+                                              int64_t blocks_per_sketch) {
   check_block_size(block_size);
+  check_blocks_per_sketch(blocks_per_sketch, block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
-  AETHER_CHECK(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
+  AETHER_CHECK(num_blocks >= 0 && num_blocks % blocks_per_sketch == 0,
+               "aether: num_blocks must be >= 0 and a multiple of blocks_per_sketch (", blocks_per_sketch, "), got ",
+               num_blocks);
   check_key_proj(key_proj, c.kv_heads, c.head_dim, k);
   const int64_t rank = key_proj.size(2);
+  const int64_t sketch_blocks = num_blocks / blocks_per_sketch;
   Tensor codes = at::empty({c.batch, c.kv_heads, num_blocks, block_size, rank / 2}, k.options().dtype(at::kByte));
-  Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks, 2, rank}, k.options().dtype(at::kBFloat16));
-  if (codes.numel() == 0) return {codes, ranges};
-  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges), k);
-  return {codes, ranges};
+  Tensor ranges = at::empty({c.batch, c.kv_heads, sketch_blocks, 2, rank}, k.options().dtype(at::kBFloat16));
+  Tensor centroid = at::empty({c.batch, c.kv_heads, sketch_blocks, c.head_dim}, k.options().dtype(at::kBFloat16));
+  if (codes.numel() == 0) return {codes, ranges, centroid};
+  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid), k);
+  return {codes, ranges, centroid};
 }
 
 void key_sketch_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, const Tensor& key_proj,
-                       int64_t block_size, const OptTensor& block_table, Tensor& codes, Tensor& ranges) {
+                       int64_t block_size, const OptTensor& block_table, Tensor& codes, Tensor& ranges,
+                       Tensor& centroid) {
   if (codes.numel() == 0) return;
-  aether::KeySketchParams p = sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges);
+  aether::KeySketchParams p = sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
   run_key_sketch(p, k);
@@ -397,18 +436,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks, bool return_scores,
     const OptTensor& head_scores, const OptTensor& head_mlo, const std::string& group_agg,
     const OptTensor& sketch_codes, const OptTensor& sketch_ranges, const OptTensor& sketch_key_proj,
-    const OptTensor& sketch_query_proj, double centroid_weight) {
+    const OptTensor& sketch_query_proj, double centroid_weight, const OptTensor& sketch_centroid) {
   check_block_size(block_size);
   const aether::Score parsed_score = parse_score(score);
   const bool sketch = parsed_score == aether::Score::kSketch;
-  const bool reads_centroid = !sketch || centroid_weight != 0.0;
   CacheShape c;
   if (sketch) {
-    // The sketch gives the shape; of the statistics only the centroid is read, and only when
-    // centroid_weight != 0 (the others may be empty placeholders).
-    AETHER_CHECK(sketch_codes.has_value() && sketch_ranges.has_value() && sketch_key_proj.has_value() &&
-                     sketch_query_proj.has_value(),
-                 "aether: score 'qsketch' needs sketch_codes, sketch_ranges, sketch_key_proj and sketch_query_proj");
+    // The sketch gives the shape; the statistics are not read (they may be empty placeholders).
+    AETHER_CHECK(sketch_codes.has_value() && sketch_ranges.has_value() && sketch_centroid.has_value() &&
+                     sketch_key_proj.has_value() && sketch_query_proj.has_value(),
+                 "aether: score 'qsketch' needs sketch_codes, sketch_ranges, sketch_centroid, sketch_key_proj and "
+                 "sketch_query_proj");
     AETHER_CHECK(sketch_codes->dim() == 5, "aether: sketch codes must be 5-D [batch, kv_heads, num_blocks, "
                  "block_size, rank/2]");
     AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
@@ -422,8 +460,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   check_query(q, c.batch, c.kv_heads, c.head_dim);
   check_head_dim(c.head_dim, q.is_cuda());
   to_dtype(q, "q");
-  if (reads_centroid) check_stats_tensor(centroid, c, num_blocks, true, q, "centroid");
   if (!sketch) {
+    check_stats_tensor(centroid, c, num_blocks, true, q, "centroid");
     check_stats_tensor(lo, c, num_blocks, true, q, "lo");
     check_stats_tensor(hi, c, num_blocks, true, q, "hi");
     check_stats_tensor(radius, c, num_blocks, false, q, "radius");
@@ -445,8 +483,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.q_stride_batch = q.stride(0);
   p.q_stride_head = q.stride(1);
   p.dtype = to_dtype(q, "q");
-  if (reads_centroid) p.centroid = centroid.data_ptr<float>();
   if (!sketch) {
+    p.centroid = centroid.data_ptr<float>();
     p.lo = lo.data_ptr<float>();
     p.hi = hi.data_ptr<float>();
     p.radius = radius.data_ptr<float>();
@@ -454,7 +492,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   } else {
     check_key_proj(*sketch_key_proj, c.kv_heads, c.head_dim, q);
     const int64_t rank = sketch_key_proj->size(2);
-    check_sketch_tensors(*sketch_codes, *sketch_ranges, c.batch, c.kv_heads, num_blocks, block_size, rank, q);
+    const int64_t per = sketch_blocks_per_range(*sketch_codes, *sketch_ranges, block_size);
+    check_sketch_tensors(*sketch_codes, *sketch_ranges, *sketch_centroid, c.batch, c.kv_heads, num_blocks, block_size,
+                         per, rank, c.head_dim, q);
     const Tensor& qp = *sketch_query_proj;
     AETHER_CHECK_TYPE(qp.scalar_type() == at::kFloat, "aether: query_proj must be float32, got ", qp.scalar_type());
     AETHER_CHECK(qp.dim() == 3 && qp.size(0) == q.size(1) && qp.size(1) == c.head_dim && qp.size(2) == rank &&
@@ -464,6 +504,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     check_same_device(qp, q, "query_proj");
     p.sketch_codes = sketch_codes->data_ptr<uint8_t>();
     p.sketch_ranges = reinterpret_cast<const uint16_t*>(sketch_ranges->data_ptr<at::BFloat16>());
+    p.sketch_centroid = reinterpret_cast<const uint16_t*>(sketch_centroid->data_ptr<at::BFloat16>());
+    p.blocks_per_sketch = to_i32(per, "blocks_per_sketch");
     p.sketch_key_proj = sketch_key_proj->data_ptr<float>();
     p.sketch_query_proj = qp.data_ptr<float>();
     p.sketch_rank = to_i32(rank, "rank");
@@ -719,14 +761,14 @@ TORCH_LIBRARY(aether, m) {
       "float budget_fraction, float eps, float mass, int min_blocks, int max_blocks, int sink_blocks, "
       "int recent_blocks, bool return_scores=False, Tensor? head_scores=None, Tensor? head_mlo=None, "
       "str group_agg='max', Tensor? sketch_codes=None, Tensor? sketch_ranges=None, Tensor? sketch_key_proj=None, "
-      "Tensor? sketch_query_proj=None, float centroid_weight=0.0) -> "
+      "Tensor? sketch_query_proj=None, float centroid_weight=0.0, Tensor? sketch_centroid=None) -> "
       "(Tensor selected, Tensor num_selected, Tensor head_scores_out, Tensor head_mlo_out)");
   m.def(
       "key_sketch(Tensor k, Tensor seq_lens, Tensor key_proj, int block_size, int num_blocks, "
-      "Tensor? block_table=None) -> (Tensor codes, Tensor ranges)");
+      "Tensor? block_table=None, int blocks_per_sketch=1) -> (Tensor codes, Tensor ranges, Tensor centroid)");
   m.def(
       "key_sketch_update(Tensor k, Tensor seq_lens, Tensor first_block, Tensor key_proj, int block_size, "
-      "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges) -> ()");
+      "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid) -> ()");
   m.def(
       "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
       "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "

@@ -79,17 +79,29 @@ struct BlockStatsParams {
   BlockStatsTensors stats;
 };
 
-// key_sketch: the token-level key sketch read by Score::kSketch. For token t of (b, h), its R
-// coefficients x_tr = sum_d key_proj[h, d, r] * k_td (float32) are quantised per (block,
-// coefficient) over the block's valid tokens: lo_r = bf16(min_t x_tr), hi_r = bf16(max_t x_tr)
-// (round to nearest even), step_r = (hi_r - lo_r) / 15 in float32, code_tr = step_r > 0 ?
-// clamp(rint((x_tr - lo_r) / step_r), 0, 15) : 0. Invalid tokens get code 0, empty blocks zero
-// ranges. Byte i of a token holds coefficient 2i in bits 0-3 and 2i+1 in bits 4-7. Blocks are
-// written as in BlockStatsParams (first_block: append; nullptr: full build, zeros past the end).
+// key_sketch: the token-level key sketch read by Score::kSketch. Its metadata (ranges and
+// centroid) belongs to a *sketch block* of P = blocks_per_sketch consecutive blocks (P * block_size
+// tokens): the block size is the granularity of selection and decoding, the sketch block that of
+// the metadata, so P = 2 selects 32-token blocks for the metadata bytes of 64-token ones. For
+// token t of (b, h), its R coefficients x_tr = sum_d key_proj[h, d, r] * k_td (float32) are
+// quantised per (sketch block, coefficient) over the sketch block's valid tokens:
+// lo_r = bf16(min_t x_tr), hi_r = bf16(max_t x_tr) (round to nearest even),
+// step_r = (hi_r - lo_r) / 15 in float32, code_tr = step_r > 0 ?
+// clamp(rint((x_tr - lo_r) / step_r), 0, 15) : 0. The centroid is bf16(mean of the sketch block's
+// valid keys) (sum in float32, in token order, divided by the count; round to nearest even).
+// Invalid tokens get code 0, empty sketch blocks zero ranges and a zero centroid. Byte i of a
+// token holds coefficient 2i in bits 0-3 and 2i+1 in bits 4-7. A sketch block is always rebuilt
+// from all of its tokens; first_block (append) names a block, and the sketch blocks from the one
+// that holds it to the last valid one are rebuilt; first_block == nullptr is a full build that
+// writes zeros past the end. num_blocks (the capacity in blocks) is a multiple of P.
 struct KeySketchTensors {
-  uint8_t* codes = nullptr;    // [B, Hkv, NB, block_size, R / 2]
-  uint16_t* ranges = nullptr;  // [B, Hkv, NB, 2, R] bfloat16 bit patterns: lo (row 0), hi (row 1)
+  uint8_t* codes = nullptr;       // [B, Hkv, NB, block_size, R / 2]
+  uint16_t* ranges = nullptr;     // [B, Hkv, NB / P, 2, R] bfloat16 bit patterns: lo (row 0), hi (row 1)
+  uint16_t* centroid = nullptr;   // [B, Hkv, NB / P, D] bfloat16 bit patterns
 };
+
+// P = blocks_per_sketch: a power of two, 1..kMaxBlocksPerSketch, with P * block_size <= 128.
+constexpr int kMaxBlocksPerSketch = 8;
 
 struct KeySketchParams {
   KVLayout k;
@@ -100,8 +112,9 @@ struct KeySketchParams {
   int32_t batch = 0;
   int32_t kv_heads = 0;
   int32_t head_dim = 0;
-  int32_t block_size = 0;
-  int32_t num_blocks = 0;
+  int32_t block_size = 0;        // tokens per block (the page size when paged)
+  int32_t num_blocks = 0;        // NB, a multiple of blocks_per_sketch
+  int32_t blocks_per_sketch = 1; // P
   int32_t rank = 0;  // R, even, 2..kMaxSketchRank
   KeySketchTensors sketch;
 };
@@ -125,15 +138,19 @@ struct RadarSelectParams {
   const float* hi = nullptr;
   const float* radius = nullptr;
   const float* spread = nullptr;
-  // Score::kSketch: query head g (KV head h = g / G) scores valid token t of block j as
-  //   s * (sum_r u_gr (lo_jr + code_tr step_jr) + a * (q_g - key_proj_h u_g) . centroid_j),
-  //   u_g = query_proj_g^T q_g, a = centroid_weight (centroid is read only when a != 0),
+  // Score::kSketch: query head g (KV head h = g / G) scores valid token t of block j, in sketch
+  // block m = j / P, as
+  //   s * (sum_r u_gr (lo_mr + code_tr step_mr) + a * (q_g - key_proj_h u_g) . c_m),
+  //   u_g = query_proj_g^T q_g, a = centroid_weight, c_m the sketch's bf16 centroid (read only
+  //   when a != 0; the block statistics are not read),
   // and the block as the natural log-sum-exp of its valid tokens' logits.
   const uint8_t* sketch_codes = nullptr;        // [B, Hkv, NB, block_size, R / 2]
-  const uint16_t* sketch_ranges = nullptr;      // [B, Hkv, NB, 2, R] bfloat16 bits
+  const uint16_t* sketch_ranges = nullptr;      // [B, Hkv, NB / P, 2, R] bfloat16 bits
+  const uint16_t* sketch_centroid = nullptr;    // [B, Hkv, NB / P, D] bfloat16 bits
   const float* sketch_key_proj = nullptr;       // [Hkv, D, R]
   const float* sketch_query_proj = nullptr;     // [Hq, D, R]
   int32_t sketch_rank = 0;
+  int32_t blocks_per_sketch = 1;                // P; num_blocks is a multiple of it
   float centroid_weight = 0.0f;
   const int32_t* seq_lens = nullptr;
   int32_t batch = 0;

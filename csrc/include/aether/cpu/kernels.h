@@ -2,7 +2,9 @@
 //
 // The callers (csrc/torch/, the GoogleTest binary) validate shapes; these functions trust the
 // Params and throw std::invalid_argument only for a value they cannot dispatch (dtype, enum, a
-// sketch rank outside 2..kMaxSketchRank) or a pointer the chosen mode needs that is null.
+// sketch rank outside 2..kMaxSketchRank, a blocks_per_sketch that is not a power of two up to 8 or
+// whose sketch block exceeds 128 tokens or does not divide num_blocks) or a pointer the chosen
+// mode needs that is null (e.g. the sketch centroid).
 #pragma once
 
 #include "aether/params.h"
