@@ -35,8 +35,16 @@ cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream) {
   nvtx3::scoped_range range{"aether::key_sketch"};
   if (params.batch < 0 || params.kv_heads < 0 || params.num_blocks < 0) return cudaErrorInvalidValue;
   if (params.block_size <= 0 || params.block_size > kMaxSketchBlockSize) return cudaErrorInvalidValue;
+  // P = blocks_per_sketch: a power of two in 1..kMaxBlocksPerSketch dividing num_blocks, and a
+  // sketch block of P * block_size tokens fits the kernel's shared buffers.
+  const int per = params.blocks_per_sketch;
+  if (per < 1 || per > kMaxBlocksPerSketch || (per & (per - 1)) != 0 || params.num_blocks % per != 0 ||
+      params.block_size * per > kMaxSketchBlockSize) {
+    return cudaErrorInvalidValue;
+  }
   if (params.rank < 2 || params.rank > kMaxSketchRank || params.rank % 2 != 0) return cudaErrorInvalidValue;
-  if (params.key_proj == nullptr || params.sketch.codes == nullptr || params.sketch.ranges == nullptr) {
+  if (params.key_proj == nullptr || params.sketch.codes == nullptr || params.sketch.ranges == nullptr ||
+      params.sketch.centroid == nullptr) {
     return cudaErrorInvalidValue;
   }
   if (params.k.block_table != nullptr && params.k.page_size != params.block_size) return cudaErrorInvalidValue;

@@ -30,14 +30,25 @@ cudaError_t validate(const RadarSelectParams& p) {
       if (p.sketch_rank != 2 && p.sketch_rank != 4 && p.sketch_rank != 8 && p.sketch_rank != 16) {
         return cudaErrorInvalidValue;
       }
-      if (p.block_size > kMaxSketchBlockSize) return cudaErrorInvalidValue;
+      // P = blocks_per_sketch: a power of two in 1..kMaxBlocksPerSketch dividing num_blocks, and a
+      // sketch block of P * block_size tokens fits the kernels' buffers.
+      if (p.blocks_per_sketch < 1 || p.blocks_per_sketch > kMaxBlocksPerSketch ||
+          (p.blocks_per_sketch & (p.blocks_per_sketch - 1)) != 0 || p.num_blocks % p.blocks_per_sketch != 0 ||
+          p.block_size * p.blocks_per_sketch > kMaxSketchBlockSize) {
+        return cudaErrorInvalidValue;
+      }
       if (p.sketch_codes == nullptr || p.sketch_ranges == nullptr || p.sketch_key_proj == nullptr ||
           p.sketch_query_proj == nullptr) {
         return cudaErrorInvalidValue;
       }
-      if (p.centroid_weight != 0.0f && p.centroid == nullptr) return cudaErrorInvalidValue;
-      // Codes are read as 16-byte vectors, centroids as float4.
+      // The bf16 sketch centroids (not the float32 block statistics) are read when a != 0.
+      if (p.centroid_weight != 0.0f && p.sketch_centroid == nullptr) return cudaErrorInvalidValue;
+      // Codes and centroids are read as 16-byte vectors, ranges as 32-bit words.
       if (reinterpret_cast<uintptr_t>(p.sketch_codes) % 16 != 0) return cudaErrorInvalidValue;
+      if (p.centroid_weight != 0.0f && reinterpret_cast<uintptr_t>(p.sketch_centroid) % 16 != 0) {
+        return cudaErrorInvalidValue;
+      }
+      if (reinterpret_cast<uintptr_t>(p.sketch_ranges) % 4 != 0) return cudaErrorInvalidValue;
       break;
     default: return cudaErrorInvalidValue;
   }

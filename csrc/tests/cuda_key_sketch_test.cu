@@ -1,16 +1,19 @@
 // aether::cuda::key_sketch and the CUDA qsketch score (radar_select with Score::kSketch) against
-// the CPU kernels as oracle.
+// the CPU kernels as oracle, for sketch blocks of P = blocks_per_sketch = 1, 2, 4, 8 blocks.
 //
 // Build: the CUDA coefficients are fmaf chains, the CPU's separate multiply-adds, so the two
 // sketches are not bit-identical. What is guaranteed (and checked) is that every CUDA range is
-// the bfloat16 rounding of a value within float32 error of the exact min / max, and every CUDA
-// code is rint((x - lo) / step) of its own range up to that error; against the CPU, ranges and
-// codes agree almost everywhere and codes under equal ranges differ by at most one level.
-// An append (first_block) is bit-identical to a full build and writes only its blocks.
+// the bfloat16 rounding of a value within float32 error of the exact min / max over its sketch
+// block, and every CUDA code is rint((x - lo) / step) of its own range up to that error; against
+// the CPU, ranges and codes agree almost everywhere and codes under equal ranges differ by at most
+// one level. The bf16 centroid is summed in token order by both backends: bit-identical to the
+// CPU's and to a host sum in the same order. An append (first_block names a block; its sketch
+// block is rebuilt whole) is bit-identical to a full build and writes only its sketch blocks.
 // Score: both backends score the same (CPU-built) sketch; per-head scores agree within float32
 // rounding, -inf exactly past the end, and the CUDA selection is the CPU's selection given the
-// CUDA scores. Large logits force the kernel's underflow fallback; constant blocks have step 0.
-// Outputs are poisoned before every call.
+// CUDA scores. Large logits force the kernel's underflow fallback; constant sketch blocks have
+// step 0. Outputs are poisoned before every call; the float32 block centroids are never passed,
+// so a kernel that still read them would fault.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -34,7 +37,6 @@ using test::DeviceBytes;
 using test::has_cuda_device;
 using test::KVKind;
 using test::SketchBuffers;
-using test::StatsBuffers;
 using test::TestKV;
 using test::TestQuery;
 
@@ -49,8 +51,39 @@ std::vector<float> random_proj(int rows, int head_dim, int rank, std::mt19937_64
   return proj;
 }
 
+// Lengths with the usual edges (max_len, 0, 1, bs, bs + 1) and those of a sketch block of sb =
+// P * bs tokens (sb - 1, sb, sb + 1, sb + bs + 3: a partial last sketch block), then random ones.
+std::vector<int32_t> sketch_lengths(int batch, int32_t max_len, int bs, int sb, std::mt19937_64& rng) {
+  std::vector<int32_t> lens = test::mixed_lengths(std::min(batch, 5), max_len, bs, rng);
+  for (int32_t edge : {sb - 1, sb, sb + 1, sb + bs + 3}) {
+    if (static_cast<int>(lens.size()) < batch) lens.push_back(std::clamp<int32_t>(edge, 0, max_len));
+  }
+  std::uniform_int_distribution<int32_t> any_len(0, max_len);
+  while (static_cast<int>(lens.size()) < batch) lens.push_back(any_len(rng));
+  std::shuffle(lens.begin(), lens.end(), rng);
+  return lens;
+}
+
+// Capacity in blocks: the sketch blocks covering max_len and `spare` more (zero-filled), times P.
+int sketch_capacity(int32_t max_len, int bs, int per, int spare) {
+  return (test::blocks_of(max_len, bs * per) + spare) * per;
+}
+
+// The sketch centroid of tokens [t0, t0 + n) of (b, h) from the text of params.h: float32 sum in
+// token order from 0, float32 division by the count, bfloat16 round to nearest even.
+std::vector<uint16_t> host_centroid(const TestKV& kv, int b, int h, int t0, int n) {
+  std::vector<uint16_t> bits(static_cast<size_t>(kv.head_dim), 0);
+  if (n <= 0) return bits;
+  for (int d = 0; d < kv.head_dim; ++d) {
+    float sum = 0.0f;
+    for (int t = t0; t < t0 + n; ++t) sum += static_cast<float>(kv.at(b, h, t, d));
+    bits[d] = test::encode_bf16_exact(test::round_to_bf16(sum / static_cast<float>(n)));
+  }
+  return bits;
+}
+
 KeySketchParams sketch_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const float* key_proj, int rank,
-                              uint8_t* codes, uint16_t* ranges) {
+                              int per, uint8_t* codes, uint16_t* ranges, uint16_t* centroid) {
   KeySketchParams p;
   p.k = layout;
   p.dtype = kv.dtype;
@@ -61,16 +94,25 @@ KeySketchParams sketch_params(const TestKV& kv, KVLayout layout, const int32_t* 
   p.head_dim = kv.head_dim;
   p.block_size = kv.block_size;
   p.num_blocks = kv.num_blocks;
+  p.blocks_per_sketch = per;
   p.rank = rank;
   p.sketch.codes = codes;
   p.sketch.ranges = ranges;
+  p.sketch.centroid = centroid;
   return p;
 }
 
-SketchBuffers cpu_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj, int rank) {
-  SketchBuffers out(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank);
+SketchBuffers new_sketch(const TestKV& kv, int rank, int per) {
+  SketchBuffers out(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank, kv.head_dim, per);
   out.poison();
-  cpu::key_sketch(sketch_params(kv, kv.layout(), lens.data(), key_proj.data(), rank, out.codes.data(), out.ranges.data()));
+  return out;
+}
+
+SketchBuffers cpu_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj, int rank,
+                         int per) {
+  SketchBuffers out = new_sketch(kv, rank, per);
+  cpu::key_sketch(sketch_params(kv, kv.layout(), lens.data(), key_proj.data(), rank, per, out.codes.data(),
+                                out.ranges.data(), out.centroid.data()));
   return out;
 }
 
@@ -91,15 +133,18 @@ void run_cuda_sketch(const TestKV& kv, const DeviceKeys& keys, const std::vector
   DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
   DeviceBytes d_codes(sketch.codes.data(), sketch.codes.size());
   DeviceBytes d_ranges(sketch.ranges.data(), sketch.ranges.size() * sizeof(uint16_t));
-  ASSERT_TRUE(d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
+  DeviceBytes d_centroid(sketch.centroid.data(), sketch.centroid.size() * sizeof(uint16_t));
+  ASSERT_TRUE(d_codes.ptr != nullptr && d_ranges.ptr != nullptr && d_centroid.ptr != nullptr);
   const KVLayout layout = kv.layout(keys.k.ptr, kv.kind == KVKind::kPaged ? keys.table.as<int32_t>() : nullptr);
   KeySketchParams p = sketch_params(kv, layout, d_lens.as<int32_t>(), keys.proj.as<float>(), sketch.rank,
-                                    d_codes.as<uint8_t>(), d_ranges.as<uint16_t>());
+                                    sketch.blocks_per_sketch, d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(),
+                                    d_centroid.as<uint16_t>());
   p.first_block = first_block ? d_first.as<int32_t>() : nullptr;
   ASSERT_CUDA(cuda::key_sketch(p, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   d_codes.download(sketch.codes.data());
   d_ranges.download(sketch.ranges.data());
+  d_centroid.download(sketch.centroid.data());
 }
 
 struct BuildCase {
@@ -107,21 +152,31 @@ struct BuildCase {
   KVKind kind;
   int block_size, rank, head_dim;
   int32_t max_len;
+  int per;  // blocks_per_sketch
 };
 
 std::string describe(const BuildCase& c) {
   return std::string(test::dtype_name(c.dtype)) + " " + test::kv_kind_name(c.kind) + " bs=" + std::to_string(c.block_size) +
-         " R=" + std::to_string(c.rank) + " D=" + std::to_string(c.head_dim) + " max_len=" + std::to_string(c.max_len);
+         " R=" + std::to_string(c.rank) + " D=" + std::to_string(c.head_dim) + " max_len=" + std::to_string(c.max_len) +
+         " P=" + std::to_string(c.per);
 }
 
 std::vector<BuildCase> build_cases() {
-  // (block_size, rank, head_dim, max_len): partial last blocks, a single token, one exact block.
-  const int shapes[][4] = {{16, 2, 64, 97}, {64, 8, 128, 301}, {128, 16, 64, 389},
-                           {32, 4, 256, 161}, {16, 16, 128, 1}, {128, 4, 64, 128}};
+  // (block_size, rank, head_dim, max_len, P): partial last blocks, a single token, one exact
+  // block; with P > 1 a partial last sketch block (some whole blocks, then a partial one), odd
+  // lengths and sketch blocks of 128 tokens.
+  const int shapes[][5] = {{16, 2, 64, 97, 1},       {64, 8, 128, 301, 1},    {128, 16, 64, 389, 1},
+                           {32, 4, 256, 161, 1},     {16, 16, 128, 1, 1},     {128, 4, 64, 128, 1},
+                           {16, 8, 64, 64 * 3 + 21, 4}, {32, 4, 128, 64 * 4 + 37, 2}, {64, 16, 256, 128 * 2 + 65, 2},
+                           {16, 2, 128, 128 + 17, 8},   {32, 16, 64, 128 + 63, 4},    {16, 4, 256, 32 * 5 + 3, 2}};
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   std::vector<BuildCase> cases;
-  int n = 0;
-  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    for (const auto& s : shapes) cases.push_back({dtype, static_cast<KVKind>(n++ % 3), s[0], s[1], s[2], s[3]});
+  for (int d = 0; d < 3; ++d) {
+    int n = 0;
+    for (const auto& s : shapes) {
+      // Every shape meets every layout across the three dtypes.
+      cases.push_back({dtypes[d], static_cast<KVKind>((n++ + d) % 3), s[0], s[1], s[2], s[3], s[4]});
+    }
   }
   return cases;
 }
@@ -131,38 +186,48 @@ TEST(CudaKeySketch, FullBuildMatchesCpuWithinCoefficientRounding) {
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const int batch = 5, heads = 2;  // 5: mixed_lengths forces max_len, 0, 1, bs and bs + 1 in
-  int64_t ranges_checked = 0, ranges_equal = 0, codes_checked = 0, codes_equal = 0;
+  const int batch = 9, heads = 2;  // sketch_lengths forces max_len, 0, 1, bs, bs + 1, sb +- 1, sb, sb + bs + 3
+  int64_t ranges_checked = 0, ranges_equal = 0, codes_checked = 0, codes_equal = 0, centroids_checked = 0;
   for (const BuildCase& c : build_cases()) {
     SCOPED_TRACE(describe(c));
-    const int R = c.rank, bs = c.block_size, bytes = R / 2;
-    const int num_blocks = test::blocks_of(c.max_len, bs) + 2;  // spare blocks: zero-filled
-    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
-    const std::vector<float> key_proj = random_proj(heads, c.head_dim, R, rng, 1.0 / std::sqrt(c.head_dim));
-    const std::vector<int32_t> lens = test::mixed_lengths(batch, c.max_len, bs, rng);
+    const int R = c.rank, bs = c.block_size, bytes = R / 2, P = c.per, sb = bs * P, D = c.head_dim;
+    const int num_blocks = sketch_capacity(c.max_len, bs, P, 2);  // spare sketch blocks: zero-filled
+    const int num_sketches = num_blocks / P;
+    TestKV kv(c.dtype, c.kind, batch, heads, D, bs, num_blocks, rng);
+    const std::vector<float> key_proj = random_proj(heads, D, R, rng, 1.0 / std::sqrt(D));
+    const std::vector<int32_t> lens = sketch_lengths(batch, c.max_len, bs, sb, rng);
     kv.poison_after(lens);  // a kernel reading past the end sees NaN
-    const SketchBuffers cpu = cpu_sketch(kv, lens, key_proj, R);
-    SketchBuffers gpu(batch, heads, num_blocks, bs, R);
-    gpu.poison();
+    const SketchBuffers cpu = cpu_sketch(kv, lens, key_proj, R, P);
+    SketchBuffers gpu = new_sketch(kv, R, P);
     const DeviceKeys keys(kv, key_proj);
     run_cuda_sketch(kv, keys, lens, nullptr, gpu);
     if (testing::Test::HasFatalFailure()) return;
 
     for (int b = 0; b < batch; ++b) {
-      const int32_t n_blocks = test::blocks_of(lens[b], bs);
+      const int32_t n_sketches = test::blocks_of(lens[b], sb);
       for (int h = 0; h < heads; ++h) {
-        for (int j = 0; j < num_blocks; ++j) {
-          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j) +
-                                    " len=" + std::to_string(lens[b]);
-          const uint16_t* g_ranges = gpu.block_ranges(b, h, j);
-          const uint16_t* c_ranges = cpu.block_ranges(b, h, j);
-          const uint8_t* g_codes = gpu.block_codes(b, h, j);
-          const int t0 = j * bs;
-          const int n = j < n_blocks ? std::min(lens[b], t0 + bs) - t0 : 0;
+        for (int m = 0; m < num_sketches; ++m) {
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " sketch block " +
+                                    std::to_string(m) + " len=" + std::to_string(lens[b]);
+          const uint16_t* g_ranges = gpu.sketch_ranges(b, h, m);
+          const uint16_t* c_ranges = cpu.sketch_ranges(b, h, m);
+          const uint16_t* g_centroid = gpu.sketch_centroid(b, h, m);
+          const uint8_t* g_codes = gpu.block_codes(b, h, static_cast<int64_t>(m) * P);  // sb tokens, contiguous
+          const int t0 = m * sb;
+          const int n = m < n_sketches ? std::min(lens[b], t0 + sb) - t0 : 0;
           if (n == 0) {
             for (int r = 0; r < 2 * R; ++r) ASSERT_EQ(g_ranges[r], 0) << where;
           }
-          for (int i = n * bytes; i < bs * bytes; ++i) ASSERT_EQ(g_codes[i], 0) << where << " invalid slot byte " << i;
+          for (int i = n * bytes; i < sb * bytes; ++i) ASSERT_EQ(g_codes[i], 0) << where << " invalid slot byte " << i;
+          // Centroid: bit-identical to the CPU's and to the host sum in token order (zeros when empty).
+          const std::vector<uint16_t> expected_centroid = host_centroid(kv, b, h, t0, n);
+          const uint16_t* c_centroid = cpu.sketch_centroid(b, h, m);
+          for (int d = 0; d < D; ++d) {
+            ASSERT_EQ(g_centroid[d], c_centroid[d]) << where << " d=" << d << " cuda " << test::decode_bf16(g_centroid[d])
+                                                    << " cpu " << test::decode_bf16(c_centroid[d]);
+            ASSERT_EQ(g_centroid[d], expected_centroid[d]) << where << " d=" << d;
+          }
+          ++centroids_checked;
           if (n == 0) continue;
 
           std::vector<std::vector<double>> x;  // exact coefficients and the float32 error bound
@@ -196,8 +261,9 @@ TEST(CudaKeySketch, FullBuildMatchesCpuWithinCoefficientRounding) {
             const double lo = test::decode_bf16(g_ranges[r]);
             const double step = test::sketch_step_of(g_ranges[r], g_ranges[R + r]);
             for (int t = 0; t < n; ++t) {
-              const int actual = gpu.code(b, h, j, t, r);
-              const int expected = cpu.code(b, h, j, t, r);
+              const int j = m * P + t / bs, slot = t % bs;  // token t of the sketch block
+              const int actual = gpu.code(b, h, j, slot, r);
+              const int expected = cpu.code(b, h, j, slot, r);
               ++codes_checked;
               codes_equal += actual == expected;
               if (!(step > 0.0)) {  // one token, a constant coefficient, or a range below one ulp
@@ -223,71 +289,116 @@ TEST(CudaKeySketch, FullBuildMatchesCpuWithinCoefficientRounding) {
     }
   }
   ASSERT_GT(codes_checked, 20000);
+  ASSERT_GT(centroids_checked, 1000);
   // FMA vs separate roundings moves a coefficient by ~1e-7 relative: a bfloat16 range flips in
   // well under 1% of the cases, a code (a quotient within ~1e-6 of .5, or a flipped range) too.
   EXPECT_GE(ranges_equal * 100, ranges_checked * 99) << ranges_equal << " of " << ranges_checked << " ranges equal";
   EXPECT_GE(codes_equal * 100, codes_checked * 99) << codes_equal << " of " << codes_checked << " codes equal";
 }
 
-// Append after new tokens (params.h: only blocks [first_block, ceil(len / bs)) are written, each
-// rebuilt from all its tokens): on top of a build of the old lengths it must reproduce the full
-// build of the new lengths bit for bit; on a poisoned sketch every other byte keeps the poison.
-TEST(CudaKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsBlocks) {
+// Append after new tokens (params.h: first_block names a block; the sketch blocks from the one
+// holding it to the last valid one are written, each rebuilt from all its tokens): on top of a
+// build of the old lengths it must reproduce the full build of the new lengths bit for bit; on a
+// poisoned sketch every other byte keeps the poison.
+TEST(CudaKeySketch, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsSketchBlocks) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const int batch = 5, heads = 2;
+  const int batch = 6, heads = 2;
   for (const BuildCase& c : build_cases()) {
     SCOPED_TRACE(describe(c));
-    const int R = c.rank, bs = c.block_size;
-    const int num_blocks = test::blocks_of(c.max_len, bs) + 2;
-    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
-    const std::vector<float> key_proj = random_proj(heads, c.head_dim, R, rng, 0.3);
-    const std::vector<int32_t> new_lens = test::mixed_lengths(batch, c.max_len, bs, rng);
+    const int R = c.rank, bs = c.block_size, P = c.per, sb = bs * P, D = c.head_dim;
+    const int num_blocks = sketch_capacity(c.max_len, bs, P, 2);
+    const int num_sketches = num_blocks / P;
+    TestKV kv(c.dtype, c.kind, batch, heads, D, bs, num_blocks, rng);
+    const std::vector<float> key_proj = random_proj(heads, D, R, rng, 0.3);
+    const std::vector<int32_t> new_lens = sketch_lengths(batch, c.max_len, bs, sb, rng);
     std::vector<int32_t> old_lens(batch), first(batch);
     for (int b = 0; b < batch; ++b) {
       old_lens[b] = std::uniform_int_distribution<int32_t>(0, new_lens[b])(rng);
-      first[b] = old_lens[b] / bs;  // the block holding the old end
-      if (b == 1) first[b] = test::blocks_of(new_lens[b], bs) + (c.rank % 4 == 0);  // nothing to write
+      first[b] = old_lens[b] / bs;  // the block holding the old end: mid sketch block when P > 1
     }
+    // Past the last sketch block: nothing to write. The first block after the last valid one: its
+    // sketch block is the last valid one when the valid blocks do not fill it (P > 1).
+    first[1] = test::blocks_of(new_lens[1], sb) * P + (c.rank % 4 == 0);
+    first[2] = test::blocks_of(new_lens[2], bs);
     kv.poison_after(new_lens);
     const DeviceKeys keys(kv, key_proj);
 
-    SketchBuffers full(batch, heads, num_blocks, bs, R);
-    full.poison();
+    SketchBuffers full = new_sketch(kv, R, P);
     run_cuda_sketch(kv, keys, new_lens, nullptr, full);
-    SketchBuffers appended(batch, heads, num_blocks, bs, R);
-    appended.poison();
+    SketchBuffers appended = new_sketch(kv, R, P);
     run_cuda_sketch(kv, keys, old_lens, nullptr, appended);
     std::vector<int32_t> catch_up = first;
     catch_up[1] = old_lens[1] / bs;  // every sequence must reach its new length here
+    catch_up[2] = old_lens[2] / bs;
     run_cuda_sketch(kv, keys, new_lens, &catch_up, appended);
     if (testing::Test::HasFatalFailure()) return;
     ASSERT_EQ(appended.codes, full.codes);
     ASSERT_EQ(appended.ranges, full.ranges);
+    ASSERT_EQ(appended.centroid, full.centroid);
 
-    SketchBuffers alone(batch, heads, num_blocks, bs, R);
-    alone.poison();
+    SketchBuffers alone = new_sketch(kv, R, P);
     run_cuda_sketch(kv, keys, new_lens, &first, alone);
     if (testing::Test::HasFatalFailure()) return;
-    const int code_bytes = bs * R / 2;
+    const int code_bytes = sb * R / 2;  // of a sketch block
     for (int b = 0; b < batch; ++b) {
       for (int h = 0; h < heads; ++h) {
-        for (int j = 0; j < num_blocks; ++j) {
-          const bool written = j >= first[b] && j < test::blocks_of(new_lens[b], bs);
-          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " j=" + std::to_string(j) +
-                                    " first=" + std::to_string(first[b]) + " len=" + std::to_string(new_lens[b]);
-          for (int i = 0; i < code_bytes; ++i) {
-            ASSERT_EQ(alone.block_codes(b, h, j)[i], written ? full.block_codes(b, h, j)[i] : 0xAB) << where;
-          }
+        for (int m = 0; m < num_sketches; ++m) {
+          const bool written = m >= first[b] / P && m < test::blocks_of(new_lens[b], sb);
+          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " sketch block " +
+                                    std::to_string(m) + " first=" + std::to_string(first[b]) + " len=" +
+                                    std::to_string(new_lens[b]);
+          const uint8_t* a_codes = alone.block_codes(b, h, static_cast<int64_t>(m) * P);
+          const uint8_t* f_codes = full.block_codes(b, h, static_cast<int64_t>(m) * P);
+          for (int i = 0; i < code_bytes; ++i) ASSERT_EQ(a_codes[i], written ? f_codes[i] : 0xAB) << where;
           for (int i = 0; i < 2 * R; ++i) {
-            ASSERT_EQ(alone.block_ranges(b, h, j)[i], written ? full.block_ranges(b, h, j)[i] : 0xABAB) << where;
+            ASSERT_EQ(alone.sketch_ranges(b, h, m)[i], written ? full.sketch_ranges(b, h, m)[i] : 0xABAB) << where;
+          }
+          for (int i = 0; i < D; ++i) {
+            ASSERT_EQ(alone.sketch_centroid(b, h, m)[i], written ? full.sketch_centroid(b, h, m)[i] : 0xABAB) << where;
           }
         }
       }
     }
   }
+}
+
+// Argument checks of the build: P a power of two in 1..8 dividing num_blocks with P * bs <= 128,
+// and a centroid buffer. The same arguments with a valid P build (the control).
+TEST(CudaKeySketch, RejectsInvalidBlocksPerSketch) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(7);
+  const int bs = 16, R = 4, D = 64, num_blocks = 8;
+  TestKV kv(DType::kBFloat16, KVKind::kContiguous, 1, 1, D, bs, num_blocks, rng);
+  const std::vector<float> key_proj = random_proj(1, D, R, rng, 0.1);
+  const std::vector<int32_t> lens = {77};
+  SketchBuffers sketch = new_sketch(kv, R, 1);  // sized for P = 1: large enough for every P
+  const DeviceKeys keys(kv, key_proj);
+  DeviceBytes d_lens(lens.data(), sizeof(int32_t));
+  DeviceBytes d_codes(sketch.codes.size()), d_ranges(sketch.ranges.size() * 2), d_centroid(sketch.centroid.size() * 2);
+  const KeySketchParams base = sketch_params(kv, kv.layout(keys.k.ptr, nullptr), d_lens.as<int32_t>(), keys.proj.as<float>(),
+                                             R, 4, d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(), d_centroid.as<uint16_t>());
+  ASSERT_CUDA(cuda::key_sketch(base, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  for (int per : {0, -2, 3, 6, 16}) {
+    KeySketchParams p = base;
+    p.blocks_per_sketch = per;
+    EXPECT_EQ(cuda::key_sketch(p, nullptr), cudaErrorInvalidValue) << "P=" << per;
+  }
+  KeySketchParams p = base;
+  p.num_blocks = 6;  // not a multiple of P = 4
+  EXPECT_EQ(cuda::key_sketch(p, nullptr), cudaErrorInvalidValue);
+  p = base;
+  p.blocks_per_sketch = 8;
+  p.block_size = 32;  // a sketch block of 256 tokens
+  p.num_blocks = 8;
+  EXPECT_EQ(cuda::key_sketch(p, nullptr), cudaErrorInvalidValue);
+  p = base;
+  p.sketch.centroid = nullptr;
+  EXPECT_EQ(cuda::key_sketch(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,23 +414,24 @@ struct SelectOutputs {
         head_mlo(static_cast<size_t>(p.batch) * p.q_heads, test::float_nan()) {}
 };
 
-// Host params of a qsketch topk selection; the centroid is passed only when a != 0, so a kernel
-// that reads it regardless faults.
+// Host params of a qsketch topk selection; the sketch centroid is passed only when a != 0, so a
+// kernel that reads it regardless faults, and the float32 block statistics never are.
 RadarSelectParams sketch_select_params(const TestQuery& q, const TestKV& kv, const std::vector<int32_t>& lens,
                                        const SketchBuffers& sketch, const std::vector<float>& key_proj,
-                                       const std::vector<float>& query_proj, const StatsBuffers& stats, float weight,
-                                       GroupAgg agg) {
+                                       const std::vector<float>& query_proj, float weight, GroupAgg agg) {
   RadarSelectParams p;
   p.q = q.data.data();
   p.q_stride_batch = q.stride_batch;
   p.q_stride_head = q.stride_head;
   p.dtype = q.data.dtype;
-  p.centroid = weight != 0.0f ? stats.centroid.data() : nullptr;
+  p.centroid = nullptr;
   p.sketch_codes = sketch.codes.data();
   p.sketch_ranges = sketch.ranges.data();
+  p.sketch_centroid = weight != 0.0f ? sketch.centroid_data() : nullptr;
   p.sketch_key_proj = key_proj.data();
   p.sketch_query_proj = query_proj.data();
   p.sketch_rank = sketch.rank;
+  p.blocks_per_sketch = sketch.blocks_per_sketch;
   p.centroid_weight = weight;
   p.seq_lens = lens.data();
   p.batch = kv.batch;
@@ -336,45 +448,65 @@ RadarSelectParams sketch_select_params(const TestQuery& q, const TestKV& kv, con
   return p;
 }
 
-// Every host input of `host` is copied to the device; outputs and workspace are poisoned (0xA5
-// integers, 0xFF = NaN floats).
+// Device copies of every host input of `host` (sized exactly: ranges and centroid hold NB / P
+// sketch blocks), poisoned outputs (0xA5 integers, 0xFF = NaN floats) and workspace; `params`
+// points at them.
+struct DeviceSelect {
+  DeviceBytes q, codes, ranges, centroid, key_proj, query_proj, lens, selected, num_selected, scores, mlo;
+  RadarSelectParams params;  // after the buffers it points at
+  DeviceBytes workspace;     // sized from params
+  static size_t sketches(const RadarSelectParams& p) {
+    return static_cast<size_t>(p.batch) * p.kv_heads * (p.num_blocks / p.blocks_per_sketch);
+  }
+  DeviceSelect(const RadarSelectParams& host, size_t q_bytes, const SelectOutputs& out)
+      : q(host.q, q_bytes),
+        codes(host.sketch_codes, static_cast<size_t>(host.batch) * host.kv_heads * host.num_blocks * host.block_size *
+                                     host.sketch_rank / 2),
+        ranges(host.sketch_ranges, sketches(host) * 2 * host.sketch_rank * sizeof(uint16_t)),
+        centroid(host.sketch_centroid, host.sketch_centroid ? sketches(host) * host.head_dim * sizeof(uint16_t) : 0),
+        key_proj(host.sketch_key_proj, static_cast<size_t>(host.kv_heads) * host.head_dim * host.sketch_rank * sizeof(float)),
+        query_proj(host.sketch_query_proj, static_cast<size_t>(host.q_heads) * host.head_dim * host.sketch_rank * sizeof(float)),
+        lens(host.seq_lens, host.batch * sizeof(int32_t)),
+        selected(out.selected.size() * 4),
+        num_selected(out.num_selected.size() * 4),
+        scores(out.head_scores.size() * 4),
+        mlo(out.head_mlo.size() * 4),
+        params(bind(host)),
+        workspace(cuda::radar_select_workspace_bytes(params)) {
+    cudaMemset(selected.ptr, 0xA5, selected.size);
+    cudaMemset(num_selected.ptr, 0xA5, num_selected.size);
+    cudaMemset(scores.ptr, 0xFF, scores.size);
+    cudaMemset(mlo.ptr, 0xFF, mlo.size);
+    cudaMemset(workspace.ptr, 0xFF, workspace.size);
+  }
+  RadarSelectParams bind(const RadarSelectParams& host) const {
+    RadarSelectParams p = host;
+    p.q = q.ptr;
+    p.sketch_codes = codes.as<uint8_t>();
+    p.sketch_ranges = ranges.as<uint16_t>();
+    p.sketch_centroid = host.sketch_centroid ? centroid.as<uint16_t>() : nullptr;
+    p.sketch_key_proj = key_proj.as<float>();
+    p.sketch_query_proj = query_proj.as<float>();
+    p.centroid = nullptr;
+    p.seq_lens = lens.as<int32_t>();
+    p.selected = selected.as<int32_t>();
+    p.num_selected = num_selected.as<int32_t>();
+    p.out_head_scores = scores.as<float>();
+    p.out_head_mlo = mlo.as<float>();
+    return p;
+  }
+};
+
 void run_cuda_select(const RadarSelectParams& host, size_t q_bytes, SelectOutputs& out) {
-  const size_t blocks = static_cast<size_t>(host.batch) * host.kv_heads * host.num_blocks;
-  const size_t R = host.sketch_rank, D = host.head_dim;
-  DeviceBytes d_q(host.q, q_bytes);
-  DeviceBytes d_codes(host.sketch_codes, blocks * host.block_size * R / 2);
-  DeviceBytes d_ranges(host.sketch_ranges, blocks * 2 * R * sizeof(uint16_t));
-  DeviceBytes d_key_proj(host.sketch_key_proj, host.kv_heads * D * R * sizeof(float));
-  DeviceBytes d_query_proj(host.sketch_query_proj, host.q_heads * D * R * sizeof(float));
-  DeviceBytes d_centroid(host.centroid, host.centroid ? blocks * D * sizeof(float) : 0);
-  DeviceBytes d_lens(host.seq_lens, host.batch * sizeof(int32_t));
-  DeviceBytes d_selected(out.selected.size() * 4), d_num_selected(out.num_selected.size() * 4);
-  DeviceBytes d_scores(out.head_scores.size() * 4), d_mlo(out.head_mlo.size() * 4);
-  ASSERT_CUDA(cudaMemset(d_selected.ptr, 0xA5, d_selected.size));
-  ASSERT_CUDA(cudaMemset(d_num_selected.ptr, 0xA5, d_num_selected.size));
-  ASSERT_CUDA(cudaMemset(d_scores.ptr, 0xFF, d_scores.size));
-  ASSERT_CUDA(cudaMemset(d_mlo.ptr, 0xFF, d_mlo.size));
-  RadarSelectParams p = host;
-  p.q = d_q.ptr;
-  p.sketch_codes = d_codes.as<uint8_t>();
-  p.sketch_ranges = d_ranges.as<uint16_t>();
-  p.sketch_key_proj = d_key_proj.as<float>();
-  p.sketch_query_proj = d_query_proj.as<float>();
-  p.centroid = host.centroid ? d_centroid.as<float>() : nullptr;
-  p.seq_lens = d_lens.as<int32_t>();
-  p.selected = d_selected.as<int32_t>();
-  p.num_selected = d_num_selected.as<int32_t>();
-  p.out_head_scores = d_scores.as<float>();
-  p.out_head_mlo = d_mlo.as<float>();
-  DeviceBytes workspace(cuda::radar_select_workspace_bytes(p));
-  ASSERT_NE(workspace.ptr, nullptr);
-  ASSERT_CUDA(cudaMemset(workspace.ptr, 0xFF, workspace.size));
-  ASSERT_CUDA(cuda::radar_select(p, workspace.ptr, nullptr));
+  DeviceSelect d(host, q_bytes, out);
+  ASSERT_NE(d.workspace.ptr, nullptr);
+  ASSERT_CUDA(cudaGetLastError());
+  ASSERT_CUDA(cuda::radar_select(d.params, d.workspace.ptr, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
-  d_selected.download(out.selected.data());
-  d_num_selected.download(out.num_selected.data());
-  d_scores.download(out.head_scores.data());
-  d_mlo.download(out.head_mlo.data());
+  d.selected.download(out.selected.data());
+  d.num_selected.download(out.num_selected.data());
+  d.scores.download(out.head_scores.data());
+  d.mlo.download(out.head_mlo.data());
 }
 
 void run_cpu_select(const RadarSelectParams& host, SelectOutputs& out) {
@@ -428,13 +560,13 @@ void expect_cuda_matches_cpu(const RadarSelectParams& p, const TestQuery& q, con
         }
         ASSERT_TRUE(std::isfinite(expected)) << where << " cpu " << expected;
         ASSERT_TRUE(std::isfinite(actual)) << where << " cuda " << actual << " cpu " << expected;
-        const uint16_t* ranges = sketch.block_ranges(b, h, j);
+        const uint16_t* ranges = sketch.block_ranges(b, h, j);  // of its sketch block j / P
         double magnitude = 0.0;
         for (int r = 0; r < R; ++r) {
           magnitude += u_abs[r] * std::max(std::fabs(test::decode_bf16(ranges[r])), std::fabs(test::decode_bf16(ranges[R + r])));
         }
         if (a != 0.0) {
-          const float* centroid = p.centroid + (static_cast<size_t>(b * p.kv_heads + h) * NB + j) * D;
+          const std::vector<float> centroid = sketch.block_centroid(b, h, j);
           for (int d = 0; d < D; ++d) magnitude += std::fabs(a) * rest_abs[d] * std::fabs(centroid[d]);
         }
         magnitude *= p.scale;
@@ -472,8 +604,7 @@ TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
         TestKV kv(dtype, kind, batch, kv_heads, D, bs, num_blocks, rng);
         const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
         const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
-        const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
-        const StatsBuffers stats = test::cpu_block_stats(kv, lens);
+        const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, 1);
         for (int G : {1, 3, 4, 8}) {
           TestQuery q(dtype, batch, G * kv_heads, D);
           q.fill_normal(rng);
@@ -484,7 +615,7 @@ TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
                            std::to_string(bs) + " D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" +
                            std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
                            (agg == GroupAgg::kSum ? "sum" : "max"));
-              const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, stats, weight, agg);
+              const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
               expect_cuda_matches_cpu(p, q, sketch, lens);
               if (testing::Test::HasFatalFailure()) return;
             }
@@ -495,84 +626,183 @@ TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
   }
 }
 
+// Sketch blocks of P = 2, 4, 8 blocks: a warp's span of 8 blocks stages the ranges and centroids
+// of 8 / P sketch blocks, and block j must read those of j / P. Lengths end inside a sketch block
+// (some of its blocks valid, the last one partial) and inside a span; every head_dim, groups of
+// 1, 3, 4, 8 (one-head, two-head and wide tiles), centroid weight 0 and 0.5.
+TEST(CudaSketchScore, SketchBlocksMatchCpuForEveryHeadDim) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  const int batch = 7, kv_heads = 2;
+  const DType dtypes[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};
+  const int ranks[] = {2, 4, 8, 16};
+  const int shapes[][2] = {{16, 2}, {16, 4}, {32, 4}, {64, 2}, {16, 8}};  // (block_size, P)
+  int shape = 0;
+  for (const auto& s : shapes) {
+    for (int D : {64, 128, 256}) {
+      const int bs = s[0], P = s[1], sb = bs * P, R = ranks[shape % 4];
+      const DType dtype = dtypes[shape % 3];
+      const KVKind kind = static_cast<KVKind>(shape % 3);  // only the CPU build reads keys
+      ++shape;
+      // 11 whole sketch blocks, then one whole block and a partial one: the last sketch block is
+      // partial whenever P > 2, and the block count is no multiple of the span of 8.
+      const int32_t max_len = sb * 11 + bs + 5;
+      const int num_blocks = sketch_capacity(max_len, bs, P, 1);
+      TestKV kv(dtype, kind, batch, kv_heads, D, bs, num_blocks, rng);
+      const std::vector<int32_t> lens = sketch_lengths(batch, max_len, bs, sb, rng);
+      const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+      const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, P);
+      for (int G : {1, 3, 4, 8}) {
+        TestQuery q(dtype, batch, G * kv_heads, D);
+        q.fill_normal(rng);
+        const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 2.0 / std::sqrt(D));
+        for (float weight : {0.0f, 0.5f}) {
+          for (GroupAgg agg : {GroupAgg::kMax, GroupAgg::kSum}) {
+            SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) + " bs=" +
+                         std::to_string(bs) + " P=" + std::to_string(P) + " D=" + std::to_string(D) + " R=" +
+                         std::to_string(R) + " G=" + std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
+                         (agg == GroupAgg::kSum ? "sum" : "max"));
+            const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
+            expect_cuda_matches_cpu(p, q, sketch, lens);
+            if (testing::Test::HasFatalFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Argument checks of the score: P a power of two in 1..8 dividing num_blocks with P * bs <= 128,
+// the bf16 sketch centroid (not the float32 block centroid) when a != 0, 16-byte aligned. The
+// same arguments with a valid P select (the control).
+TEST(CudaSketchScore, RejectsInvalidBlocksPerSketch) {
+  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937_64 rng(11);
+  const int batch = 2, kv_heads = 2, G = 2, bs = 16, D = 64, R = 8, P = 4;
+  const int num_blocks = sketch_capacity(200, bs, P, 1);
+  TestKV kv(DType::kBFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
+  const std::vector<int32_t> lens = {200, 77};
+  const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+  const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, P);
+  TestQuery q(DType::kBFloat16, batch, G * kv_heads, D);
+  q.fill_normal(rng);
+  const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+  const RadarSelectParams host = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, 0.5f, GroupAgg::kMax);
+  SelectOutputs out(host);
+  DeviceSelect d(host, q.data.size_bytes(), out);
+  ASSERT_CUDA(cuda::radar_select(d.params, d.workspace.ptr, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto status = [&](const RadarSelectParams& p) { return cuda::radar_select(p, d.workspace.ptr, nullptr); };
+  for (int per : {0, -4, 3, 6, 16}) {
+    RadarSelectParams p = d.params;
+    p.blocks_per_sketch = per;
+    EXPECT_EQ(status(p), cudaErrorInvalidValue) << "P=" << per;
+  }
+  RadarSelectParams p = d.params;
+  p.num_blocks = num_blocks - 2;  // not a multiple of P
+  EXPECT_EQ(status(p), cudaErrorInvalidValue);
+  p = d.params;
+  p.blocks_per_sketch = 8;
+  p.block_size = 32;  // a sketch block of 256 tokens
+  p.num_blocks = 16;  // a multiple of 8
+  EXPECT_EQ(status(p), cudaErrorInvalidValue);
+  p = d.params;
+  p.sketch_centroid = nullptr;  // a != 0 needs the sketch centroid ...
+  p.centroid = reinterpret_cast<const float*>(d.scores.ptr);  // ... the float32 block centroid does not do
+  EXPECT_EQ(status(p), cudaErrorInvalidValue);
+  p = d.params;
+  p.sketch_centroid = d.params.sketch_centroid + 1;  // read as 16-byte vectors
+  EXPECT_EQ(status(p), cudaErrorInvalidValue);
+  p = d.params;
+  p.centroid_weight = 0.0f;  // the centroid is not read at a = 0
+  p.sketch_centroid = nullptr;
+  EXPECT_EQ(status(p), cudaSuccess);
+  ASSERT_CUDA(cudaDeviceSynchronize());
+}
+
 // Large logits: queries scaled by up to 200 put the kernel's bound (every coefficient at its most
 // favourable code) hundreds of log2 units above the block's largest logit, so every 2^(x - bound)
-// underflows and the kernel rescans against the true maximum. Every third block holds one key
-// repeated (lo == hi, step 0, codes 0: all its logits are equal and the bound is exact).
+// underflows and the kernel rescans against the true maximum. Every third sketch block (of 64
+// tokens: one block at P = 1, two at P = 2) holds one key repeated (lo == hi, step 0, codes 0:
+// all its logits are equal and the bound is exact).
 TEST(CudaSketchScore, LargeLogitsAndConstantBlocksMatchCpu) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937_64 rng(seed);
-  const int batch = 4, kv_heads = 2, bs = 64;
-  const int32_t max_len = bs * 9 + 17;
-  const int num_blocks = test::blocks_of(max_len, bs) + 1;
+  const int batch = 4, kv_heads = 2, sb = 64;
+  const int32_t max_len = sb * 9 + 17;
   int64_t fallback_blocks = 0, direct_blocks = 0, constant_blocks = 0;
-  for (int D : {64, 128}) {
-    for (int R : {8, 16}) {
-      TestKV kv(DType::kBFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
-      for (int b = 0; b < batch; ++b) {
-        for (int h = 0; h < kv_heads; ++h) {
-          for (int j = 1; j < num_blocks; j += 3) {
-            for (int t = j * bs + 1; t < (j + 1) * bs; ++t) {
-              for (int i = 0; i < D; ++i) kv.data.set(kv.offset(b, h, t) + i, kv.at(b, h, j * bs, i));
+  for (int P : {1, 2}) {
+    const int bs = sb / P;
+    const int num_blocks = sketch_capacity(max_len, bs, P, 1);
+    for (int D : {64, 128}) {
+      for (int R : {8, 16}) {
+        TestKV kv(DType::kBFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
+        for (int b = 0; b < batch; ++b) {
+          for (int h = 0; h < kv_heads; ++h) {
+            for (int m = 1; m < num_blocks / P; m += 3) {
+              for (int t = m * sb + 1; t < (m + 1) * sb; ++t) {
+                for (int i = 0; i < D; ++i) kv.data.set(kv.offset(b, h, t) + i, kv.at(b, h, m * sb, i));
+              }
             }
           }
         }
-      }
-      const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
-      const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
-      const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R);
-      const StatsBuffers stats = test::cpu_block_stats(kv, lens);
-      for (int b = 0; b < batch; ++b) {  // the repeated key gives exactly equal coefficients
-        for (int h = 0; h < kv_heads; ++h) {
-          for (int j = 1; j < test::blocks_of(lens[b], bs); j += 3) {
-            const uint16_t* ranges = sketch.block_ranges(b, h, j);
-            for (int r = 0; r < R; ++r) ASSERT_EQ(ranges[r], ranges[R + r]) << "b=" << b << " h=" << h << " j=" << j;
-            ++constant_blocks;
+        const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, sb, rng);
+        const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+        const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, P);
+        for (int b = 0; b < batch; ++b) {  // the repeated key gives exactly equal coefficients
+          for (int h = 0; h < kv_heads; ++h) {
+            for (int m = 1; m < test::blocks_of(lens[b], sb); m += 3) {
+              const uint16_t* ranges = sketch.sketch_ranges(b, h, m);
+              for (int r = 0; r < R; ++r) ASSERT_EQ(ranges[r], ranges[R + r]) << "b=" << b << " h=" << h << " m=" << m;
+              ++constant_blocks;
+            }
           }
         }
-      }
-      for (int G : {3, 4}) {  // an odd group takes the one-head tile, 4 the wide tile
-        for (double q_scale : {1.0, 30.0, 200.0}) {
-          TestQuery q(DType::kBFloat16, batch, G * kv_heads, D);
-          q.fill_normal(rng, q_scale);
-          const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 1.0 / std::sqrt(D));
-          for (float weight : {0.0f, 0.5f}) {
-            const GroupAgg agg = weight == 0.0f ? GroupAgg::kMax : GroupAgg::kSum;
-            SCOPED_TRACE("D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" + std::to_string(G) +
-                         " q x" + std::to_string(q_scale) + " a=" + std::to_string(weight));
-            const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, stats, weight, agg);
-            expect_cuda_matches_cpu(p, q, sketch, lens);
-            if (testing::Test::HasFatalFailure()) return;
-            if (weight != 0.0f) continue;  // the centroid term shifts bound and logits alike
-            // Which path the kernel took, from exact u: the gap (log2 units) between the bound and
-            // the largest x_t is min_t sum_r |w_r| (w_r > 0 ? 15 - code : code), w_r = s log2(e) u_r
-            // step_r. Above 100 + log2(bs) every term is below 2^-100: the fallback runs.
-            for (int b = 0; b < batch; ++b) {
-              const int32_t n_blocks = test::blocks_of(lens[b], bs);
-              for (int hq = 0; hq < p.q_heads; ++hq) {
-                const int h = hq / G;
-                const std::vector<double> qv = q.row(b, hq);
-                std::vector<double> u(R, 0.0);
-                for (int d = 0; d < D; ++d) {
-                  for (int r = 0; r < R; ++r) u[r] += query_proj[(static_cast<size_t>(hq) * D + d) * R + r] * qv[d];
-                }
-                for (int j = 0; j < n_blocks; ++j) {
-                  const int n = std::min(lens[b], (j + 1) * bs) - j * bs;
-                  const uint16_t* ranges = sketch.block_ranges(b, h, j);
-                  double gap = test::kInf;
-                  for (int t = 0; t < n; ++t) {
-                    double deficit = 0.0;
-                    for (int r = 0; r < R; ++r) {
-                      const double w = p.scale * kLog2e * u[r] * test::sketch_step_of(ranges[r], ranges[R + r]);
-                      const int code = sketch.code(b, h, j, t, r);
-                      deficit += std::fabs(w) * (w > 0.0 ? 15 - code : code);
-                    }
-                    gap = std::min(gap, deficit);
+        for (int G : {3, 4}) {  // an odd group takes the one-head tile, 4 the wide tile
+          for (double q_scale : {1.0, 30.0, 200.0}) {
+            TestQuery q(DType::kBFloat16, batch, G * kv_heads, D);
+            q.fill_normal(rng, q_scale);
+            const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 1.0 / std::sqrt(D));
+            for (float weight : {0.0f, 0.5f}) {
+              const GroupAgg agg = weight == 0.0f ? GroupAgg::kMax : GroupAgg::kSum;
+              SCOPED_TRACE("P=" + std::to_string(P) + " D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" +
+                           std::to_string(G) + " q x" + std::to_string(q_scale) + " a=" + std::to_string(weight));
+              const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
+              expect_cuda_matches_cpu(p, q, sketch, lens);
+              if (testing::Test::HasFatalFailure()) return;
+              if (weight != 0.0f) continue;  // the centroid term shifts bound and logits alike
+              // Which path the kernel took, from exact u: the gap (log2 units) between the bound and
+              // the largest x_t is min_t sum_r |w_r| (w_r > 0 ? 15 - code : code), w_r = s log2(e) u_r
+              // step_r. Above 100 + log2(bs) every term is below 2^-100: the fallback runs.
+              for (int b = 0; b < batch; ++b) {
+                const int32_t n_blocks = test::blocks_of(lens[b], bs);
+                for (int hq = 0; hq < p.q_heads; ++hq) {
+                  const int h = hq / G;
+                  const std::vector<double> qv = q.row(b, hq);
+                  std::vector<double> u(R, 0.0);
+                  for (int d = 0; d < D; ++d) {
+                    for (int r = 0; r < R; ++r) u[r] += query_proj[(static_cast<size_t>(hq) * D + d) * R + r] * qv[d];
                   }
-                  fallback_blocks += gap > 110.0;
-                  direct_blocks += gap < 90.0;
+                  for (int j = 0; j < n_blocks; ++j) {
+                    const int n = std::min(lens[b], (j + 1) * bs) - j * bs;
+                    const uint16_t* ranges = sketch.block_ranges(b, h, j);  // of sketch block j / P
+                    double gap = test::kInf;
+                    for (int t = 0; t < n; ++t) {
+                      double deficit = 0.0;
+                      for (int r = 0; r < R; ++r) {
+                        const double w = p.scale * kLog2e * u[r] * test::sketch_step_of(ranges[r], ranges[R + r]);
+                        const int code = sketch.code(b, h, j, t, r);
+                        deficit += std::fabs(w) * (w > 0.0 ? 15 - code : code);
+                      }
+                      gap = std::min(gap, deficit);
+                    }
+                    fallback_blocks += gap > 110.0;
+                    direct_blocks += gap < 90.0;
+                  }
                 }
               }
             }

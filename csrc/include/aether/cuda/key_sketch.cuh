@@ -1,33 +1,44 @@
 // Key sketch kernels: the 4-bit token sketch (key_sketch) and the "qsketch" block score.
 //
+// Sketch blocks: P = blocks_per_sketch consecutive blocks (a power of two, P * block_size <= 128)
+// share one set of bf16 ranges and one bf16 centroid; codes stay per token, [B, Hkv, NB, bs, R/2],
+// so the codes of sketch block m are the contiguous bytes of blocks mP .. mP + P - 1.
+//
 // 1. key_sketch_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 128 threads: one
-//    CTA builds one block at a time. The block's keys are staged in shared memory as float32
-//    (rows padded by one float against bank conflicts), then each thread computes whole
-//    coefficients x_tr = key_proj_h^T k_t (a D-long dot product from shared memory, no shuffles:
-//    the first version reduced every coefficient over a warp and was latency-bound, ~40 us for
-//    one block per head), a warp per coefficient takes its min / max (bf16, round to nearest
-//    even), and all threads quantise and pack two codes per byte. A block is always rebuilt from
-//    all of its tokens, so an append (first_block set) equals a full build, as for block_stats.
+//    CTA builds one sketch block (SB = P * block_size tokens) at a time. Its keys are staged in
+//    shared memory as float32 (rows padded by one float against bank conflicts), block by block
+//    (paged: P pages), then each thread computes whole coefficients x_tr = key_proj_h^T k_t (a
+//    D-long dot product from shared memory, no shuffles: the first version reduced every
+//    coefficient over a warp and was latency-bound, ~40 us for one block per head), while one
+//    thread per channel sums the staged keys in token order for the centroid (<= 128 adds; the
+//    order makes it bit-identical to the CPU kernel and the reference); a warp per coefficient
+//    takes its min / max (bf16, round to nearest even), and all threads quantise and pack two
+//    codes per byte. A sketch block is always rebuilt from all of its tokens, so an append
+//    (first_block set: the sketch blocks from first_block / P on) equals a full build.
 // 2. sketch_score_kernel<kHeadDim, kRank>, grid (batch * kv_heads, slices), 256 threads. The
 //    CTA stages u_g = query_proj_g^T q_g and, for a centroid weight a != 0, q'_g = q_g - key_proj_h
 //    u_g for the G heads of its group, both pre-scaled to 2^-units (scale * log2 e). A warp scores
 //    spans of 8 consecutive blocks, four lanes per block, reading codes, ranges and centroids
 //    from a per-warp shared-memory stage that cp.async fills one span ahead (double buffered;
-//    the first span is in flight during the prologue). Approximate logit of token t for head g:
-//    x_t = base_g + sum_r w_gr code_tr, base_g = u_g . lo + a q'_g . centroid, w_gr = u_gr step_r.
+//    the first span is in flight during the prologue). A span starts at a multiple of 8 and P
+//    divides 8, so it stages the codes of its 8 blocks and the ranges and bf16 centroids of the
+//    8 / P sketch blocks that hold them; block blk reads entry blk / P. Approximate logit of token
+//    t for head g: x_t = base_g + sum_r w_gr code_tr, base_g = u_g . lo + a q'_g . centroid,
+//    w_gr = u_gr step_r (lo, step and the centroid of the block's sketch block; the centroid dot
+//    converts 8 bf16 channels per 16-byte vector with shifts, per block, not per token).
 //    Instead of a running maximum, each head is shifted by an upper bound of its block's x_t
 //    (base_g + 15 sum_r max(w_gr, 0)) and 2^(x_t - bound) is summed with MUFU.EX2, branch free;
 //    when every term underflows (sum < 2^-100) the four lanes redo that head against the true
 //    maximum. Codes are unpacked exactly (PRMT into 2^23's mantissa, one FADD); four heads
-//    share each unpacked token. History (8 x 32k, H200, Nsight Compute): a warp per block with
-//    warp reductions 121 us; a lane per block, loads in the token loop 45 us; 8 lanes per block
-//    with an online log-sum-exp, codes in registers 62 us (compute-bound: 26 M warp
-//    instructions); this design 28 us (9.5 M instructions, 0.97 waves; what is left is the
-//    per-block setup of w, bound and the centroid dot, and the per-CTA prologue). The score
-//    bytes per block are bs * R / 2 codes + 4R range bytes (+ 4D centroid bytes when a != 0):
-//    288 B for a 64-token block at R = 8. It writes the same outputs as radar_score_kernel
-//    (group score = max over the heads, per-head scores when asked), so radar_select_kernel
-//    selects unchanged.
+//    share each unpacked token. History (8 x 32k, H200, Nsight Compute, P = 1 and float32 block
+//    centroids): a warp per block with warp reductions 121 us; a lane per block, loads in the
+//    token loop 45 us; 8 lanes per block with an online log-sum-exp, codes in registers 62 us
+//    (compute-bound: 26 M warp instructions); this design 28 us (9.5 M instructions, 0.97 waves;
+//    what is left is the per-block setup of w, bound and the centroid dot, and the per-CTA
+//    prologue). The score bytes per block are bs * R / 2 codes + 4R / P range bytes (+ 2D / P
+//    centroid bytes when a != 0): 288 B for a 64-token block at R = 8, P = 1. It writes the same
+//    outputs as radar_score_kernel (group score = max over the heads, per-head scores when asked),
+//    so radar_select_kernel selects unchanged.
 #pragma once
 
 #include <cmath>
@@ -42,13 +53,14 @@ namespace cuda {
 
 constexpr int kSketchThreads = 128;
 constexpr int kSketchWarps = kSketchThreads / kWarpSize;
-constexpr int kMaxSketchBlockSize = 128;  // the API's largest block; sizes the shared buffers
+// The API's largest sketch block (blocks_per_sketch * block_size tokens); sizes the shared buffers.
+constexpr int kMaxSketchBlockSize = 128;
 
-// Dynamic shared memory of the build kernel, in floats: keys [bs][D + 1], key_proj [D][R],
-// coefficients [bs][R], lo and step [R].
-inline size_t key_sketch_smem_bytes(int block_size, int head_dim, int rank) {
-  return sizeof(float) * (static_cast<size_t>(block_size) * (head_dim + 1) + static_cast<size_t>(head_dim) * rank +
-                          static_cast<size_t>(block_size) * rank + 2 * kMaxSketchRank);
+// Dynamic shared memory of the build kernel, in floats, for sketch blocks of `sketch_tokens`
+// (P * block_size) tokens: keys [SB][D + 1], key_proj [D][R], coefficients [SB][R], lo and step [R].
+inline size_t key_sketch_smem_bytes(int sketch_tokens, int head_dim, int rank) {
+  return sizeof(float) * (static_cast<size_t>(sketch_tokens) * (head_dim + 1) + static_cast<size_t>(head_dim) * rank +
+                          static_cast<size_t>(sketch_tokens) * rank + 2 * kMaxSketchRank);
 }
 
 template <typename T, int kHeadDim>
@@ -58,10 +70,13 @@ key_sketch_kernel(const KeySketchParams p) {
   constexpr int kChunks = kHeadDim / 8;
   extern __shared__ __align__(16) float s_dyn[];
   const int R = p.rank;
-  float* s_keys = s_dyn;                            // [bs][kRow]
-  float* s_proj = s_keys + p.block_size * kRow;     // [D][R]
-  float* s_x = s_proj + kHeadDim * R;               // [bs][R]
-  float* s_lo = s_x + p.block_size * R;             // [kMaxSketchRank]
+  const int P = p.blocks_per_sketch;
+  const int bs = p.block_size;
+  const int sb = P * bs;                            // tokens of a sketch block
+  float* s_keys = s_dyn;                            // [sb][kRow]
+  float* s_proj = s_keys + sb * kRow;               // [D][R]
+  float* s_x = s_proj + kHeadDim * R;               // [sb][R]
+  float* s_lo = s_x + sb * R;                       // [kMaxSketchRank]
   float* s_step = s_lo + kMaxSketchRank;            // [kMaxSketchRank]
 
   const int bh = blockIdx.x;
@@ -71,43 +86,54 @@ key_sketch_kernel(const KeySketchParams p) {
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
   const int len = max(p.seq_lens[b], 0);
-  const int n_blocks = min((len + p.block_size - 1) / p.block_size, p.num_blocks);
-  const int begin = p.first_block != nullptr ? max(p.first_block[b], 0) : 0;
-  const int end = p.first_block != nullptr ? n_blocks : p.num_blocks;
+  const int capacity = p.num_blocks / P;  // sketch blocks (num_blocks is a multiple of P)
+  const int n_sketch = min((len + sb - 1) / sb, capacity);
+  const int begin = p.first_block != nullptr ? max(p.first_block[b], 0) / P : 0;  // first_block names a block
+  const int end = p.first_block != nullptr ? n_sketch : capacity;
   if (begin + static_cast<int>(blockIdx.y) >= end) return;  // uniform over the CTA
 
   for (int i = tid; i < kHeadDim * R; i += kSketchThreads) {
     s_proj[i] = p.key_proj[static_cast<int64_t>(h) * kHeadDim * R + i];
   }
   const T* data = static_cast<const T*>(p.k.data);
-  const int code_bytes = p.block_size * R / 2;
+  const int code_bytes = sb * R / 2;  // the codes of the P blocks of a sketch block are contiguous
 
-  for (int j = begin + blockIdx.y; j < end; j += gridDim.y) {
-    const int64_t row = static_cast<int64_t>(bh) * p.num_blocks + j;
+  for (int m = begin + blockIdx.y; m < end; m += gridDim.y) {
+    const int64_t row = static_cast<int64_t>(bh) * capacity + m;
     uint8_t* codes = p.sketch.codes + row * code_bytes;
     uint16_t* ranges = p.sketch.ranges + row * 2 * R;
-    const int n_tokens = j < n_blocks ? min(p.block_size, len - j * p.block_size) : 0;
+    uint16_t* centroid = p.sketch.centroid + row * kHeadDim;
+    const int n_tokens = m < n_sketch ? min(sb, len - m * sb) : 0;
     if (n_tokens == 0) {  // past the end (full build only): zeros; uniform over the CTA
       for (int i = tid; i < code_bytes; i += kSketchThreads) codes[i] = 0;
       for (int i = tid; i < 2 * R; i += kSketchThreads) ranges[i] = 0;
+      for (int i = tid; i < kHeadDim; i += kSketchThreads) centroid[i] = 0;
       continue;
     }
-    const T* block_base;
-    if (p.k.block_table == nullptr) {
-      block_base = data + b * p.k.stride_seq + h * p.k.stride_head +
-                   static_cast<int64_t>(j) * p.block_size * p.k.stride_token;
-    } else {
-      const int64_t page = p.k.block_table[b * p.k.block_table_stride + j];
-      block_base = data + page * p.k.stride_seq + h * p.k.stride_head;
-    }
+    // Keys of the sketch block, block by block: paged, its P blocks are P pages.
     for (int i = tid; i < n_tokens * kChunks; i += kSketchThreads) {
       const int t = i / kChunks, c = i % kChunks;
+      const T* key;
+      if (p.k.block_table == nullptr) {
+        key = data + b * p.k.stride_seq + h * p.k.stride_head + (static_cast<int64_t>(m) * sb + t) * p.k.stride_token;
+      } else {
+        const int blk = t / bs;
+        const int64_t page = p.k.block_table[b * p.k.block_table_stride + static_cast<int64_t>(m) * P + blk];
+        key = data + page * p.k.stride_seq + h * p.k.stride_head + static_cast<int64_t>(t - blk * bs) * p.k.stride_token;
+      }
       float x[8];
-      load8_as_float(block_base + t * p.k.stride_token + c * 8, x);
+      load8_as_float(key + c * 8, x);
 #pragma unroll
       for (int e = 0; e < 8; ++e) s_keys[t * kRow + c * 8 + e] = x[e];
     }
-    __syncthreads();  // also publishes s_proj on the first block
+    __syncthreads();  // also publishes s_proj on the first sketch block
+    // Centroid: one thread per channel sums the staged keys in token order (as the CPU kernel and
+    // the reference do, so the bfloat16 result is bit-identical), then divides by the count.
+    for (int d = tid; d < kHeadDim; d += kSketchThreads) {
+      float sum = 0.0f;
+      for (int t = 0; t < n_tokens; ++t) sum = __fadd_rn(sum, s_keys[t * kRow + d]);
+      centroid[d] = __bfloat16_as_ushort(__float2bfloat16_rn(__fdiv_rn(sum, static_cast<float>(n_tokens))));
+    }
     for (int pair = tid; pair < n_tokens * R; pair += kSketchThreads) {
       const int t = pair / R, r = pair % R;
       const float* key = s_keys + t * kRow;
@@ -146,17 +172,18 @@ key_sketch_kernel(const KeySketchParams p) {
       const int r = 2 * (i % (R / 2));
       codes[i] = static_cast<uint8_t>(quantise(t, r) | (quantise(t, r + 1) << 4));
     }
-    __syncthreads();  // s_keys, s_x, s_lo, s_step are rewritten by the next block
+    __syncthreads();  // s_keys, s_x, s_lo, s_step are rewritten by the next sketch block
   }
 }
 
 template <typename T, int kHeadDim>
 cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
-  if (heads == 0 || p.num_blocks == 0) return cudaSuccess;
-  int64_t slices = 0;  // as block_stats
-  AETHER_CUDA_TRY(block_build_slices(p.num_blocks, heads, p.first_block != nullptr, &slices));
-  const size_t smem = key_sketch_smem_bytes(p.block_size, kHeadDim, p.rank);
+  const int sketch_blocks = p.num_blocks / p.blocks_per_sketch;
+  if (heads == 0 || sketch_blocks == 0) return cudaSuccess;
+  int64_t slices = 0;  // as block_stats, over sketch blocks
+  AETHER_CUDA_TRY(block_build_slices(sketch_blocks, heads, p.first_block != nullptr, &slices));
+  const size_t smem = key_sketch_smem_bytes(p.block_size * p.blocks_per_sketch, kHeadDim, p.rank);
   auto kernel = key_sketch_kernel<T, kHeadDim>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -177,20 +204,25 @@ constexpr int kSketchScoreMinCtas = 2;    // 16 warps per SM: at most 128 regist
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The per-warp staging buffer of one span (8 consecutive blocks), in bytes: codes, ranges,
-// centroids (only when a != 0). Two per warp: the next span is copied (cp.async) while the
-// current one is scored. Bank conflicts: a quarter warp reads 16-byte vectors v = sub + 4i of
-// two neighbouring blocks; an odd block stores vector v at v ^ 4 (when it has 8 or more), so the
-// two blocks hit different halves of the banks without padding (padding cost a CTA per SM).
+// The per-warp staging buffer of one span (8 consecutive blocks), in bytes: the codes of the 8
+// blocks, then the ranges (4R bytes) and the bf16 centroids (2D bytes, only when a != 0) of the
+// 8 / P sketch blocks that hold them (P divides 8 and a span starts at a multiple of 8, so a span
+// never splits a sketch block); block blk reads entry blk / P. Two per warp: the next span is
+// copied (cp.async) while the current one is scored. Bank conflicts: a quarter warp reads 16-byte
+// vectors v = sub + 4i of two neighbouring blocks (codes) or entries (centroids; with P >= 2 both
+// blocks read the same entry: a broadcast); an odd block / entry stores vector v at v ^ 4 (when
+// it has 8 or more), so the two hit different halves of the banks without padding (padding cost
+// a CTA per SM).
 struct SketchStageLayout {
   int code_stride, centroid_stride, ranges_offset, centroid_offset, bytes;
-  __host__ __device__ SketchStageLayout(int block_size, int rank, int head_dim, bool centroid) {
+  __host__ __device__ SketchStageLayout(int block_size, int rank, int head_dim, bool centroid, int blocks_per_sketch) {
+    const int entries = kSketchBlocksPerWarp / blocks_per_sketch;  // sketch blocks of a span
     code_stride = block_size * rank / 2;
-    centroid_stride = centroid ? head_dim * 4 : 0;
+    centroid_stride = centroid ? head_dim * 2 : 0;  // bf16; a multiple of 16
     ranges_offset = kSketchBlocksPerWarp * code_stride;
-    centroid_offset = ranges_offset + kSketchBlocksPerWarp * 4 * rank;  // 4R: a multiple of 8
+    centroid_offset = ranges_offset + entries * 4 * rank;  // 4R: a multiple of 8
     centroid_offset = (centroid_offset + 15) / 16 * 16;
-    bytes = centroid_offset + kSketchBlocksPerWarp * centroid_stride;
+    bytes = centroid_offset + entries * centroid_stride;
   }
 };
 
@@ -199,14 +231,26 @@ __host__ __device__ inline size_t sketch_score_prologue_bytes(int group, int hea
   const size_t floats = static_cast<size_t>(group) * head_dim * (centroid ? 2 : 1) + static_cast<size_t>(group) * rank;
   return (sizeof(float) * floats + 15) / 16 * 16;
 }
-inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid, int warps) {
-  const SketchStageLayout layout(block_size, rank, head_dim, centroid);
+inline size_t sketch_score_smem_bytes(int group, int head_dim, int rank, int block_size, bool centroid, int warps,
+                                      int blocks_per_sketch) {
+  const SketchStageLayout layout(block_size, rank, head_dim, centroid, blocks_per_sketch);
   return sketch_score_prologue_bytes(group, head_dim, rank, centroid) + static_cast<size_t>(warps) * 2 * layout.bytes;
 }
 
-// Slot of 16-byte vector v of staged block blk (n_vecs vectors per block): see SketchStageLayout.
-__device__ __forceinline__ int sketch_slot(int v, int blk, int n_vecs) {
-  return n_vecs >= 8 ? v ^ ((blk & 1) << 2) : v;
+// Slot of 16-byte vector v of staged block / centroid entry `index` (n_vecs vectors each): see
+// SketchStageLayout.
+__device__ __forceinline__ int sketch_slot(int v, int index, int n_vecs) {
+  return n_vecs >= 8 ? v ^ ((index & 1) << 2) : v;
+}
+
+// Eight bf16 (a 16-byte vector, element 2i in the low half of word i) as floats: 16-bit shifts.
+__device__ __forceinline__ void bf16x8_as_float(const uint4& v, float (&out)[8]) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xFFFF0000u);
+  }
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {  // MUFU.EX2; 2^x < 2^-126 flushes to 0
@@ -288,12 +332,14 @@ __device__ __forceinline__ void sketch_lane_pass(const uint4* codes, int n_vecs,
 // Scores (natural log units) of one staged block with n_tokens > 0 for heads g0 .. g0 + kTile - 1
 // (a tile past G repeats head G - 1; its result is dropped). The block's four lanes return the
 // same scores.
+// `centroid` is the staged bf16 centroid of the block's sketch block (staged entry `entry`), or
+// nullptr when a == 0.
 template <int kHeadDim, int kRank, int kTile>
 __device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float* s_qrest, int G, int g0,
                                                   const uint4* codes, int n_vecs, int sub, int blk, int n_tokens, bool full,
-                                                  const float4* centroid, const float (&lo)[kRank],
+                                                  const uint4* centroid, int entry, const float (&lo)[kRank],
                                                   const float (&step)[kRank], float (&score)[kTile]) {
-  constexpr int kCentroidVecs = kHeadDim / 4 / kSketchLanesPerBlock;
+  constexpr int kCentroidVecs = kHeadDim / 8 / kSketchLanesPerBlock;  // 8 bf16 channels per vector
   const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
   // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c;
   // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
@@ -303,12 +349,16 @@ __device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float
   if (centroid != nullptr) {  // s_qrest is pre-scaled by a * scale * log2 e
 #pragma unroll
     for (int i = 0; i < kCentroidVecs; ++i) {
-      const float4 c4 = centroid[sketch_slot(sub + i * kSketchLanesPerBlock, blk, kHeadDim / 4)];
+      const int v = sub + i * kSketchLanesPerBlock;  // channels 8v .. 8v + 7
+      float c[8];
+      bf16x8_as_float(centroid[sketch_slot(v, entry, kHeadDim / 8)], c);
 #pragma unroll
       for (int gg = 0; gg < kTile; ++gg) {
-        const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim;
-        const float4 q4 = *reinterpret_cast<const float4*>(qr + 4 * (sub + i * kSketchLanesPerBlock));
-        dot[gg] = fmaf(q4.x, c4.x, fmaf(q4.y, c4.y, fmaf(q4.z, c4.z, fmaf(q4.w, c4.w, dot[gg]))));
+        const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + 8 * v;
+        const float4 qa = *reinterpret_cast<const float4*>(qr);
+        const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
+        dot[gg] = fmaf(qa.x, c[0], fmaf(qa.y, c[1], fmaf(qa.z, c[2], fmaf(qa.w, c[3], dot[gg]))));
+        dot[gg] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], dot[gg]))));
       }
     }
 #pragma unroll
@@ -375,13 +425,18 @@ __device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float
 }
 
 // cp.async of span `span`'s valid blocks (j < n_blocks) into a stage buffer, by the 32 lanes of
-// the warp; blocks past n_blocks are not read (their scores are -inf).
+// the warp, with the ranges and centroids of their sketch blocks j0 / P .. (j0 + n_copy - 1) / P;
+// blocks past n_blocks are not read (their scores are -inf). row0 = (b Hkv + h) NB, sketch_row0 =
+// (b Hkv + h) NB / P; per_shift = log2 P.
 template <int kHeadDim, int kRank>
 __device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, const SketchStageLayout& layout, char* stage,
-                                                  int64_t row0, int span, int n_blocks, bool use_centroid, int lane) {
+                                                  int64_t row0, int64_t sketch_row0, int per_shift, int span, int n_blocks,
+                                                  bool use_centroid, int lane) {
   const int j0 = span * kSketchBlocksPerWarp;
   const int n_copy = min(kSketchBlocksPerWarp, n_blocks - j0);
   if (n_copy <= 0) return;
+  const int64_t m0 = sketch_row0 + (j0 >> per_shift);
+  const int n_entries = ((n_copy - 1) >> per_shift) + 1;
   const int code_bytes = p.block_size * kRank / 2;
   const int code_vecs = code_bytes / 16;  // a power of two (block size and rank are)
   const int vec_shift = __ffs(code_vecs) - 1;
@@ -391,17 +446,17 @@ __device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, co
     cp_async_16(shared_address(stage + blk * layout.code_stride + sketch_slot(v, blk, code_vecs) * 16),
                 codes + static_cast<int64_t>(c) * 16, 16);
   }
-  const uint8_t* ranges = reinterpret_cast<const uint8_t*>(p.sketch_ranges + (row0 + j0) * 2 * kRank);
-  for (int c = lane; c < n_copy * kRank; c += kWarpSize) {  // 4R bytes per block: R words
+  const uint8_t* ranges = reinterpret_cast<const uint8_t*>(p.sketch_ranges + m0 * 2 * kRank);
+  for (int c = lane; c < n_entries * kRank; c += kWarpSize) {  // 4R bytes per sketch block: R words
     cp_async_4(shared_address(stage + layout.ranges_offset + c * 4), ranges + static_cast<int64_t>(c) * 4);
   }
   if (use_centroid) {
-    constexpr int kVecs = kHeadDim / 4;
-    const float* centroid = p.centroid + (row0 + j0) * kHeadDim;
-    for (int c = lane; c < n_copy * kVecs; c += kWarpSize) {
-      const int blk = c / kVecs, v = c % kVecs;
-      cp_async_16(shared_address(stage + layout.centroid_offset + blk * layout.centroid_stride + sketch_slot(v, blk, kVecs) * 16),
-                  centroid + static_cast<int64_t>(c) * 4, 16);
+    constexpr int kVecs = kHeadDim / 8;  // 8 bf16 per vector
+    const uint16_t* centroid = p.sketch_centroid + m0 * kHeadDim;
+    for (int c = lane; c < n_entries * kVecs; c += kWarpSize) {
+      const int e = c / kVecs, v = c % kVecs;
+      cp_async_16(shared_address(stage + layout.centroid_offset + e * layout.centroid_stride + sketch_slot(v, e, kVecs) * 16),
+                  centroid + static_cast<int64_t>(c) * 8, 16);
     }
   }
 }
@@ -424,8 +479,11 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
   const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
   const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
   const int64_t row0 = static_cast<int64_t>(bh) * p.num_blocks;
+  const int per_shift = __ffs(p.blocks_per_sketch) - 1;  // P is a power of two
+  const int64_t sketch_row0 = row0 >> per_shift;           // num_blocks is a multiple of P
+  const int entry = blk >> per_shift;                      // this block's staged sketch block
   const int n_vecs = p.block_size * kRank / 2 / 16;
-  const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
+  const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid, p.blocks_per_sketch);
   char* stages = s_stages + static_cast<size_t>(warp) * 2 * layout.bytes;
   const int n_spans = (p.num_blocks + kSketchBlocksPerWarp - 1) / kSketchBlocksPerWarp;
   const int n_warps = blockDim.x / kWarpSize;
@@ -434,8 +492,8 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
   for (int k = 0; span < n_spans; span += stride, ++k) {  // uniform over the warp
     // Stage the next span, then wait for this one (one group may stay in flight).
     if (span + stride < n_spans) {
-      sketch_stage_span<kHeadDim, kRank>(p, layout, stages + ((k + 1) & 1) * layout.bytes, row0, span + stride, n_blocks,
-                                         use_centroid, lane);
+      sketch_stage_span<kHeadDim, kRank>(p, layout, stages + ((k + 1) & 1) * layout.bytes, row0, sketch_row0, per_shift,
+                                         span + stride, n_blocks, use_centroid, lane);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -447,9 +505,9 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
       float group = -INFINITY;
       if (n_tokens > 0) {
         const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
-        const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + blk * 4 * kRank);
-        const float4* centroid =
-            use_centroid ? reinterpret_cast<const float4*>(stage + layout.centroid_offset + blk * layout.centroid_stride)
+        const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + entry * 4 * kRank);
+        const uint4* centroid =
+            use_centroid ? reinterpret_cast<const uint4*>(stage + layout.centroid_offset + entry * layout.centroid_stride)
                          : nullptr;
         // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
         float lo[kRank], step[kRank];
@@ -465,7 +523,7 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
         for (int g0 = 0; g0 < G; g0 += kTile) {
           float score[kTile];
           sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, s_qrest, G, g0, codes, n_vecs, sub, blk, n_tokens, full, centroid,
-                                                    lo, step, score);
+                                                    entry, lo, step, score);
 #pragma unroll
           for (int gg = 0; gg < kTile; ++gg) {
             if (g0 + gg >= G) break;
@@ -504,9 +562,11 @@ sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
     const int lane = tid % kWarpSize, warp = tid / kWarpSize;
     const int len = p.seq_lens[b];
     const int n_blocks = len <= 0 ? 0 : min((len + p.block_size - 1) / p.block_size, p.num_blocks);
-    const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid);
-    sketch_stage_span<kHeadDim, kRank>(p, layout, s_stages + static_cast<size_t>(warp) * 2 * layout.bytes,
-                                       static_cast<int64_t>(blockIdx.x) * p.num_blocks, blockIdx.y * (blockDim.x / kWarpSize) + warp,
+    const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid, p.blocks_per_sketch);
+    const int per_shift = __ffs(p.blocks_per_sketch) - 1;
+    const int64_t row0 = static_cast<int64_t>(blockIdx.x) * p.num_blocks;
+    sketch_stage_span<kHeadDim, kRank>(p, layout, s_stages + static_cast<size_t>(warp) * 2 * layout.bytes, row0,
+                                       row0 >> per_shift, per_shift, blockIdx.y * (blockDim.x / kWarpSize) + warp,
                                        n_blocks, use_centroid, lane);
     cp_async_commit();
   }
@@ -573,12 +633,12 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   const int G = p.q_heads / p.kv_heads;
   const bool centroid = p.centroid_weight != 0.0f;
   // 8 warps per CTA, fewer where their stages do not fit (e.g. head_dim 256, 128-token blocks,
-  // rank 16 with a centroid: 17 KB per stage).
+  // rank 16 with a centroid: 12.5 KB per stage at P = 1, with a large group).
   int warps = kSketchScoreWarps;
-  size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps);
+  size_t smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps, p.blocks_per_sketch);
   while (warps > 1 && smem + 1024 > static_cast<size_t>(optin)) {
     warps /= 2;
-    smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps);
+    smem = sketch_score_smem_bytes(G, kHeadDim, kRank, p.block_size, centroid, warps, p.blocks_per_sketch);
   }
   if (smem + 1024 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
   const int threads = warps * kWarpSize;
