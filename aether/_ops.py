@@ -65,7 +65,7 @@ if _IMPORT_ERROR is None:
                            budget_blocks, budget_fraction, eps, mass, min_blocks, max_blocks, sink_blocks,
                            recent_blocks, return_scores=False, head_scores=None, head_mlo=None, group_agg="max",
                            sketch_codes=None, sketch_ranges=None, sketch_key_proj=None, sketch_query_proj=None,
-                           centroid_weight=0.0, sketch_centroid=None):
+                           centroid_weight=0.0, sketch_centroid=None, blocks_per_sketch=1):
         shaped = sketch_codes if score == "qsketch" else centroid
         batch, kv_heads, num_blocks = shaped.shape[0], shaped.shape[1], shaped.shape[2]
         q_heads = q.shape[1]
@@ -90,7 +90,8 @@ if _IMPORT_ERROR is None:
         return codes, ranges, centroid
 
     @torch.library.register_fake("aether::key_sketch_update")
-    def _key_sketch_update_fake(k, seq_lens, first_block, key_proj, block_size, block_table, codes, ranges, centroid):
+    def _key_sketch_update_fake(k, seq_lens, first_block, key_proj, block_size, block_table, codes, ranges, centroid,
+                                blocks_per_sketch=1):
         return None
 
     @torch.library.register_fake("aether::sparse_decode")

@@ -16,7 +16,7 @@ import torch
 from aether import _ops
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
-SCORES = STAT_SCORES + ("qsketch",)  # qsketch also reads a KeySketch
+SCORES = STAT_SCORES + ("qsketch",)  # qsketch reads a KeySketch instead of the statistics
 GROUP_AGGS = ("max", "sum")
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 POLICIES = ("topk", "threshold", "adaptive")
@@ -438,7 +438,7 @@ def sparse_attention(
             raise ValueError(f"the sketch's query_proj has {sketch.calibration.query_proj.shape[0]} query heads but q "
                              f"has {q.shape[1]}")
         num_blocks = sketch.num_blocks
-    sketch_args = (None, None, None, None, 0.0, None)
+    sketch_args = (None, None, None, None, 0.0, None, 1)
     if score == "qsketch":
         # The sketch carries its own centroid; qsketch reads no block statistics.
         if stats is not None:
@@ -447,7 +447,7 @@ def sparse_attention(
         stat_tensors = (q.new_empty((0,), dtype=torch.float32),) * 5  # placeholders, never read
         calib = sketch.calibration
         sketch_args = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight),
-                       sketch.centroid)
+                       sketch.centroid, sketch.blocks_per_sketch)
     else:
         if stats is None:
             stats = block_stats(k, block_size, seq_lens=seq_lens, block_table=block_table)

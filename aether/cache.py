@@ -239,7 +239,8 @@ def build_key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
     codes, ranges, centroid = reference.key_sketch(k, calibration.key_proj, block_size, seq_lens,
                                                    blocks_per_sketch=blocks_per_sketch)
-    return RefKeySketch(codes, ranges, centroid, calibration, block_size, seq_lens)
+    return RefKeySketch(codes, ranges, centroid, calibration, block_size, seq_lens,
+                        blocks_per_sketch=blocks_per_sketch)
 
 
 def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
@@ -355,7 +356,7 @@ class ReadCounter:
     tokens_total: int = 0
     blocks_total: int = 0
     steps: int = 0
-    sketch_bytes: int = 0
+    sketch_bytes: float = 0
 
     def add(self, selection: torch.Tensor, length: int, block_size: int,
             sketch: KeySketch | None = None) -> None:

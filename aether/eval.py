@@ -78,11 +78,11 @@ class Config:
     def name(self) -> str:
         if self.score == "dense":
             return "dense"
+        per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
         if self.policy == "adaptive":
-            return f"{self.score} bs{self.block_size} adaptive p={self.mass:g}"
+            return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
         alloc = " per-layer" if self.budget_allocation == "layer" else ""
-        per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
         return f"{self.score} bs{self.block_size}{per} {self.policy} {self.budget:g}{agg}{alloc}"
 
 
@@ -275,7 +275,10 @@ def configs_for(settings: EvalSettings) -> list[Config]:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
                 calib_budget = float(settings.budgets[0]) if settings.budgets else 0.125
-                configs.append(Config(entry, calib_budget, int(block_size), policy="adaptive", mass=float(mass)))
+                for per in dict.fromkeys(settings.blocks_per_sketch) if entry == "qsketch" else (1,):
+                    if per * block_size <= 128:
+                        configs.append(Config(entry, calib_budget, int(block_size), policy="adaptive",
+                                              mass=float(mass), blocks_per_sketch=int(per)))
     return configs
 
 

@@ -269,7 +269,7 @@ def key_sketch(k: Tensor, key_proj: Tensor, block_size: int, seq_lens: Tensor | 
 def unpack_sketch(codes: Tensor, ranges: Tensor) -> Tensor:
     """Dequantised coefficients ``[B, Hkv, NB, bs, R]`` float32: ``lo + code * step``, with the
     ranges of each block's sketch block (P = NB / ranges.shape[2] blocks share one)."""
-    per = codes.shape[2] // ranges.shape[2]
+    per = codes.shape[2] // ranges.shape[2] if ranges.shape[2] else 1  # an empty sketch: any P
     low = (codes & 0xF).to(torch.float32)
     high = (codes >> 4).to(torch.float32)
     code = torch.stack([low, high], dim=-1).flatten(-2)  # [B, Hkv, NB, bs, R]
@@ -291,7 +291,7 @@ def sketch_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, key_proj: Tenso
     """
     batch, q_heads, head_dim = q.shape
     kv_heads, nb = codes.shape[1], codes.shape[2]
-    per = nb // ranges.shape[2]
+    per = nb // ranges.shape[2] if ranges.shape[2] else 1
     group = q_heads // kv_heads
     s = _default_scale(head_dim, scale)
     qf = q.float()

@@ -2,7 +2,7 @@
 
 Per layer and KV head a rank-R projection of the keys is calibrated once at prefill
 (:func:`calibrate_sketch`); every token's R coefficients are stored as 4-bit codes with a bf16
-[lo, hi] range per (block, coefficient) (:func:`key_sketch`, :class:`KeySketch`); at decode the
+[lo, hi] range per (sketch block, coefficient) (:func:`key_sketch`, :class:`KeySketch`); at decode the
 score of a block for query head g is the log-sum-exp over its tokens of the approximate logits
 
     s * (u_g . dequant(c_t) + a * (q_g - key_proj u_g) . centroid_m),   u_g = query_proj_g^T q_g,
@@ -85,7 +85,7 @@ def _recalled_masses(q: torch.Tensor, k: torch.Tensor, calib: SketchCalibration,
     q_heads, n = q.shape[0], q.shape[1]
     group = q_heads // kv_heads
     nb = codes.shape[2]  # a multiple of blocks_per_sketch
-    per = nb // ranges.shape[2]
+    per = nb // ranges.shape[2] if ranges.shape[2] else 1
     keys = k.float().repeat_interleave(group, 0)
     totals = [[0.0] * len(budgets) for _ in weights]
     # The query-independent parts of reference.sketch_head_scores, once: dequantised coefficients
@@ -268,14 +268,11 @@ class KeySketch:
     block_size: int
     seq_lens: torch.Tensor
     paged: bool = False
+    blocks_per_sketch: int = 1  # P: blocks per sketch block (a field: an empty sketch has no shape to show it)
 
     @property
     def num_blocks(self) -> int:
         return self.codes.shape[2]
-
-    @property
-    def blocks_per_sketch(self) -> int:
-        return self.codes.shape[2] // max(self.ranges.shape[2], 1)
 
     def bytes_per_block(self, with_centroid: bool | None = None, head_dim: int | None = None) -> float:
         """Bytes the score reads per block and KV head: codes, plus the block's share of its sketch
@@ -297,7 +294,7 @@ class KeySketch:
         self.codes = _grow_blocks(self.codes, needed)
         self.ranges, self.centroid = _grow_blocks(self.ranges, needed // per), _grow_blocks(self.centroid, needed // per)
         torch.ops.aether.key_sketch_update(k, seq_lens, first_block, self.calibration.key_proj, self.block_size,
-                                           block_table, self.codes, self.ranges, self.centroid)
+                                           block_table, self.codes, self.ranges, self.centroid, per)
         self.seq_lens.copy_(seq_lens)
         return self
 
@@ -357,4 +354,5 @@ def key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size: int 
     num_blocks = math.ceil(capacity / (block_size * per)) * per
     codes, ranges, centroid = torch.ops.aether.key_sketch(k, seq_lens, calibration.key_proj, block_size, num_blocks,
                                                           block_table, per)
-    return KeySketch(codes, ranges, centroid, calibration, block_size, seq_lens.clone(), block_table is not None)
+    return KeySketch(codes, ranges, centroid, calibration, block_size, seq_lens.clone(), block_table is not None,
+                     blocks_per_sketch=per)

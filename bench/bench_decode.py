@@ -102,7 +102,7 @@ class Case:
         if score == "qsketch":  # the sketch carries its centroid: no block statistics
             sk = self.sketch[i]
             torch.ops.aether.key_sketch_update(self.k[i], self.lens, self.first_block, self.calib.key_proj,
-                                               self.block_size, None, sk.codes, sk.ranges, sk.centroid)
+                                               self.block_size, None, sk.codes, sk.ranges, sk.centroid, self.per)
         else:
             torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
                                                 *self.stats[i].tensors)
@@ -114,7 +114,7 @@ class Case:
             return torch.ops.aether.radar_select(
                 self.q[i], *(empty,) * 5, self.lens, self.block_size, self.scale, score, "topk", budget_blocks, 0.0,
                 1e-3, 0.95, 1, 0, 1, 1, False, None, None, self.group_agg, sk.codes, sk.ranges, self.calib.key_proj,
-                self.calib.query_proj, self.calib.centroid_weight, sk.centroid)
+                self.calib.query_proj, self.calib.centroid_weight, sk.centroid, self.per)
         return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
                                              score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False, None,
                                              None, self.group_agg)

@@ -54,9 +54,13 @@ if [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketc
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
     --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1
   note "benchmark (32-token blocks): rc=$?"
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 16 --blocks-per-sketch 4 \
+    --out "$OUT/bench_decode_bs16.json" > "$OUT/bench_bs16.log" 2>&1
+  note "benchmark (16-token blocks, qsketch 4 per sketch block): rc=$?"
 fi
 echo
 printf '%s\n' "${summary[@]}"
 sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
+[ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 tail -5 "$OUT/bench.log" | grep -i error

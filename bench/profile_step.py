@@ -24,13 +24,13 @@ sketch = aether.key_sketch(k, calib, bs, seq_lens=lens)
 extra = (None, None, None, None, 0.0)
 stat_args = stats
 if score == "qsketch":  # reads no block statistics: its sketch carries the centroid
-    extra = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, calib.centroid_weight, sketch.centroid)
+    extra = (sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, calib.centroid_weight, sketch.centroid, 1)
     stat_args = (q.new_empty((0,), dtype=torch.float32),) * 5
 nb = math.ceil(ctx / bs / 8)
 for _ in range(6):
     if score == "qsketch":
         torch.ops.aether.key_sketch_update(k, lens, first, calib.key_proj, bs, None, sketch.codes, sketch.ranges,
-                                           sketch.centroid)
+                                           sketch.centroid, 1)
     else:
         torch.ops.aether.block_stats_update(k, lens, first, bs, None, *stats)
     sel, cnt, _, _ = torch.ops.aether.radar_select(q, *stat_args, lens, bs, 0.088, score, "topk", nb, 0.0, 1e-3, 0.95,

@@ -40,6 +40,13 @@ for dtype in (torch.float16, torch.bfloat16):
         kp = k.new_zeros(2 * pages, bs, 2, head_dim)
         table = torch.arange(2 * pages, dtype=torch.int32, device="cuda").view(2, pages)
         aether.sparse_attention(q, kp, kp, seq_lens=lens, block_table=table, block_size=bs, budget=0.5)
+        if bs <= 64:  # paged qsketch with 2 blocks per sketch block (the sketch rounds its capacity up)
+            calib = aether.SketchCalibration(torch.randn(2, head_dim, 8, device="cuda"),
+                                             torch.randn(2 * group, head_dim, 8, device="cuda"), 0.5)
+            sketch = aether.key_sketch(kp, calib, bs, seq_lens=lens - 40, block_table=table, blocks_per_sketch=2)
+            sketch.update(kp, lens, block_table=table)
+            aether.sparse_attention(q, kp, kp, seq_lens=lens, block_table=table, block_size=bs, score="qsketch",
+                                    sketch=sketch, budget=3)
 # A long case so that sparse_decode splits the KV sequence and merges.
 q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)

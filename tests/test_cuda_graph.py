@@ -61,6 +61,48 @@ def test_decode_step_graph_capture_and_replay():
     assert int(lens[0]) == 700 + 1 + 4  # the warm-up and 4 replays ran; the capture itself does not
 
 
+def test_qsketch_step_with_sketch_blocks_graph_capture_and_replay():
+    """qsketch with 32-token blocks and 64-token sketch blocks: the sketch append (one kernel,
+    the sketch carries its centroid) + score + select + decode captured once and replayed."""
+    batch, q_heads, kv_heads, capacity, head_dim, bs, per = 2, 8, 2, 1024, 128, 32, 2
+    q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=4)
+    lens = torch.tensor([700, 389], dtype=torch.int32, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    calib = aether.SketchCalibration((torch.randn(kv_heads, head_dim, 8, generator=g) / 11).cuda(),
+                                     (torch.randn(q_heads, head_dim, 8, generator=g) / 11).cuda(), 0.5)
+    sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+    static_q = q.clone()
+    new_k = torch.zeros(batch, kv_heads, head_dim, dtype=k.dtype, device="cuda")
+    kw = dict(block_size=bs, score="qsketch", budget=6)
+
+    def step():
+        rows = torch.arange(batch, device="cuda")
+        k[rows, :, lens.long()] = new_k
+        lens.add_(1)
+        sketch.update(k, lens)
+        return aether.sparse_attention(static_q, k, v, sketch=sketch, seq_lens=lens, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for trial in range(3):
+        static_q.copy_(torch.randn_like(static_q))
+        new_k.copy_(torch.randn_like(new_k))
+        graph.replay()
+        torch.cuda.synchronize()
+        fresh = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+        assert torch.equal(sketch.codes, fresh.codes) and torch.equal(sketch.ranges, fresh.ranges)
+        assert torch.equal(sketch.centroid, fresh.centroid), "graph-updated sketch differs from a rebuild"
+        out = aether.sparse_attention(static_q, k, v, sketch=fresh, seq_lens=lens, **kw)
+        assert torch.equal(static_out, out)
+    assert int(lens[0]) == 700 + 1 + 3
+
+
 def test_sparse_decode_out_is_allocation_free_under_capture():
     q, k, v, lens = make_case(2, 8, 2, 2048, 128, torch.float16, "cuda", seed=1, lens=[2048, 1500])
     sel_stats = aether.block_stats(k, 64, seq_lens=lens)

@@ -77,6 +77,22 @@ def test_budget_allocation_and_adaptive_configs():
     assert adaptive.budget == 0.125  # what the qsketch calibration measures its centroid weight at
 
 
+def test_blocks_per_sketch_configs():
+    args = build_parser().parse_args(["--scores", "tight,qsketch:sum", "--budgets", "0.125", "--block-sizes", "32,128",
+                                      "--blocks-per-sketch", "1,2,2", "--adaptive-masses", "0.9"])
+    configs = configs_for(settings_from_args(args))
+    names = [c.name for c in configs]
+    # P applies to qsketch only; a sketch block over 128 tokens (128 x 2) is skipped
+    assert names == ["dense", "tight bs32 topk 0.125", "qsketch bs32 topk 0.125 sum", "qsketch bs32 P2 topk 0.125 sum",
+                     "tight bs32 adaptive p=0.9", "qsketch bs32 adaptive p=0.9", "qsketch bs32 P2 adaptive p=0.9",
+                     "tight bs128 topk 0.125", "qsketch bs128 topk 0.125 sum", "tight bs128 adaptive p=0.9",
+                     "qsketch bs128 adaptive p=0.9"]
+    assert [c.blocks_per_sketch for c in configs if "P2" in c.name] == [2, 2]
+    settings = settings_from_args(build_parser().parse_args(["--blocks-per-sketch", "3", "--tasks", "ppl"]))
+    with pytest.raises(ValueError, match="blocks_per_sketch"):
+        run_eval(settings)
+
+
 def test_passkey_prompt_layout(bundle):
     tokenizer, _ = bundle
     haystack, question = passkey_prompt(tokenizer, 600, 0.5, 12345)
@@ -136,7 +152,7 @@ def test_harness_qsketch_and_group_agg(bundle, tmp_path):
     assert item["kl"] > 0.0
     weights = item["sketch_centroid_weights"]
     assert sorted(weights) == list(range(2, 30)) and set(weights.values()) <= {0.0, 0.5, 1.0}
-    # 16-token blocks: sketch 96 B (+ 256 B centroid) per block vs 4 KiB of bf16 K+V, plus the query projection
+    # 16-token blocks: sketch 96 B (+ 128 B bf16 centroid) per block vs 4 KiB of bf16 K+V, plus the query projection
     assert 96 / 4096 < sparse["kv_read"]["metadata"] < by_name["tight bs16 topk 0.25 max"]["kv_read"]["metadata"]
     assert 0.0 < sparse["kv_read"]["selected"] < 0.6
     assert "KL" in format_table(result)

@@ -372,6 +372,29 @@ def test_qsketch_read_accounting():
         cache_mod.metadata_bytes_per_block("qsketch", 64)
 
 
+def test_qsketch_read_accounting_with_sketch_blocks():
+    """With P = 2 each block reads its codes and half of its sketch block's ranges and centroid."""
+    if not aether.extension_available():
+        pytest.skip("aether._C is not built")
+    cache, _ = _qsketch_cache(block_size=16, budget=2, prefill=64 + 4, queries=20, recent_blocks=0,
+                              blocks_per_sketch=2)
+    cache.attend(torch.randn(1, 9, 64))
+    sketch = cache.sketches()[0]
+    assert sketch.blocks_per_sketch == 2
+    centroid = 2 * 64 if sketch.calibration.centroid_weight != 0.0 else 0
+    per_block = 16 * 8 // 2 + (4 * 8 + centroid) / 2
+    assert sketch.bytes_per_block() == per_block
+    assert cache.reads.sketch_bytes == 3 * 5 * per_block + 4 * 9 * 64 * 8
+
+
+def test_blocks_per_sketch_option_errors():
+    for per, bs, score in ((3, 16, "qsketch"), (16, 16, "qsketch"), (True, 16, "qsketch"), (2, 128, "qsketch"),
+                           (2, 16, "tight"), (0, 16, "qsketch")):
+        with pytest.raises(ValueError, match="blocks_per_sketch"):
+            SparseOptions(score=score, block_size=bs, blocks_per_sketch=per)
+    assert SparseOptions(score="qsketch", block_size=32, blocks_per_sketch=4).blocks_per_sketch == 4
+
+
 def test_qsketch_truncate_and_reindex_rebuild():
     cache, q = _qsketch_cache(block_size=16, prefill=100, queries=40, batch=2)
     for _ in range(5):

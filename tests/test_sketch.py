@@ -105,7 +105,7 @@ def _op_scores(q, sketch, lens, bs, scale, policy="topk", group_agg="max", budge
     return torch.ops.aether.radar_select(
         q, *(empty,) * 5, lens, bs, scale, "qsketch", policy, 0, budget, 1e-3, 0.9, 1, 0, 1, 1, True, None, None,
         group_agg, sketch.codes, sketch.ranges, calib.key_proj, calib.query_proj, float(calib.centroid_weight),
-        sketch.centroid)
+        sketch.centroid, sketch.blocks_per_sketch)
 
 
 def _ref_scores(q, sketch, lens, bs, scale=None):
@@ -335,14 +335,79 @@ def test_qsketch_errors():
             torch.ops.aether.key_sketch(k, lens, kp, bs, 8 * 16, None, per)
     with pytest.raises(RuntimeError, match="multiple of blocks_per_sketch"):
         torch.ops.aether.key_sketch(k, lens, kp, 16, 9, None, 2)
-    with pytest.raises(RuntimeError, match="sketch blocks"):  # ranges that do not divide the codes
-        paired = aether.key_sketch(k, calib, 16, blocks_per_sketch=2)
-        torch.ops.aether.radar_select(
-            q, *(q.new_empty((0,)),) * 5, lens, 16, 0.125, "qsketch", "topk", 0, 0.5, 1e-3, 0.9, 1, 0, 1, 1, False,
-            None, None, "sum", paired.codes[:, :, :7], paired.ranges, kp, qp, 0.0, paired.centroid)
+    # tensors whose shapes disagree with the P passed: rejected, never reinterpreted
+    paired = aether.key_sketch(k, calib, 16, blocks_per_sketch=2)
+    for codes, ranges, centroid, per, what in ((paired.codes[:, :, :7], paired.ranges, paired.centroid, 2, "multiple"),
+                                               (paired.codes, paired.ranges, paired.centroid, 4, "ranges"),
+                                               (paired.codes, paired.ranges, paired.centroid, 1, "ranges"),
+                                               (paired.codes, paired.ranges, paired.centroid[:, :, :3], 2, "centroid")):
+        with pytest.raises(RuntimeError, match=what):
+            torch.ops.aether.radar_select(
+                q, *(q.new_empty((0,)),) * 5, lens, 16, 0.125, "qsketch", "topk", 0, 0.5, 1e-3, 0.9, 1, 0, 1, 1,
+                False, None, None, "sum", codes, ranges, kp, qp, 0.0, centroid, per)
+        if codes.shape[2] % per == 0:
+            with pytest.raises(RuntimeError, match=what):
+                torch.ops.aether.key_sketch_update(k, lens, torch.zeros(1, dtype=torch.int32), kp, 16, None,
+                                                   codes.clone(), ranges.clone(), centroid.clone(), per)
     with pytest.raises(RuntimeError, match="sketch_centroid"):
         torch.ops.aether.radar_select(
             q, *(q.new_empty((0,)),) * 5, lens, 32, 0.125, "qsketch", "topk", 0, 0.5, 1e-3, 0.9, 1, 0, 1, 1, False,
             None, None, "sum", sketch.codes, sketch.ranges, kp, qp, 0.0)
     with pytest.raises(ValueError, match="stats are not read"):
         aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, stats=aether.block_stats(k, 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per", [1, 2])
+def test_sketch_of_an_empty_cache_keeps_its_sketch_block_size(device, per):
+    """A sketch built over 0 slots has no shape that shows P: it is kept as a field, so that the
+    first update grows the capacity to a multiple of P and equals a full build."""
+    _, k, _, _ = make_case(1, 4, 2, 40, 64, torch.float32 if device == "cpu" else torch.bfloat16, device, seed=3)
+    kp, qp = _projections(2, 4, 64, 8, 2, device)
+    calib = aether.SketchCalibration(kp, qp, 0.5)
+    empty = aether.key_sketch(k[:, :, :0], calib, 16, blocks_per_sketch=per)
+    assert empty.num_blocks == 0 and empty.blocks_per_sketch == per and empty.bytes_per_block() > 0
+    lens = torch.tensor([40], dtype=torch.int32, device=device)
+    empty.update(k, lens)
+    full = aether.key_sketch(k, calib, 16, blocks_per_sketch=per, seq_lens=lens)
+    assert empty.num_blocks == full.num_blocks == math.ceil(40 / (16 * per)) * per
+    assert torch.equal(empty.codes, full.codes) and torch.equal(empty.ranges, full.ranges)
+    assert torch.equal(empty.centroid, full.centroid)
+    # the reference scores an empty cache too (every score -inf)
+    codes, ranges, centroid = ref.key_sketch(k[:, :, :0].cpu(), kp.cpu(), 16, blocks_per_sketch=per)
+    scores = ref.sketch_head_scores(torch.randn(1, 4, 64), codes, ranges, kp.cpu(), qp.cpu(),
+                                    torch.zeros(1, dtype=torch.int32), 16, centroid=centroid, centroid_weight=0.5)
+    assert scores.shape == (1, 4, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_sketch_update_with_shared_metadata(device, poison_empty):
+    """Paged cache, 5 pages per sequence (the sketch rounds to 6 blocks with P = 2): appends equal a
+    full build, and qsketch on the paged cache selects and attends as on the contiguous one."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bs, pages_per_seq, per = 16, 5, 2
+    q, k, v, _ = make_case(2, 4, 2, bs * pages_per_seq, 64, dtype, device, seed=13)
+    kp, qp = _projections(2, 4, 64, 8, 6, device)
+    calib = aether.SketchCalibration(kp, qp, 0.5)
+    perm = torch.randperm(2 * pages_per_seq, generator=torch.Generator().manual_seed(1))
+    table = perm.reshape(2, pages_per_seq).to(torch.int32).to(device)
+    kp_pages = torch.zeros(2 * pages_per_seq, bs, 2, 64, dtype=dtype, device=device)
+    vp_pages = torch.zeros_like(kp_pages)
+    for b in range(2):
+        for p in range(pages_per_seq):
+            kp_pages[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
+            vp_pages[int(table[b, p])] = v[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
+    lens = torch.tensor([20, 3], dtype=torch.int32, device=device)
+    paged = aether.key_sketch(kp_pages, calib, bs, seq_lens=lens, block_table=table, blocks_per_sketch=per)
+    assert paged.num_blocks == 6
+    for step in ([33, 17], [64, 40], [80, 79]):
+        lens = torch.tensor(step, dtype=torch.int32, device=device)
+        paged.update(kp_pages, lens, block_table=table)
+        contiguous = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+        assert torch.equal(paged.codes, contiguous.codes) and torch.equal(paged.ranges, contiguous.ranges)
+        assert torch.equal(paged.centroid, contiguous.centroid)
+        out_p, sel_p = aether.sparse_attention(q, kp_pages, vp_pages, score="qsketch", sketch=paged, seq_lens=lens,
+                                               block_table=table, budget=3, return_selection=True)
+        out_c, sel_c = aether.sparse_attention(q, k, v, score="qsketch", sketch=contiguous, seq_lens=lens, budget=3,
+                                               return_selection=True)
+        assert torch.equal(sel_p.indices, sel_c.indices) and torch.equal(out_p, out_c)

@@ -303,18 +303,6 @@ void check_blocks_per_sketch(int64_t per, int64_t block_size) {
                block_size, ") must hold at most 128 tokens");
 }
 
-// P of existing sketch tensors: codes hold NB blocks, ranges NB / P sketch blocks.
-int64_t sketch_blocks_per_range(const Tensor& codes, const Tensor& ranges, int64_t block_size) {
-  AETHER_CHECK(codes.dim() == 5 && ranges.dim() == 5, "aether: sketch codes and ranges must be 5-D, got ",
-               codes.dim(), "-D and ", ranges.dim(), "-D");
-  const int64_t nb = codes.size(2), ns = ranges.size(2);
-  AETHER_CHECK((ns == 0 && nb == 0) || (ns > 0 && nb % ns == 0), "aether: the sketch codes hold ", nb,
-               " blocks but its ranges ", ns, " sketch blocks (must divide)");
-  const int64_t per = ns == 0 ? 1 : nb / ns;
-  check_blocks_per_sketch(per, block_size);
-  return per;
-}
-
 // codes uint8 [B, Hkv, NB, bs, R/2], ranges bfloat16 [B, Hkv, NB/P, 2, R], centroid bfloat16
 // [B, Hkv, NB/P, D].
 void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, const Tensor& centroid, int64_t batch,
@@ -342,7 +330,7 @@ void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, const Tenso
 
 aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
                                       int64_t block_size, const OptTensor& block_table, const Tensor& codes,
-                                      const Tensor& ranges, const Tensor& centroid) {
+                                      const Tensor& ranges, const Tensor& centroid, int64_t per) {
   check_block_size(block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
   check_head_dim(c.head_dim, k.is_cuda());
@@ -354,7 +342,9 @@ aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, c
   const int64_t num_blocks = codes.size(2);
   AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the sketch holds ", num_blocks, " blocks of ",
                block_size, " tokens but the cache has ", c.capacity, " slots");
-  const int64_t per = sketch_blocks_per_range(codes, ranges, block_size);
+  check_blocks_per_sketch(per, block_size);
+  AETHER_CHECK(num_blocks % per == 0, "aether: the sketch codes hold ", num_blocks,
+               " blocks, not a multiple of blocks_per_sketch (", per, ")");
   check_sketch_tensors(codes, ranges, centroid, c.batch, c.kv_heads, num_blocks, block_size, per, rank, c.head_dim, k);
 
   aether::KeySketchParams p;
@@ -404,15 +394,17 @@ std::tuple<Tensor, Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq
   Tensor ranges = at::empty({c.batch, c.kv_heads, sketch_blocks, 2, rank}, k.options().dtype(at::kBFloat16));
   Tensor centroid = at::empty({c.batch, c.kv_heads, sketch_blocks, c.head_dim}, k.options().dtype(at::kBFloat16));
   if (codes.numel() == 0) return {codes, ranges, centroid};
-  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid), k);
+  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid,
+                               blocks_per_sketch), k);
   return {codes, ranges, centroid};
 }
 
 void key_sketch_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, const Tensor& key_proj,
                        int64_t block_size, const OptTensor& block_table, Tensor& codes, Tensor& ranges,
-                       Tensor& centroid) {
+                       Tensor& centroid, int64_t blocks_per_sketch) {
   if (codes.numel() == 0) return;
-  aether::KeySketchParams p = sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid);
+  aether::KeySketchParams p =
+      sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid, blocks_per_sketch);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
   run_key_sketch(p, k);
@@ -436,7 +428,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks, bool return_scores,
     const OptTensor& head_scores, const OptTensor& head_mlo, const std::string& group_agg,
     const OptTensor& sketch_codes, const OptTensor& sketch_ranges, const OptTensor& sketch_key_proj,
-    const OptTensor& sketch_query_proj, double centroid_weight, const OptTensor& sketch_centroid) {
+    const OptTensor& sketch_query_proj, double centroid_weight, const OptTensor& sketch_centroid,
+    int64_t blocks_per_sketch) {
   check_block_size(block_size);
   const aether::Score parsed_score = parse_score(score);
   const bool sketch = parsed_score == aether::Score::kSketch;
@@ -492,7 +485,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   } else {
     check_key_proj(*sketch_key_proj, c.kv_heads, c.head_dim, q);
     const int64_t rank = sketch_key_proj->size(2);
-    const int64_t per = sketch_blocks_per_range(*sketch_codes, *sketch_ranges, block_size);
+    const int64_t per = blocks_per_sketch;
+    check_blocks_per_sketch(per, block_size);
+    AETHER_CHECK(num_blocks % per == 0, "aether: the sketch codes hold ", num_blocks,
+                 " blocks, not a multiple of blocks_per_sketch (", per, ")");
     check_sketch_tensors(*sketch_codes, *sketch_ranges, *sketch_centroid, c.batch, c.kv_heads, num_blocks, block_size,
                          per, rank, c.head_dim, q);
     const Tensor& qp = *sketch_query_proj;
@@ -761,14 +757,15 @@ TORCH_LIBRARY(aether, m) {
       "float budget_fraction, float eps, float mass, int min_blocks, int max_blocks, int sink_blocks, "
       "int recent_blocks, bool return_scores=False, Tensor? head_scores=None, Tensor? head_mlo=None, "
       "str group_agg='max', Tensor? sketch_codes=None, Tensor? sketch_ranges=None, Tensor? sketch_key_proj=None, "
-      "Tensor? sketch_query_proj=None, float centroid_weight=0.0, Tensor? sketch_centroid=None) -> "
+      "Tensor? sketch_query_proj=None, float centroid_weight=0.0, Tensor? sketch_centroid=None, "
+      "int blocks_per_sketch=1) -> "
       "(Tensor selected, Tensor num_selected, Tensor head_scores_out, Tensor head_mlo_out)");
   m.def(
       "key_sketch(Tensor k, Tensor seq_lens, Tensor key_proj, int block_size, int num_blocks, "
       "Tensor? block_table=None, int blocks_per_sketch=1) -> (Tensor codes, Tensor ranges, Tensor centroid)");
   m.def(
       "key_sketch_update(Tensor k, Tensor seq_lens, Tensor first_block, Tensor key_proj, int block_size, "
-      "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid) -> ()");
+      "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid, int blocks_per_sketch=1) -> ()");
   m.def(
       "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
       "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "
