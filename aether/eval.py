@@ -73,12 +73,14 @@ class Config:
     budget_allocation: str = "uniform"  # "layer": per-layer fractions (qsketch only)
     mass: float = 0.95  # the adaptive policy's estimated-mass target
     blocks_per_sketch: int = 1  # qsketch: blocks sharing one sketch block's ranges and centroid
+    recent_blocks: int = 1  # last complete blocks always kept (counted in the budget)
 
     @property
     def name(self) -> str:
         if self.score == "dense":
             return "dense"
         per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
+        per += f" recent{self.recent_blocks}" if self.recent_blocks != 1 else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -109,6 +111,7 @@ class EvalSettings:
     budget_allocations: tuple[str, ...] = ("uniform",)  # qsketch configs run once per entry
     adaptive_masses: tuple[float, ...] = ()  # also run each score with policy="adaptive" at these targets
     blocks_per_sketch: tuple[int, ...] = (1,)  # qsketch configs run once per entry
+    recent_blocks: int = 1  # every sparse config
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -166,7 +169,8 @@ class Runner:
         return self.AetherCache(self.model.config, dense_layers=self.settings.dense_layers, score=config.score,
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
                                 group_agg=config.group_agg, budget_allocation=config.budget_allocation,
-                                mass=config.mass, blocks_per_sketch=config.blocks_per_sketch)
+                                mass=config.mass, blocks_per_sketch=config.blocks_per_sketch,
+                                recent_blocks=config.recent_blocks)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -270,7 +274,8 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                         if per * block_size > 128:
                             continue
                         configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
-                                              budget_allocation=allocation, blocks_per_sketch=int(per)))
+                                              budget_allocation=allocation, blocks_per_sketch=int(per),
+                                              recent_blocks=settings.recent_blocks))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -278,7 +283,8 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                 for per in dict.fromkeys(settings.blocks_per_sketch) if entry == "qsketch" else (1,):
                     if per * block_size <= 128:
                         configs.append(Config(entry, calib_budget, int(block_size), policy="adaptive",
-                                              mass=float(mass), blocks_per_sketch=int(per)))
+                                              mass=float(mass), blocks_per_sketch=int(per),
+                                              recent_blocks=settings.recent_blocks))
     return configs
 
 
@@ -315,6 +321,9 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
     for allocation in settings.budget_allocations:
         if allocation not in BUDGET_ALLOCATIONS:
             raise ValueError(f"budget_allocations must be among {BUDGET_ALLOCATIONS}, got {allocation!r}")
+    if isinstance(settings.recent_blocks, bool) or not isinstance(settings.recent_blocks, int) \
+            or settings.recent_blocks < 0:
+        raise ValueError(f"recent_blocks must be an int >= 0, got {settings.recent_blocks!r}")
     for per in settings.blocks_per_sketch:
         if per not in (1, 2, 4, 8):
             raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
@@ -686,6 +695,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--blocks-per-sketch", type=_ints, default=d.blocks_per_sketch,
                    help="qsketch configs run once per entry: blocks sharing one sketch block's ranges and "
                         "centroid (1, 2, 4, 8; entries with blocks_per_sketch * block_size > 128 are skipped)")
+    p.add_argument("--recent-blocks", type=int, default=d.recent_blocks,
+                   help="last complete blocks every sparse config always keeps (counted in its budget)")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -716,7 +727,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             dense_layers=args.dense_layers, tasks=args.tasks,
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
-                            adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch)
+                            adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
+                            recent_blocks=args.recent_blocks)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

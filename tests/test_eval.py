@@ -91,6 +91,13 @@ def test_blocks_per_sketch_configs():
     settings = settings_from_args(build_parser().parse_args(["--blocks-per-sketch", "3", "--tasks", "ppl"]))
     with pytest.raises(ValueError, match="blocks_per_sketch"):
         run_eval(settings)
+    args = build_parser().parse_args(["--scores", "qsketch:sum", "--budgets", "0.125", "--block-sizes", "16",
+                                      "--blocks-per-sketch", "4", "--recent-blocks", "4"])
+    (config,) = configs_for(settings_from_args(args))[1:]
+    assert config.name == "qsketch bs16 P4 recent4 topk 0.125 sum" and config.recent_blocks == 4
+    settings = settings_from_args(build_parser().parse_args(["--recent-blocks", "-1", "--tasks", "ppl"]))
+    with pytest.raises(ValueError, match="recent_blocks"):
+        run_eval(settings)
 
 
 def test_passkey_prompt_layout(bundle):
