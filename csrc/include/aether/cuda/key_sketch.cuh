@@ -24,10 +24,8 @@
 //    divides 8, so it stages the codes of its 8 blocks and the ranges and bf16 centroids of the
 //    8 / P sketch blocks that hold them; block blk reads entry blk / P. Approximate logit of token
 //    t for head g: x_t = base_g + sum_r w_gr code_tr, base_g = u_g . lo + a q'_g . centroid,
-//    w_gr = u_gr step_r (lo, step and the centroid of the block's sketch block). The centroid
-//    dot a q'_g . c_m is computed once per sketch block, split over the 4P lanes of its P blocks
-//    (8 bf16 channels per 16-byte vector, converted with shifts), not once per block: with small
-//    blocks the per-block setup, not the token loop, is most of the work.
+//    w_gr = u_gr step_r (lo, step and the centroid of the block's sketch block; the centroid dot
+//    converts 8 bf16 channels per 16-byte vector with shifts, per block, not per token).
 //    Instead of a running maximum, each head is shifted by an upper bound of its block's x_t
 //    (base_g + 15 sum_r max(w_gr, 0)) and 2^(x_t - bound) is summed with MUFU.EX2, branch free;
 //    when every term underflows (sum < 2^-100) the four lanes redo that head against the true
@@ -342,47 +340,39 @@ __device__ __forceinline__ void sketch_lane_pass(const uint4* codes, int n_vecs,
 // same scores.
 // `centroid` is the staged bf16 centroid of the block's sketch block (staged entry `entry`), or
 // nullptr when a == 0.
-// a * q'_g . c_m for heads g0 .. g0 + kTile - 1 (a tile past G repeats head G - 1) and the sketch
-// block m staged at `centroid`, split over the L = 4P lanes that score its P blocks (each lane
-// takes 16-byte vectors of 8 bf16 channels, then a butterfly over the L lanes): a sketch block's
-// blocks share one centroid, so its dot product is computed once, not once per block. Called
-// by every lane of the warp (the shuffles take the full mask); lanes whose blocks are not scored
-// read stale stage bytes and drop the result.
-template <int kHeadDim, int kTile>
-__device__ __forceinline__ void sketch_centroid_dot(const float* s_qrest, int G, int g0, const uint4* centroid,
-                                                    int entry, int lane_in_group, int group_lanes,
-                                                    float (&dot)[kTile]) {
-  constexpr int kVecs = kHeadDim / 8;
+template <int kHeadDim, int kRank, int kTile>
+__device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float* s_qrest, int G, int g0,
+                                                  const uint4* codes, int n_vecs, int sub, int blk, int n_tokens, bool full,
+                                                  const uint4* centroid, int entry, const float (&lo)[kRank],
+                                                  const float (&step)[kRank], float (&score)[kTile]) {
+  constexpr int kCentroidVecs = kHeadDim / 8 / kSketchLanesPerBlock;  // 8 bf16 channels per vector
+  const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
+  // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c;
+  // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
+  float bias[kTile], w[kTile][kRank], bound[kTile], dot[kTile];
 #pragma unroll
   for (int gg = 0; gg < kTile; ++gg) dot[gg] = 0.0f;
-#pragma unroll 2
-  for (int v = lane_in_group; v < kVecs; v += group_lanes) {  // channels 8v .. 8v + 7
-    float c[8];
-    bf16x8_as_float(centroid[sketch_slot(v, entry, kVecs)], c);
+  if (centroid != nullptr) {  // s_qrest is pre-scaled by a * scale * log2 e
+#pragma unroll
+    for (int i = 0; i < kCentroidVecs; ++i) {
+      const int v = sub + i * kSketchLanesPerBlock;  // channels 8v .. 8v + 7
+      float c[8];
+      bf16x8_as_float(centroid[sketch_slot(v, entry, kHeadDim / 8)], c);
+#pragma unroll
+      for (int gg = 0; gg < kTile; ++gg) {
+        const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + 8 * v;
+        const float4 qa = *reinterpret_cast<const float4*>(qr);
+        const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
+        dot[gg] = fmaf(qa.x, c[0], fmaf(qa.y, c[1], fmaf(qa.z, c[2], fmaf(qa.w, c[3], dot[gg]))));
+        dot[gg] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], dot[gg]))));
+      }
+    }
 #pragma unroll
     for (int gg = 0; gg < kTile; ++gg) {
-      const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + 8 * v;  // pre-scaled by a * scale * log2 e
-      const float4 qa = *reinterpret_cast<const float4*>(qr);
-      const float4 qb = *reinterpret_cast<const float4*>(qr + 4);
-      dot[gg] = fmaf(qa.x, c[0], fmaf(qa.y, c[1], fmaf(qa.z, c[2], fmaf(qa.w, c[3], dot[gg]))));
-      dot[gg] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], dot[gg]))));
+#pragma unroll
+      for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) dot[gg] += __shfl_xor_sync(group_mask, dot[gg], offset);
     }
   }
-#pragma unroll
-  for (int gg = 0; gg < kTile; ++gg) {
-    for (int offset = group_lanes / 2; offset > 0; offset >>= 1) dot[gg] += __shfl_xor_sync(kFullMask, dot[gg], offset);
-  }
-}
-
-template <int kHeadDim, int kRank, int kTile>
-__device__ __forceinline__ void sketch_block_tile(const float* s_uc, int G, int g0, const uint4* codes, int n_vecs,
-                                                  int sub, int blk, int n_tokens, bool full, const float (&dot)[kTile],
-                                                  const float (&lo)[kRank], const float (&step)[kRank],
-                                                  float (&score)[kTile]) {
-  const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
-  // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c (dot);
-  // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
-  float bias[kTile], w[kTile][kRank], bound[kTile];
 #pragma unroll
   for (int gg = 0; gg < kTile; ++gg) {
     const int g = min(g0 + gg, G - 1);
@@ -498,8 +488,6 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
   const int per_shift = __ffs(p.blocks_per_sketch) - 1;  // P is a power of two
   const int64_t sketch_row0 = row0 >> per_shift;           // num_blocks is a multiple of P
   const int entry = blk >> per_shift;                      // this block's staged sketch block
-  const int group_lanes = kSketchLanesPerBlock << per_shift;  // lanes of one sketch block's blocks (<= 32)
-  const int lane_in_group = lane & (group_lanes - 1);
   const int n_vecs = p.block_size * kRank / 2 / 16;
   const SketchStageLayout layout(p.block_size, kRank, kHeadDim, use_centroid, p.blocks_per_sketch);
   char* stages = s_stages + static_cast<size_t>(warp) * 2 * layout.bytes;
@@ -519,51 +507,42 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
     const char* stage = stages + (k & 1) * layout.bytes;
     const int j = span * kSketchBlocksPerWarp + blk;
     const int n_tokens = j < n_blocks ? min(p.block_size, len - j * p.block_size) : 0;
-    const bool scored = j < p.num_blocks && n_tokens > 0;  // the four lanes of a block agree
-    // Uniform over the warp from here to the stores (the shared centroid dot shuffles across
-    // blocks); lanes of blocks that are not scored read stale stage bytes and drop the results.
-    const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
-    const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + entry * 4 * kRank);
-    const uint4* centroid = reinterpret_cast<const uint4*>(stage + layout.centroid_offset + entry * layout.centroid_stride);
-    // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
-    float lo[kRank], step[kRank];
+    if (j < p.num_blocks) {  // the four lanes of a block agree
+      float group = -INFINITY;
+      if (n_tokens > 0) {
+        const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
+        const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + entry * 4 * kRank);
+        const uint4* centroid =
+            use_centroid ? reinterpret_cast<const uint4*>(stage + layout.centroid_offset + entry * layout.centroid_stride)
+                         : nullptr;
+        // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
+        float lo[kRank], step[kRank];
 #pragma unroll
-    for (int r = 0; r < kRank; r += 2) {
-      const uint32_t lo_pair = ranges[r / 2], hi_pair = ranges[kRank / 2 + r / 2];
-      lo[r] = __uint_as_float(lo_pair << 16);
-      lo[r + 1] = __uint_as_float(lo_pair & 0xFFFF0000u);
-      step[r] = (__uint_as_float(hi_pair << 16) - lo[r]) * (1.0f / kSketchLevels);
-      step[r + 1] = (__uint_as_float(hi_pair & 0xFFFF0000u) - lo[r + 1]) * (1.0f / kSketchLevels);
-    }
-    const bool full = n_tokens == p.block_size;
-    float group = -INFINITY;
-    for (int g0 = 0; g0 < G; g0 += kTile) {
-      float dot[kTile];
-      if (use_centroid) {
-        sketch_centroid_dot<kHeadDim, kTile>(s_qrest, G, g0, centroid, entry, lane_in_group, group_lanes, dot);
-      } else {
-#pragma unroll
-        for (int gg = 0; gg < kTile; ++gg) dot[gg] = 0.0f;
-      }
-      if (scored) {
-        float score[kTile];
-        sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, G, g0, codes, n_vecs, sub, blk, n_tokens, full, dot, lo, step,
-                                                  score);
-#pragma unroll
-        for (int gg = 0; gg < kTile; ++gg) {
-          if (g0 + gg >= G) break;
-          if (sub == 0 && ws.head_scores_out != nullptr) {
-            ws.head_scores_out[(q_head0 + g0 + gg) * p.num_blocks + j] = score[gg];
-          }
-          group = fmaxf(group, score[gg]);
+        for (int r = 0; r < kRank; r += 2) {
+          const uint32_t lo_pair = ranges[r / 2], hi_pair = ranges[kRank / 2 + r / 2];
+          lo[r] = __uint_as_float(lo_pair << 16);
+          lo[r + 1] = __uint_as_float(lo_pair & 0xFFFF0000u);
+          step[r] = (__uint_as_float(hi_pair << 16) - lo[r]) * (1.0f / kSketchLevels);
+          step[r + 1] = (__uint_as_float(hi_pair & 0xFFFF0000u) - lo[r + 1]) * (1.0f / kSketchLevels);
         }
-      }
-    }
-    if (j < p.num_blocks && sub == 0) {
-      if (!scored && ws.head_scores_out != nullptr) {
+        const bool full = n_tokens == p.block_size;
+        for (int g0 = 0; g0 < G; g0 += kTile) {
+          float score[kTile];
+          sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, s_qrest, G, g0, codes, n_vecs, sub, blk, n_tokens, full, centroid,
+                                                    entry, lo, step, score);
+#pragma unroll
+          for (int gg = 0; gg < kTile; ++gg) {
+            if (g0 + gg >= G) break;
+            if (sub == 0 && ws.head_scores_out != nullptr) {
+              ws.head_scores_out[(q_head0 + g0 + gg) * p.num_blocks + j] = score[gg];
+            }
+            group = fmaxf(group, score[gg]);
+          }
+        }
+      } else if (sub == 0 && ws.head_scores_out != nullptr) {
         for (int g = 0; g < G; ++g) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
       }
-      ws.group_scores[row0 + j] = group;
+      if (sub == 0) ws.group_scores[row0 + j] = group;
     }
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
   }
