@@ -71,6 +71,7 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads, DecodeConfig<kHeadDim>::kMinBlocksPerSM)
 sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
+  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int kWarps = Cfg::kWarps;
   constexpr int kStages = Cfg::kStages;
@@ -361,8 +362,7 @@ cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t strea
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.kv_heads * head_tiles;
   if (ctas == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, head_tiles);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, head_tiles);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,6 +374,7 @@ constexpr int kMergeWarps = 4;
 template <typename T>
 __global__ void __launch_bounds__(kMergeWarps * kWarpSize)
 merge_splits_kernel(const SparseDecodeParams p) {
+  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / kWarpSize;
   if (row >= static_cast<int64_t>(p.batch) * p.q_heads) return;  // whole warp
@@ -421,8 +422,7 @@ cudaError_t launch_merge_splits(const SparseDecodeParams& p, cudaStream_t stream
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_heads;
   if (rows == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(ceil_div(rows, kMergeWarps));
-  merge_splits_kernel<T><<<grid, kMergeWarps * kWarpSize, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(merge_splits_kernel<T>, dim3(grid), dim3(kMergeWarps * kWarpSize), 0, stream, p);
 }
 
 }  // namespace cuda
