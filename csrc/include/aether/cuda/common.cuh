@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <utility>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -37,44 +35,6 @@ inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Programmatic dependent launch (Hopper): every AETHER kernel is launched with
-// programmaticStreamSerializationAllowed, so the GPU may schedule it while the previous kernel in
-// the stream is finishing; the kernel waits (griddepcontrol.wait, `wait_for_previous_grid`) at its
-// top, before it touches global memory, so what overlaps is launch latency and CTA setup only and
-// the results are those of plain stream order. A decode step is five dependent kernels. Set
-// AETHER_PDL=0 to launch them plainly.
-inline bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("AETHER_PDL");
-    return env == nullptr || env[0] != '0';
-  }();
-  return enabled;
-}
-
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          Args&&... args) {
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
-// The first statement of every kernel: wait until the previous kernel in the stream has completed
-// and its writes are visible (a no-op when the kernel was not launched as a dependent).
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // grid.y of the per-block build kernels (block_stats, key_sketch), whose CTAs stride over the
 // blocks of one (b, kv_head): a full build gives every block its own CTA; an append (first_block

@@ -68,7 +68,6 @@ inline size_t key_sketch_smem_bytes(int sketch_tokens, int head_dim, int rank) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kSketchThreads)
 key_sketch_kernel(const KeySketchParams p) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   constexpr int kRow = kHeadDim + 1;  // padded key row
   constexpr int kChunks = kHeadDim / 8;
   extern __shared__ __align__(16) float s_dyn[];
@@ -196,7 +195,8 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  return launch_kernel(kernel, grid, dim3(kSketchThreads), smem, stream, p);
+  kernel<<<grid, kSketchThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,7 +552,6 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
 template <int kHeadDim, int kRank>
 __global__ void __launch_bounds__(kSketchScoreThreads, kSketchScoreMinCtas)
 sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
   extern __shared__ __align__(16) float s_dyn[];
   const int G = p.q_heads / p.kv_heads;
@@ -662,7 +661,8 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   const int64_t slices = std::min<int64_t>(
       std::max<int64_t>(1, std::min(ceil_div(spans, warps), resident / heads_kv)), 65535);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  return launch_kernel(kernel, grid, dim3(threads), smem, stream, p, *ws);
+  kernel<<<grid, threads, smem, stream>>>(p, *ws);
+  return cudaGetLastError();
 }
 
 // One instantiation per head_dim (sketch_score_hd*.cu) covering the ranks 2, 4, 8, 16.

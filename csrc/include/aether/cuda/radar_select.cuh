@@ -230,7 +230,6 @@ inline int radar_chunk_blocks(const RadarSelectParams& p, bool box, int num_sms,
 template <int kHeadDim, int kGroupTile, bool kBox>
 __global__ void __launch_bounds__(kScoreThreads)
 radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   using C = LaneChannels<kHeadDim>;
   constexpr int kValues = kBox ? 2 * kGroupTile : kGroupTile;  // partial sums per lane per block
   constexpr int kLanesPerValue = kWarpSize / kValues;
@@ -476,7 +475,8 @@ cudaError_t launch_radar_score_tile(const RadarSelectParams& p, RadarWorkspace* 
   ws->chunk_blocks = chunk_blocks;
   ws->n_chunks = static_cast<int32_t>(slices);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  return launch_kernel(kernel, grid, dim3(kScoreThreads), smem, stream, p, *ws);
+  kernel<<<grid, kScoreThreads, smem, stream>>>(p, *ws);
+  return cudaGetLastError();
 }
 
 // Picks the head tile and whether the box term is needed; instantiated once per head_dim
@@ -772,7 +772,6 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
 template <Policy kPolicy>
 __global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   using KeyT = typename std::conditional<kPolicy == Policy::kTopK, uint32_t, uint64_t>::type;
   __shared__ SelectShared sh;
   extern __shared__ __align__(16) unsigned char s_dyn_bytes[];

@@ -71,7 +71,6 @@ __device__ __forceinline__ int swizzle(int row, int chunk) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(DecodeConfig<kHeadDim>::kThreads, DecodeConfig<kHeadDim>::kMinBlocksPerSM)
 sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   using Cfg = DecodeConfig<kHeadDim>;
   constexpr int kWarps = Cfg::kWarps;
   constexpr int kStages = Cfg::kStages;
@@ -362,7 +361,8 @@ cudaError_t launch_sparse_decode(const SparseDecodeParams& p, cudaStream_t strea
   const int64_t ctas = static_cast<int64_t>(p.batch) * p.kv_heads * head_tiles;
   if (ctas == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.num_splits));
-  return launch_kernel(kernel, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, stream, p, head_tiles);
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, head_tiles);
+  return cudaGetLastError();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,7 +374,6 @@ constexpr int kMergeWarps = 4;
 template <typename T>
 __global__ void __launch_bounds__(kMergeWarps * kWarpSize)
 merge_splits_kernel(const SparseDecodeParams p) {
-  wait_for_previous_grid();  // PDL: see launch_kernel (common.cuh)
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / kWarpSize;
   if (row >= static_cast<int64_t>(p.batch) * p.q_heads) return;  // whole warp
@@ -422,7 +421,8 @@ cudaError_t launch_merge_splits(const SparseDecodeParams& p, cudaStream_t stream
   const int64_t rows = static_cast<int64_t>(p.batch) * p.q_heads;
   if (rows == 0) return cudaSuccess;
   const unsigned grid = static_cast<unsigned>(ceil_div(rows, kMergeWarps));
-  return launch_kernel(merge_splits_kernel<T>, dim3(grid), dim3(kMergeWarps * kWarpSize), 0, stream, p);
+  merge_splits_kernel<T><<<grid, kMergeWarps * kWarpSize, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda
