@@ -479,7 +479,8 @@ def tiny_llama():
 
 
 @needs_transformers
-def test_tiny_model_qsketch_decode_matches_sparse_attention(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("per", [1, 2])
+def test_tiny_model_qsketch_decode_matches_sparse_attention(tiny_llama, monkeypatch, per):
     """Through the transformers integration: each sparse layer calibrates from the prefill query the
     attention function saw (its last sketch_queries positions) and the prefill keys, and every decode
     step equals aether.sparse_attention with a freshly built sketch."""
@@ -503,18 +504,20 @@ def test_tiny_model_qsketch_decode_matches_sparse_attention(tiny_llama, monkeypa
     monkeypatch.setattr(tr, "sdpa_attention_forward", spy_sdpa)
     monkeypatch.setattr(aether, "sparse_attention", spy_sparse)
     cache = tr.AetherCache(tiny_llama.config, dense_layers=(0,), score="qsketch", budget=0.25, block_size=16,
-                           sketch_queries=64)
+                           sketch_queries=64, blocks_per_sketch=per)
     ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(3))
     _decode(tiny_llama, ids, cache, 20)
     for layer in (1, 2):
         q, k = prefill_seen[layer]
-        want = aether.calibrate_sketch(k[0], q[0, :, -64:], rank=8, block_size=16, budget=0.25)
+        want = aether.calibrate_sketch(k[0], q[0, :, -64:], rank=8, block_size=16, budget=0.25,
+                                       blocks_per_sketch=per)
         _assert_calibration_equal(cache.layers[layer].kv.calibrations()[0], want)
     assert len(calls) == 2 * 20 and len({id(c[3]["sketch"]) for c in calls}) == 2  # one sketch per sparse layer
     for q, k, v, kwargs, out in calls:
         assert kwargs["score"] == "qsketch" and kwargs["group_agg"] is None
         assert kwargs["stats"] is None, "qsketch reads no block statistics"
-        fresh = aether.key_sketch(k, kwargs["sketch"].calibration, 16)
+        assert kwargs["sketch"].blocks_per_sketch == per
+        fresh = aether.key_sketch(k, kwargs["sketch"].calibration, 16, blocks_per_sketch=per)
         want = real_sparse(q, k, v, score="qsketch", sketch=fresh, budget=0.25, block_size=16,
                            scale=kwargs["scale"], return_selection=True)[0]
         assert torch.equal(out, want)
