@@ -77,22 +77,7 @@ std::vector<int32_t> sketch_lengths(const SketchCase& c, std::mt19937_64& rng) {
 
 KeySketchParams make_params(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj,
                             int rank, SketchBuffers& out) {
-  KeySketchParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.key_proj = key_proj.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.blocks_per_sketch = out.blocks_per_sketch;
-  p.rank = rank;
-  p.sketch.codes = out.codes.data();
-  p.sketch.ranges = out.ranges.data();
-  p.sketch.centroid = out.centroid_data();
-  return p;
+  return test::key_sketch_params(kv, lens, key_proj, rank, out);
 }
 
 // Small-integer keys and power-of-two projections: every coefficient is exact in float32.
@@ -243,10 +228,8 @@ TEST(CpuKeySketch, RandomInputsMatchBruteForceWithinRounding) {
                 ASSERT_EQ(actual, 0) << where << " t=" << t << " r=" << r;
                 continue;
               }
-              const double quotient = (x[t][r] - lo) / step;
-              const double slack = 1e-4 + 2.0 * error[t] / step;
-              const double least = std::clamp(test::rint_ties_even(quotient - slack), 0.0, 15.0);
-              const double most = std::clamp(test::rint_ties_even(quotient + slack), 0.0, 15.0);
+              const test::CodeBounds bounds = test::code_bounds(x[t][r], lo, step, error[t]);
+              const double quotient = bounds.quotient, least = bounds.least, most = bounds.most;
               ASSERT_GE(actual, least) << where << " t=" << t << " r=" << r << " quotient " << quotient;
               ASSERT_LE(actual, most) << where << " t=" << t << " r=" << r << " quotient " << quotient;
               ++codes_checked;

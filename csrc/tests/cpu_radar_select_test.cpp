@@ -584,22 +584,7 @@ test::SketchBuffers build_sketch(const TestKV& kv, const std::vector<int32_t>& l
                                  int rank, int per = 1) {
   test::SketchBuffers sketch(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank, kv.head_dim, per);
   sketch.poison();
-  KeySketchParams p;
-  p.k = kv.layout();
-  p.dtype = kv.dtype;
-  p.seq_lens = lens.data();
-  p.key_proj = key_proj.data();
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.blocks_per_sketch = per;
-  p.rank = rank;
-  p.sketch.codes = sketch.codes.data();
-  p.sketch.ranges = sketch.ranges.data();
-  p.sketch.centroid = sketch.centroid_data();
-  cpu::key_sketch(p);
+  cpu::key_sketch(test::key_sketch_params(kv, lens, key_proj, rank, sketch));
   return sketch;
 }
 

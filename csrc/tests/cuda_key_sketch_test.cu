@@ -82,26 +82,6 @@ std::vector<uint16_t> host_centroid(const TestKV& kv, int b, int h, int t0, int 
   return bits;
 }
 
-KeySketchParams sketch_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const float* key_proj, int rank,
-                              int per, uint8_t* codes, uint16_t* ranges, uint16_t* centroid) {
-  KeySketchParams p;
-  p.k = layout;
-  p.dtype = kv.dtype;
-  p.seq_lens = lens;
-  p.key_proj = key_proj;
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.blocks_per_sketch = per;
-  p.rank = rank;
-  p.sketch.codes = codes;
-  p.sketch.ranges = ranges;
-  p.sketch.centroid = centroid;
-  return p;
-}
-
 SketchBuffers new_sketch(const TestKV& kv, int rank, int per) {
   SketchBuffers out(kv.batch, kv.heads, kv.num_blocks, kv.block_size, rank, kv.head_dim, per);
   out.poison();
@@ -111,8 +91,7 @@ SketchBuffers new_sketch(const TestKV& kv, int rank, int per) {
 SketchBuffers cpu_sketch(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<float>& key_proj, int rank,
                          int per) {
   SketchBuffers out = new_sketch(kv, rank, per);
-  cpu::key_sketch(sketch_params(kv, kv.layout(), lens.data(), key_proj.data(), rank, per, out.codes.data(),
-                                out.ranges.data(), out.centroid.data()));
+  cpu::key_sketch(test::key_sketch_params(kv, lens, key_proj, rank, out));
   return out;
 }
 
@@ -136,9 +115,9 @@ void run_cuda_sketch(const TestKV& kv, const DeviceKeys& keys, const std::vector
   DeviceBytes d_centroid(sketch.centroid.data(), sketch.centroid.size() * sizeof(uint16_t));
   ASSERT_TRUE(d_codes.ptr != nullptr && d_ranges.ptr != nullptr && d_centroid.ptr != nullptr);
   const KVLayout layout = kv.layout(keys.k.ptr, kv.kind == KVKind::kPaged ? keys.table.as<int32_t>() : nullptr);
-  KeySketchParams p = sketch_params(kv, layout, d_lens.as<int32_t>(), keys.proj.as<float>(), sketch.rank,
-                                    sketch.blocks_per_sketch, d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(),
-                                    d_centroid.as<uint16_t>());
+  KeySketchParams p = test::key_sketch_params(kv, layout, d_lens.as<int32_t>(), keys.proj.as<float>(), sketch.rank,
+                                              sketch.blocks_per_sketch, d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(),
+                                              d_centroid.as<uint16_t>());
   p.first_block = first_block ? d_first.as<int32_t>() : nullptr;
   ASSERT_CUDA(cuda::key_sketch(p, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
@@ -272,10 +251,8 @@ TEST(CudaKeySketch, FullBuildMatchesCpuWithinCoefficientRounding) {
               }
               // rint of the quotient from the kernel's own range; a neighbour only within the
               // coefficient's float32 error (plus the quotient's own rounding) of a .5 boundary.
-              const double quotient = (x[t][r] - lo) / step;
-              const double slack = 1e-4 + 2.0 * error[t] / step;
-              const double least = std::clamp(test::rint_ties_even(quotient - slack), 0.0, 15.0);
-              const double most = std::clamp(test::rint_ties_even(quotient + slack), 0.0, 15.0);
+              const test::CodeBounds bounds = test::code_bounds(x[t][r], lo, step, error[t]);
+              const double quotient = bounds.quotient, least = bounds.least, most = bounds.most;
               ASSERT_GE(actual, least) << where << " t=" << t << " r=" << r << " quotient " << quotient;
               ASSERT_LE(actual, most) << where << " t=" << t << " r=" << r << " quotient " << quotient;
               if (same_range) {
@@ -378,8 +355,9 @@ TEST(CudaKeySketch, RejectsInvalidBlocksPerSketch) {
   const DeviceKeys keys(kv, key_proj);
   DeviceBytes d_lens(lens.data(), sizeof(int32_t));
   DeviceBytes d_codes(sketch.codes.size()), d_ranges(sketch.ranges.size() * 2), d_centroid(sketch.centroid.size() * 2);
-  const KeySketchParams base = sketch_params(kv, kv.layout(keys.k.ptr, nullptr), d_lens.as<int32_t>(), keys.proj.as<float>(),
-                                             R, 4, d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(), d_centroid.as<uint16_t>());
+  const KeySketchParams base =
+      test::key_sketch_params(kv, kv.layout(keys.k.ptr, nullptr), d_lens.as<int32_t>(), keys.proj.as<float>(), R, 4,
+                              d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(), d_centroid.as<uint16_t>());
   ASSERT_CUDA(cuda::key_sketch(base, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   for (int per : {0, -2, 3, 6, 16}) {
@@ -585,6 +563,28 @@ void expect_cuda_matches_cpu(const RadarSelectParams& p, const TestQuery& q, con
   ASSERT_EQ(cuda_out.selected, from_cuda_scores.selected);
 }
 
+// Groups of 1, 3, 4, 8 query heads (one-head, two-head and wide tiles), centroid weight 0 and
+// 0.5, max and sum aggregation over one sketch: the CUDA scores and selection match the CPU's.
+void expect_every_group_matches_cpu(const TestKV& kv, const std::vector<int32_t>& lens, const SketchBuffers& sketch,
+                                    const std::vector<float>& key_proj, const std::string& where,
+                                    std::mt19937_64& rng) {
+  const int D = kv.head_dim, R = sketch.rank;
+  for (int G : {1, 3, 4, 8}) {
+    TestQuery q(kv.dtype, kv.batch, G * kv.heads, D);
+    q.fill_normal(rng);
+    const std::vector<float> query_proj = random_proj(G * kv.heads, D, R, rng, 2.0 / std::sqrt(D));
+    for (float weight : {0.0f, 0.5f}) {
+      for (GroupAgg agg : {GroupAgg::kMax, GroupAgg::kSum}) {
+        SCOPED_TRACE(where + " G=" + std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
+                     (agg == GroupAgg::kSum ? "sum" : "max"));
+        const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
+        expect_cuda_matches_cpu(p, q, sketch, lens);
+        if (testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
 TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();
@@ -605,22 +605,12 @@ TEST(CudaSketchScore, ScoresMatchCpuAndSelectionFollowsThem) {
         const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng);
         const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
         const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, 1);
-        for (int G : {1, 3, 4, 8}) {
-          TestQuery q(dtype, batch, G * kv_heads, D);
-          q.fill_normal(rng);
-          const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 2.0 / std::sqrt(D));
-          for (float weight : {0.0f, 0.5f}) {
-            for (GroupAgg agg : {GroupAgg::kMax, GroupAgg::kSum}) {
-              SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) + " bs=" +
-                           std::to_string(bs) + " D=" + std::to_string(D) + " R=" + std::to_string(R) + " G=" +
-                           std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
-                           (agg == GroupAgg::kSum ? "sum" : "max"));
-              const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
-              expect_cuda_matches_cpu(p, q, sketch, lens);
-              if (testing::Test::HasFatalFailure()) return;
-            }
-          }
-        }
+        expect_every_group_matches_cpu(kv, lens, sketch, key_proj,
+                                       std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) +
+                                           " bs=" + std::to_string(bs) + " D=" + std::to_string(D) + " R=" +
+                                           std::to_string(R),
+                                       rng);
+        if (testing::Test::HasFatalFailure()) return;
       }
     }
   }
@@ -654,22 +644,12 @@ TEST(CudaSketchScore, SketchBlocksMatchCpuForEveryHeadDim) {
       const std::vector<int32_t> lens = sketch_lengths(batch, max_len, bs, sb, rng);
       const std::vector<float> key_proj = random_proj(kv_heads, D, R, rng, 1.0 / std::sqrt(D));
       const SketchBuffers sketch = cpu_sketch(kv, lens, key_proj, R, P);
-      for (int G : {1, 3, 4, 8}) {
-        TestQuery q(dtype, batch, G * kv_heads, D);
-        q.fill_normal(rng);
-        const std::vector<float> query_proj = random_proj(G * kv_heads, D, R, rng, 2.0 / std::sqrt(D));
-        for (float weight : {0.0f, 0.5f}) {
-          for (GroupAgg agg : {GroupAgg::kMax, GroupAgg::kSum}) {
-            SCOPED_TRACE(std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) + " bs=" +
-                         std::to_string(bs) + " P=" + std::to_string(P) + " D=" + std::to_string(D) + " R=" +
-                         std::to_string(R) + " G=" + std::to_string(G) + " a=" + std::to_string(weight) + " agg=" +
-                         (agg == GroupAgg::kSum ? "sum" : "max"));
-            const RadarSelectParams p = sketch_select_params(q, kv, lens, sketch, key_proj, query_proj, weight, agg);
-            expect_cuda_matches_cpu(p, q, sketch, lens);
-            if (testing::Test::HasFatalFailure()) return;
-          }
-        }
-      }
+      expect_every_group_matches_cpu(kv, lens, sketch, key_proj,
+                                     std::string(test::dtype_name(dtype)) + " " + test::kv_kind_name(kind) + " bs=" +
+                                         std::to_string(bs) + " P=" + std::to_string(P) + " D=" + std::to_string(D) +
+                                         " R=" + std::to_string(R),
+                                     rng);
+      if (testing::Test::HasFatalFailure()) return;
     }
   }
 }

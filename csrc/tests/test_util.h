@@ -713,6 +713,36 @@ struct SketchBuffers {
   }
 };
 
+// KeySketchParams of a full build (no first_block) of kv into the given sketch tensors; host
+// pointers for the CPU kernel, device pointers for the CUDA one.
+inline KeySketchParams key_sketch_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const float* key_proj,
+                                         int rank, int per, uint8_t* codes, uint16_t* ranges, uint16_t* centroid) {
+  KeySketchParams p;
+  p.k = layout;
+  p.dtype = kv.dtype;
+  p.seq_lens = lens;
+  p.key_proj = key_proj;
+  p.batch = kv.batch;
+  p.kv_heads = kv.heads;
+  p.head_dim = kv.head_dim;
+  p.block_size = kv.block_size;
+  p.num_blocks = kv.num_blocks;
+  p.blocks_per_sketch = per;
+  p.rank = rank;
+  p.sketch.codes = codes;
+  p.sketch.ranges = ranges;
+  p.sketch.centroid = centroid;
+  return p;
+}
+
+// The same, of kv's host data into `out` (its P and centroid).
+inline KeySketchParams key_sketch_params(const TestKV& kv, const std::vector<int32_t>& lens,
+                                         const std::vector<float>& key_proj, int rank, SketchBuffers& out) {
+  return key_sketch_params(kv, kv.layout(), lens.data(), key_proj.data(), rank, out.blocks_per_sketch,
+                           out.codes.data(), out.ranges.data(), out.centroid_data());
+}
+
+
 // Round to nearest, ties to even, without the floating-point environment.
 inline double rint_ties_even(double x) {
   const double down = std::floor(x);
@@ -720,6 +750,19 @@ inline double rint_ties_even(double x) {
   if (fraction > 0.5) return down + 1.0;
   if (fraction < 0.5) return down;
   return std::fmod(down, 2.0) == 0.0 ? down : down + 1.0;
+}
+
+// The codes [least, most] a kernel may write for a coefficient x quantised against (lo, step):
+// rint of the quotient, or a neighbour where x's float32 error (plus the quotient's own rounding)
+// reaches a .5 boundary. Only for step > 0.
+struct CodeBounds {
+  double quotient, least, most;
+};
+inline CodeBounds code_bounds(double x, double lo, double step, double error) {
+  const double quotient = (x - lo) / step;
+  const double slack = 1e-4 + 2.0 * error / step;
+  return {quotient, std::clamp(rint_ties_even(quotient - slack), 0.0, 15.0),
+          std::clamp(rint_ties_even(quotient + slack), 0.0, 15.0)};
 }
 
 // step_r = (hi_r - lo_r) / 15 in float32 from the bfloat16 bit patterns.

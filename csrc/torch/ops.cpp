@@ -303,6 +303,13 @@ void check_blocks_per_sketch(int64_t per, int64_t block_size) {
                block_size, ") must hold at most 128 tokens");
 }
 
+// ... and existing sketch codes of num_blocks blocks: whole sketch blocks.
+void check_blocks_per_sketch(int64_t per, int64_t block_size, int64_t num_blocks) {
+  check_blocks_per_sketch(per, block_size);
+  AETHER_CHECK(num_blocks % per == 0, "aether: the sketch codes hold ", num_blocks,
+               " blocks, not a multiple of blocks_per_sketch (", per, ")");
+}
+
 // codes uint8 [B, Hkv, NB, bs, R/2], ranges bfloat16 [B, Hkv, NB/P, 2, R], centroid bfloat16
 // [B, Hkv, NB/P, D].
 void check_sketch_tensors(const Tensor& codes, const Tensor& ranges, const Tensor& centroid, int64_t batch,
@@ -342,9 +349,7 @@ aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, c
   const int64_t num_blocks = codes.size(2);
   AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the sketch holds ", num_blocks, " blocks of ",
                block_size, " tokens but the cache has ", c.capacity, " slots");
-  check_blocks_per_sketch(per, block_size);
-  AETHER_CHECK(num_blocks % per == 0, "aether: the sketch codes hold ", num_blocks,
-               " blocks, not a multiple of blocks_per_sketch (", per, ")");
+  check_blocks_per_sketch(per, block_size, num_blocks);
   check_sketch_tensors(codes, ranges, centroid, c.batch, c.kv_heads, num_blocks, block_size, per, rank, c.head_dim, k);
 
   aether::KeySketchParams p;
@@ -486,9 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     check_key_proj(*sketch_key_proj, c.kv_heads, c.head_dim, q);
     const int64_t rank = sketch_key_proj->size(2);
     const int64_t per = blocks_per_sketch;
-    check_blocks_per_sketch(per, block_size);
-    AETHER_CHECK(num_blocks % per == 0, "aether: the sketch codes hold ", num_blocks,
-                 " blocks, not a multiple of blocks_per_sketch (", per, ")");
+    check_blocks_per_sketch(per, block_size, num_blocks);
     check_sketch_tensors(*sketch_codes, *sketch_ranges, *sketch_centroid, c.batch, c.kv_heads, num_blocks, block_size,
                          per, rank, c.head_dim, q);
     const Tensor& qp = *sketch_query_proj;
