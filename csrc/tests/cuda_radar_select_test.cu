@@ -417,7 +417,9 @@ TEST(CudaRadarSelect, SelectionGivenTheSameScoresMatchesCpu) {
     p.mass = mass_values[pick(rng) % 5];
     p.min_blocks = pick(rng) % 4;
     p.max_blocks = pick(rng) % 2 == 0 ? 0 : pick(rng) % 10;
-    SCOPED_TRACE("trial " + std::to_string(trial) + " policy " + std::to_string(trial % 3) + " G=" + std::to_string(G) +
+    p.group_agg = pick(rng) % 2 == 0 ? GroupAgg::kMax : GroupAgg::kSum;  // read by topk only
+    SCOPED_TRACE("trial " + std::to_string(trial) + " policy " + std::to_string(trial % 3) + " agg " +
+                 std::to_string(static_cast<int>(p.group_agg)) + " G=" + std::to_string(G) +
                  " bs=" + std::to_string(block_size) + " NB=" + std::to_string(num_blocks));
 
     std::vector<float> scores(static_cast<size_t>(batch) * q_heads * num_blocks, kNegInf);
@@ -456,6 +458,8 @@ TEST(CudaRadarSelect, SelectionGivenTheSameScoresMatchesCpu) {
 }
 
 // Block counts whose keys exceed shared memory (workspace path) and long runs of equal scores.
+// topk with the sum aggregation also covers each staging of the head scores: NB = 8192 stages the
+// float scores but not their double exp terms, 20000 keys only, 70000 nothing (G = 4).
 TEST(CudaRadarSelect, LargeBlockCountsUseTheWorkspace) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();
@@ -463,11 +467,15 @@ TEST(CudaRadarSelect, LargeBlockCountsUseTheWorkspace) {
   std::mt19937_64 rng(seed);
   const int batch = 2, kv_heads = 2, G = 4, q_heads = kv_heads * G, bs = 16;
   for (int num_blocks : {8192, 20000, 70000}) {
-    for (Policy policy : {Policy::kTopK, Policy::kThreshold, Policy::kAdaptive}) {
-      SCOPED_TRACE("NB=" + std::to_string(num_blocks) + " policy " + std::to_string(static_cast<int>(policy)));
+    for (int variant = 0; variant < 4; ++variant) {
+      const Policy policy = variant == 3 ? Policy::kTopK : static_cast<Policy>(variant);
+      const GroupAgg agg = variant == 3 ? GroupAgg::kSum : GroupAgg::kMax;
+      SCOPED_TRACE("NB=" + std::to_string(num_blocks) + " policy " + std::to_string(static_cast<int>(policy)) +
+                   " agg " + std::to_string(static_cast<int>(agg)));
       const std::vector<int32_t> lens = {num_blocks * bs, num_blocks * bs - 37};
       RadarSelectParams p = base_params(batch, q_heads, kv_heads, 128, bs, num_blocks, lens);
       p.policy = policy;
+      p.group_agg = agg;
       p.budget_fraction = 0.125;
       p.eps = 0.05;
       p.mass = 0.9;
