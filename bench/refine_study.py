@@ -1,0 +1,140 @@
+"""Two-stage selection study (issue 5): the sketch picks candidates, a finer look at their keys
+picks the blocks that are read. Emulated on the CPU with the pure-PyTorch reference; nothing
+here is in the kernels.
+
+Each qsketch decode step of `aether.eval` is replaced by:
+  1. the qsketch scores of every block (the cache's real key sketch, `reference.sketch_head_scores`),
+     top-k with the sum aggregation at the candidate fraction `--candidates` C;
+  2. for the candidate blocks only, the block log-mass from the keys themselves: exact bf16 keys
+     (`--key-bits 0`), or keys quantised per (128-token group, channel) to `--key-bits` bits with
+     bf16 min / max ranges (a second, full-dimension key sketch read only for candidates);
+  3. top-k of those at the eval's budget K (sum aggregation), then exact attention over them.
+
+Bytes read per step, as a fraction of dense bf16 K+V (head_dim D; the table the eval prints
+counts only the sketch and the K/V of the final blocks, so add the candidates' share by hand):
+  sketch (printed as metadata) + K (printed as selected)
+  + candidates x 1/2            with exact keys (their K read twice: refinement and attention),
+  + candidates x (bits / 32 + 1 / 128) with b-bit keys (D b / 8 bytes per token plus the
+    group's 4 D bf16 range bytes over 128 tokens, against 4 D bytes of K+V).
+The script prints the measured candidate fraction at exit.
+
+Usage (the committed runs; 8k context, the last 1024 positions decoded, ~6 min per text and
+configuration on 2 CPU cores):
+  PYTHONPATH=. python bench/refine_study.py --candidates 0.25 --key-bits 4 -- \\
+      --context 8192 --decode 1024 --texts python_language_reference --tasks ppl \\
+      --scores qsketch:sum --budgets 0.1 --block-sizes 16 --blocks-per-sketch 8 --threads 1 \\
+      --output bench/results/refine_q4_c25_python.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import aether.cache as cache_mod
+from aether import reference
+
+RANGE_GROUP = 128  # tokens sharing one (lo, hi) per channel of the quantised keys
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int = RANGE_GROUP) -> torch.Tensor:
+    """Dequantised keys: per (b, h, group of `group` tokens, channel) bf16 min / max, 2^bits - 1 steps."""
+    batch, heads, seq, dim = k.shape
+    pad = (-seq) % group
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).reshape(batch, heads, -1, group, dim)
+    valid = (torch.arange(seq + pad) < seq).reshape(1, 1, -1, group, 1)
+    lo = kf.masked_fill(~valid, math.inf).amin(3, keepdim=True).to(torch.bfloat16).float()
+    hi = kf.masked_fill(~valid, -math.inf).amax(3, keepdim=True).to(torch.bfloat16).float()
+    levels = (1 << bits) - 1
+    step = (hi - lo) / levels
+    code = torch.round((kf - lo) / torch.where(step > 0, step, torch.ones_like(step))).clamp(0, levels)
+    deq = torch.where(step > 0, lo + code * step, lo)
+    return deq.reshape(batch, heads, seq + pad, dim)[:, :, :seq]
+
+
+def make_step(candidates: float, key_bits: int, counts: dict):
+    original = cache_mod.sparse_decode_step
+
+    def step(q, k, v, options, stats=None, scale=None, sketch=None):
+        if options.score != "qsketch":
+            return original(q, k, v, options, stats, scale, sketch)
+        bs = options.block_size
+        batch, kv_heads, seq, _ = k.shape
+        seq_lens = torch.full((batch,), seq, dtype=torch.int32)
+        cal = sketch.calibration
+        nb = reference.num_blocks_for(seq, bs)
+        scores = reference.sketch_head_scores(q, sketch.codes, sketch.ranges, cal.key_proj, cal.query_proj, seq_lens,
+                                              bs, centroid=sketch.centroid,
+                                              centroid_weight=float(cal.centroid_weight), scale=scale)[:, :, :nb]
+        mlo = torch.full(scores.shape[:2], -math.inf)
+        forced = dict(sink_blocks=options.sink_blocks, recent_blocks=options.recent_blocks)
+        cand, _ = reference.select_blocks(scores, mlo, seq_lens, bs, kv_heads, budget_fraction=candidates,
+                                          group_agg="sum", **forced)
+        keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
+        refined = reference.oracle_head_scores(q, keys, seq_lens, bs, scale)
+        is_cand = torch.zeros(batch, kv_heads, nb + 1, dtype=torch.bool)
+        index = cand.long()
+        is_cand.scatter_(2, torch.where(index < 0, torch.full_like(index, nb), index), True)
+        group = q.shape[1] // kv_heads
+        refined = refined.masked_fill(~is_cand[:, :, :nb].repeat_interleave(group, dim=1), -math.inf)
+        selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
+                                                         budget_fraction=float(options.budget), group_agg="sum",
+                                                         **forced)
+        out, _ = reference.sparse_decode(q, k, v, seq_lens, bs, selected, num_selected, scale)
+        tokens = (seq - cand.long() * bs).clamp(0, bs)
+        counts["candidate_tokens"] += int(torch.where(cand >= 0, tokens, torch.zeros_like(tokens)).sum())
+        counts["tokens"] += batch * kv_heads * seq
+        return out.to(q.dtype), selected
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=float, required=True, help="candidate fraction C of the blocks")
+    parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 2-8: quantised keys")
+    args = parser.parse_args(argv[:split])
+    if not 0.0 < args.candidates <= 1.0:
+        parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
+    if args.key_bits and not 2 <= args.key_bits <= 8:
+        parser.error(f"--key-bits must be 0 or in [2, 8], got {args.key_bits}")
+    counts = {"candidate_tokens": 0, "tokens": 0}
+    cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, counts)
+
+    from aether.eval import build_parser, main as eval_main
+    eval_argv = argv[split + 1:]
+    rc = eval_main(eval_argv)
+    fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
+    info = refine_info(args.candidates, args.key_bits, fraction)
+    print(f"refine: {info}", flush=True)
+    output = build_parser().parse_args(eval_argv).output
+    if output:
+        annotate(Path(output), info, "python bench/refine_study.py " + " ".join(argv))
+    return rc
+
+
+def refine_info(candidates: float, key_bits: int, fraction: float) -> dict:
+    """The study's settings and the candidates' key bytes as a fraction of dense K+V."""
+    per_token = 0.5 if key_bits == 0 else key_bits / 32 + 1 / RANGE_GROUP
+    return {"candidates": candidates, "key_bits": key_bits, "candidate_token_fraction": round(fraction, 5),
+            "candidate_key_bytes": round(fraction * per_token, 5),
+            "note": "add candidate_key_bytes to every configuration's bytes (the eval counts sketch + final K/V)"}
+
+
+def annotate(path: Path, info: dict, command: str) -> None:
+    """Adds the refinement settings and the study's command to an eval json."""
+    result = json.loads(path.read_text())
+    result["refine"] = info
+    result["refine_command"] = command
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
