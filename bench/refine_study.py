@@ -8,14 +8,18 @@ Each qsketch decode step of `aether.eval` is replaced by:
   2. for the candidate blocks only, the block log-mass from the keys themselves: exact bf16 keys
      (`--key-bits 0`), or keys quantised per (128-token group, channel) to `--key-bits` bits with
      bf16 min / max ranges (a second, full-dimension key sketch read only for candidates);
-  3. top-k of those at the eval's budget K (sum aggregation), then exact attention over them.
+  3. top-k of those at the eval's budget K (sum aggregation), then exact attention over them;
+     with `--attend-with-codes` the attention itself uses the quantised keys (bf16 values): a
+     lossy K read, counted at the codes' bytes.
 
 Bytes read per step, as a fraction of dense bf16 K+V (head_dim D; the table the eval prints
 counts only the sketch and the K/V of the final blocks, so add the candidates' share by hand):
   sketch (printed as metadata) + K (printed as selected)
   + candidates x 1/2            with exact keys (their K read twice: refinement and attention),
   + candidates x (bits / 32 + 1 / 128) with b-bit keys (D b / 8 bytes per token plus the
-    group's 4 D bf16 range bytes over 128 tokens, against 4 D bytes of K+V).
+    group's 4 D bf16 range bytes over 128 tokens, against 4 D bytes of K+V);
+  with `--attend-with-codes` the final blocks' K is read as codes, not bf16: subtract
+  K x (1/2 - bits / 32 - 1 / 128) from the printed total.
 The script prints the measured candidate fraction at exit.
 
 Usage (the committed runs; 8k context, the last 1024 positions decoded, ~6 min per text and
@@ -57,7 +61,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = RANGE_GROUP) -> torch
     return deq.reshape(batch, heads, seq + pad, dim)[:, :, :seq]
 
 
-def make_step(candidates: float, key_bits: int, counts: dict):
+def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict):
     original = cache_mod.sparse_decode_step
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None):
@@ -85,7 +89,8 @@ def make_step(candidates: float, key_bits: int, counts: dict):
         selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
                                                          budget_fraction=float(options.budget), group_agg="sum",
                                                          **forced)
-        out, _ = reference.sparse_decode(q, k, v, seq_lens, bs, selected, num_selected, scale)
+        out, _ = reference.sparse_decode(q, keys if attend_with_codes else k, v, seq_lens, bs, selected,
+                                         num_selected, scale)
         tokens = (seq - cand.long() * bs).clamp(0, bs)
         counts["candidate_tokens"] += int(torch.where(cand >= 0, tokens, torch.zeros_like(tokens)).sum())
         counts["tokens"] += batch * kv_heads * seq
@@ -100,19 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=float, required=True, help="candidate fraction C of the blocks")
     parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 2-8: quantised keys")
+    parser.add_argument("--attend-with-codes", action="store_true",
+                        help="the attention over the final blocks also uses the quantised keys")
     args = parser.parse_args(argv[:split])
     if not 0.0 < args.candidates <= 1.0:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
     if args.key_bits and not 2 <= args.key_bits <= 8:
         parser.error(f"--key-bits must be 0 or in [2, 8], got {args.key_bits}")
+    if args.attend_with_codes and not args.key_bits:
+        parser.error("--attend-with-codes needs --key-bits")
     counts = {"candidate_tokens": 0, "tokens": 0}
-    cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, counts)
+    cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
     rc = eval_main(eval_argv)
     fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
     info = refine_info(args.candidates, args.key_bits, fraction)
+    if args.attend_with_codes:
+        saved = 0.5 - args.key_bits / 32 - 1 / RANGE_GROUP
+        info["attend_with_codes"] = True
+        info["note"] += (f"; the final blocks' K is read as codes: subtract selected x {saved:.4f} (K bf16 minus "
+                         f"codes, per dense K+V byte)")
     print(f"refine: {info}", flush=True)
     output = build_parser().parse_args(eval_argv).output
     if output:
