@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from aether.cache import BUDGET_ALLOCATIONS
+from aether.sketch import DEFAULT_RANK
 from aether.models import require_eval_extra
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -74,6 +75,7 @@ class Config:
     mass: float = 0.95  # the adaptive policy's estimated-mass target
     blocks_per_sketch: int = 1  # qsketch: blocks sharing one sketch block's ranges and centroid
     recent_blocks: int = 1  # last complete blocks always kept (counted in the budget)
+    sketch_rank: int = DEFAULT_RANK  # qsketch: coefficients per token
 
     @property
     def name(self) -> str:
@@ -81,6 +83,7 @@ class Config:
             return "dense"
         per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
         per += f" recent{self.recent_blocks}" if self.recent_blocks != 1 else ""
+        per += f" r{self.sketch_rank}" if self.sketch_rank != DEFAULT_RANK else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -112,6 +115,7 @@ class EvalSettings:
     adaptive_masses: tuple[float, ...] = ()  # also run each score with policy="adaptive" at these targets
     blocks_per_sketch: tuple[int, ...] = (1,)  # qsketch configs run once per entry
     recent_blocks: int = 1  # every sparse config
+    sketch_rank: int = DEFAULT_RANK  # every qsketch config
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -170,7 +174,7 @@ class Runner:
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
                                 group_agg=config.group_agg, budget_allocation=config.budget_allocation,
                                 mass=config.mass, blocks_per_sketch=config.blocks_per_sketch,
-                                recent_blocks=config.recent_blocks)
+                                recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -275,7 +279,8 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                             continue
                         configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
                                               budget_allocation=allocation, blocks_per_sketch=int(per),
-                                              recent_blocks=settings.recent_blocks))
+                                              recent_blocks=settings.recent_blocks,
+                                              sketch_rank=_rank_of(score, settings)))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -284,8 +289,14 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                     if per * block_size <= 128:
                         configs.append(Config(entry, calib_budget, int(block_size), policy="adaptive",
                                               mass=float(mass), blocks_per_sketch=int(per),
-                                              recent_blocks=settings.recent_blocks))
+                                              recent_blocks=settings.recent_blocks,
+                                              sketch_rank=_rank_of(entry, settings)))
     return configs
+
+
+def _rank_of(score: str, settings: EvalSettings) -> int:
+    """The sketch rank of a config: the setting for qsketch, the (unused) default otherwise."""
+    return settings.sketch_rank if score == "qsketch" else DEFAULT_RANK
 
 
 def environment() -> dict:
@@ -324,6 +335,8 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
     if isinstance(settings.recent_blocks, bool) or not isinstance(settings.recent_blocks, int) \
             or settings.recent_blocks < 0:
         raise ValueError(f"recent_blocks must be an int >= 0, got {settings.recent_blocks!r}")
+    if isinstance(settings.sketch_rank, bool) or settings.sketch_rank not in (2, 4, 8, 16):
+        raise ValueError(f"sketch_rank must be 2, 4, 8 or 16, got {settings.sketch_rank!r}")
     for per in settings.blocks_per_sketch:
         if per not in (1, 2, 4, 8):
             raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
@@ -697,6 +710,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "centroid (1, 2, 4, 8; entries with blocks_per_sketch * block_size > 128 are skipped)")
     p.add_argument("--recent-blocks", type=int, default=d.recent_blocks,
                    help="last complete blocks every sparse config always keeps (counted in its budget)")
+    p.add_argument("--sketch-rank", type=int, default=d.sketch_rank,
+                   help="coefficients per token of every qsketch config's sketch (2, 4, 8, 16)")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -728,7 +743,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
                             adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
-                            recent_blocks=args.recent_blocks)
+                            recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

@@ -98,6 +98,14 @@ def test_blocks_per_sketch_configs():
     settings = settings_from_args(build_parser().parse_args(["--recent-blocks", "-1", "--tasks", "ppl"]))
     with pytest.raises(ValueError, match="recent_blocks"):
         run_eval(settings)
+    args = build_parser().parse_args(["--scores", "qsketch:sum,tight", "--budgets", "0.125", "--block-sizes", "16",
+                                      "--sketch-rank", "4"])
+    sketch_config, tight_config = configs_for(settings_from_args(args))[1:]
+    assert sketch_config.name == "qsketch bs16 r4 topk 0.125 sum" and sketch_config.sketch_rank == 4
+    assert tight_config.name == "tight bs16 topk 0.125" and tight_config.sketch_rank == 8  # not a sketch
+    settings = settings_from_args(build_parser().parse_args(["--sketch-rank", "6", "--tasks", "ppl"]))
+    with pytest.raises(ValueError, match="sketch_rank"):
+        run_eval(settings)
 
 
 def test_passkey_prompt_layout(bundle):
