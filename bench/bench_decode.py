@@ -222,7 +222,7 @@ def main() -> int:
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
         python=platform.python_version(), command=" ".join([sys.executable] + sys.argv),
         date=time.strftime("%Y-%m-%d %H:%M:%S"), copy_gbps=_copy_bandwidth(), heads=[Q_HEADS, KV_HEADS, HEAD_DIM],
-        dtype="bfloat16", rows=[])
+        dtype="bfloat16", blocks_per_sketch=args.blocks_per_sketch, rows=[])
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,

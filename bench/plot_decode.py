@@ -4,6 +4,7 @@ speedup the bytes alone would allow (dense bytes / bytes read)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import matplotlib
@@ -31,7 +32,14 @@ def main(path: str, out: str) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
     ax.set_ylabel("speedup over torch SDPA (decode step)")
-    ax.set_title(f"AETHER decode step vs SDPA, {data['gpu']}, 32q/8kv d128 bf16, 64-token blocks", fontsize=9)
+    sizes = sorted({row.get("block_size", 64) for row in data["rows"]})
+    blocks = "/".join(str(size) for size in sizes)
+    # older jsons name blocks_per_sketch only in their command
+    found = re.search(r"--blocks-per-sketch (\d+)", data.get("command", ""))
+    per_sketch = data.get("blocks_per_sketch", int(found.group(1)) if found else 1)
+    per = f", qsketch: {per_sketch} blocks per sketch block" if per_sketch != 1 else ""
+    ax.set_title(f"AETHER decode step vs SDPA, {data['gpu']}, 32q/8kv d128 bf16, {blocks}-token blocks{per}",
+                 fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
