@@ -42,22 +42,19 @@ import torch
 
 import aether.cache as cache_mod
 from aether import reference
+from aether.selection import mask_from_indices, quantize_blockwise
 
 RANGE_GROUP = 128  # tokens sharing one (lo, hi) per channel of the quantised keys
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int = RANGE_GROUP) -> torch.Tensor:
-    """Dequantised keys: per (b, h, group of `group` tokens, channel) bf16 min / max, 2^bits - 1 steps."""
+    """Dequantised keys: per (b, h, group of `group` tokens, channel) bf16 min / max, 2^bits - 1 steps
+    (`aether.selection.quantize_blockwise` over groups of `group` tokens)."""
     batch, heads, seq, dim = k.shape
     pad = (-seq) % group
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).reshape(batch, heads, -1, group, dim)
     valid = (torch.arange(seq + pad) < seq).reshape(1, 1, -1, group, 1)
-    lo = kf.masked_fill(~valid, math.inf).amin(3, keepdim=True).to(torch.bfloat16).float()
-    hi = kf.masked_fill(~valid, -math.inf).amax(3, keepdim=True).to(torch.bfloat16).float()
-    levels = (1 << bits) - 1
-    step = (hi - lo) / levels
-    code = torch.round((kf - lo) / torch.where(step > 0, step, torch.ones_like(step))).clamp(0, levels)
-    deq = torch.where(step > 0, lo + code * step, lo)
+    deq = quantize_blockwise(kf, bits, valid)
     return deq.reshape(batch, heads, seq + pad, dim)[:, :, :seq]
 
 
@@ -77,15 +74,13 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
                                               centroid_weight=float(cal.centroid_weight), scale=scale)[:, :, :nb]
         mlo = torch.full(scores.shape[:2], -math.inf)
         forced = dict(sink_blocks=options.sink_blocks, recent_blocks=options.recent_blocks)
-        cand, _ = reference.select_blocks(scores, mlo, seq_lens, bs, kv_heads, budget_fraction=candidates,
-                                          group_agg="sum", **forced)
+        cand, num_cand = reference.select_blocks(scores, mlo, seq_lens, bs, kv_heads, budget_fraction=candidates,
+                                                 group_agg="sum", **forced)
         keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
         refined = reference.oracle_head_scores(q, keys, seq_lens, bs, scale)
-        is_cand = torch.zeros(batch, kv_heads, nb + 1, dtype=torch.bool)
-        index = cand.long()
-        is_cand.scatter_(2, torch.where(index < 0, torch.full_like(index, nb), index), True)
+        is_cand = mask_from_indices(cand, num_cand, nb)
         group = q.shape[1] // kv_heads
-        refined = refined.masked_fill(~is_cand[:, :, :nb].repeat_interleave(group, dim=1), -math.inf)
+        refined = refined.masked_fill(~is_cand.repeat_interleave(group, dim=1), -math.inf)
         selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
                                                          budget_fraction=float(options.budget), group_agg="sum",
                                                          **forced)
