@@ -17,6 +17,7 @@ from aether.api import (
     block_stats,
     sparse_attention,
 )
+from aether.refine import KeyCodes, key_codes
 from aether.sketch import KeySketch, SketchCalibration, calibrate_sketch, key_sketch
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "SCORES",
     "UPPER_BOUND_SCORES",
     "BlockStats",
+    "KeyCodes",
     "KeySketch",
     "Selection",
     "SketchCalibration",
@@ -31,6 +33,7 @@ __all__ = [
     "built_with_cuda",
     "calibrate_sketch",
     "extension_available",
+    "key_codes",
     "key_sketch",
     "reference",
     "sparse_attention",

@@ -94,6 +94,23 @@ if _IMPORT_ERROR is None:
                                 blocks_per_sketch=1):
         return None
 
+    @torch.library.register_fake("aether::key_codes")
+    def _key_codes_fake(k, seq_lens, block_size, num_blocks, block_table=None, blocks_per_group=1, bits=2):
+        batch, kv_heads, _, head_dim = _cache_shape(k, block_table, block_size)
+        codes = k.new_empty((batch, kv_heads, num_blocks, block_size, head_dim * bits // 8), dtype=torch.uint8)
+        ranges = k.new_empty((batch, kv_heads, num_blocks // blocks_per_group, 2, head_dim), dtype=torch.bfloat16)
+        return codes, ranges
+
+    @torch.library.register_fake("aether::key_codes_update")
+    def _key_codes_update_fake(k, seq_lens, first_block, block_size, block_table, codes, ranges, blocks_per_group=1,
+                               bits=2):
+        return None
+
+    @torch.library.register_fake("aether::refine_scores")
+    def _refine_scores_fake(q, codes, ranges, seq_lens, candidates, num_candidates, block_size, scale,
+                            blocks_per_group=1, bits=2):
+        return q.new_empty((codes.shape[0], q.shape[1], candidates.shape[2]), dtype=torch.float32)
+
     @torch.library.register_fake("aether::sparse_decode")
     def _sparse_decode_fake(q, k, v, seq_lens, block_size, scale, selected=None, num_selected=None,
                             block_table=None, max_selected=0):

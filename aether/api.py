@@ -333,6 +333,8 @@ def sparse_attention(
     return_selection: bool = False,
     sketch=None,
     group_agg: str | None = None,
+    refine=None,
+    refine_candidates: int | float = 0.3,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -371,6 +373,13 @@ def sparse_attention(
             estimated mass share summed over the group; the default for qsketch) or "max" (the
             largest head score; the default for the bound scores). Only topk takes it; threshold
             and adaptive have their own group rules.
+        refine: the `aether.KeyCodes` of this cache (`aether.key_codes`) for two-stage selection
+            (policy="topk" only): `score` keeps `refine_candidates` blocks, their key codes rank
+            them (`torch.ops.aether.refine_scores`), and `budget` keeps the final blocks (the same
+            group_agg, sink and recent blocks in both stages). docs/selection.md, "Two-stage".
+        refine_candidates: the first stage's top-k budget, an int block count or a float fraction
+            in (0, 1] (default 0.3, the measured best with 2-bit codes); at least `budget` when
+            both are fractions.
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -418,6 +427,23 @@ def sparse_attention(
         raise ValueError(f"group_agg applies to policy='topk' only (threshold and adaptive have their own group "
                          f"rules), got group_agg={group_agg!r} with policy={policy!r}")
     from aether.sketch import KeySketch, _check_sketch_match  # aether.sketch imports this module
+    from aether.refine import KeyCodes, _check_codes_match
+    if refine is not None:
+        if not isinstance(refine, KeyCodes):
+            raise TypeError(f"refine must be an aether.KeyCodes (build it with aether.key_codes) or None, got "
+                            f"{type(refine).__name__}")
+        if policy != "topk":
+            raise ValueError(f"refine (two-stage selection) needs policy='topk', got policy={policy!r}")
+        rc = refine_candidates
+        if isinstance(rc, bool) or not isinstance(rc, (int, float)):
+            raise TypeError(f"refine_candidates must be an int (blocks) or a float (a fraction), got {type(rc).__name__}")
+        if isinstance(rc, int) and rc < 1:
+            raise ValueError(f"refine_candidates as a block count must be >= 1, got {rc}")
+        if isinstance(rc, float) and not 0.0 < rc <= 1.0:
+            raise ValueError(f"refine_candidates as a fraction must be in (0, 1], got {rc}")
+        if isinstance(rc, float) and isinstance(budget, float) and rc < budget:
+            raise ValueError(f"refine_candidates ({rc}) must be >= budget ({budget}): the final blocks are chosen "
+                             "among the candidates")
     if score == "qsketch":
         if not isinstance(sketch, KeySketch):
             raise TypeError("score='qsketch' needs sketch=aether.KeySketch (build it with aether.key_sketch), got "
@@ -457,9 +483,23 @@ def sparse_attention(
         stat_tensors = stats.tensors
         num_blocks = stats.num_blocks
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
+    head_scores = head_mlo = None
+    if refine is not None:
+        _check_codes_match(refine, batch, kv_heads, head_dim, q.device)
+        _check_current(refine, "the key codes", "were", block_size, block_table, capacity, seq_lens)
+        rc_blocks, rc_fraction = ((refine_candidates, 0.0) if isinstance(refine_candidates, int)
+                                  else (0, float(refine_candidates)))
+        candidates, num_candidates, _, _ = torch.ops.aether.radar_select(
+            q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, rc_blocks, rc_fraction,
+            float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
+            group_agg, *sketch_args)
+        head_scores = torch.ops.aether.refine_scores(q, refine.codes, refine.ranges, seq_lens, candidates,
+                                                     num_candidates, block_size, float(scale),
+                                                     refine.blocks_per_group, refine.bits)
+        head_mlo = torch.full(head_scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
     selected, counts, _, _ = torch.ops.aether.radar_select(
         q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
-        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
+        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, head_scores, head_mlo,
         group_agg, *sketch_args)
     hint = _max_selected_hint(policy, budget, max_blocks, num_blocks, sink_blocks + recent_blocks + 1)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, seq_lens, block_size, float(scale), selected, counts,

@@ -310,6 +310,110 @@ def sketch_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, key_proj: Tenso
     return torch.logsumexp(logits, dim=-1).contiguous()
 
 
+# ----------------------------------------------------------------------------------------------
+# Two-stage selection ("refine", docs/architecture.md "Key codes and refine scores")
+# ----------------------------------------------------------------------------------------------
+
+CODE_BITS = (2, 4)
+
+
+class RefineRef(NamedTuple):
+    """Two-stage selection settings for :func:`sparse_attention`: the first selection keeps
+    ``candidate_blocks`` blocks (> 0) or a ``candidate_fraction`` of them; their key codes
+    (``bits`` per channel, ranges per group of ``blocks_per_group`` blocks; built from k when
+    ``codes`` is None) rank them; the call's budget keeps the final blocks."""
+
+    bits: int = 2
+    candidate_blocks: int = 0
+    candidate_fraction: float = 0.3
+    blocks_per_group: int = 1
+    codes: Tensor | None = None
+    ranges: Tensor | None = None
+
+
+def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = None,
+              num_blocks: int | None = None, blocks_per_group: int = 1) -> tuple[Tensor, Tensor]:
+    """Every channel of every key as a ``bits``-bit code (the second stage's key store).
+
+    A group is ``Pg = blocks_per_group`` consecutive blocks. Per (group, channel) over the valid
+    tokens: ``lo = bf16(min k)``, ``hi = bf16(max k)`` (round to nearest even), ``step = (hi - lo) /
+    (2^bits - 1)`` (float32), ``code = clamp(rint((k - lo) / step), 0, 2^bits - 1)`` where
+    ``step > 0``, else 0. Invalid tokens get code 0, empty groups zero ranges.
+
+    Returns:
+        ``(codes [B, Hkv, NB, block_size, D * bits / 8] uint8`` (channel d at bit ``d * bits`` of
+        the token's bytes, little-endian), ``ranges [B, Hkv, NB / Pg, 2, D] bfloat16``: lo, hi).
+    """
+    assert bits in CODE_BITS, f"bits must be one of {CODE_BITS}"
+    batch, kv_heads, seq_len, head_dim = k.shape
+    per = blocks_per_group
+    levels = (1 << bits) - 1
+    seq_lens = _default_seq_lens(batch, seq_len, seq_lens, k.device)
+    nb = sketch_num_blocks(seq_len, block_size, per) if num_blocks is None else num_blocks
+    assert nb % per == 0, "num_blocks must be a multiple of blocks_per_group"
+    ng, gt = nb // per, block_size * per
+    capacity = nb * block_size
+    keys = k.float()
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, capacity - seq_len)) if seq_len < capacity \
+        else keys[:, :, :capacity]
+    x = keys.reshape(batch, kv_heads, ng, gt, head_dim)
+    valid = _token_valid(seq_lens, capacity).reshape(batch, 1, ng, gt, 1)
+    group_valid = valid.any(dim=3)
+    lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
+    hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
+    step = (hi.float() - lo.float()) / levels  # [B, Hkv, NG, D]
+    safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
+    codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, levels)
+    codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes)).to(torch.int32)
+    per_byte = 8 // bits
+    codes = codes.reshape(batch, kv_heads, ng, gt, head_dim // per_byte, per_byte)
+    shifts = torch.arange(per_byte, device=k.device, dtype=torch.int32) * bits
+    packed = (codes << shifts).sum(dim=-1).to(torch.uint8)
+    packed = packed.reshape(batch, kv_heads, nb, block_size, head_dim * bits // 8)
+    return packed.contiguous(), torch.stack([lo, hi], dim=3).contiguous()
+
+
+def unpack_key_codes(codes: Tensor, ranges: Tensor, bits: int) -> Tensor:
+    """Dequantised keys ``[B, Hkv, NB, bs, D]`` float32: ``lo + code * step`` with the ranges of
+    each block's group (Pg = NB / ranges.shape[2] blocks share one)."""
+    per = codes.shape[2] // ranges.shape[2] if ranges.shape[2] else 1
+    levels = (1 << bits) - 1
+    shifts = torch.arange(8 // bits, device=codes.device, dtype=torch.int32) * bits
+    code = ((codes.to(torch.int32)[..., None] >> shifts) & levels).flatten(-2).float()  # [B, Hkv, NB, bs, D]
+    lo = ranges[:, :, :, 0].float().repeat_interleave(per, dim=2)
+    step = (ranges[:, :, :, 1].float().repeat_interleave(per, dim=2) - lo) / levels
+    return lo[:, :, :, None, :] + code * step[:, :, :, None, :]
+
+
+def refine_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq_lens: Tensor, block_size: int,
+                       candidates: Tensor, num_candidates: Tensor, scale: float | None = None) -> Tensor:
+    """Second-stage scores ``[B, Hq, L]`` float32, L = ``candidates.shape[-1]``: for the first
+    ``num_candidates[b, h]`` entries j of ``candidates[b, h]`` that are valid blocks (``j <
+    ceil(seq_len / bs)``, ``j < NB`` of the codes, ``j < L``), the log-sum-exp over block j's valid
+    tokens of ``s * q_g . dequant(k_t)`` (:func:`unpack_key_codes`); -inf everywhere else."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads, nb = codes.shape[1], codes.shape[2]
+    group = q_heads // kv_heads
+    s = _default_scale(head_dim, scale)
+    deq = _expand_to_query_heads(unpack_key_codes(codes, ranges, bits), group)  # [B, Hq, NB, bs, D]
+    logits = s * torch.einsum("bgd,bgntd->bgnt", q.float(), deq)
+    valid = _token_valid(seq_lens, nb * block_size).reshape(batch, 1, nb, block_size)
+    scores = torch.logsumexp(logits.masked_fill(~valid, -math.inf), dim=-1)
+    length = candidates.shape[-1]
+    n_blocks = ((seq_lens.to(torch.int64) + block_size - 1) // block_size).clamp(max=min(nb, length))
+    is_candidate = torch.zeros(batch, kv_heads, length, dtype=torch.bool, device=q.device)
+    for b in range(batch):
+        for h in range(kv_heads):
+            for j in candidates[b, h, :max(0, min(int(num_candidates[b, h]), length))].tolist():
+                if 0 <= j < int(n_blocks[b]):
+                    is_candidate[b, h, j] = True
+    full = torch.full((batch, q_heads, length), -math.inf, dtype=torch.float32, device=q.device)
+    width = min(nb, length)
+    full[:, :, :width] = scores[:, :, :width].float()
+    full = full.masked_fill(~_expand_to_query_heads(is_candidate, group), -math.inf)
+    return full.contiguous()
+
+
 def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
     """S_j of ``group_agg="sum"`` for one group ``[G, NB]``: the sum over heads of each head's
     softmax share over the valid blocks ``j < n_blocks`` (double, rounded to float32)."""
@@ -594,13 +698,17 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
                      seq_lens: Tensor | None = None,
                      scale: float | None = None, group_agg: str = "max",
                      sketch: tuple | None = None,
+                     refine: RefineRef | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole decode step: statistics, radar scores, selection, attention.
 
     ``score`` may also be ``oracle`` (true per-block log-mass; the threshold policy then uses the
     true largest logit of each head as M_g) or ``qsketch`` with ``sketch = (key_proj, query_proj,
     centroid_weight[, blocks_per_sketch])`` (the sketch is built from ``k``) or ``(codes, ranges,
-    centroid, key_proj, query_proj, centroid_weight)``. Returns ``(out, lse, selected, num_selected)``.
+    centroid, key_proj, query_proj, centroid_weight)``. With ``refine`` (a :class:`RefineRef`, top-k
+    only) selection has two stages: the score keeps the refine's candidates, :func:`refine_head_scores`
+    ranks them from their key codes and the budget keeps the final blocks (the same group_agg,
+    sink and recent blocks). Returns ``(out, lse, selected, num_selected)``.
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
     if score == SKETCH_SCORE:
@@ -625,6 +733,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
         if stats is None:
             stats = block_stats(k, block_size, seq_lens)
         scores, mlo = head_scores(q, stats, seq_lens, block_size, score, scale)
+    if refine is not None:
+        assert policy == "topk", "refine needs policy='topk'"
+        cand, num_cand = select_blocks(
+            scores, mlo, seq_lens, block_size, k.shape[1], budget_blocks=refine.candidate_blocks,
+            budget_fraction=refine.candidate_fraction, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
+            group_agg=group_agg)
+        codes, ranges = refine.codes, refine.ranges
+        if codes is None:
+            per = refine.blocks_per_group
+            codes, ranges = key_codes(k, refine.bits, block_size, seq_lens,
+                                      num_blocks=-(-scores.shape[-1] // per) * per, blocks_per_group=per)
+        scores = refine_head_scores(q, codes, ranges, refine.bits, seq_lens, block_size, cand, num_cand, scale)
+        mlo = torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
     selected, num_selected = select_blocks(
         scores, mlo, seq_lens, block_size, k.shape[1], policy=policy,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, eps=eps, mass=mass,

@@ -415,8 +415,6 @@ void key_sketch_update(const Tensor& k, const Tensor& seq_lens, const Tensor& fi
   run_key_sketch(p, k);
 }
 
-// --------------------------------------------------------------------------------- radar_select
-
 void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
   AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
   AETHER_CHECK(q.stride(2) == 1, "aether: q must have a contiguous last (head_dim) dimension");
@@ -425,6 +423,187 @@ void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_
   AETHER_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "aether: q_heads (", q.size(1),
                     ") must be a multiple of kv_heads (", kv_heads, ")");
 }
+
+// ------------------------------------------------------------------- key_codes, refine_scores
+
+void check_code_bits(int64_t bits) {
+  AETHER_CHECK(bits == 2 || bits == 4, "aether: key code bits must be 2 or 4, got ", bits);
+}
+
+void check_blocks_per_group(int64_t per, int64_t block_size) {
+  AETHER_CHECK(per >= 1 && per <= aether::kMaxBlocksPerGroup && (per & (per - 1)) == 0,
+               "aether: blocks_per_group must be 1, 2, 4 or 8, got ", per);
+  AETHER_CHECK(per * block_size <= 128, "aether: a key-code group (blocks_per_group * block_size = ", per, " * ",
+               block_size, ") must hold at most 128 tokens");
+}
+
+// codes uint8 [B, Hkv, NB, bs, D * bits / 8], ranges bfloat16 [B, Hkv, NB / Pg, 2, D].
+void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch, int64_t kv_heads, int64_t num_blocks,
+                        int64_t block_size, int64_t per, int64_t bits, int64_t head_dim, const Tensor& ref) {
+  const std::vector<int64_t> code_shape = {batch, kv_heads, num_blocks, block_size, head_dim * bits / 8};
+  const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks / per, 2, head_dim};
+  AETHER_CHECK_TYPE(codes.scalar_type() == at::kByte, "aether: key codes must be uint8, got ", codes.scalar_type());
+  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
+                    ranges.scalar_type());
+  AETHER_CHECK(codes.sizes() == at::IntArrayRef(code_shape) && codes.is_contiguous(),
+               "aether: key codes must be contiguous ", at::IntArrayRef(code_shape), ", got ", codes.sizes());
+  AETHER_CHECK(ranges.sizes() == at::IntArrayRef(range_shape) && ranges.is_contiguous(),
+               "aether: key code ranges must be contiguous ", at::IntArrayRef(range_shape), ", got ", ranges.sizes());
+  check_same_device(codes, ref, "key codes");
+  check_same_device(ranges, ref, "key code ranges");
+}
+
+aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int64_t block_size,
+                                    const OptTensor& block_table, const Tensor& codes, const Tensor& ranges,
+                                    int64_t per, int64_t bits) {
+  check_block_size(block_size);
+  check_code_bits(bits);
+  check_blocks_per_group(per, block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  check_head_dim(c.head_dim, k.is_cuda());
+  check_int32_vector(seq_lens, c.batch, k, "seq_lens");
+  AETHER_CHECK(codes.dim() == 5, "aether: key codes must be 5-D [batch, kv_heads, num_blocks, block_size, "
+               "head_dim * bits / 8]");
+  const int64_t num_blocks = codes.size(2);
+  AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the key codes hold ", num_blocks, " blocks of ",
+               block_size, " tokens but the cache has ", c.capacity, " slots");
+  AETHER_CHECK(num_blocks % per == 0, "aether: the key codes hold ", num_blocks,
+               " blocks, not a multiple of blocks_per_group (", per, ")");
+  check_code_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, per, bits, c.head_dim, k);
+
+  aether::KeyCodesParams p;
+  p.k = kv_layout(k, block_table);
+  p.dtype = to_dtype(k, "k");
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(c.batch, "batch");
+  p.kv_heads = to_i32(c.kv_heads, "kv_heads");
+  p.head_dim = to_i32(c.head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.blocks_per_group = to_i32(per, "blocks_per_group");
+  p.bits = to_i32(bits, "bits");
+  p.codes = codes.data_ptr<uint8_t>();
+  p.ranges = reinterpret_cast<uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  return p;
+}
+
+void run_key_codes(const aether::KeyCodesParams& p, const Tensor& k) {
+  if (k.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(k.device());
+    check_cuda(aether::cuda::key_codes(p, c10::cuda::getCurrentCUDAStream().stream()), "key_codes");
+    return;
+#else
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  aether::cpu::key_codes(p);
+}
+
+std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
+                                     const OptTensor& block_table, int64_t blocks_per_group, int64_t bits) {
+  check_block_size(block_size);
+  check_code_bits(bits);
+  check_blocks_per_group(blocks_per_group, block_size);
+  CacheShape c = cache_shape(k, block_table, block_size, "k");
+  check_head_dim(c.head_dim, k.is_cuda());
+  AETHER_CHECK(num_blocks >= 0 && num_blocks % blocks_per_group == 0,
+               "aether: num_blocks must be >= 0 and a multiple of blocks_per_group (", blocks_per_group, "), got ",
+               num_blocks);
+  Tensor codes = at::empty({c.batch, c.kv_heads, num_blocks, block_size, c.head_dim * bits / 8},
+                           k.options().dtype(at::kByte));
+  Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks / blocks_per_group, 2, c.head_dim},
+                            k.options().dtype(at::kBFloat16));
+  if (codes.numel() == 0) return {codes, ranges};
+  run_key_codes(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits), k);
+  return {codes, ranges};
+}
+
+void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
+                      const OptTensor& block_table, Tensor& codes, Tensor& ranges, int64_t blocks_per_group,
+                      int64_t bits) {
+  if (codes.numel() == 0) return;
+  aether::KeyCodesParams p = codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits);
+  check_int32_vector(first_block, p.batch, k, "first_block");
+  p.first_block = first_block.data_ptr<int32_t>();
+  run_key_codes(p, k);
+}
+
+// head_scores float32 [B, Hq, L] (L = candidates.size(2), the first selection's row length), filled
+// with -inf, then the candidates' log-masses.
+Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges, const Tensor& seq_lens,
+                     const Tensor& candidates, const Tensor& num_candidates, int64_t block_size, double scale,
+                     int64_t blocks_per_group, int64_t bits) {
+  check_block_size(block_size);
+  check_code_bits(bits);
+  check_blocks_per_group(blocks_per_group, block_size);
+  AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+  AETHER_CHECK(codes.dim() == 5, "aether: key codes must be 5-D [batch, kv_heads, num_blocks, block_size, "
+               "head_dim * bits / 8]");
+  const int64_t batch = codes.size(0), kv_heads = codes.size(1), num_blocks = codes.size(2);
+  const int64_t head_dim = q.size(2);
+  check_query(q, batch, kv_heads, head_dim);
+  check_head_dim(head_dim, q.is_cuda());
+  AETHER_CHECK(num_blocks % blocks_per_group == 0, "aether: the key codes hold ", num_blocks,
+               " blocks, not a multiple of blocks_per_group (", blocks_per_group, ")");
+  check_code_tensors(codes, ranges, batch, kv_heads, num_blocks, block_size, blocks_per_group, bits, head_dim, q);
+  check_int32_vector(seq_lens, batch, q, "seq_lens");
+  AETHER_CHECK_TYPE(candidates.scalar_type() == at::kInt, "aether: candidates must be int32, got ",
+                    candidates.scalar_type());
+  AETHER_CHECK_TYPE(num_candidates.scalar_type() == at::kInt, "aether: num_candidates must be int32, got ",
+                    num_candidates.scalar_type());
+  AETHER_CHECK(candidates.dim() == 3, "aether: candidates must be 3-D [batch, kv_heads, list_length]");
+  const int64_t list_length = candidates.size(2);
+  const std::vector<int64_t> list_shape = {batch, kv_heads, list_length};
+  const std::vector<int64_t> count_shape = {batch, kv_heads};
+  AETHER_CHECK(candidates.sizes() == at::IntArrayRef(list_shape) && candidates.is_contiguous(),
+               "aether: candidates must be contiguous ", at::IntArrayRef(list_shape), ", got ", candidates.sizes());
+  AETHER_CHECK(num_candidates.sizes() == at::IntArrayRef(count_shape) && num_candidates.is_contiguous(),
+               "aether: num_candidates must be contiguous ", at::IntArrayRef(count_shape), ", got ",
+               num_candidates.sizes());
+  check_same_device(candidates, q, "candidates");
+  check_same_device(num_candidates, q, "num_candidates");
+  AETHER_CHECK(scale > 0 && std::isfinite(scale), "aether: scale must be finite and > 0, got ", scale);
+  Tensor head_scores = at::full({batch, q.size(1), list_length}, -std::numeric_limits<float>::infinity(),
+                                q.options().dtype(at::kFloat));
+  if (head_scores.numel() == 0) return head_scores;
+
+  aether::RefineScoresParams p;
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.codes = codes.data_ptr<uint8_t>();
+  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.candidates = candidates.data_ptr<int32_t>();
+  p.num_candidates = num_candidates.data_ptr<int32_t>();
+  p.batch = to_i32(batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(kv_heads, "kv_heads");
+  p.head_dim = to_i32(head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.list_length = to_i32(list_length, "list_length");
+  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
+  p.bits = to_i32(bits, "bits");
+  p.scale = static_cast<float>(scale);
+  p.head_scores = head_scores.data_ptr<float>();
+  if (q.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    check_cuda(aether::cuda::refine_scores(p, c10::cuda::getCurrentCUDAStream().stream()), "refine_scores");
+    return head_scores;
+#else
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  aether::cpu::refine_scores(p);
+  return head_scores;
+}
+
+// --------------------------------------------------------------------------------- radar_select
+
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     const Tensor& q, const Tensor& centroid, const Tensor& lo, const Tensor& hi, const Tensor& radius,
@@ -770,6 +949,15 @@ TORCH_LIBRARY(aether, m) {
       "key_sketch_update(Tensor k, Tensor seq_lens, Tensor first_block, Tensor key_proj, int block_size, "
       "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid, int blocks_per_sketch=1) -> ()");
   m.def(
+      "key_codes(Tensor k, Tensor seq_lens, int block_size, int num_blocks, Tensor? block_table=None, "
+      "int blocks_per_group=1, int bits=2) -> (Tensor codes, Tensor ranges)");
+  m.def(
+      "key_codes_update(Tensor k, Tensor seq_lens, Tensor first_block, int block_size, Tensor? block_table, "
+      "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2) -> ()");
+  m.def(
+      "refine_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor candidates, "
+      "Tensor num_candidates, int block_size, float scale, int blocks_per_group=1, int bits=2) -> Tensor");
+  m.def(
       "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
       "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "
       "(Tensor out, Tensor lse)");
@@ -785,6 +973,9 @@ TORCH_LIBRARY(aether, m) {
 
 TORCH_LIBRARY_IMPL(aether, CPU, m) {
   m.impl("block_stats", &aether_torch::block_stats);
+  m.impl("key_codes", &aether_torch::key_codes);
+  m.impl("key_codes_update", &aether_torch::key_codes_update);
+  m.impl("refine_scores", &aether_torch::refine_scores);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
   m.impl("key_sketch", &aether_torch::key_sketch);
@@ -797,6 +988,9 @@ TORCH_LIBRARY_IMPL(aether, CPU, m) {
 #ifdef AETHER_WITH_CUDA
 TORCH_LIBRARY_IMPL(aether, CUDA, m) {
   m.impl("block_stats", &aether_torch::block_stats);
+  m.impl("key_codes", &aether_torch::key_codes);
+  m.impl("key_codes_update", &aether_torch::key_codes_update);
+  m.impl("refine_scores", &aether_torch::refine_scores);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
   m.impl("key_sketch", &aether_torch::key_sketch);

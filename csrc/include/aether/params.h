@@ -119,6 +119,64 @@ struct KeySketchParams {
   KeySketchTensors sketch;
 };
 
+// key_codes: the second key store of two-stage selection ("refine"). Every channel of every key
+// is quantised to `bits` bits (2 or 4) with a bf16 [lo, hi] per (group, channel), a group being
+// Pg = blocks_per_group consecutive blocks (a power of two, Pg * block_size <= 128). Over the
+// group's valid tokens: lo_d = bf16(min_t k_td), hi_d = bf16(max_t k_td) (round to nearest even),
+// step_d = (hi_d - lo_d) / (2^bits - 1) in float32, code_td = step_d > 0 ?
+// clamp(rint((k_td - lo_d) / step_d), 0, 2^bits - 1) : 0. Channel d of a token sits at bit d * bits
+// of the token's D * bits / 8 bytes (little-endian: byte i holds channels 8i / bits ..). Invalid
+// tokens get code 0, empty groups zero ranges. No calibration: the codes are read only for the
+// candidate blocks that a first selection kept (refine_scores). Appends work like key_sketch: a
+// group is always rebuilt from all of its tokens; first_block (a block) names where to start.
+constexpr int kMaxBlocksPerGroup = 8;
+
+struct KeyCodesParams {
+  KVLayout k;
+  DType dtype = DType::kFloat32;
+  const int32_t* seq_lens = nullptr;     // [B]
+  const int32_t* first_block = nullptr;  // [B] or nullptr (full build, zeros past the end)
+  int32_t batch = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;        // NB, a multiple of blocks_per_group
+  int32_t blocks_per_group = 1;  // Pg
+  int32_t bits = 2;              // 2 or 4
+  uint8_t* codes = nullptr;      // [B, Hkv, NB, block_size, D * bits / 8]
+  uint16_t* ranges = nullptr;    // [B, Hkv, NB / Pg, 2, D] bfloat16 bit patterns: lo (row 0), hi (row 1)
+};
+
+// refine_scores: the second stage of two-stage selection. For each (b, kv head h) and each of the
+// first num_candidates[b, h] entries j of candidates[b, h, :] with 0 <= j < ceil(seq_len / bs),
+// j < num_blocks and j < list_length,
+// and each query head g of h's group, the natural log-sum-exp over block j's valid tokens t of
+// scale * sum_d q_gd (lo_d + code_td step_d) (the group's ranges; float32) is written to
+// head_scores[b, g, j]. Nothing else is written: the caller fills the array with -inf first, so
+// radar_select given these scores (in_head_scores) ranks the candidates only.
+struct RefineScoresParams {
+  const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
+  int64_t q_stride_batch = 0;
+  int64_t q_stride_head = 0;
+  DType dtype = DType::kFloat32;
+  const uint8_t* codes = nullptr;   // as KeyCodesParams
+  const uint16_t* ranges = nullptr;
+  const int32_t* seq_lens = nullptr;
+  const int32_t* candidates = nullptr;      // [B, Hkv, L] (radar_select's selected), L = list_length
+  const int32_t* num_candidates = nullptr;  // [B, Hkv]
+  int32_t batch = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;   // NB of the codes
+  int32_t list_length = 0;  // L: the first selection's row length (its own block capacity)
+  int32_t blocks_per_group = 1;
+  int32_t bits = 2;
+  float scale = 1.0f;
+  float* head_scores = nullptr;  // [B, Hq, L]
+};
+
 // radar_select: score every valid block of (b, kv_head) for the G = q_heads / kv_heads query
 // heads of its group, aggregate over the group and pick blocks by the policy. Writes the selected
 // block indices in ascending order into selected[b, h, 0:count] (the rest of the row is -1) and

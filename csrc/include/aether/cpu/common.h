@@ -114,19 +114,20 @@ inline float sketch_step(uint16_t lo_bits, uint16_t hi_bits) {
 // params.h), or "" when it can. Shared by the builder and the scorer, which both index sketch
 // blocks as m = j / P in rows of num_blocks / P.
 constexpr int kMaxSketchBlockTokens = 128;  // P * block_size <= 128 (params.h)
-inline std::string blocks_per_sketch_error(int32_t per, int32_t block_size, int32_t num_blocks) {
+inline std::string blocks_per_sketch_error(int32_t per, int32_t block_size, int32_t num_blocks,
+                                           const std::string& name = "blocks_per_sketch") {
   if (per < 1 || per > kMaxBlocksPerSketch || (per & (per - 1)) != 0) {
-    return "unsupported blocks_per_sketch " + std::to_string(per) + " (allowed: a power of two, 1.." +
+    return "unsupported " + name + " " + std::to_string(per) + " (allowed: a power of two, 1.." +
            std::to_string(kMaxBlocksPerSketch) + ")";
   }
   if (static_cast<int64_t>(block_size) * per > kMaxSketchBlockTokens) {
-    return "block_size " + std::to_string(block_size) + " * blocks_per_sketch " + std::to_string(per) +
-           " exceeds " + std::to_string(kMaxSketchBlockTokens) + " tokens per sketch block (allowed: at most " +
+    return "block_size " + std::to_string(block_size) + " * " + name + " " + std::to_string(per) + " exceeds " +
+           std::to_string(kMaxSketchBlockTokens) + " tokens (allowed: at most " +
            std::to_string(kMaxSketchBlockTokens) + ")";
   }
   if (num_blocks % per != 0) {
-    return "num_blocks " + std::to_string(num_blocks) + " is not a multiple of blocks_per_sketch " +
-           std::to_string(per) + " (allowed: num_blocks % blocks_per_sketch == 0)";
+    return "num_blocks " + std::to_string(num_blocks) + " is not a multiple of " + name + " " +
+           std::to_string(per) + " (allowed: num_blocks % " + name + " == 0)";
   }
   return "";
 }

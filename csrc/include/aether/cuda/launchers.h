@@ -12,6 +12,9 @@ namespace cuda {
 
 cudaError_t block_stats(const BlockStatsParams& params, cudaStream_t stream);
 cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream);
+cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream);
+// Writes only the candidates' entries of params.head_scores (the caller fills it with -inf).
+cudaError_t refine_scores(const RefineScoresParams& params, cudaStream_t stream);
 
 // Device scratch radar_select needs for these params (0 when shared memory is enough).
 size_t radar_select_workspace_bytes(const RadarSelectParams& params);

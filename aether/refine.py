@@ -1,0 +1,136 @@
+"""Two-stage selection ("refine"): a first score keeps candidate blocks, their key codes rank them.
+
+Measured on a real model (docs/selection.md, "Two-stage selection"), the qsketch score's weak point
+is its *recall*: the blocks that matter sit between its top 16% and its top 30%, and ranking 30%
+candidates by their exact keys gets within 0.008 KL of the oracle. The second stage here reads a
+cheap second key store, :class:`KeyCodes`: every channel of every key as a 2- or 4-bit code with
+a bf16 [lo, hi] per (group of ``blocks_per_group`` blocks, channel), ``head_dim * bits / 8`` bytes
+per token (7% of the token's bf16 K+V at 2 bits, 13% at 4) plus the group's ranges, read only for
+the candidate blocks. Selection and decoding then run as usual on the final blocks:
+
+    codes = aether.key_codes(k, block_size=16, bits=2)
+    out = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, budget=0.112,
+                                  refine=codes, refine_candidates=0.3)
+
+The codes need no calibration; build them at prefill and call :meth:`KeyCodes.update` after
+appends (the last group is rebuilt, like the sketch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from aether import _ops
+from aether.api import (_cache_dims, _check_block_size, _check_block_table, _check_head_dim, _check_tensor,
+                        _grow_blocks, _normalize_seq_lens, _prepare_update, DEFAULT_BLOCK_SIZE)
+
+CODE_BITS = (2, 4)
+DEFAULT_CODE_BITS = 2
+GROUP_TOKENS = 128  # default group: 128 tokens share one [lo, hi] per channel
+DEFAULT_CANDIDATES = 0.3
+
+
+def default_blocks_per_group(block_size: int) -> int:
+    """Blocks per 128-token group (1 at 128-token blocks)."""
+    return max(1, GROUP_TOKENS // block_size)
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in CODE_BITS:
+        raise ValueError(f"bits must be one of {CODE_BITS}, got {bits!r}")
+    return bits
+
+
+def _check_blocks_per_group(per: object, block_size: int) -> int:
+    if isinstance(per, bool) or not isinstance(per, int) or per not in (1, 2, 4, 8) or per * block_size > 128:
+        raise ValueError(f"blocks_per_group must be 1, 2, 4 or 8 with blocks_per_group * block_size <= 128 "
+                         f"(block_size {block_size}), got {per!r}")
+    return per
+
+
+@dataclass
+class KeyCodes:
+    """The key codes of a KV cache for two-stage selection (see the module docstring).
+
+    codes: uint8 ``[batch, kv_heads, num_blocks, block_size, head_dim * bits / 8]`` (channel d at
+    bit ``d * bits`` of a token's bytes); ranges: bfloat16 ``[batch, kv_heads, num_blocks / Pg, 2,
+    head_dim]`` (lo, hi), Pg = ``blocks_per_group``. Build with :func:`key_codes`.
+    """
+
+    codes: torch.Tensor
+    ranges: torch.Tensor
+    bits: int
+    block_size: int
+    seq_lens: torch.Tensor
+    paged: bool = False
+    blocks_per_group: int = 1
+
+    @property
+    def num_blocks(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.ranges.shape[-1]
+
+    def bytes_per_block(self) -> float:
+        """Bytes the second stage reads per candidate block and KV head: the block's codes and
+        its group's bf16 ranges (counted in full for every candidate: an upper bound)."""
+        return self.block_size * self.head_dim * self.bits / 8 + 4 * self.head_dim
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
+               block_table: torch.Tensor | None = None) -> "KeyCodes":
+        """Refresh the codes after tokens were appended to ``k`` (in place, CUDA-graph safe): only
+        the groups from each sequence's previous last block on are rebuilt."""
+        k, seq_lens, block_table, first_block, needed = _prepare_update(
+            self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match)
+        per = self.blocks_per_group
+        needed = -(-needed // per) * per
+        self.codes = _grow_blocks(self.codes, needed)
+        self.ranges = _grow_blocks(self.ranges, needed // per)
+        torch.ops.aether.key_codes_update(k, seq_lens, first_block, self.block_size, block_table, self.codes,
+                                          self.ranges, per, self.bits)
+        self.seq_lens.copy_(seq_lens)
+        return self
+
+
+def _check_codes_match(codes: KeyCodes, batch: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+    got = tuple(codes.codes.shape[:2])
+    if got != (batch, kv_heads) or codes.head_dim != head_dim:
+        raise ValueError(f"the key codes were built for another cache: [batch, kv_heads] = {list(got)}, head_dim "
+                         f"{codes.head_dim}; this cache has [{batch}, {kv_heads}], {head_dim}")
+    if codes.codes.device != device:
+        raise ValueError(f"the key codes are on {codes.codes.device} but the cache is on {device}")
+
+
+def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: int = DEFAULT_CODE_BITS,
+              blocks_per_group: int | None = None, seq_lens: torch.Tensor | None = None,
+              block_table: torch.Tensor | None = None) -> KeyCodes:
+    """Build the key codes of a cache (the second stage of two-stage selection).
+
+    Args:
+        k: keys, contiguous ``[batch, kv_heads, seq, head_dim]`` or paged
+            ``[num_pages, page_size, kv_heads, head_dim]`` with ``block_table``.
+        block_size: tokens per block, 16/32/64/128 (that of the selection).
+        bits: bits per channel, 2 (default; measured better than 4 at equal bytes because more
+            candidates fit) or 4.
+        blocks_per_group: blocks sharing one [lo, hi] per channel (1, 2, 4, 8; at most 128
+            tokens); default: 128 tokens.
+        seq_lens: valid tokens per sequence (default: all).
+    """
+    _ops.require_extension()
+    k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
+    block_size = _check_block_size(block_size)
+    bits = _check_bits(bits)
+    per = default_blocks_per_group(block_size) if blocks_per_group is None else blocks_per_group
+    per = _check_blocks_per_group(per, block_size)
+    block_table = _check_block_table(block_table, k)
+    batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, block_size, "k")
+    _check_head_dim(head_dim, k.device)
+    seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
+    num_blocks = math.ceil(capacity / (block_size * per)) * per
+    codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits)
+    return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per)

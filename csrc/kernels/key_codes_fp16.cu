@@ -1,0 +1,8 @@
+// key_codes kernel for float16 keys.
+#include "aether/cuda/key_codes.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_key_codes<__half>(const KeyCodesParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether

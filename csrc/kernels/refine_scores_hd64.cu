@@ -1,0 +1,10 @@
+// refine_scores kernels for head_dim 64 (float16, bfloat16 and float32 queries).
+#include "aether/cuda/key_codes.cuh"
+
+namespace aether {
+namespace cuda {
+template cudaError_t launch_refine_scores<__half, 64>(const RefineScoresParams&, cudaStream_t);
+template cudaError_t launch_refine_scores<__nv_bfloat16, 64>(const RefineScoresParams&, cudaStream_t);
+template cudaError_t launch_refine_scores<float, 64>(const RefineScoresParams&, cudaStream_t);
+}  // namespace cuda
+}  // namespace aether
