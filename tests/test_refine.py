@@ -1,0 +1,228 @@
+"""Two-stage selection: key codes (build, append, paged), refine scores, and sparse_attention with
+refine=, CPU and CUDA operators against aether.reference on fresh random inputs, and the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import aether
+from aether import reference as ref
+from conftest import DEVICES, make_case
+
+pytestmark = pytest.mark.skipif(not aether.extension_available(), reason="aether._C is not built")
+
+
+def _dtypes(device):
+    return [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+
+
+def _candidates(batch, kv_heads, length, n_blocks, seed, device, extra_invalid=True):
+    """Random ascending candidate lists of random sizes, padded with -1; some rows also list a
+    block past the end of the sequence (the kernels must skip it) and one row is empty."""
+    g = torch.Generator().manual_seed(seed)
+    cand = torch.full((batch, kv_heads, length), -1, dtype=torch.int32)
+    count = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            n = n_blocks[b]
+            if (b, h) == (0, kv_heads - 1) or n == 0:
+                continue
+            size = int(torch.randint(1, n + 1, (1,), generator=g))
+            picked = torch.randperm(n, generator=g)[:size].sort().values.tolist()
+            if extra_invalid and n < length and size < length:
+                picked.append(length - 1)  # past this sequence's end
+            cand[b, h, :len(picked)] = torch.tensor(picked, dtype=torch.int32)
+            count[b, h] = len(picked)
+    return cand.to(device), count.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("block_size,per,head_dim", [(16, 8, 64), (32, 2, 128), (64, 1, 64), (128, 1, 256),
+                                                     (16, 1, 128), (32, 4, 64)])
+def test_key_codes_match_reference(device, bits, block_size, per, head_dim, poison_empty):
+    for dtype in _dtypes(device):
+        _, k, _, lens = make_case(3, 4, 2, 333, head_dim, dtype, device, seed=block_size + bits, lens=[333, 1, 0])
+        num_blocks = (math.ceil(333 / (block_size * per)) + 1) * per  # one empty group past the end
+        codes, ranges = torch.ops.aether.key_codes(k, lens, block_size, num_blocks, None, per, bits)
+        assert codes.shape == (3, 2, num_blocks, block_size, head_dim * bits // 8)
+        assert ranges.shape == (3, 2, num_blocks // per, 2, head_dim)
+        rc, rr = ref.key_codes(k.cpu(), bits, block_size, lens.cpu(), num_blocks, blocks_per_group=per)
+        # min / max, bf16 rounding, one IEEE division and rint: bit-identical on every device
+        assert torch.equal(ranges.cpu().view(torch.int16), rr.view(torch.int16))
+        assert torch.equal(codes.cpu(), rc)
+        # the codes reproduce the keys to within half a step (+ the bf16 rounding of the range)
+        deq = ref.unpack_key_codes(rc, rr, bits).reshape(3, 2, -1, head_dim)[:, :, :333]
+        lo, hi = rr[:, :, :, 0].float(), rr[:, :, :, 1].float()
+        step = ((hi - lo) / ((1 << bits) - 1)).repeat_interleave(block_size * per, dim=2)[:, :, :333]
+        err = (deq[0] - k[0].cpu().float()).abs()
+        assert bool((err <= step[0] / 2 + lo.abs().amax() * 2 ** -7 + 1e-6).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits,per", [(2, 2), (4, 1)])
+def test_key_codes_update_equals_full_build(device, bits, per):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, k, _, _ = make_case(2, 2, 2, 300, 64, dtype, device, seed=3, lens=[300, 300])
+    lens = torch.tensor([37, 5], dtype=torch.int32, device=device)
+    codes = aether.key_codes(k[:, :, :40], 32, bits=bits, blocks_per_group=per, seq_lens=lens)
+    for step in (1, 30, 64, 100):
+        lens = (lens + step).clamp(max=300)
+        codes.update(k, lens)
+        full = aether.key_codes(k, 32, bits=bits, blocks_per_group=per, seq_lens=lens)
+        n = full.num_blocks
+        assert torch.equal(codes.codes[:, :, :n], full.codes)
+        assert torch.equal(codes.ranges[:, :, :n // per], full.ranges)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_codes_paged_equals_contiguous(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bs = 16
+    _, k, _, lens = make_case(2, 2, 2, 96, 64, dtype, device, seed=9, lens=[96, 50])
+    pages = 96 // bs
+    table = torch.randperm(2 * pages, generator=torch.Generator().manual_seed(0)).reshape(2, pages)
+    table = table.to(torch.int32).to(device)
+    paged = torch.zeros(2 * pages, bs, 2, 64, dtype=dtype, device=device)
+    for b in range(2):
+        for p in range(pages):
+            paged[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
+    a = aether.key_codes(k, bs, bits=2, seq_lens=lens)
+    c = aether.key_codes(paged, bs, bits=2, seq_lens=lens, block_table=table)
+    assert a.blocks_per_group == 8
+    assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bs,per,group,head_dim", [(16, 8, 4, 64), (32, 2, 3, 128), (64, 1, 1, 64),
+                                                   (16, 4, 8, 256), (128, 1, 2, 64)])
+def test_refine_scores_match_reference(device, bits, bs, per, group, head_dim, poison_empty):
+    for dtype in _dtypes(device):
+        seq = 517
+        q, k, _, lens = make_case(2, 2 * group, 2, seq, head_dim, dtype, device, seed=bs + group + bits,
+                                  lens=[seq, 141])
+        kc = aether.key_codes(k, bs, bits=bits, blocks_per_group=per, seq_lens=lens)
+        length = math.ceil(seq / bs)  # the first selection's rows (here shorter than the codes')
+        n_blocks = [math.ceil(int(x) / bs) for x in lens.cpu()]
+        cand, count = _candidates(2, 2, length, n_blocks, seed=bs, device=device)
+        scale = 0.7 / math.sqrt(head_dim)
+        got = torch.ops.aether.refine_scores(q, kc.codes, kc.ranges, lens, cand, count, bs, scale, per, bits)
+        want = ref.refine_head_scores(q.cpu(), kc.codes.cpu(), kc.ranges.cpu(), bits, lens.cpu(), bs, cand.cpu(),
+                                      count.cpu(), scale)
+        assert got.shape == want.shape == (2, 2 * group, length)
+        got = got.cpu()
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(got)), "scores written outside the candidates (or missing)"
+        assert int(finite.sum()) > 0
+        assert bool(torch.isneginf(got[~finite]).all())
+        torch.testing.assert_close(got[finite], want[finite], atol=2e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bs,per,bits", [(16, 8, 2), (32, 2, 4), (64, 1, 2)])
+def test_sparse_attention_refine_end_to_end(device, bs, per, bits):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, lens = make_case(2, 8, 2, 2000, 64, dtype, device, seed=21, lens=[2000, 1405])
+    g = torch.Generator().manual_seed(5)
+    kp = (torch.randn(2, 64, 8, generator=g) / 8).to(device)
+    qp = (torch.randn(8, 64, 8, generator=g) / 8).to(device)
+    calib = aether.SketchCalibration(kp, qp, 0.5)
+    sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=per)
+    codes = aether.key_codes(k, bs, bits=bits, seq_lens=lens)
+    out, sel = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.2,
+                                       refine=codes, refine_candidates=0.5, return_selection=True)
+    # the first stage alone, at the candidates' budget: the final blocks are among its candidates
+    _, cand = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.5,
+                                      return_selection=True)
+    _, one_stage = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.2,
+                                           return_selection=True)
+    assert torch.equal(sel.counts, one_stage.counts)
+    for b in range(2):
+        for h in range(2):
+            final = set(sel.indices[b, h, :int(sel.counts[b, h])].tolist())
+            assert final <= set(cand.indices[b, h, :int(cand.counts[b, h])].tolist())
+    assert not torch.equal(sel.indices, one_stage.indices), "the second stage changed nothing"
+    _, _, rsel, rcnt = ref.sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), block_size=bs, score="qsketch", budget_fraction=0.2, seq_lens=lens.cpu(),
+        group_agg="sum", sketch=(kp.cpu(), qp.cpu(), 0.5, per),
+        refine=ref.RefineRef(bits=bits, candidate_fraction=0.5, blocks_per_group=128 // bs))
+    assert torch.equal(sel.counts.cpu(), rcnt)
+    # scores agree to rounding; a near-tie may flip a block
+    assert float((sel.indices.cpu() == rsel).float().mean()) > 0.95
+    want, _ = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs,
+                                sel.indices.cpu(), sel.counts.cpu())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.cpu().double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refine_with_a_bound_score_and_block_counts(device):
+    """refine also follows the statistics' scores (tight), with int budgets."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, lens = make_case(1, 4, 1, 640, 64, dtype, device, seed=2, lens=[640])
+    codes = aether.key_codes(k, 64, bits=4, seq_lens=lens)
+    out, sel = aether.sparse_attention(q, k, v, score="tight", seq_lens=lens, budget=3, refine=codes,
+                                       refine_candidates=6, return_selection=True)
+    _, _, rsel, rcnt = ref.sparse_attention(q.cpu(), k.cpu(), v.cpu(), block_size=64, score="tight",
+                                            budget_blocks=3, seq_lens=lens.cpu(),
+                                            refine=ref.RefineRef(bits=4, candidate_blocks=6, blocks_per_group=2))
+    assert int(sel.counts[0, 0]) == int(rcnt[0, 0]) == 3
+    assert torch.equal(sel.indices.cpu(), rsel)
+
+
+def test_refine_errors():
+    q, k, v, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
+    codes = aether.key_codes(k, 64, seq_lens=lens)
+    with pytest.raises(TypeError, match="refine must be an aether.KeyCodes"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=k)
+    with pytest.raises(ValueError, match="needs policy='topk'"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, policy="adaptive")
+    with pytest.raises(ValueError, match=r"refine_candidates \(0.1\) must be >= budget \(0.25\)"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_candidates=0.1, budget=0.25)
+    with pytest.raises(ValueError, match="refine_candidates as a fraction"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_candidates=1.5)
+    with pytest.raises(ValueError, match="refine_candidates as a block count"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_candidates=0)
+    with pytest.raises(ValueError, match="built with block_size 64 but block_size is 32"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, block_size=32, refine=codes)
+    with pytest.raises(ValueError, match="other sequence lengths"):
+        aether.sparse_attention(q, k, v, seq_lens=lens - 1, refine=codes)
+    other = aether.key_codes(k[:, :1].contiguous(), 64)
+    with pytest.raises(ValueError, match="built for another cache"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=other)
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 4\)"):
+        aether.key_codes(k, 64, bits=3)
+    with pytest.raises(ValueError, match="blocks_per_group must be 1, 2, 4 or 8"):
+        aether.key_codes(k, 64, blocks_per_group=4)
+    with pytest.raises(ValueError, match="seq_lens must not shrink"):
+        codes.update(k, lens - 1)
+    # the operator checks again
+    cand = torch.zeros(1, 2, 4, dtype=torch.int32)
+    count = torch.ones(1, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="candidates must be int32"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand.long(), count, 64, 0.1, 2, 2)
+    with pytest.raises(RuntimeError, match="num_candidates must be contiguous"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count[:, :1], 64, 0.1, 2, 2)
+    with pytest.raises(RuntimeError, match="key code bits must be 2 or 4"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count, 64, 0.1, 2, 8)
+    with pytest.raises(RuntimeError, match="key codes must be contiguous"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count, 64, 0.1, 2, 4)
+    with pytest.raises(RuntimeError, match="key code ranges must be contiguous"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count, 64, 0.1, 1, 2)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count, 64, float("nan"), 2, 2)
+
+
+def test_refine_fake_kernels_trace():
+    """The fake (meta) kernels describe the ops' outputs (torch.compile, opcheck)."""
+    q, k, _, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
+    codes = aether.key_codes(k, 32, seq_lens=lens)
+    cand = torch.arange(5, dtype=torch.int32).repeat(1, 2, 1)
+    count = torch.full((1, 2), 5, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.aether.key_codes.default, (k, lens, 32, 8, None, 4, 2))
+    torch.library.opcheck(torch.ops.aether.refine_scores.default,
+                          (q, codes.codes, codes.ranges, lens, cand, count, 32, 0.125, 4, 2))
