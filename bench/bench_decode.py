@@ -9,7 +9,10 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   (top-k, group_agg as given) + sparse_decode (+ merge), called through the operators and
   replayed as a CUDA graph, plus each stage alone. qsketch uses rank 8, centroid weight 0.5 (it
   reads the centroid: the costlier case), --blocks-per-sketch blocks per sketch block and random
-  projections (timing does not depend on their values).
+  projections (timing does not depend on their values). A score "S+refine" is two-stage selection
+  (aether.refine): the append also rebuilds the last group of the key codes, and the select is
+  radar_select at --refine-candidates, refine_scores over those candidates and radar_select given
+  the refined scores; its bytes add the candidates' codes and ranges.
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -83,6 +86,8 @@ class Case:
         self.sketch = [aether.key_sketch(k, self.calib, block_size, seq_lens=self.lens, blocks_per_sketch=self.per)
                        for k in self.k]
         self.group_agg = "sum"
+        self.refine_candidates, self.refine_bits = 0.3, 2
+        self.codes = None
         self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
         self.num_blocks = math.ceil(ctx / block_size)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
@@ -98,7 +103,16 @@ class Case:
         q = self.q[i].unsqueeze(2)
         return F.scaled_dot_product_attention(q, self.k[i], self.v[i], enable_gqa=True)
 
+    def enable_refine(self, candidates: float, bits: int) -> None:
+        self.refine_candidates, self.refine_bits = candidates, bits
+        self.codes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens) for k in self.k]
+
     def stats_append(self, i, score="tight"):
+        if score.endswith("+refine"):
+            kc = self.codes[i]
+            torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
+                                              kc.ranges, kc.blocks_per_group, kc.bits)
+            score = score[:-len("+refine")]
         if score == "qsketch":  # the sketch carries its centroid: no block statistics
             sk = self.sketch[i]
             torch.ops.aether.key_sketch_update(self.k[i], self.lens, self.first_block, self.calib.key_proj,
@@ -107,20 +121,31 @@ class Case:
             torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
                                                 *self.stats[i].tensors)
 
-    def select(self, i, budget_blocks, score="tight"):
+    def select(self, i, budget_blocks, score="tight", head_scores=None, head_mlo=None):
+        if score.endswith("+refine"):
+            first = score[:-len("+refine")]
+            cand_blocks = max(budget_blocks, math.ceil(self.refine_candidates * self.num_blocks - 1e-9))
+            cand, num, _, _ = self.select(i, cand_blocks, first)
+            kc = self.codes[i]
+            scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
+                                                    self.block_size, self.scale, kc.blocks_per_group, kc.bits)
+            mlo = torch.full(scores.shape[:2], -math.inf, device="cuda")
+            return self.select(i, budget_blocks, first, scores, mlo)
         if score == "qsketch":
             sk = self.sketch[i]
             empty = self.q[i].new_empty((0,), dtype=torch.float32)
             return torch.ops.aether.radar_select(
                 self.q[i], *(empty,) * 5, self.lens, self.block_size, self.scale, score, "topk", budget_blocks, 0.0,
-                1e-3, 0.95, 1, 0, 1, 1, False, None, None, self.group_agg, sk.codes, sk.ranges, self.calib.key_proj,
+                1e-3, 0.95, 1, 0, 1, 1, False, head_scores, head_mlo, self.group_agg, sk.codes, sk.ranges,
+                self.calib.key_proj,
                 self.calib.query_proj, self.calib.centroid_weight, sk.centroid, self.per)
         return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
-                                             score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False, None,
-                                             None, self.group_agg)
+                                             score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False,
+                                             head_scores, head_mlo, self.group_agg)
 
     def meta_bytes_per_block(self, score: str) -> float:
-        """Bytes the radar reads per block and KV head."""
+        """Bytes the radar reads per block and KV head (the first stage's, for a two-stage score)."""
+        score = score.removesuffix("+refine")
         if score == "qsketch":  # codes; ranges and bf16 centroid shared by the sketch block's blocks
             centroid = 2 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
             return self.block_size * SKETCH_RANK // 2 + (4 * SKETCH_RANK + centroid) / self.per
@@ -160,9 +185,11 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
-               group_agg: str, blocks_per_sketch: int = 1) -> dict:
+               group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2)) -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
+    if any(s.endswith("+refine") for s in scores):
+        c.enable_refine(*refine)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
@@ -176,8 +203,10 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                 continue  # keep-all reads no score: one row is enough
             nb = max(1, math.ceil(frac * c.num_blocks - 1e-9))
             r = dict(score=score, group_agg=group_agg, fraction=frac, blocks=nb)
-            if score == "qsketch":
+            if score.startswith("qsketch"):
                 r["blocks_per_sketch"] = blocks_per_sketch
+            if score.endswith("+refine"):
+                r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
             sels = [c.select(i, nb, score) for i in range(c.copies)]
@@ -192,6 +221,11 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
             counts = sels[0][1].float().mean().item()
             kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
             meta = 0 if frac >= 1.0 else c.num_blocks * c.meta_bytes_per_block(score) * batch * KV_HEADS
+            if score.endswith("+refine"):  # the candidates' codes and (an upper bound) their group's ranges
+                cand_blocks = max(nb, math.ceil(c.refine_candidates * c.num_blocks - 1e-9))
+                meta += cand_blocks * c.codes[0].bytes_per_block() * batch * KV_HEADS
+                r["refine_ms"] = _graph_ms(lambda i: c.select(i, nb, score), c.copies, iters) - _graph_ms(
+                    lambda i: c.select(i, nb, score.removesuffix("+refine")), c.copies, iters)
             r["bytes_read"] = kv_read + meta
             r["decode_gbps"] = kv_read / r["graph_decode_ms"] / 1e6
             # Same-mode ratios: eager step vs eager SDPA, graph step vs graph SDPA.
@@ -213,6 +247,7 @@ def main() -> int:
     parser.add_argument("--scores", default="tight,qsketch")
     parser.add_argument("--group-agg", default="sum", choices=["max", "sum"])
     parser.add_argument("--blocks-per-sketch", type=int, default=1, help="qsketch: blocks per sketch block")
+    parser.add_argument("--refine", default="0.3:2", help="for scores S+refine: candidate fraction:bits")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -225,19 +260,20 @@ def main() -> int:
         dtype="bfloat16", blocks_per_sketch=args.blocks_per_sketch, rows=[])
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
+        cand, bits = args.refine.split(":")
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
-                                         args.group_agg, args.blocks_per_sketch))
+                                         args.group_agg, args.blocks_per_sketch, (float(cand), int(bits))))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
           f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size} (qsketch: {args.blocks_per_sketch} "
           "per sketch block)")
-    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>7} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
+    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>14} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
           f"{'step':>6} {'x':>5} {'append':>6} {'radar':>6} {'decode':>6} {'GB/s':>5} | ideal of-ideal")
     for row in result["rows"]:
         for r in row["budgets"]:
             print(f"{row['batch']:>3}x{row['ctx']:<5} {row['sdpa_ms']*1e3:6.1f} {row['aether_dense_ms']*1e3:6.1f} "
-                  f"{r['score']:>7} {r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
+                  f"{r['score']:>14} {r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
                   f"{row['graph_sdpa_ms']*1e3:12.1f} {r['graph_step_ms']*1e3:6.1f} {r['graph_speedup_vs_sdpa']:5.2f} "
                   f"{r['graph_append_ms']*1e3:6.1f} {r['graph_radar_ms']*1e3:6.1f} {r['graph_decode_ms']*1e3:6.1f} "
                   f"{r['decode_gbps']:5.0f} | {r['ideal_speedup']:5.2f} {r['of_ideal']:5.2f}")

@@ -58,9 +58,16 @@ if [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketc
     --out "$OUT/bench_decode_bs16.json" > "$OUT/bench_bs16.log" 2>&1
   note "benchmark (16-token blocks, qsketch 4 per sketch block): rc=$?"
 fi
+# Two-stage selection (aether.refine) at its measured best point: 16-token blocks, 128-token sketch
+# blocks, 30% candidates ranked by 2-bit key codes, keep 0.112 (15.7% of the bytes); the one-stage
+# frontier (keep 0.135) in the same run.
+python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.112,0.135 --block-size 16 --blocks-per-sketch 8 \
+  --scores qsketch,qsketch+refine --refine 0.3:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
+note "benchmark (two-stage refine, 16-token blocks): rc=$?"
 echo
 printf '%s\n' "${summary[@]}"
 sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
+grep -E "^ +8x32768" "$OUT/bench_refine.log"
 tail -5 "$OUT/bench.log" | grep -i error

@@ -1,4 +1,5 @@
-"""A small case of every kernel (all paths: stats and sketch build + append (1 and 2 blocks per sketch block), each score, policy and
+"""A small case of every kernel (all paths: stats, sketch and key-code build + append (1 and 2 blocks per sketch block),
+two-stage refine, each score, policy and
 group aggregation, dense and
 sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
 
@@ -25,6 +26,11 @@ for dtype in (torch.float16, torch.bfloat16):
             for policy in ("topk", "adaptive"):
                 aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch,
                                         policy=policy, budget=3)
+        for bits in (2, 4):  # two-stage selection: key codes build + append, refine scores
+            codes = aether.key_codes(k, bs, bits=bits, seq_lens=lens - 40)
+            codes.update(k, lens)
+            aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch, budget=3,
+                                    refine=codes, refine_candidates=7)
         for score in aether.SCORES:
             if score == "qsketch":
                 continue
@@ -47,6 +53,10 @@ for dtype in (torch.float16, torch.bfloat16):
             sketch.update(kp, lens, block_table=table)
             aether.sparse_attention(q, kp, kp, seq_lens=lens, block_table=table, block_size=bs, score="qsketch",
                                     sketch=sketch, budget=3)
+            codes = aether.key_codes(kp, bs, seq_lens=lens - 40, block_table=table)
+            codes.update(kp, lens, block_table=table)
+            aether.sparse_attention(q, kp, kp, seq_lens=lens, block_table=table, block_size=bs, score="qsketch",
+                                    sketch=sketch, budget=3, refine=codes, refine_candidates=0.5)
 # A long case so that sparse_decode splits the KV sequence and merges.
 q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
