@@ -1,22 +1,28 @@
 // Key codes and refine scores: the second stage of two-stage selection (KeyCodesParams and
 // RefineScoresParams in params.h).
 //
-// 1. key_codes_kernel<T>, grid (batch * kv_heads, slices), 128 threads: one CTA rebuilds one group
-//    (Pg * block_size <= 128 tokens) at a time. A thread per channel takes the channel's min / max
-//    over the group's valid tokens straight from the cache (consecutive threads read consecutive
-//    channels of a token row, so the loads coalesce), rounds them to bf16 and publishes lo and
-//    step in shared memory; then a thread per (token, code byte) quantises the byte's 8 / bits
-//    channels (division and rint as the CPU kernel: bit-identical codes). A group is always
+// 1. key_codes_kernel<T>, grid (batch * kv_heads, slices), 256 threads: one CTA rebuilds one group
+//    (Pg * block_size <= 128 tokens) at a time. The group's keys are staged in shared memory as
+//    float32 with independent 16-byte loads (the first version read each channel's tokens from
+//    global memory in a loop: a chain of 128 L2 latencies, 28 us for an append at 8 x 32k on the
+//    H200); a thread per channel takes its min / max, rounds them to bf16 and publishes lo and
+//    step; then a thread per (token, code byte) quantises the byte's 8 / bits channels (division
+//    and rint as the CPU kernel: bit-identical codes). A group is always
 //    rebuilt from all of its tokens, so an append (first_block set) equals a full build; the
 //    append only launches enough CTAs to fill the GPU once (block_build_slices).
-// 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, ceil(L / 8)), 256 threads: a warp
-//    per entry of the candidate list (the entries past num_candidates exit at once). Lane l owns
+// 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads: one wave of
+//    CTAs whose warps stride over the candidate list, a warp per entry at a time. Lane l owns
 //    channels [l C, l C + C), C = D / 32, so its codes of one token are C * bits <= 32 contiguous
 //    bits of one aligned 32-bit word and a token row is one coalesced read per warp. Per query
-//    head of the group the lane folds the group's ranges into base = sum_c q_c lo_c and
-//    w_c = q_c step_c, so a token costs C FMAs and a 5-step warp sum; an online log-sum-exp over
-//    the block's tokens gives the block's log-mass estimate, which lane 0 writes. The scores are
-//    float32 sums in another order than the CPU kernel's: they agree to rounding, not bit for bit
+//    head the lane folds the group's ranges into base = sum_c q_c lo_c and w_c = q_c step_c, so a
+//    token costs C FMAs. Tokens go in chunks of 16 and heads in pairs: the chunk's 16 code words
+//    are loaded together, the 2 x 16 partial dot products are summed over the warp with one
+//    reduce-scatter (31 shuffles instead of 160; lane l ends with head l / 16, token l % 16), then
+//    a 16-lane max and sum give each head's chunk log-sum-exp, merged into its running one. The
+//    first version (a CTA per 8 entries, a warp sum and an exp per token, a load in the token
+//    loop) took 171 us for 30% candidates at 8 x 32k with 16-token blocks on the H200 (ncu): a
+//    latency chain per warp and 16k CTAs, most of them retiring at once. The scores are float32
+//    sums in another order than the CPU kernel's: they agree to rounding, not bit for bit
 //    (radar_select given equal scores selects identically; tests compare scores with a tolerance).
 //    Bytes read per candidate token: D * bits / 8 (+ 4D range bytes per group and candidate).
 #pragma once
@@ -29,10 +35,16 @@
 namespace aether {
 namespace cuda {
 
-constexpr int kCodesThreads = 128;
+constexpr int kCodesThreads = 256;
 constexpr int kRefineThreads = 256;
 constexpr int kRefineWarps = kRefineThreads / kWarpSize;
-constexpr int kMaxCodesHeadDim = 256;
+constexpr int kRefineChunk = 16;  // tokens whose logits one warp reduces together (reduce-scatter)
+constexpr int kMaxGroupTokens = 128;
+
+// Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step [D].
+inline size_t key_codes_smem_bytes(int group_tokens, int head_dim) {
+  return sizeof(float) * (static_cast<size_t>(group_tokens) * head_dim + 2 * static_cast<size_t>(head_dim));
+}
 
 template <typename T>
 __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b, int h, int m, int t) {
@@ -49,8 +61,7 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 
 template <typename T>
 __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodesParams p) {
-  __shared__ float s_lo[kMaxCodesHeadDim];
-  __shared__ float s_step[kMaxCodesHeadDim];
+  extern __shared__ __align__(16) float s_codes_dyn[];
   const int D = p.head_dim;
   const int bits = p.bits;
   const int levels = (1 << bits) - 1;
@@ -58,6 +69,9 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
   const int token_bytes = D * bits / 8;
   const int P = p.blocks_per_group;
   const int gt = P * p.block_size;  // tokens of a group
+  float* s_keys = s_codes_dyn;      // [gt][D]
+  float* s_lo = s_keys + gt * D;    // [D]
+  float* s_step = s_lo + D;         // [D]
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
@@ -68,6 +82,7 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
   const int begin = p.first_block != nullptr ? max(p.first_block[b], 0) / P : 0;
   const int end = p.first_block != nullptr ? n_groups : capacity;
   const int group_bytes = gt * token_bytes;  // the codes of the group's P blocks are contiguous
+  const int chunks = D / 8;
 
   for (int m = begin + blockIdx.y; m < end; m += gridDim.y) {
     const int64_t row = static_cast<int64_t>(bh) * capacity + m;
@@ -79,12 +94,21 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       for (int i = tid; i < 2 * D; i += kCodesThreads) ranges[i] = 0;
       continue;
     }
+    // Stage the group's keys: 16-byte vector loads, all independent (one latency, not n).
+    for (int i = tid; i < n * chunks; i += kCodesThreads) {
+      const int t = i / chunks, c = i % chunks;
+      float x[8];
+      load8_as_float(codes_key_row<T>(p, b, h, m, t) + c * 8, x);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) s_keys[t * D + c * 8 + e] = x[e];
+    }
+    __syncthreads();
     for (int d = tid; d < D; d += kCodesThreads) {
       float mn = INFINITY, mx = -INFINITY;
+#pragma unroll 8
       for (int t = 0; t < n; ++t) {
-        const float x = to_float(codes_key_row<T>(p, b, h, m, t)[d]);
-        mn = fminf(mn, x);
-        mx = fmaxf(mx, x);
+        mn = fminf(mn, s_keys[t * D + d]);
+        mx = fmaxf(mx, s_keys[t * D + d]);
       }
       const __nv_bfloat16 lo = __float2bfloat16_rn(mn);
       const __nv_bfloat16 hi = __float2bfloat16_rn(mx);
@@ -99,18 +123,17 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       const int first = (i % token_bytes) * per_byte;  // first channel of this byte
       unsigned byte = 0;
       if (t < n) {
-        const T* key = codes_key_row<T>(p, b, h, m, t);
         for (int e = 0; e < per_byte; ++e) {
           const int d = first + e;
           const float step = s_step[d];
           if (!(step > 0.0f)) continue;
-          const float level = rintf(__fdiv_rn(__fsub_rn(to_float(key[d]), s_lo[d]), step));
+          const float level = rintf(__fdiv_rn(__fsub_rn(s_keys[t * D + d], s_lo[d]), step));
           byte |= static_cast<unsigned>(fminf(fmaxf(level, 0.0f), static_cast<float>(levels))) << (e * bits);
         }
       }
       codes[i] = static_cast<uint8_t>(byte);
     }
-    __syncthreads();  // s_lo and s_step are rewritten by the next group
+    __syncthreads();  // s_keys, s_lo and s_step are rewritten by the next group
   }
 }
 
@@ -121,64 +144,94 @@ __global__ void __launch_bounds__(kRefineThreads) refine_scores_kernel(const Ref
   const int b = item / p.kv_heads;
   const int h = item % p.kv_heads;
   const int lane = threadIdx.x % kWarpSize;
-  const int NB = p.num_blocks;
   const int L = p.list_length;
-  const int i = blockIdx.y * kRefineWarps + threadIdx.x / kWarpSize;
   const int count = min(max(p.num_candidates[item], 0), L);
-  if (i >= count) return;  // uniform over the warp
-  const int j = p.candidates[static_cast<int64_t>(item) * L + i];
   const int bs = p.block_size;
   const int len = max(p.seq_lens[b], 0);
-  const int n_blocks = min((len + bs - 1) / bs, NB);
-  if (j < 0 || j >= n_blocks || j >= L) return;  // padding or past the end: nothing to score
-  const int n = min(bs, len - j * bs);
+  const int NB = p.num_blocks;
+  const int n_blocks = min((len + bs - 1) / bs, min(NB, L));
   const int bits = p.bits;
   const unsigned mask = (1u << bits) - 1u;
+  const float levels = static_cast<float>(mask);
   const int token_bytes = kHeadDim * bits / 8;
   const int d0 = lane * kC;
-
-  const uint16_t* lo_bits = p.ranges + ((static_cast<int64_t>(item) * (NB / p.blocks_per_group)) + j / p.blocks_per_group) * 2 * kHeadDim;
-  float lo[kC], step[kC];
-  const float levels = static_cast<float>(mask);
-#pragma unroll
-  for (int c = 0; c < kC; ++c) {
-    lo[c] = __bfloat162float(__ushort_as_bfloat16(lo_bits[d0 + c]));
-    const float hi = __bfloat162float(__ushort_as_bfloat16(lo_bits[kHeadDim + d0 + c]));
-    step[c] = __fdiv_rn(__fsub_rn(hi, lo[c]), levels);
-  }
-  const uint8_t* block_codes = p.codes + (static_cast<int64_t>(item) * NB + j) * bs * token_bytes;
   const int bit = d0 * bits;  // the lane's first bit in a token row; C * bits <= 32 bits, aligned
   const int word = bit / 32;
   const int shift = bit % 32;
   const int G = p.q_heads / p.kv_heads;
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride_batch;
+  const int half = lane / 16;  // after the reduce-scatter: which head of the pair this lane holds
+  const int tok = lane % 16;   // ... and which token of the chunk
 
-  for (int g = 0; g < G; ++g) {
-    const int head = h * G + g;
-    const T* qg = q_base + static_cast<int64_t>(head) * p.q_stride_head + d0;
-    float base = 0.0f, w[kC];
+  // Warps stride over the candidate list (the grid is sized to the GPU, not to the list).
+  for (int i = blockIdx.y * kRefineWarps + threadIdx.x / kWarpSize; i < count; i += gridDim.y * kRefineWarps) {
+    const int j = p.candidates[static_cast<int64_t>(item) * L + i];
+    if (j < 0 || j >= n_blocks) continue;  // padding or past the end: nothing to score (uniform)
+    const int n = min(bs, len - j * bs);
+    const uint16_t* lo_bits =
+        p.ranges + (static_cast<int64_t>(item) * (NB / p.blocks_per_group) + j / p.blocks_per_group) * 2 * kHeadDim;
+    float lo[kC], step[kC];
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
-      const float qc = to_float(qg[c]);
-      base = fmaf(qc, lo[c], base);
-      w[c] = qc * step[c];
+      lo[c] = __bfloat162float(__ushort_as_bfloat16(lo_bits[d0 + c]));
+      const float hi = __bfloat162float(__ushort_as_bfloat16(lo_bits[kHeadDim + d0 + c]));
+      step[c] = __fdiv_rn(__fsub_rn(hi, lo[c]), levels);
     }
-    float top = -INFINITY, sum = 0.0f;
-    for (int t = 0; t < n; ++t) {
-      const unsigned bits_row =
-          __ldg(reinterpret_cast<const unsigned*>(block_codes + static_cast<int64_t>(t) * token_bytes) + word) >> shift;
-      float part = base;
+    const uint8_t* block_codes = p.codes + (static_cast<int64_t>(item) * NB + j) * bs * token_bytes;
+
+    for (int g0 = 0; g0 < G; g0 += 2) {  // two heads per pass: 32 values, one reduce-scatter
+      float base[2], w[2][kC];
 #pragma unroll
-      for (int c = 0; c < kC; ++c) part = fmaf(w[c], static_cast<float>((bits_row >> (c * bits)) & mask), part);
-      const float x = p.scale * warp_sum(part);
-      if (x > top) {
-        sum = sum * expf(top - x) + 1.0f;
-        top = x;
-      } else {
-        sum += expf(x - top);
+      for (int u = 0; u < 2; ++u) {
+        const bool real = g0 + u < G;  // an odd G leaves the second head of the last pair empty
+        const T* qg = q_base + static_cast<int64_t>(h * G + (real ? g0 + u : g0)) * p.q_stride_head + d0;
+        base[u] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kC; ++c) {
+          const float qc = real ? to_float(qg[c]) : 0.0f;
+          base[u] = fmaf(qc, lo[c], base[u]);
+          w[u][c] = qc * step[c];
+        }
+      }
+      float top = -INFINITY, sum = 0.0f;  // this lane's head (g0 + half): running log-sum-exp
+      for (int t0 = 0; t0 < n; t0 += kRefineChunk) {
+        // The chunk's code words first (independent loads, one latency), then 2 x 16 partial dot
+        // products reduced together: lane l ends with head g0 + l / 16, token t0 + l % 16.
+        unsigned words[kRefineChunk];
+#pragma unroll
+        for (int e = 0; e < kRefineChunk; ++e) {
+          words[e] = t0 + e < n ? __ldg(reinterpret_cast<const unsigned*>(
+                                            block_codes + static_cast<int64_t>(t0 + e) * token_bytes) + word) >> shift
+                                : 0u;
+        }
+        float part[2 * kRefineChunk];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+#pragma unroll
+          for (int e = 0; e < kRefineChunk; ++e) {
+            float x = base[u];
+#pragma unroll
+            for (int c = 0; c < kC; ++c) x = fmaf(w[u][c], static_cast<float>((words[e] >> (c * bits)) & mask), x);
+            part[u * kRefineChunk + e] = x;
+          }
+        }
+        warp_reduce_scatter<2 * kRefineChunk>(part, lane);
+        const bool valid = t0 + tok < n;
+        const float x = valid ? p.scale * part[0] : -INFINITY;
+        float chunk_top = x;  // max over the 16 lanes of this head (token t0 is valid: finite)
+#pragma unroll
+        for (int off = 8; off > 0; off >>= 1) chunk_top = fmaxf(chunk_top, __shfl_xor_sync(kFullMask, chunk_top, off));
+        const float new_top = fmaxf(top, chunk_top);
+        float e = valid ? expf(x - new_top) : 0.0f;
+#pragma unroll
+        for (int off = 8; off > 0; off >>= 1) e += __shfl_xor_sync(kFullMask, e, off);
+        sum = sum * expf(top - new_top) + e;
+        top = new_top;
+      }
+      if (tok == 0 && g0 + half < G) {
+        p.head_scores[(static_cast<int64_t>(b) * p.q_heads + h * G + g0 + half) * L + j] = top + logf(sum);
       }
     }
-    if (lane == 0) p.head_scores[(static_cast<int64_t>(b) * p.q_heads + head) * L + j] = top + logf(sum);
   }
 }
 
@@ -186,9 +239,16 @@ template <typename T, int kHeadDim>
 cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t stream) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (heads == 0 || p.num_blocks == 0 || p.list_length == 0) return cudaSuccess;
-  const int64_t chunks = ceil_div(p.list_length, kRefineWarps);
-  if (chunks > 65535 || heads > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(chunks));
+  if (heads > 0x7fffffff) return cudaErrorInvalidValue;
+  // One wave of resident CTAs whose warps stride over the lists: a CTA per 8 list entries would
+  // launch (and mostly retire at once) 16k CTAs at 8 x 32k with 16-token blocks.
+  int num_sms = 0, per_sm = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, refine_scores_kernel<T, kHeadDim>,
+                                                                kRefineThreads, 0));
+  const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
+  const int64_t slices = std::min<int64_t>({ceil_div(wave, heads), ceil_div(p.list_length, kRefineWarps), 65535});
+  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(std::max<int64_t>(slices, 1)));
   refine_scores_kernel<T, kHeadDim><<<grid, kRefineThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -200,8 +260,13 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   if (heads == 0 || groups == 0) return cudaSuccess;
   int64_t slices = 0;
   AETHER_CUDA_TRY(block_build_slices(groups, heads, p.first_block != nullptr, &slices));
+  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.head_dim);
+  auto kernel = key_codes_kernel<T>;
+  if (smem > 48 * 1024) {
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  key_codes_kernel<T><<<grid, kCodesThreads, 0, stream>>>(p);
+  kernel<<<grid, kCodesThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
