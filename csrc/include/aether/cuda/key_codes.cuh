@@ -11,18 +11,22 @@
 //    rebuilt from all of its tokens, so an append (first_block set) equals a full build; the
 //    append only launches enough CTAs to fill the GPU once (block_build_slices).
 // 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads: one wave of
-//    CTAs whose warps stride over the candidate list, a warp per entry at a time. Lane l owns
-//    channels [l C, l C + C), C = D / 32, so its codes of one token are C * bits <= 32 contiguous
-//    bits of one aligned 32-bit word and a token row is one coalesced read per warp. Per query
-//    head the lane folds the group's ranges into base = sum_c q_c lo_c and w_c = q_c step_c, so a
-//    token costs C FMAs. Tokens go in chunks of 16 and heads in pairs: the chunk's 16 code words
-//    are loaded together, the 2 x 16 partial dot products are summed over the warp with one
-//    reduce-scatter (31 shuffles instead of 160; lane l ends with head l / 16, token l % 16), then
-//    a 16-lane max and sum give each head's chunk log-sum-exp, merged into its running one. The
-//    first version (a CTA per 8 entries, a warp sum and an exp per token, a load in the token
-//    loop) took 171 us for 30% candidates at 8 x 32k with 16-token blocks on the H200 (ncu): a
-//    latency chain per warp and 16k CTAs, most of them retiring at once. The scores are float32
-//    sums in another order than the CPU kernel's: they agree to rounding, not bit for bit
+//    CTAs whose warps stride over the candidate list, a warp per entry at a time; the CTA stages
+//    its group's queries in shared memory, and a warp reads the block ids of its next 32 entries
+//    with one load per lane. Lane l owns channels [l C, l C + C), C = D / 32, so its codes of one
+//    token are C * bits <= 32 contiguous bits of one aligned 32-bit word and a token row is one
+//    coalesced read per warp; a block's ranges and its first 16 tokens' words are loaded together
+//    (one memory latency per entry). Per query head the lane folds the group's ranges into
+//    base = sum_c q_c lo_c and w_c = q_c step_c, so a token costs C FMAs per head; codes are
+//    converted to float exactly by the 2^23 mantissa trick (no I2F), and two heads x 16 tokens of
+//    partial dot products are summed over the warp with one reduce-scatter (31 shuffles instead of
+//    160; lane l ends with head l / 16, token l % 16); a 16-lane max and sum give each head's chunk
+//    log-sum-exp, merged into its running one. History (30% candidates at 8 x 32k, 16-token blocks,
+//    H200, ncu): a CTA per 8 entries with a warp sum, an exp and a load per token, 171 us (a latency
+//    chain per warp, 16k CTAs mostly retiring at once); one wave of striding warps, 140 us; with
+//    4 heads x 8 tokens per reduce-scatter at 128 registers (fewer resident warps), 224 us: the
+//    kernel is bound by the memory latency per entry (block id, then ranges and codes), so what
+//    counts is how many entries are in flight per SM.
 //    (radar_select given equal scores selects identically; tests compare scores with a tolerance).
 //    Bytes read per candidate token: D * bits / 8 (+ 4D range bytes per group and candidate).
 #pragma once
@@ -38,7 +42,7 @@ namespace cuda {
 constexpr int kCodesThreads = 256;
 constexpr int kRefineThreads = 256;
 constexpr int kRefineWarps = kRefineThreads / kWarpSize;
-constexpr int kRefineChunk = 16;  // tokens whose logits one warp reduces together (reduce-scatter)
+constexpr int kRefineChunk = 16;  // tokens per chunk; two heads x 16 tokens = one 32-value reduce-scatter
 constexpr int kMaxGroupTokens = 128;
 
 // Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step [D].
@@ -138,12 +142,21 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kRefineThreads) refine_scores_kernel(const RefineScoresParams p) {
+__global__ void __launch_bounds__(kRefineThreads, 3) refine_scores_kernel(const RefineScoresParams p) {
   constexpr int kC = kHeadDim / kWarpSize;  // channels per lane: 2, 4 or 8
+  extern __shared__ float s_q[];            // [G][kHeadDim]: the group's queries, float32
   const int item = blockIdx.x;              // (b, kv head)
   const int b = item / p.kv_heads;
   const int h = item % p.kv_heads;
   const int lane = threadIdx.x % kWarpSize;
+  const int G = p.q_heads / p.kv_heads;
+  {
+    const T* q_group = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
+    for (int x = threadIdx.x; x < G * kHeadDim; x += kRefineThreads) {
+      s_q[x] = to_float(q_group[static_cast<int64_t>(x / kHeadDim) * p.q_stride_head + x % kHeadDim]);
+    }
+  }
+  __syncthreads();
   const int L = p.list_length;
   const int count = min(max(p.num_candidates[item], 0), L);
   const int bs = p.block_size;
@@ -158,78 +171,98 @@ __global__ void __launch_bounds__(kRefineThreads) refine_scores_kernel(const Ref
   const int bit = d0 * bits;  // the lane's first bit in a token row; C * bits <= 32 bits, aligned
   const int word = bit / 32;
   const int shift = bit % 32;
-  const int G = p.q_heads / p.kv_heads;
-  const T* q_base = static_cast<const T*>(p.q) + b * p.q_stride_batch;
-  const int half = lane / 16;  // after the reduce-scatter: which head of the pair this lane holds
-  const int tok = lane % 16;   // ... and which token of the chunk
+  const int lane_head = lane / kRefineChunk;  // after the reduce-scatter: this lane's head of the pair
+  const int tok = lane % kRefineChunk;         // ... and its token of the chunk
+  const int32_t* list = p.candidates + static_cast<int64_t>(item) * L;
+  const int stride = gridDim.y * kRefineWarps;  // warps stride over the list
 
-  // Warps stride over the candidate list (the grid is sized to the GPU, not to the list).
-  for (int i = blockIdx.y * kRefineWarps + threadIdx.x / kWarpSize; i < count; i += gridDim.y * kRefineWarps) {
-    const int j = p.candidates[static_cast<int64_t>(item) * L + i];
-    if (j < 0 || j >= n_blocks) continue;  // padding or past the end: nothing to score (uniform)
-    const int n = min(bs, len - j * bs);
-    const uint16_t* lo_bits =
-        p.ranges + (static_cast<int64_t>(item) * (NB / p.blocks_per_group) + j / p.blocks_per_group) * 2 * kHeadDim;
-    float lo[kC], step[kC];
+  for (int i0 = blockIdx.y * kRefineWarps + threadIdx.x / kWarpSize; i0 < count; i0 += kWarpSize * stride) {
+    // The block ids of this warp's next 32 entries, one load per lane (not one latency per entry).
+    const int mine = i0 + lane * stride;
+    const int my_j = mine < count ? list[mine] : -1;
+    for (int k = 0; k < kWarpSize && i0 + k * stride < count; ++k) {
+      const int j = __shfl_sync(kFullMask, my_j, k);
+      if (j < 0 || j >= n_blocks) continue;  // padding or past the end: nothing to score (uniform)
+      const int n = min(bs, len - j * bs);
+      const uint16_t* lo_bits =
+          p.ranges + (static_cast<int64_t>(item) * (NB / p.blocks_per_group) + j / p.blocks_per_group) * 2 * kHeadDim;
+      const uint8_t* block_codes = p.codes + (static_cast<int64_t>(item) * NB + j) * bs * token_bytes;
+      // The ranges and the first chunk's code words are independent loads: one latency.
+      unsigned words[kRefineChunk];
 #pragma unroll
-    for (int c = 0; c < kC; ++c) {
-      lo[c] = __bfloat162float(__ushort_as_bfloat16(lo_bits[d0 + c]));
-      const float hi = __bfloat162float(__ushort_as_bfloat16(lo_bits[kHeadDim + d0 + c]));
-      step[c] = __fdiv_rn(__fsub_rn(hi, lo[c]), levels);
-    }
-    const uint8_t* block_codes = p.codes + (static_cast<int64_t>(item) * NB + j) * bs * token_bytes;
-
-    for (int g0 = 0; g0 < G; g0 += 2) {  // two heads per pass: 32 values, one reduce-scatter
-      float base[2], w[2][kC];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const bool real = g0 + u < G;  // an odd G leaves the second head of the last pair empty
-        const T* qg = q_base + static_cast<int64_t>(h * G + (real ? g0 + u : g0)) * p.q_stride_head + d0;
-        base[u] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kC; ++c) {
-          const float qc = real ? to_float(qg[c]) : 0.0f;
-          base[u] = fmaf(qc, lo[c], base[u]);
-          w[u][c] = qc * step[c];
-        }
+      for (int e = 0; e < kRefineChunk; ++e) {
+        words[e] = e < n ? __ldg(reinterpret_cast<const unsigned*>(block_codes + static_cast<int64_t>(e) * token_bytes) +
+                                 word) >> shift
+                         : 0u;
       }
-      float top = -INFINITY, sum = 0.0f;  // this lane's head (g0 + half): running log-sum-exp
-      for (int t0 = 0; t0 < n; t0 += kRefineChunk) {
-        // The chunk's code words first (independent loads, one latency), then 2 x 16 partial dot
-        // products reduced together: lane l ends with head g0 + l / 16, token t0 + l % 16.
-        unsigned words[kRefineChunk];
+      float lo[kC], step[kC];
 #pragma unroll
-        for (int e = 0; e < kRefineChunk; ++e) {
-          words[e] = t0 + e < n ? __ldg(reinterpret_cast<const unsigned*>(
-                                            block_codes + static_cast<int64_t>(t0 + e) * token_bytes) + word) >> shift
-                                : 0u;
-        }
-        float part[2 * kRefineChunk];
+      for (int c = 0; c < kC; ++c) {
+        lo[c] = __bfloat162float(__ushort_as_bfloat16(__ldg(lo_bits + d0 + c)));
+        const float hi = __bfloat162float(__ushort_as_bfloat16(__ldg(lo_bits + kHeadDim + d0 + c)));
+        step[c] = __fdiv_rn(__fsub_rn(hi, lo[c]), levels);
+      }
+
+      for (int g0 = 0; g0 < G; g0 += 2) {  // two heads per pass: 2 x 16 values, one reduce-scatter
+        float base[2], w[2][kC];
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
+          const bool real = g0 + u < G;  // an odd G leaves the second head of the last pair empty
+          const float* qg = s_q + (real ? g0 + u : g0) * kHeadDim + d0;
+          base[u] = 0.0f;
 #pragma unroll
-          for (int e = 0; e < kRefineChunk; ++e) {
-            float x = base[u];
-#pragma unroll
-            for (int c = 0; c < kC; ++c) x = fmaf(w[u][c], static_cast<float>((words[e] >> (c * bits)) & mask), x);
-            part[u * kRefineChunk + e] = x;
+          for (int c = 0; c < kC; ++c) {
+            const float qc = real ? qg[c] : 0.0f;
+            base[u] = fmaf(qc, lo[c], base[u]);
+            w[u][c] = qc * step[c];
           }
         }
-        warp_reduce_scatter<2 * kRefineChunk>(part, lane);
-        const bool valid = t0 + tok < n;
-        const float x = valid ? p.scale * part[0] : -INFINITY;
-        float chunk_top = x;  // max over the 16 lanes of this head (token t0 is valid: finite)
+        float top = -INFINITY, sum = 0.0f;  // this lane's head (g0 + lane_head): running log-sum-exp
+        for (int t0 = 0; t0 < n; t0 += kRefineChunk) {
+          if (t0 > 0 || g0 > 0) {  // later chunks, and the first again for later heads (L1 hits)
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) chunk_top = fmaxf(chunk_top, __shfl_xor_sync(kFullMask, chunk_top, off));
-        const float new_top = fmaxf(top, chunk_top);
-        float e = valid ? expf(x - new_top) : 0.0f;
+            for (int e = 0; e < kRefineChunk; ++e) {
+              words[e] = t0 + e < n ? __ldg(reinterpret_cast<const unsigned*>(
+                                                block_codes + static_cast<int64_t>(t0 + e) * token_bytes) + word) >> shift
+                                    : 0u;
+            }
+          }
+          float part[2 * kRefineChunk];
 #pragma unroll
-        for (int off = 8; off > 0; off >>= 1) e += __shfl_xor_sync(kFullMask, e, off);
-        sum = sum * expf(top - new_top) + e;
-        top = new_top;
-      }
-      if (tok == 0 && g0 + half < G) {
-        p.head_scores[(static_cast<int64_t>(b) * p.q_heads + h * G + g0 + half) * L + j] = top + logf(sum);
+          for (int e = 0; e < kRefineChunk; ++e) {
+            // Each code converted exactly by OR-ing it into the mantissa of 2^23 and subtracting
+            // 2^23: a LOP3 and an FADD instead of an I2F (quarter rate).
+            float code[kC];
+#pragma unroll
+            for (int c = 0; c < kC; ++c) {
+              code[c] = __uint_as_float(0x4B000000u | ((words[e] >> (c * bits)) & mask)) - 8388608.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+              float x = base[u];
+#pragma unroll
+              for (int c = 0; c < kC; ++c) x = fmaf(w[u][c], code[c], x);
+              part[u * kRefineChunk + e] = x;
+            }
+          }
+          warp_reduce_scatter<2 * kRefineChunk>(part, lane);
+          const bool valid = t0 + tok < n;
+          const float x = valid ? p.scale * part[0] : -INFINITY;
+          float chunk_top = x;  // max over the 16 lanes of this head (token t0 is valid: finite)
+#pragma unroll
+          for (int off = kRefineChunk / 2; off > 0; off >>= 1) {
+            chunk_top = fmaxf(chunk_top, __shfl_xor_sync(kFullMask, chunk_top, off));
+          }
+          const float new_top = fmaxf(top, chunk_top);
+          float e = valid ? expf(x - new_top) : 0.0f;
+#pragma unroll
+          for (int off = kRefineChunk / 2; off > 0; off >>= 1) e += __shfl_xor_sync(kFullMask, e, off);
+          sum = sum * expf(top - new_top) + e;
+          top = new_top;
+        }
+        if (tok == 0 && g0 + lane_head < G) {
+          p.head_scores[(static_cast<int64_t>(b) * p.q_heads + h * G + g0 + lane_head) * L + j] = top + logf(sum);
+        }
       }
     }
   }
@@ -240,16 +273,24 @@ cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t strea
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (heads == 0 || p.num_blocks == 0 || p.list_length == 0) return cudaSuccess;
   if (heads > 0x7fffffff) return cudaErrorInvalidValue;
+  const int G = p.q_heads / p.kv_heads;
+  const size_t smem = sizeof(float) * static_cast<size_t>(G) * kHeadDim;
+  auto kernel = refine_scores_kernel<T, kHeadDim>;
+  if (smem > 48 * 1024) {
+    int optin = 0;
+    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+    if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   // One wave of resident CTAs whose warps stride over the lists: a CTA per 8 list entries would
   // launch (and mostly retire at once) 16k CTAs at 8 x 32k with 16-token blocks.
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, refine_scores_kernel<T, kHeadDim>,
-                                                                kRefineThreads, 0));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRefineThreads, smem));
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
   const int64_t slices = std::min<int64_t>({ceil_div(wave, heads), ceil_div(p.list_length, kRefineWarps), 65535});
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(std::max<int64_t>(slices, 1)));
-  refine_scores_kernel<T, kHeadDim><<<grid, kRefineThreads, 0, stream>>>(p);
+  kernel<<<grid, kRefineThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
