@@ -26,7 +26,12 @@
 //    chain per warp, 16k CTAs mostly retiring at once); one wave of striding warps, 140 us; with
 //    4 heads x 8 tokens per reduce-scatter at 128 registers (fewer resident warps), 224 us: the
 //    kernel is bound by the memory latency per entry (block id, then ranges and codes), so what
-//    counts is how many entries are in flight per SM.
+//    counts is how many entries are in flight per SM; this design (80 registers, 24 warps per SM),
+//    127 us. Even so it is far from its bytes (~5 us): a candidate token costs G x D = 512 FMAs
+//    on the CUDA cores (~20 M warp instructions in all), so the next step is tensor cores (codes
+//    are small integers, exact in bf16; an m16n8k16 MMA per 16 tokens and 8 heads), and the
+//    radar_score pass that only copies the given scores into group scores (28 us) before the
+//    second select.
 //    (radar_select given equal scores selects identically; tests compare scores with a tolerance).
 //    Bytes read per candidate token: D * bits / 8 (+ 4D range bytes per group and candidate).
 #pragma once
