@@ -33,6 +33,7 @@ import torch
 import aether
 from aether import reference
 from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks
+from aether.refine import KeyCodes, default_blocks_per_group
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
 
@@ -62,6 +63,9 @@ class SparseOptions:
     `budget_allocation`: "uniform" (every sparse layer keeps `budget`) or "layer" (qsketch with a
     float top-k budget only; `AetherCache` gives each sparse layer its own fraction, mean at most
     `budget`, from the recall curves measured at prefill: `aether.sketch.allocate_budgets`).
+    `refine_candidates`, `refine_bits`: two-stage selection (`aether.refine`, top-k only): the
+    score keeps this fraction of the blocks as candidates, `refine_bits`-bit key codes (2 or 4)
+    rank them and `budget` keeps the final blocks; None (default) is one stage.
     """
 
     score: str = "tight"
@@ -77,6 +81,8 @@ class SparseOptions:
     sketch_queries: int = DEFAULT_SKETCH_QUERIES
     budget_allocation: str = "uniform"
     blocks_per_sketch: int = 1
+    refine_candidates: float | None = None
+    refine_bits: int = 2
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -119,6 +125,17 @@ class SparseOptions:
         if per != 1 and self.score != SKETCH_SCORE:
             raise ValueError(f"blocks_per_sketch is a qsketch option, got blocks_per_sketch={per} with "
                              f"score={self.score!r}")
+        rc = self.refine_candidates
+        if rc is not None:
+            if isinstance(rc, bool) or not isinstance(rc, float) or not 0.0 < rc <= 1.0:
+                raise ValueError(f"refine_candidates must be None or a float fraction in (0, 1], got {rc!r}")
+            if self.policy != "topk" or self.score == "oracle":
+                raise ValueError(f"refine_candidates (two-stage selection) needs policy='topk' and a real score, got "
+                                 f"policy={self.policy!r}, score={self.score!r}")
+            if isinstance(self.budget, float) and rc < self.budget:
+                raise ValueError(f"refine_candidates ({rc}) must be >= budget ({self.budget})")
+        if self.refine_bits not in (2, 4) or isinstance(self.refine_bits, bool):
+            raise ValueError(f"refine_bits must be 2 or 4, got {self.refine_bits!r}")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if not 0.0 < self.mass <= 1.0:
@@ -243,6 +260,28 @@ def build_key_sketch(k: torch.Tensor, calibration: SketchCalibration, block_size
                         blocks_per_sketch=blocks_per_sketch)
 
 
+@dataclass
+class RefKeyCodes(KeyCodes):
+    """Key codes kept with the pure-PyTorch reference (used when `aether._C` is not built):
+    `update` rebuilds every group (the reference is a correctness path, not a fast one)."""
+
+    def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeyCodes":
+        fresh = build_key_codes(k, self.block_size, self.bits)
+        self.codes, self.ranges, self.seq_lens = fresh.codes, fresh.ranges, fresh.seq_lens
+        return self
+
+
+def build_key_codes(k: torch.Tensor, block_size: int, bits: int) -> KeyCodes:
+    """The two-stage key codes of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots
+    valid), 128-token groups."""
+    per = default_blocks_per_group(block_size)
+    if _use_extension(k):
+        return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per)
+    seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+    codes, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per)
+    return RefKeyCodes(codes, ranges, bits, block_size, seq_lens, blocks_per_group=per)
+
+
 def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
     """`aether.calibrate_sketch` for one sequence's prefill keys `[kv_heads, seq, head_dim]` and its
     last prefill queries `[q_heads, n, head_dim]` (n <= seq), with the options' rank and budget (a
@@ -265,10 +304,20 @@ def resolved_group_agg(options: SparseOptions) -> str:
     return "sum" if options.score == SKETCH_SCORE and options.policy == "topk" else "max"
 
 
+def refine_fraction(options: SparseOptions) -> float | None:
+    """The candidate fraction of a two-stage step: `refine_candidates`, raised to the step's budget
+    when that is larger (a per-layer allocation may give a layer more than the candidates)."""
+    rc = options.refine_candidates
+    if rc is None:
+        return None
+    return max(rc, float(options.budget)) if isinstance(options.budget, float) else rc
+
+
 def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: SparseOptions,
                        stats: BlockStats | RefBlockStats | None = None,
                        scale: float | None = None,
-                       sketch: KeySketch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       sketch: KeySketch | None = None,
+                       codes: KeyCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One AETHER decode step over a whole cache view (every slot of `k`/`v` is a valid token).
 
     Every AETHER attention call of the cache and the integrations goes through here: the compiled
@@ -283,6 +332,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         scale: softmax scale (default 1/sqrt(head_dim)).
         sketch: the key sketch of `k` (`KeySketch`, or `RefKeySketch` without the extension),
             required by score="qsketch" and only read by it.
+        codes: the key codes of `k` (`KeyCodes`, or `RefKeyCodes`), required by two-stage
+            selection (`options.refine_candidates`) and only read by it.
 
     Returns:
         `(out [batch, q_heads, head_dim] in q's dtype, selection [batch, kv_heads, num_blocks]
@@ -300,11 +351,17 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         raise ValueError(f"sketch is only read by score='qsketch', got score={options.score!r}")
     if qsketch:
         stats = None  # the sketch carries its centroid: no statistics are read
+    candidates = refine_fraction(options)
+    if (candidates is None) != (codes is None):
+        raise ValueError("key codes (codes=) are needed exactly when options.refine_candidates is set, got "
+                         f"refine_candidates={options.refine_candidates!r}, codes={type(codes).__name__}")
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
-            and not isinstance(sketch, RefKeySketch)):
+            and not isinstance(sketch, RefKeySketch) and not isinstance(codes, RefKeyCodes)):
+        refine = dict(refine=codes, refine_candidates=candidates) if codes is not None else {}
         out, selection = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
                                                  score=options.score, budget=options.budget, sketch=sketch,
-                                                 group_agg=options.group_agg, return_selection=True, **kwargs)
+                                                 group_agg=options.group_agg, return_selection=True, **refine,
+                                                 **kwargs)
         return out, selection.indices
     ref_stats = ref_sketch = None
     if options.score not in ("oracle", SKETCH_SCORE):
@@ -316,10 +373,14 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         calib = sketch.calibration
         ref_sketch = (sketch.codes, sketch.ranges, sketch.centroid, calib.key_proj, calib.query_proj,
                       float(calib.centroid_weight))
+    ref_refine = None
+    if codes is not None:
+        ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
+                                         blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges)
     out, _, selected, _ = reference.sparse_attention(
         q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, group_agg=resolved_group_agg(options),
-        sketch=ref_sketch, **kwargs)
+        sketch=ref_sketch, refine=ref_refine, **kwargs)
     return out, selected
 
 
@@ -349,7 +410,8 @@ class ReadCounter:
     `tokens_total`: what dense attention would have read; `blocks_total`: blocks scored;
     `sketch_bytes`: bytes the qsketch score read (sketch of every block + bf16 centroid of every
     sketch block when its weight is not 0 + the float32 query projection once per row and step),
-    host-side.
+    host-side. `refine_bytes`: bytes the second stage of two-stage selection read (the key codes
+    of the candidate blocks and, counted in full per candidate, their groups' ranges), host-side.
     """
 
     tokens_read: torch.Tensor | int = 0
@@ -357,10 +419,14 @@ class ReadCounter:
     blocks_total: int = 0
     steps: int = 0
     sketch_bytes: float = 0
+    refine_bytes: float = 0
 
     def add(self, selection: torch.Tensor, length: int, block_size: int,
-            sketch: KeySketch | None = None) -> None:
-        """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read."""
+            sketch: KeySketch | None = None, codes: KeyCodes | None = None,
+            refine_candidates: float | None = None) -> None:
+        """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read;
+        `codes`, `refine_candidates`: the key codes a two-stage step read for that candidate fraction
+        (the first stage's top-k count, ceil(fraction x blocks))."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
@@ -372,6 +438,9 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
+        if codes is not None:
+            candidates = min(num_blocks, math.ceil(refine_candidates * num_blocks - 1e-9))
+            self.refine_bytes += rows * candidates * codes.bytes_per_block()
         self.steps += 1
 
     def fractions(self, head_dim: int, score: str, kv_element_bytes: int = 2) -> dict[str, float]:
@@ -388,7 +457,7 @@ class ReadCounter:
             metadata = self.sketch_bytes / dense_bytes
         else:
             metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
-        return {"selected": selected, "metadata": metadata}
+        return {"selected": selected, "metadata": metadata + self.refine_bytes / dense_bytes}
 
 
 # ------------------------------------------------------------------------------- the cache
@@ -420,6 +489,8 @@ class AetherKVCache:
         self._calibrations: list[SketchCalibration] | None = None
         self._sketches: list[KeySketch] | None = None
         self._sketch_length = 0
+        self._codes: list[KeyCodes] | None = None  # two-stage selection: one per statistics group
+        self._codes_length = 0
         self.budget: float | None = None  # this layer's top-k fraction when allocated per layer, else None
         self._budget_options: SparseOptions | None = None  # `options` with `budget` (see _step_options)
         self.reads = ReadCounter()
@@ -536,7 +607,7 @@ class AetherKVCache:
                 starts = None
         if starts != self.row_starts:
             self.row_starts = starts
-            self._stats = None
+            self._stats = self._codes = None
             self._calibrations = self._sketches = None
             self.budget = None  # the per-layer allocation follows the calibration
 
@@ -549,7 +620,7 @@ class AetherKVCache:
             self.row_starts = [self.row_starts[int(i)] for i in indices.tolist()]
         if self._queries is not None:
             self._queries = self._queries.index_select(0, indices.to(self._queries.device))
-        self._stats = None
+        self._stats = self._codes = None
         self._calibrations = self._sketches = None  # recalibrated: row 0 may be another sequence now
         # self.budget stays: the rows still continue the prompt it was allocated for (beam search
         # reorders every step; re-allocating each time would redo every layer's recall curve)
@@ -561,7 +632,7 @@ class AetherKVCache:
         self.length = length
         if self.row_starts is not None:
             self.row_starts = [min(s, length) for s in self.row_starts]
-        self._stats = None
+        self._stats = self._codes = None
         self._sketches = None
         if self._queries is not None and length < self._queries_end:
             # drop the queries past the end; what remains recalibrates the sketch
@@ -649,6 +720,21 @@ class AetherKVCache:
             self._sketch_length = self.length
         return self._sketches
 
+    def key_codes(self) -> list[KeyCodes]:
+        """The two-stage key codes (`options.refine_candidates`), one per group of `_row_views()`,
+        current with `length`: built once, then only the last group is rebuilt per step."""
+        keys = self.keys
+        views = self._row_views()
+        if self._codes is None:
+            self._codes = [build_key_codes(keys[rows, :, start:], self.options.block_size, self.options.refine_bits)
+                           for rows, start in views]
+            self._codes_length = self.length
+        elif self._codes_length != self.length:
+            for kc, (rows, start) in zip(self._codes, views):
+                kc.update(keys[rows, :, start:])
+            self._codes_length = self.length
+        return self._codes
+
     # ---- attention
 
     def _step_options(self) -> SparseOptions:
@@ -675,13 +761,16 @@ class AetherKVCache:
             stats = none
         else:
             stats = self.stats()
+        codes = self.key_codes() if self.options.refine_candidates is not None else none
         keys, values = self.keys, self.values
         options = self._step_options()
+        candidates = refine_fraction(options)
         outs = []
-        for st, sk, (rows, start) in zip(stats, sketches, views):
+        for st, sk, kc, (rows, start) in zip(stats, sketches, codes, views):
             k, v = keys[rows, :, start:], values[rows, :, start:]
-            out, selection = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk)
-            self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk)
+            out, selection = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk, codes=kc)
+            self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk, codes=kc,
+                           refine_candidates=candidates)
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

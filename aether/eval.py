@@ -76,6 +76,8 @@ class Config:
     blocks_per_sketch: int = 1  # qsketch: blocks sharing one sketch block's ranges and centroid
     recent_blocks: int = 1  # last complete blocks always kept (counted in the budget)
     sketch_rank: int = DEFAULT_RANK  # qsketch: coefficients per token
+    refine_candidates: float | None = None  # two-stage selection: candidate fraction (None: one stage)
+    refine_bits: int = 2  # two-stage selection: bits per channel of the key codes
 
     @property
     def name(self) -> str:
@@ -84,6 +86,7 @@ class Config:
         per = f" P{self.blocks_per_sketch}" if self.blocks_per_sketch != 1 else ""
         per += f" recent{self.recent_blocks}" if self.recent_blocks != 1 else ""
         per += f" r{self.sketch_rank}" if self.sketch_rank != DEFAULT_RANK else ""
+        per += f" refine{self.refine_candidates:g}q{self.refine_bits}" if self.refine_candidates is not None else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -116,6 +119,7 @@ class EvalSettings:
     blocks_per_sketch: tuple[int, ...] = (1,)  # qsketch configs run once per entry
     recent_blocks: int = 1  # every sparse config
     sketch_rank: int = DEFAULT_RANK  # every qsketch config
+    refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none" or "C:bits"
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -174,7 +178,8 @@ class Runner:
                                 budget=config.budget, block_size=config.block_size, policy=config.policy,
                                 group_agg=config.group_agg, budget_allocation=config.budget_allocation,
                                 mass=config.mass, blocks_per_sketch=config.blocks_per_sketch,
-                                recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank)
+                                recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank,
+                                refine_candidates=config.refine_candidates, refine_bits=config.refine_bits)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -277,10 +282,15 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                     for per in dict.fromkeys(settings.blocks_per_sketch) if sketch else (1,):
                         if per * block_size > 128:
                             continue
-                        configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
-                                              budget_allocation=allocation, blocks_per_sketch=int(per),
-                                              recent_blocks=settings.recent_blocks,
-                                              sketch_rank=_rank_of(score, settings)))
+                        for refine in dict.fromkeys(settings.refines) if score != "oracle" else ("none",):
+                            candidates, bits = parse_refine(refine)
+                            if candidates is not None and candidates < budget:
+                                continue  # the final blocks are chosen among the candidates
+                            configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
+                                                  budget_allocation=allocation, blocks_per_sketch=int(per),
+                                                  recent_blocks=settings.recent_blocks,
+                                                  sketch_rank=_rank_of(score, settings),
+                                                  refine_candidates=candidates, refine_bits=bits))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -292,6 +302,20 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                                               recent_blocks=settings.recent_blocks,
                                               sketch_rank=_rank_of(entry, settings)))
     return configs
+
+
+def parse_refine(entry: str) -> tuple[float | None, int]:
+    """A --refine entry: "none" (one stage) or "C:bits", e.g. "0.3:2" -> (0.3, 2)."""
+    if entry == "none":
+        return None, 2
+    try:
+        candidates, bits = entry.split(":")
+        parsed = float(candidates), int(bits)
+    except ValueError:
+        raise ValueError(f"--refine entries must be 'none' or 'C:bits' (e.g. 0.3:2), got {entry!r}") from None
+    if not 0.0 < parsed[0] <= 1.0 or parsed[1] not in (2, 4):
+        raise ValueError(f"--refine {entry!r}: C must be in (0, 1] and bits 2 or 4")
+    return parsed
 
 
 def _rank_of(score: str, settings: EvalSettings) -> int:
@@ -337,6 +361,8 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
         raise ValueError(f"recent_blocks must be an int >= 0, got {settings.recent_blocks!r}")
     if isinstance(settings.sketch_rank, bool) or settings.sketch_rank not in (2, 4, 8, 16):
         raise ValueError(f"sketch_rank must be 2, 4, 8 or 16, got {settings.sketch_rank!r}")
+    for entry in settings.refines:
+        parse_refine(entry)
     for per in settings.blocks_per_sketch:
         if per not in (1, 2, 4, 8):
             raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
@@ -712,6 +738,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="last complete blocks every sparse config always keeps (counted in its budget)")
     p.add_argument("--sketch-rank", type=int, default=d.sketch_rank,
                    help="coefficients per token of every qsketch config's sketch (2, 4, 8, 16)")
+    p.add_argument("--refine", type=_strs, default=d.refines,
+                   help="two-stage selection: top-k configs run once per entry, 'none' (one stage) or 'C:bits' "
+                        "(the score keeps a fraction C of the blocks, bits-bit key codes rank them, the budget "
+                        "keeps the final blocks), e.g. none,0.3:2")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -743,7 +773,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
                             adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
-                            recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank)
+                            recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank, refines=args.refine)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)
