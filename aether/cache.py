@@ -411,7 +411,7 @@ class ReadCounter:
     `sketch_bytes`: bytes the qsketch score read (sketch of every block + bf16 centroid of every
     sketch block when its weight is not 0 + the float32 query projection once per row and step),
     host-side. `refine_bytes`: bytes the second stage of two-stage selection read (the key codes
-    of the candidate blocks and, counted in full per candidate, their groups' ranges), host-side.
+    of the candidate blocks and the ranges of the groups holding them, `KeyCodes.bytes_read`).
     """
 
     tokens_read: torch.Tensor | int = 0
@@ -440,7 +440,7 @@ class ReadCounter:
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
         if codes is not None:
             candidates = min(num_blocks, math.ceil(refine_candidates * num_blocks - 1e-9))
-            self.refine_bytes += rows * candidates * codes.bytes_per_block()
+            self.refine_bytes += rows * codes.bytes_read(candidates, num_blocks)
         self.steps += 1
 
     def fractions(self, head_dim: int, score: str, kv_element_bytes: int = 2) -> dict[str, float]:

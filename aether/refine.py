@@ -76,10 +76,12 @@ class KeyCodes:
     def head_dim(self) -> int:
         return self.ranges.shape[-1]
 
-    def bytes_per_block(self) -> float:
-        """Bytes the second stage reads per candidate block and KV head: the block's codes and
-        its group's bf16 ranges (counted in full for every candidate: an upper bound)."""
-        return self.block_size * self.head_dim * self.bits / 8 + 4 * self.head_dim
+    def bytes_read(self, candidates: int, num_blocks: int) -> float:
+        """Bytes the second stage reads per KV head for `candidates` of `num_blocks` blocks: the
+        candidates' codes, and the bf16 ranges of every group that can hold a candidate (at most
+        one group per candidate, at most every group: an upper bound on the distinct groups)."""
+        groups = min(candidates, math.ceil(num_blocks / self.blocks_per_group))
+        return candidates * self.block_size * self.head_dim * self.bits / 8 + groups * 4 * self.head_dim
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
                block_table: torch.Tensor | None = None) -> "KeyCodes":

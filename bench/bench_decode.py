@@ -221,9 +221,9 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
             counts = sels[0][1].float().mean().item()
             kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
             meta = 0 if frac >= 1.0 else c.num_blocks * c.meta_bytes_per_block(score) * batch * KV_HEADS
-            if score.endswith("+refine"):  # the candidates' codes and (an upper bound) their group's ranges
+            if score.endswith("+refine"):  # the candidates' codes and their groups' ranges
                 cand_blocks = max(nb, math.ceil(c.refine_candidates * c.num_blocks - 1e-9))
-                meta += cand_blocks * c.codes[0].bytes_per_block() * batch * KV_HEADS
+                meta += c.codes[0].bytes_read(cand_blocks, c.num_blocks) * batch * KV_HEADS
                 r["refine_ms"] = _graph_ms(lambda i: c.select(i, nb, score), c.copies, iters) - _graph_ms(
                     lambda i: c.select(i, nb, score.removesuffix("+refine")), c.copies, iters)
             r["bytes_read"] = kv_read + meta

@@ -173,6 +173,22 @@ def test_harness_qsketch_and_group_agg(bundle, tmp_path):
     assert "KL" in format_table(result)
 
 
+def test_harness_two_stage_refine(bundle, tmp_path):
+    """Two-stage selection through the harness (AetherCache(refine_candidates=...)): it runs next to
+    its one-stage config, changes the predictions, and counts the candidates' code bytes."""
+    settings = EvalSettings(**{**QUICK, "scores": ("qsketch:sum",), "budgets": (0.25,), "tasks": ("ppl",),
+                               "refines": ("none", "0.5:2")})
+    result = run_eval(settings, output=tmp_path / "acc.json", plot=None, model_bundle=bundle, progress=False)
+    by_name = {c["name"]: c for c in result["configs"]}
+    one, two = by_name["qsketch bs16 topk 0.25 sum"], by_name["qsketch bs16 refine0.5q2 topk 0.25 sum"]
+    assert two["config"]["refine_candidates"] == 0.5
+    assert one["ppl"]["vim_user_manual"]["kl"] != two["ppl"]["vim_user_manual"]["kl"]
+    # half the blocks' 2-bit codes (1/16 of their K+V) + every 128-token group's ranges (1/128)
+    extra = two["kv_read"]["metadata"] - one["kv_read"]["metadata"]
+    assert 0.5 / 16 < extra < 0.5 / 16 + 2 / 128
+    assert two["kv_read"]["selected"] == pytest.approx(one["kv_read"]["selected"], rel=0.05)
+
+
 def test_model_demo_prints_table(bundle, tmp_path, capsys):
     plot = tmp_path / "demo.png"
     rows = run_model_demo(context=300, decode=8, gen_tokens=4, device="cpu", budgets=(0.25, 1.0), block_size=16,

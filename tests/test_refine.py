@@ -226,3 +226,63 @@ def test_refine_fake_kernels_trace():
     torch.library.opcheck(torch.ops.aether.key_codes.default, (k, lens, 32, 8, None, 4, 2))
     torch.library.opcheck(torch.ops.aether.refine_scores.default,
                           (q, codes.codes, codes.ranges, lens, cand, count, 32, 0.125, 4, 2))
+
+
+def test_cache_two_stage_equals_the_direct_call_and_the_reference_path(monkeypatch):
+    """AetherKVCache with refine_candidates: its codes follow appends, its step equals
+    aether.sparse_attention with the same codes, the pure-PyTorch fallback gives the same
+    selection, and the read counter adds the candidates' code bytes."""
+    import aether.cache as cache_mod
+    q, k, v, _ = make_case(1, 8, 2, 700, 64, torch.float32, "cpu", seed=4, lens=[700])
+    options = cache_mod.SparseOptions(score="tight", block_size=16, budget=0.2, refine_candidates=0.5)
+    cache = cache_mod.AetherKVCache(options)
+    cache.append(k[:, :, :650], v[:, :, :650])
+    cache.attend(q)
+    for t in range(650, 700):  # decode steps: the codes' last group is rebuilt each time
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+    out = cache.attend(q)
+    codes = aether.key_codes(k, 16)
+    assert torch.equal(cache.key_codes()[0].codes, codes.codes)
+    want, sel = aether.sparse_attention(q, k, v, block_size=16, score="tight", budget=0.2, refine=codes,
+                                        refine_candidates=0.5, return_selection=True)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    one_stage = aether.sparse_attention(q, k, v, block_size=16, score="tight", budget=0.2)
+    assert not torch.equal(out, one_stage)
+    # bytes: 2 steps, 2 rows, ceil(0.5 * blocks) candidates' codes + the ranges of every 128-token group
+    reads = cache.reads
+    blocks = [math.ceil(650 / 16), math.ceil(700 / 16)]
+    assert reads.refine_bytes == sum(2 * (math.ceil(0.5 * n) * 16 * 64 * 2 / 8 + math.ceil(n / 8) * 4 * 64)
+                                     for n in blocks)
+    # the reference fallback (no extension) selects the same blocks
+    monkeypatch.setattr(cache_mod, "_use_extension", lambda t: False)
+    ref_out, ref_sel = cache_mod.sparse_decode_step(q, k, v, options, codes=cache_mod.build_key_codes(k, 16, 2))
+    assert torch.equal(ref_sel, sel.indices)
+    torch.testing.assert_close(ref_out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_two_stage_options_and_eval_entries():
+    from aether.cache import SparseOptions, sparse_decode_step
+    from aether.eval import Config, EvalSettings, configs_for, parse_refine
+    with pytest.raises(ValueError, match=r"refine_candidates \(0.1\) must be >= budget \(0.2\)"):
+        SparseOptions(budget=0.2, refine_candidates=0.1)
+    with pytest.raises(ValueError, match="needs policy='topk'"):
+        SparseOptions(policy="adaptive", refine_candidates=0.5)
+    with pytest.raises(ValueError, match="refine_candidates must be None or a float"):
+        SparseOptions(refine_candidates=3)
+    with pytest.raises(ValueError, match="refine_bits must be 2 or 4"):
+        SparseOptions(refine_candidates=0.5, refine_bits=8)
+    q, k, v, _ = make_case(1, 4, 2, 128, 64, torch.float32, "cpu", seed=1, lens=[128])
+    with pytest.raises(ValueError, match="key codes .* needed exactly when"):
+        sparse_decode_step(q, k, v, SparseOptions(block_size=16, refine_candidates=0.5))
+    assert parse_refine("none") == (None, 2) and parse_refine("0.3:4") == (0.3, 4)
+    with pytest.raises(ValueError, match="'none' or 'C:bits'"):
+        parse_refine("0.3")
+    with pytest.raises(ValueError, match="bits 2 or 4"):
+        parse_refine("0.3:3")
+    settings = EvalSettings(scores=("qsketch", "oracle"), budgets=(0.1, 0.4), block_sizes=(16,),
+                            refines=("none", "0.3:2"))
+    names = [c.name for c in configs_for(settings)]
+    assert "qsketch bs16 refine0.3q2 topk 0.1" in names and "qsketch bs16 topk 0.1" in names
+    assert not any("refine" in n for n in names if n.startswith("oracle"))  # the oracle needs no refinement
+    assert "qsketch bs16 refine0.3q2 topk 0.4" not in names  # candidates below the budget: skipped
+    assert Config("tight", 0.1, 16, refine_candidates=0.3).name == "tight bs16 refine0.3q2 topk 0.1"
