@@ -556,61 +556,8 @@ TEST(CpuKeyCodes, RejectsInvalidParams) {
 // ---------------------------------------------------------------------------------------------
 // refine_scores.
 
-struct Candidates {
-  int list_length = 0;
-  std::vector<int32_t> rows;   // [B, Hkv, L]
-  std::vector<int32_t> count;  // [B, Hkv]
-};
-
-// Candidate rows as a first selection might leave them, and the cases it never does: a random
-// subset of the valid blocks (sorted, or shuffled), a few entries past the sequence end, past the
-// capacity, past the row (j >= L, a valid block when L < NB) or negative, then -1 padding; counts
-// that stop short of the entries, cover exactly them, reach into the padding, exceed L, are 0 or
-// negative.
-Candidates make_candidates(int batch, int kv_heads, int list_length, int num_blocks, int block_size,
-                           const std::vector<int32_t>& lens, std::mt19937_64& rng) {
-  Candidates out;
-  out.list_length = list_length;
-  out.rows.assign(static_cast<size_t>(batch) * kv_heads * list_length, -1);
-  out.count.assign(static_cast<size_t>(batch) * kv_heads, 0);
-  std::uniform_int_distribution<int> coin(0, 1), kind(0, 7), extras(0, 3);
-  for (int b = 0; b < batch; ++b) {
-    const int n_blocks = test::blocks_of(lens[b], block_size);
-    for (int h = 0; h < kv_heads; ++h) {
-      std::vector<int32_t> pool(static_cast<size_t>(n_blocks));
-      for (int j = 0; j < n_blocks; ++j) pool[j] = j;
-      std::shuffle(pool.begin(), pool.end(), rng);
-      pool.resize(std::uniform_int_distribution<size_t>(0, pool.size())(rng));
-      const int32_t odd[] = {n_blocks, n_blocks + 1, num_blocks, list_length, list_length + 2, -1, -7, 1 << 20};
-      for (int e = extras(rng); e > 0; --e) pool.push_back(odd[kind(rng)]);
-      if (coin(rng)) {
-        std::sort(pool.begin(), pool.end());
-      } else {
-        std::shuffle(pool.begin(), pool.end(), rng);
-      }
-      // A short row (L < NB) often lists a valid block j >= L, which has no slot in the row: put one
-      // first, where the truncation to L entries below cannot drop it.
-      if (list_length < n_blocks && coin(rng)) {
-        pool.insert(pool.begin(), std::uniform_int_distribution<int32_t>(list_length, n_blocks - 1)(rng));
-      }
-      pool.resize(std::min<size_t>(pool.size(), list_length));
-      int32_t* row = &out.rows[(static_cast<size_t>(b) * kv_heads + h) * list_length];
-      std::copy(pool.begin(), pool.end(), row);
-      const int entries = static_cast<int>(pool.size());
-      int32_t count = entries;
-      switch (std::uniform_int_distribution<int>(0, 6)(rng)) {
-        case 0: count = entries / 2; break;                                // stops short
-        case 1: count = std::min(list_length, entries + 2); break;         // into the padding
-        case 2: count = list_length + 1 + coin(rng) * 100; break;          // past the row: clamped
-        case 3: count = 0; break;
-        case 4: count = -3; break;                                         // no entries
-        default: break;                                                    // exactly the entries
-      }
-      out.count[static_cast<size_t>(b) * kv_heads + h] = count;
-    }
-  }
-  return out;
-}
+using test::Candidates;
+using test::make_candidates;
 
 RefineScoresParams refine_params(const TestQuery& q, const CodesBuffers& codes, const std::vector<int32_t>& lens,
                                  const Candidates& cand, float scale, float* head_scores) {

@@ -343,57 +343,8 @@ TEST(CudaKeyCodes, RejectsInvalidArguments) {
 // ---------------------------------------------------------------------------------------------
 // refine_scores.
 
-struct Candidates {
-  int list_length = 0;
-  std::vector<int32_t> rows;   // [B, Hkv, L]
-  std::vector<int32_t> count;  // [B, Hkv]
-};
-
-// Candidate rows: a random subset of the valid blocks (sorted or shuffled), a valid block past a
-// short row (j >= L) first, odd entries (past the sequence end, past the capacity, past the row,
-// negative), then -1 padding; counts short of the entries, equal, into the padding, past L, 0 or
-// negative.
-Candidates make_candidates(int batch, int kv_heads, int list_length, int num_blocks, int block_size,
-                           const std::vector<int32_t>& lens, std::mt19937_64& rng) {
-  Candidates out;
-  out.list_length = list_length;
-  out.rows.assign(static_cast<size_t>(batch) * kv_heads * list_length, -1);
-  out.count.assign(static_cast<size_t>(batch) * kv_heads, 0);
-  std::uniform_int_distribution<int> coin(0, 1), kind(0, 7), extras(0, 3);
-  for (int b = 0; b < batch; ++b) {
-    const int n_blocks = test::blocks_of(lens[b], block_size);
-    for (int h = 0; h < kv_heads; ++h) {
-      std::vector<int32_t> pool(static_cast<size_t>(n_blocks));
-      for (int j = 0; j < n_blocks; ++j) pool[j] = j;
-      std::shuffle(pool.begin(), pool.end(), rng);
-      pool.resize(std::uniform_int_distribution<size_t>(0, pool.size())(rng));
-      const int32_t odd[] = {n_blocks, n_blocks + 1, num_blocks, list_length, list_length + 2, -1, -7, 1 << 20};
-      for (int e = extras(rng); e > 0; --e) pool.push_back(odd[kind(rng)]);
-      if (coin(rng)) {
-        std::sort(pool.begin(), pool.end());
-      } else {
-        std::shuffle(pool.begin(), pool.end(), rng);
-      }
-      if (list_length < n_blocks && coin(rng)) {
-        pool.insert(pool.begin(), std::uniform_int_distribution<int32_t>(list_length, n_blocks - 1)(rng));
-      }
-      pool.resize(std::min<size_t>(pool.size(), list_length));
-      std::copy(pool.begin(), pool.end(), &out.rows[(static_cast<size_t>(b) * kv_heads + h) * list_length]);
-      const int entries = static_cast<int>(pool.size());
-      int32_t count = entries;
-      switch (std::uniform_int_distribution<int>(0, 6)(rng)) {
-        case 0: count = entries / 2; break;
-        case 1: count = std::min(list_length, entries + 2); break;
-        case 2: count = list_length + 1 + coin(rng) * 100; break;
-        case 3: count = 0; break;
-        case 4: count = -3; break;
-        default: break;
-      }
-      out.count[static_cast<size_t>(b) * kv_heads + h] = count;
-    }
-  }
-  return out;
-}
+using test::Candidates;
+using test::make_candidates;
 
 RefineScoresParams refine_params(const TestQuery& q, const CodesBuffers& codes, const int32_t* lens,
                                  const Candidates& cand, float scale) {

@@ -203,6 +203,27 @@ void check_cuda(cudaError_t err, const char* what) {
 
 // ---------------------------------------------------------------------------------- block_stats
 
+// Runs a kernel on the CPU, or with its CUDA launcher on `ref`'s device and current stream.
+#ifdef AETHER_WITH_CUDA
+#define AETHER_CUDA_LAUNCHER(name) (&aether::cuda::name)
+#else
+#define AETHER_CUDA_LAUNCHER(name) nullptr  // never called: no tensor is on CUDA in this build
+#endif
+template <typename Params, typename CpuFn, typename CudaFn>
+void run_kernel(const Params& p, const Tensor& ref, CpuFn cpu, CudaFn cuda, const char* what) {
+  if (ref.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(ref.device());
+    check_cuda(cuda(p, c10::cuda::getCurrentCUDAStream().stream()), what);
+    return;
+#else
+    (void)cuda;
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  }
+  cpu(p);
+}
+
 aether::BlockStatsParams stats_params(const Tensor& k, const Tensor& seq_lens, int64_t block_size,
                                       const OptTensor& block_table, const Tensor& centroid, const Tensor& lo,
                                       const Tensor& hi, const Tensor& radius, const Tensor& spread) {
@@ -233,19 +254,6 @@ aether::BlockStatsParams stats_params(const Tensor& k, const Tensor& seq_lens, i
   return p;
 }
 
-void run_block_stats(const aether::BlockStatsParams& p, const Tensor& k) {
-  if (k.is_cuda()) {
-#ifdef AETHER_WITH_CUDA
-    c10::cuda::CUDAGuard guard(k.device());
-    check_cuda(aether::cuda::block_stats(p, c10::cuda::getCurrentCUDAStream().stream()), "block_stats");
-    return;
-#else
-    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
-#endif
-  }
-  aether::cpu::block_stats(p);
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_stats(const Tensor& k, const Tensor& seq_lens,
                                                                 int64_t block_size, int64_t num_blocks,
                                                                 const OptTensor& block_table) {
@@ -261,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_stats(const Tensor& k, 
   if (centroid.numel() == 0) return {centroid, lo, hi, radius, spread};
   aether::BlockStatsParams p =
       stats_params(k, seq_lens, block_size, block_table, centroid, lo, hi, radius, spread);
-  run_block_stats(p, k);
+  run_kernel(p, k, aether::cpu::block_stats, AETHER_CUDA_LAUNCHER(block_stats), "block_stats");
   return {centroid, lo, hi, radius, spread};
 }
 
@@ -273,7 +281,7 @@ void block_stats_update(const Tensor& k, const Tensor& seq_lens, const Tensor& f
       stats_params(k, seq_lens, block_size, block_table, centroid, lo, hi, radius, spread);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
-  run_block_stats(p, k);
+  run_kernel(p, k, aether::cpu::block_stats, AETHER_CUDA_LAUNCHER(block_stats), "block_stats");
 }
 
 // ----------------------------------------------------------------------------------- key_sketch
@@ -370,19 +378,6 @@ aether::KeySketchParams sketch_params(const Tensor& k, const Tensor& seq_lens, c
   return p;
 }
 
-void run_key_sketch(const aether::KeySketchParams& p, const Tensor& k) {
-  if (k.is_cuda()) {
-#ifdef AETHER_WITH_CUDA
-    c10::cuda::CUDAGuard guard(k.device());
-    check_cuda(aether::cuda::key_sketch(p, c10::cuda::getCurrentCUDAStream().stream()), "key_sketch");
-    return;
-#else
-    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
-#endif
-  }
-  aether::cpu::key_sketch(p);
-}
-
 std::tuple<Tensor, Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq_lens, const Tensor& key_proj,
                                               int64_t block_size, int64_t num_blocks, const OptTensor& block_table,
                                               int64_t blocks_per_sketch) {
@@ -399,8 +394,8 @@ std::tuple<Tensor, Tensor, Tensor> key_sketch(const Tensor& k, const Tensor& seq
   Tensor ranges = at::empty({c.batch, c.kv_heads, sketch_blocks, 2, rank}, k.options().dtype(at::kBFloat16));
   Tensor centroid = at::empty({c.batch, c.kv_heads, sketch_blocks, c.head_dim}, k.options().dtype(at::kBFloat16));
   if (codes.numel() == 0) return {codes, ranges, centroid};
-  run_key_sketch(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid,
-                               blocks_per_sketch), k);
+  run_kernel(sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid, blocks_per_sketch),
+             k, aether::cpu::key_sketch, AETHER_CUDA_LAUNCHER(key_sketch), "key_sketch");
   return {codes, ranges, centroid};
 }
 
@@ -412,7 +407,7 @@ void key_sketch_update(const Tensor& k, const Tensor& seq_lens, const Tensor& fi
       sketch_params(k, seq_lens, key_proj, block_size, block_table, codes, ranges, centroid, blocks_per_sketch);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
-  run_key_sketch(p, k);
+  run_kernel(p, k, aether::cpu::key_sketch, AETHER_CUDA_LAUNCHER(key_sketch), "key_sketch");
 }
 
 void check_query(const Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
@@ -487,19 +482,6 @@ aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int
   return p;
 }
 
-void run_key_codes(const aether::KeyCodesParams& p, const Tensor& k) {
-  if (k.is_cuda()) {
-#ifdef AETHER_WITH_CUDA
-    c10::cuda::CUDAGuard guard(k.device());
-    check_cuda(aether::cuda::key_codes(p, c10::cuda::getCurrentCUDAStream().stream()), "key_codes");
-    return;
-#else
-    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
-#endif
-  }
-  aether::cpu::key_codes(p);
-}
-
 std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
                                      const OptTensor& block_table, int64_t blocks_per_group, int64_t bits) {
   check_block_size(block_size);
@@ -515,7 +497,8 @@ std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, in
   Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks / blocks_per_group, 2, c.head_dim},
                             k.options().dtype(at::kBFloat16));
   if (codes.numel() == 0) return {codes, ranges};
-  run_key_codes(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits), k);
+  run_kernel(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits), k,
+             aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
   return {codes, ranges};
 }
 
@@ -526,7 +509,7 @@ void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& fir
   aether::KeyCodesParams p = codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
-  run_key_codes(p, k);
+  run_kernel(p, k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
 }
 
 // head_scores float32 [B, Hq, L] (L = candidates.size(2), the first selection's row length), filled
@@ -589,16 +572,7 @@ Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges,
   p.bits = to_i32(bits, "bits");
   p.scale = static_cast<float>(scale);
   p.head_scores = head_scores.data_ptr<float>();
-  if (q.is_cuda()) {
-#ifdef AETHER_WITH_CUDA
-    c10::cuda::CUDAGuard guard(q.device());
-    check_cuda(aether::cuda::refine_scores(p, c10::cuda::getCurrentCUDAStream().stream()), "refine_scores");
-    return head_scores;
-#else
-    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
-#endif
-  }
-  aether::cpu::refine_scores(p);
+  run_kernel(p, q, aether::cpu::refine_scores, AETHER_CUDA_LAUNCHER(refine_scores), "refine_scores");
   return head_scores;
 }
 
