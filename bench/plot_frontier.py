@@ -1,0 +1,106 @@
+"""Quality vs bytes read under the issue-5 protocol (SmolLM2-135M, 8k context, the last 1024
+tokens decoded): every committed eval json of that protocol, one point per (configuration,
+text). Bytes = K/V of the selected blocks + every metadata byte read (sparse layers); for the
+two-stage *study* jsons (bench/refine_study.py) the candidates' key bytes recorded in the json
+are added (and, for its attend-with-codes runs, the K bytes the codes replaced are taken off), as
+that script's docstring says. Writes a png and a json of the points.
+
+Usage: python bench/plot_frontier.py [--out bench/results/selection_frontier_1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEXTS = {"vim_user_manual": "vim", "python_language_reference": "python", "gnu_gpl3_lgpl3": "GPL"}
+
+
+def family(name: str, study: bool) -> str:
+    """The method family a configuration belongs to (one marker each)."""
+    if name.startswith("oracle"):
+        return "oracle"
+    if study:
+        return "two-stage (CPU study)"
+    if "refine" in name:
+        return "two-stage (library)"
+    if name.startswith("tight"):
+        return "tight"
+    return "qsketch, one stage"
+
+
+def collect() -> list[dict]:
+    points = []
+    for path in sorted(glob.glob(str(RESULTS / "*.json"))):
+        data = json.loads(Path(path).read_text())
+        settings = data.get("settings", {}) if isinstance(data, dict) else {}
+        if settings.get("decode") != 1024 or settings.get("context") != 8192:
+            continue
+        refine = data.get("refine")
+        extra = refine["candidate_key_bytes"] if refine else 0.0
+        # --attend-with-codes: the final blocks' K was read as codes, not bf16 (refine_study.py)
+        saved = 0.5 - refine["key_bits"] / 32 - 1 / 128 if refine and refine.get("attend_with_codes") else 0.0
+        for config in data.get("configs", []):
+            if config["name"] == "dense" or "ppl" not in config:
+                continue
+            for text, item in config["ppl"].items():
+                kv = item.get("kv_read", config.get("kv_read"))
+                if text not in TEXTS or kv is None:
+                    continue
+                points.append(dict(file=Path(path).name, config=config["name"], text=TEXTS[text],
+                                   family=family(config["name"], refine is not None),
+                                   bytes=kv["sparse_layers"] + extra - saved * kv["selected"], ppl_change=item["ppl_change"],
+                                   top1=item["top1_agreement"], kl=item.get("kl")))
+    return points
+
+
+def plot(points: list[dict], out: Path) -> None:
+    markers = {"oracle": "*", "tight": "s", "qsketch, one stage": "o", "two-stage (CPU study)": "^",
+               "two-stage (library)": "D"}
+    colors = {"vim": "tab:blue", "python": "tab:orange", "GPL": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "top1", "top-1 agreement with dense"),
+                           (axes[1], "ppl_change", "perplexity change vs dense")):
+        for p in points:
+            ax.scatter(100 * p["bytes"], 100 * p[key], marker=markers[p["family"]], color=colors[p["text"]],
+                       s=70 if p["family"] == "two-stage (library)" else 40, alpha=0.8,
+                       edgecolors="black" if p["family"] == "two-stage (library)" else "none")
+        ax.axvline(16, color="gray", ls="--", lw=1)
+        ax.axhline(92 if key == "top1" else 1, color="gray", ls=":", lw=1)
+        ax.set_xlabel("KV bytes read per step, % of dense (selected + metadata, sparse layers)")
+        ax.set_ylabel(label + " (%)")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(-2, 15)
+    handles = [plt.Line2D([], [], marker=m, ls="", color="gray", label=f) for f, m in markers.items()]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=t) for t, c in colors.items()]
+    axes[0].legend(handles=handles, fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M, 8k context, last 1024 tokens decoded; goal: <= 16% of the bytes (dashed), "
+                 "top-1 >= 92% and perplexity <= +1% (dotted)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS / "selection_frontier_1024")
+    args = parser.parse_args()
+    points = collect()
+    plot(points, args.out)
+    args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    for p in sorted(points, key=lambda p: (p["family"], p["text"], p["bytes"])):
+        print(f"{p['family']:24} {p['text']:7} {100 * p['bytes']:5.1f}%  ppl {100 * p['ppl_change']:+6.2f}%  "
+              f"top-1 {100 * p['top1']:5.1f}%  {p['config']}")
+    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')} ({len(points)} points)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
