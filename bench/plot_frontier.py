@@ -1,9 +1,9 @@
 """Quality vs bytes read under the issue-5 protocol (SmolLM2-135M, 8k context, the last 1024
 tokens decoded): every committed eval json of that protocol, one point per (configuration,
-text). Bytes = K/V of the selected blocks + every metadata byte read (sparse layers); for the
+text), and a markdown table of them. Bytes = K/V of the selected blocks + every metadata byte read (sparse layers); for the
 two-stage *study* jsons (bench/refine_study.py) the candidates' key bytes recorded in the json
 are added (and, for its attend-with-codes runs, the K bytes the codes replaced are taken off), as
-that script's docstring says. Writes a png and a json of the points.
+that script's docstring says. Writes a png, a json of the points and a markdown table.
 
 Usage: python bench/plot_frontier.py [--out bench/results/selection_frontier_1024]
 """
@@ -55,7 +55,12 @@ def collect() -> list[dict]:
                 kv = item.get("kv_read", config.get("kv_read"))
                 if text not in TEXTS or kv is None:
                     continue
-                points.append(dict(file=Path(path).name, config=config["name"], text=TEXTS[text],
+                label = config["name"]
+                if refine:
+                    keys = f"{refine['key_bits']}-bit keys" if refine["key_bits"] else "exact keys"
+                    codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
+                    label += f" [study: C {refine['candidates']:g}, {keys}{codes}]"
+                points.append(dict(file=Path(path).name, config=config["name"], label=label, text=TEXTS[text],
                                    family=family(config["name"], refine is not None),
                                    bytes=kv["sparse_layers"] + extra - saved * kv["selected"], ppl_change=item["ppl_change"],
                                    top1=item["top1_agreement"], kl=item.get("kl")))
@@ -88,6 +93,25 @@ def plot(points: list[dict], out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
+def markdown(points: list[dict]) -> str:
+    """One row per (family, configuration): bytes and ppl / top-1 / KL per text."""
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for p in points:
+        rows.setdefault((p["family"], p["label"]), {})[p["text"]] = p
+    lines = ["| family | configuration | KV read | vim: ppl / top-1 / KL | python | GPL |", "|---|---|---|---|---|---|"]
+    for (fam, label), by_text in sorted(rows.items(), key=lambda kv: (kv[0][0], min(p["bytes"] for p in kv[1].values()))):
+        lo = min(p["bytes"] for p in by_text.values())
+        hi = max(p["bytes"] for p in by_text.values())
+        span = f"{100 * lo:.1f}%" if hi - lo < 0.0005 else f"{100 * lo:.1f}-{100 * hi:.1f}%"
+        cells = []
+        for text in TEXTS.values():
+            p = by_text.get(text)
+            kl = f" / {p['kl']:.3f}" if p and p.get("kl") is not None else ""
+            cells.append(f"{100 * p['ppl_change']:+.2f}% / {100 * p['top1']:.1f}%{kl}" if p else "")
+        lines.append(f"| {fam} | {label} | {span} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=RESULTS / "selection_frontier_1024")
@@ -95,10 +119,11 @@ def main() -> int:
     points = collect()
     plot(points, args.out)
     args.out.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(points))
     for p in sorted(points, key=lambda p: (p["family"], p["text"], p["bytes"])):
         print(f"{p['family']:24} {p['text']:7} {100 * p['bytes']:5.1f}%  ppl {100 * p['ppl_change']:+6.2f}%  "
               f"top-1 {100 * p['top1']:5.1f}%  {p['config']}")
-    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')} ({len(points)} points)")
+    print(f"wrote {args.out.with_suffix('.png')}, .json and .md ({len(points)} points)")
     return 0
 
 
