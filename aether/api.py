@@ -334,7 +334,7 @@ def sparse_attention(
     sketch=None,
     group_agg: str | None = None,
     refine=None,
-    refine_candidates: int | float = 0.3,
+    refine_candidates: int | float = 0.5,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -378,7 +378,7 @@ def sparse_attention(
             them (`torch.ops.aether.refine_scores`), and `budget` keeps the final blocks (the same
             group_agg, sink and recent blocks in both stages). docs/selection.md, "Two-stage".
         refine_candidates: the first stage's top-k budget, an int block count or a float fraction
-            in (0, 1] (default 0.3, the measured best with 2-bit codes); at least `budget` when
+            in (0, 1] (default 0.5, the measured best with 2-bit codes); at least `budget` when
             both are fractions.
 
     Returns:

@@ -33,7 +33,6 @@ from aether.api import (_cache_dims, _check_block_size, _check_block_table, _che
 CODE_BITS = (2, 4)
 DEFAULT_CODE_BITS = 2
 GROUP_TOKENS = 128  # default group: 128 tokens share one [lo, hi] per channel
-DEFAULT_CANDIDATES = 0.3
 
 
 def default_blocks_per_group(block_size: int) -> int:
