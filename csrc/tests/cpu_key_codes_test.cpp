@@ -30,50 +30,7 @@ using test::TestQuery;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Packed codes [B, H, NB, bs, D * bits / 8] and bfloat16 ranges [B, H, NB / Pg, 2, D] (lo row, hi
-// row) as the kernels write them.
-struct CodesBuffers {
-  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, head_dim = 0, bits = 2, per = 1;
-  std::vector<uint8_t> codes;
-  std::vector<uint16_t> ranges;
-
-  CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
-      : batch(batch_),
-        heads(heads_),
-        num_blocks(num_blocks_),
-        block_size(block_size_),
-        head_dim(head_dim_),
-        bits(bits_),
-        per(per_) {
-    codes.assign(static_cast<size_t>(batch) * heads * num_blocks * block_size * token_bytes(), 0);
-    ranges.assign(static_cast<size_t>(batch) * heads * num_groups() * 2 * head_dim, 0);
-  }
-
-  // 0xAB bytes: not the zeros a full build writes, and a finite bfloat16 range (0xABAB), so an
-  // element no kernel wrote stands out.
-  void poison() {
-    std::fill(codes.begin(), codes.end(), static_cast<uint8_t>(0xAB));
-    std::fill(ranges.begin(), ranges.end(), static_cast<uint16_t>(0xABAB));
-  }
-
-  int token_bytes() const { return head_dim * bits / 8; }
-  int num_groups() const { return num_blocks / per; }
-  int group_tokens() const { return per * block_size; }
-  // Token t of group m is slot t % bs of block m * Pg + t / bs: the group's codes are contiguous.
-  uint8_t* token_codes(int64_t b, int64_t h, int64_t m, int64_t t) {
-    return &codes[static_cast<size_t>(((b * heads + h) * num_blocks * block_size + m * group_tokens() + t) *
-                                      token_bytes())];
-  }
-  const uint8_t* token_codes(int64_t b, int64_t h, int64_t m, int64_t t) const {
-    return const_cast<CodesBuffers*>(this)->token_codes(b, h, m, t);
-  }
-  uint16_t* group_ranges(int64_t b, int64_t h, int64_t m) {
-    return &ranges[static_cast<size_t>(((b * heads + h) * num_groups() + m) * 2 * head_dim)];
-  }
-  const uint16_t* group_ranges(int64_t b, int64_t h, int64_t m) const {
-    return const_cast<CodesBuffers*>(this)->group_ranges(b, h, m);
-  }
-};
+using test::CodesBuffers;
 
 // Channel d's code in a token's bytes, read one bit at a time from the little-endian bit string
 // (bit i of the string is bit i % 8 of byte i / 8), so the oracle shares no shift arithmetic with
@@ -211,23 +168,7 @@ std::vector<int32_t> codes_lengths(const CodesCase& c, std::mt19937_64& rng) {
   return test::mixed_lengths(c.batch, c.max_len, c.block_size, rng, {gt, gt + 1, gt - 1});
 }
 
-// Index of the first differing element, for a readable failure instead of two dumped vectors.
-template <typename T>
-std::string first_difference(const std::vector<T>& actual, const std::vector<T>& expected) {
-  if (actual.size() != expected.size()) return "sizes differ";
-  for (size_t i = 0; i < actual.size(); ++i) {
-    if (actual[i] != expected[i]) {
-      return "element " + std::to_string(i) + ": " + std::to_string(actual[i]) + " vs " + std::to_string(expected[i]);
-    }
-  }
-  return "";
-}
-
-#define ASSERT_SAME_BUFFERS(actual, expected)                                                 \
-  do {                                                                                        \
-    ASSERT_EQ(first_difference((actual).codes, (expected).codes), "") << "codes";             \
-    ASSERT_EQ(first_difference((actual).ranges, (expected).ranges), "") << "ranges";          \
-  } while (0)
+using test::first_difference;
 
 TEST(CpuKeyCodes, FullBuildMatchesOracleBitForBit) {
   const uint64_t seed = test::fresh_seed();
@@ -244,7 +185,7 @@ TEST(CpuKeyCodes, FullBuildMatchesOracleBitForBit) {
     out.poison();  // the full build owns every byte: the oracle's zeros must replace all 0xAB
     cpu::key_codes(codes_params(kv, lens, out));
     const CodesBuffers expected = naive_key_codes(kv, lens, c.bits, c.per);
-    ASSERT_SAME_BUFFERS(out, expected);
+    ASSERT_SAME_CODES(out, expected);
   }
 }
 
@@ -274,7 +215,7 @@ TEST(CpuKeyCodes, IntegerKeysExerciseTiesToEven) {
     out.poison();
     cpu::key_codes(codes_params(kv, lens, out));
     const CodesBuffers expected = naive_key_codes(kv, lens, c.bits, c.per);
-    ASSERT_SAME_BUFFERS(out, expected);
+    ASSERT_SAME_CODES(out, expected);
 
     const int gt = c.block_size * c.per, D = c.head_dim;
     for (int b = 0; b < c.batch; ++b) {
@@ -414,7 +355,7 @@ TEST(CpuKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
     appended.poison();
     cpu::key_codes(codes_params(kv, old_lens, appended));
     cpu::key_codes(codes_params(kv, new_lens, appended, first.data()));
-    ASSERT_SAME_BUFFERS(appended, full);
+    ASSERT_SAME_CODES(appended, full);
 
     // Alone: sequence 1 starts past its last valid block, sequence 2 past the capacity; neither
     // writes anything.
@@ -477,7 +418,7 @@ TEST(CpuKeyCodes, PagedIsBitIdenticalToContiguous) {
     from_contiguous.poison();
     cpu::key_codes(codes_params(paged, lens, from_paged));
     cpu::key_codes(codes_params(contiguous, lens, from_contiguous));
-    ASSERT_SAME_BUFFERS(from_paged, from_contiguous);
+    ASSERT_SAME_CODES(from_paged, from_contiguous);
   }
 }
 
@@ -670,18 +611,8 @@ void expect_scores_match(const std::vector<float>& actual, const ExpectedScores&
   }
 }
 
-struct RefineCase {
-  DType dtype;
-  int group, head_dim, bits, block_size, per;
-  int row;  // list_length: 0: NB, 1: half the blocks of max_len (a short row), 2: NB + 3
-  double q_scale;
-};
-
-std::string describe(const RefineCase& c, int L, int num_blocks) {
-  return std::string(test::dtype_name(c.dtype)) + " G=" + std::to_string(c.group) + " D=" + std::to_string(c.head_dim) +
-         " bits=" + std::to_string(c.bits) + " bs=" + std::to_string(c.block_size) + " Pg=" + std::to_string(c.per) +
-         " L=" + std::to_string(L) + " NB=" + std::to_string(num_blocks) + " q x" + std::to_string(c.q_scale);
-}
+using test::RefineCase;
+using test::describe;
 
 // Every group size meets every head_dim and width; grouping, dtype, row length (L = NB; half the
 // blocks of the longest sequence, so valid blocks fall past the row; NB + 3) and query scale (30:

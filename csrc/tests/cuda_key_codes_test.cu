@@ -38,40 +38,11 @@ using test::TestQuery;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Packed codes [B, H, NB, bs, D * bits / 8] and bfloat16 ranges [B, H, NB / Pg, 2, D] on the host.
-struct CodesBuffers {
-  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, head_dim = 0, bits = 2, per = 1;
-  std::vector<uint8_t> codes;
-  std::vector<uint16_t> ranges;
-
+// Host key codes that start poisoned (test::CodesBuffers::poison), so an unwritten element shows.
+struct CodesBuffers : test::CodesBuffers {
   CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
-      : batch(batch_),
-        heads(heads_),
-        num_blocks(num_blocks_),
-        block_size(block_size_),
-        head_dim(head_dim_),
-        bits(bits_),
-        per(per_) {
-    codes.assign(static_cast<size_t>(batch) * heads * num_blocks * block_size * token_bytes(), 0);
-    ranges.assign(static_cast<size_t>(batch) * heads * num_groups() * 2 * head_dim, 0);
+      : test::CodesBuffers(batch_, heads_, num_blocks_, block_size_, head_dim_, bits_, per_) {
     poison();
-  }
-
-  // 0xAB bytes: neither the zeros a full build writes nor a NaN (0xABAB is a finite bfloat16).
-  void poison() {
-    std::fill(codes.begin(), codes.end(), static_cast<uint8_t>(0xAB));
-    std::fill(ranges.begin(), ranges.end(), static_cast<uint16_t>(0xABAB));
-  }
-
-  int token_bytes() const { return head_dim * bits / 8; }
-  int num_groups() const { return num_blocks / per; }
-  int group_bytes() const { return per * block_size * token_bytes(); }
-  // The codes of group m (its Pg blocks are contiguous) and its ranges (lo row, then hi row).
-  const uint8_t* group_codes(int64_t b, int64_t h, int64_t m) const {
-    return &codes[static_cast<size_t>((b * heads + h) * num_groups() + m) * group_bytes()];
-  }
-  const uint16_t* group_ranges(int64_t b, int64_t h, int64_t m) const {
-    return &ranges[static_cast<size_t>(((b * heads + h) * num_groups() + m) * 2 * head_dim)];
   }
 };
 
@@ -130,23 +101,7 @@ void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_
   d_ranges.download(out.ranges.data());
 }
 
-// Index of the first differing element, so a failure names one element instead of dumping both.
-template <typename T>
-std::string first_difference(const std::vector<T>& actual, const std::vector<T>& expected) {
-  if (actual.size() != expected.size()) return "sizes differ";
-  for (size_t i = 0; i < actual.size(); ++i) {
-    if (actual[i] != expected[i]) {
-      return "element " + std::to_string(i) + ": " + std::to_string(actual[i]) + " vs " + std::to_string(expected[i]);
-    }
-  }
-  return "";
-}
-
-#define ASSERT_SAME_CODES(actual, expected)                                          \
-  do {                                                                               \
-    ASSERT_EQ(first_difference((actual).codes, (expected).codes), "") << "codes";    \
-    ASSERT_EQ(first_difference((actual).ranges, (expected).ranges), "") << "ranges"; \
-  } while (0)
+using test::first_difference;
 
 struct BuildCase {
   DType dtype;
@@ -396,18 +351,8 @@ struct DeviceRefine {
 
 bool bits_equal(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
-struct RefineCase {
-  DType dtype;
-  int group, head_dim, bits, block_size, per;
-  int row;  // list_length: 0: NB, 1: half the blocks of max_len (a short row), 2: NB + 3
-  double q_scale;
-};
-
-std::string describe(const RefineCase& c, int L, int num_blocks) {
-  return std::string(test::dtype_name(c.dtype)) + " G=" + std::to_string(c.group) + " D=" + std::to_string(c.head_dim) +
-         " bits=" + std::to_string(c.bits) + " bs=" + std::to_string(c.block_size) + " Pg=" + std::to_string(c.per) +
-         " L=" + std::to_string(L) + " NB=" + std::to_string(num_blocks) + " q x" + std::to_string(c.q_scale);
-}
+using test::RefineCase;
+using test::describe;
 
 // Every group size (1, 3, 4, 8) meets every head_dim and width; grouping, dtype, row length and
 // query scale (30: logits far past float32's exp range, the online log-sum-exp must rescale)

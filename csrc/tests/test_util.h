@@ -951,6 +951,88 @@ inline std::vector<int32_t> naive_topk_select(const RadarSelectParams& p, int32_
   return selected;
 }
 
+// Index of the first differing element, so a failure names one element instead of dumping both.
+template <typename T>
+inline std::string first_difference(const std::vector<T>& actual, const std::vector<T>& expected) {
+  if (actual.size() != expected.size()) return "sizes differ";
+  for (size_t i = 0; i < actual.size(); ++i) {
+    if (actual[i] != expected[i]) {
+      return "element " + std::to_string(i) + ": " + std::to_string(actual[i]) + " vs " + std::to_string(expected[i]);
+    }
+  }
+  return "";
+}
+
+// Key codes (CodesBuffers) equal bit for bit, or the first difference is named (expands to
+// gtest assertions: use it in test files only).
+#define ASSERT_SAME_CODES(actual, expected)                                          \
+  do {                                                                               \
+    ASSERT_EQ(::aether::test::first_difference((actual).codes, (expected).codes), "") << "codes";    \
+    ASSERT_EQ(::aether::test::first_difference((actual).ranges, (expected).ranges), "") << "ranges"; \
+  } while (0)
+
+// Key codes on the host (KeyCodesParams): packed codes [B, H, NB, bs, D * bits / 8] and bfloat16
+// ranges [B, H, NB / Pg, 2, D] (lo row, hi row) as the kernels write them; zeros until poisoned.
+struct CodesBuffers {
+  int batch = 0, heads = 0, num_blocks = 0, block_size = 0, head_dim = 0, bits = 2, per = 1;
+  std::vector<uint8_t> codes;
+  std::vector<uint16_t> ranges;
+
+  CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
+      : batch(batch_),
+        heads(heads_),
+        num_blocks(num_blocks_),
+        block_size(block_size_),
+        head_dim(head_dim_),
+        bits(bits_),
+        per(per_) {
+    codes.assign(static_cast<size_t>(batch) * heads * num_blocks * block_size * token_bytes(), 0);
+    ranges.assign(static_cast<size_t>(batch) * heads * num_groups() * 2 * head_dim, 0);
+  }
+
+  // 0xAB bytes: not the zeros a full build writes, and a finite bfloat16 range (0xABAB), so an
+  // element no kernel wrote stands out.
+  void poison() {
+    std::fill(codes.begin(), codes.end(), static_cast<uint8_t>(0xAB));
+    std::fill(ranges.begin(), ranges.end(), static_cast<uint16_t>(0xABAB));
+  }
+
+  int token_bytes() const { return head_dim * bits / 8; }
+  int num_groups() const { return num_blocks / per; }
+  int group_tokens() const { return per * block_size; }
+  int group_bytes() const { return group_tokens() * token_bytes(); }
+  // Token t of group m is slot t % bs of block m * Pg + t / bs: the group's codes are contiguous.
+  uint8_t* token_codes(int64_t b, int64_t h, int64_t m, int64_t t) {
+    return &codes[static_cast<size_t>(((b * heads + h) * num_blocks * block_size + m * group_tokens() + t) *
+                                      token_bytes())];
+  }
+  const uint8_t* token_codes(int64_t b, int64_t h, int64_t m, int64_t t) const {
+    return const_cast<CodesBuffers*>(this)->token_codes(b, h, m, t);
+  }
+  uint16_t* group_ranges(int64_t b, int64_t h, int64_t m) {
+    return &ranges[static_cast<size_t>(((b * heads + h) * num_groups() + m) * 2 * head_dim)];
+  }
+  const uint16_t* group_ranges(int64_t b, int64_t h, int64_t m) const {
+    return const_cast<CodesBuffers*>(this)->group_ranges(b, h, m);
+  }
+  // The codes of group m (its Pg blocks are contiguous).
+  const uint8_t* group_codes(int64_t b, int64_t h, int64_t m) const { return token_codes(b, h, m, 0); }
+};
+
+// One refine_scores test case (CPU against an oracle, CUDA against the CPU) and its name.
+struct RefineCase {
+  DType dtype;
+  int group, head_dim, bits, block_size, per;
+  int row;  // list_length: 0: NB, 1: half the blocks of max_len (a short row), 2: NB + 3
+  double q_scale;
+};
+
+inline std::string describe(const RefineCase& c, int L, int num_blocks) {
+  return std::string(dtype_name(c.dtype)) + " G=" + std::to_string(c.group) + " D=" + std::to_string(c.head_dim) +
+         " bits=" + std::to_string(c.bits) + " bs=" + std::to_string(c.block_size) + " Pg=" + std::to_string(c.per) +
+         " L=" + std::to_string(L) + " NB=" + std::to_string(num_blocks) + " q x" + std::to_string(c.q_scale);
+}
+
 // Candidate lists for refine_scores tests (CPU against an oracle, CUDA against the CPU).
 struct Candidates {
   int list_length = 0;
