@@ -206,6 +206,21 @@ def head_scores(q: Tensor, stats: BlockStatsRef, seq_lens: Tensor, block_size: i
 # Key sketch ("qsketch", docs/architecture.md "Key sketch")
 # ----------------------------------------------------------------------------------------------
 
+def _quantise_groups(x: Tensor, valid: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (group, channel) of ``x [B, H, NG, T, C]`` over the valid tokens (``valid [B, 1, NG, T,
+    1]``): ``lo = bf16(min)``, ``hi = bf16(max)`` (0 for an empty group), ``step = (hi - lo) /
+    levels`` (float32) and ``code = clamp(rint((x - lo) / step), 0, levels)`` where ``step > 0``,
+    else 0 (also for invalid tokens). Returns ``(lo, hi, codes)`` with float codes."""
+    group_valid = valid.any(dim=3)
+    lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
+    hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
+    step = (hi.float() - lo.float()) / levels
+    safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
+    codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, levels)
+    codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes))
+    return lo, hi, codes
+
+
 def sketch_num_blocks(seq_len: int, block_size: int, blocks_per_sketch: int = 1) -> int:
     """Blocks of a sketch covering ``seq_len`` tokens: a multiple of ``blocks_per_sketch``."""
     sb = block_size * blocks_per_sketch
@@ -247,14 +262,8 @@ def key_sketch(k: Tensor, key_proj: Tensor, block_size: int, seq_lens: Tensor | 
         else keys[:, :, :capacity]
     x = torch.einsum("bhsd,hdr->bhsr", keys, key_proj.float()).reshape(batch, kv_heads, ns, sb, rank)
     valid = _token_valid(seq_lens, capacity).reshape(batch, 1, ns, sb, 1)
-    block_valid = valid.any(dim=3)  # [B, 1, NS, 1]
-    lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~block_valid, 0.0)
-    hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~block_valid, 0.0)
-    lo, hi = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
-    step = (hi.float() - lo.float()) / SKETCH_LEVELS  # [B, Hkv, NS, R]
-    safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
-    codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, SKETCH_LEVELS)
-    codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes)).to(torch.uint8)
+    lo, hi, codes = _quantise_groups(x, valid, SKETCH_LEVELS)
+    codes = codes.to(torch.uint8)
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(batch, kv_heads, nb, block_size, rank // 2)
     ranges = torch.stack([lo, hi], dim=3)  # [B, Hkv, NS, 2, R]
     counts = valid.sum(dim=3).float()  # [B, 1, NS, 1]
@@ -358,13 +367,8 @@ def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = N
         else keys[:, :, :capacity]
     x = keys.reshape(batch, kv_heads, ng, gt, head_dim)
     valid = _token_valid(seq_lens, capacity).reshape(batch, 1, ng, gt, 1)
-    group_valid = valid.any(dim=3)
-    lo = x.masked_fill(~valid, math.inf).amin(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
-    hi = x.masked_fill(~valid, -math.inf).amax(dim=3).masked_fill(~group_valid, 0.0).to(torch.bfloat16)
-    step = (hi.float() - lo.float()) / levels  # [B, Hkv, NG, D]
-    safe = torch.where(step > 0, step, torch.ones_like(step))[:, :, :, None, :]
-    codes = torch.round((x - lo.float()[:, :, :, None, :]) / safe).clamp(0, levels)
-    codes = torch.where((step > 0)[:, :, :, None, :] & valid, codes, torch.zeros_like(codes)).to(torch.int32)
+    lo, hi, codes = _quantise_groups(x, valid, levels)
+    codes = codes.to(torch.int32)
     per_byte = 8 // bits
     codes = codes.reshape(batch, kv_heads, ng, gt, head_dim // per_byte, per_byte)
     shifts = torch.arange(per_byte, device=k.device, dtype=torch.int32) * bits

@@ -33,18 +33,6 @@ void check_bits_and_groups(int32_t bits, int32_t per, int32_t block_size, int32_
   if (!error.empty()) throw std::invalid_argument(std::string(what) + ": " + error);
 }
 
-// Step of a (group, channel) range: float32 arithmetic on the widened bfloat16 values.
-inline float code_step(uint16_t lo_bits, uint16_t hi_bits, int32_t levels) {
-  return (bfloat16_to_float(hi_bits) - bfloat16_to_float(lo_bits)) / static_cast<float>(levels);
-}
-
-inline uint32_t quantise(float x, float lo, float step, int32_t levels) {
-  if (!(step > 0.0f)) return 0;
-  const float level = std::nearbyint((x - lo) / step);  // nearest, ties to even
-  if (!(level > 0.0f)) return 0;                         // also a NaN quotient
-  return static_cast<uint32_t>(std::min(level, static_cast<float>(levels)));
-}
-
 template <typename T>
 void key_codes_typed(const KeyCodesParams& p) {
   const int32_t D = p.head_dim;
@@ -86,7 +74,7 @@ void key_codes_typed(const KeyCodesParams& p) {
         lo_bits[d] = float_to_bfloat16(low);
         hi_bits[d] = float_to_bfloat16(high);
         lo[d] = bfloat16_to_float(lo_bits[d]);
-        step[d] = code_step(lo_bits[d], hi_bits[d], levels);
+        step[d] = sketch_step(lo_bits[d], hi_bits[d], levels);
       }
       uint8_t* codes = p.codes + (row + m) * group_codes;
       std::fill(codes, codes + group_codes, uint8_t{0});  // also the slots past a partial group's end
@@ -95,7 +83,7 @@ void key_codes_typed(const KeyCodesParams& p) {
         const float* key = &keys[static_cast<size_t>(t) * D];
         for (int32_t d = 0; d < D; ++d) {
           const int32_t bit = d * bits;
-          token[bit / 8] = static_cast<uint8_t>(token[bit / 8] | (quantise(key[d], lo[d], step[d], levels) << (bit % 8)));
+          token[bit / 8] = static_cast<uint8_t>(token[bit / 8] | (quantise_level(key[d], lo[d], step[d], levels) << (bit % 8)));
         }
       }
     }
@@ -134,7 +122,8 @@ void refine_scores_typed(const RefineScoresParams& p) {
       const T* qg = static_cast<const T*>(p.q) + b * p.q_stride_batch + (h * G + g) * p.q_stride_head;
       load_row(qg, D, &q[static_cast<size_t>(g) * D]);
     }
-    std::vector<float> key(static_cast<size_t>(D));
+    std::vector<float> lo(static_cast<size_t>(D));
+    std::vector<float> step(static_cast<size_t>(D));
     std::vector<float> logits(static_cast<size_t>(bs));
     for (int32_t i = 0; i < count; ++i) {
       const int32_t j = row[i];
@@ -142,6 +131,10 @@ void refine_scores_typed(const RefineScoresParams& p) {
       const int32_t n = std::min(bs, len - j * bs);
       const uint16_t* lo_bits = p.ranges + ((b * p.kv_heads + h) * NG + j / P) * 2 * D;
       const uint16_t* hi_bits = lo_bits + D;
+      for (int32_t d = 0; d < D; ++d) {  // the group's ranges, widened once per candidate
+        lo[d] = bfloat16_to_float(lo_bits[d]);
+        step[d] = sketch_step(lo_bits[d], hi_bits[d], levels);
+      }
       const uint8_t* codes = p.codes + ((b * p.kv_heads + h) * NB + j) * static_cast<int64_t>(bs) * token_bytes;
       for (int32_t g = 0; g < G; ++g) {
         const float* qg = &q[static_cast<size_t>(g) * D];
@@ -152,8 +145,7 @@ void refine_scores_typed(const RefineScoresParams& p) {
           for (int32_t d = 0; d < D; ++d) {
             const int32_t bit = d * bits;
             const uint32_t code = (token[bit / 8] >> (bit % 8)) & mask;
-            const float lo = bfloat16_to_float(lo_bits[d]);
-            dot += qg[d] * (lo + static_cast<float>(code) * code_step(lo_bits[d], hi_bits[d], levels));
+            dot += qg[d] * (lo[d] + static_cast<float>(code) * step[d]);
           }
           logits[t] = p.scale * dot;
           top = std::max(top, logits[t]);

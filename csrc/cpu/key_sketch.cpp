@@ -33,10 +33,7 @@ void check_params(const KeySketchParams& p) {
 
 // Code of coefficient value x in the range starting at lo with the given step.
 inline uint8_t sketch_code(float x, float lo, float step) {
-  if (!(step > 0.0f)) return 0;
-  const float level = std::nearbyint((x - lo) / step);  // default mode: nearest, ties to even
-  if (!(level > 0.0f)) return 0;  // also a NaN quotient: rint of NaN has no code
-  return static_cast<uint8_t>(std::min(level, static_cast<float>(kSketchLevels)));
+  return static_cast<uint8_t>(quantise_level(x, lo, step, kSketchLevels));
 }
 
 template <typename T>

@@ -303,12 +303,18 @@ void check_key_proj(const Tensor& key_proj, int64_t kv_heads, int64_t head_dim, 
   check_same_device(key_proj, ref, "key_proj");
 }
 
+// Blocks sharing one set of ranges (`name`: blocks_per_sketch, whose `unit` is a sketch block, or
+// blocks_per_group, a key-code group): a power of two up to 8, at most 128 tokens together.
+void check_grouping(int64_t per, int64_t block_size, const char* name, const char* unit) {
+  AETHER_CHECK(per >= 1 && per <= aether::kMaxBlocksPerSketch && (per & (per - 1)) == 0,
+               "aether: ", name, " must be 1, 2, 4 or 8, got ", per);
+  AETHER_CHECK(per * block_size <= 128, "aether: ", unit, " (", name, " * block_size = ", per, " * ", block_size,
+               ") must hold at most 128 tokens");
+}
+
 // P = blocks_per_sketch: blocks sharing one set of ranges and one centroid.
 void check_blocks_per_sketch(int64_t per, int64_t block_size) {
-  AETHER_CHECK(per >= 1 && per <= aether::kMaxBlocksPerSketch && (per & (per - 1)) == 0,
-               "aether: blocks_per_sketch must be 1, 2, 4 or 8, got ", per);
-  AETHER_CHECK(per * block_size <= 128, "aether: a sketch block (blocks_per_sketch * block_size = ", per, " * ",
-               block_size, ") must hold at most 128 tokens");
+  check_grouping(per, block_size, "blocks_per_sketch", "a sketch block");
 }
 
 // ... and existing sketch codes of num_blocks blocks: whole sketch blocks.
@@ -426,10 +432,7 @@ void check_code_bits(int64_t bits) {
 }
 
 void check_blocks_per_group(int64_t per, int64_t block_size) {
-  AETHER_CHECK(per >= 1 && per <= aether::kMaxBlocksPerGroup && (per & (per - 1)) == 0,
-               "aether: blocks_per_group must be 1, 2, 4 or 8, got ", per);
-  AETHER_CHECK(per * block_size <= 128, "aether: a key-code group (blocks_per_group * block_size = ", per, " * ",
-               block_size, ") must hold at most 128 tokens");
+  check_grouping(per, block_size, "blocks_per_group", "a key-code group");
 }
 
 // codes uint8 [B, Hkv, NB, bs, D * bits / 8], ranges bfloat16 [B, Hkv, NB / Pg, 2, D].

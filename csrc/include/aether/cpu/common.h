@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -104,10 +105,20 @@ inline uint16_t float_to_bfloat16(float value) {
   return static_cast<uint16_t>((x + rounding_bias) >> 16);
 }
 
-// Step of a key sketch's (block, coefficient) range from its bfloat16 lo and hi (KeySketchParams):
-// float32 arithmetic on the widened values, shared by the builder and the scorer so both agree.
-inline float sketch_step(uint16_t lo_bits, uint16_t hi_bits) {
-  return (bfloat16_to_float(hi_bits) - bfloat16_to_float(lo_bits)) / static_cast<float>(kSketchLevels);
+// Step of a quantisation range from its bfloat16 lo and hi (KeySketchParams: 15 levels;
+// KeyCodesParams: 2^bits - 1): float32 arithmetic on the widened values, shared by the builders
+// and the scorers so both agree.
+inline float sketch_step(uint16_t lo_bits, uint16_t hi_bits, int32_t levels = kSketchLevels) {
+  return (bfloat16_to_float(hi_bits) - bfloat16_to_float(lo_bits)) / static_cast<float>(levels);
+}
+
+// Code of value x in the range starting at lo with the given step: rint((x - lo) / step) clamped
+// to [0, levels]; 0 when the step is not > 0 (a constant range) or the quotient is NaN.
+inline uint32_t quantise_level(float x, float lo, float step, int32_t levels) {
+  if (!(step > 0.0f)) return 0;
+  const float level = std::nearbyint((x - lo) / step);  // default mode: nearest, ties to even
+  if (!(level > 0.0f)) return 0;  // also a NaN quotient: rint of NaN has no code
+  return static_cast<uint32_t>(std::min(level, static_cast<float>(levels)));
 }
 
 // Why P = blocks_per_sketch cannot be used with this block size and capacity (KeySketchParams in
