@@ -58,7 +58,32 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = RANGE_GROUP) -> torch
     return deq.reshape(batch, heads, seq + pad, dim)[:, :, :seq]
 
 
-def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict):
+def value_means(v: torch.Tensor, seq: int, block_size: int, tokens: int) -> torch.Tensor:
+    """``[B, Hkv, NB, D]`` float32: the mean of the valid values of each `tokens`-token span,
+    repeated for each of its `block_size`-token blocks."""
+    batch, heads, _, dim = v.shape
+    pad = (-seq) % tokens
+    vf = torch.nn.functional.pad(v[:, :, :seq].float(), (0, 0, 0, pad)).reshape(batch, heads, -1, tokens, dim)
+    count = (torch.arange(seq + pad) < seq).reshape(-1, tokens).sum(-1).clamp_min(1)
+    means = vf.sum(3) / count[None, None, :, None]
+    nb = reference.num_blocks_for(seq, block_size)
+    return means.repeat_interleave(tokens // block_size, dim=2)[:, :, :nb]
+
+
+def add_tail(out: torch.Tensor, lse: torch.Tensor, est: torch.Tensor, vmeans: torch.Tensor) -> torch.Tensor:
+    """Merges the attention over the read blocks (out, lse) with an estimate of the unread blocks:
+    log-masses `est` [B, Hq, NB] (-inf: not estimated) and per-block value means [B, Hq, NB, D]."""
+    tail_lse = torch.logsumexp(est, dim=-1)
+    weights = torch.softmax(est, dim=-1).nan_to_num(0.0)
+    tail_out = torch.einsum("bhn,bhnd->bhd", weights, vmeans)
+    top = torch.maximum(lse, tail_lse)
+    a = torch.exp(lse - top).nan_to_num(0.0)
+    c = torch.exp(tail_lse - top).nan_to_num(0.0)
+    return (a[..., None] * out.float() + c[..., None] * tail_out) / (a + c).clamp_min(1e-30)[..., None]
+
+
+def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
+              tail_tokens: int = RANGE_GROUP):
     original = cache_mod.sparse_decode_step
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None):
@@ -84,8 +109,17 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
                                                          budget_fraction=float(options.budget), group_agg="sum",
                                                          **forced)
-        out, _ = reference.sparse_decode(q, keys if attend_with_codes else k, v, seq_lens, bs, selected,
-                                         num_selected, scale)
+        out, lse = reference.sparse_decode(q, keys if attend_with_codes else k, v, seq_lens, bs, selected,
+                                           num_selected, scale)
+        if tail != "none":
+            # The unread candidates (and with "all" every other unread block, by its sketch score)
+            # enter the softmax by their estimated log-mass with their span's mean value.
+            read = mask_from_indices(selected, num_selected, nb).repeat_interleave(group, dim=1)
+            est = refined if tail == "cand" else torch.where(is_cand.repeat_interleave(group, dim=1), refined,
+                                                               scores)
+            est = est.masked_fill(read, -math.inf)
+            vmeans = value_means(v, seq, bs, tail_tokens).repeat_interleave(group, dim=1)
+            out = add_tail(out, lse, est, vmeans)
         tokens = (seq - cand.long() * bs).clamp(0, bs)
         counts["candidate_tokens"] += int(torch.where(cand >= 0, tokens, torch.zeros_like(tokens)).sum())
         counts["tokens"] += batch * kv_heads * seq
@@ -102,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 2-8: quantised keys")
     parser.add_argument("--attend-with-codes", action="store_true",
                         help="the attention over the final blocks also uses the quantised keys")
+    parser.add_argument("--tail", choices=("none", "cand", "all"), default="none",
+                        help="estimate the unread candidates (cand) or all unread blocks (all) into the softmax")
+    parser.add_argument("--tail-tokens", type=int, default=RANGE_GROUP,
+                        help="tokens per value mean of the tail estimate (a multiple of the block size)")
     args = parser.parse_args(argv[:split])
     if not 0.0 < args.candidates <= 1.0:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
@@ -110,13 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
     counts = {"candidate_tokens": 0, "tokens": 0}
-    cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts)
+    cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
+                                               args.tail, args.tail_tokens)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
     rc = eval_main(eval_argv)
     fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
     info = refine_info(args.candidates, args.key_bits, fraction)
+    if args.tail != "none":
+        info["tail"] = args.tail
+        info["tail_tokens"] = args.tail_tokens
     if args.attend_with_codes:
         saved = 0.5 - args.key_bits / 32 - 1 / RANGE_GROUP
         info["attend_with_codes"] = True

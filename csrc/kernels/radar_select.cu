@@ -105,7 +105,14 @@ cudaError_t radar_select(const RadarSelectParams& params, void* workspace, cudaS
   const bool keeps_all = params.policy == Policy::kTopK &&
                          (params.budget_blocks > 0 ? params.budget_blocks >= params.num_blocks
                                                    : params.budget_fraction >= 1.0);
-  const bool scores_unused = keeps_all && params.out_head_scores == nullptr && !ws.mlo_from_q;
+  // Given per-head scores that the select reads directly (sum aggregation, threshold, adaptive)
+  // need no score pass: it would only write the group maxima, which only topk with the max
+  // aggregation reads (28 us at 8 x 32k with 16-token blocks on an H200, the two-stage step's
+  // second select).
+  const bool reads_group_max = params.policy == Policy::kTopK && params.group_agg != GroupAgg::kSum;
+  const bool given_direct = params.in_head_scores != nullptr && !reads_group_max;
+  const bool scores_unused =
+      (keeps_all || given_direct) && params.out_head_scores == nullptr && !ws.mlo_from_q;
   if (params.num_blocks > 0 && !scores_unused) {
     // Given scores and no M_g to compute: q and the statistics are not read, head_dim is moot.
     const bool reads_stats = params.in_head_scores == nullptr || ws.mlo_from_q;

@@ -39,6 +39,7 @@
 #include <cmath>
 
 #include "aether/cuda/common.cuh"
+#include "aether/cuda/mma.cuh"
 #include "aether/params.h"
 
 namespace aether {
@@ -47,7 +48,17 @@ namespace cuda {
 constexpr int kCodesThreads = 256;
 constexpr int kRefineThreads = 256;
 constexpr int kRefineWarps = kRefineThreads / kWarpSize;
-constexpr int kRefineChunk = 16;  // tokens per chunk; two heads x 16 tokens = one 32-value reduce-scatter
+constexpr int kRefineTile = 16;    // tokens per MMA tile (the m of m16n8k16)
+constexpr int kRefineStages = 4;   // tiles in flight per warp (cp.async ring)
+
+// Shared memory of refine_scores: the group's queries as float32, then per warp kRefineStages
+// stages of one tile's codes and one group's bf16 ranges.
+__host__ __device__ inline size_t refine_query_smem_bytes(int group, int head_dim) {
+  return sizeof(float) * static_cast<size_t>(group) * head_dim;
+}
+__host__ __device__ inline size_t refine_stage_bytes(int head_dim, int bits) {
+  return static_cast<size_t>(kRefineTile) * head_dim * bits / 8 + 4 * static_cast<size_t>(head_dim);
+}
 constexpr int kMaxGroupTokens = 128;
 
 // Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step [D].
@@ -146,14 +157,223 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
   }
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kRefineThreads, 3) refine_scores_kernel(const RefineScoresParams p) {
-  constexpr int kC = kHeadDim / kWarpSize;  // channels per lane: 2, 4 or 8
-  extern __shared__ float s_q[];            // [G][kHeadDim]: the group's queries, float32
-  const int item = blockIdx.x;              // (b, kv head)
+// Two codes of one token at bit `shift` of `word` (channels c, c + 1) as a bf16 pair: OR-ing a code
+// into the mantissa of 128.0 gives 128 + code exactly (codes < 128), and one packed subtraction
+// leaves the code (no integer-to-float conversions).
+template <int kBits>
+__device__ __forceinline__ uint32_t code_pair(uint32_t word, int shift) {
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
+  const uint32_t x = word >> shift;
+  const uint32_t biased = (x & kMask) | ((x << (16 - kBits)) & (kMask << 16)) | 0x43004300u;
+  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
+                                   __floats2bfloat162_rn(128.0f, 128.0f));
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// (max, sum of exp) pairs merged, -inf maxima (no valid token yet) included.
+__device__ __forceinline__ void merge_log_sum(float& top, float& sum, float other_top, float other_sum) {
+  const float t = fmaxf(top, other_top);
+  if (t == -INFINITY) return;
+  sum = (top == -INFINITY ? 0.0f : sum * expf(top - t)) + (other_top == -INFINITY ? 0.0f : other_sum * expf(other_top - t));
+  top = t;
+}
+
+template <typename T, int kHeadDim, int kBits>
+__device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, const float* s_q, char* s_warp,
+                                                   int* s_j, int* s_new_group, int item, int warp_id, int num_warps) {
+  constexpr int kSteps = kHeadDim / 16;                 // m16n8k16 k-steps over the channels
+  constexpr int kTokenBytes = kHeadDim * kBits / 8;     // one token's codes
+  constexpr int kTileBytes = kRefineTile * kTokenBytes; // 16 tokens
+  constexpr int kRangeBytes = 2 * kHeadDim * 2;         // bf16 lo[D], hi[D] of one group
+  constexpr int kStageBytes = kTileBytes + kRangeBytes;
+  constexpr int kWordsPerStep = kBits / 2;              // 32-bit words of 16 channels of one token
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4;  // MMA group: token rows g, g + 8 of A; column g of B
+  const int t = lane % 4;
   const int b = item / p.kv_heads;
   const int h = item % p.kv_heads;
-  const int lane = threadIdx.x % kWarpSize;
+  const int G = p.q_heads / p.kv_heads;
+  const int L = p.list_length;
+  const int count = min(max(p.num_candidates[item], 0), L);
+  const int bs = p.block_size;
+  const int tiles = bs / kRefineTile;
+  const int len = max(p.seq_lens[b], 0);
+  const int NB = p.num_blocks;
+  const int n_blocks = min((len + bs - 1) / bs, min(NB, L));
+  const float levels = static_cast<float>((1u << kBits) - 1u);
+  // This warp's contiguous slice of the list: consecutive candidates mostly share a group, whose
+  // weights are then built once.
+  const int per = (count + num_warps - 1) / num_warps;
+  const int begin = min(count, warp_id * per);
+  const int end = min(count, begin + per);
+  const int units_begin = begin * tiles, units_end = end * tiles;  // a unit = one 16-token tile
+  if (units_begin >= units_end) return;
+  const int32_t* list = p.candidates + static_cast<int64_t>(item) * L;
+  const int groups = NB / p.blocks_per_group;
+  const uint8_t* item_codes = p.codes + static_cast<int64_t>(item) * NB * bs * kTokenBytes;
+  const uint16_t* item_ranges = p.ranges + static_cast<int64_t>(item) * groups * 2 * kHeadDim;
+
+  for (int quad = 0; quad * 4 < G; ++quad) {  // 4 heads per pass (8 MMA columns: high and residual parts)
+    // Block ids of the list read 32 at a time, one load per lane; the copies of a stage are issued
+    // kRefineStages - 1 units ahead of its use.
+    int window = begin;
+    int my_j = begin + lane < end ? list[begin + lane] : -1;
+    int issued_group = -1;
+    auto issue = [&](int unit, int stage) {
+      if (unit < units_end) {
+        const int e = unit / tiles, tile = unit % tiles;
+        if (e >= window + kWarpSize) {  // uniform: e only grows
+          window = e;
+          my_j = e + lane < end ? list[e + lane] : -1;
+        }
+        const int j = __shfl_sync(kFullMask, my_j, e - window);
+        const bool valid = j >= 0 && j < n_blocks;
+        char* dst = s_warp + stage * kStageBytes;
+        if (valid) {
+          const int n = min(bs, len - j * bs) - tile * kRefineTile;  // valid tokens of the tile (may be <= 0)
+          const uint8_t* src = item_codes + (static_cast<int64_t>(j) * bs + tile * kRefineTile) * kTokenBytes;
+          for (int c = lane; c < kTileBytes / 16; c += kWarpSize) {
+            const int token = c * 16 / kTokenBytes;
+            cp_async_16(shared_address(dst + c * 16), src + c * 16, token < n ? 16u : 0u);
+          }
+          const int group = j / p.blocks_per_group;
+          const bool fresh = group != issued_group;  // the ranges travel with the group's first tile
+          if (fresh) {
+            const uint16_t* ranges = item_ranges + static_cast<int64_t>(group) * 2 * kHeadDim;
+            for (int c = lane; c < kRangeBytes / 16; c += kWarpSize) {
+              cp_async_16(shared_address(dst + kTileBytes + c * 16), reinterpret_cast<const char*>(ranges) + c * 16, 16u);
+            }
+            issued_group = group;
+          }
+          if (lane == 0) {
+            s_j[stage] = j;
+            s_new_group[stage] = fresh;
+          }
+        } else if (lane == 0) {
+          s_j[stage] = -1;
+        }
+      }
+      cp_async_commit();
+    };
+
+    for (int s = 0; s < kRefineStages - 1; ++s) issue(units_begin + s, s);
+    // B fragments: w = q * step of channel k, head 4 quad + (g & 3); columns 0-3 its bf16 rounding,
+    // columns 4-7 the residual, so high + residual carry ~16 mantissa bits of w.
+    uint32_t bfrag[kSteps][2];
+    float base_a = 0.0f, base_b = 0.0f;  // sum_c q_c lo_c of this lane's output heads 2 (t & 1) (+1)
+    const int head_ha = quad * 4 + 2 * (t & 1);
+    float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;
+    for (int unit = units_begin; unit < units_end; ++unit) {
+      const int rel = unit - units_begin;
+      issue(unit + kRefineStages - 1, (rel + kRefineStages - 1) % kRefineStages);
+      cp_async_wait<kRefineStages - 1>();
+      __syncwarp();
+      const int stage = rel % kRefineStages;
+      const char* src = s_warp + stage * kStageBytes;
+      const int j = s_j[stage];
+      const int tile = unit % tiles;
+      if (j >= 0) {
+        if (s_new_group[stage]) {
+          const uint16_t* lo_bits = reinterpret_cast<const uint16_t*>(src + kTileBytes);
+          const int head = quad * 4 + (g & 3);
+          const bool real = head < G;
+          const float* q = s_q + (real ? head : 0) * kHeadDim;
+          float base = 0.0f;
+#pragma unroll
+          for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int c = 16 * s + 2 * t + 8 * half;
+              float w[2];
+#pragma unroll
+              for (int u = 0; u < 2; ++u) {
+                const float lo = __bfloat162float(__ushort_as_bfloat16(lo_bits[c + u]));
+                const float hi = __bfloat162float(__ushort_as_bfloat16(lo_bits[kHeadDim + c + u]));
+                const float step = __fdiv_rn(__fsub_rn(hi, lo), levels);
+                const float qc = real ? q[c + u] : 0.0f;
+                base = fmaf(qc, lo, base);
+                w[u] = qc * step;
+              }
+              const __nv_bfloat162 high = __floats2bfloat162_rn(w[0], w[1]);
+              const float2 hf = __bfloat1622float2(high);
+              const __nv_bfloat162 part = g < 4 ? high : __floats2bfloat162_rn(w[0] - hf.x, w[1] - hf.y);
+              bfrag[s][half] = *reinterpret_cast<const uint32_t*>(&part);
+            }
+          }
+          base += __shfl_xor_sync(kFullMask, base, 1);  // lanes 4g .. 4g + 3 hold the channels' quarters
+          base += __shfl_xor_sync(kFullMask, base, 2);
+          base_a = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1)));
+          base_b = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1) + 1));
+        }
+        // A fragments from the staged codes: rows g and g + 8 of the tile, channels 2t, 2t + 1
+        // (+ 8) of each k-step. Two accumulators halve the chain of dependent MMAs.
+        const uint32_t* row0 = reinterpret_cast<const uint32_t*>(src + g * kTokenBytes);
+        const uint32_t* row1 = reinterpret_cast<const uint32_t*>(src + (g + 8) * kTokenBytes);
+        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int s = 0; s < kSteps; ++s) {
+          uint32_t a[4];
+          if (kBits == 2) {  // 16 channels = one word; channel c at bit 2c
+            const uint32_t w0 = row0[s], w1 = row1[s];
+            a[0] = code_pair<kBits>(w0, 4 * t);
+            a[1] = code_pair<kBits>(w1, 4 * t);
+            a[2] = code_pair<kBits>(w0, 16 + 4 * t);
+            a[3] = code_pair<kBits>(w1, 16 + 4 * t);
+          } else {  // 16 channels = two words; channel c at bit 4 (c % 8) of word c / 8
+            a[0] = code_pair<kBits>(row0[kWordsPerStep * s], 8 * t);
+            a[1] = code_pair<kBits>(row1[kWordsPerStep * s], 8 * t);
+            a[2] = code_pair<kBits>(row0[kWordsPerStep * s + 1], 8 * t);
+            a[3] = code_pair<kBits>(row1[kWordsPerStep * s + 1], 8 * t);
+          }
+          mma_16816<__nv_bfloat16>(acc[s & 1], a, bfrag[s][0], bfrag[s][1]);
+        }
+        float c[4];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          c[v] = acc[0][v] + acc[1][v];
+          c[v] += __shfl_xor_sync(kFullMask, c[v], 2);  // columns 2t (+1) and 2t + 4 (+1): high + residual
+        }
+        const int n = min(bs, len - j * bs) - tile * kRefineTile;
+        const float x[4] = {g < n ? p.scale * (base_a + c[0]) : -INFINITY, g < n ? p.scale * (base_b + c[1]) : -INFINITY,
+                            g + 8 < n ? p.scale * (base_a + c[2]) : -INFINITY,
+                            g + 8 < n ? p.scale * (base_b + c[3]) : -INFINITY};
+        merge_log_sum(top_a, sum_a, fmaxf(x[0], x[2]), 0.0f);  // running maxima first, then the sums
+        merge_log_sum(top_b, sum_b, fmaxf(x[1], x[3]), 0.0f);
+        sum_a += (x[0] == -INFINITY ? 0.0f : expf(x[0] - top_a)) + (x[2] == -INFINITY ? 0.0f : expf(x[2] - top_a));
+        sum_b += (x[1] == -INFINITY ? 0.0f : expf(x[1] - top_b)) + (x[3] == -INFINITY ? 0.0f : expf(x[3] - top_b));
+        if (tile == tiles - 1) {  // the block's last tile: reduce over the 8 row groups and write
+#pragma unroll
+          for (int off = 4; off < kWarpSize; off <<= 1) {
+            const float ta = __shfl_xor_sync(kFullMask, top_a, off), sa = __shfl_xor_sync(kFullMask, sum_a, off);
+            const float tb = __shfl_xor_sync(kFullMask, top_b, off), sb = __shfl_xor_sync(kFullMask, sum_b, off);
+            merge_log_sum(top_a, sum_a, ta, sa);
+            merge_log_sum(top_b, sum_b, tb, sb);
+          }
+          if (g == 0 && t < 2) {
+            float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + h * G + head_ha) * L + j;
+            if (head_ha < G) out[0] = top_a + logf(sum_a);
+            if (head_ha + 1 < G) out[L] = top_b + logf(sum_b);
+          }
+          top_a = top_b = -INFINITY;
+          sum_a = sum_b = 0.0f;
+        }
+      }
+      __syncwarp();  // the stage is refilled by the next iteration's issue
+    }
+    cp_async_wait<0>();
+    __syncwarp();
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kRefineThreads, 2) refine_scores_kernel(const RefineScoresParams p) {
+  extern __shared__ __align__(16) char s_mem[];  // queries [G][D] float32, then each warp's stages
+  __shared__ int s_j[kRefineWarps][kRefineStages];
+  __shared__ int s_new_group[kRefineWarps][kRefineStages];
+  float* s_q = reinterpret_cast<float*>(s_mem);
+  const int item = blockIdx.x;  // (b, kv head)
+  const int b = item / p.kv_heads;
+  const int h = item % p.kv_heads;
   const int G = p.q_heads / p.kv_heads;
   {
     const T* q_group = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
@@ -162,114 +382,15 @@ __global__ void __launch_bounds__(kRefineThreads, 3) refine_scores_kernel(const 
     }
   }
   __syncthreads();
-  const int L = p.list_length;
-  const int count = min(max(p.num_candidates[item], 0), L);
-  const int bs = p.block_size;
-  const int len = max(p.seq_lens[b], 0);
-  const int NB = p.num_blocks;
-  const int n_blocks = min((len + bs - 1) / bs, min(NB, L));
-  const int bits = p.bits;
-  const unsigned mask = (1u << bits) - 1u;
-  const float levels = static_cast<float>(mask);
-  const int token_bytes = kHeadDim * bits / 8;
-  const int d0 = lane * kC;
-  const int bit = d0 * bits;  // the lane's first bit in a token row; C * bits <= 32 bits, aligned
-  const int word = bit / 32;
-  const int shift = bit % 32;
-  const int lane_head = lane / kRefineChunk;  // after the reduce-scatter: this lane's head of the pair
-  const int tok = lane % kRefineChunk;         // ... and its token of the chunk
-  const int32_t* list = p.candidates + static_cast<int64_t>(item) * L;
-  const int stride = gridDim.y * kRefineWarps;  // warps stride over the list
-
-  for (int i0 = blockIdx.y * kRefineWarps + threadIdx.x / kWarpSize; i0 < count; i0 += kWarpSize * stride) {
-    // The block ids of this warp's next 32 entries, one load per lane (not one latency per entry).
-    const int mine = i0 + lane * stride;
-    const int my_j = mine < count ? list[mine] : -1;
-    for (int k = 0; k < kWarpSize && i0 + k * stride < count; ++k) {
-      const int j = __shfl_sync(kFullMask, my_j, k);
-      if (j < 0 || j >= n_blocks) continue;  // padding or past the end: nothing to score (uniform)
-      const int n = min(bs, len - j * bs);
-      const uint16_t* lo_bits =
-          p.ranges + (static_cast<int64_t>(item) * (NB / p.blocks_per_group) + j / p.blocks_per_group) * 2 * kHeadDim;
-      const uint8_t* block_codes = p.codes + (static_cast<int64_t>(item) * NB + j) * bs * token_bytes;
-      // The ranges and the first chunk's code words are independent loads: one latency.
-      unsigned words[kRefineChunk];
-#pragma unroll
-      for (int e = 0; e < kRefineChunk; ++e) {
-        words[e] = e < n ? __ldg(reinterpret_cast<const unsigned*>(block_codes + static_cast<int64_t>(e) * token_bytes) +
-                                 word) >> shift
-                         : 0u;
-      }
-      float lo[kC], step[kC];
-#pragma unroll
-      for (int c = 0; c < kC; ++c) {
-        lo[c] = __bfloat162float(__ushort_as_bfloat16(__ldg(lo_bits + d0 + c)));
-        const float hi = __bfloat162float(__ushort_as_bfloat16(__ldg(lo_bits + kHeadDim + d0 + c)));
-        step[c] = __fdiv_rn(__fsub_rn(hi, lo[c]), levels);
-      }
-
-      for (int g0 = 0; g0 < G; g0 += 2) {  // two heads per pass: 2 x 16 values, one reduce-scatter
-        float base[2], w[2][kC];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const bool real = g0 + u < G;  // an odd G leaves the second head of the last pair empty
-          const float* qg = s_q + (real ? g0 + u : g0) * kHeadDim + d0;
-          base[u] = 0.0f;
-#pragma unroll
-          for (int c = 0; c < kC; ++c) {
-            const float qc = real ? qg[c] : 0.0f;
-            base[u] = fmaf(qc, lo[c], base[u]);
-            w[u][c] = qc * step[c];
-          }
-        }
-        float top = -INFINITY, sum = 0.0f;  // this lane's head (g0 + lane_head): running log-sum-exp
-        for (int t0 = 0; t0 < n; t0 += kRefineChunk) {
-          if (t0 > 0 || g0 > 0) {  // later chunks, and the first again for later heads (L1 hits)
-#pragma unroll
-            for (int e = 0; e < kRefineChunk; ++e) {
-              words[e] = t0 + e < n ? __ldg(reinterpret_cast<const unsigned*>(
-                                                block_codes + static_cast<int64_t>(t0 + e) * token_bytes) + word) >> shift
-                                    : 0u;
-            }
-          }
-          float part[2 * kRefineChunk];
-#pragma unroll
-          for (int e = 0; e < kRefineChunk; ++e) {
-            // Each code converted exactly by OR-ing it into the mantissa of 2^23 and subtracting
-            // 2^23: a LOP3 and an FADD instead of an I2F (quarter rate).
-            float code[kC];
-#pragma unroll
-            for (int c = 0; c < kC; ++c) {
-              code[c] = __uint_as_float(0x4B000000u | ((words[e] >> (c * bits)) & mask)) - 8388608.0f;
-            }
-#pragma unroll
-            for (int u = 0; u < 2; ++u) {
-              float x = base[u];
-#pragma unroll
-              for (int c = 0; c < kC; ++c) x = fmaf(w[u][c], code[c], x);
-              part[u * kRefineChunk + e] = x;
-            }
-          }
-          warp_reduce_scatter<2 * kRefineChunk>(part, lane);
-          const bool valid = t0 + tok < n;
-          const float x = valid ? p.scale * part[0] : -INFINITY;
-          float chunk_top = x;  // max over the 16 lanes of this head (token t0 is valid: finite)
-#pragma unroll
-          for (int off = kRefineChunk / 2; off > 0; off >>= 1) {
-            chunk_top = fmaxf(chunk_top, __shfl_xor_sync(kFullMask, chunk_top, off));
-          }
-          const float new_top = fmaxf(top, chunk_top);
-          float e = valid ? expf(x - new_top) : 0.0f;
-#pragma unroll
-          for (int off = kRefineChunk / 2; off > 0; off >>= 1) e += __shfl_xor_sync(kFullMask, e, off);
-          sum = sum * expf(top - new_top) + e;
-          top = new_top;
-        }
-        if (tok == 0 && g0 + lane_head < G) {
-          p.head_scores[(static_cast<int64_t>(b) * p.q_heads + h * G + g0 + lane_head) * L + j] = top + logf(sum);
-        }
-      }
-    }
+  const int warp = threadIdx.x / kWarpSize;
+  char* s_warp = s_mem + refine_query_smem_bytes(G, kHeadDim) +
+                 static_cast<size_t>(warp) * kRefineStages * refine_stage_bytes(kHeadDim, p.bits);
+  const int warp_id = blockIdx.y * kRefineWarps + warp;
+  const int num_warps = gridDim.y * kRefineWarps;
+  if (p.bits == 2) {
+    refine_scores_warp<T, kHeadDim, 2>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
+  } else {
+    refine_scores_warp<T, kHeadDim, 4>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
   }
 }
 
@@ -278,8 +399,10 @@ cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t strea
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (heads == 0 || p.num_blocks == 0 || p.list_length == 0) return cudaSuccess;
   if (heads > 0x7fffffff) return cudaErrorInvalidValue;
+  if (p.block_size % kRefineTile != 0 || (p.bits != 2 && p.bits != 4)) return cudaErrorInvalidValue;
   const int G = p.q_heads / p.kv_heads;
-  const size_t smem = sizeof(float) * static_cast<size_t>(G) * kHeadDim;
+  const size_t smem = refine_query_smem_bytes(G, kHeadDim) +
+                      static_cast<size_t>(kRefineWarps) * kRefineStages * refine_stage_bytes(kHeadDim, p.bits);
   auto kernel = refine_scores_kernel<T, kHeadDim>;
   if (smem > 48 * 1024) {
     int optin = 0;
@@ -287,8 +410,7 @@ cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t strea
     if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  // One wave of resident CTAs whose warps stride over the lists: a CTA per 8 list entries would
-  // launch (and mostly retire at once) 16k CTAs at 8 x 32k with 16-token blocks.
+  // One wave of resident CTAs; each warp takes a contiguous slice of its row's list.
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRefineThreads, smem));
