@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ONE command for a GPU machine: build, GPU tests (pytest + GoogleTest), compute-sanitizer on a
 # small case of each kernel, then the decode benchmark. Logs and json go to $OUT (default ./out).
-# Usage: bash bench/gpu_check.sh [quick]     (quick: fewer shapes in the benchmark)
+# Usage: bash bench/gpu_check.sh [quick|refine]  (quick: fewer shapes in the benchmark; refine: the
+#        two-stage tests, sanitizers, benchmark and Nsight Compute kernel times only)
 # Carry .deps (libgtest-dev .deb, see below) for the C++ tests:
 #   mkdir -p .deps && (cd .deps && apt-get download libgtest-dev)
 set -uo pipefail
@@ -31,7 +32,10 @@ else
   ctest_filter="--deselect tests/test_cpp.py::test_googletest_kernels"
 fi
 
-python3 -m pytest tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
+tests="tests"
+# refine: a kernel iteration on the two-stage step (its tests, sanitizers, benchmark and ncu times)
+[ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
+python3 -m pytest $tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
@@ -48,9 +52,15 @@ done
 
 shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
-python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
-note "benchmark: rc=$?"
-if [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
+if [ "${1:-}" != "refine" ]; then
+  python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
+  note "benchmark: rc=$?"
+fi
+if [ "${1:-}" = "refine" ]; then
+  ncu --clock-control none --launch-skip 60 --launch-count 10 --metrics gpu__time_duration.sum \
+    python3 bench/profile_refine.py > "$OUT/ncu_refine.log" 2>&1
+  note "ncu (two-stage step): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_refine.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
+elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
     --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1
   note "benchmark (32-token blocks): rc=$?"
@@ -66,8 +76,8 @@ python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.112,0.135 
 note "benchmark (two-stage refine, 16-token blocks): rc=$?"
 echo
 printf '%s\n' "${summary[@]}"
-sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
+[ -f "$OUT/bench.log" ] && sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +8x32768" "$OUT/bench_refine.log"
-tail -5 "$OUT/bench.log" | grep -i error
+[ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

@@ -86,9 +86,9 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
               tail_tokens: int = RANGE_GROUP):
     original = cache_mod.sparse_decode_step
 
-    def step(q, k, v, options, stats=None, scale=None, sketch=None):
+    def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
         if options.score != "qsketch":
-            return original(q, k, v, options, stats, scale, sketch)
+            return original(q, k, v, options, stats, scale, sketch, codes=codes)
         bs = options.block_size
         batch, kv_heads, seq, _ = k.shape
         seq_lens = torch.full((batch,), seq, dtype=torch.int32)

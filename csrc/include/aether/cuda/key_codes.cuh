@@ -54,7 +54,7 @@ constexpr int kRefineStages = 4;   // tiles in flight per warp (cp.async ring)
 // Shared memory of refine_scores: the group's queries as float32, then per warp kRefineStages
 // stages of one tile's codes and one group's bf16 ranges.
 __host__ __device__ inline size_t refine_query_smem_bytes(int group, int head_dim) {
-  return sizeof(float) * static_cast<size_t>(group) * head_dim;
+  return sizeof(float) * static_cast<size_t>((group + 3) / 4 * 4) * head_dim;  // heads padded to quads
 }
 __host__ __device__ inline size_t refine_stage_bytes(int head_dim, int bits) {
   return static_cast<size_t>(kRefineTile) * head_dim * bits / 8 + 4 * static_cast<size_t>(head_dim);
@@ -157,36 +157,40 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
   }
 }
 
-// Two codes of one token at bit `shift` of `word` (channels c, c + 1) as a bf16 pair: OR-ing a code
-// into the mantissa of 128.0 gives 128 + code exactly (codes < 128), and one packed subtraction
-// leaves the code (no integer-to-float conversions).
-template <int kBits>
-__device__ __forceinline__ uint32_t code_pair(uint32_t word, int shift) {
-  constexpr uint32_t kMask = (1u << kBits) - 1u;
-  const uint32_t x = word >> shift;
-  const uint32_t biased = (x & kMask) | ((x << (16 - kBits)) & (kMask << 16)) | 0x43004300u;
+// Channel order inside a 16-channel k-step: MMA rows k = 2t, 2t + 1, 2t + 8, 2t + 9 (what lane
+// t % 4 holds of A and B) stand for channels t, t + 4, t + 8, t + 12 of the step, so that one shift
+// by the lane's offset lines up all four of its codes in a word for byte / half-word extraction.
+// A code c becomes the bf16 128 + c by OR-ing it into the mantissa of 128.0 (exact for c < 128);
+// one packed subtraction leaves c: no integer-to-float conversions.
+__device__ __forceinline__ uint32_t minus_128(uint32_t biased) {
   const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
                                    __floats2bfloat162_rn(128.0f, 128.0f));
   return *reinterpret_cast<const uint32_t*>(&v);
 }
-
-// (max, sum of exp) pairs merged, -inf maxima (no valid token yet) included.
-__device__ __forceinline__ void merge_log_sum(float& top, float& sum, float other_top, float other_sum) {
-  const float t = fmaxf(top, other_top);
-  if (t == -INFINITY) return;
-  sum = (top == -INFINITY ? 0.0f : sum * expf(top - t)) + (other_top == -INFINITY ? 0.0f : other_sum * expf(other_top - t));
-  top = t;
+// 2-bit: a word holds channels i = 0..15 of a step at bits 2i; lane t needs bits 2t + {0, 8, 16, 24}.
+__device__ __forceinline__ void code_pairs_2bit(uint32_t word, int t, uint32_t& low, uint32_t& high) {
+  const uint32_t y = (word >> (2 * t)) & 0x03030303u;   // bytes: codes of channels t, t+4, t+8, t+12
+  low = minus_128(__byte_perm(y, 0x43434343u, 0x4140));  // halves 0x4300 | byte 0, 0x4300 | byte 1
+  high = minus_128(__byte_perm(y, 0x43434343u, 0x4342));
+}
+// 4-bit: two words hold channels 0..7 and 8..15 at bits 4 (i % 8); lane t needs bits 4t and 4t + 16.
+__device__ __forceinline__ uint32_t code_pair_4bit(uint32_t word, int t) {
+  return minus_128(((word >> (4 * t)) & 0x000F000Fu) | 0x43004300u);
 }
 
-template <typename T, int kHeadDim, int kBits>
+// One warp's slice of one (b, kv head) list. s_q: the group's queries, float32, divided by the
+// code levels, heads padded with zeros to a multiple of 4 and each k-step's channels in the MMA
+// order: float4 (s, t) of a head holds channels 16s + t + {0, 4, 8, 12}.
+template <int kHeadDim, int kBits>
 __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, const float* s_q, char* s_warp,
                                                    int* s_j, int* s_new_group, int item, int warp_id, int num_warps) {
-  constexpr int kSteps = kHeadDim / 16;                 // m16n8k16 k-steps over the channels
-  constexpr int kTokenBytes = kHeadDim * kBits / 8;     // one token's codes
-  constexpr int kTileBytes = kRefineTile * kTokenBytes; // 16 tokens
-  constexpr int kRangeBytes = 2 * kHeadDim * 2;         // bf16 lo[D], hi[D] of one group
+  constexpr int kSteps = kHeadDim / 16;                  // m16n8k16 k-steps over the channels
+  constexpr int kTokenBytes = kHeadDim * kBits / 8;      // one token's codes
+  constexpr int kTokenWords = kTokenBytes / 4;
+  constexpr int kTileBytes = kRefineTile * kTokenBytes;  // 16 tokens
+  constexpr int kRangeBytes = 2 * kHeadDim * 2;          // bf16 lo[D], hi[D] of one group
   constexpr int kStageBytes = kTileBytes + kRangeBytes;
-  constexpr int kWordsPerStep = kBits / 2;              // 32-bit words of 16 channels of one token
+  constexpr float kLog2e = 1.4426950408889634f;
   const int lane = threadIdx.x % kWarpSize;
   const int g = lane / 4;  // MMA group: token rows g, g + 8 of A; column g of B
   const int t = lane % 4;
@@ -201,6 +205,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
   const int NB = p.num_blocks;
   const int n_blocks = min((len + bs - 1) / bs, min(NB, L));
   const float levels = static_cast<float>((1u << kBits) - 1u);
+  const float scale2 = p.scale * kLog2e;  // scores in log2 units until the write
   // This warp's contiguous slice of the list: consecutive candidates mostly share a group, whose
   // weights are then built once.
   const int per = (count + num_warps - 1) / num_warps;
@@ -215,7 +220,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
 
   for (int quad = 0; quad * 4 < G; ++quad) {  // 4 heads per pass (8 MMA columns: high and residual parts)
     // Block ids of the list read 32 at a time, one load per lane; the copies of a stage are issued
-    // kRefineStages - 1 units ahead of its use.
+    // kRefineStages - 1 units ahead of its use, a group's ranges with its first tile.
     int window = begin;
     int my_j = begin + lane < end ? list[begin + lane] : -1;
     int issued_group = -1;
@@ -237,11 +242,11 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
             cp_async_16(shared_address(dst + c * 16), src + c * 16, token < n ? 16u : 0u);
           }
           const int group = j / p.blocks_per_group;
-          const bool fresh = group != issued_group;  // the ranges travel with the group's first tile
+          const bool fresh = group != issued_group;
           if (fresh) {
-            const uint16_t* ranges = item_ranges + static_cast<int64_t>(group) * 2 * kHeadDim;
+            const char* ranges = reinterpret_cast<const char*>(item_ranges + static_cast<int64_t>(group) * 2 * kHeadDim);
             for (int c = lane; c < kRangeBytes / 16; c += kWarpSize) {
-              cp_async_16(shared_address(dst + kTileBytes + c * 16), reinterpret_cast<const char*>(ranges) + c * 16, 16u);
+              cp_async_16(shared_address(dst + kTileBytes + c * 16), ranges + c * 16, 16u);
             }
             issued_group = group;
           }
@@ -257,12 +262,13 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
     };
 
     for (int s = 0; s < kRefineStages - 1; ++s) issue(units_begin + s, s);
-    // B fragments: w = q * step of channel k, head 4 quad + (g & 3); columns 0-3 its bf16 rounding,
-    // columns 4-7 the residual, so high + residual carry ~16 mantissa bits of w.
+    // B fragments of the current group: w_c = q_c step_c for head 4 quad + (g & 3), as bf16 (columns
+    // 0-3) and the bf16 of its rounding residual (columns 4-7): high + residual carry ~16 bits.
     uint32_t bfrag[kSteps][2];
-    float base_a = 0.0f, base_b = 0.0f;  // sum_c q_c lo_c of this lane's output heads 2 (t & 1) (+1)
-    const int head_ha = quad * 4 + 2 * (t & 1);
-    float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;
+    float bias_a = 0.0f, bias_b = 0.0f;  // scale2 * sum_c q_c lo_c of output heads 2 (t & 1) (+1)
+    const bool residual = g >= 4;
+    const float4* q4 = reinterpret_cast<const float4*>(s_q + (quad * 4 + (g & 3)) * kHeadDim);
+    float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;  // log2 units, warp-uniform
     for (int unit = units_begin; unit < units_end; ++unit) {
       const int rel = unit - units_begin;
       issue(unit + kRefineStages - 1, (rel + kRefineStages - 1) % kRefineStages);
@@ -275,84 +281,94 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
       if (j >= 0) {
         if (s_new_group[stage]) {
           const uint16_t* lo_bits = reinterpret_cast<const uint16_t*>(src + kTileBytes);
-          const int head = quad * 4 + (g & 3);
-          const bool real = head < G;
-          const float* q = s_q + (real ? head : 0) * kHeadDim;
           float base = 0.0f;
 #pragma unroll
           for (int s = 0; s < kSteps; ++s) {
+            const float4 qv = q4[s * 4 + t];
+            const float qc[4] = {qv.x, qv.y, qv.z, qv.w};
+            float w[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+              const int c = 16 * s + t + 4 * u;
+              const float lo = __uint_as_float(static_cast<uint32_t>(lo_bits[c]) << 16);
+              const float hi = __uint_as_float(static_cast<uint32_t>(lo_bits[kHeadDim + c]) << 16);
+              base = fmaf(qc[u], lo, base);  // q / levels: scaled back below
+              w[u] = qc[u] * (hi - lo);
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-              const int c = 16 * s + 2 * t + 8 * half;
-              float w[2];
-#pragma unroll
-              for (int u = 0; u < 2; ++u) {
-                const float lo = __bfloat162float(__ushort_as_bfloat16(lo_bits[c + u]));
-                const float hi = __bfloat162float(__ushort_as_bfloat16(lo_bits[kHeadDim + c + u]));
-                const float step = __fdiv_rn(__fsub_rn(hi, lo), levels);
-                const float qc = real ? q[c + u] : 0.0f;
-                base = fmaf(qc, lo, base);
-                w[u] = qc * step;
-              }
-              const __nv_bfloat162 high = __floats2bfloat162_rn(w[0], w[1]);
+              const __nv_bfloat162 high = __floats2bfloat162_rn(w[2 * half], w[2 * half + 1]);
               const float2 hf = __bfloat1622float2(high);
-              const __nv_bfloat162 part = g < 4 ? high : __floats2bfloat162_rn(w[0] - hf.x, w[1] - hf.y);
+              const __nv_bfloat162 part =
+                  residual ? __floats2bfloat162_rn(w[2 * half] - hf.x, w[2 * half + 1] - hf.y) : high;
               bfrag[s][half] = *reinterpret_cast<const uint32_t*>(&part);
             }
           }
           base += __shfl_xor_sync(kFullMask, base, 1);  // lanes 4g .. 4g + 3 hold the channels' quarters
           base += __shfl_xor_sync(kFullMask, base, 2);
-          base_a = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1)));
-          base_b = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1) + 1));
+          base *= levels * scale2;
+          bias_a = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1)));
+          bias_b = __shfl_sync(kFullMask, base, 4 * (2 * (t & 1) + 1));
         }
-        // A fragments from the staged codes: rows g and g + 8 of the tile, channels 2t, 2t + 1
-        // (+ 8) of each k-step. Two accumulators halve the chain of dependent MMAs.
-        const uint32_t* row0 = reinterpret_cast<const uint32_t*>(src + g * kTokenBytes);
-        const uint32_t* row1 = reinterpret_cast<const uint32_t*>(src + (g + 8) * kTokenBytes);
-        float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        const int n = min(bs, len - j * bs) - tile * kRefineTile;  // warp-uniform
+        if (n > 0) {
+          // A fragments from the staged codes, rows g and g + 8 of the tile. Two accumulators
+          // halve the chain of dependent MMAs.
+          const uint32_t* row0 = reinterpret_cast<const uint32_t*>(src) + g * kTokenWords;
+          const uint32_t* row1 = row0 + 8 * kTokenWords;
+          float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
-          uint32_t a[4];
-          if (kBits == 2) {  // 16 channels = one word; channel c at bit 2c
-            const uint32_t w0 = row0[s], w1 = row1[s];
-            a[0] = code_pair<kBits>(w0, 4 * t);
-            a[1] = code_pair<kBits>(w1, 4 * t);
-            a[2] = code_pair<kBits>(w0, 16 + 4 * t);
-            a[3] = code_pair<kBits>(w1, 16 + 4 * t);
-          } else {  // 16 channels = two words; channel c at bit 4 (c % 8) of word c / 8
-            a[0] = code_pair<kBits>(row0[kWordsPerStep * s], 8 * t);
-            a[1] = code_pair<kBits>(row1[kWordsPerStep * s], 8 * t);
-            a[2] = code_pair<kBits>(row0[kWordsPerStep * s + 1], 8 * t);
-            a[3] = code_pair<kBits>(row1[kWordsPerStep * s + 1], 8 * t);
+          for (int s = 0; s < kSteps; ++s) {
+            uint32_t a[4];
+            if constexpr (kBits == 2) {
+              code_pairs_2bit(row0[s], t, a[0], a[2]);
+              code_pairs_2bit(row1[s], t, a[1], a[3]);
+            } else {
+              a[0] = code_pair_4bit(row0[2 * s], t);
+              a[1] = code_pair_4bit(row1[2 * s], t);
+              a[2] = code_pair_4bit(row0[2 * s + 1], t);
+              a[3] = code_pair_4bit(row1[2 * s + 1], t);
+            }
+            mma_16816<__nv_bfloat16>(acc[s & 1], a, bfrag[s][0], bfrag[s][1]);
           }
-          mma_16816<__nv_bfloat16>(acc[s & 1], a, bfrag[s][0], bfrag[s][1]);
-        }
-        float c[4];
+          float c[4];
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          c[v] = acc[0][v] + acc[1][v];
-          c[v] += __shfl_xor_sync(kFullMask, c[v], 2);  // columns 2t (+1) and 2t + 4 (+1): high + residual
-        }
-        const int n = min(bs, len - j * bs) - tile * kRefineTile;
-        const float x[4] = {g < n ? p.scale * (base_a + c[0]) : -INFINITY, g < n ? p.scale * (base_b + c[1]) : -INFINITY,
-                            g + 8 < n ? p.scale * (base_a + c[2]) : -INFINITY,
-                            g + 8 < n ? p.scale * (base_b + c[3]) : -INFINITY};
-        merge_log_sum(top_a, sum_a, fmaxf(x[0], x[2]), 0.0f);  // running maxima first, then the sums
-        merge_log_sum(top_b, sum_b, fmaxf(x[1], x[3]), 0.0f);
-        sum_a += (x[0] == -INFINITY ? 0.0f : expf(x[0] - top_a)) + (x[2] == -INFINITY ? 0.0f : expf(x[2] - top_a));
-        sum_b += (x[1] == -INFINITY ? 0.0f : expf(x[1] - top_b)) + (x[3] == -INFINITY ? 0.0f : expf(x[3] - top_b));
-        if (tile == tiles - 1) {  // the block's last tile: reduce over the 8 row groups and write
+          for (int v = 0; v < 4; ++v) {
+            c[v] = acc[0][v] + acc[1][v];
+            c[v] += __shfl_xor_sync(kFullMask, c[v], 2);  // columns 2t (+1) and 2t + 4 (+1): high + residual
+          }
+          // Tokens g and g + 8 of heads a = 2 (t & 1), b = a + 1; then the tile's maxima and sums
+          // over the 8 row groups, merged into the running (warp-uniform) log-sum-exp.
+          const float xa0 = g < n ? fmaf(scale2, c[0], bias_a) : -INFINITY;
+          const float xb0 = g < n ? fmaf(scale2, c[1], bias_b) : -INFINITY;
+          const float xa1 = g + 8 < n ? fmaf(scale2, c[2], bias_a) : -INFINITY;
+          const float xb1 = g + 8 < n ? fmaf(scale2, c[3], bias_b) : -INFINITY;
+          float ma = fmaxf(xa0, xa1), mb = fmaxf(xb0, xb1);
 #pragma unroll
           for (int off = 4; off < kWarpSize; off <<= 1) {
-            const float ta = __shfl_xor_sync(kFullMask, top_a, off), sa = __shfl_xor_sync(kFullMask, sum_a, off);
-            const float tb = __shfl_xor_sync(kFullMask, top_b, off), sb = __shfl_xor_sync(kFullMask, sum_b, off);
-            merge_log_sum(top_a, sum_a, ta, sa);
-            merge_log_sum(top_b, sum_b, tb, sb);
+            ma = fmaxf(ma, __shfl_xor_sync(kFullMask, ma, off));
+            mb = fmaxf(mb, __shfl_xor_sync(kFullMask, mb, off));
           }
+          ma = fmaxf(ma, top_a);  // finite: token 0 of the tile is valid
+          mb = fmaxf(mb, top_b);
+          float ea = exp2f(xa0 - ma) + exp2f(xa1 - ma), eb = exp2f(xb0 - mb) + exp2f(xb1 - mb);
+#pragma unroll
+          for (int off = 4; off < kWarpSize; off <<= 1) {
+            ea += __shfl_xor_sync(kFullMask, ea, off);
+            eb += __shfl_xor_sync(kFullMask, eb, off);
+          }
+          sum_a = sum_a * exp2f(top_a - ma) + ea;  // exp2(-inf) = 0 at the first tile
+          sum_b = sum_b * exp2f(top_b - mb) + eb;
+          top_a = ma;
+          top_b = mb;
+        }
+        if (tile == tiles - 1) {  // the block's last tile: write its heads' log-masses
           if (g == 0 && t < 2) {
-            float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + h * G + head_ha) * L + j;
-            if (head_ha < G) out[0] = top_a + logf(sum_a);
-            if (head_ha + 1 < G) out[L] = top_b + logf(sum_b);
+            const int head = quad * 4 + 2 * t;
+            float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + h * G + head) * L + j;
+            constexpr float kLn2 = 0.6931471805599453f;
+            if (head < G) out[0] = (top_a + log2f(sum_a)) * kLn2;
+            if (head + 1 < G) out[L] = (top_b + log2f(sum_b)) * kLn2;
           }
           top_a = top_b = -INFINITY;
           sum_a = sum_b = 0.0f;
@@ -366,8 +382,8 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kRefineThreads, 2) refine_scores_kernel(const RefineScoresParams p) {
-  extern __shared__ __align__(16) char s_mem[];  // queries [G][D] float32, then each warp's stages
+__global__ void __launch_bounds__(kRefineThreads, 3) refine_scores_kernel(const RefineScoresParams p) {
+  extern __shared__ __align__(16) char s_mem[];  // queries [G padded to 4][D] float32, then each warp's stages
   __shared__ int s_j[kRefineWarps][kRefineStages];
   __shared__ int s_new_group[kRefineWarps][kRefineStages];
   float* s_q = reinterpret_cast<float*>(s_mem);
@@ -375,10 +391,15 @@ __global__ void __launch_bounds__(kRefineThreads, 2) refine_scores_kernel(const 
   const int b = item / p.kv_heads;
   const int h = item % p.kv_heads;
   const int G = p.q_heads / p.kv_heads;
+  const int G4 = (G + 3) / 4 * 4;
   {
+    const float inv_levels = 1.0f / static_cast<float>((1u << p.bits) - 1u);
     const T* q_group = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
-    for (int x = threadIdx.x; x < G * kHeadDim; x += kRefineThreads) {
-      s_q[x] = to_float(q_group[static_cast<int64_t>(x / kHeadDim) * p.q_stride_head + x % kHeadDim]);
+    for (int x = threadIdx.x; x < G4 * kHeadDim; x += kRefineThreads) {
+      // x = head * D + 16 s + 4 t + u holds channel 16 s + t + 4 u (the MMA order)
+      const int head = x / kHeadDim, r = x % kHeadDim;
+      const int channel = (r & ~15) + ((r >> 2) & 3) + 4 * (r & 3);
+      s_q[x] = head < G ? to_float(q_group[static_cast<int64_t>(head) * p.q_stride_head + channel]) * inv_levels : 0.0f;
     }
   }
   __syncthreads();
@@ -388,9 +409,9 @@ __global__ void __launch_bounds__(kRefineThreads, 2) refine_scores_kernel(const 
   const int warp_id = blockIdx.y * kRefineWarps + warp;
   const int num_warps = gridDim.y * kRefineWarps;
   if (p.bits == 2) {
-    refine_scores_warp<T, kHeadDim, 2>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
+    refine_scores_warp<kHeadDim, 2>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
   } else {
-    refine_scores_warp<T, kHeadDim, 4>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
+    refine_scores_warp<kHeadDim, 4>(p, s_q, s_warp, s_j[warp], s_new_group[warp], item, warp_id, num_warps);
   }
 }
 
