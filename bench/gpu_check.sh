@@ -58,7 +58,7 @@ if [ "${1:-}" != "refine" ]; then
 fi
 if [ "${1:-}" = "refine" ]; then
   ncu --clock-control none --launch-skip 60 --launch-count 10 --metrics gpu__time_duration.sum \
-    python3 bench/profile_refine.py > "$OUT/ncu_refine.log" 2>&1
+    python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_refine.log" 2>&1
   note "ncu (two-stage step): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_refine.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
@@ -68,11 +68,11 @@ elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token ske
     --out "$OUT/bench_decode_bs16.json" > "$OUT/bench_bs16.log" 2>&1
   note "benchmark (16-token blocks, qsketch 4 per sketch block): rc=$?"
 fi
-# Two-stage selection (aether.refine) at its measured best point: 16-token blocks, 128-token sketch
-# blocks, 30% candidates ranked by 2-bit key codes, keep 0.112 (15.7% of the bytes); the one-stage
-# frontier (keep 0.135) in the same run.
-python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.112,0.135 --block-size 16 --blocks-per-sketch 8 \
-  --scores qsketch,qsketch+refine --refine 0.3:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
+# Two-stage selection (aether.refine) at its measured quality point: 16-token blocks, 128-token
+# sketch blocks, 50% candidates ranked by 2-bit key codes, keep 0.095 (15.8% of the bytes); the
+# one-stage frontier (keep 0.135) in the same run.
+python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
+  --scores qsketch,qsketch+refine --refine 0.5:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
 note "benchmark (two-stage refine, 16-token blocks): rc=$?"
 echo
 printf '%s\n' "${summary[@]}"

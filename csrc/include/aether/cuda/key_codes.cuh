@@ -10,28 +10,26 @@
 //    and rint as the CPU kernel: bit-identical codes). A group is always
 //    rebuilt from all of its tokens, so an append (first_block set) equals a full build; the
 //    append only launches enough CTAs to fill the GPU once (block_build_slices).
-// 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads: one wave of
-//    CTAs whose warps stride over the candidate list, a warp per entry at a time; the CTA stages
-//    its group's queries in shared memory, and a warp reads the block ids of its next 32 entries
-//    with one load per lane. Lane l owns channels [l C, l C + C), C = D / 32, so its codes of one
-//    token are C * bits <= 32 contiguous bits of one aligned 32-bit word and a token row is one
-//    coalesced read per warp; a block's ranges and its first 16 tokens' words are loaded together
-//    (one memory latency per entry). Per query head the lane folds the group's ranges into
-//    base = sum_c q_c lo_c and w_c = q_c step_c, so a token costs C FMAs per head; codes are
-//    converted to float exactly by the 2^23 mantissa trick (no I2F), and two heads x 16 tokens of
-//    partial dot products are summed over the warp with one reduce-scatter (31 shuffles instead of
-//    160; lane l ends with head l / 16, token l % 16); a 16-lane max and sum give each head's chunk
-//    log-sum-exp, merged into its running one. History (30% candidates at 8 x 32k, 16-token blocks,
-//    H200, ncu): a CTA per 8 entries with a warp sum, an exp and a load per token, 171 us (a latency
-//    chain per warp, 16k CTAs mostly retiring at once); one wave of striding warps, 140 us; with
-//    4 heads x 8 tokens per reduce-scatter at 128 registers (fewer resident warps), 224 us: the
-//    kernel is bound by the memory latency per entry (block id, then ranges and codes), so what
-//    counts is how many entries are in flight per SM; this design (80 registers, 24 warps per SM),
-//    127 us. Even so it is far from its bytes (~5 us): a candidate token costs G x D = 512 FMAs
-//    on the CUDA cores (~20 M warp instructions in all), so the next step is tensor cores (codes
-//    are small integers, exact in bf16; an m16n8k16 MMA per 16 tokens and 8 heads), and the
-//    radar_score pass that only copies the given scores into group scores (28 us) before the
-//    second select.
+// 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads, one wave of
+//    resident CTAs. Each warp takes a contiguous slice of its row's candidate list (consecutive
+//    candidates mostly share a 128-token group) and streams 16-token tiles of codes through a
+//    4-stage cp.async ring in shared memory; a group's bf16 ranges travel with its first tile.
+//    Scores come from the tensor cores: m16n8k16 with A = the tile's codes (small integers, exact
+//    in bf16: a code is OR-ed into the mantissa of 128.0 and 128 subtracted, two codes per packed
+//    op) and B = the weights w_c = q_c step_c of 4 query heads, each split into its bf16 rounding
+//    (columns 0-3) and the bf16 of the residual (columns 4-7), so high + residual carry ~16
+//    mantissa bits and the scores match float32 FMAs to ~1e-6 relative. Inside a k-step the MMA
+//    rows 2t, 2t + 1, 2t + 8, 2t + 9 stand for channels t, t + 4, t + 8, t + 12: one shift and
+//    mask line up a lane's four codes of a word (the queries are stored in that order). B and
+//    base = sum_c q_c lo_c are rebuilt only when the group changes; the tile's log-sum-exp runs in
+//    log2 units with warp-uniform maxima and sums. G > 4 heads: one pass per 4 heads.
+//    History (30% candidates at 8 x 32k, 16-token blocks, H200, ncu): on CUDA cores, a CTA per 8
+//    entries 171 us; one wave of striding warps 140 us; 4 heads x 8 tokens per reduce-scatter at
+//    128 registers 224 us; 80 registers, 24 warps per SM 127 us (20 M warp instructions, bound by
+//    the latency per entry). Tensor cores with a cp.async ring: 119 us, 49 M instructions
+//    (instruction-bound: the per-lane unpacking, divisions by runtime sizes, the weights rebuilt
+//    per entry); with the MMA channel order, pre-divided queries and the log2 epilogue 51 us,
+//    27 M instructions (bench/results/ncu_refine_h200.md). Its bytes alone would take ~5 us.
 //    (radar_select given equal scores selects identically; tests compare scores with a tolerance).
 //    Bytes read per candidate token: D * bits / 8 (+ 4D range bytes per group and candidate).
 #pragma once
@@ -201,6 +199,9 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
   const int count = min(max(p.num_candidates[item], 0), L);
   const int bs = p.block_size;
   const int tiles = bs / kRefineTile;
+  // tiles and blocks_per_group are powers of two: shifts, not integer divisions, per tile
+  const int tiles_log2 = __ffs(tiles) - 1;
+  const int group_log2 = __ffs(p.blocks_per_group) - 1;
   const int len = max(p.seq_lens[b], 0);
   const int NB = p.num_blocks;
   const int n_blocks = min((len + bs - 1) / bs, min(NB, L));
@@ -226,7 +227,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
     int issued_group = -1;
     auto issue = [&](int unit, int stage) {
       if (unit < units_end) {
-        const int e = unit / tiles, tile = unit % tiles;
+        const int e = unit >> tiles_log2, tile = unit & (tiles - 1);
         if (e >= window + kWarpSize) {  // uniform: e only grows
           window = e;
           my_j = e + lane < end ? list[e + lane] : -1;
@@ -241,7 +242,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
             const int token = c * 16 / kTokenBytes;
             cp_async_16(shared_address(dst + c * 16), src + c * 16, token < n ? 16u : 0u);
           }
-          const int group = j / p.blocks_per_group;
+          const int group = j >> group_log2;
           const bool fresh = group != issued_group;
           if (fresh) {
             const char* ranges = reinterpret_cast<const char*>(item_ranges + static_cast<int64_t>(group) * 2 * kHeadDim);
@@ -277,7 +278,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
       const int stage = rel % kRefineStages;
       const char* src = s_warp + stage * kStageBytes;
       const int j = s_j[stage];
-      const int tile = unit % tiles;
+      const int tile = unit & (tiles - 1);
       if (j >= 0) {
         if (s_new_group[stage]) {
           const uint16_t* lo_bits = reinterpret_cast<const uint16_t*>(src + kTileBytes);
