@@ -70,6 +70,25 @@ def value_means(v: torch.Tensor, seq: int, block_size: int, tokens: int) -> torc
     return means.repeat_interleave(tokens // block_size, dim=2)[:, :, :nb]
 
 
+def code_noise_variance(q: torch.Tensor, k: torch.Tensor, bits: int, block_size: int, scale: float | None,
+                        nb: int) -> torch.Tensor:
+    """``[B, Hq, NB]``: variance of the logit error of b-bit codes (uniform in +-step / 2 per
+    channel): scale^2 sum_c q_c^2 step_c^2 / 12 with the step of the block's 128-token group."""
+    batch, heads, seq, dim = k.shape
+    pad = (-seq) % RANGE_GROUP
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).reshape(batch, heads, -1, RANGE_GROUP, dim)
+    valid = (torch.arange(seq + pad) < seq).reshape(1, 1, -1, RANGE_GROUP, 1)
+    hi = kf.masked_fill(~valid, -math.inf).amax(3)
+    lo = kf.masked_fill(~valid, math.inf).amin(3)
+    step = ((hi - lo) / (2 ** bits - 1)).nan_to_num(0.0, posinf=0.0, neginf=0.0)  # [B, Hkv, groups, D]
+    group = q.shape[1] // heads
+    s = scale if scale is not None else dim ** -0.5
+    qf = q.float().reshape(batch, heads, group, dim)
+    var = torch.einsum("bhgd,bhnd->bhgn", qf * qf, step * step) * (s * s / 12.0)
+    var = var.repeat_interleave(RANGE_GROUP // block_size, dim=-1)[..., :nb]
+    return var.reshape(batch, heads * group, -1)
+
+
 def add_tail(out: torch.Tensor, lse: torch.Tensor, est: torch.Tensor, vmeans: torch.Tensor) -> torch.Tensor:
     """Merges the attention over the read blocks (out, lse) with an estimate of the unread blocks:
     log-masses `est` [B, Hq, NB] (-inf: not estimated) and per-block value means [B, Hq, NB, D]."""
@@ -115,8 +134,15 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
             # The unread candidates (and with "all" every other unread block, by its sketch score)
             # enter the softmax by their estimated log-mass with their span's mean value.
             read = mask_from_indices(selected, num_selected, nb).repeat_interleave(group, dim=1)
-            est = refined if tail == "cand" else torch.where(is_cand.repeat_interleave(group, dim=1), refined,
-                                                               scores)
+            cand_q = is_cand.repeat_interleave(group, dim=1)
+            if tail == "cand-exact":  # diagnostic: the true log-mass of the unread candidates
+                est = reference.oracle_head_scores(q, k, seq_lens, bs, scale).masked_fill(~cand_q, -math.inf)
+            elif tail == "cand-corrected":  # minus half the variance of the codes' logit error
+                est = refined - 0.5 * code_noise_variance(q, k, key_bits, bs, scale, nb)
+            elif tail == "cand":
+                est = refined
+            else:
+                est = torch.where(cand_q, refined, scores)
             est = est.masked_fill(read, -math.inf)
             vmeans = value_means(v, seq, bs, tail_tokens).repeat_interleave(group, dim=1)
             out = add_tail(out, lse, est, vmeans)
@@ -136,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 2-8: quantised keys")
     parser.add_argument("--attend-with-codes", action="store_true",
                         help="the attention over the final blocks also uses the quantised keys")
-    parser.add_argument("--tail", choices=("none", "cand", "all"), default="none",
+    parser.add_argument("--tail", choices=("none", "cand", "cand-corrected", "cand-exact", "all"), default="none",
                         help="estimate the unread candidates (cand) or all unread blocks (all) into the softmax")
     parser.add_argument("--tail-tokens", type=int, default=RANGE_GROUP,
                         help="tokens per value mean of the tail estimate (a multiple of the block size)")
