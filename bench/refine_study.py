@@ -11,6 +11,10 @@ Each qsketch decode step of `aether.eval` is replaced by:
   3. top-k of those at the eval's budget K (sum aggregation), then exact attention over them;
      with `--attend-with-codes` the attention itself uses the quantised keys (bf16 values): a
      lossy K read, counted at the codes' bytes.
+  4. optionally (`--tail`) the unread candidates enter the softmax by an estimate: their block
+     log-masses from the codes (`cand`), minus half the variance of the codes' logit error
+     (`cand-corrected`), or exact (`cand-exact`, a diagnostic), each with the mean value of its
+     `--tail-tokens` span (value means cost D bf16 per span, not counted in the printed bytes).
 
 Bytes read per step, as a fraction of dense bf16 K+V (head_dim D; the table the eval prints
 counts only the sketch and the K/V of the final blocks, so add the candidates' share by hand):

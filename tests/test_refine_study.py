@@ -59,3 +59,54 @@ def test_candidate_byte_accounting(study):
     assert math.isclose(four["candidate_key_bytes"], round(0.25 * (4 / 32 + 1 / 128), 5))
     two = study.refine_info(0.3, 2, 0.3)
     assert math.isclose(two["candidate_key_bytes"], round(0.3 * (2 / 32 + 1 / 128), 5))
+
+
+@pytest.mark.parametrize("seq", [16, 200, 256])
+def test_value_means_per_span(study, seq):
+    torch.manual_seed(seq)
+    v = torch.randn(2, 3, seq, 8)
+    means = study.value_means(v, seq, 16, 64)
+    nb = math.ceil(seq / 16)
+    assert means.shape == (2, 3, nb, 8)
+    for j in range(nb):
+        start = (j * 16) // 64 * 64
+        want = v[:, :, start:min(start + 64, seq)].mean(2)  # the span's valid tokens only
+        torch.testing.assert_close(means[:, :, j], want)
+
+
+def test_add_tail_equals_attention_over_the_union(study):
+    """With the exact block log-masses and each block's own value mean standing for a block whose
+    values are all equal, the tail merge is exact attention over read + estimated blocks."""
+    from aether import reference
+    torch.manual_seed(3)
+    q = torch.randn(1, 2, 8)
+    k = torch.randn(1, 1, 64, 8)
+    v = torch.randn(1, 1, 4, 8).repeat_interleave(16, dim=2)  # constant values within each 16-token block
+    lens = torch.tensor([64], dtype=torch.int32)
+    selected = torch.tensor([[[0, 2, -1, -1]]], dtype=torch.int32)
+    count = torch.tensor([[2]], dtype=torch.int32)
+    out, lse = reference.sparse_decode(q, k, v, lens, 16, selected, count)
+    est = reference.oracle_head_scores(q, k, lens, 16)
+    est[:, :, [0, 2]] = -math.inf  # read blocks are not estimated
+    means = study.value_means(v, 64, 16, 16).repeat_interleave(2, dim=1)
+    got = study.add_tail(out, lse, est, means)
+    want, _ = reference.dense_attention(q, k, v, lens)
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    # nothing estimated: the read blocks' attention unchanged
+    none = study.add_tail(out, lse, torch.full_like(est, -math.inf), means)
+    torch.testing.assert_close(none, out.float())
+
+
+def test_code_noise_variance_matches_uniform_error(study):
+    """scale^2 sum_c q_c^2 step_c^2 / 12 with the step of each block's 128-token group."""
+    torch.manual_seed(5)
+    q = torch.randn(1, 2, 4)
+    k = torch.randn(1, 1, 256, 4)
+    var = study.code_noise_variance(q, k, 2, 16, 0.5, 16)
+    assert var.shape == (1, 2, 16)
+    for grp in range(2):
+        part = k[0, 0, grp * 128:(grp + 1) * 128]
+        step = (part.amax(0) - part.amin(0)) / 3
+        want = 0.25 * (q[0] ** 2 * step ** 2).sum(-1) / 12
+        for j in range(grp * 8, grp * 8 + 8):
+            torch.testing.assert_close(var[0, :, j], want)
