@@ -11,6 +11,9 @@ Each qsketch decode step of `aether.eval` is replaced by:
   3. top-k of those at the eval's budget K (sum aggregation), then exact attention over them;
      with `--attend-with-codes` the attention itself uses the quantised keys (bf16 values): a
      lossy K read, counted at the codes' bytes.
+  With `--debias` step 3 ranks by the codes' log-mass minus half the variance of their logit error
+  (uniform +-step / 2 per channel: s^2 sum_c q_c^2 step_c^2 / 12), the lift that noise gives a
+  log-sum-exp.
   4. optionally (`--tail`) the unread candidates enter the softmax by an estimate: their block
      log-masses from the codes (`cand`), minus half the variance of the codes' logit error
      (`cand-corrected`), or exact (`cand-exact`, a diagnostic), each with the mean value of its
@@ -106,7 +109,7 @@ def add_tail(out: torch.Tensor, lse: torch.Tensor, est: torch.Tensor, vmeans: to
 
 
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
-              tail_tokens: int = RANGE_GROUP):
+              tail_tokens: int = RANGE_GROUP, debias: bool = False):
     original = cache_mod.sparse_decode_step
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
@@ -128,6 +131,8 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         refined = reference.oracle_head_scores(q, keys, seq_lens, bs, scale)
         is_cand = mask_from_indices(cand, num_cand, nb)
         group = q.shape[1] // kv_heads
+        if debias and key_bits:  # rank by the log-mass minus half the variance of the codes' logit error
+            refined = refined - 0.5 * code_noise_variance(q, k, key_bits, bs, scale, nb)
         refined = refined.masked_fill(~is_cand.repeat_interleave(group, dim=1), -math.inf)
         selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
                                                          budget_fraction=float(options.budget), group_agg="sum",
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="estimate the unread candidates (cand) or all unread blocks (all) into the softmax")
     parser.add_argument("--tail-tokens", type=int, default=RANGE_GROUP,
                         help="tokens per value mean of the tail estimate (a multiple of the block size)")
+    parser.add_argument("--debias", action="store_true",
+                        help="rank the candidates by the codes' log-mass minus half its noise variance")
     args = parser.parse_args(argv[:split])
     if not 0.0 < args.candidates <= 1.0:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
@@ -179,13 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--attend-with-codes needs --key-bits")
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
-                                               args.tail, args.tail_tokens)
+                                               args.tail, args.tail_tokens, args.debias)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
     rc = eval_main(eval_argv)
     fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
     info = refine_info(args.candidates, args.key_bits, fraction)
+    if args.debias:
+        info["debias"] = True
     if args.tail != "none":
         info["tail"] = args.tail
         info["tail_tokens"] = args.tail_tokens
