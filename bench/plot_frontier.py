@@ -2,8 +2,8 @@
 tokens decoded): every committed eval json of that protocol, one point per (configuration,
 text), and a markdown table of them. Bytes = K/V of the selected blocks + every metadata byte read (sparse layers); for the
 two-stage *study* jsons (bench/refine_study.py) the candidates' key bytes recorded in the json
-are added (and, for its attend-with-codes runs, the K bytes the codes replaced are taken off), as
-that script's docstring says. Writes a png, a json of the points and a markdown table.
+are added (and, for its attend-with-codes runs, the K bytes the codes replaced are taken off; for
+its --tail runs, one bf16 value mean per span of every candidate), as that script's docstring says. Writes a png, a json of the points and a markdown table.
 
 Usage: python bench/plot_frontier.py [--out bench/results/selection_frontier_1024]
 """
@@ -46,6 +46,8 @@ def collect() -> list[dict]:
             continue
         refine = data.get("refine")
         extra = refine["candidate_key_bytes"] if refine else 0.0
+        if refine and refine.get("tail"):  # value means of the candidates' spans, D bf16 per span
+            extra += refine["candidate_token_fraction"] / (2 * refine["tail_tokens"])
         # --attend-with-codes: the final blocks' K was read as codes, not bf16 (refine_study.py)
         saved = 0.5 - refine["key_bits"] / 32 - 1 / 128 if refine and refine.get("attend_with_codes") else 0.0
         for config in data.get("configs", []):
@@ -59,6 +61,10 @@ def collect() -> list[dict]:
                 if refine:
                     keys = f"{refine['key_bits']}-bit keys" if refine["key_bits"] else "exact keys"
                     codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
+                    if refine.get("debias"):
+                        codes += ", debiased"
+                    if refine.get("tail"):
+                        codes += f", tail {refine['tail']} / {refine['tail_tokens']}-token value means"
                     label += f" [study: C {refine['candidates']:g}, {keys}{codes}]"
                 points.append(dict(file=Path(path).name, config=config["name"], label=label, text=TEXTS[text],
                                    family=family(config["name"], refine is not None),
