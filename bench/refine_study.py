@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", type=float, required=True, help="candidate fraction C of the blocks")
-    parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 2-8: quantised keys")
+    parser.add_argument("--key-bits", type=int, default=0, help="0: exact keys; 1-8: quantised keys")
     parser.add_argument("--attend-with-codes", action="store_true",
                         help="the attention over the final blocks also uses the quantised keys")
     parser.add_argument("--tail", choices=("none", "cand", "cand-corrected", "cand-exact", "all"), default="none",
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     if not 0.0 < args.candidates <= 1.0:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
-    if args.key_bits and not 2 <= args.key_bits <= 8:
-        parser.error(f"--key-bits must be 0 or in [2, 8], got {args.key_bits}")
+    if args.key_bits and not 1 <= args.key_bits <= 8:
+        parser.error(f"--key-bits must be 0 or in [1, 8], got {args.key_bits}")
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
     counts = {"candidate_tokens": 0, "tokens": 0}
