@@ -275,7 +275,8 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
     // 0-3) and the bf16 of its rounding residual (columns 4-7): high + residual carry ~16 bits.
     uint32_t bfrag[kSteps][2];
     float bias_a = 0.0f, bias_b = 0.0f;  // scale2 * sum_c q_c lo_c of output heads 2 (t & 1) (+1)
-    float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;  // log2 units, equal in all lanes of a head pair
+    // Running log-sum-exp of the lane's two heads, log2 units, equal in all lanes of a head pair.
+    float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;
     for (int unit = units_begin; unit < units_end; ++unit) {
       const int rel = unit - units_begin;
       issue(unit + kRefineStages - 1, (rel + kRefineStages - 1) % kRefineStages);
