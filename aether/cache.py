@@ -655,16 +655,8 @@ class AetherKVCache:
 
         Built once (after prefill); later calls only refresh the blocks that received tokens.
         """
-        keys = self.keys
-        views = self._row_views()
-        if self._stats is None:
-            self._stats = [build_block_stats(keys[rows, :, start:], self.options.block_size) for rows, start in views]
-            self._stats_length = self.length
-        elif self._stats_length != self.length:
-            for st, (rows, start) in zip(self._stats, views):
-                st.update(keys[rows, :, start:])
-            self._stats_length = self.length
-        return self._stats
+        return self._per_view("_stats", "_stats_length",
+                              lambda i, k: build_block_stats(k, self.options.block_size))
 
     def calibrations(self) -> list[SketchCalibration]:
         """The qsketch calibration of every group of `_row_views()` (computed once, on first use).
@@ -707,33 +699,31 @@ class AetherKVCache:
         Calibrated and built once (at the first decode step); later calls only refresh the blocks
         that received tokens (`KeySketch.update`, no host sync).
         """
-        keys = self.keys
-        views = self._row_views()
-        if self._sketches is None:
-            self._sketches = [build_key_sketch(keys[rows, :, start:], calib, self.options.block_size,
-                                               self.options.blocks_per_sketch)
-                              for calib, (rows, start) in zip(self.calibrations(), views)]
-            self._sketch_length = self.length
-        elif self._sketch_length != self.length:
-            for sk, (rows, start) in zip(self._sketches, views):
-                sk.update(keys[rows, :, start:])
-            self._sketch_length = self.length
-        return self._sketches
+        return self._per_view("_sketches", "_sketch_length",
+                              lambda i, k: build_key_sketch(k, self.calibrations()[i], self.options.block_size,
+                                                            self.options.blocks_per_sketch))
 
     def key_codes(self) -> list[KeyCodes]:
         """The two-stage key codes (`options.refine_candidates`), one per group of `_row_views()`,
         current with `length`: built once, then only the last group is rebuilt per step."""
+        return self._per_view("_codes", "_codes_length",
+                              lambda i, k: build_key_codes(k, self.options.block_size, self.options.refine_bits))
+
+    def _per_view(self, attr: str, length_attr: str, build) -> list:
+        """The per-view metadata kept in `self.<attr>` (statistics, sketches or key codes): built by
+        `build(i, keys of view i)` for each group of `_row_views()` on first use, afterwards
+        refreshed with `.update(keys of the view)` when the cache has grown (`self.<length_attr>`)."""
         keys = self.keys
         views = self._row_views()
-        if self._codes is None:
-            self._codes = [build_key_codes(keys[rows, :, start:], self.options.block_size, self.options.refine_bits)
-                           for rows, start in views]
-            self._codes_length = self.length
-        elif self._codes_length != self.length:
-            for kc, (rows, start) in zip(self._codes, views):
-                kc.update(keys[rows, :, start:])
-            self._codes_length = self.length
-        return self._codes
+        items = getattr(self, attr)
+        if items is None:
+            items = [build(i, keys[rows, :, start:]) for i, (rows, start) in enumerate(views)]
+            setattr(self, attr, items)
+        elif getattr(self, length_attr) != self.length:
+            for item, (rows, start) in zip(items, views):
+                item.update(keys[rows, :, start:])
+        setattr(self, length_attr, self.length)
+        return items
 
     # ---- attention
 

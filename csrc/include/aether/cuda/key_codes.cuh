@@ -54,12 +54,12 @@ constexpr int kRefineStages = 4;   // tiles in flight per warp (cp.async ring)
 __host__ __device__ inline size_t refine_query_smem_bytes(int group, int head_dim) {
   return sizeof(float) * static_cast<size_t>((group + 3) / 4 * 4) * head_dim;  // heads padded to quads
 }
-__host__ __device__ inline size_t refine_stage_bytes(int head_dim, int bits) {
+__host__ __device__ constexpr size_t refine_stage_bytes(int head_dim, int bits) {
   return static_cast<size_t>(kRefineTile) * head_dim * bits / 8 + 4 * static_cast<size_t>(head_dim);
 }
 // The B-fragment table of a warp: a row of 2 words per k-step for each lane, padded by 4 words so
 // that the lanes' 16-byte reads do not share banks.
-__host__ __device__ inline int refine_table_stride(int head_dim) { return 2 * (head_dim / 16) + 4; }
+__host__ __device__ constexpr int refine_table_stride(int head_dim) { return 2 * (head_dim / 16) + 4; }
 __host__ __device__ inline size_t refine_warp_bytes(int head_dim, int bits) {
   return kRefineStages * refine_stage_bytes(head_dim, bits) + sizeof(uint32_t) * kWarpSize * refine_table_stride(head_dim);
 }
@@ -193,9 +193,10 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
   constexpr int kTokenWords = kTokenBytes / 4;
   constexpr int kTileBytes = kRefineTile * kTokenBytes;  // 16 tokens
   constexpr int kRangeBytes = 2 * kHeadDim * 2;          // bf16 lo[D], hi[D] of one group
-  constexpr int kStageBytes = kTileBytes + kRangeBytes;
+  constexpr int kStageBytes = static_cast<int>(refine_stage_bytes(kHeadDim, kBits));  // the launcher's layout
+  static_assert(kStageBytes == kTileBytes + kRangeBytes, "a stage is one tile of codes and one group's ranges");
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr int kTableStride = 2 * kSteps + 4;  // refine_table_stride
+  constexpr int kTableStride = refine_table_stride(kHeadDim);
   uint32_t* s_table = reinterpret_cast<uint32_t*>(s_warp + kRefineStages * kStageBytes);
   const int lane = threadIdx.x % kWarpSize;
   const int g = lane / 4;  // MMA group: token rows g, g + 8 of A; column g of B
