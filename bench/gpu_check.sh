@@ -57,7 +57,7 @@ if [ "${1:-}" != "refine" ]; then
   note "benchmark: rc=$?"
 fi
 if [ "${1:-}" = "refine" ]; then
-  ncu --clock-control none --launch-skip 60 --launch-count 10 --metrics gpu__time_duration.sum \
+  ncu --clock-control none --launch-skip 60 --launch-count 14 --metrics gpu__time_duration.sum \
     python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_refine.log" 2>&1
   note "ncu (two-stage step): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_refine.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k

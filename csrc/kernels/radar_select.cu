@@ -67,22 +67,24 @@ cudaError_t validate(const RadarSelectParams& p) {
 
 template <Policy kPolicy>
 cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
-  const int G = p.q_heads / p.kv_heads;
-  const size_t head_bytes = (static_cast<size_t>(G) * 16 + 15) / 16 * 16;
-  const size_t data_bytes = (static_cast<size_t>(p.num_blocks) * radar_key_bytes(p) + 15) / 16 * 16 +
-                            static_cast<size_t>(p.num_blocks) * radar_weight_bytes(p);
+  const SelectSmemLayout layout = radar_select_smem_layout(p);
   int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   const size_t static_bytes = sizeof(SelectShared) + 1024;  // + a margin for compiler-owned smem
-  const bool in_shared = head_bytes + data_bytes + static_bytes <= static_cast<size_t>(optin);
-  const size_t dynamic = head_bytes + (in_shared ? data_bytes : 0);
-  if (dynamic + static_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
+  const size_t limit = static_cast<size_t>(optin);
+  const bool in_shared = layout.head_bytes + layout.data_bytes + static_bytes <= limit;
+  // Staging the scores (one read of the rows, one exp per score) needs the keys in shared memory.
+  const bool staged =
+      in_shared && layout.stage_bytes > 0 && layout.stage_offset + layout.stage_bytes + static_bytes <= limit;
+  const size_t dynamic = staged ? layout.stage_offset + layout.stage_bytes
+                         : in_shared ? layout.stage_offset : layout.head_bytes;
+  if (dynamic + static_bytes > limit) return cudaErrorInvalidValue;  // G too large
   auto kernel = radar_select_kernel<kPolicy>;
   // Always: the default dynamic limit is 48 KiB minus the static SelectShared, so a launch with a
   // little under 48 KiB of keys failed with "invalid argument" (seen for NB = 2789, adaptive).
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
-  kernel<<<grid, kSelectThreads, dynamic, stream>>>(p, ws, in_shared ? 1 : 0);
+  kernel<<<grid, kSelectThreads, dynamic, stream>>>(p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
   return cudaGetLastError();
 }
 

@@ -458,8 +458,9 @@ TEST(CudaRadarSelect, SelectionGivenTheSameScoresMatchesCpu) {
 }
 
 // Block counts whose keys exceed shared memory (workspace path) and long runs of equal scores.
-// topk with the sum aggregation also covers each staging of the head scores: NB = 8192 stages the
-// float scores but not their double exp terms, 20000 keys only, 70000 nothing (G = 4).
+// topk with the sum aggregation also covers the unstaged head scores (G = 4): NB = 8192 and 20000
+// keep the keys in shared memory but read the scores from global memory, 70000 keeps nothing there.
+// The random grid above stages them (rows of up to a few thousand blocks).
 TEST(CudaRadarSelect, LargeBlockCountsUseTheWorkspace) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();

@@ -30,6 +30,11 @@
 //      rounding (double, ~1e-16 relative) of eps or mass. Equal keys have equal weights, so the
 //      count at a tie needs no ordering. Then the same radix select as topk picks the K blocks.
 //    Keys and weights live in shared memory when they fit (opt-in limit), else in the workspace.
+//    topk with the sum aggregation also stages the G head-score rows (read once, eight loads per
+//    lane in flight) and their double exp terms (computed once) in shared memory when they fit.
+//    The row is a chain of barrier-separated phases on one SM, so the phases are few: the forced
+//    blocks are counted in closed form, a radix pass has one barrier (every warp scans the
+//    histogram itself), and the write-out counts and places in two passes.
 #pragma once
 
 #include <cmath>
@@ -76,11 +81,36 @@ inline bool radar_needs_head_scores(const RadarSelectParams& p) {
 inline bool radar_needs_mlo(const RadarSelectParams& p) {
   return (p.policy == Policy::kThreshold || p.out_head_mlo != nullptr) && p.score != Score::kSketch;
 }
-inline size_t radar_key_bytes(const RadarSelectParams& p) {
+__host__ __device__ inline size_t radar_key_bytes(const RadarSelectParams& p) {
   return p.policy == Policy::kTopK ? sizeof(uint32_t) : sizeof(uint64_t);
 }
-inline size_t radar_weight_bytes(const RadarSelectParams& p) {
+__host__ __device__ inline size_t radar_weight_bytes(const RadarSelectParams& p) {
   return p.policy == Policy::kTopK ? 0 : sizeof(double);
+}
+
+// Dynamic shared memory of radar_select_kernel, in bytes from its start: [G] per-head values
+// (double normaliser, float M_g, float max), the keys and weights of the row, then the staged
+// [G, NB] float scores and [G, NB] double exps (topk with the sum aggregation only). The launcher
+// keeps the keys and weights when they fit the opt-in limit, and the staging when all of it fits.
+struct SelectSmemLayout {
+  size_t head_bytes = 0;         // per-head values
+  size_t data_bytes = 0;         // keys (16-byte aligned) and weights
+  size_t stage_offset = 0;       // head_bytes + data_bytes
+  size_t stage_score_bytes = 0;  // [G, NB] floats, 16-byte aligned; 0 when nothing is staged
+  size_t stage_bytes = 0;        // stage_score_bytes + [G, NB] doubles
+};
+__host__ __device__ inline SelectSmemLayout radar_select_smem_layout(const RadarSelectParams& p) {
+  const size_t G = static_cast<size_t>(p.q_heads / p.kv_heads);
+  const size_t nb = static_cast<size_t>(p.num_blocks);
+  SelectSmemLayout l;
+  l.head_bytes = (G * 16 + 15) / 16 * 16;
+  l.data_bytes = (nb * radar_key_bytes(p) + 15) / 16 * 16 + nb * radar_weight_bytes(p);
+  l.stage_offset = l.head_bytes + l.data_bytes;
+  if (p.policy == Policy::kTopK && p.group_agg == GroupAgg::kSum) {
+    l.stage_score_bytes = (G * nb * sizeof(float) + 15) / 16 * 16;
+    l.stage_bytes = l.stage_score_bytes + G * nb * sizeof(double);
+  }
+  return l;
 }
 
 // Lays the workspace out from `base` (nullptr: only sizes it) and returns its size in bytes.
@@ -498,7 +528,9 @@ cudaError_t launch_radar_score(const RadarSelectParams& p, RadarWorkspace* ws, c
 // Selection.
 
 struct SelectShared {
-  int hist[256];
+  // Radix histograms, three in rotation: a pass fills one and clears the next pass's, so one
+  // barrier per pass separates them (radix_select_top). hist[0] is zeroed at kernel start.
+  int hist[3][256];
   int warp_cnt[kSelectWarps][16];
   double warp_sum[kSelectWarps][16];
   int warp_ties[kSelectWarps];
@@ -515,20 +547,25 @@ struct SelectShared {
 // Exact top-k by radix select over `keys` of the candidates (keys of other blocks are never read):
 // on return the chosen candidates are those with (key & mask) > prefix, plus, among those with
 // (key & mask) == prefix, the first `take` in ascending block index (all of them if !partial).
-// Requires 0 < k < number of candidates. Every thread of the block must call.
+// Requires 0 < k < number of candidates, sh.hist[0] zeroed with a barrier since, and no thread
+// still reading sh.hist. Every thread of the block must call.
+// One barrier per 8-bit pass: the pass fills hist[pass % 3] and clears hist[(pass + 1) % 3] (last
+// read by the scans of pass - 2, which every warp finished before the previous barrier); after the
+// barrier every warp scans the 256 counts itself, so no second barrier broadcasts the digit. The
+// row's chain of barriers is what this kernel's time is made of (bench/PERF_NOTES.md).
 template <typename KeyT, typename CandFn>
 __device__ void radix_select_top(const KeyT* keys, int n_blocks, CandFn is_cand, int k, SelectShared& sh,
                                  KeyT& prefix, KeyT& mask, int& take, bool& partial) {
   constexpr int kBits = 8 * static_cast<int>(sizeof(KeyT));
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
   prefix = 0;
   mask = 0;
   int need = k;
-  for (int shift = kBits - 8; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += blockDim.x) sh.hist[i] = 0;
-    __syncthreads();
+  int pass = 0;
+  for (int shift = kBits - 8; shift >= 0; shift -= 8, ++pass) {
+    int* hist = sh.hist[pass % 3];
+    for (int i = tid; i < 256; i += blockDim.x) sh.hist[(pass + 1) % 3][i] = 0;
     for (int base = 0; base < n_blocks; base += blockDim.x) {  // uniform trip count: match_any
       const int j = base + tid;
       int digit = -1;
@@ -538,51 +575,51 @@ __device__ void radix_select_top(const KeyT* keys, int n_blocks, CandFn is_cand,
       }
       // Float keys share their top bits: aggregate equal digits of a warp into one atomic.
       const unsigned peers = __match_any_sync(kFullMask, digit);
-      if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[digit], __popc(peers));
+      if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
     }
     __syncthreads();
-    if (warp == 0) {
-      // Lane l scans digits 255 - 8l ... 248 - 8l (descending keys come first).
-      int c[8];
-      int lane_total = 0;
+    // Every warp: lane l scans digits 255 - 8l ... 248 - 8l (descending keys come first); the
+    // one lane whose range holds the crossing broadcasts it.
+    int c[8];
+    int lane_total = 0;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        c[i] = sh.hist[255 - 8 * lane - i];
-        lane_total += c[i];
-      }
-      int inclusive = lane_total;
-#pragma unroll
-      for (int offset = 1; offset < kWarpSize; offset <<= 1) {
-        const int other = __shfl_up_sync(kFullMask, inclusive, offset);
-        if (lane >= offset) inclusive += other;
-      }
-      int running = inclusive - lane_total;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (running < need && running + c[i] >= need) {
-          sh.digit = 255 - 8 * lane - i;
-          sh.above = running;
-          sh.bucket = c[i];
-        }
-        running += c[i];
-      }
+    for (int i = 0; i < 8; ++i) {
+      c[i] = hist[255 - 8 * lane - i];
+      lane_total += c[i];
     }
-    __syncthreads();
-    const int digit = sh.digit;
-    const int bucket = sh.bucket;
-    need -= sh.above;
+    int inclusive = lane_total;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+      const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    int running = inclusive - lane_total;
+    int my_digit = 0, my_above = 0, my_bucket = 0;
+    bool found = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (running < need && running + c[i] >= need) {
+        my_digit = 255 - 8 * lane - i;
+        my_above = running;
+        my_bucket = c[i];
+        found = true;
+      }
+      running += c[i];
+    }
+    const int src = __ffs(__ballot_sync(kFullMask, found)) - 1;  // one lane: need <= the counts
+    const int digit = __shfl_sync(kFullMask, my_digit, src);
+    const int bucket = __shfl_sync(kFullMask, my_bucket, src);
+    need -= __shfl_sync(kFullMask, my_above, src);
     prefix |= static_cast<KeyT>(digit) << shift;
     mask |= static_cast<KeyT>(0xff) << shift;
     if (bucket == need) {  // the whole bucket is taken: no tie to break
       take = need;
       partial = false;
-      __syncthreads();
       return;
     }
   }
   take = need;  // ties at the full key: the first `need` by block index
   partial = true;
-  __syncthreads();
 }
 
 // Walks the candidates in descending key order (ascending with kFlip) adding their weights to
@@ -692,7 +729,9 @@ __device__ int cumulative_count(const KeyT* keys, const double* weights, int n_b
 }
 
 // Writes the ascending row of selected blocks, -1 padding and the count. Each warp owns a
-// contiguous range of 32-block groups so that ballots give the ranks in block order.
+// contiguous range of 32-block groups so that ballots give the ranks in block order. One counting
+// pass (each warp's sure picks and its ties at the boundary key), one barrier, one writing pass:
+// a warp's share of the `take` ties follows from the ties of the warps before it.
 template <typename KeyT, typename ForcedFn, typename CandFn>
 __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks, ForcedFn is_forced,
                                 CandFn is_cand, const KeyT* keys, int k, int n_cand, KeyT prefix,
@@ -708,58 +747,52 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
   const unsigned lanes_below = (1u << lane) - 1u;
   const bool all_cand = k >= n_cand;
   const bool no_cand = k <= 0;
+  const bool split_ties = partial && !all_cand && !no_cand;
 
+  // A tie: a candidate at the boundary key when only `take` of those are kept (by block index).
   auto is_tie = [&](int j) {
-    return partial && !all_cand && !no_cand && j < n_blocks && is_cand(j) && (keys[j] & mask) == prefix;
+    return split_ties && j < n_blocks && is_cand(j) && (keys[j] & mask) == prefix;
   };
-  auto chosen = [&](int j, int tie_rank) {
+  // Chosen whatever the tie ranks (forced, or a candidate above the boundary or at an unsplit one).
+  auto is_sure = [&](int j) {
     if (j >= n_blocks) return false;
     if (is_forced(j)) return true;
     if (!is_cand(j) || no_cand) return false;
     if (all_cand) return true;
     const KeyT masked = keys[j] & mask;
-    return masked > prefix || (masked == prefix && (!partial || tie_rank < take));
+    return masked > prefix || (masked == prefix && !partial);
   };
 
-  // Pass 1: ties per warp (only when ties are split), then each warp's first tie rank.
-  int tie_base = 0;
-  if (partial && !all_cand && !no_cand) {
-    int ties = 0;
-    for (int grp = g_begin; grp < g_end; ++grp) ties += __popc(__ballot_sync(kFullMask, is_tie(grp * kWarpSize + lane)));
-    if (lane == 0) sh.warp_ties[warp] = ties;
-    __syncthreads();
-    for (int w = 0; w < warp; ++w) tie_base += sh.warp_ties[w];
+  int ties = 0, sure = 0;
+  for (int grp = g_begin; grp < g_end; ++grp) {
+    const int j = grp * kWarpSize + lane;
+    ties += __popc(__ballot_sync(kFullMask, is_tie(j)));
+    sure += __popc(__ballot_sync(kFullMask, is_sure(j)));
   }
-  // Pass 2: selected blocks per warp.
-  int selected = 0;
-  {
-    int tie_rank = tie_base;
-    for (int grp = g_begin; grp < g_end; ++grp) {
-      const int j = grp * kWarpSize + lane;
-      const unsigned ties = __ballot_sync(kFullMask, is_tie(j));
-      const int rank = tie_rank + __popc(ties & lanes_below);
-      tie_rank += __popc(ties);
-      selected += __popc(__ballot_sync(kFullMask, chosen(j, rank)));
-    }
+  if (lane == 0) {
+    sh.warp_ties[warp] = ties;
+    sh.warp_sel[warp] = sure;
   }
-  if (lane == 0) sh.warp_sel[warp] = selected;
   __syncthreads();
-  int out_base = 0, total = 0;
+  int ties_before = 0, tie_base = 0, out_base = 0, total = 0;
   for (int w = 0; w < num_warps; ++w) {
-    if (w < warp) out_base += sh.warp_sel[w];
-    total += sh.warp_sel[w];
+    const int w_ties = sh.warp_ties[w];
+    const int w_taken = split_ties ? min(max(take - ties_before, 0), w_ties) : 0;
+    if (w == warp) tie_base = ties_before;
+    if (w < warp) out_base += sh.warp_sel[w] + w_taken;
+    total += sh.warp_sel[w] + w_taken;
+    ties_before += w_ties;
   }
-  // Pass 3: write.
   int32_t* row = p.selected + static_cast<int64_t>(bh) * p.num_blocks;
   {
     int tie_rank = tie_base;
     int out = out_base;
     for (int grp = g_begin; grp < g_end; ++grp) {
       const int j = grp * kWarpSize + lane;
-      const unsigned ties = __ballot_sync(kFullMask, is_tie(j));
-      const int rank = tie_rank + __popc(ties & lanes_below);
-      tie_rank += __popc(ties);
-      const bool sel = chosen(j, rank);
+      const unsigned tie_mask = __ballot_sync(kFullMask, is_tie(j));
+      const bool tie = (tie_mask >> lane) & 1u;
+      const bool sel = tie ? tie_rank + __popc(tie_mask & lanes_below) < take : is_sure(j);
+      tie_rank += __popc(tie_mask);
       const unsigned sel_mask = __ballot_sync(kFullMask, sel);
       if (sel) row[out + __popc(sel_mask & lanes_below)] = j;
       out += __popc(sel_mask);
@@ -769,9 +802,104 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
   if (tid == 0) p.num_selected[bh] = total;
 }
 
+// Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) / Z_g (double,
+// rounded to float); heads without a finite, positive Z_g add nothing. `scores` is the row's
+// [G, NB] head scores. Every warp works on m_g and Z_g: a head's row is split over
+// kSelectWarps / G warps (one warp per head read 64 blocks per lane with a double exp each, ~10 us
+// of a 26-30 us select at 2048 blocks per row on an H200). The sums are in a fixed order
+// (lane-strided, the warp tree, then the warps in order): deterministic, and the same values with
+// or without staging.
+// Staged (s_scores and s_exp non-null, the launcher found room): the G rows are read from global
+// memory once, eight loads per lane in flight, into shared memory, and each exp is computed once
+// and kept (double) for the combine pass. Unstaged (long rows): the rows are read three times and
+// every exp is computed twice. s_head_max / s_head_total are [G] shared scratch.
+template <typename KeyT>
+__device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks, KeyT* keys, float* s_head_max,
+                               double* s_head_total, float* s_scores, double* s_exp, SelectShared& sh) {
+  constexpr int kBatch = 8;  // loads per lane issued before the first is used
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const bool staged = s_scores != nullptr;
+  const int per_head = G >= kSelectWarps ? 1 : kSelectWarps / G;  // warps per head
+  const int slots = G * per_head;  // (head, part) pairs: one per warp unless G > kSelectWarps
+  const int stride = per_head * kWarpSize;
+  auto head_max = [&](int g) {  // after the first barrier: the maxima of the head's parts, in order
+    if (per_head == 1) return s_head_max[g];
+    float top = -INFINITY;
+    for (int part = 0; part < per_head; ++part) {
+      const float s = sh.reduce_f[g * per_head + part];
+      top = (top < s) ? s : top;
+    }
+    return top;
+  };
+  for (int slot = warp; slot < slots; slot += kSelectWarps) {
+    const int g = slot / per_head, part = slot % per_head;
+    const float* row = scores + static_cast<int64_t>(g) * NB;
+    float local_max = -INFINITY;
+    for (int j0 = part * kWarpSize + lane; j0 < n_blocks; j0 += kBatch * stride) {
+      float v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int j = j0 + u * stride;
+        v[u] = j < n_blocks ? row[j] : -INFINITY;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int j = j0 + u * stride;
+        if (staged && j < n_blocks) s_scores[g * NB + j] = v[u];
+        local_max = (local_max < v[u]) ? v[u] : local_max;  // skips NaN
+      }
+    }
+    const float top = warp_max(local_max);
+    if (lane == 0) {
+      if (per_head == 1) s_head_max[g] = top; else sh.reduce_f[slot] = top;
+    }
+  }
+  __syncthreads();
+  for (int slot = warp; slot < slots; slot += kSelectWarps) {
+    const int g = slot / per_head, part = slot % per_head;
+    const float* row = scores + static_cast<int64_t>(g) * NB;
+    const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
+    double local_total = 0.0;
+    for (int j = part * kWarpSize + lane; j < n_blocks; j += stride) {
+      const double e = exp(static_cast<double>(staged ? s_scores[g * NB + j] : row[j]) - top);
+      if (staged) s_exp[g * NB + j] = e;
+      local_total += e;
+    }
+    const double z = warp_sum(local_total);
+    if (lane == 0) {
+      if (per_head == 1) s_head_total[g] = z; else sh.reduce_d[slot] = z;
+    }
+  }
+  __syncthreads();
+  if (per_head > 1) {
+    for (int g = tid; g < G; g += blockDim.x) {
+      double z = 0.0;
+      for (int part = 0; part < per_head; ++part) z += sh.reduce_d[g * per_head + part];
+      s_head_total[g] = z;
+      s_head_max[g] = head_max(g);
+    }
+    __syncthreads();
+  }
+  for (int j = tid; j < n_blocks; j += blockDim.x) {
+    double share = 0.0;
+    for (int g = 0; g < G; ++g) {
+      const double z = s_head_total[g];
+      if (!(z > 0.0) || isinf(z)) continue;
+      const double e = staged ? s_exp[g * NB + j]
+                              : exp(static_cast<double>(scores[static_cast<int64_t>(g) * NB + j]) -
+                                    static_cast<double>(s_head_max[g]));
+      share += e / z;
+    }
+    const float s = static_cast<float>(share);
+    keys[j] = ordered_key(isnan(s) ? -INFINITY : s);
+  }
+}
+
 template <Policy kPolicy>
 __global__ void __launch_bounds__(kSelectThreads)
-radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared) {
+radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
+                    const int scores_in_shared) {
   using KeyT = typename std::conditional<kPolicy == Policy::kTopK, uint32_t, uint64_t>::type;
   __shared__ SelectShared sh;
   extern __shared__ __align__(16) unsigned char s_dyn_bytes[];
@@ -789,11 +917,12 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   const bool partial_tail = len % bs != 0;
   const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
 
-  // Dynamic shared memory: per-head values, then (when they fit) keys and weights.
+  // Dynamic shared memory (radar_select_smem_layout): per-head values, then (when they fit) keys
+  // and weights, then (topk with the sum aggregation, when they fit) the staged scores and exps.
   double* s_head_total = reinterpret_cast<double*>(s_dyn_bytes);  // [G] adaptive normaliser
   float* s_mlo = reinterpret_cast<float*>(s_head_total + G);      // [G] M_g
   float* s_head_max = s_mlo + G;                                  // [G] adaptive max score
-  const size_t head_bytes = (static_cast<size_t>(G) * 16 + 15) / 16 * 16;
+  const size_t head_bytes = radar_select_smem_layout(p).head_bytes;
   KeyT* keys;
   double* weights;
   if (keys_in_shared) {
@@ -803,6 +932,13 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     keys = static_cast<KeyT*>(ws.keys) + static_cast<int64_t>(bh) * NB;
     weights = ws.weights + static_cast<int64_t>(bh) * NB;
   }
+  float* s_stage_scores = nullptr;  // [G, NB]
+  double* s_stage_exp = nullptr;    // [G, NB]
+  if (scores_in_shared) {
+    const SelectSmemLayout layout = radar_select_smem_layout(p);
+    s_stage_scores = reinterpret_cast<float*>(s_dyn_bytes + layout.stage_offset);
+    s_stage_exp = reinterpret_cast<double*>(s_dyn_bytes + layout.stage_offset + layout.stage_score_bytes);
+  }
 
   auto is_forced = [&](int j) {
     return j < p.sink_blocks || (j >= n_full - p.recent_blocks && j < n_full) || (partial_tail && j == n_full);
@@ -810,10 +946,14 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   auto is_cand = [&](int j) { return !is_forced(j); };  // callers only pass j < n_blocks
   auto tokens_in = [&](int j) { return static_cast<double>(min(len, (j + 1) * bs) - j * bs); };
 
-  int forced_local = 0;
-  for (int j = tid; j < n_blocks; j += blockDim.x) forced_local += is_forced(j) ? 1 : 0;
-  const int n_forced = block_reduce(forced_local, sh.reduce_i, SumOp());
+  // The forced blocks are [0, sink) and [n_full - recent, n_full + partial tail) within the row:
+  // counted in closed form (a counting pass and its two barriers cost ~1 us of the row's chain).
+  const int sink_hi = min(max(p.sink_blocks, 0), n_blocks);
+  const int tail_lo = max(n_full - max(p.recent_blocks, 0), 0);
+  const int tail_hi = min(n_full + (partial_tail ? 1 : 0), n_blocks);
+  const int n_forced = sink_hi + max(tail_hi - tail_lo, 0) - max(min(sink_hi, tail_hi) - tail_lo, 0);
   const int n_cand = n_blocks - n_forced;
+  for (int i = tid; i < 256; i += blockDim.x) sh.hist[0][i] = 0;  // radix_select_top's first pass
 
   // M_g: the threshold policy's lower bound of each head's largest logit.
   if (kPolicy == Policy::kThreshold || p.out_head_mlo != nullptr) {
@@ -840,73 +980,9 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     k = static_cast<int>(min(max(total - n_forced, static_cast<int64_t>(0)), static_cast<int64_t>(n_cand)));
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
-        // S_j = sum_g exp(s_gj - m_g) / Z_g (double, rounded to float); heads without a finite,
-        // positive Z_g add nothing. Every warp works on m_g and Z_g: a head's row is split over
-        // kSelectWarps / G warps (one warp per head read 64 blocks per lane with a double exp each,
-        // ~10 us of a 26-30 us select at 2048 blocks per row on an H200). The sums are in a fixed
-        // order (lane-strided, the warp tree, then the warps in order): deterministic.
         // s_head_max / s_head_total are free under topk.
-        const int warp = tid / kWarpSize, lane = tid % kWarpSize;
-        const int per_head = G >= kSelectWarps ? 1 : kSelectWarps / G;  // warps per head
-        const int slots = G * per_head;  // (head, part) pairs: one per warp unless G > kSelectWarps
-        for (int slot = warp; slot < slots; slot += kSelectWarps) {
-          const int g = slot / per_head, part = slot % per_head;
-          const float* row = ws.head_scores_in + (q_head0 + g) * NB;
-          float local_max = -INFINITY;
-          for (int j = part * kWarpSize + lane; j < n_blocks; j += per_head * kWarpSize) {
-            const float s = row[j];
-            local_max = (local_max < s) ? s : local_max;  // skips NaN
-          }
-          const float top = warp_max(local_max);
-          if (lane == 0) {
-            if (per_head == 1) s_head_max[g] = top; else sh.reduce_f[slot] = top;
-          }
-        }
-        __syncthreads();
-        if (per_head > 1) {
-          for (int g = tid; g < G; g += blockDim.x) {
-            float top = -INFINITY;
-            for (int part = 0; part < per_head; ++part) {
-              const float s = sh.reduce_f[g * per_head + part];
-              top = (top < s) ? s : top;
-            }
-            s_head_max[g] = top;
-          }
-          __syncthreads();
-        }
-        for (int slot = warp; slot < slots; slot += kSelectWarps) {
-          const int g = slot / per_head, part = slot % per_head;
-          const float* row = ws.head_scores_in + (q_head0 + g) * NB;
-          const double top = static_cast<double>(s_head_max[g]);
-          double local_total = 0.0;
-          for (int j = part * kWarpSize + lane; j < n_blocks; j += per_head * kWarpSize) {
-            local_total += exp(static_cast<double>(row[j]) - top);
-          }
-          const double z = warp_sum(local_total);
-          if (lane == 0) {
-            if (per_head == 1) s_head_total[g] = z; else sh.reduce_d[slot] = z;
-          }
-        }
-        __syncthreads();
-        if (per_head > 1) {
-          for (int g = tid; g < G; g += blockDim.x) {
-            double z = 0.0;
-            for (int part = 0; part < per_head; ++part) z += sh.reduce_d[g * per_head + part];
-            s_head_total[g] = z;
-          }
-          __syncthreads();
-        }
-        for (int j = tid; j < n_blocks; j += blockDim.x) {
-          double share = 0.0;
-          for (int g = 0; g < G; ++g) {
-            const double z = s_head_total[g];
-            if (!(z > 0.0) || isinf(z)) continue;
-            share += exp(static_cast<double>(ws.head_scores_in[(q_head0 + g) * NB + j]) -
-                         static_cast<double>(s_head_max[g])) / z;
-          }
-          const float s = static_cast<float>(share);
-          keys[j] = ordered_key(isnan(s) ? -INFINITY : s);
-        }
+        sum_group_keys<KeyT>(ws.head_scores_in + q_head0 * NB, NB, G, n_blocks, keys, s_head_max, s_head_total,
+                             s_stage_scores, s_stage_exp, sh);
       } else {
         const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
         for (int j = tid; j < n_blocks; j += blockDim.x) {
