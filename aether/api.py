@@ -493,6 +493,7 @@ def sparse_attention(
             q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, rc_blocks, rc_fraction,
             float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
             group_agg, *sketch_args)
+        refine.wait()  # a rebuild on a side stream (KeyCodes.update(stream=...)) ran beside the first stage
         head_scores = torch.ops.aether.refine_scores(q, refine.codes, refine.ranges, seq_lens, candidates,
                                                      num_candidates, block_size, float(scale),
                                                      refine.blocks_per_group, refine.bits)

@@ -375,6 +375,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                       float(calib.centroid_weight))
     ref_refine = None
     if codes is not None:
+        if isinstance(codes, KeyCodes):
+            codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
         ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
                                          blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges)
     out, _, selected, _ = reference.sparse_attention(

@@ -22,7 +22,7 @@ docs/benchmarks.md), so it is opt-in.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,9 @@ class KeyCodes:
     seq_lens: torch.Tensor
     paged: bool = False
     blocks_per_group: int = 1
+    # A rebuild enqueued on a side stream (update(stream=...)): its event, and the temporaries it
+    # reads, kept alive until a stream waits for it (wait()).
+    _pending: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
@@ -86,18 +89,48 @@ class KeyCodes:
         return candidates * self.block_size * self.head_dim * self.bits / 8 + groups * 4 * self.head_dim
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
-               block_table: torch.Tensor | None = None) -> "KeyCodes":
+               block_table: torch.Tensor | None = None, stream: "torch.cuda.Stream | None" = None) -> "KeyCodes":
         """Refresh the codes after tokens were appended to ``k`` (in place, CUDA-graph safe): only
-        the groups from each sequence's previous last block on are rebuilt."""
+        the groups from each sequence's previous last block on are rebuilt.
+
+        ``stream``: a CUDA stream to rebuild on, after the work the current stream has queued so far.
+        The first stage of a two-stage step does not read the codes, so the rebuild then runs beside
+        it; :func:`aether.sparse_attention` makes its stream wait for the rebuild before the codes are
+        read, and :meth:`wait` does the same for any other reader. ``None``: the current stream.
+        """
+        self.wait()  # an earlier side-stream rebuild may still read the buffers replaced below
         k, seq_lens, block_table, first_block, needed = _prepare_update(
             self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match)
         per = self.blocks_per_group
         needed = -(-needed // per) * per
         self.codes = _grow_blocks(self.codes, needed)
         self.ranges = _grow_blocks(self.ranges, needed // per)
-        torch.ops.aether.key_codes_update(k, seq_lens, first_block, self.block_size, block_table, self.codes,
-                                          self.ranges, per, self.bits)
+        args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits)
+        if stream is None:
+            torch.ops.aether.key_codes_update(*args)
+        else:
+            if not isinstance(stream, torch.cuda.Stream):
+                raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream).__name__}")
+            if not k.is_cuda or stream.device != k.device:
+                raise ValueError(f"stream must be a CUDA stream of the cache's device ({k.device}), got one of "
+                                 f"{stream.device}")
+            stream.wait_stream(torch.cuda.current_stream(k.device))
+            with torch.cuda.stream(stream):
+                torch.ops.aether.key_codes_update(*args)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            # The caching allocator may hand these to the current stream once they are dropped: keep
+            # them until a stream that reads the codes waits for the rebuild.
+            self._pending = (ready, args)
         self.seq_lens.copy_(seq_lens)
+        return self
+
+    def wait(self) -> "KeyCodes":
+        """Makes the current stream wait for a rebuild enqueued by ``update(stream=...)`` (no-op if
+        there is none or it was already waited for). :func:`aether.sparse_attention` calls it."""
+        if self._pending is not None:
+            torch.cuda.current_stream(self.codes.device).wait_event(self._pending[0])
+            self._pending = None
         return self
 
 

@@ -10,9 +10,11 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   replayed as a CUDA graph, plus each stage alone. qsketch uses rank 8, centroid weight 0.5 (it
   reads the centroid: the costlier case), --blocks-per-sketch blocks per sketch block and random
   projections (timing does not depend on their values). A score "S+refine" is two-stage selection
-  (aether.refine): the append also rebuilds the last group of the key codes, and the select is
-  radar_select at --refine-candidates, refine_scores over those candidates and radar_select given
-  the refined scores; its bytes add the candidates' codes and ranges.
+  (aether.refine): the append also rebuilds the last group of the key codes (in CUDA graphs on a
+  side stream, as AetherKVCache does: in the step it runs beside the first stage and the
+  refinement waits for it; eagerly inline),
+  and the select is radar_select at --refine-candidates, refine_scores over those candidates and
+  radar_select given the refined scores; its bytes add the candidates' codes and ranges.
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -106,12 +108,28 @@ class Case:
     def enable_refine(self, candidates: float, bits: int) -> None:
         self.refine_candidates, self.refine_bits = candidates, bits
         self.codes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens) for k in self.k]
+        # As KeyCodes.update(stream=...) and AetherKVCache do in CUDA graphs: the codes are rebuilt
+        # on a side stream beside the first selection stage; the refinement waits for them.
+        self.codes_stream, self.codes_ready, self.codes_pending = torch.cuda.Stream(), torch.cuda.Event(), False
 
-    def stats_append(self, i, score="tight"):
+    def stats_append(self, i, score="tight", join=True):
+        """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
+        rebuild forks to the side stream; join=False leaves it running there (select() waits for it
+        before the refinement)."""
         if score.endswith("+refine"):
             kc = self.codes[i]
-            torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
-                                              kc.ranges, kc.blocks_per_group, kc.bits)
+            args = (self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes, kc.ranges,
+                    kc.blocks_per_group, kc.bits)
+            if torch.cuda.is_current_stream_capturing():
+                self.codes_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.codes_stream):
+                    torch.ops.aether.key_codes_update(*args)
+                    self.codes_ready.record(self.codes_stream)
+                self.codes_pending = True
+                if join:
+                    self.wait_codes()
+            else:  # eagerly inline, as AetherKVCache does: a fork costs more host time than it hides
+                torch.ops.aether.key_codes_update(*args)
             score = score[:-len("+refine")]
         if score == "qsketch":  # the sketch carries its centroid: no block statistics
             sk = self.sketch[i]
@@ -121,11 +139,17 @@ class Case:
             torch.ops.aether.block_stats_update(self.k[i], self.lens, self.first_block, self.block_size, None,
                                                 *self.stats[i].tensors)
 
+    def wait_codes(self) -> None:
+        if self.codes_pending:
+            torch.cuda.current_stream().wait_event(self.codes_ready)
+            self.codes_pending = False
+
     def select(self, i, budget_blocks, score="tight", head_scores=None, head_mlo=None):
         if score.endswith("+refine"):
             first = score[:-len("+refine")]
             cand_blocks = max(budget_blocks, math.ceil(self.refine_candidates * self.num_blocks - 1e-9))
             cand, num, _, _ = self.select(i, cand_blocks, first)
+            self.wait_codes()
             kc = self.codes[i]
             scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
                                                     self.block_size, self.scale, kc.blocks_per_group, kc.bits)
@@ -157,7 +181,7 @@ class Case:
 
     def step(self, budget_blocks, score="tight"):
         i = self.next()
-        self.stats_append(i, score)
+        self.stats_append(i, score, join=False)
         sel, cnt, _, _ = self.select(i, budget_blocks, score)
         return self.decode(i, sel, cnt, budget_blocks)
 

@@ -217,6 +217,64 @@ def test_refine_errors():
         torch.ops.aether.refine_scores(q, codes.codes, codes.ranges, lens, cand, count, 64, float("nan"), 2, 2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_key_codes_update_on_a_side_stream_equals_the_current_stream():
+    """update(stream=...) rebuilds beside the first stage; sparse_attention waits for it: same codes
+    and output as an update on the current stream, eagerly and replayed as a CUDA graph."""
+    q, k, v, lens = make_case(2, 8, 2, 3000, 128, torch.bfloat16, "cuda", seed=8, lens=[3000, 2900])
+    g = torch.Generator().manual_seed(6)
+    calib = aether.SketchCalibration((torch.randn(2, 128, 8, generator=g) / 11).cuda(),
+                                     (torch.randn(8, 128, 8, generator=g) / 11).cuda(), 0.5)
+    short = lens - 40
+    sketch = aether.key_sketch(k, calib, 16, seq_lens=lens, blocks_per_sketch=8)
+    here = aether.key_codes(k, 16, seq_lens=short)
+    side = aether.key_codes(k, 16, seq_lens=short)
+    stream = torch.cuda.Stream()
+    here.update(k, lens)
+    side.update(k, lens, stream=stream)
+    assert side._pending is not None
+    kwargs = dict(score="qsketch", sketch=sketch, seq_lens=lens, budget=0.1, refine_candidates=0.5,
+                  return_selection=True)
+    want, want_sel = aether.sparse_attention(q, k, v, refine=here, **kwargs)
+    got, got_sel = aether.sparse_attention(q, k, v, refine=side, **kwargs)
+    assert side._pending is None
+    assert torch.equal(side.codes, here.codes) and torch.equal(side.ranges, here.ranges)
+    assert torch.equal(got_sel.indices, want_sel.indices)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+    # Captured: the fork and the join become graph edges. Replays rebuild from `start` each time;
+    # before each, the groups the rebuild covers are poisoned.
+    start = short.clone()
+    side = aether.key_codes(k, 16, seq_lens=start)
+    rebuilt = [int(n) // 16 // 8 * 8 for n in start]  # first block of each row's rebuilt groups
+    graph_out = torch.full_like(want, float("nan"))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        side.seq_lens.copy_(start)
+        side.update(k, lens, stream=stream)
+        out, _ = aether.sparse_attention(q, k, v, refine=side, **kwargs)
+        graph_out.copy_(out)
+    for _ in range(2):
+        for b, first in enumerate(rebuilt):
+            side.codes[b, :, first:].random_(0, 256)
+            side.ranges[b, :, first // 8:].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(graph_out, want)
+
+
+def test_key_codes_update_stream_errors():
+    _, k, _, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
+    codes = aether.key_codes(k, 64, seq_lens=lens - 10)
+    with pytest.raises(TypeError, match="stream must be a torch.cuda.Stream or None"):
+        codes.update(k, lens, stream="side")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="stream must be a CUDA stream of the cache's device"):
+            codes.update(k, lens, stream=torch.cuda.Stream())
+    assert codes._pending is None and codes.wait() is codes
+
+
 def test_refine_fake_kernels_trace():
     """The fake (meta) kernels describe the ops' outputs (torch.compile, opcheck)."""
     q, k, _, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
