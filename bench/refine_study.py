@@ -14,6 +14,9 @@ Each qsketch decode step of `aether.eval` is replaced by:
   With `--debias` step 3 ranks by the codes' log-mass minus half the variance of their logit error
   (uniform +-step / 2 per channel: s^2 sum_c q_c^2 step_c^2 / 12), the lift that noise gives a
   log-sum-exp.
+  With `--final-mass P` step 3 is the adaptive rule instead: per KV head and step, the fewest
+  candidates whose refined mass (normalised over the candidates, averaged over the group) reaches
+  P, at most `--final-max` of the blocks (variable bytes; the eval counts the blocks read).
   4. optionally (`--tail`) the unread candidates enter the softmax by an estimate: their block
      log-masses from the codes (`cand`), minus half the variance of the codes' logit error
      (`cand-corrected`), or exact (`cand-exact`, a diagnostic), each with the mean value of its
@@ -109,7 +112,8 @@ def add_tail(out: torch.Tensor, lse: torch.Tensor, est: torch.Tensor, vmeans: to
 
 
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
-              tail_tokens: int = RANGE_GROUP, debias: bool = False):
+              tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
+              final_max: float = 0.25):
     original = cache_mod.sparse_decode_step
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
@@ -134,9 +138,14 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         if debias and key_bits:  # rank by the log-mass minus half the variance of the codes' logit error
             refined = refined - 0.5 * code_noise_variance(q, k, key_bits, bs, scale, nb)
         refined = refined.masked_fill(~is_cand.repeat_interleave(group, dim=1), -math.inf)
-        selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
-                                                         budget_fraction=float(options.budget), group_agg="sum",
-                                                         **forced)
+        if final_mass > 0.0:  # per KV head and step: the fewest candidates whose refined mass reaches P
+            selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads, policy="adaptive",
+                                                             mass=final_mass, min_blocks=1,
+                                                             max_blocks=max(1, math.ceil(final_max * nb)), **forced)
+        else:
+            selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
+                                                             budget_fraction=float(options.budget), group_agg="sum",
+                                                             **forced)
         out, lse = reference.sparse_decode(q, keys if attend_with_codes else k, v, seq_lens, bs, selected,
                                            num_selected, scale)
         if tail != "none":
@@ -177,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per value mean of the tail estimate (a multiple of the block size)")
     parser.add_argument("--debias", action="store_true",
                         help="rank the candidates by the codes' log-mass minus half its noise variance")
+    parser.add_argument("--final-mass", type=float, default=0.0,
+                        help="P > 0: the final blocks are, per KV head and step, the fewest candidates whose "
+                             "refined mass (normalised over the candidates, averaged over the group) reaches P "
+                             "(the adaptive rule), instead of top-k at the eval's budget")
+    parser.add_argument("--final-max", type=float, default=0.25,
+                        help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
     if not 0.0 < args.candidates <= 1.0:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
@@ -184,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--key-bits must be 0 or in [1, 8], got {args.key_bits}")
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
+    if not 0.0 <= args.final_mass <= 1.0 or not 0.0 < args.final_max <= 1.0:
+        parser.error(f"--final-mass must be in [0, 1] and --final-max in (0, 1], got {args.final_mass}, "
+                     f"{args.final_max}")
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
-                                               args.tail, args.tail_tokens, args.debias)
+                                               args.tail, args.tail_tokens, args.debias, args.final_mass,
+                                               args.final_max)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
@@ -195,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     info = refine_info(args.candidates, args.key_bits, fraction)
     if args.debias:
         info["debias"] = True
+    if args.final_mass:
+        info["final_mass"], info["final_max"] = args.final_mass, args.final_max
     if args.tail != "none":
         info["tail"] = args.tail
         info["tail_tokens"] = args.tail_tokens

@@ -110,3 +110,36 @@ def test_code_noise_variance_matches_uniform_error(study):
         want = 0.25 * (q[0] ** 2 * step ** 2).sum(-1) / 12
         for j in range(grp * 8, grp * 8 + 8):
             torch.testing.assert_close(var[0, :, j], want)
+
+
+def test_final_mass_step_takes_the_fewest_candidates_reaching_the_mass(study):
+    """--final-mass: per KV head the final blocks are forced blocks plus candidates only, at most
+    --final-max of the blocks; at mass 1 without a cap every candidate with mass is read."""
+    import aether
+    import aether.cache as cache_mod
+    g = torch.Generator().manual_seed(3)
+    batch, kv_heads, group, seq, dim, bs = 1, 2, 4, 700, 64, 16
+    q = torch.randn(batch, kv_heads * group, dim, generator=g)
+    k = torch.randn(batch, kv_heads, seq, dim, generator=g)
+    v = torch.randn(batch, kv_heads, seq, dim, generator=g)
+    calib = aether.SketchCalibration(torch.randn(kv_heads, dim, 8, generator=g) / 8,
+                                     torch.randn(kv_heads * group, dim, 8, generator=g) / 8, 0.5)
+    sketch = aether.key_sketch(k, calib, bs, blocks_per_sketch=8)
+    options = cache_mod.SparseOptions(score="qsketch", block_size=bs, budget=0.1, blocks_per_sketch=8)
+    nb = math.ceil(seq / bs)
+    counts = {"candidate_tokens": 0, "tokens": 0}
+    topk_out, topk_sel = study.make_step(0.5, 2, False, counts)(q, k, v, options, sketch=sketch)
+    read = []
+    for mass, cap in ((0.5, 0.25), (0.9, 0.25), (1.0, 1.0)):
+        out, sel = study.make_step(0.5, 2, False, counts, final_mass=mass, final_max=cap)(q, k, v, options,
+                                                                                         sketch=sketch)
+        assert out.shape == topk_out.shape and bool(torch.isfinite(out).all())
+        for h in range(kv_heads):
+            picked = [int(j) for j in sel[0, h] if j >= 0]
+            assert picked == sorted(set(picked))
+            assert len(picked) <= max(1, math.ceil(cap * nb)) + 2  # + the forced sink and tail blocks
+            if mass == 1.0:  # half the non-forced blocks are candidates, all of them with mass
+                assert len(picked) >= (nb - 2) // 2
+        read.append(int((sel >= 0).sum()))
+    assert read[0] <= read[1] < read[2]  # more mass, more blocks
+    assert int((topk_sel >= 0).sum()) == kv_heads * (math.ceil(0.1 * nb))  # the top-k path is unchanged
