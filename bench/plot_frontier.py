@@ -63,6 +63,8 @@ def collect() -> list[dict]:
                     codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
                     if refine.get("debias"):
                         codes += ", debiased"
+                    if refine.get("final_mass"):
+                        codes += f", adaptive final blocks at mass {refine['final_mass']:g}"
                     if refine.get("tail"):
                         codes += f", tail {refine['tail']} / {refine['tail_tokens']}-token value means"
                     label += f" [study: C {refine['candidates']:g}, {keys}{codes}]"
