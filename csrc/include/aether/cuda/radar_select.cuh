@@ -862,7 +862,11 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
     double local_total = 0.0;
     for (int j = part * kWarpSize + lane; j < n_blocks; j += stride) {
-      const double e = exp(static_cast<double>(staged ? s_scores[g * NB + j] : row[j]) - top);
+      // exp(-inf) is exactly 0: skip the call for the blocks a refinement left out (half the row
+      // in the two-stage step's final select). An all -inf row gives z = 0 instead of NaN; both
+      // mean the head adds nothing.
+      const float s = staged ? s_scores[g * NB + j] : row[j];
+      const double e = s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
       if (staged) s_exp[g * NB + j] = e;
       local_total += e;
     }
@@ -886,9 +890,10 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     for (int g = 0; g < G; ++g) {
       const double z = s_head_total[g];
       if (!(z > 0.0) || isinf(z)) continue;
+      const float s = staged ? 0.0f : scores[static_cast<int64_t>(g) * NB + j];
       const double e = staged ? s_exp[g * NB + j]
-                              : exp(static_cast<double>(scores[static_cast<int64_t>(g) * NB + j]) -
-                                    static_cast<double>(s_head_max[g]));
+                       : s == -INFINITY ? 0.0
+                                        : exp(static_cast<double>(s) - static_cast<double>(s_head_max[g]));
       share += e / z;
     }
     const float s = static_cast<float>(share);
