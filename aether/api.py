@@ -497,7 +497,6 @@ def sparse_attention(
         head_scores = torch.ops.aether.refine_scores(q, refine.codes, refine.ranges, seq_lens, candidates,
                                                      num_candidates, block_size, float(scale),
                                                      refine.blocks_per_group, refine.bits)
-        head_mlo = torch.full(head_scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
     selected, counts, _, _ = torch.ops.aether.radar_select(
         q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
         float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, head_scores, head_mlo,

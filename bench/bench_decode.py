@@ -153,8 +153,7 @@ class Case:
             kc = self.codes[i]
             scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
                                                     self.block_size, self.scale, kc.blocks_per_group, kc.bits)
-            mlo = torch.full(scores.shape[:2], -math.inf, device="cuda")
-            return self.select(i, budget_blocks, first, scores, mlo)
+            return self.select(i, budget_blocks, first, scores)  # M_g: -inf, topk does not read it
         if score == "qsketch":
             sk = self.sketch[i]
             empty = self.q[i].new_empty((0,), dtype=torch.float32)

@@ -148,6 +148,34 @@ def test_selection_identical_given_same_scores(device, pc, group, ties, poison_e
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy,agg", [("topk", "sum"), ("topk", "max"), ("adaptive", "max")])
+def test_given_scores_without_head_mlo_select_as_with_minus_inf(device, policy, agg):
+    """head_scores alone (topk, adaptive: nothing reads M_g) select what head_scores with an M_g of
+    -inf select; threshold and return_scores, which read M_g, refuse it, and head_mlo needs scores."""
+    bs, group = 16, 4
+    q, k, _, seq_lens = make_case(3, 2 * group, 2, 900, 64, torch.float32, device, seed=11)
+    stats = aether.block_stats(k, bs, seq_lens=seq_lens)
+    scores, _ = ref.head_scores(q.cpu(), _stats_ref(k, seq_lens, bs), seq_lens.cpu(), bs, "tight", 0.125)
+    scores = scores.to(device)
+    minus_inf = torch.full(scores.shape[:2], -math.inf, device=device)
+
+    def select(mlo, pol=policy, return_scores=False):
+        return torch.ops.aether.radar_select(q, *stats.tensors, seq_lens, bs, 0.125, "tight", pol, 0, 0.2, 1e-3, 0.9,
+                                             1, 0, 1, 1, return_scores, scores, mlo, agg)
+
+    sel, cnt, _, _ = select(None)
+    want_sel, want_cnt, _, _ = select(minus_inf)
+    assert torch.equal(cnt, want_cnt) and torch.equal(sel, want_sel)
+    with pytest.raises(RuntimeError, match="head_scores without head_mlo is only allowed"):
+        select(None, pol="threshold")
+    with pytest.raises(RuntimeError, match="head_scores without head_mlo is only allowed"):
+        select(None, return_scores=True)
+    with pytest.raises(RuntimeError, match="head_mlo needs head_scores"):
+        torch.ops.aether.radar_select(q, *stats.tensors, seq_lens, bs, 0.125, "tight", policy, 0, 0.2, 1e-3, 0.9,
+                                      1, 0, 1, 1, False, None, minus_inf, agg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("score", aether.api.STAT_SCORES)
 @pytest.mark.parametrize("pc", POLICY_CASES[:3] + POLICY_CASES[4:5] + POLICY_CASES[6:7],
                          ids=lambda pc: "-".join(f"{k}{v}" for k, v in pc.items()))

@@ -691,19 +691,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
   p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
 
-  AETHER_CHECK(head_scores.has_value() == head_mlo.has_value(),
-                    "aether: head_scores and head_mlo must be given together");
+  // head_mlo goes with head_scores. Only the threshold policy and return_scores read M_g, so
+  // elsewhere head_scores may come alone (M_g is then -inf, what two-stage selection passes; it
+  // saves a fill kernel per step).
+  AETHER_CHECK(!head_mlo.has_value() || head_scores.has_value(), "aether: head_mlo needs head_scores");
+  AETHER_CHECK(!head_scores.has_value() || head_mlo.has_value() ||
+                   (p.policy != aether::Policy::kThreshold && !return_scores),
+               "aether: head_scores without head_mlo is only allowed for policy topk or adaptive without "
+               "return_scores (threshold and return_scores read M_g)");
   if (head_scores.has_value()) {
-    AETHER_CHECK_TYPE(head_scores->scalar_type() == at::kFloat && head_mlo->scalar_type() == at::kFloat,
-                     "aether: head_scores and head_mlo must be float32");
+    AETHER_CHECK_TYPE(head_scores->scalar_type() == at::kFloat, "aether: head_scores must be float32");
     AETHER_CHECK(head_scores->sizes() == at::IntArrayRef({c.batch, q_heads, num_blocks}) &&
                           head_scores->is_contiguous(),
                       "aether: head_scores must be contiguous [batch, q_heads, num_blocks]");
+    check_same_device(*head_scores, q, "head_scores");
+    p.in_head_scores = head_scores->data_ptr<float>();
+  }
+  if (head_mlo.has_value()) {
+    AETHER_CHECK_TYPE(head_mlo->scalar_type() == at::kFloat, "aether: head_mlo must be float32");
     AETHER_CHECK(head_mlo->sizes() == at::IntArrayRef({c.batch, q_heads}) && head_mlo->is_contiguous(),
                       "aether: head_mlo must be contiguous [batch, q_heads]");
-    check_same_device(*head_scores, q, "head_scores");
     check_same_device(*head_mlo, q, "head_mlo");
-    p.in_head_scores = head_scores->data_ptr<float>();
     p.in_head_mlo = head_mlo->data_ptr<float>();
   }
 

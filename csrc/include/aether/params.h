@@ -184,8 +184,10 @@ struct RefineScoresParams {
 //
 // in_head_scores / in_head_mlo: when set, the scores are taken from there instead of computed
 // from q and the statistics (tests use this to check that selection is identical given the same
-// scores). out_head_scores / out_head_mlo: when set, the per-query-head scores and the threshold
-// policy's lower bound M_g of the largest logit are written there.
+// scores; two-stage selection passes the refined scores this way, without M_g). in_head_mlo null
+// with given scores: M_g is -inf unless needed (threshold, out_head_mlo) and computable from q.
+// out_head_scores / out_head_mlo: when set, the per-query-head scores and the threshold policy's
+// lower bound M_g of the largest logit are written there.
 struct RadarSelectParams {
   const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
   int64_t q_stride_batch = 0;
