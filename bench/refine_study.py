@@ -17,6 +17,8 @@ Each qsketch decode step of `aether.eval` is replaced by:
   With `--final-mass P` step 3 is the adaptive rule instead: per KV head and step, the fewest
   candidates whose refined mass (normalised over the candidates, averaged over the group) reaches
   P, at most `--final-max` of the blocks (variable bytes; the eval counts the blocks read).
+  With `--final-agg rank` step 3's top-k unites each query head's own ranking (every head's best
+  block first, then every head's second, ...) instead of summing the heads' softmax shares.
   4. optionally (`--tail`) the unread candidates enter the softmax by an estimate: their block
      log-masses from the codes (`cand`), minus half the variance of the codes' logit error
      (`cand-corrected`), or exact (`cand-exact`, a diagnostic), each with the mean value of its
@@ -111,9 +113,23 @@ def add_tail(out: torch.Tensor, lse: torch.Tensor, est: torch.Tensor, vmeans: to
     return (a[..., None] * out.float() + c[..., None] * tail_out) / (a + c).clamp_min(1e-30)[..., None]
 
 
+def rank_priority(scores: torch.Tensor) -> torch.Tensor:
+    """Per-query-head selection within a KV head's budget: each head ranks the blocks by its own
+    score (0 = best), and a block's priority is minus its best rank over the heads, so top-k with
+    the max aggregation takes every head's first blocks, then every head's second, ... (a union of
+    the heads' own top lists). Within a rank, the larger softmax share goes first. Blocks a head
+    scores -inf (not candidates) never gain priority from that head."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order).contiguous())
+    share = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all -inf row has no share
+    priority = -ranks.float() + 0.5 * share
+    return priority.masked_fill(scores == -math.inf, -math.inf)
+
+
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
               tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
-              final_max: float = 0.25):
+              final_max: float = 0.25, final_agg: str = "sum"):
     original = cache_mod.sparse_decode_step
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
@@ -142,6 +158,10 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
             selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads, policy="adaptive",
                                                              mass=final_mass, min_blocks=1,
                                                              max_blocks=max(1, math.ceil(final_max * nb)), **forced)
+        elif final_agg == "rank":  # per query head rankings, united by each block's best rank
+            selected, num_selected = reference.select_blocks(rank_priority(refined), mlo, seq_lens, bs, kv_heads,
+                                                             budget_fraction=float(options.budget), group_agg="max",
+                                                             **forced)
         else:
             selected, num_selected = reference.select_blocks(refined, mlo, seq_lens, bs, kv_heads,
                                                              budget_fraction=float(options.budget), group_agg="sum",
@@ -190,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="P > 0: the final blocks are, per KV head and step, the fewest candidates whose "
                              "refined mass (normalised over the candidates, averaged over the group) reaches P "
                              "(the adaptive rule), instead of top-k at the eval's budget")
+    parser.add_argument("--final-agg", choices=("sum", "rank"), default="sum",
+                        help="how the final top-k combines a KV head's query heads: the sum of their softmax "
+                             "shares (the library's), or the union of each head's own ranking (rank_priority)")
     parser.add_argument("--final-max", type=float, default=0.25,
                         help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
@@ -205,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
                                                args.tail, args.tail_tokens, args.debias, args.final_mass,
-                                               args.final_max)
+                                               args.final_max, args.final_agg)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
@@ -216,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         info["debias"] = True
     if args.final_mass:
         info["final_mass"], info["final_max"] = args.final_mass, args.final_max
+    if args.final_agg != "sum":
+        info["final_agg"] = args.final_agg
     if args.tail != "none":
         info["tail"] = args.tail
         info["tail_tokens"] = args.tail_tokens

@@ -143,3 +143,18 @@ def test_final_mass_step_takes_the_fewest_candidates_reaching_the_mass(study):
         read.append(int((sel >= 0).sum()))
     assert read[0] <= read[1] < read[2]  # more mass, more blocks
     assert int((topk_sel >= 0).sum()) == kv_heads * (math.ceil(0.1 * nb))  # the top-k path is unchanged
+
+
+def test_rank_priority_unites_each_heads_own_ranking(study):
+    """Top-k by the max of rank_priority takes every head's best block, then every head's second:
+    a head whose scores are tiny still gets its own first choices."""
+    scores = torch.tensor([[[9.0, 8.0, 7.0, -1.0, -2.0, -math.inf],      # head 0: blocks 0, 1, 2
+                            [-50.0, -51.0, -52.0, -40.0, -45.0, -math.inf]]])  # head 1: 3, 4 (tiny logits)
+    prio = study.rank_priority(scores)
+    assert bool(torch.isneginf(prio[..., 5]).all())
+    best = prio.amax(dim=1)[0]
+    top4 = best.argsort(descending=True)[:4].sort().values.tolist()
+    assert top4 == [0, 1, 3, 4]  # ranks 0 and 1 of both heads
+    # within a rank, the larger share goes first: head 1's block 3 (share ~0.99) before head 0's
+    # block 0 (~0.67), and both before any second choice
+    assert float(best[3]) > float(best[0]) > float(best[4])
