@@ -483,7 +483,7 @@ def sparse_attention(
         stat_tensors = stats.tensors
         num_blocks = stats.num_blocks
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
-    head_scores = head_mlo = None
+    head_scores = None
     if refine is not None:
         _check_codes_match(refine, batch, kv_heads, head_dim, q.device)
         _check_current(refine, "the key codes", "were", block_size, block_table, capacity, seq_lens)
@@ -499,7 +499,7 @@ def sparse_attention(
                                                      refine.blocks_per_group, refine.bits)
     selected, counts, _, _ = torch.ops.aether.radar_select(
         q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
-        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, head_scores, head_mlo,
+        float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, head_scores, None,
         group_agg, *sketch_args)
     hint = _max_selected_hint(policy, budget, max_blocks, num_blocks, sink_blocks + recent_blocks + 1)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, seq_lens, block_size, float(scale), selected, counts,

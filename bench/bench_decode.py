@@ -11,9 +11,8 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   reads the centroid: the costlier case), --blocks-per-sketch blocks per sketch block and random
   projections (timing does not depend on their values). A score "S+refine" is two-stage selection
   (aether.refine): the append also rebuilds the last group of the key codes (in CUDA graphs on a
-  side stream, as AetherKVCache does: in the step it runs beside the first stage and the
-  refinement waits for it; eagerly inline),
-  and the select is radar_select at --refine-candidates, refine_scores over those candidates and
+  side stream, as KeyCodes.update(stream=...) does: in the step it runs beside the first stage
+  and the refinement waits for it; eagerly inline), and the select is radar_select at --refine-candidates, refine_scores over those candidates and
   radar_select given the refined scores; its bytes add the candidates' codes and ranges.
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
@@ -108,8 +107,8 @@ class Case:
     def enable_refine(self, candidates: float, bits: int) -> None:
         self.refine_candidates, self.refine_bits = candidates, bits
         self.codes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens) for k in self.k]
-        # As KeyCodes.update(stream=...) and AetherKVCache do in CUDA graphs: the codes are rebuilt
-        # on a side stream beside the first selection stage; the refinement waits for them.
+        # As KeyCodes.update(stream=...) does, in CUDA graphs: the codes are rebuilt on a side stream
+        # beside the first selection stage; the refinement waits for them.
         self.codes_stream, self.codes_ready, self.codes_pending = torch.cuda.Stream(), torch.cuda.Event(), False
 
     def stats_append(self, i, score="tight", join=True):
@@ -128,7 +127,7 @@ class Case:
                 self.codes_pending = True
                 if join:
                     self.wait_codes()
-            else:  # eagerly inline, as AetherKVCache does: a fork costs more host time than it hides
+            else:  # eagerly inline: a fork costs more host time than it hides (docs/api.md)
                 torch.ops.aether.key_codes_update(*args)
             score = score[:-len("+refine")]
         if score == "qsketch":  # the sketch carries its centroid: no block statistics
@@ -144,7 +143,8 @@ class Case:
             torch.cuda.current_stream().wait_event(self.codes_ready)
             self.codes_pending = False
 
-    def select(self, i, budget_blocks, score="tight", head_scores=None, head_mlo=None):
+    def select(self, i, budget_blocks, score="tight", head_scores=None):
+        """radar_select (given head_scores: M_g is not passed, topk does not read it)."""
         if score.endswith("+refine"):
             first = score[:-len("+refine")]
             cand_blocks = max(budget_blocks, math.ceil(self.refine_candidates * self.num_blocks - 1e-9))
@@ -159,12 +159,12 @@ class Case:
             empty = self.q[i].new_empty((0,), dtype=torch.float32)
             return torch.ops.aether.radar_select(
                 self.q[i], *(empty,) * 5, self.lens, self.block_size, self.scale, score, "topk", budget_blocks, 0.0,
-                1e-3, 0.95, 1, 0, 1, 1, False, head_scores, head_mlo, self.group_agg, sk.codes, sk.ranges,
+                1e-3, 0.95, 1, 0, 1, 1, False, head_scores, None, self.group_agg, sk.codes, sk.ranges,
                 self.calib.key_proj,
                 self.calib.query_proj, self.calib.centroid_weight, sk.centroid, self.per)
         return torch.ops.aether.radar_select(self.q[i], *self.stats[i].tensors, self.lens, self.block_size, self.scale,
                                              score, "topk", budget_blocks, 0.0, 1e-3, 0.95, 1, 0, 1, 1, False,
-                                             head_scores, head_mlo, self.group_agg)
+                                             head_scores, None, self.group_agg)
 
     def meta_bytes_per_block(self, score: str) -> float:
         """Bytes the radar reads per block and KV head (the first stage's, for a two-stage score)."""

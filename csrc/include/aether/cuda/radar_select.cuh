@@ -94,7 +94,8 @@ __host__ __device__ inline size_t radar_weight_bytes(const RadarSelectParams& p)
 // keeps the keys and weights when they fit the opt-in limit, and the staging when all of it fits.
 struct SelectSmemLayout {
   size_t head_bytes = 0;         // per-head values
-  size_t data_bytes = 0;         // keys (16-byte aligned) and weights
+  size_t key_bytes = 0;          // keys, 16-byte aligned (the weights follow them)
+  size_t data_bytes = 0;         // keys and weights
   size_t stage_offset = 0;       // head_bytes + data_bytes
   size_t stage_score_bytes = 0;  // [G, NB] floats, 16-byte aligned; 0 when nothing is staged
   size_t stage_bytes = 0;        // stage_score_bytes + [G, NB] doubles
@@ -104,7 +105,8 @@ __host__ __device__ inline SelectSmemLayout radar_select_smem_layout(const Radar
   const size_t nb = static_cast<size_t>(p.num_blocks);
   SelectSmemLayout l;
   l.head_bytes = (G * 16 + 15) / 16 * 16;
-  l.data_bytes = (nb * radar_key_bytes(p) + 15) / 16 * 16 + nb * radar_weight_bytes(p);
+  l.key_bytes = (nb * radar_key_bytes(p) + 15) / 16 * 16;
+  l.data_bytes = l.key_bytes + nb * radar_weight_bytes(p);
   l.stage_offset = l.head_bytes + l.data_bytes;
   if (p.policy == Policy::kTopK && p.group_agg == GroupAgg::kSum) {
     l.stage_score_bytes = (G * nb * sizeof(float) + 15) / 16 * 16;
@@ -802,6 +804,12 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
   if (tid == 0) p.num_selected[bh] = total;
 }
 
+// exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
+// out: half the row in the two-stage step's final select).
+__device__ __forceinline__ double exp_shifted(float s, double top) {
+  return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
+}
+
 // Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) / Z_g (double,
 // rounded to float); heads without a finite, positive Z_g add nothing. `scores` is the row's
 // [G, NB] head scores. Every warp works on m_g and Z_g: a head's row is split over
@@ -862,11 +870,8 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
     double local_total = 0.0;
     for (int j = part * kWarpSize + lane; j < n_blocks; j += stride) {
-      // exp(-inf) is exactly 0: skip the call for the blocks a refinement left out (half the row
-      // in the two-stage step's final select). An all -inf row gives z = 0 instead of NaN; both
-      // mean the head adds nothing.
-      const float s = staged ? s_scores[g * NB + j] : row[j];
-      const double e = s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
+      // An all -inf row gives z = 0 (not NaN): either way the head adds nothing.
+      const double e = exp_shifted(staged ? s_scores[g * NB + j] : row[j], top);
       if (staged) s_exp[g * NB + j] = e;
       local_total += e;
     }
@@ -890,10 +895,8 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     for (int g = 0; g < G; ++g) {
       const double z = s_head_total[g];
       if (!(z > 0.0) || isinf(z)) continue;
-      const float s = staged ? 0.0f : scores[static_cast<int64_t>(g) * NB + j];
       const double e = staged ? s_exp[g * NB + j]
-                       : s == -INFINITY ? 0.0
-                                        : exp(static_cast<double>(s) - static_cast<double>(s_head_max[g]));
+                              : exp_shifted(scores[static_cast<int64_t>(g) * NB + j], s_head_max[g]);
       share += e / z;
     }
     const float s = static_cast<float>(share);
@@ -927,12 +930,12 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   double* s_head_total = reinterpret_cast<double*>(s_dyn_bytes);  // [G] adaptive normaliser
   float* s_mlo = reinterpret_cast<float*>(s_head_total + G);      // [G] M_g
   float* s_head_max = s_mlo + G;                                  // [G] adaptive max score
-  const size_t head_bytes = radar_select_smem_layout(p).head_bytes;
+  const SelectSmemLayout layout = radar_select_smem_layout(p);
   KeyT* keys;
   double* weights;
   if (keys_in_shared) {
-    keys = reinterpret_cast<KeyT*>(s_dyn_bytes + head_bytes);
-    weights = reinterpret_cast<double*>(s_dyn_bytes + head_bytes + (static_cast<size_t>(NB) * sizeof(KeyT) + 15) / 16 * 16);
+    keys = reinterpret_cast<KeyT*>(s_dyn_bytes + layout.head_bytes);
+    weights = reinterpret_cast<double*>(s_dyn_bytes + layout.head_bytes + layout.key_bytes);
   } else {
     keys = static_cast<KeyT*>(ws.keys) + static_cast<int64_t>(bh) * NB;
     weights = ws.weights + static_cast<int64_t>(bh) * NB;
@@ -940,7 +943,6 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   float* s_stage_scores = nullptr;  // [G, NB]
   double* s_stage_exp = nullptr;    // [G, NB]
   if (scores_in_shared) {
-    const SelectSmemLayout layout = radar_select_smem_layout(p);
     s_stage_scores = reinterpret_cast<float*>(s_dyn_bytes + layout.stage_offset);
     s_stage_exp = reinterpret_cast<double*>(s_dyn_bytes + layout.stage_offset + layout.stage_score_bytes);
   }
