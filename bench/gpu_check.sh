@@ -60,6 +60,10 @@ if [ "${1:-}" = "refine" ]; then
   ncu --clock-control none --launch-skip 60 --launch-count 14 --metrics gpu__time_duration.sum \
     python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_refine.log" 2>&1
   note "ncu (two-stage step): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_refine.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
+  # the first stage's score kernel (not in the window above): three launches
+  ncu --clock-control none --kernel-name regex:sketch_score --launch-skip 10 --launch-count 3 \
+    --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_sketch.log" 2>&1
+  note "ncu (sketch_score x3): rc=$? $(grep -E 'gpu__time|inst_executed' "$OUT/ncu_sketch.log" | awk '{print $NF}' | paste -sd' ')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
     --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Nsight Compute profile of one radar_select_kernel launch of the two-stage step (8 x 32k, 16-token
-# blocks, C 0.5, keep 0.095): details and the hottest SASS instructions by stall samples.
-# Usage (GPU machine, after the build): OUT=dir bash bench/ncu_select.sh [launch-skip]
+# Nsight Compute profile of one kernel launch of the two-stage step (8 x 32k, 16-token blocks,
+# C 0.5, keep 0.095): details and the hottest SASS instructions by stall samples.
+# Usage (GPU machine, after the build): OUT=dir bash bench/ncu_select.sh [launch-skip] [kernel]
+#   kernel: radar_select_kernel (default; launch 20 = the candidate select, 21 = the final one),
+#   or e.g. sketch_score_kernel, refine_scores_kernel (launch-skip counts that kernel's launches).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
-ncu --clock-control none --kernel-name radar_select_kernel --launch-skip "${1:-20}" --launch-count 1 --set full \
+ncu --clock-control none --kernel-name "regex:${2:-radar_select_kernel}" --launch-skip "${1:-20}" --launch-count 1 --set full \
   --import-source yes -f -o "$OUT/select" python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_select_run.log" 2>&1
 echo "ncu rc=$?"
 ncu -i "$OUT/select.ncu-rep" --page details --csv > "$OUT/select_details.csv" 2>&1

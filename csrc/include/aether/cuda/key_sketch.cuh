@@ -335,29 +335,26 @@ __device__ __forceinline__ void sketch_lane_pass(const uint4* codes, int n_vecs,
   }
 }
 
-// Scores (natural log units) of one staged block with n_tokens > 0 for heads g0 .. g0 + kTile - 1
-// (a tile past G repeats head G - 1; its result is dropped). The block's four lanes return the
-// same scores.
-// `centroid` is the staged bf16 centroid of the block's sketch block (staged entry `entry`), or
-// nullptr when a == 0.
-template <int kHeadDim, int kRank, int kTile>
-__device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float* s_qrest, int G, int g0,
-                                                  const uint4* codes, int n_vecs, int sub, int blk, int n_tokens, bool full,
-                                                  const uint4* centroid, int entry, const float (&lo)[kRank],
-                                                  const float (&step)[kRank], float (&score)[kTile]) {
-  constexpr int kCentroidVecs = kHeadDim / 8 / kSketchLanesPerBlock;  // 8 bf16 channels per vector
-  const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
-  // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c;
-  // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
-  float bias[kTile], w[kTile][kRank], bound[kTile], dot[kTile];
+// a q'_g . c (2^-units; s_qrest is pre-scaled by a * scale * log2 e) for heads g0 .. g0 + kTile - 1
+// and the staged centroid c of this lane's sketch block (`entry` of the span, at `centroids` with
+// `stride` bytes per entry), in every lane of the warp (call it from all 32 lanes). The 4P lanes of
+// the entry's P blocks (P <= 8: 4P <= 32 consecutive lanes) split its D / 8 vectors and sum over
+// those lanes. Each block's four lanes used to dot the whole centroid themselves: at P = 8 all
+// 32 lanes repeated one dot, the largest part of a 16-token block's setup. P = 1 keeps the former
+// order of additions. An entry that was not staged (past the sequence: `staged` false) gives 0.
+template <int kHeadDim, int kTile>
+__device__ __forceinline__ void sketch_centroid_dots(const float* s_qrest, int G, int g0, const char* centroids, int stride,
+                                                     int entry, int entry_lanes_log2, bool staged, int lane,
+                                                     float (&dot)[kTile]) {
+  constexpr int kVecs = kHeadDim / 8;  // 8 bf16 channels per 16-byte vector
+  const int lanes = 1 << entry_lanes_log2;
 #pragma unroll
   for (int gg = 0; gg < kTile; ++gg) dot[gg] = 0.0f;
-  if (centroid != nullptr) {  // s_qrest is pre-scaled by a * scale * log2 e
-#pragma unroll
-    for (int i = 0; i < kCentroidVecs; ++i) {
-      const int v = sub + i * kSketchLanesPerBlock;  // channels 8v .. 8v + 7
+  if (staged) {
+    const uint4* centroid = reinterpret_cast<const uint4*>(centroids + entry * stride);
+    for (int v = lane & (lanes - 1); v < kVecs; v += lanes) {  // channels 8v .. 8v + 7
       float c[8];
-      bf16x8_as_float(centroid[sketch_slot(v, entry, kHeadDim / 8)], c);
+      bf16x8_as_float(centroid[sketch_slot(v, entry, kVecs)], c);
 #pragma unroll
       for (int gg = 0; gg < kTile; ++gg) {
         const float* qr = s_qrest + min(g0 + gg, G - 1) * kHeadDim + 8 * v;
@@ -367,12 +364,26 @@ __device__ __forceinline__ void sketch_block_tile(const float* s_uc, const float
         dot[gg] = fmaf(qb.x, c[4], fmaf(qb.y, c[5], fmaf(qb.z, c[6], fmaf(qb.w, c[7], dot[gg]))));
       }
     }
-#pragma unroll
-    for (int gg = 0; gg < kTile; ++gg) {
-#pragma unroll
-      for (int offset = kSketchLanesPerBlock / 2; offset > 0; offset >>= 1) dot[gg] += __shfl_xor_sync(group_mask, dot[gg], offset);
-    }
   }
+  for (int offset = lanes / 2; offset > 0; offset >>= 1) {  // lanes is warp-uniform: every lane shuffles
+#pragma unroll
+    for (int gg = 0; gg < kTile; ++gg) dot[gg] += __shfl_xor_sync(kFullMask, dot[gg], offset);
+  }
+}
+
+// Scores (natural log units) of one staged block with n_tokens > 0 for heads g0 .. g0 + kTile - 1
+// (a tile past G repeats head G - 1; its result is dropped). The block's four lanes return the
+// same scores. `dot` holds a q'_g . c of the block's sketch block (sketch_centroid_dots; 0 when
+// a == 0).
+template <int kHeadDim, int kRank, int kTile>
+__device__ __forceinline__ void sketch_block_tile(const float* s_uc, int G, int g0, const uint4* codes, int n_vecs, int sub,
+                                                  int blk, int n_tokens, bool full, const float (&dot)[kTile],
+                                                  const float (&lo)[kRank], const float (&step)[kRank],
+                                                  float (&score)[kTile]) {
+  const unsigned group_mask = 0xFu << ((threadIdx.x % kWarpSize) & ~(kSketchLanesPerBlock - 1));
+  // In 2^-units (logit * log2 e): x_t = base + sum_r w_r code_tr, base = u . lo + a q' . c;
+  // bound >= every x_t, and the sums run over 2^(x_t - bound) <= 1 (no running max).
+  float bias[kTile], w[kTile][kRank], bound[kTile];
 #pragma unroll
   for (int gg = 0; gg < kTile; ++gg) {
     const int g = min(g0 + gg, G - 1);
@@ -506,43 +517,53 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
     __syncwarp();
     const char* stage = stages + (k & 1) * layout.bytes;
     const int j = span * kSketchBlocksPerWarp + blk;
-    const int n_tokens = j < n_blocks ? min(p.block_size, len - j * p.block_size) : 0;
-    if (j < p.num_blocks) {  // the four lanes of a block agree
-      float group = -INFINITY;
+    const int n_tokens = j < n_blocks ? min(p.block_size, len - j * p.block_size) : 0;  // the block's lanes agree
+    // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
+    float lo[kRank], step[kRank];
+    if (n_tokens > 0) {
+      const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + entry * 4 * kRank);
+#pragma unroll
+      for (int r = 0; r < kRank; r += 2) {
+        const uint32_t lo_pair = ranges[r / 2], hi_pair = ranges[kRank / 2 + r / 2];
+        lo[r] = __uint_as_float(lo_pair << 16);
+        lo[r + 1] = __uint_as_float(lo_pair & 0xFFFF0000u);
+        step[r] = (__uint_as_float(hi_pair << 16) - lo[r]) * (1.0f / kSketchLevels);
+        step[r + 1] = (__uint_as_float(hi_pair & 0xFFFF0000u) - lo[r + 1]) * (1.0f / kSketchLevels);
+      }
+    }
+    const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
+    const bool full = n_tokens == p.block_size;
+    // The entry's first block: staged (sketch_stage_span) iff it is below n_blocks.
+    const bool entry_staged = span * kSketchBlocksPerWarp + (entry << per_shift) < n_blocks;
+    float group = -INFINITY;
+    for (int g0 = 0; g0 < G; g0 += kTile) {  // uniform over the warp: the centroid dots shuffle
+      float dot[kTile];
+      if (use_centroid) {
+        sketch_centroid_dots<kHeadDim, kTile>(s_qrest, G, g0, stage + layout.centroid_offset, layout.centroid_stride,
+                                              entry, per_shift + 2, entry_staged, lane, dot);
+      } else {
+#pragma unroll
+        for (int gg = 0; gg < kTile; ++gg) dot[gg] = 0.0f;
+      }
       if (n_tokens > 0) {
-        const uint4* codes = reinterpret_cast<const uint4*>(stage + blk * layout.code_stride);
-        const uint32_t* ranges = reinterpret_cast<const uint32_t*>(stage + layout.ranges_offset + entry * 4 * kRank);
-        const uint4* centroid =
-            use_centroid ? reinterpret_cast<const uint4*>(stage + layout.centroid_offset + entry * layout.centroid_stride)
-                         : nullptr;
-        // bf16 -> float is a 16-bit shift; lo and hi are R bf16 each (R / 2 words).
-        float lo[kRank], step[kRank];
+        float score[kTile];
+        sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, G, g0, codes, n_vecs, sub, blk, n_tokens, full, dot, lo, step,
+                                                  score);
 #pragma unroll
-        for (int r = 0; r < kRank; r += 2) {
-          const uint32_t lo_pair = ranges[r / 2], hi_pair = ranges[kRank / 2 + r / 2];
-          lo[r] = __uint_as_float(lo_pair << 16);
-          lo[r + 1] = __uint_as_float(lo_pair & 0xFFFF0000u);
-          step[r] = (__uint_as_float(hi_pair << 16) - lo[r]) * (1.0f / kSketchLevels);
-          step[r + 1] = (__uint_as_float(hi_pair & 0xFFFF0000u) - lo[r + 1]) * (1.0f / kSketchLevels);
-        }
-        const bool full = n_tokens == p.block_size;
-        for (int g0 = 0; g0 < G; g0 += kTile) {
-          float score[kTile];
-          sketch_block_tile<kHeadDim, kRank, kTile>(s_uc, s_qrest, G, g0, codes, n_vecs, sub, blk, n_tokens, full, centroid,
-                                                    entry, lo, step, score);
-#pragma unroll
-          for (int gg = 0; gg < kTile; ++gg) {
-            if (g0 + gg >= G) break;
-            if (sub == 0 && ws.head_scores_out != nullptr) {
-              ws.head_scores_out[(q_head0 + g0 + gg) * p.num_blocks + j] = score[gg];
-            }
-            group = fmaxf(group, score[gg]);
+        for (int gg = 0; gg < kTile; ++gg) {
+          if (g0 + gg >= G) break;
+          if (sub == 0 && ws.head_scores_out != nullptr) {
+            ws.head_scores_out[(q_head0 + g0 + gg) * p.num_blocks + j] = score[gg];
           }
+          group = fmaxf(group, score[gg]);
         }
-      } else if (sub == 0 && ws.head_scores_out != nullptr) {
+      }
+    }
+    if (j < p.num_blocks && sub == 0) {
+      if (n_tokens == 0 && ws.head_scores_out != nullptr) {
         for (int g = 0; g < G; ++g) ws.head_scores_out[(q_head0 + g) * p.num_blocks + j] = -INFINITY;
       }
-      if (sub == 0) ws.group_scores[row0 + j] = group;
+      ws.group_scores[row0 + j] = group;
     }
     __syncwarp();  // every lane is done with this stage before the next iteration refills it
   }
