@@ -25,7 +25,8 @@
 //    8 / P sketch blocks that hold them; block blk reads entry blk / P. Approximate logit of token
 //    t for head g: x_t = base_g + sum_r w_gr code_tr, base_g = u_g . lo + a q'_g . centroid,
 //    w_gr = u_gr step_r (lo, step and the centroid of the block's sketch block; the centroid dot
-//    converts 8 bf16 channels per 16-byte vector with shifts, per block, not per token).
+//    converts 8 bf16 channels per 16-byte vector with shifts, once per sketch block: the 4P lanes
+//    of its P blocks split it).
 //    Instead of a running maximum, each head is shifted by an upper bound of its block's x_t
 //    (base_g + 15 sum_r max(w_gr, 0)) and 2^(x_t - bound) is summed with MUFU.EX2, branch free;
 //    when every term underflows (sum < 2^-100) the four lanes redo that head against the true
@@ -35,7 +36,10 @@
 //    token loop 45 us; 8 lanes per block with an online log-sum-exp, codes in registers 62 us
 //    (compute-bound: 26 M warp instructions); this design 28 us (9.5 M instructions, 0.97 waves;
 //    what is left is the per-block setup of w, bound and the centroid dot, and the per-CTA
-//    prologue). The score bytes per block are bs * R / 2 codes + 4R / P range bytes (+ 2D / P
+//    prologue). At 16-token blocks and P = 8 (8 x 32k, ncu, H200) the setup dominated: each
+//    block's lanes repeated the sketch block's centroid dot (all 32 lanes the same one) and a
+//    span's staging ran unrolled loops for one copy per lane; splitting the dot over the sketch
+//    block's lanes: 18.1 M warp instructions, ~4 us off the step (bench/PERF_NOTES.md). The score bytes per block are bs * R / 2 codes + 4R / P range bytes (+ 2D / P
 //    centroid bytes when a != 0): 288 B for a 64-token block at R = 8, P = 1. It writes the same
 //    outputs as radar_score_kernel (group score = max over the heads, per-head scores when asked),
 //    so radar_select_kernel selects unchanged.
@@ -365,9 +369,14 @@ __device__ __forceinline__ void sketch_centroid_dots(const float* s_qrest, int G
       }
     }
   }
-  for (int offset = lanes / 2; offset > 0; offset >>= 1) {  // lanes is warp-uniform: every lane shuffles
+  // lanes is warp-uniform (every lane shuffles); unrolled over the possible offsets (a runtime loop
+  // cost ~14 instructions per level).
 #pragma unroll
-    for (int gg = 0; gg < kTile; ++gg) dot[gg] += __shfl_xor_sync(kFullMask, dot[gg], offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    if (offset < lanes) {
+#pragma unroll
+      for (int gg = 0; gg < kTile; ++gg) dot[gg] += __shfl_xor_sync(kFullMask, dot[gg], offset);
+    }
   }
 }
 
@@ -443,7 +452,8 @@ __device__ __forceinline__ void sketch_block_tile(const float* s_uc, int G, int 
 
 // cp.async of span `span`'s valid blocks (j < n_blocks) into a stage buffer, by the 32 lanes of
 // the warp, with the ranges and centroids of their sketch blocks j0 / P .. (j0 + n_copy - 1) / P;
-// blocks past n_blocks are not read (their scores are -inf). row0 = (b Hkv + h) NB, sketch_row0 =
+// blocks past n_blocks are not read (their scores are -inf). Each loop runs about once per lane:
+// not unrolled (the unrolled loops' remainder logic cost ~100 instructions per span). row0 = (b Hkv + h) NB, sketch_row0 =
 // (b Hkv + h) NB / P; per_shift = log2 P.
 template <int kHeadDim, int kRank>
 __device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, const SketchStageLayout& layout, char* stage,
@@ -458,18 +468,21 @@ __device__ __forceinline__ void sketch_stage_span(const RadarSelectParams& p, co
   const int code_vecs = code_bytes / 16;  // a power of two (block size and rank are)
   const int vec_shift = __ffs(code_vecs) - 1;
   const uint8_t* codes = p.sketch_codes + (row0 + j0) * code_bytes;
+#pragma unroll 1
   for (int c = lane; c < n_copy * code_vecs; c += kWarpSize) {
     const int blk = c >> vec_shift, v = c & (code_vecs - 1);
     cp_async_16(shared_address(stage + blk * layout.code_stride + sketch_slot(v, blk, code_vecs) * 16),
                 codes + static_cast<int64_t>(c) * 16, 16);
   }
   const uint8_t* ranges = reinterpret_cast<const uint8_t*>(p.sketch_ranges + m0 * 2 * kRank);
+#pragma unroll 1
   for (int c = lane; c < n_entries * kRank; c += kWarpSize) {  // 4R bytes per sketch block: R words
     cp_async_4(shared_address(stage + layout.ranges_offset + c * 4), ranges + static_cast<int64_t>(c) * 4);
   }
   if (use_centroid) {
     constexpr int kVecs = kHeadDim / 8;  // 8 bf16 per vector
     const uint16_t* centroid = p.sketch_centroid + m0 * kHeadDim;
+#pragma unroll 1
     for (int c = lane; c < n_entries * kVecs; c += kWarpSize) {
       const int e = c / kVecs, v = c % kVecs;
       cp_async_16(shared_address(stage + layout.centroid_offset + e * layout.centroid_stride + sketch_slot(v, e, kVecs) * 16),
