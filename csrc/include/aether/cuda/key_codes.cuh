@@ -47,7 +47,8 @@ constexpr int kCodesThreads = 256;
 constexpr int kRefineThreads = 256;
 constexpr int kRefineWarps = kRefineThreads / kWarpSize;
 constexpr int kRefineTile = 16;    // tokens per MMA tile (the m of m16n8k16)
-constexpr int kRefineStages = 4;   // tiles in flight per warp (cp.async ring)
+constexpr int kRefineStages = 4;   // tiles in flight per warp (cp.async ring); a power of two
+static_assert((kRefineStages & (kRefineStages - 1)) == 0, "the ring index is a mask");
 
 // Shared memory of refine_scores: the group's queries as float32, then per warp kRefineStages
 // stages of one tile's codes and one group's bf16 ranges.
@@ -280,10 +281,10 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
     float top_a = -INFINITY, sum_a = 0.0f, top_b = -INFINITY, sum_b = 0.0f;
     for (int unit = units_begin; unit < units_end; ++unit) {
       const int rel = unit - units_begin;
-      issue(unit + kRefineStages - 1, (rel + kRefineStages - 1) % kRefineStages);
+      issue(unit + kRefineStages - 1, (rel + kRefineStages - 1) & (kRefineStages - 1));
       cp_async_wait<kRefineStages - 1>();
       __syncwarp();
-      const int stage = rel % kRefineStages;
+      const int stage = rel & (kRefineStages - 1);  // rel >= 0; a signed % cost ~5 instructions
       const char* src = s_warp + stage * kStageBytes;
       const int j = s_j[stage];
       const int tile = unit & (tiles - 1);
@@ -385,14 +386,14 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
           }
           ma = fmaxf(ma, top_a);  // finite: token 0 of the tile is valid
           mb = fmaxf(mb, top_b);
-          float ea = exp2f(xa0 - ma) + exp2f(xa1 - ma), eb = exp2f(xb0 - mb) + exp2f(xb1 - mb);
+          float ea = fast_exp2(xa0 - ma) + fast_exp2(xa1 - ma), eb = fast_exp2(xb0 - mb) + fast_exp2(xb1 - mb);
 #pragma unroll
           for (int off = 4; off < kWarpSize; off <<= 1) {
             ea += __shfl_xor_sync(kFullMask, ea, off);
             eb += __shfl_xor_sync(kFullMask, eb, off);
           }
-          sum_a = sum_a * exp2f(top_a - ma) + ea;  // exp2(-inf) = 0 at the first tile
-          sum_b = sum_b * exp2f(top_b - mb) + eb;
+          sum_a = sum_a * fast_exp2(top_a - ma) + ea;  // exp2(-inf) = 0 at the first tile
+          sum_b = sum_b * fast_exp2(top_b - mb) + eb;
           top_a = ma;
           top_b = mb;
         }
@@ -401,8 +402,9 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
             const int head = quad * 4 + 2 * t;
             float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + h * G + head) * L + j;
             constexpr float kLn2 = 0.6931471805599453f;
-            if (head < G) out[0] = (top_a + log2f(sum_a)) * kLn2;
-            if (head + 1 < G) out[L] = (top_b + log2f(sum_b)) * kLn2;
+            // sum >= 1 (the maximum's own term): MUFU.LG2 (log2f was ~50 of a tile's ~480 instructions)
+            if (head < G) out[0] = (top_a + fast_log2(sum_a)) * kLn2;
+            if (head + 1 < G) out[L] = (top_b + fast_log2(sum_b)) * kLn2;
           }
           top_a = top_b = -INFINITY;
           sum_a = sum_b = 0.0f;

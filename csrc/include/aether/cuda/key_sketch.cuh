@@ -263,12 +263,6 @@ __device__ __forceinline__ void bf16x8_as_float(const uint4& v, float (&out)[8])
   }
 }
 
-__device__ __forceinline__ float fast_exp2(float x) {  // MUFU.EX2; 2^x < 2^-126 flushes to 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Code c (0..15) of nibble `kNibble` of a 32-bit word of codes, exactly, as a float: the nibble
 // goes into the low byte of 2^23's bit pattern (0x4B000000 | c is 2^23 + c), then 2^23 is
 // subtracted. `lo` holds the even nibbles of the word in its bytes, `hi` the odd ones.
