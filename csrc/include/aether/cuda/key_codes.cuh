@@ -30,6 +30,9 @@
 //    (instruction-bound: the per-lane unpacking, divisions by runtime sizes, the weights rebuilt
 //    per entry); with the MMA channel order, pre-divided queries and the log2 epilogue 51 us,
 //    27 M instructions (bench/results/ncu_refine_h200.md). Its bytes alone would take ~5 us.
+//    At 50% candidates (1024 per row): 33.6 M instructions, 60.5 us; the per-tile epilogue's
+//    exp2f / log2f (subnormal handling in ~4 and ~25 SASS instructions each) replaced by MUFU
+//    ex2 / lg2: 28.2 M, 56.9 us (H200, ncu; bench/PERF_NOTES.md, ninth session).
 //    (radar_select given equal scores selects identically; tests compare scores with a tolerance).
 //    Bytes read per candidate token: D * bits / 8 (+ 4D range bytes per group and candidate).
 #pragma once
