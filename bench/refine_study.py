@@ -19,6 +19,10 @@ Each qsketch decode step of `aether.eval` is replaced by:
   P, at most `--final-max` of the blocks (variable bytes; the eval counts the blocks read).
   With `--final-agg rank` step 3's top-k unites each query head's own ranking (every head's best
   block first, then every head's second, ...) instead of summing the heads' softmax shares.
+  With `--reuse` the previous decode step's final blocks (same layer) join step 2's candidates:
+  attention is correlated from one token to the next, so the blocks read last step are likely
+  candidates again, at no first-stage bytes (their codes are read and counted like any other
+  candidate's).
   4. optionally (`--tail`) the unread candidates enter the softmax by an estimate: their block
      log-masses from the codes (`cand`), minus half the variance of the codes' logit error
      (`cand-corrected`), or exact (`cand-exact`, a diagnostic), each with the mean value of its
@@ -129,8 +133,12 @@ def rank_priority(scores: torch.Tensor) -> torch.Tensor:
 
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
               tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
-              final_max: float = 0.25, final_agg: str = "sum"):
+              final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False):
     original = cache_mod.sparse_decode_step
+    # --reuse: per layer (keyed by the storage of its calibration's key_proj, one per layer; the
+    # sketch may carry a copy of the calibration object), the last step's sequence length and final
+    # selection; used only when this step is the next token of the same sequence.
+    previous: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
         if options.score != "qsketch":
@@ -150,6 +158,9 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
         refined = reference.oracle_head_scores(q, keys, seq_lens, bs, scale)
         is_cand = mask_from_indices(cand, num_cand, nb)
+        last = previous.get(cal.key_proj.data_ptr()) if reuse else None
+        if last is not None and last[0] == seq - 1 and last[1].shape[:2] == cand.shape[:2]:
+            is_cand = is_cand | mask_from_indices(last[1], last[2], nb)  # last step's indices are < nb
         group = q.shape[1] // kv_heads
         if debias and key_bits:  # rank by the log-mass minus half the variance of the codes' logit error
             refined = refined - 0.5 * code_noise_variance(q, k, key_bits, bs, scale, nb)
@@ -184,8 +195,10 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
             est = est.masked_fill(read, -math.inf)
             vmeans = value_means(v, seq, bs, tail_tokens).repeat_interleave(group, dim=1)
             out = add_tail(out, lse, est, vmeans)
-        tokens = (seq - cand.long() * bs).clamp(0, bs)
-        counts["candidate_tokens"] += int(torch.where(cand >= 0, tokens, torch.zeros_like(tokens)).sum())
+        if reuse:
+            previous[cal.key_proj.data_ptr()] = (seq, selected.clone(), num_selected.clone())
+        block_tokens = (seq - torch.arange(nb) * bs).clamp(0, bs)  # every candidate's codes are read
+        counts["candidate_tokens"] += int((is_cand.long() * block_tokens).sum())
         counts["tokens"] += batch * kv_heads * seq
         return out.to(q.dtype), selected
 
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-agg", choices=("sum", "rank"), default="sum",
                         help="how the final top-k combines a KV head's query heads: the sum of their softmax "
                              "shares (the library's), or the union of each head's own ranking (rank_priority)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="the previous decode step's final blocks (same layer) join the candidates")
     parser.add_argument("--final-max", type=float, default=0.25,
                         help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
@@ -228,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
                                                args.tail, args.tail_tokens, args.debias, args.final_mass,
-                                               args.final_max, args.final_agg)
+                                               args.final_max, args.final_agg, args.reuse)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
@@ -241,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         info["final_mass"], info["final_max"] = args.final_mass, args.final_max
     if args.final_agg != "sum":
         info["final_agg"] = args.final_agg
+    if args.reuse:
+        info["reuse"] = True
     if args.tail != "none":
         info["tail"] = args.tail
         info["tail_tokens"] = args.tail_tokens

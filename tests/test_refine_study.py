@@ -158,3 +158,55 @@ def test_rank_priority_unites_each_heads_own_ranking(study):
     # within a rank, the larger share goes first: head 1's block 3 (share ~0.99) before head 0's
     # block 0 (~0.67), and both before any second choice
     assert float(best[3]) > float(best[0]) > float(best[4])
+
+
+def test_reuse_adds_the_previous_final_blocks_to_the_candidates(study):
+    """--reuse: the first step equals the plain step; the next token's candidates are the plain
+    candidates plus the last step's final blocks (counted in the candidate bytes); a step that is
+    not the next token of the same sequence does not reuse."""
+    import aether
+    import aether.cache as cache_mod
+    g = torch.Generator().manual_seed(5)
+    batch, kv_heads, group, seq, dim, bs = 1, 2, 4, 701, 64, 16
+    q1 = torch.randn(batch, kv_heads * group, dim, generator=g)
+    q2 = torch.randn(batch, kv_heads * group, dim, generator=g)
+    k = torch.randn(batch, kv_heads, seq, dim, generator=g)
+    v = torch.randn(batch, kv_heads, seq, dim, generator=g)
+    calib = aether.SketchCalibration(torch.randn(kv_heads, dim, 8, generator=g) / 8,
+                                     torch.randn(kv_heads * group, dim, 8, generator=g) / 8, 0.5)
+    sketches = {n: aether.key_sketch(k[:, :, :n], calib, bs, blocks_per_sketch=8) for n in (699, 700, 701)}
+    options = cache_mod.SparseOptions(score="qsketch", block_size=bs, budget=0.1, blocks_per_sketch=8)
+    everything = cache_mod.SparseOptions(score="qsketch", block_size=bs, budget=0.3, blocks_per_sketch=8)
+
+    def call(step, q, n, opts=options):
+        return step(q, k[:, :, :n], v[:, :, :n], opts, sketch=sketches[n])
+
+    def blocks(sel):
+        return {(h, int(j)) for h in range(kv_heads) for j in sel[0, h] if j >= 0}
+
+    plain_counts, reuse_counts = {"candidate_tokens": 0, "tokens": 0}, {"candidate_tokens": 0, "tokens": 0}
+    plain = study.make_step(0.3, 2, False, plain_counts)
+    reuse = study.make_step(0.3, 2, False, reuse_counts, reuse=True)
+    out1, sel1 = call(plain, q1, 700)
+    rout1, rsel1 = call(reuse, q1, 700)
+    assert torch.equal(out1, rout1) and torch.equal(sel1, rsel1) and plain_counts == reuse_counts
+
+    before = dict(plain_counts), dict(reuse_counts)
+    out2, sel2 = call(plain, q2, 701)
+    rout2, rsel2 = call(reuse, q2, 701)
+    # the plain candidates of step 2: keeping the candidate fraction itself keeps all of them
+    cands = blocks(study.make_step(0.3, 2, False, {"candidate_tokens": 0, "tokens": 0})(
+        q2, k, v, everything, sketch=sketches[701])[1])
+    added = blocks(sel1) - cands
+    assert added, "the test needs last-step blocks outside the plain candidates"
+    assert blocks(rsel2) <= cands | blocks(sel1)
+    nb = math.ceil(seq / bs)
+    tokens = {j: min(bs, seq - j * bs) for j in range(nb)}
+    plain_step = plain_counts["candidate_tokens"] - before[0]["candidate_tokens"]
+    reuse_step = reuse_counts["candidate_tokens"] - before[1]["candidate_tokens"]
+    assert reuse_step - plain_step == sum(tokens[j] for _, j in added)
+
+    # not the next token (699 after 701): no reuse
+    out3, sel3 = call(plain, q1, 699)
+    rout3, rsel3 = call(reuse, q1, 699)
+    assert torch.equal(out3, rout3) and torch.equal(sel3, rsel3)
