@@ -67,6 +67,8 @@ def collect() -> list[dict]:
                         codes += f", adaptive final blocks at mass {refine['final_mass']:g}"
                     if refine.get("final_agg"):
                         codes += f", final top-k by the {refine['final_agg']} union of the heads' rankings"
+                    if refine.get("reuse"):
+                        codes += ", the last step's final blocks join the candidates"
                     if refine.get("tail"):
                         codes += f", tail {refine['tail']} / {refine['tail_tokens']}-token value means"
                     label += f" [study: C {refine['candidates']:g}, {keys}{codes}]"
