@@ -35,6 +35,27 @@ class Selection(NamedTuple):
 # ------------------------------------------------------------------------------------ checks
 
 
+def _check_refine_extra(extra: object, batch: int, kv_heads: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """refine_extra: a Selection or (indices, counts), int32 [batch, kv_heads, L] and [batch, kv_heads]."""
+    if not isinstance(extra, tuple) or len(extra) != 2:
+        raise TypeError(f"refine_extra must be an aether.Selection or a tuple (indices, counts), got "
+                        f"{type(extra).__name__}")
+    indices, counts = extra
+    for name, x, shape in (("indices", indices, f"[{batch}, {kv_heads}, L]"), ("counts", counts,
+                                                                               f"[{batch}, {kv_heads}]")):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+            raise TypeError(f"refine_extra {name} must be an int32 tensor {shape}, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.device != device:
+            raise ValueError(f"refine_extra {name} must be on q's device ({device}), got {x.device}")
+    if indices.dim() != 3 or tuple(indices.shape[:2]) != (batch, kv_heads):
+        raise ValueError(f"refine_extra indices must be [{batch}, {kv_heads}, L], got {tuple(indices.shape)}")
+    if tuple(counts.shape) != (batch, kv_heads):
+        raise ValueError(f"refine_extra counts must be [{batch}, {kv_heads}], got {tuple(counts.shape)}")
+    return indices, counts
+
+
 def _check_tensor(x: object, name: str, ndim: int, layout: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -335,6 +356,7 @@ def sparse_attention(
     group_agg: str | None = None,
     refine=None,
     refine_candidates: int | float = 0.5,
+    refine_extra=None,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -380,6 +402,11 @@ def sparse_attention(
         refine_candidates: the first stage's top-k budget, an int block count or a float fraction
             in (0, 1] (default 0.5, the measured best with 2-bit codes); at least `budget` when
             both are fractions.
+        refine_extra: blocks that join the first stage's candidates (with `refine`), e.g. the
+            previous decode step's `Selection`: a `Selection` or `(indices, counts)`, int32
+            `[batch, kv_heads, L]` and `[batch, kv_heads]` on q's device; entries past a row's
+            count or outside the cache's blocks are ignored. Their codes are read like any
+            candidate's. docs/selection.md, "Reusing the last step's final blocks".
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -484,6 +511,10 @@ def sparse_attention(
         num_blocks = stats.num_blocks
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
     head_scores = None
+    if refine_extra is not None:
+        if refine is None:
+            raise ValueError("refine_extra (blocks that join the two-stage candidates) needs refine= key codes")
+        extra_indices, extra_counts = _check_refine_extra(refine_extra, batch, kv_heads, q.device)
     if refine is not None:
         _check_codes_match(refine, batch, kv_heads, head_dim, q.device)
         _check_current(refine, "the key codes", "were", block_size, block_table, capacity, seq_lens)
@@ -493,6 +524,10 @@ def sparse_attention(
             q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, rc_blocks, rc_fraction,
             float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
             group_agg, *sketch_args)
+        if refine_extra is not None:  # e.g. the last step's final blocks join the candidates
+            from aether.reference import union_blocks
+            candidates, num_candidates = union_blocks(candidates, num_candidates, extra_indices, extra_counts,
+                                                      candidates.shape[-1])
         refine.wait()  # a rebuild on a side stream (KeyCodes.update(stream=...)) ran beside the first stage
         head_scores = torch.ops.aether.refine_scores(q, refine.codes, refine.ranges, seq_lens, candidates,
                                                      num_candidates, block_size, float(scale),

@@ -330,7 +330,9 @@ class RefineRef(NamedTuple):
     """Two-stage selection settings for :func:`sparse_attention`: the first selection keeps
     ``candidate_blocks`` blocks (> 0) or a ``candidate_fraction`` of them; their key codes
     (``bits`` per channel, ranges per group of ``blocks_per_group`` blocks; built from k when
-    ``codes`` is None) rank them; the call's budget keeps the final blocks."""
+    ``codes`` is None) rank them; the call's budget keeps the final blocks. ``extra`` (indices
+    ``[B, Hkv, L']`` int, counts ``[B, Hkv]``), e.g. the previous decode step's selection, joins
+    the candidates (:func:`union_blocks`)."""
 
     bits: int = 2
     candidate_blocks: int = 0
@@ -338,6 +340,28 @@ class RefineRef(NamedTuple):
     blocks_per_group: int = 1
     codes: Tensor | None = None
     ranges: Tensor | None = None
+    extra: tuple[Tensor, Tensor] | None = None
+
+
+def union_blocks(indices: Tensor, counts: Tensor, extra: Tensor, extra_counts: Tensor,
+                 num_blocks: int) -> tuple[Tensor, Tensor]:
+    """The union of two block lists per (b, kv head): the first ``counts`` entries of ``indices``
+    and the first ``extra_counts`` entries of ``extra`` (entries outside ``[0, num_blocks)`` are
+    ignored). Returns ascending int32 indices ``[B, Hkv, num_blocks]`` padded with -1 and their
+    int32 counts ``[B, Hkv]``."""
+    def mask_of(idx: Tensor, cnt: Tensor) -> Tensor:
+        idx = idx.to(torch.int64)
+        in_row = torch.arange(idx.shape[-1], device=idx.device) < cnt.to(torch.int64)[..., None]
+        usable = in_row & (idx >= 0) & (idx < num_blocks)
+        target = torch.where(usable, idx, torch.full_like(idx, num_blocks))
+        mask = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=idx.device)
+        return mask.scatter_(-1, target, True)[..., :num_blocks]
+
+    mask = mask_of(indices, counts) | mask_of(extra, extra_counts)
+    positions = torch.arange(num_blocks, device=mask.device).expand_as(mask)
+    ordered = torch.where(mask, positions, positions + num_blocks).sort(dim=-1).values  # members first
+    union = torch.where(ordered < num_blocks, ordered, torch.full_like(ordered, -1)).to(torch.int32)
+    return union, mask.sum(dim=-1).to(torch.int32)
 
 
 def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = None,
@@ -712,7 +736,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
     centroid, key_proj, query_proj, centroid_weight)``. With ``refine`` (a :class:`RefineRef`, top-k
     only) selection has two stages: the score keeps the refine's candidates, :func:`refine_head_scores`
     ranks them from their key codes and the budget keeps the final blocks (the same group_agg,
-    sink and recent blocks). Returns ``(out, lse, selected, num_selected)``.
+    sink and recent blocks); ``refine.extra`` joins the candidates. Returns ``(out, lse, selected,
+    num_selected)``.
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
     if score == SKETCH_SCORE:
@@ -743,6 +768,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
             scores, mlo, seq_lens, block_size, k.shape[1], budget_blocks=refine.candidate_blocks,
             budget_fraction=refine.candidate_fraction, sink_blocks=sink_blocks, recent_blocks=recent_blocks,
             group_agg=group_agg)
+        if refine.extra is not None:
+            cand, num_cand = union_blocks(cand, num_cand, refine.extra[0], refine.extra[1], cand.shape[-1])
         codes, ranges = refine.codes, refine.ranges
         if codes is None:
             per = refine.blocks_per_group

@@ -174,6 +174,83 @@ def test_refine_with_a_bound_score_and_block_counts(device):
     assert torch.equal(sel.indices.cpu(), rsel)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_union_blocks_equals_the_set_union(seed):
+    """reference.union_blocks: ascending, -1 padded, counts; entries past a row's count or outside
+    [0, num_blocks) are ignored (random lists with duplicates across the two inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, heads, nb, length = 3, 2, 37, 12
+    a = torch.randint(-2, nb + 3, (batch, heads, length), generator=g, dtype=torch.int32)
+    b = torch.randint(-2, nb + 3, (batch, heads, length + 5), generator=g, dtype=torch.int32)
+    ca = torch.randint(0, length + 1, (batch, heads), generator=g, dtype=torch.int32)
+    cb = torch.randint(0, length + 6, (batch, heads), generator=g, dtype=torch.int32)
+    ca[0, 0] = 0
+    cb[0, 0] = 0  # an empty row
+    idx, cnt = ref.union_blocks(a, ca, b, cb, nb)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and idx.shape == (batch, heads, nb)
+    for i in range(batch):
+        for h in range(heads):
+            want = sorted({int(x) for x in a[i, h, :int(ca[i, h])] if 0 <= x < nb}
+                          | {int(x) for x in b[i, h, :int(cb[i, h])] if 0 <= x < nb})
+            assert int(cnt[i, h]) == len(want)
+            assert idx[i, h, :len(want)].tolist() == want and bool((idx[i, h, len(want):] == -1).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refine_extra_joins_the_candidates(device):
+    """refine_extra: with every valid non-candidate block as extra the union is every block, so the
+    result equals refining all blocks (refine_candidates=1.0) exactly; a partial extra list selects
+    as the reference does, and the final blocks come from the candidates and the extra list."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bs = 16
+    q, k, v, lens = make_case(2, 8, 2, 1500, 64, dtype, device, seed=23, lens=[1500, 977])
+    g = torch.Generator().manual_seed(7)
+    kp = (torch.randn(2, 64, 8, generator=g) / 8).to(device)
+    qp = (torch.randn(8, 64, 8, generator=g) / 8).to(device)
+    calib = aether.SketchCalibration(kp, qp, 0.5)
+    sketch = aether.key_sketch(k, calib, bs, seq_lens=lens, blocks_per_sketch=8)
+    codes = aether.key_codes(k, bs, bits=2, seq_lens=lens)
+    kwargs = dict(score="qsketch", sketch=sketch, seq_lens=lens, budget=0.15, refine=codes, return_selection=True)
+    _, cand = aether.sparse_attention(q, k, v, score="qsketch", sketch=sketch, seq_lens=lens, budget=0.4,
+                                      return_selection=True)
+    n_blocks = [math.ceil(int(n) / bs) for n in lens.cpu()]
+    nb = cand.indices.shape[-1]
+    rest = torch.full((2, 2, nb), -1, dtype=torch.int32)
+    rest_counts = torch.zeros(2, 2, dtype=torch.int32)
+    half = torch.full((2, 2, nb), -1, dtype=torch.int32)
+    half_counts = torch.zeros(2, 2, dtype=torch.int32)
+    for b in range(2):
+        for h in range(2):
+            taken = set(cand.indices[b, h, :int(cand.counts[b, h])].tolist())
+            others = [j for j in range(n_blocks[b]) if j not in taken]
+            rest[b, h, :len(others)] = torch.tensor(others, dtype=torch.int32)
+            rest_counts[b, h] = len(others)
+            some = others[::2]
+            half[b, h, :len(some)] = torch.tensor(some, dtype=torch.int32)
+            half_counts[b, h] = len(some)
+    everything = aether.Selection(rest.to(device), rest_counts.to(device))
+    out_all, sel_all = aether.sparse_attention(q, k, v, refine_candidates=0.4, refine_extra=everything, **kwargs)
+    out_full, sel_full = aether.sparse_attention(q, k, v, refine_candidates=1.0, **kwargs)
+    assert torch.equal(sel_all.indices, sel_full.indices) and torch.equal(sel_all.counts, sel_full.counts)
+    torch.testing.assert_close(out_all, out_full, atol=0, rtol=0)
+
+    extra = (half.to(device), half_counts.to(device))
+    out, sel = aether.sparse_attention(q, k, v, refine_candidates=0.4, refine_extra=extra, **kwargs)
+    _, plain = aether.sparse_attention(q, k, v, refine_candidates=0.4, **kwargs)
+    assert not torch.equal(sel.indices, plain.indices), "the extra blocks changed nothing"
+    for b in range(2):
+        for h in range(2):
+            final = set(sel.indices[b, h, :int(sel.counts[b, h])].tolist())
+            allowed = set(cand.indices[b, h, :int(cand.counts[b, h])].tolist()) | set(half[b, h, :int(half_counts[b, h])].tolist())
+            assert final <= allowed
+    _, _, rsel, rcnt = ref.sparse_attention(
+        q.cpu(), k.cpu(), v.cpu(), block_size=bs, score="qsketch", budget_fraction=0.15, seq_lens=lens.cpu(),
+        group_agg="sum", sketch=(kp.cpu(), qp.cpu(), 0.5, 8),
+        refine=ref.RefineRef(bits=2, candidate_fraction=0.4, blocks_per_group=8, extra=(half, half_counts)))
+    assert torch.equal(sel.counts.cpu(), rcnt)
+    assert float((sel.indices.cpu() == rsel).float().mean()) > 0.95  # scores agree to rounding
+
+
 def test_refine_errors():
     q, k, v, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
     codes = aether.key_codes(k, 64, seq_lens=lens)
@@ -194,6 +271,17 @@ def test_refine_errors():
     other = aether.key_codes(k[:, :1].contiguous(), 64)
     with pytest.raises(ValueError, match="built for another cache"):
         aether.sparse_attention(q, k, v, seq_lens=lens, refine=other)
+    sel = aether.Selection(torch.zeros(1, 2, 4, dtype=torch.int32), torch.ones(1, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="refine_extra .* needs refine= key codes"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine_extra=sel)
+    with pytest.raises(TypeError, match="refine_extra must be an aether.Selection or a tuple"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_extra=sel.indices)
+    with pytest.raises(TypeError, match="refine_extra indices must be an int32 tensor"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_extra=(sel.indices.long(), sel.counts))
+    with pytest.raises(ValueError, match=r"refine_extra counts must be \[1, 2\]"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_extra=(sel.indices, sel.counts[:, :1]))
+    with pytest.raises(ValueError, match=r"refine_extra indices must be \[1, 2, L\]"):
+        aether.sparse_attention(q, k, v, seq_lens=lens, refine=codes, refine_extra=(sel.indices[0], sel.counts))
     with pytest.raises(ValueError, match=r"bits must be one of \(2, 4\)"):
         aether.key_codes(k, 64, bits=3)
     with pytest.raises(ValueError, match="blocks_per_group must be 1, 2, 4 or 8"):
