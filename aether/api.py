@@ -357,6 +357,7 @@ def sparse_attention(
     refine=None,
     refine_candidates: int | float = 0.5,
     refine_extra=None,
+    return_candidates: bool = False,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -407,10 +408,13 @@ def sparse_attention(
             `[batch, kv_heads, L]` and `[batch, kv_heads]` on q's device; entries past a row's
             count or outside the cache's blocks are ignored. Their codes are read like any
             candidate's. docs/selection.md, "Reusing the last step's final blocks".
+        return_candidates: also return the first stage's candidates (a `Selection`, after
+            `refine_extra`; with `refine` only), last in the returned tuple.
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
-        `(out, selection)` or `(out, lse, selection)` as requested. A sequence of length 0 gives
+        `(out, selection)` or `(out, lse, selection)` as requested (then the candidates, with
+        `return_candidates`). A sequence of length 0 gives
         a zero output and lse = -inf.
     """
     _ops.require_extension()
@@ -511,6 +515,8 @@ def sparse_attention(
         num_blocks = stats.num_blocks
     budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
     head_scores = None
+    if return_candidates and refine is None:
+        raise ValueError("return_candidates needs refine= (the candidates are two-stage selection's first stage)")
     if refine_extra is not None:
         if refine is None:
             raise ValueError("refine_extra (blocks that join the two-stage candidates) needs refine= key codes")
@@ -544,4 +550,6 @@ def sparse_attention(
         result.append(lse)
     if return_selection:
         result.append(Selection(selected, counts))
+    if return_candidates:
+        result.append(Selection(candidates, num_candidates))
     return out if len(result) == 1 else tuple(result)

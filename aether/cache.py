@@ -66,6 +66,9 @@ class SparseOptions:
     `refine_candidates`, `refine_bits`: two-stage selection (`aether.refine`, top-k only): the
     score keeps this fraction of the blocks as candidates, `refine_bits`-bit key codes (2 or 4)
     rank them and `budget` keeps the final blocks; None (default) is one stage.
+    `refine_reuse`: with `refine_candidates`, each decode step's final blocks join the next
+    step's candidates (same layer; `sparse_attention(refine_extra=)`; docs/selection.md,
+    "Reusing the last step's final blocks"). The read counter counts the union's codes.
     """
 
     score: str = "tight"
@@ -83,6 +86,7 @@ class SparseOptions:
     blocks_per_sketch: int = 1
     refine_candidates: float | None = None
     refine_bits: int = 2
+    refine_reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -136,6 +140,11 @@ class SparseOptions:
                 raise ValueError(f"refine_candidates ({rc}) must be >= budget ({self.budget})")
         if self.refine_bits not in (2, 4) or isinstance(self.refine_bits, bool):
             raise ValueError(f"refine_bits must be 2 or 4, got {self.refine_bits!r}")
+        if not isinstance(self.refine_reuse, bool):
+            raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
+        if self.refine_reuse and rc is None:
+            raise ValueError("refine_reuse (the last step's final blocks join the candidates) needs "
+                             "refine_candidates (two-stage selection)")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if not 0.0 < self.mass <= 1.0:
@@ -317,7 +326,9 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                        stats: BlockStats | RefBlockStats | None = None,
                        scale: float | None = None,
                        sketch: KeySketch | None = None,
-                       codes: KeyCodes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       codes: KeyCodes | None = None,
+                       refine_extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       return_candidates: bool = False) -> tuple[torch.Tensor, ...]:
     """One AETHER decode step over a whole cache view (every slot of `k`/`v` is a valid token).
 
     Every AETHER attention call of the cache and the integrations goes through here: the compiled
@@ -334,10 +345,15 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
             required by score="qsketch" and only read by it.
         codes: the key codes of `k` (`KeyCodes`, or `RefKeyCodes`), required by two-stage
             selection (`options.refine_candidates`) and only read by it.
+        refine_extra: `(indices, counts)` of blocks that join the two-stage candidates (the
+            previous step's selection with `options.refine_reuse`).
+        return_candidates: also return the candidates' counts `[batch, kv_heads]` int32 (after
+            refine_extra; two-stage only), for the read counter.
 
     Returns:
         `(out [batch, q_heads, head_dim] in q's dtype, selection [batch, kv_heads, num_blocks]
-        int32 ascending block indices padded with -1)`.
+        int32 ascending block indices padded with -1)`, and the candidates' counts with
+        `return_candidates`.
     """
     kwargs = dict(policy=options.policy, eps=options.eps, mass=options.mass, sink_blocks=options.sink_blocks,
                   recent_blocks=options.recent_blocks, scale=scale)
@@ -355,14 +371,18 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if (candidates is None) != (codes is None):
         raise ValueError("key codes (codes=) are needed exactly when options.refine_candidates is set, got "
                          f"refine_candidates={options.refine_candidates!r}, codes={type(codes).__name__}")
+    if (refine_extra is not None or return_candidates) and codes is None:
+        raise ValueError("refine_extra and return_candidates need two-stage selection (options.refine_candidates "
+                         "and codes=)")
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
             and not isinstance(sketch, RefKeySketch) and not isinstance(codes, RefKeyCodes)):
-        refine = dict(refine=codes, refine_candidates=candidates) if codes is not None else {}
-        out, selection = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
-                                                 score=options.score, budget=options.budget, sketch=sketch,
-                                                 group_agg=options.group_agg, return_selection=True, **refine,
-                                                 **kwargs)
-        return out, selection.indices
+        refine = (dict(refine=codes, refine_candidates=candidates, refine_extra=refine_extra,
+                       return_candidates=return_candidates) if codes is not None else {})
+        out, selection, *cand = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
+                                                        score=options.score, budget=options.budget, sketch=sketch,
+                                                        group_agg=options.group_agg, return_selection=True,
+                                                        **refine, **kwargs)
+        return (out, selection.indices, cand[0].counts) if return_candidates else (out, selection.indices)
     ref_stats = ref_sketch = None
     if options.score not in ("oracle", SKETCH_SCORE):
         if stats is None:
@@ -378,12 +398,13 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         if isinstance(codes, KeyCodes):
             codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
         ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
-                                         blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges)
-    out, _, selected, _ = reference.sparse_attention(
+                                         blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges,
+                                         extra=refine_extra)
+    out, _, selected, *rest = reference.sparse_attention(
         q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, group_agg=resolved_group_agg(options),
-        sketch=ref_sketch, refine=ref_refine, **kwargs)
-    return out, selected
+        sketch=ref_sketch, refine=ref_refine, return_candidates=return_candidates, **kwargs)
+    return (out, selected, rest[1].to(torch.int32)) if return_candidates else (out, selected)
 
 
 # ------------------------------------------------------------------------------ read counts
@@ -421,14 +442,16 @@ class ReadCounter:
     blocks_total: int = 0
     steps: int = 0
     sketch_bytes: float = 0
-    refine_bytes: float = 0
+    refine_bytes: torch.Tensor | float = 0
 
     def add(self, selection: torch.Tensor, length: int, block_size: int,
             sketch: KeySketch | None = None, codes: KeyCodes | None = None,
-            refine_candidates: float | None = None) -> None:
+            refine_candidates: float | None = None, candidate_counts: torch.Tensor | None = None) -> None:
         """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read;
         `codes`, `refine_candidates`: the key codes a two-stage step read for that candidate fraction
-        (the first stage's top-k count, ceil(fraction x blocks))."""
+        (the first stage's top-k count, ceil(fraction x blocks)), or for `candidate_counts`
+        `[batch, kv_heads]` candidates per row when given (with refine_reuse the union is larger;
+        counted on the device, no host sync)."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
@@ -440,7 +463,13 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
-        if codes is not None:
+        if codes is not None and candidate_counts is not None:  # KeyCodes.bytes_read per row, on the device
+            count = candidate_counts.to(torch.int64)
+            groups = count.clamp(max=math.ceil(num_blocks / codes.blocks_per_group))
+            per_block = codes.block_size * codes.head_dim * codes.bits / 8
+            self.refine_bytes = self.refine_bytes + (count.sum().double() * per_block
+                                                 + groups.sum().double() * 4 * codes.head_dim)
+        elif codes is not None:
             candidates = min(num_blocks, math.ceil(refine_candidates * num_blocks - 1e-9))
             self.refine_bytes += rows * codes.bytes_read(candidates, num_blocks)
         self.steps += 1
@@ -459,7 +488,7 @@ class ReadCounter:
             metadata = self.sketch_bytes / dense_bytes
         else:
             metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
-        return {"selected": selected, "metadata": metadata + self.refine_bytes / dense_bytes}
+        return {"selected": selected, "metadata": metadata + float(self.refine_bytes) / dense_bytes}
 
 
 # ------------------------------------------------------------------------------- the cache
@@ -493,6 +522,10 @@ class AetherKVCache:
         self._sketch_length = 0
         self._codes: list[KeyCodes] | None = None  # two-stage selection: one per statistics group
         self._codes_length = 0
+        # refine_reuse: (the codes list it went with, the cache length, the selection per view) of the
+        # last step; used only while the same codes list is current (a layout change, reindex or
+        # truncate drops the codes) and exactly one token was appended since
+        self._last_selection: tuple[list, int, list[torch.Tensor]] | None = None
         self.budget: float | None = None  # this layer's top-k fraction when allocated per layer, else None
         self._budget_options: SparseOptions | None = None  # `options` with `budget` (see _step_options)
         self.reads = ReadCounter()
@@ -757,12 +790,24 @@ class AetherKVCache:
         keys, values = self.keys, self.values
         options = self._step_options()
         candidates = refine_fraction(options)
-        outs = []
-        for st, sk, kc, (rows, start) in zip(stats, sketches, codes, views):
+        reuse = options.refine_reuse
+        last = self._last_selection if reuse else None
+        usable = (last is not None and last[0] is self._codes and last[1] == self.length - 1
+                  and len(last[2]) == len(views))
+        outs, selections = [], []
+        for i, (st, sk, kc, (rows, start)) in enumerate(zip(stats, sketches, codes, views)):
             k, v = keys[rows, :, start:], values[rows, :, start:]
-            out, selection = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk, codes=kc)
+            extra = None
+            if usable:  # the last step's final blocks join this step's candidates
+                previous = last[2][i]
+                extra = (previous, (previous >= 0).sum(dim=-1, dtype=torch.int32))
+            out, selection, *cand = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk, codes=kc,
+                                                       refine_extra=extra, return_candidates=reuse)
             self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk, codes=kc,
-                           refine_candidates=candidates)
+                           refine_candidates=candidates, candidate_counts=cand[0] if reuse else None)
             outs.append(out)
+            selections.append(selection)
+        if reuse:
+            self._last_selection = (self._codes, self.length, selections)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 

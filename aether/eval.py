@@ -78,6 +78,7 @@ class Config:
     sketch_rank: int = DEFAULT_RANK  # qsketch: coefficients per token
     refine_candidates: float | None = None  # two-stage selection: candidate fraction (None: one stage)
     refine_bits: int = 2  # two-stage selection: bits per channel of the key codes
+    refine_reuse: bool = False  # two-stage selection: the last step's final blocks join the candidates
 
     @property
     def name(self) -> str:
@@ -87,6 +88,7 @@ class Config:
         per += f" recent{self.recent_blocks}" if self.recent_blocks != 1 else ""
         per += f" r{self.sketch_rank}" if self.sketch_rank != DEFAULT_RANK else ""
         per += f" refine{self.refine_candidates:g}q{self.refine_bits}" if self.refine_candidates is not None else ""
+        per += "+reuse" if self.refine_reuse else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -119,7 +121,7 @@ class EvalSettings:
     blocks_per_sketch: tuple[int, ...] = (1,)  # qsketch configs run once per entry
     recent_blocks: int = 1  # every sparse config
     sketch_rank: int = DEFAULT_RANK  # every qsketch config
-    refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none" or "C:bits"
+    refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none", "C:bits" or "C:bits:reuse"
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -179,7 +181,8 @@ class Runner:
                                 group_agg=config.group_agg, budget_allocation=config.budget_allocation,
                                 mass=config.mass, blocks_per_sketch=config.blocks_per_sketch,
                                 recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank,
-                                refine_candidates=config.refine_candidates, refine_bits=config.refine_bits)
+                                refine_candidates=config.refine_candidates, refine_bits=config.refine_bits,
+                                refine_reuse=config.refine_reuse)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -283,14 +286,15 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                         if per * block_size > 128:
                             continue
                         for refine in dict.fromkeys(settings.refines) if score != "oracle" else ("none",):
-                            candidates, bits = parse_refine(refine)
+                            candidates, bits, reuse = parse_refine(refine)
                             if candidates is not None and candidates < budget:
                                 continue  # the final blocks are chosen among the candidates
                             configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
                                                   budget_allocation=allocation, blocks_per_sketch=int(per),
                                                   recent_blocks=settings.recent_blocks,
                                                   sketch_rank=_rank_of(score, settings),
-                                                  refine_candidates=candidates, refine_bits=bits))
+                                                  refine_candidates=candidates, refine_bits=bits,
+                                                  refine_reuse=reuse))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -304,18 +308,23 @@ def configs_for(settings: EvalSettings) -> list[Config]:
     return configs
 
 
-def parse_refine(entry: str) -> tuple[float | None, int]:
-    """A --refine entry: "none" (one stage) or "C:bits", e.g. "0.3:2" -> (0.3, 2)."""
+def parse_refine(entry: str) -> tuple[float | None, int, bool]:
+    """A --refine entry: "none" (one stage), "C:bits" or "C:bits:reuse" (the last step's final
+    blocks join the candidates), e.g. "0.3:2" -> (0.3, 2, False), "0.5:2:reuse" -> (0.5, 2, True)."""
     if entry == "none":
-        return None, 2
+        return None, 2, False
+    parts = entry.split(":")
+    reuse = len(parts) == 3 and parts[2] == "reuse"
     try:
-        candidates, bits = entry.split(":")
-        parsed = float(candidates), int(bits)
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not reuse):
+            raise ValueError
+        parsed = float(parts[0]), int(parts[1])
     except ValueError:
-        raise ValueError(f"--refine entries must be 'none' or 'C:bits' (e.g. 0.3:2), got {entry!r}") from None
+        raise ValueError(f"--refine entries must be 'none', 'C:bits' or 'C:bits:reuse' (e.g. 0.3:2), got "
+                         f"{entry!r}") from None
     if not 0.0 < parsed[0] <= 1.0 or parsed[1] not in (2, 4):
         raise ValueError(f"--refine {entry!r}: C must be in (0, 1] and bits 2 or 4")
-    return parsed
+    return parsed[0], parsed[1], reuse
 
 
 def _rank_of(score: str, settings: EvalSettings) -> int:
@@ -739,9 +748,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sketch-rank", type=int, default=d.sketch_rank,
                    help="coefficients per token of every qsketch config's sketch (2, 4, 8, 16)")
     p.add_argument("--refine", type=_strs, default=d.refines,
-                   help="two-stage selection: top-k configs run once per entry, 'none' (one stage) or 'C:bits' "
+                   help="two-stage selection: top-k configs run once per entry, 'none' (one stage), 'C:bits' "
                         "(the score keeps a fraction C of the blocks, bits-bit key codes rank them, the budget "
-                        "keeps the final blocks), e.g. none,0.3:2")
+                        "keeps the final blocks) or 'C:bits:reuse' (the last step's final blocks join the "
+                        "candidates), e.g. none,0.3:2,0.5:2:reuse")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,

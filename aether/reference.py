@@ -727,7 +727,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
                      scale: float | None = None, group_agg: str = "max",
                      sketch: tuple | None = None,
                      refine: RefineRef | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     return_candidates: bool = False,
+                     ) -> tuple[Tensor, ...]:
     """The whole decode step: statistics, radar scores, selection, attention.
 
     ``score`` may also be ``oracle`` (true per-block log-mass; the threshold policy then uses the
@@ -737,7 +738,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
     only) selection has two stages: the score keeps the refine's candidates, :func:`refine_head_scores`
     ranks them from their key codes and the budget keeps the final blocks (the same group_agg,
     sink and recent blocks); ``refine.extra`` joins the candidates. Returns ``(out, lse, selected,
-    num_selected)``.
+    num_selected)``, and the candidates' counts after them with ``return_candidates`` (refine only).
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
     if score == SKETCH_SCORE:
@@ -783,4 +784,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
         min_blocks=min_blocks, max_blocks=max_blocks, sink_blocks=sink_blocks,
         recent_blocks=recent_blocks, group_agg=group_agg)
     out, lse = sparse_decode(q, k, v, seq_lens, block_size, selected, num_selected, scale)
+    if return_candidates:
+        assert refine is not None, "return_candidates needs refine"
+        return out, lse, selected, num_selected, num_cand
     return out, lse, selected, num_selected

@@ -406,6 +406,54 @@ def test_cache_two_stage_equals_the_direct_call_and_the_reference_path(monkeypat
     torch.testing.assert_close(ref_out, want, atol=1e-5, rtol=1e-5)
 
 
+def test_cache_refine_reuse_passes_the_last_selection(monkeypatch):
+    """refine_reuse: at the next token the cache passes its last selection as refine_extra (its step
+    equals the direct call with it), the read counter counts the union's codes, more than one new
+    token means no reuse, and the reference fallback selects the same blocks."""
+    import aether.cache as cache_mod
+    q1, k, v, _ = make_case(1, 8, 2, 703, 64, torch.float32, "cpu", seed=9, lens=[703])
+    q2 = make_case(1, 8, 2, 16, 64, torch.float32, "cpu", seed=10, lens=[16])[0]
+    options = cache_mod.SparseOptions(score="tight", block_size=16, budget=0.2, refine_candidates=0.3,
+                                      refine_reuse=True)
+    cache = cache_mod.AetherKVCache(options)
+    direct = dict(block_size=16, score="tight", budget=0.2, refine_candidates=0.3, return_selection=True,
+                  return_candidates=True)
+
+    def bytes_of(counts, n):  # KeyCodes.bytes_read per row: codes of the candidates + their groups' ranges
+        return sum(int(c) * 16 * 64 * 2 / 8 + min(int(c), math.ceil(math.ceil(n / 16) / 8)) * 4 * 64
+                   for c in counts.flatten())
+
+    cache.append(k[:, :, :700], v[:, :, :700])
+    out1 = cache.attend(q1)
+    want1, sel1, cand1 = aether.sparse_attention(q1, k[:, :, :700], v[:, :, :700],
+                                                 refine=aether.key_codes(k[:, :, :700], 16), **direct)
+    torch.testing.assert_close(out1, want1, atol=0, rtol=0)
+    cache.append(k[:, :, 700:701], v[:, :, 700:701])
+    out2 = cache.attend(q2)
+    want2, sel2, cand2 = aether.sparse_attention(q2, k[:, :, :701], v[:, :, :701],
+                                                 refine=aether.key_codes(k[:, :, :701], 16), refine_extra=sel1,
+                                                 **direct)
+    torch.testing.assert_close(out2, want2, atol=0, rtol=0)
+    _, plain_cand = aether.sparse_attention(q2, k[:, :, :701], v[:, :, :701], block_size=16, score="tight",
+                                            budget=0.3, return_selection=True)
+    assert bool((cand2.counts > plain_cand.counts).any()), "the last selection added no candidate"
+    expected = bytes_of(cand1.counts, 700) + bytes_of(cand2.counts, 701)
+    assert math.isclose(float(cache.reads.refine_bytes), expected, rel_tol=1e-12)
+    # two tokens at once: not the next token, so no reuse
+    cache.append(k[:, :, 701:703], v[:, :, 701:703])
+    out3 = cache.attend(q1)
+    want3 = aether.sparse_attention(q1, k, v, block_size=16, score="tight", budget=0.2, refine_candidates=0.3,
+                                    refine=aether.key_codes(k, 16))
+    torch.testing.assert_close(out3, want3, atol=0, rtol=0)
+    # the reference fallback with the same extra blocks
+    monkeypatch.setattr(cache_mod, "_use_extension", lambda t: False)
+    ref_out, ref_sel, ref_count = cache_mod.sparse_decode_step(
+        q2, k[:, :, :701], v[:, :, :701], options, codes=cache_mod.build_key_codes(k[:, :, :701], 16, 2),
+        refine_extra=(sel1.indices, sel1.counts), return_candidates=True)
+    assert torch.equal(ref_sel, sel2.indices) and torch.equal(ref_count, cand2.counts)
+    torch.testing.assert_close(ref_out, want2, atol=1e-5, rtol=1e-5)
+
+
 def test_two_stage_options_and_eval_entries():
     from aether.cache import SparseOptions, sparse_decode_step
     from aether.eval import Config, EvalSettings, configs_for, parse_refine
@@ -420,9 +468,18 @@ def test_two_stage_options_and_eval_entries():
     q, k, v, _ = make_case(1, 4, 2, 128, 64, torch.float32, "cpu", seed=1, lens=[128])
     with pytest.raises(ValueError, match="key codes .* needed exactly when"):
         sparse_decode_step(q, k, v, SparseOptions(block_size=16, refine_candidates=0.5))
-    assert parse_refine("none") == (None, 2) and parse_refine("0.3:4") == (0.3, 4)
-    with pytest.raises(ValueError, match="'none' or 'C:bits'"):
+    assert parse_refine("none") == (None, 2, False) and parse_refine("0.3:4") == (0.3, 4, False)
+    assert parse_refine("0.5:2:reuse") == (0.5, 2, True)
+    with pytest.raises(ValueError, match="'none', 'C:bits' or 'C:bits:reuse'"):
         parse_refine("0.3")
+    with pytest.raises(ValueError, match="'none', 'C:bits' or 'C:bits:reuse'"):
+        parse_refine("0.3:2:again")
+    with pytest.raises(ValueError, match="refine_reuse .* needs refine_candidates"):
+        SparseOptions(refine_reuse=True)
+    with pytest.raises(TypeError, match="refine_reuse must be a bool"):
+        SparseOptions(refine_candidates=0.5, refine_reuse=1)
+    with pytest.raises(ValueError, match="refine_extra and return_candidates need two-stage selection"):
+        sparse_decode_step(q, k, v, SparseOptions(block_size=16), return_candidates=True)
     with pytest.raises(ValueError, match="bits 2 or 4"):
         parse_refine("0.3:3")
     settings = EvalSettings(scores=("qsketch", "oracle"), budgets=(0.1, 0.4), block_sizes=(16,),
@@ -432,3 +489,5 @@ def test_two_stage_options_and_eval_entries():
     assert not any("refine" in n for n in names if n.startswith("oracle"))  # the oracle needs no refinement
     assert "qsketch bs16 refine0.3q2 topk 0.4" not in names  # candidates below the budget: skipped
     assert Config("tight", 0.1, 16, refine_candidates=0.3).name == "tight bs16 refine0.3q2 topk 0.1"
+    reuse = configs_for(EvalSettings(scores=("qsketch",), budgets=(0.1,), block_sizes=(16,), refines=("0.5:2:reuse",)))
+    assert [c.name for c in reuse] == ["dense", "qsketch bs16 refine0.5q2+reuse topk 0.1"] and reuse[1].refine_reuse
