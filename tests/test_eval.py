@@ -175,9 +175,10 @@ def test_harness_qsketch_and_group_agg(bundle, tmp_path):
 
 def test_harness_two_stage_refine(bundle, tmp_path):
     """Two-stage selection through the harness (AetherCache(refine_candidates=...)): it runs next to
-    its one-stage config, changes the predictions, and counts the candidates' code bytes."""
+    its one-stage config, changes the predictions, and counts the candidates' code bytes; with
+    ":reuse" the last step's blocks join the candidates, so it reads at least as many codes."""
     settings = EvalSettings(**{**QUICK, "scores": ("qsketch:sum",), "budgets": (0.25,), "tasks": ("ppl",),
-                               "refines": ("none", "0.5:2")})
+                               "refines": ("none", "0.5:2", "0.5:2:reuse")})
     result = run_eval(settings, output=tmp_path / "acc.json", plot=None, model_bundle=bundle, progress=False)
     by_name = {c["name"]: c for c in result["configs"]}
     one, two = by_name["qsketch bs16 topk 0.25 sum"], by_name["qsketch bs16 refine0.5q2 topk 0.25 sum"]
@@ -187,6 +188,10 @@ def test_harness_two_stage_refine(bundle, tmp_path):
     extra = two["kv_read"]["metadata"] - one["kv_read"]["metadata"]
     assert 0.5 / 16 < extra < 0.5 / 16 + 2 / 128
     assert two["kv_read"]["selected"] == pytest.approx(one["kv_read"]["selected"], rel=0.05)
+    reuse = by_name["qsketch bs16 refine0.5q2+reuse topk 0.25 sum"]
+    assert reuse["config"]["refine_reuse"] and not two["config"]["refine_reuse"]
+    assert reuse["kv_read"]["metadata"] >= two["kv_read"]["metadata"]
+    assert reuse["kv_read"]["metadata"] < two["kv_read"]["metadata"] + 0.25 / 16 + 1 / 128  # at most the last keep
 
 
 def test_model_demo_prints_table(bundle, tmp_path, capsys):
