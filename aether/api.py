@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from aether import _ops
+from aether.reference import union_blocks
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
 SCORES = STAT_SCORES + ("qsketch",)  # qsketch reads a KeySketch instead of the statistics
@@ -413,9 +414,8 @@ def sparse_attention(
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
-        `(out, selection)` or `(out, lse, selection)` as requested (then the candidates, with
-        `return_candidates`). A sequence of length 0 gives
-        a zero output and lse = -inf.
+        `(out, selection)` or `(out, lse, selection)` as requested, then the candidates with
+        `return_candidates`. A sequence of length 0 gives a zero output and lse = -inf.
     """
     _ops.require_extension()
     q = _check_tensor(q, "q", 3, "[batch, q_heads, head_dim]")
@@ -531,7 +531,6 @@ def sparse_attention(
             float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
             group_agg, *sketch_args)
         if refine_extra is not None:  # e.g. the last step's final blocks join the candidates
-            from aether.reference import union_blocks
             candidates, num_candidates = union_blocks(candidates, num_candidates, extra_indices, extra_counts,
                                                       candidates.shape[-1])
         refine.wait()  # a rebuild on a side stream (KeyCodes.update(stream=...)) ran beside the first stage
