@@ -463,12 +463,8 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
-        if codes is not None and candidate_counts is not None:  # KeyCodes.bytes_read per row, on the device
-            count = candidate_counts.to(torch.int64)
-            groups = count.clamp(max=math.ceil(num_blocks / codes.blocks_per_group))
-            per_block = codes.block_size * codes.head_dim * codes.bits / 8
-            self.refine_bytes = self.refine_bytes + (count.sum().double() * per_block
-                                                 + groups.sum().double() * 4 * codes.head_dim)
+        if codes is not None and candidate_counts is not None:  # per row, on the device (float64)
+            self.refine_bytes = self.refine_bytes + codes.bytes_read(candidate_counts.double(), num_blocks).sum()
         elif codes is not None:
             candidates = min(num_blocks, math.ceil(refine_candidates * num_blocks - 1e-9))
             self.refine_bytes += rows * codes.bytes_read(candidates, num_blocks)

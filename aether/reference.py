@@ -343,25 +343,37 @@ class RefineRef(NamedTuple):
     extra: tuple[Tensor, Tensor] | None = None
 
 
+def mask_from_indices(selected: Tensor, num_selected: Tensor, num_blocks: int) -> Tensor:
+    """``[B, Hkv, NB]`` bool mask of the first ``num_selected`` entries of ``selected`` (entries
+    outside ``[0, num_blocks)`` are ignored)."""
+    sel = selected.to(torch.int64)
+    positions = torch.arange(sel.shape[-1], device=sel.device)
+    in_row = positions < num_selected.to(torch.int64)[..., None]
+    usable = in_row & (sel >= 0) & (sel < num_blocks)
+    target = torch.where(usable, sel, torch.full_like(sel, num_blocks))
+    mask = torch.zeros(*sel.shape[:-1], num_blocks + 1, dtype=torch.bool, device=sel.device)
+    mask.scatter_(-1, target, True)
+    return mask[..., :num_blocks]
+
+
+def indices_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Bool ``[B, Hkv, NB]`` -> (ascending indices padded with -1 int32, counts int32)."""
+    nb = mask.shape[-1]
+    idx = torch.arange(nb, device=mask.device).expand_as(mask)
+    keyed = torch.where(mask, idx, torch.full_like(idx, nb))
+    ordered = keyed.sort(dim=-1).values
+    selected = torch.where(ordered < nb, ordered, torch.full_like(ordered, -1)).to(torch.int32)
+    return selected, mask.sum(dim=-1).to(torch.int32)
+
+
 def union_blocks(indices: Tensor, counts: Tensor, extra: Tensor, extra_counts: Tensor,
                  num_blocks: int) -> tuple[Tensor, Tensor]:
     """The union of two block lists per (b, kv head): the first ``counts`` entries of ``indices``
     and the first ``extra_counts`` entries of ``extra`` (entries outside ``[0, num_blocks)`` are
     ignored). Returns ascending int32 indices ``[B, Hkv, num_blocks]`` padded with -1 and their
     int32 counts ``[B, Hkv]``."""
-    def mask_of(idx: Tensor, cnt: Tensor) -> Tensor:
-        idx = idx.to(torch.int64)
-        in_row = torch.arange(idx.shape[-1], device=idx.device) < cnt.to(torch.int64)[..., None]
-        usable = in_row & (idx >= 0) & (idx < num_blocks)
-        target = torch.where(usable, idx, torch.full_like(idx, num_blocks))
-        mask = torch.zeros(*idx.shape[:-1], num_blocks + 1, dtype=torch.bool, device=idx.device)
-        return mask.scatter_(-1, target, True)[..., :num_blocks]
-
-    mask = mask_of(indices, counts) | mask_of(extra, extra_counts)
-    positions = torch.arange(num_blocks, device=mask.device).expand_as(mask)
-    ordered = torch.where(mask, positions, positions + num_blocks).sort(dim=-1).values  # members first
-    union = torch.where(ordered < num_blocks, ordered, torch.full_like(ordered, -1)).to(torch.int32)
-    return union, mask.sum(dim=-1).to(torch.int32)
+    return indices_from_mask(mask_from_indices(indices, counts, num_blocks)
+                             | mask_from_indices(extra, extra_counts, num_blocks))
 
 
 def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = None,

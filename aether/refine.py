@@ -81,11 +81,14 @@ class KeyCodes:
     def head_dim(self) -> int:
         return self.ranges.shape[-1]
 
-    def bytes_read(self, candidates: int, num_blocks: int) -> float:
+    def bytes_read(self, candidates: "int | torch.Tensor", num_blocks: int) -> "float | torch.Tensor":
         """Bytes the second stage reads per KV head for `candidates` of `num_blocks` blocks: the
         candidates' codes, and the bf16 ranges of every group that can hold a candidate (at most
-        one group per candidate, at most every group: an upper bound on the distinct groups)."""
-        groups = min(candidates, math.ceil(num_blocks / self.blocks_per_group))
+        one group per candidate, at most every group: an upper bound on the distinct groups).
+        `candidates` may be a tensor of per-row counts (then elementwise, on its device)."""
+        all_groups = math.ceil(num_blocks / self.blocks_per_group)
+        groups = (candidates.clamp(max=all_groups) if isinstance(candidates, torch.Tensor)
+                  else min(candidates, all_groups))
         return candidates * self.block_size * self.head_dim * self.bits / 8 + groups * 4 * self.head_dim
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,

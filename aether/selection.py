@@ -443,26 +443,9 @@ def forced_mask(seq_lens: Tensor, block_size: int, num_blocks: int, sink_blocks:
     return forced & valid, valid
 
 
-def _indices_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Bool ``[B, Hkv, NB]`` -> (ascending indices padded with -1 int32, counts int32)."""
-    nb = mask.shape[-1]
-    idx = torch.arange(nb, device=mask.device).expand_as(mask)
-    keyed = torch.where(mask, idx, torch.full_like(idx, nb))
-    ordered = keyed.sort(dim=-1).values
-    selected = torch.where(ordered < nb, ordered, torch.full_like(ordered, -1)).to(torch.int32)
-    return selected, mask.sum(dim=-1).to(torch.int32)
-
-
-def mask_from_indices(selected: Tensor, num_selected: Tensor, num_blocks: int) -> Tensor:
-    """``[B, Hkv, NB]`` bool mask of the first ``num_selected`` entries of ``selected``."""
-    sel = selected.to(torch.int64)
-    positions = torch.arange(sel.shape[-1], device=sel.device)
-    in_row = positions < num_selected.to(torch.int64)[..., None]
-    usable = in_row & (sel >= 0) & (sel < num_blocks)
-    target = torch.where(usable, sel, torch.full_like(sel, num_blocks))
-    mask = torch.zeros(*sel.shape[:-1], num_blocks + 1, dtype=torch.bool, device=sel.device)
-    mask.scatter_(-1, target, True)
-    return mask[..., :num_blocks]
+# The block-list <-> mask conversions live with the reference (which union_blocks also uses).
+_indices_from_mask = ref.indices_from_mask
+mask_from_indices = ref.mask_from_indices
 
 
 def _topk_total(seq_lens: Tensor, block_size: int, budget_blocks: int,
