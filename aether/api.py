@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 
 from aether import _ops
-from aether.reference import union_blocks
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
 SCORES = STAT_SCORES + ("qsketch",)  # qsketch reads a KeySketch instead of the statistics
@@ -54,7 +53,7 @@ def _check_refine_extra(extra: object, batch: int, kv_heads: int,
         raise ValueError(f"refine_extra indices must be [{batch}, {kv_heads}, L], got {tuple(indices.shape)}")
     if tuple(counts.shape) != (batch, kv_heads):
         raise ValueError(f"refine_extra counts must be [{batch}, {kv_heads}], got {tuple(counts.shape)}")
-    return indices, counts
+    return indices.contiguous(), counts.contiguous()
 
 
 def _check_tensor(x: object, name: str, ndim: int, layout: str) -> torch.Tensor:
@@ -531,8 +530,8 @@ def sparse_attention(
             float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, None, None,
             group_agg, *sketch_args)
         if refine_extra is not None:  # e.g. the last step's final blocks join the candidates
-            candidates, num_candidates = union_blocks(candidates, num_candidates, extra_indices, extra_counts,
-                                                      candidates.shape[-1])
+            candidates, num_candidates = torch.ops.aether.union_blocks(candidates, num_candidates, extra_indices,
+                                                                       extra_counts, candidates.shape[-1])
         refine.wait()  # a rebuild on a side stream (KeyCodes.update(stream=...)) ran beside the first stage
         head_scores = torch.ops.aether.refine_scores(q, refine.codes, refine.ranges, seq_lens, candidates,
                                                      num_candidates, block_size, float(scale),

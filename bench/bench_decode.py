@@ -89,6 +89,7 @@ class Case:
         self.group_agg = "sum"
         self.refine_candidates, self.refine_bits = 0.3, 2
         self.codes = None
+        self.last_final = {}  # (copy, budget) -> the last final selection (scores "...+refine+reuse")
         self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
         self.num_blocks = math.ceil(ctx / block_size)
         self.scale = 1.0 / math.sqrt(HEAD_DIM)
@@ -115,6 +116,7 @@ class Case:
         """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
         rebuild forks to the side stream; join=False leaves it running there (select() waits for it
         before the refinement)."""
+        score = score.removesuffix("+reuse")
         if score.endswith("+refine"):
             kc = self.codes[i]
             args = (self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes, kc.ranges,
@@ -143,12 +145,26 @@ class Case:
             torch.cuda.current_stream().wait_event(self.codes_ready)
             self.codes_pending = False
 
+    def candidates(self, i, budget_blocks, score):
+        """The first stage's candidates of a two-stage score; "+reuse" joins the last final selection
+        of copy i to them (union_blocks), as AetherKVCache(refine_reuse=True) does at each token."""
+        reuse = score.endswith("+reuse")
+        first = score.removesuffix("+reuse").removesuffix("+refine")
+        cand_blocks = max(budget_blocks, math.ceil(self.refine_candidates * self.num_blocks - 1e-9))
+        cand, num, _, _ = self.select(i, cand_blocks, first)
+        if reuse:
+            key = (i, budget_blocks)
+            if key not in self.last_final:  # the step before, once per copy (outside any capture): the
+                # captured graphs keep reading these tensors, so they are never replaced
+                self.last_final[key] = self.select(i, budget_blocks, score.removesuffix("+reuse"))[:2]
+            cand, num = torch.ops.aether.union_blocks(cand, num, *self.last_final[key], self.num_blocks)
+        return cand, num
+
     def select(self, i, budget_blocks, score="tight", head_scores=None):
         """radar_select (given head_scores: M_g is not passed, topk does not read it)."""
-        if score.endswith("+refine"):
-            first = score[:-len("+refine")]
-            cand_blocks = max(budget_blocks, math.ceil(self.refine_candidates * self.num_blocks - 1e-9))
-            cand, num, _, _ = self.select(i, cand_blocks, first)
+        if score.endswith("+reuse") or score.endswith("+refine"):
+            first = score.removesuffix("+reuse").removesuffix("+refine")
+            cand, num = self.candidates(i, budget_blocks, score)
             self.wait_codes()
             kc = self.codes[i]
             scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
@@ -168,7 +184,7 @@ class Case:
 
     def meta_bytes_per_block(self, score: str) -> float:
         """Bytes the radar reads per block and KV head (the first stage's, for a two-stage score)."""
-        score = score.removesuffix("+refine")
+        score = score.removesuffix("+reuse").removesuffix("+refine")
         if score == "qsketch":  # codes; ranges and bf16 centroid shared by the sketch block's blocks
             centroid = 2 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
             return self.block_size * SKETCH_RANK // 2 + (4 * SKETCH_RANK + centroid) / self.per
@@ -211,7 +227,9 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2)) -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
-    if any(s.endswith("+refine") for s in scores):
+    two_stage = [s for s in scores if s.endswith("+refine") or s.endswith("+refine+reuse")]
+    assert all(s.endswith("+refine") or "+refine" not in s for s in scores if s not in two_stage), scores
+    if two_stage:
         c.enable_refine(*refine)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
@@ -228,7 +246,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
             r = dict(score=score, group_agg=group_agg, fraction=frac, blocks=nb)
             if score.startswith("qsketch"):
                 r["blocks_per_sketch"] = blocks_per_sketch
-            if score.endswith("+refine"):
+            if score in two_stage:
                 r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
@@ -244,11 +262,20 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
             counts = sels[0][1].float().mean().item()
             kv_read = counts * block_size * HEAD_DIM * 2 * 2 * batch * KV_HEADS
             meta = 0 if frac >= 1.0 else c.num_blocks * c.meta_bytes_per_block(score) * batch * KV_HEADS
-            if score.endswith("+refine"):  # the candidates' codes and their groups' ranges
-                cand_blocks = max(nb, math.ceil(c.refine_candidates * c.num_blocks - 1e-9))
-                meta += c.codes[0].bytes_read(cand_blocks, c.num_blocks) * batch * KV_HEADS
+            if score in two_stage:  # the candidates' codes and their groups' ranges
+                first = score.removesuffix("+reuse").removesuffix("+refine")
+                cands = [c.candidates(i, nb, score) for i in range(c.copies)]
+                r["candidates_mean"] = cands[0][1].float().mean().item()
+                meta += c.codes[0].bytes_read(cands[0][1], c.num_blocks).sum().item()
                 r["refine_ms"] = _graph_ms(lambda i: c.select(i, nb, score), c.copies, iters) - _graph_ms(
-                    lambda i: c.select(i, nb, score.removesuffix("+refine")), c.copies, iters)
+                    lambda i: c.select(i, nb, first), c.copies, iters)
+                if score.endswith("+reuse"):  # the union alone: the kernel, and torch ops (the reference)
+                    last, n_cand = c.last_final, math.ceil(c.refine_candidates * c.num_blocks - 1e-9)
+                    cand0 = [c.select(i, max(nb, n_cand), first)[:2] for i in range(c.copies)]
+                    r["union_kernel_ms"] = _graph_ms(lambda i: torch.ops.aether.union_blocks(
+                        *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
+                    r["union_torch_ms"] = _graph_ms(lambda i: aether.reference.union_blocks(
+                        *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
             r["bytes_read"] = kv_read + meta
             r["decode_gbps"] = kv_read / r["graph_decode_ms"] / 1e6
             # Same-mode ratios: eager step vs eager SDPA, graph step vs graph SDPA.
@@ -291,15 +318,21 @@ def main() -> int:
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
           f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size} (qsketch: {args.blocks_per_sketch} "
           "per sketch block)")
-    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>14} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
+    print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>20} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "
           f"{'step':>6} {'x':>5} {'append':>6} {'radar':>6} {'decode':>6} {'GB/s':>5} | ideal of-ideal")
     for row in result["rows"]:
         for r in row["budgets"]:
             print(f"{row['batch']:>3}x{row['ctx']:<5} {row['sdpa_ms']*1e3:6.1f} {row['aether_dense_ms']*1e3:6.1f} "
-                  f"{r['score']:>14} {r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
+                  f"{r['score']:>20} {r['fraction']:6.3f} {r['step_ms']*1e3:6.1f} {r['speedup_vs_sdpa']:5.2f} | "
                   f"{row['graph_sdpa_ms']*1e3:12.1f} {r['graph_step_ms']*1e3:6.1f} {r['graph_speedup_vs_sdpa']:5.2f} "
                   f"{r['graph_append_ms']*1e3:6.1f} {r['graph_radar_ms']*1e3:6.1f} {r['graph_decode_ms']*1e3:6.1f} "
                   f"{r['decode_gbps']:5.0f} | {r['ideal_speedup']:5.2f} {r['of_ideal']:5.2f}")
+    for row in result["rows"]:
+        for r in row["budgets"]:
+            if "union_kernel_ms" in r:
+                print(f"{row['batch']:>3}x{row['ctx']:<5} {r['score']} {r['fraction']:.3f}: candidates "
+                      f"{r['candidates_mean']:.1f} per row; the union alone (graph): union_blocks kernel "
+                      f"{r['union_kernel_ms']*1e3:.1f} us, torch ops (reference.union_blocks) {r['union_torch_ms']*1e3:.1f} us")
     print("times in us (median, CUDA events); x = speedup over SDPA in the same mode; GB/s = selected K/V bytes"
           " / graph decode time; ideal = dense bytes / bytes read")
     return 0

@@ -76,7 +76,7 @@ fi
 # sketch blocks, 50% candidates ranked by 2-bit key codes, keep 0.095 (15.8% of the bytes); the
 # one-stage frontier (keep 0.135) in the same run.
 python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
-  --scores qsketch,qsketch+refine --refine 0.5:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
+  --scores qsketch,qsketch+refine,qsketch+refine+reuse --refine 0.5:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
 note "benchmark (two-stage refine, 16-token blocks): rc=$?"
 echo
 printf '%s\n' "${summary[@]}"

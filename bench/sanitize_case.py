@@ -1,5 +1,5 @@
 """A small case of every kernel (all paths: stats, sketch and key-code build + append (1 and 2 blocks per sketch block),
-two-stage refine, each score, policy and
+two-stage refine (with the union of the last selection), each score, policy and
 group aggregation, dense and
 sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
 
@@ -29,8 +29,10 @@ for dtype in (torch.float16, torch.bfloat16):
         for bits in (2, 4):  # two-stage selection: key codes build + append, refine scores
             codes = aether.key_codes(k, bs, bits=bits, seq_lens=lens - 40)
             codes.update(k, lens)
-            aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch, budget=3,
-                                    refine=codes, refine_candidates=7)
+            _, last = aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch, budget=3,
+                                              refine=codes, refine_candidates=7, return_selection=True)
+            aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch, budget=3,  # + union_blocks
+                                    refine=codes, refine_candidates=7, refine_extra=last)
         for score in aether.SCORES:
             if score == "qsketch":
                 continue

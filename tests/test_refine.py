@@ -196,6 +196,62 @@ def test_union_blocks_equals_the_set_union(seed):
             assert idx[i, h, :len(want)].tolist() == want and bool((idx[i, h, len(want):] == -1).all())
 
 
+def _random_lists(g, batch, heads, nb, length, extra_length):
+    """Two random block lists with duplicates within and across them, entries outside [0, nb), counts
+    past the row length or negative, and an empty row."""
+    a = torch.randint(-2, nb + 3, (batch, heads, length), generator=g, dtype=torch.int32)
+    b = torch.randint(-2, nb + 3, (batch, heads, extra_length), generator=g, dtype=torch.int32)
+    ca = torch.randint(-1, length + 3, (batch, heads), generator=g, dtype=torch.int32)
+    cb = torch.randint(-1, extra_length + 3, (batch, heads), generator=g, dtype=torch.int32)
+    ca[0, 0] = 0
+    cb[0, 0] = 0
+    return a, ca, b, cb
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nb,length,extra_length", [(1, 3, 1), (37, 12, 17), (2048, 1024, 195), (20011, 9000, 700),
+                                                    (400_003, 3000, 50)])
+def test_union_blocks_op_equals_the_reference(device, nb, length, extra_length):
+    """torch.ops.aether.union_blocks (CPU and CUDA kernels) equals reference.union_blocks, every entry
+    of the row (the padding too). 20011 blocks give each CUDA thread several bitmap words; 400,003
+    blocks need more than the default 48 KiB of shared memory."""
+    g = torch.Generator().manual_seed(nb)
+    batch, heads = (3, 2) if nb < 100_000 else (1, 2)
+    a, ca, b, cb = _random_lists(g, batch, heads, nb, length, extra_length)
+    want_idx, want_cnt = ref.union_blocks(a, ca, b, cb, nb)
+    idx, cnt = torch.ops.aether.union_blocks(a.to(device), ca.to(device), b.to(device), cb.to(device), nb)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and idx.shape == (batch, heads, nb)
+    assert torch.equal(cnt.cpu(), want_cnt)
+    assert torch.equal(idx.cpu(), want_idx)
+    # a list of the candidates' own kind: every valid block of a dense row plus nothing
+    full = torch.arange(nb, dtype=torch.int32).expand(batch, heads, nb).contiguous()
+    n = torch.full((batch, heads), nb, dtype=torch.int32)
+    idx2, cnt2 = torch.ops.aether.union_blocks(full.to(device), n.to(device), b.to(device), cb.to(device), nb)
+    assert torch.equal(idx2.cpu(), full) and bool((cnt2.cpu() == nb).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_union_blocks_op_errors(device):
+    a = torch.zeros(2, 3, 5, dtype=torch.int32, device=device)
+    c = torch.ones(2, 3, dtype=torch.int32, device=device)
+    op = torch.ops.aether.union_blocks
+    with pytest.raises(TypeError, match="extra must be int32"):
+        op(a, c, a.long(), c, 8)
+    with pytest.raises(TypeError, match="counts must be int32"):
+        op(a, c.long(), a, c, 8)
+    with pytest.raises(RuntimeError, match=r"extra must be \[2, 3, length\]"):
+        op(a, c, a[:1].contiguous(), c[:1].contiguous(), 8)
+    with pytest.raises(RuntimeError, match=r"extra_counts must be contiguous \[2, 3\]"):
+        op(a, c, a, c[:, :2].contiguous(), 8)
+    with pytest.raises(RuntimeError, match="indices must be 3-D"):
+        op(a[0], c, a, c, 8)
+    with pytest.raises(RuntimeError, match="num_blocks must be >= 0"):
+        op(a, c, a, c, -1)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="extra and extra_counts must be on cuda"):
+            op(a, c, a.cpu(), c.cpu(), 8)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_refine_extra_joins_the_candidates(device):
     """refine_extra: with every valid non-candidate block as extra the union is every block, so the

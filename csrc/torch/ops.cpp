@@ -579,6 +579,51 @@ Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges,
   return head_scores;
 }
 
+// ---------------------------------------------------------------------------------- union_blocks
+
+void check_block_list(const Tensor& list, const Tensor& counts, const Tensor& ref, const char* name,
+                      const char* counts_name) {
+  AETHER_CHECK_TYPE(list.scalar_type() == at::kInt, "aether: ", name, " must be int32, got ", list.scalar_type());
+  AETHER_CHECK_TYPE(counts.scalar_type() == at::kInt, "aether: ", counts_name, " must be int32, got ",
+                    counts.scalar_type());
+  AETHER_CHECK(list.dim() == 3 && list.is_contiguous(), "aether: ", name,
+               " must be a contiguous 3-D [batch, kv_heads, length] tensor, got ", list.sizes());
+  const std::vector<int64_t> count_shape = {ref.size(0), ref.size(1)};
+  AETHER_CHECK(list.size(0) == ref.size(0) && list.size(1) == ref.size(1), "aether: ", name, " must be [",
+               ref.size(0), ", ", ref.size(1), ", length], got ", list.sizes());
+  AETHER_CHECK(counts.sizes() == at::IntArrayRef(count_shape) && counts.is_contiguous(), "aether: ", counts_name,
+               " must be contiguous ", at::IntArrayRef(count_shape), ", got ", counts.sizes());
+  AETHER_CHECK(list.device() == ref.device() && counts.device() == ref.device(), "aether: ", name, " and ",
+               counts_name, " must be on ", ref.device(), " (the device of indices)");
+}
+
+// (indices int32 [B, Hkv, NB] ascending, padded with -1; counts int32 [B, Hkv]).
+std::tuple<Tensor, Tensor> union_blocks(const Tensor& indices, const Tensor& counts, const Tensor& extra,
+                                        const Tensor& extra_counts, int64_t num_blocks) {
+  AETHER_CHECK(indices.dim() == 3, "aether: indices must be 3-D [batch, kv_heads, length], got ", indices.dim(),
+               "-D");
+  check_block_list(indices, counts, indices, "indices", "counts");
+  check_block_list(extra, extra_counts, indices, "extra", "extra_counts");
+  AETHER_CHECK(num_blocks >= 0, "aether: num_blocks must be >= 0, got ", num_blocks);
+  Tensor out = at::empty({indices.size(0), indices.size(1), num_blocks}, indices.options());
+  Tensor out_counts = at::empty({indices.size(0), indices.size(1)}, indices.options());
+  if (out_counts.numel() == 0) return {out, out_counts};
+  aether::UnionBlocksParams p;
+  p.indices = indices.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.extra = extra.data_ptr<int32_t>();
+  p.extra_counts = extra_counts.data_ptr<int32_t>();
+  p.batch = to_i32(indices.size(0), "batch");
+  p.kv_heads = to_i32(indices.size(1), "kv_heads");
+  p.indices_length = to_i32(indices.size(2), "indices length");
+  p.extra_length = to_i32(extra.size(2), "extra length");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.out = out.data_ptr<int32_t>();
+  p.out_counts = out_counts.data_ptr<int32_t>();
+  run_kernel(p, indices, aether::cpu::union_blocks, AETHER_CUDA_LAUNCHER(union_blocks), "union_blocks");
+  return {out, out_counts};
+}
+
 // --------------------------------------------------------------------------------- radar_select
 
 
@@ -943,6 +988,9 @@ TORCH_LIBRARY(aether, m) {
       "refine_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor candidates, "
       "Tensor num_candidates, int block_size, float scale, int blocks_per_group=1, int bits=2) -> Tensor");
   m.def(
+      "union_blocks(Tensor indices, Tensor counts, Tensor extra, Tensor extra_counts, int num_blocks) -> "
+      "(Tensor selected, Tensor num_selected)");
+  m.def(
       "sparse_decode(Tensor q, Tensor k, Tensor v, Tensor seq_lens, int block_size, float scale, "
       "Tensor? selected=None, Tensor? num_selected=None, Tensor? block_table=None, int max_selected=0) -> "
       "(Tensor out, Tensor lse)");
@@ -961,6 +1009,7 @@ TORCH_LIBRARY_IMPL(aether, CPU, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("union_blocks", &aether_torch::union_blocks);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
   m.impl("key_sketch", &aether_torch::key_sketch);
@@ -976,6 +1025,7 @@ TORCH_LIBRARY_IMPL(aether, CUDA, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("union_blocks", &aether_torch::union_blocks);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
   m.impl("key_sketch", &aether_torch::key_sketch);

@@ -177,6 +177,25 @@ struct RefineScoresParams {
   float* head_scores = nullptr;  // [B, Hq, L]
 };
 
+// union_blocks: per (b, kv head), the blocks named by the first counts[b, h] entries of indices
+// or by the first extra_counts[b, h] entries of extra (counts clamp to [0, row length]; entries
+// outside [0, num_blocks) are ignored), written once each in ascending order to out[b, h, :] (the
+// rest of the row is -1) with their number in out_counts[b, h]. Two-stage selection joins the last
+// step's final blocks to the first stage's candidates with it (aether.reference.union_blocks).
+struct UnionBlocksParams {
+  const int32_t* indices = nullptr;       // [B, Hkv, indices_length]
+  const int32_t* counts = nullptr;        // [B, Hkv]
+  const int32_t* extra = nullptr;         // [B, Hkv, extra_length]
+  const int32_t* extra_counts = nullptr;  // [B, Hkv]
+  int32_t batch = 0;
+  int32_t kv_heads = 0;
+  int32_t indices_length = 0;
+  int32_t extra_length = 0;
+  int32_t num_blocks = 0;          // NB: the row length of out
+  int32_t* out = nullptr;          // [B, Hkv, NB]
+  int32_t* out_counts = nullptr;   // [B, Hkv]
+};
+
 // radar_select: score every valid block of (b, kv_head) for the G = q_heads / kv_heads query
 // heads of its group, aggregate over the group and pick blocks by the policy. Writes the selected
 // block indices in ascending order into selected[b, h, 0:count] (the rest of the row is -1) and

@@ -15,6 +15,8 @@ cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream);
 cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream);
 // Writes only the candidates' entries of params.head_scores (the caller fills it with -inf).
 cudaError_t refine_scores(const RefineScoresParams& params, cudaStream_t stream);
+// One CTA per (b, kv head): a bitmap of the row's blocks in shared memory, then a compaction.
+cudaError_t union_blocks(const UnionBlocksParams& params, cudaStream_t stream);
 
 // Device scratch radar_select needs for these params (0 when shared memory is enough).
 size_t radar_select_workspace_bytes(const RadarSelectParams& params);
