@@ -87,6 +87,33 @@ __device__ __forceinline__ void load8_as_float(const T* ptr, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = to_float(elems[i]);
 }
 
+// Stages rows 0 .. n_rows - 1 (chunks 16-byte vectors of 8 elements each) into shared memory as
+// float32, row r at s + r * row_floats. Each thread issues the loads of kBatch vectors before it
+// stores any: a loop that loads one vector and stores it waits a full memory latency per vector
+// (the sketch and code appends staged 8 vectors per thread that way, 8 latencies in a chain).
+// row_of(r) returns row r's first element (it may itself load, e.g. a page table entry).
+template <int kThreads, int kBatch, typename RowFn>
+__device__ __forceinline__ void stage_rows_as_float(float* s, int row_floats, int n_rows, int chunks, RowFn row_of) {
+  const int total = n_rows * chunks;
+  for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
+    float x[kBatch][8];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < total) load8_as_float(row_of(i / chunks) + (i % chunks) * 8, x[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * kThreads;
+      if (i < total) {
+        float* dst = s + (i / chunks) * row_floats + (i % chunks) * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = x[j][e];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fast base-2 exponential and logarithm (one MUFU instruction each). exp2f and log2f without
 // fast-math handle subnormal arguments and results in extra instructions (4 per exp2f, ~25 per

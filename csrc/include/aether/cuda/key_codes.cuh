@@ -122,14 +122,10 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       for (int i = tid; i < 2 * D; i += kCodesThreads) ranges[i] = 0;
       continue;
     }
-    // Stage the group's keys: 16-byte vector loads, all independent (one latency, not n).
-    for (int i = tid; i < n * chunks; i += kCodesThreads) {
-      const int t = i / chunks, c = i % chunks;
-      float x[8];
-      load8_as_float(codes_key_row<T>(p, b, h, m, t) + c * 8, x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s_keys[t * D + c * 8 + e] = x[e];
-    }
+    // Stage the group's keys: 16-byte vector loads, 8 per thread in flight together (a loop of
+    // load-then-store waited one latency per vector).
+    stage_rows_as_float<kCodesThreads, 8>(s_keys, D, n, chunks,
+                                          [&](int t) { return codes_key_row<T>(p, b, h, m, t); });
     __syncthreads();
     for (int d = tid; d < D; d += kCodesThreads) {
       float mn = INFINITY, mx = -INFINITY;

@@ -74,6 +74,8 @@ __global__ void __launch_bounds__(kSketchThreads)
 key_sketch_kernel(const KeySketchParams p) {
   constexpr int kRow = kHeadDim + 1;  // padded key row
   constexpr int kChunks = kHeadDim / 8;
+  // Vectors a thread loads before storing: a 128-token sketch block in one round up to head_dim 128.
+  constexpr int kStageBatch = kMaxSketchBlockSize * kChunks / kSketchThreads < 8 ? kMaxSketchBlockSize * kChunks / kSketchThreads : 8;
   extern __shared__ __align__(16) float s_dyn[];
   const int R = p.rank;
   const int P = p.blocks_per_sketch;
@@ -116,22 +118,16 @@ key_sketch_kernel(const KeySketchParams p) {
       for (int i = tid; i < kHeadDim; i += kSketchThreads) centroid[i] = 0;
       continue;
     }
-    // Keys of the sketch block, block by block: paged, its P blocks are P pages.
-    for (int i = tid; i < n_tokens * kChunks; i += kSketchThreads) {
-      const int t = i / kChunks, c = i % kChunks;
-      const T* key;
+    // Keys of the sketch block, block by block: paged, its P blocks are P pages. At most 128
+    // tokens: 8 vectors per thread at head_dim 128, all loads in flight together.
+    stage_rows_as_float<kSketchThreads, kStageBatch>(s_keys, kRow, n_tokens, kChunks, [&](int t) -> const T* {
       if (p.k.block_table == nullptr) {
-        key = data + b * p.k.stride_seq + h * p.k.stride_head + (static_cast<int64_t>(m) * sb + t) * p.k.stride_token;
-      } else {
-        const int blk = t / bs;
-        const int64_t page = p.k.block_table[b * p.k.block_table_stride + static_cast<int64_t>(m) * P + blk];
-        key = data + page * p.k.stride_seq + h * p.k.stride_head + static_cast<int64_t>(t - blk * bs) * p.k.stride_token;
+        return data + b * p.k.stride_seq + h * p.k.stride_head + (static_cast<int64_t>(m) * sb + t) * p.k.stride_token;
       }
-      float x[8];
-      load8_as_float(key + c * 8, x);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) s_keys[t * kRow + c * 8 + e] = x[e];
-    }
+      const int blk = t / bs;
+      const int64_t page = p.k.block_table[b * p.k.block_table_stride + static_cast<int64_t>(m) * P + blk];
+      return data + page * p.k.stride_seq + h * p.k.stride_head + static_cast<int64_t>(t - blk * bs) * p.k.stride_token;
+    });
     __syncthreads();  // also publishes s_proj on the first sketch block
     // Centroid: one thread per channel sums the staged keys in token order (as the CPU kernel and
     // the reference do, so the bfloat16 result is bit-identical), then divides by the count.
