@@ -307,7 +307,8 @@ def main() -> int:
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
         python=platform.python_version(), command=" ".join([sys.executable] + sys.argv),
         date=time.strftime("%Y-%m-%d %H:%M:%S"), copy_gbps=_copy_bandwidth(), heads=[Q_HEADS, KV_HEADS, HEAD_DIM],
-        dtype="bfloat16", blocks_per_sketch=args.blocks_per_sketch, rows=[])
+        dtype="bfloat16", blocks_per_sketch=args.blocks_per_sketch, rows=[],
+        pdl=os.environ.get("AETHER_PDL", "1") != "0")  # programmatic dependent launch (csrc common.cuh)
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         cand, bits = args.refine.split(":")
@@ -315,7 +316,7 @@ def main() -> int:
                                          args.group_agg, args.blocks_per_sketch, (float(cand), int(bits))))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  "
+    print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  PDL {result['pdl']}  "
           f"{Q_HEADS}q/{KV_HEADS}kv d{HEAD_DIM} bf16 block {args.block_size} (qsketch: {args.blocks_per_sketch} "
           "per sketch block)")
     print(f"{'shape':>9} {'sdpa':>6} {'keep':>6} {'score':>20} {'budget':>6} {'step':>6} {'x':>5} | graph: {'sdpa':>6} "

@@ -84,8 +84,7 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, 
   // little under 48 KiB of keys failed with "invalid argument" (seen for NB = 2789, adaptive).
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
-  kernel<<<grid, kSelectThreads, dynamic, stream>>>(p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(kSelectThreads), dynamic, stream, p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
 }
 
 }  // namespace

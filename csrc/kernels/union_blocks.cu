@@ -29,6 +29,7 @@ __device__ __forceinline__ void mark_blocks(uint32_t* words, const int32_t* list
 }
 
 __global__ void __launch_bounds__(kUnionThreads) union_blocks_kernel(const UnionBlocksParams p) {
+  pdl_begin();  // before any global read (common.cuh)
   extern __shared__ uint32_t words[];
   __shared__ int warp_totals[kUnionWarps];
   const int64_t row = blockIdx.x;
@@ -93,8 +94,7 @@ cudaError_t union_blocks(const UnionBlocksParams& params, cudaStream_t stream) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(union_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(bytes)));
   }
-  union_blocks_kernel<<<static_cast<unsigned>(rows), kUnionThreads, bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(union_blocks_kernel, dim3(static_cast<unsigned>(rows)), dim3(kUnionThreads), bytes, stream, p);
 }
 
 }  // namespace cuda

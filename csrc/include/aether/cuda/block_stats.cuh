@@ -18,6 +18,7 @@ constexpr int kStatsThreads = 128;
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kStatsThreads)
 block_stats_kernel(const BlockStatsParams p) {
+  pdl_begin();  // before any global read (common.cuh)
   constexpr int kChunks = kHeadDim / 8;  // 8-element (16-byte for 16-bit types) chunks per key row
   constexpr int kRowsPerPass = kStatsThreads / kChunks;
   static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
@@ -162,8 +163,7 @@ cudaError_t launch_block_stats(const BlockStatsParams& p, cudaStream_t stream) {
   int64_t slices = 0;
   AETHER_CUDA_TRY(block_build_slices(p.num_blocks, heads, p.first_block != nullptr, &slices));
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  block_stats_kernel<T, kHeadDim><<<grid, kStatsThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(block_stats_kernel<T, kHeadDim>, dim3(grid), dim3(kStatsThreads), 0, stream, p);
 }
 
 }  // namespace cuda

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,6 +51,47 @@ inline cudaError_t block_build_slices(int num_blocks, int64_t heads, bool append
   }
   *slices = std::min<int64_t>(*slices, 65535);
   return cudaSuccess;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (Hopper). A decode step is a chain of small kernels (append,
+// score, select, refine, decode, merge), one or two waves each; between two of them the GPU idles
+// for the next kernel's launch. Launched with the programmatic-serialisation attribute
+// (launch_kernel below), a kernel may start while the previous kernel in the stream still runs:
+// every AETHER kernel first calls pdl_begin(), which waits until the previous kernel has completed
+// and its writes are visible (griddepcontrol.wait; at once for a normal launch) and then lets the
+// next kernel's CTAs be scheduled (griddepcontrol.launch_dependents: they take only what this
+// grid, fully resident by then, leaves free, and wait in their own pdl_begin()). No global
+// memory is read before the wait, so the overlap is the launch latency only, never data.
+__device__ __forceinline__ void pdl_begin() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// AETHER_PDL=0 launches every kernel without the attribute (for comparisons; default on).
+inline bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("AETHER_PDL");
+    return env == nullptr || env[0] != '0';
+  }();
+  return enabled;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialisation (see above).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // ---------------------------------------------------------------------------------------------

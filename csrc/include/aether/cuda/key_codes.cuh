@@ -89,6 +89,7 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 
 template <typename T>
 __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodesParams p) {
+  pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) float s_codes_dyn[];
   const int D = p.head_dim;
   const int bits = p.bits;
@@ -420,6 +421,7 @@ __device__ __forceinline__ void refine_scores_warp(const RefineScoresParams& p, 
 // without spills: 42.4 vs 47.4 us (30% candidates at 8 x 32k, H200).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kRefineThreads, 3) refine_scores_kernel(const RefineScoresParams p) {
+  pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) char s_mem[];  // queries [G padded to 4][D] float32, then each warp's stages
   __shared__ int s_j[kRefineWarps][kRefineStages];
   __shared__ int s_new_group[kRefineWarps][kRefineStages];
@@ -473,8 +475,7 @@ cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t strea
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
   const int64_t slices = std::min<int64_t>({ceil_div(wave, heads), ceil_div(p.list_length, kRefineWarps), 65535});
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(std::max<int64_t>(slices, 1)));
-  kernel<<<grid, kRefineThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(kRefineThreads), smem, stream, p);
 }
 
 template <typename T>
@@ -490,8 +491,7 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  kernel<<<grid, kCodesThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(kCodesThreads), smem, stream, p);
 }
 
 }  // namespace cuda

@@ -72,6 +72,7 @@ inline size_t key_sketch_smem_bytes(int sketch_tokens, int head_dim, int rank) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kSketchThreads)
 key_sketch_kernel(const KeySketchParams p) {
+  pdl_begin();  // before any global read (common.cuh)
   constexpr int kRow = kHeadDim + 1;  // padded key row
   constexpr int kChunks = kHeadDim / 8;
   // Vectors a thread loads before storing: a 128-token sketch block in one round up to head_dim 128.
@@ -195,8 +196,7 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
-  kernel<<<grid, kSketchThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(kSketchThreads), smem, stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -576,6 +576,7 @@ __device__ __forceinline__ void sketch_score_body(const RadarSelectParams& p, co
 template <int kHeadDim, int kRank>
 __global__ void __launch_bounds__(kSketchScoreThreads, kSketchScoreMinCtas)
 sketch_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+  pdl_begin();  // before any global read (common.cuh)
   static_assert(kRank >= 2 && kRank <= kMaxSketchRank && (kRank & (kRank - 1)) == 0, "rank: 2, 4, 8 or 16");
   extern __shared__ __align__(16) float s_dyn[];
   const int G = p.q_heads / p.kv_heads;
@@ -685,8 +686,7 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   const int64_t slices = std::min<int64_t>(
       std::max<int64_t>(1, std::min(ceil_div(spans, warps), resident / heads_kv)), 65535);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  kernel<<<grid, threads, smem, stream>>>(p, *ws);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(threads), smem, stream, p, *ws);
 }
 
 // One instantiation per head_dim (sketch_score_hd*.cu) covering the ranks 2, 4, 8, 16.

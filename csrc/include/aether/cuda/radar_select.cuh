@@ -262,6 +262,7 @@ inline int radar_chunk_blocks(const RadarSelectParams& p, bool box, int num_sms,
 template <int kHeadDim, int kGroupTile, bool kBox>
 __global__ void __launch_bounds__(kScoreThreads)
 radar_score_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+  pdl_begin();  // before any global read (common.cuh)
   using C = LaneChannels<kHeadDim>;
   constexpr int kValues = kBox ? 2 * kGroupTile : kGroupTile;  // partial sums per lane per block
   constexpr int kLanesPerValue = kWarpSize / kValues;
@@ -507,8 +508,7 @@ cudaError_t launch_radar_score_tile(const RadarSelectParams& p, RadarWorkspace* 
   ws->chunk_blocks = chunk_blocks;
   ws->n_chunks = static_cast<int32_t>(slices);
   const dim3 grid(static_cast<unsigned>(heads_kv), static_cast<unsigned>(slices));
-  kernel<<<grid, kScoreThreads, smem, stream>>>(p, *ws);
-  return cudaGetLastError();
+  return launch_kernel(kernel, dim3(grid), dim3(kScoreThreads), smem, stream, p, *ws);
 }
 
 // Picks the head tile and whether the box term is needed; instantiated once per head_dim
@@ -908,6 +908,7 @@ template <Policy kPolicy>
 __global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
                     const int scores_in_shared) {
+  pdl_begin();  // before any global read (common.cuh)
   using KeyT = typename std::conditional<kPolicy == Policy::kTopK, uint32_t, uint64_t>::type;
   __shared__ SelectShared sh;
   extern __shared__ __align__(16) unsigned char s_dyn_bytes[];
