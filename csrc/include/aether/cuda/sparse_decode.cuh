@@ -125,32 +125,24 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   const int32_t* block_table = resolves_k ? p.k.block_table : p.v.block_table;
   const int64_t block_table_stride = resolves_k ? p.k.block_table_stride : p.v.block_table_stride;
 
-  // The block of this lane's row of sub-tile i: the list entry (or the list index, dense), or -1
-  // past the split. It is loaded two sub-tiles before its cp.async and its page one before
-  // (row_page), so neither global load's latency sits in front of the copies: loaded inline, the
-  // wait on the entry took 27% of the stall samples at 16-token blocks (one entry per sub-tile).
-  auto row_block = [&](int i) -> int {
-    const int pos = (warp + i * kWarps) * kRows + (lane & 15);
-    if (i >= my_n || pos >= n_pos) return -1;
-    const int list_index = list_begin + pos / bs;
-    return sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
-  };
-  auto row_page = [&](int block) -> int64_t {
-    if (block_table == nullptr || block < 0 || block >= n_blocks) return 0;
-    return __ldg(block_table + b * block_table_stride + block);
-  };
-
-  auto issue = [&](int i, int stage, int block, int64_t page) {
-    const int in_block = ((warp + i * kWarps) * kRows + (lane & 15)) % bs;
-    // -1 (past the split) and entries outside [0, n_blocks) or past the sequence copy nothing.
-    const bool valid = block >= 0 && block < n_blocks && block * bs + in_block < len;
+  auto issue = [&](int i, int stage) {
+    const int r = lane & 15;
+    const int pos = (warp + i * kWarps) * kRows + r;
+    bool valid = pos < n_pos;
     const T* row_ptr = layout_base;  // any readable address: invalid rows copy 0 bytes from it
     if (valid) {
-      if (block_table == nullptr) {
-        row_ptr = layout_base + b * stride_seq + h * stride_head +
-                  (static_cast<int64_t>(block) * bs + in_block) * stride_token;
-      } else {
-        row_ptr = layout_base + page * stride_seq + h * stride_head + in_block * stride_token;
+      const int list_index = list_begin + pos / bs;
+      const int in_block = pos % bs;
+      const int block = sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
+      valid = block >= 0 && block < n_blocks && block * bs + in_block < len;
+      if (valid) {
+        if (block_table == nullptr) {
+          row_ptr = layout_base + b * stride_seq + h * stride_head +
+                    (static_cast<int64_t>(block) * bs + in_block) * stride_token;
+        } else {
+          const int64_t page = __ldg(block_table + b * block_table_stride + block);
+          row_ptr = layout_base + page * stride_seq + h * stride_head + in_block * stride_token;
+        }
       }
     }
     const uint32_t mask = __ballot_sync(kFullMask, valid) & 0xffffu;
@@ -175,15 +167,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   // Start the loads before staging q: they do not depend on it.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < my_n) {
-      const int block = row_block(s);
-      issue(s, s, block, row_page(block));
-    }
+    if (s < my_n) issue(s, s);
     cp_async_commit();  // always commit: the wait below counts groups
   }
-  int next_block = row_block(kStages - 1);  // issued at iteration 0
-  int64_t next_page = row_page(next_block);
-  int later_block = row_block(kStages);     // issued at iteration 1
 
   // q of the tile's heads into shared memory (zero rows past `heads`); element loads accept any
   // stride and alignment and cost nothing next to the K/V stream.
@@ -211,11 +197,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
 
   for (int i = 0; i < my_n; ++i) {
     const int ahead = i + kStages - 1;
-    if (ahead < my_n) issue(ahead, ahead % kStages, next_block, next_page);
+    if (ahead < my_n) issue(ahead, ahead % kStages);
     cp_async_commit();
-    next_block = later_block;  // loaded an iteration ago
-    next_page = row_page(next_block);
-    later_block = row_block(ahead + 2);
     cp_async_wait<kStages - 1>();  // sub-tile i has landed (this lane's copies) ...
     __syncwarp();                  // ... and every lane's
     const int stage = i % kStages;
