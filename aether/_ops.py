@@ -111,6 +111,11 @@ if _IMPORT_ERROR is None:
                             blocks_per_group=1, bits=2):
         return q.new_empty((codes.shape[0], q.shape[1], candidates.shape[2]), dtype=torch.float32)
 
+    @torch.library.register_fake("aether::union_blocks")
+    def _union_blocks_fake(indices, counts, extra, extra_counts, num_blocks):
+        rows = indices.shape[:2]
+        return indices.new_empty((*rows, num_blocks)), indices.new_empty(rows)
+
     @torch.library.register_fake("aether::sparse_decode")
     def _sparse_decode_fake(q, k, v, seq_lens, block_size, scale, selected=None, num_selected=None,
                             block_table=None, max_selected=0):

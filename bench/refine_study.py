@@ -74,6 +74,39 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = RANGE_GROUP) -> torch
     return deq.reshape(batch, heads, seq + pad, dim)[:, :, :seq]
 
 
+def group_ranges(k: torch.Tensor, group: int = RANGE_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, h, group of `group` tokens, channel) the bf16-rounded min and max of the valid keys,
+    as the codes store them: ``lo, hi [B, Hkv, groups, D]`` float32 (0 for an empty group)."""
+    batch, heads, seq, dim = k.shape
+    pad = (-seq) % group
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).reshape(batch, heads, -1, group, dim)
+    valid = (torch.arange(seq + pad) < seq).reshape(1, 1, -1, group, 1)
+    lo = kf.masked_fill(~valid, math.inf).amin(3)
+    hi = kf.masked_fill(~valid, -math.inf).amax(3)
+    lo = torch.where(torch.isfinite(lo), lo, 0.0).to(torch.bfloat16).float()
+    hi = torch.where(torch.isfinite(hi), hi, 0.0).to(torch.bfloat16).float()
+    return lo, hi
+
+
+def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor, fraction: float,
+                        group: int = RANGE_GROUP) -> torch.Tensor:
+    """`--key-channels`: the codes of only ``m = round(fraction * D)`` channels per (b, KV head) are
+    read, chosen per decode step for the query: the m largest ``sum_g q_gd^2 * mean_groups (hi_d -
+    lo_d)^2`` (where a channel's coarse value would move the group's logits most). The other
+    channels take their group's mid-range ``(lo + hi) / 2`` (from the ranges, read anyway). Returns
+    the keys as the refinement sees them ``[B, Hkv, S, D]``."""
+    batch, heads, seq, dim = k.shape
+    m = max(1, min(dim, round(fraction * dim)))
+    lo, hi = group_ranges(k, group)
+    gq = q.shape[1] // heads
+    qq = q.float().reshape(batch, heads, gq, dim).pow(2).sum(2)  # [B, Hkv, D]
+    weight = qq * (hi - lo).pow(2).mean(2)
+    chosen = torch.zeros(batch, heads, dim, dtype=torch.bool)
+    chosen.scatter_(-1, weight.topk(m, dim=-1).indices, True)
+    mid = ((lo + hi) / 2).repeat_interleave(group, dim=2)[:, :, :seq]  # [B, Hkv, S, D]
+    return torch.where(chosen[:, :, None, :], dequant.float(), mid).to(dequant.dtype)
+
+
 def value_means(v: torch.Tensor, seq: int, block_size: int, tokens: int) -> torch.Tensor:
     """``[B, Hkv, NB, D]`` float32: the mean of the valid values of each `tokens`-token span,
     repeated for each of its `block_size`-token blocks."""
@@ -133,7 +166,7 @@ def rank_priority(scores: torch.Tensor) -> torch.Tensor:
 
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
               tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
-              final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False):
+              final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False, key_channels: float = 1.0):
     original = cache_mod.sparse_decode_step
     # --reuse: per layer (keyed by the storage of its calibration's key_proj, one per layer; the
     # sketch may carry a copy of the calibration object), the last step's sequence length and final
@@ -156,7 +189,9 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         cand, num_cand = reference.select_blocks(scores, mlo, seq_lens, bs, kv_heads, budget_fraction=candidates,
                                                  group_agg="sum", **forced)
         keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
-        refined = reference.oracle_head_scores(q, keys, seq_lens, bs, scale)
+        # --key-channels: only the query's most telling channels of the codes (the rest at mid-range)
+        ranked = channel_subset_keys(q, k, keys, key_channels) if key_channels < 1.0 else keys
+        refined = reference.oracle_head_scores(q, ranked, seq_lens, bs, scale)
         is_cand = mask_from_indices(cand, num_cand, nb)
         last = previous.get(cal.key_proj.data_ptr()) if reuse else None
         if last is not None and last[0] == seq - 1 and last[1].shape[:2] == cand.shape[:2]:
@@ -228,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                              "shares (the library's), or the union of each head's own ranking (rank_priority)")
     parser.add_argument("--reuse", action="store_true",
                         help="the previous decode step's final blocks (same layer) join the candidates")
+    parser.add_argument("--key-channels", type=float, default=1.0,
+                        help="fraction of the channels whose codes are read per candidate token, chosen per step "
+                             "and KV head for the query (the others at their group's mid-range); needs --key-bits")
     parser.add_argument("--final-max", type=float, default=0.25,
                         help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--candidates must be in (0, 1], got {args.candidates}")
     if args.key_bits and not 1 <= args.key_bits <= 8:
         parser.error(f"--key-bits must be 0 or in [1, 8], got {args.key_bits}")
+    if not 0.0 < args.key_channels <= 1.0 or (args.key_channels < 1.0 and not args.key_bits):
+        parser.error(f"--key-channels must be in (0, 1] and below 1 needs --key-bits, got {args.key_channels}")
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
     if not 0.0 <= args.final_mass <= 1.0 or not 0.0 < args.final_max <= 1.0:
@@ -243,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
                                                args.tail, args.tail_tokens, args.debias, args.final_mass,
-                                               args.final_max, args.final_agg, args.reuse)
+                                               args.final_max, args.final_agg, args.reuse, args.key_channels)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
     rc = eval_main(eval_argv)
     fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
-    info = refine_info(args.candidates, args.key_bits, fraction)
+    info = refine_info(args.candidates, args.key_bits, fraction, args.key_channels)
     if args.debias:
         info["debias"] = True
     if args.final_mass:
@@ -273,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def refine_info(candidates: float, key_bits: int, fraction: float) -> dict:
-    """The study's settings and the candidates' key bytes as a fraction of dense K+V."""
-    per_token = 0.5 if key_bits == 0 else key_bits / 32 + 1 / RANGE_GROUP
-    return {"candidates": candidates, "key_bits": key_bits, "candidate_token_fraction": round(fraction, 5),
+def refine_info(candidates: float, key_bits: int, fraction: float, key_channels: float = 1.0) -> dict:
+    """The study's settings and the candidates' key bytes as a fraction of dense K+V (with
+    `key_channels` < 1 the codes of that fraction of the channels, and every group's ranges)."""
+    per_token = 0.5 if key_bits == 0 else key_bits / 32 * key_channels + 1 / RANGE_GROUP
+    info = {"candidates": candidates, "key_bits": key_bits, "candidate_token_fraction": round(fraction, 5),
             "candidate_key_bytes": round(fraction * per_token, 5),
             "note": "add candidate_key_bytes to every configuration's bytes (the eval counts sketch + final K/V)"}
+    if key_channels < 1.0:
+        info["key_channels"] = key_channels
+    return info
 
 
 def annotate(path: Path, info: dict, command: str) -> None:

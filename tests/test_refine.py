@@ -428,6 +428,9 @@ def test_refine_fake_kernels_trace():
     torch.library.opcheck(torch.ops.aether.key_codes.default, (k, lens, 32, 8, None, 4, 2))
     torch.library.opcheck(torch.ops.aether.refine_scores.default,
                           (q, codes.codes, codes.ranges, lens, cand, count, 32, 0.125, 4, 2))
+    extra = torch.tensor([[[7, 2, -1], [0, 9, 9]]], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.aether.union_blocks.default, (cand, count, extra, torch.tensor([[3, 2]],
+                                                                                                  dtype=torch.int32), 8))
 
 
 def test_cache_two_stage_equals_the_direct_call_and_the_reference_path(monkeypatch):

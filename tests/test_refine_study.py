@@ -61,6 +61,34 @@ def test_candidate_byte_accounting(study):
     assert math.isclose(two["candidate_key_bytes"], round(0.3 * (2 / 32 + 1 / 128), 5))
 
 
+def test_key_channels_byte_accounting(study):
+    half = study.refine_info(0.5, 2, 0.5, key_channels=0.5)
+    assert math.isclose(half["candidate_key_bytes"], round(0.5 * (2 / 32 * 0.5 + 1 / 128), 5))
+    assert half["key_channels"] == 0.5 and "key_channels" not in study.refine_info(0.5, 2, 0.5)
+
+
+@pytest.mark.parametrize("seq", [5, 128, 300])
+def test_channel_subset_keeps_the_querys_heaviest_channels(study, seq):
+    """--key-channels: per (b, KV head) exactly m channels keep their codes, the ones with the
+    largest sum_g q^2 x mean range^2; the others sit at their group's bf16 mid-range."""
+    torch.manual_seed(seq)
+    dim, group = 16, 128
+    k = (torch.randn(2, 3, seq, dim) * torch.rand(dim) * 3).to(torch.bfloat16)
+    q = torch.randn(2, 6, dim).to(torch.bfloat16)
+    deq = study.quantize_keys(k, 2, group=group).to(k.dtype)
+    assert torch.equal(study.channel_subset_keys(q, k, deq, 1.0), deq)
+    sub = study.channel_subset_keys(q, k, deq, 0.25).float()
+    lo, hi = study.group_ranges(k, group)
+    mid = ((lo + hi) / 2).repeat_interleave(group, dim=2)[:, :, :seq]
+    weight = q.float().reshape(2, 3, 2, dim).pow(2).sum(2) * (hi - lo).pow(2).mean(2)
+    for b in range(2):
+        for h in range(3):
+            kept = set(weight[b, h].topk(4).indices.tolist())
+            for d in range(dim):
+                want = deq[b, h, :, d].float() if d in kept else mid[b, h, :, d].to(torch.bfloat16).float()
+                assert torch.equal(sub[b, h, :, d], want), (b, h, d)
+
+
 @pytest.mark.parametrize("seq", [16, 200, 256])
 def test_value_means_per_span(study, seq):
     torch.manual_seed(seq)
