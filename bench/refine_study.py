@@ -173,9 +173,13 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
     # selection; used only when this step is the next token of the same sequence.
     previous: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
-    def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None):
-        if options.score != "qsketch":
-            return original(q, k, v, options, stats, scale, sketch, codes=codes)
+    def step(q, k, v, options, stats=None, scale=None, sketch=None, codes=None, refine_extra=None,
+             return_candidates=False):
+        # The library's own two-stage arguments (AetherKVCache passes them; None / False here, as
+        # the study's configurations have no refine_candidates): the study does its own reuse.
+        if options.score != "qsketch" or refine_extra is not None or return_candidates:
+            return original(q, k, v, options, stats, scale, sketch, codes=codes, refine_extra=refine_extra,
+                            return_candidates=return_candidates)
         bs = options.block_size
         batch, kv_heads, seq, _ = k.shape
         seq_lens = torch.full((batch,), seq, dtype=torch.int32)

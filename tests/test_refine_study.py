@@ -218,6 +218,11 @@ def test_reuse_adds_the_previous_final_blocks_to_the_candidates(study):
     out1, sel1 = call(plain, q1, 700)
     rout1, rsel1 = call(reuse, q1, 700)
     assert torch.equal(out1, rout1) and torch.equal(sel1, rsel1) and plain_counts == reuse_counts
+    # AetherKVCache.attend passes the library's two-stage arguments too (None / False here)
+    kout1, ksel1 = plain(q1, k[:, :, :700], v[:, :, :700], options, sketch=sketches[700], refine_extra=None,
+                         return_candidates=False)
+    assert torch.equal(out1, kout1) and torch.equal(sel1, ksel1)
+    plain_counts.update(candidate_tokens=reuse_counts["candidate_tokens"], tokens=reuse_counts["tokens"])
 
     before = dict(plain_counts), dict(reuse_counts)
     out2, sel2 = call(plain, q2, 701)
