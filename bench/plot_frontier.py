@@ -60,6 +60,8 @@ def collect() -> list[dict]:
                 label = config["name"]
                 if refine:
                     keys = f"{refine['key_bits']}-bit keys" if refine["key_bits"] else "exact keys"
+                    if refine.get("key_channels"):  # codes of the query's heaviest channels only
+                        keys += f" of {refine['key_channels']:.0%} of the channels (per step, for the query)"
                     codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
                     if refine.get("debias"):
                         codes += ", debiased"
