@@ -3,7 +3,8 @@ tokens decoded): every committed eval json of that protocol, one point per (conf
 text), and a markdown table of them. Bytes = K/V of the selected blocks + every metadata byte read (sparse layers); for the
 two-stage *study* jsons (bench/refine_study.py) the candidates' key bytes recorded in the json
 are added (and, for its attend-with-codes runs, the K bytes the codes replaced are taken off; for
-its --tail runs, one bf16 value mean per span of every candidate), as that script's docstring says. Writes a png, a json of the points and a markdown table.
+its --tail runs, one bf16 value mean per span of every candidate; for its runs with every block a
+candidate, C = 1, the sketch's metadata is taken off: nothing reads it), as that script's docstring says. Writes a png, a json of the points and a markdown table.
 
 Usage: python bench/plot_frontier.py [--out bench/results/selection_frontier_1024]
 """
@@ -58,6 +59,8 @@ def collect() -> list[dict]:
                 if text not in TEXTS or kv is None:
                     continue
                 label = config["name"]
+                # C = 1: every block is a candidate, the sketch ranks nothing and need not be read
+                unused = kv["metadata"] if refine and refine["candidates"] >= 1.0 else 0.0
                 if refine:
                     keys = f"{refine['key_bits']}-bit keys" if refine["key_bits"] else "exact keys"
                     if refine.get("key_channels"):  # codes of the query's heaviest channels only
@@ -76,7 +79,8 @@ def collect() -> list[dict]:
                     label += f" [study: C {refine['candidates']:g}, {keys}{codes}]"
                 points.append(dict(file=Path(path).name, config=config["name"], label=label, text=TEXTS[text],
                                    family=family(config["name"], refine is not None),
-                                   bytes=kv["sparse_layers"] + extra - saved * kv["selected"], ppl_change=item["ppl_change"],
+                                   bytes=kv["sparse_layers"] + extra - saved * kv["selected"] - unused,
+                                   ppl_change=item["ppl_change"],
                                    top1=item["top1_agreement"], kl=item.get("kl")))
     return points
 
