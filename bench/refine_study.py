@@ -19,6 +19,10 @@ Each qsketch decode step of `aether.eval` is replaced by:
   P, at most `--final-max` of the blocks (variable bytes; the eval counts the blocks read).
   With `--final-agg rank` step 3's top-k unites each query head's own ranking (every head's best
   block first, then every head's second, ...) instead of summing the heads' softmax shares.
+  With `--key-channels F` step 2 reads the codes of only F x D channels per candidate token,
+  chosen per step and KV head for the query (the largest sum_g q_gd^2 x mean range_d^2), the
+  others at their group's mid-range; with `--candidates 1.0` every block is ranked this way and
+  the sketch ranks nothing (bench/plot_frontier.py then leaves its bytes out).
   With `--reuse` the previous decode step's final blocks (same layer) join step 2's candidates:
   attention is correlated from one token to the next, so the blocks read last step are likely
   candidates again, at no first-stage bytes (their codes are read and counted like any other
@@ -33,7 +37,8 @@ counts only the sketch and the K/V of the final blocks, so add the candidates' s
   sketch (printed as metadata) + K (printed as selected)
   + candidates x 1/2            with exact keys (their K read twice: refinement and attention),
   + candidates x (bits / 32 + 1 / 128) with b-bit keys (D b / 8 bytes per token plus the
-    group's 4 D bf16 range bytes over 128 tokens, against 4 D bytes of K+V);
+    group's 4 D bf16 range bytes over 128 tokens, against 4 D bytes of K+V); bits / 32 x F with
+    `--key-channels F`;
   with `--attend-with-codes` the final blocks' K is read as codes, not bf16: subtract
   K x (1/2 - bits / 32 - 1 / 128) from the printed total.
 The script prints the measured candidate fraction at exit.
