@@ -61,9 +61,10 @@ inline cudaError_t block_build_slices(int num_blocks, int64_t heads, bool append
 // completed: every AETHER kernel first calls pdl_begin(), which waits until the previous kernel
 // has completed and its writes are visible (griddepcontrol.wait; at once for a normal launch).
 // No kernel triggers its dependents early (griddepcontrol.launch_dependents): triggered at the
-// start of every CTA, the next kernel's CTAs took SM room while they waited, and the grids sized
-// to one wave of resident CTAs (sketch score, refine) ran in two: the two-stage step went from
-// 195 to 211 us (H200). Without the trigger a kernel's dependents launch as its last CTAs exit.
+// start of every CTA, the two-stage step went from 195 to 211 us (H200; likely cause, not
+// measured separately: the next kernel's waiting CTAs took SM room, so the grids sized to one
+// wave of resident CTAs ran in two). Without the trigger a kernel's dependents launch as its
+// last CTAs exit.
 __device__ __forceinline__ void pdl_begin() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 // AETHER_PDL=0 launches every kernel without the attribute (for comparisons; default on).
