@@ -143,8 +143,69 @@ struct KeyCodesParams {
   int32_t num_blocks = 0;        // NB, a multiple of blocks_per_group
   int32_t blocks_per_group = 1;  // Pg
   int32_t bits = 2;              // 2 or 4
-  uint8_t* codes = nullptr;      // [B, Hkv, NB, block_size, D * bits / 8]
+  // 0: token-major codes [B, Hkv, NB, block_size, D * bits / 8] (what refine_scores reads).
+  // 1: channel-major codes [B, Hkv, NB / Pg, D, Pg * block_size * bits / 8]: per group, each
+  //    channel's codes of the group's tokens form one run (token t of the group at bit t * bits of
+  //    the run, little-endian), so a reader of a few channels reads only their runs (channel_scores;
+  //    a 128-token group at 2 bits: 32 bytes per channel, one DRAM sector). Same bytes either way.
+  int32_t channel_major = 0;
+  uint8_t* codes = nullptr;      // layout above
   uint16_t* ranges = nullptr;    // [B, Hkv, NB / Pg, 2, D] bfloat16 bit patterns: lo (row 0), hi (row 1)
+};
+
+// code_channels: the channels the "qcodes" score reads, chosen per (b, kv head) and decode step.
+// Over the valid groups m < ceil(seq_len / (Pg * block_size)) (at most NB / Pg) of the row, in
+// double: w_d = (sum_g q_gd^2) * sum_m (hi_md - lo_md)^2, g over the KV head's G query heads (q
+// converted to float, then to double; lo / hi the bf16 ranges). The num_channels largest w_d win,
+// a tie going to the lower channel; channels[b, h, :] lists them ascending. w_d is where a coarse
+// (mid-range) value of channel d would move the group's logits most: q_d^2 times its spread.
+// Sums may run in any order (double: a different order changes w_d by ~1e-16 relative).
+struct CodeChannelsParams {
+  const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
+  int64_t q_stride_batch = 0;
+  int64_t q_stride_head = 0;
+  DType dtype = DType::kFloat32;
+  const uint16_t* ranges = nullptr;  // [B, Hkv, NB / Pg, 2, D] as KeyCodesParams (either layout)
+  const int32_t* seq_lens = nullptr;
+  int32_t batch = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;        // NB of the codes, a multiple of blocks_per_group
+  int32_t blocks_per_group = 1;  // Pg
+  int32_t num_channels = 0;      // m, 1..head_dim
+  int32_t* channels = nullptr;   // [B, Hkv, m] ascending channel ids
+};
+
+// channel_scores: the "qcodes" score of every block from the channel-major codes of the chosen
+// channels (code_channels). Query head g of KV head h scores valid token t of block j, in group
+// m = j / Pg, as s * sum_d q_gd k'_td with k'_td = lo_md + code_td step_md for the m chosen
+// channels of (b, h) (channels[b, h, :], each distinct, in [0, D)) and k'_td = (lo_md + hi_md) / 2
+// for the others (float32; step as KeyCodesParams), and the block as the natural log-sum-exp of
+// its valid tokens' logits, written to head_scores[b, g, j]; blocks j >= ceil(seq_len / bs) get
+// -inf. Every element of head_scores is written. Float sums in any order (tests use a tolerance).
+// Bytes read per (b, h): the chosen channels' runs of every valid group and the group's ranges.
+struct ChannelScoresParams {
+  const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
+  int64_t q_stride_batch = 0;
+  int64_t q_stride_head = 0;
+  DType dtype = DType::kFloat32;
+  const uint8_t* codes = nullptr;     // channel-major (KeyCodesParams::channel_major = 1)
+  const uint16_t* ranges = nullptr;   // [B, Hkv, NB / Pg, 2, D]
+  const int32_t* seq_lens = nullptr;
+  const int32_t* channels = nullptr;  // [B, Hkv, num_channels]
+  int32_t batch = 0;
+  int32_t q_heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;        // NB of the codes, a multiple of blocks_per_group
+  int32_t blocks_per_group = 1;  // Pg
+  int32_t bits = 2;
+  int32_t num_channels = 0;      // m, 1..head_dim
+  float scale = 1.0f;
+  float* head_scores = nullptr;  // [B, Hq, NB]
 };
 
 // refine_scores: the second stage of two-stage selection. For each (b, kv head h) and each of the

@@ -15,6 +15,9 @@ cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream);
 cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream);
 // Writes only the candidates' entries of params.head_scores (the caller fills it with -inf).
 cudaError_t refine_scores(const RefineScoresParams& params, cudaStream_t stream);
+// The qcodes score: the channels to read per (b, kv head), then every block's score from them.
+cudaError_t code_channels(const CodeChannelsParams& params, cudaStream_t stream);
+cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t stream);
 // One CTA per (b, kv head): a bitmap of the row's blocks in shared memory, then a compaction.
 cudaError_t union_blocks(const UnionBlocksParams& params, cudaStream_t stream);
 
