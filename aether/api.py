@@ -16,7 +16,8 @@ import torch
 from aether import _ops
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
-SCORES = STAT_SCORES + ("qsketch",)  # qsketch reads a KeySketch instead of the statistics
+SCORES = STAT_SCORES + ("qsketch", "qcodes")  # qsketch reads a KeySketch, qcodes channel-major KeyCodes
+DEFAULT_CODE_CHANNELS = 0.25  # qcodes: a quarter of the channels (docs/selection.md, "Channel-subset codes")
 GROUP_AGGS = ("max", "sum")
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 POLICIES = ("topk", "threshold", "adaptive")
@@ -358,6 +359,8 @@ def sparse_attention(
     refine_candidates: int | float = 0.5,
     refine_extra=None,
     return_candidates: bool = False,
+    codes=None,
+    code_channels: int | float = DEFAULT_CODE_CHANNELS,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -374,7 +377,10 @@ def sparse_attention(
         block_size: tokens per block, 16/32/64/128 (default: stats.block_size, else 64).
         score: block score: "tight" (min of ball and box), "ball", "box", "mean", "variance", or
             "qsketch" (log-sum-exp of approximate token logits from a 4-bit key sketch: pass
-            `sketch`; the most accurate ranking, docs/selection.md; not a bound).
+            `sketch`; not a bound), or "qcodes" (the log-sum-exp of every block's token logits
+            from 2- or 4-bit key codes of the query's `code_channels` heaviest channels, the
+            others at their group's mid-range: pass channel-major `codes`; the most accurate
+            ranking measured, docs/selection.md; not a bound, no calibration).
         policy: "topk" (keep `budget` blocks), "threshold" (certified: dropped mass <= eps),
             "adaptive" (smallest set with estimated mass >= `mass`, within [min_blocks, max_blocks]).
         budget: topk budget, an int block count (>= 1) or a float fraction of the blocks in
@@ -393,7 +399,7 @@ def sparse_attention(
         return_selection: also return the `Selection` (indices, counts).
         sketch: the `aether.KeySketch` of this cache (`aether.key_sketch`), for score="qsketch".
         group_agg: how topk combines the query heads of a GQA group: "sum" (each head's
-            estimated mass share summed over the group; the default for qsketch) or "max" (the
+            estimated mass share summed over the group; the default for qsketch and qcodes) or "max" (the
             largest head score; the default for the bound scores). Only topk takes it; threshold
             and adaptive have their own group rules.
         refine: the `aether.KeyCodes` of this cache (`aether.key_codes`) for two-stage selection
@@ -410,6 +416,11 @@ def sparse_attention(
             candidate's. docs/selection.md, "Reusing the last step's final blocks".
         return_candidates: also return the first stage's candidates (a `Selection`, after
             `refine_extra`; with `refine` only), last in the returned tuple.
+        codes: for score="qcodes", the `aether.KeyCodes` of this cache built with
+            `layout="channel"` (`aether.key_codes(k, block_size, layout="channel")`).
+        code_channels: for score="qcodes", the channels read per KV head and step: an int count
+            in [1, head_dim] or a float fraction of head_dim in (0, 1] (rounded, at least 1);
+            chosen per step by `torch.ops.aether.code_channels` (default 1/4).
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -434,7 +445,8 @@ def sparse_attention(
     if stats is not None and not isinstance(stats, BlockStats):
         raise TypeError(f"stats must be an aether.BlockStats or None, got {type(stats).__name__}")
     if block_size is None:
-        source = stats if stats is not None else sketch if score == "qsketch" else None
+        source = (stats if stats is not None else sketch if score == "qsketch" else codes if score == "qcodes"
+                  else None)
         block_size = getattr(source, "block_size", DEFAULT_BLOCK_SIZE)
     block_size = _check_block_size(block_size)
     block_table = _check_block_table(block_table, k)
@@ -450,7 +462,7 @@ def sparse_attention(
     if group_agg is None:
         # sum for qsketch, whose scores are mass estimates; max for the bounds (on SmolLM2, sum with
         # tight lowered 8k passkey retrieval from 9/10 to 7/10 at keep 1/8, docs/selection.md).
-        group_agg = "sum" if score == "qsketch" and policy == "topk" else "max"
+        group_agg = "sum" if score in ("qsketch", "qcodes") and policy == "topk" else "max"
     elif group_agg not in GROUP_AGGS:
         raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {group_agg!r}")
     elif policy != "topk":
@@ -474,6 +486,22 @@ def sparse_attention(
         if isinstance(rc, float) and isinstance(budget, float) and rc < budget:
             raise ValueError(f"refine_candidates ({rc}) must be >= budget ({budget}): the final blocks are chosen "
                              "among the candidates")
+    if score == "qcodes":
+        if not isinstance(codes, KeyCodes) or codes.layout != "channel":
+            raise TypeError("score='qcodes' needs codes=aether.KeyCodes with layout='channel' (build it with "
+                            f"aether.key_codes(k, block_size, layout='channel')), got "
+                            f"{type(codes).__name__}{' with layout ' + repr(codes.layout) if isinstance(codes, KeyCodes) else ''}")
+        if policy == "threshold":  # _check_policy_args already refused it; keep the rule next to qcodes
+            raise ValueError("score='qcodes' is not a bound: use policy='topk' or 'adaptive'")
+        if refine is not None:
+            raise ValueError("refine (two-stage selection) and score='qcodes' do not combine: qcodes already ranks "
+                             "every block from key codes")
+        num_code_channels = _resolve_code_channels(code_channels, head_dim)
+    elif codes is not None:
+        raise ValueError(f"codes is only read by score='qcodes', got score={score!r}")
+    if refine is not None and refine.layout != "token":
+        raise ValueError("refine (two-stage selection) reads token-major key codes: build them with "
+                         f"aether.key_codes(k, block_size) (layout='token'), got layout={refine.layout!r}")
     if score == "qsketch":
         if not isinstance(sketch, KeySketch):
             raise TypeError("score='qsketch' needs sketch=aether.KeySketch (build it with aether.key_sketch), got "
@@ -494,6 +522,23 @@ def sparse_attention(
             raise ValueError(f"the sketch's query_proj has {sketch.calibration.query_proj.shape[0]} query heads but q "
                              f"has {q.shape[1]}")
         num_blocks = sketch.num_blocks
+    if score == "qcodes":
+        if stats is not None:
+            raise ValueError("stats are not read by score='qcodes' (it reads the key codes); pass stats=None")
+        _check_codes_match(codes, batch, kv_heads, head_dim, q.device)
+        _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens)
+        codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
+        num_blocks = codes.num_blocks
+        channels = torch.ops.aether.code_channels(q, codes.ranges, seq_lens, block_size, codes.blocks_per_group,
+                                                  num_code_channels)
+        head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, channels, block_size,
+                                                      float(scale), codes.blocks_per_group, codes.bits)
+        budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
+        selected, counts = torch.ops.aether.select_blocks(
+            q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
+            min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
+        return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy, budget,
+                                max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse, return_selection)
     sketch_args = (None, None, None, None, 0.0, None, 1)
     if score == "qsketch":
         # The sketch carries its own centroid; qsketch reads no block statistics.
@@ -540,6 +585,28 @@ def sparse_attention(
         q, *stat_tensors, seq_lens, block_size, float(scale), score, policy, budget_blocks, budget_fraction,
         float(eps), float(mass), min_blocks, max_blocks or 0, sink_blocks, recent_blocks, False, head_scores, None,
         group_agg, *sketch_args)
+    extra = (Selection(candidates, num_candidates),) if return_candidates else ()
+    return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy, budget,
+                            max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse, return_selection, extra)
+
+
+def _resolve_code_channels(code_channels: object, head_dim: int) -> int:
+    """qcodes' channel count: an int in [1, head_dim], or a float fraction in (0, 1] of head_dim."""
+    if isinstance(code_channels, bool) or not isinstance(code_channels, (int, float)):
+        raise TypeError(f"code_channels must be an int (channels) or a float (a fraction of head_dim), got "
+                        f"{type(code_channels).__name__}")
+    if isinstance(code_channels, int):
+        if not 1 <= code_channels <= head_dim:
+            raise ValueError(f"code_channels as a count must be in [1, head_dim = {head_dim}], got {code_channels}")
+        return code_channels
+    if not 0.0 < code_channels <= 1.0:
+        raise ValueError(f"code_channels as a fraction must be in (0, 1], got {code_channels}")
+    return max(1, min(head_dim, round(code_channels * head_dim)))
+
+
+def _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy, budget, max_blocks,
+                     num_blocks, sink_blocks, recent_blocks, return_lse, return_selection, extra=()):
+    """Attention over the selected blocks, and the outputs sparse_attention was asked for."""
     hint = _max_selected_hint(policy, budget, max_blocks, num_blocks, sink_blocks + recent_blocks + 1)
     out, lse = torch.ops.aether.sparse_decode(q, k, v, seq_lens, block_size, float(scale), selected, counts,
                                               block_table, hint)
@@ -548,6 +615,5 @@ def sparse_attention(
         result.append(lse)
     if return_selection:
         result.append(Selection(selected, counts))
-    if return_candidates:
-        result.append(Selection(candidates, num_candidates))
+    result.extend(extra)
     return out if len(result) == 1 else tuple(result)

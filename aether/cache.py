@@ -32,7 +32,7 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks
+from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks, _resolve_code_channels
 from aether.refine import KeyCodes, default_blocks_per_group
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
@@ -40,6 +40,7 @@ from aether.sketch import recall_curve as sketch_recall_curve
 EVAL_SCORES = SCORES + ("oracle",)
 BLOCK_SIZES = (16, 32, 64, 128)
 SKETCH_SCORE = "qsketch"
+CODES_SCORE = "qcodes"
 DEFAULT_SKETCH_QUERIES = 256
 BUDGET_ALLOCATIONS = ("uniform", "layer")
 
@@ -69,6 +70,9 @@ class SparseOptions:
     `refine_reuse`: with `refine_candidates`, each decode step's final blocks join the next
     step's candidates (same layer; `sparse_attention(refine_extra=)`; docs/selection.md,
     "Reusing the last step's final blocks"). The read counter counts the union's codes.
+    `code_channels`, `code_bits`: for score="qcodes", the fraction of head_dim whose channel-major
+    `code_bits`-bit key codes (2 or 4) score every block (`aether.sparse_attention(codes=,
+    code_channels=)`; docs/selection.md, "Channel-subset codes").
     """
 
     score: str = "tight"
@@ -87,6 +91,8 @@ class SparseOptions:
     refine_candidates: float | None = None
     refine_bits: int = 2
     refine_reuse: bool = False
+    code_channels: float = 0.25
+    code_bits: int = 2
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -140,6 +146,16 @@ class SparseOptions:
                 raise ValueError(f"refine_candidates ({rc}) must be >= budget ({self.budget})")
         if self.refine_bits not in (2, 4) or isinstance(self.refine_bits, bool):
             raise ValueError(f"refine_bits must be 2 or 4, got {self.refine_bits!r}")
+        if self.score == CODES_SCORE and rc is not None:
+            raise ValueError("refine_candidates (two-stage selection) does not combine with score='qcodes', which "
+                             "already ranks every block from key codes")
+        cc = self.code_channels
+        if isinstance(cc, bool) or not isinstance(cc, float) or not 0.0 < cc <= 1.0:
+            raise ValueError(f"code_channels must be a float fraction of head_dim in (0, 1], got {cc!r}")
+        if self.code_bits not in (2, 4) or isinstance(self.code_bits, bool):
+            raise ValueError(f"code_bits must be 2 or 4, got {self.code_bits!r}")
+        if self.policy == "threshold" and self.score == CODES_SCORE:
+            raise ValueError("policy='threshold' needs an upper-bound score; qcodes is an estimate")
         if not isinstance(self.refine_reuse, bool):
             raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
         if self.refine_reuse and rc is None:
@@ -275,20 +291,21 @@ class RefKeyCodes(KeyCodes):
     `update` rebuilds every group (the reference is a correctness path, not a fast one)."""
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeyCodes":
-        fresh = build_key_codes(k, self.block_size, self.bits)
+        fresh = build_key_codes(k, self.block_size, self.bits, self.layout)
         self.codes, self.ranges, self.seq_lens = fresh.codes, fresh.ranges, fresh.seq_lens
         return self
 
 
-def build_key_codes(k: torch.Tensor, block_size: int, bits: int) -> KeyCodes:
-    """The two-stage key codes of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots
-    valid), 128-token groups."""
+def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "token") -> KeyCodes:
+    """The key codes of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid),
+    128-token groups: token-major for two-stage selection, channel-major for score="qcodes"."""
     per = default_blocks_per_group(block_size)
     if _use_extension(k):
-        return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per)
+        return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per, layout=layout)
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
-    codes, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per)
-    return RefKeyCodes(codes, ranges, bits, block_size, seq_lens, blocks_per_group=per)
+    codes, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per,
+                                        channel_major=layout == "channel")
+    return RefKeyCodes(codes, ranges, bits, block_size, seq_lens, blocks_per_group=per, layout=layout)
 
 
 def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
@@ -310,7 +327,7 @@ def resolved_group_agg(options: SparseOptions) -> str:
     for qsketch with topk, whose scores are mass estimates; max for the bounds and the oracle)."""
     if options.group_agg is not None:
         return options.group_agg
-    return "sum" if options.score == SKETCH_SCORE and options.policy == "topk" else "max"
+    return "sum" if options.score in (SKETCH_SCORE, CODES_SCORE) and options.policy == "topk" else "max"
 
 
 def refine_fraction(options: SparseOptions) -> float | None:
@@ -344,7 +361,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         sketch: the key sketch of `k` (`KeySketch`, or `RefKeySketch` without the extension),
             required by score="qsketch" and only read by it.
         codes: the key codes of `k` (`KeyCodes`, or `RefKeyCodes`), required by two-stage
-            selection (`options.refine_candidates`) and only read by it.
+            selection (`options.refine_candidates`, token-major) and score="qcodes"
+            (channel-major), and only read by them.
         refine_extra: `(indices, counts)` of blocks that join the two-stage candidates (the
             previous step's selection with `options.refine_reuse`).
         return_candidates: also return the candidates' counts `[batch, kv_heads]` int32 (after
@@ -368,23 +386,30 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if qsketch:
         stats = None  # the sketch carries its centroid: no statistics are read
     candidates = refine_fraction(options)
-    if (candidates is None) != (codes is None):
-        raise ValueError("key codes (codes=) are needed exactly when options.refine_candidates is set, got "
-                         f"refine_candidates={options.refine_candidates!r}, codes={type(codes).__name__}")
+    qcodes = options.score == CODES_SCORE
+    if (candidates is None and not qcodes) != (codes is None):
+        raise ValueError("key codes (codes=) are needed exactly when options.refine_candidates is set or score is "
+                         f"'qcodes', got refine_candidates={options.refine_candidates!r}, score={options.score!r}, "
+                         f"codes={type(codes).__name__}")
     if (refine_extra is not None or return_candidates) and codes is None:
         raise ValueError("refine_extra and return_candidates need two-stage selection (options.refine_candidates "
                          "and codes=)")
+    if qcodes:
+        stats = None  # qcodes reads the key codes only
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
             and not isinstance(sketch, RefKeySketch) and not isinstance(codes, RefKeyCodes)):
-        refine = (dict(refine=codes, refine_candidates=candidates, refine_extra=refine_extra,
-                       return_candidates=return_candidates) if codes is not None else {})
+        if qcodes:
+            refine = dict(codes=codes, code_channels=options.code_channels)
+        else:
+            refine = (dict(refine=codes, refine_candidates=candidates, refine_extra=refine_extra,
+                           return_candidates=return_candidates) if codes is not None else {})
         out, selection, *cand = aether.sparse_attention(q, k, v, stats=stats, block_size=options.block_size,
                                                         score=options.score, budget=options.budget, sketch=sketch,
                                                         group_agg=options.group_agg, return_selection=True,
                                                         **refine, **kwargs)
         return (out, selection.indices, cand[0].counts) if return_candidates else (out, selection.indices)
     ref_stats = ref_sketch = None
-    if options.score not in ("oracle", SKETCH_SCORE):
+    if options.score not in ("oracle", SKETCH_SCORE, CODES_SCORE):
         if stats is None:
             stats = build_block_stats(k, options.block_size)
         ref_stats = reference.BlockStatsRef(*(t for t in (stats.centroid, stats.lo, stats.hi, stats.radius,
@@ -393,17 +418,20 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         calib = sketch.calibration
         ref_sketch = (sketch.codes, sketch.ranges, sketch.centroid, calib.key_proj, calib.query_proj,
                       float(calib.centroid_weight))
-    ref_refine = None
-    if codes is not None:
-        if isinstance(codes, KeyCodes):
-            codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
+    ref_refine = ref_qcodes = None
+    if codes is not None and isinstance(codes, KeyCodes):
+        codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
+    if qcodes:
+        channels = _resolve_code_channels(options.code_channels, q.shape[-1])
+        ref_qcodes = reference.QcodesRef(channels, codes.bits, codes.blocks_per_group, codes.codes, codes.ranges)
+    elif codes is not None:
         ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
                                          blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges,
                                          extra=refine_extra)
     out, _, selected, *rest = reference.sparse_attention(
         q, k, v, stats=ref_stats, block_size=options.block_size, score=options.score,
         budget_blocks=budget_blocks, budget_fraction=budget_fraction, group_agg=resolved_group_agg(options),
-        sketch=ref_sketch, refine=ref_refine, return_candidates=return_candidates, **kwargs)
+        sketch=ref_sketch, refine=ref_refine, return_candidates=return_candidates, qcodes=ref_qcodes, **kwargs)
     return (out, selected, rest[1].to(torch.int32)) if return_candidates else (out, selected)
 
 
@@ -434,7 +462,8 @@ class ReadCounter:
     `sketch_bytes`: bytes the qsketch score read (sketch of every block + bf16 centroid of every
     sketch block when its weight is not 0 + the float32 query projection once per row and step),
     host-side. `refine_bytes`: bytes the second stage of two-stage selection read (the key codes
-    of the candidate blocks and the ranges of the groups holding them, `KeyCodes.bytes_read`).
+    of the candidate blocks and the ranges of the groups holding them, `KeyCodes.bytes_read`), or
+    the qcodes score read (`KeyCodes.qcodes_bytes`).
     """
 
     tokens_read: torch.Tensor | int = 0
@@ -446,12 +475,14 @@ class ReadCounter:
 
     def add(self, selection: torch.Tensor, length: int, block_size: int,
             sketch: KeySketch | None = None, codes: KeyCodes | None = None,
-            refine_candidates: float | None = None, candidate_counts: torch.Tensor | None = None) -> None:
+            refine_candidates: float | None = None, candidate_counts: torch.Tensor | None = None,
+            code_channels: float | None = None) -> None:
         """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read;
         `codes`, `refine_candidates`: the key codes a two-stage step read for that candidate fraction
         (the first stage's top-k count, ceil(fraction x blocks)), or for `candidate_counts`
         `[batch, kv_heads]` candidates per row when given (with refine_reuse the union is larger;
-        counted on the device, no host sync)."""
+        counted on the device, no host sync). `code_channels`: score="qcodes" read `codes` for
+        that fraction of the channels (`KeyCodes.qcodes_bytes`)."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
@@ -463,7 +494,10 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
-        if codes is not None and candidate_counts is not None:  # per row, on the device (float64)
+        if codes is not None and code_channels is not None:
+            channels = _resolve_code_channels(code_channels, codes.head_dim)
+            self.refine_bytes += rows * codes.qcodes_bytes(channels, num_blocks)
+        elif codes is not None and candidate_counts is not None:  # per row, on the device (float64)
             self.refine_bytes = self.refine_bytes + codes.bytes_read(candidate_counts.double(), num_blocks).sum()
         elif codes is not None:
             candidates = min(num_blocks, math.ceil(refine_candidates * num_blocks - 1e-9))
@@ -480,7 +514,7 @@ class ReadCounter:
             return {"selected": 0.0, "metadata": 0.0}
         selected = float(self.tokens_read) / self.tokens_total
         dense_bytes = self.tokens_total * 2 * head_dim * kv_element_bytes
-        if score == SKETCH_SCORE:
+        if score in (SKETCH_SCORE, CODES_SCORE):  # qcodes: its code bytes are in refine_bytes
             metadata = self.sketch_bytes / dense_bytes
         else:
             metadata = self.blocks_total * metadata_bytes_per_block(score, head_dim) / dense_bytes
@@ -735,10 +769,14 @@ class AetherKVCache:
                                                             self.options.blocks_per_sketch))
 
     def key_codes(self) -> list[KeyCodes]:
-        """The two-stage key codes (`options.refine_candidates`), one per group of `_row_views()`,
-        current with `length`: built once, then only the last group is rebuilt per step."""
+        """The key codes of two-stage selection (`options.refine_candidates`, token-major) or of
+        score="qcodes" (channel-major), one per group of `_row_views()`, current with `length`:
+        built once, then only the last group is rebuilt per step."""
+        qcodes = self.options.score == CODES_SCORE
+        bits = self.options.code_bits if qcodes else self.options.refine_bits
+        layout = "channel" if qcodes else "token"
         return self._per_view("_codes", "_codes_length",
-                              lambda i, k: build_key_codes(k, self.options.block_size, self.options.refine_bits))
+                              lambda i, k: build_key_codes(k, self.options.block_size, bits, layout))
 
     def _per_view(self, attr: str, length_attr: str, build) -> list:
         """The per-view metadata kept in `self.<attr>` (statistics, sketches or key codes): built by
@@ -778,11 +816,12 @@ class AetherKVCache:
         views = self._row_views()
         none = [None] * len(views)
         sketches = self.sketches() if self.options.score == SKETCH_SCORE else none
-        if self.options.score in ("oracle", SKETCH_SCORE):  # qsketch's sketch carries its centroid
+        if self.options.score in ("oracle", SKETCH_SCORE, CODES_SCORE):  # neither reads block statistics
             stats = none
         else:
             stats = self.stats()
-        codes = self.key_codes() if self.options.refine_candidates is not None else none
+        qcodes = self.options.score == CODES_SCORE
+        codes = self.key_codes() if self.options.refine_candidates is not None or qcodes else none
         keys, values = self.keys, self.values
         options = self._step_options()
         candidates = refine_fraction(options)
@@ -800,7 +839,8 @@ class AetherKVCache:
             out, selection, *cand = sparse_decode_step(q[rows], k, v, options, st, scale, sketch=sk, codes=kc,
                                                        refine_extra=extra, return_candidates=reuse)
             self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk, codes=kc,
-                           refine_candidates=candidates, candidate_counts=cand[0] if reuse else None)
+                           refine_candidates=candidates, candidate_counts=cand[0] if reuse else None,
+                           code_channels=options.code_channels if qcodes else None)
             outs.append(out)
             selections.append(selection)
         if reuse:

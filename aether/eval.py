@@ -52,7 +52,7 @@ from aether.models import require_eval_extra
 DATA_DIR = Path(__file__).parent / "data"
 TEXTS = ("vim_user_manual", "python_language_reference", "gnu_gpl3_lgpl3")
 DEFAULT_SCORES = ("ball", "box", "tight", "mean", "variance", "oracle")
-ALL_SCORES = DEFAULT_SCORES + ("qsketch",)
+ALL_SCORES = DEFAULT_SCORES + ("qsketch", "qcodes")
 GROUP_AGGS = ("max", "sum")
 
 PASSKEY_INTRO = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -79,6 +79,8 @@ class Config:
     refine_candidates: float | None = None  # two-stage selection: candidate fraction (None: one stage)
     refine_bits: int = 2  # two-stage selection: bits per channel of the key codes
     refine_reuse: bool = False  # two-stage selection: the last step's final blocks join the candidates
+    code_channels: float = 0.25  # qcodes: fraction of head_dim whose codes score every block
+    code_bits: int = 2  # qcodes: bits per channel of the channel-major key codes
 
     @property
     def name(self) -> str:
@@ -89,6 +91,7 @@ class Config:
         per += f" r{self.sketch_rank}" if self.sketch_rank != DEFAULT_RANK else ""
         per += f" refine{self.refine_candidates:g}q{self.refine_bits}" if self.refine_candidates is not None else ""
         per += "+reuse" if self.refine_reuse else ""
+        per += f" ch{self.code_channels:g}q{self.code_bits}" if self.score == "qcodes" else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -122,6 +125,8 @@ class EvalSettings:
     recent_blocks: int = 1  # every sparse config
     sketch_rank: int = DEFAULT_RANK  # every qsketch config
     refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none", "C:bits" or "C:bits:reuse"
+    code_channels: tuple[float, ...] = (0.25,)  # qcodes configs run once per entry
+    code_bits: int = 2  # every qcodes config
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -182,7 +187,8 @@ class Runner:
                                 mass=config.mass, blocks_per_sketch=config.blocks_per_sketch,
                                 recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank,
                                 refine_candidates=config.refine_candidates, refine_bits=config.refine_bits,
-                                refine_reuse=config.refine_reuse)
+                                refine_reuse=config.refine_reuse, code_channels=config.code_channels,
+                                code_bits=config.code_bits)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -285,16 +291,19 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                     for per in dict.fromkeys(settings.blocks_per_sketch) if sketch else (1,):
                         if per * block_size > 128:
                             continue
-                        for refine in dict.fromkeys(settings.refines) if score != "oracle" else ("none",):
+                        one_stage = score in ("oracle", "qcodes")  # qcodes already ranks every block by codes
+                        for refine in dict.fromkeys(settings.refines) if not one_stage else ("none",):
                             candidates, bits, reuse = parse_refine(refine)
                             if candidates is not None and candidates < budget:
                                 continue  # the final blocks are chosen among the candidates
-                            configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
-                                                  budget_allocation=allocation, blocks_per_sketch=int(per),
-                                                  recent_blocks=settings.recent_blocks,
-                                                  sketch_rank=_rank_of(score, settings),
-                                                  refine_candidates=candidates, refine_bits=bits,
-                                                  refine_reuse=reuse))
+                            for channels in dict.fromkeys(settings.code_channels) if score == "qcodes" else (0.25,):
+                                configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
+                                                      budget_allocation=allocation, blocks_per_sketch=int(per),
+                                                      recent_blocks=settings.recent_blocks,
+                                                      sketch_rank=_rank_of(score, settings),
+                                                      refine_candidates=candidates, refine_bits=bits,
+                                                      refine_reuse=reuse, code_channels=float(channels),
+                                                      code_bits=settings.code_bits))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -372,6 +381,11 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
         raise ValueError(f"sketch_rank must be 2, 4, 8 or 16, got {settings.sketch_rank!r}")
     for entry in settings.refines:
         parse_refine(entry)
+    for channels in settings.code_channels:
+        if isinstance(channels, bool) or not isinstance(channels, float) or not 0.0 < channels <= 1.0:
+            raise ValueError(f"code_channels entries must be fractions in (0, 1], got {channels!r}")
+    if settings.code_bits not in (2, 4):
+        raise ValueError(f"code_bits must be 2 or 4, got {settings.code_bits!r}")
     for per in settings.blocks_per_sketch:
         if per not in (1, 2, 4, 8):
             raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
@@ -752,6 +766,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "(the score keeps a fraction C of the blocks, bits-bit key codes rank them, the budget "
                         "keeps the final blocks) or 'C:bits:reuse' (the last step's final blocks join the "
                         "candidates), e.g. none,0.3:2,0.5:2:reuse")
+    p.add_argument("--code-channels", type=_floats, default=d.code_channels,
+                   help="qcodes configs run once per entry: the fraction of head_dim whose key codes score every "
+                        "block (chosen per step and KV head), e.g. 0.25,0.5")
+    p.add_argument("--code-bits", type=int, choices=(2, 4), default=d.code_bits,
+                   help="bits per channel of every qcodes config's key codes")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -783,7 +802,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             kv_element_bytes=args.kv_element_bytes, seed=args.seed,
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
                             adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
-                            recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank, refines=args.refine)
+                            recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank, refines=args.refine,
+                            code_channels=args.code_channels, code_bits=args.code_bits)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

@@ -377,7 +377,8 @@ def union_blocks(indices: Tensor, counts: Tensor, extra: Tensor, extra_counts: T
 
 
 def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = None,
-              num_blocks: int | None = None, blocks_per_group: int = 1) -> tuple[Tensor, Tensor]:
+              num_blocks: int | None = None, blocks_per_group: int = 1,
+              channel_major: bool = False) -> tuple[Tensor, Tensor]:
     """Every channel of every key as a ``bits``-bit code (the second stage's key store).
 
     A group is ``Pg = blocks_per_group`` consecutive blocks. Per (group, channel) over the valid
@@ -388,6 +389,9 @@ def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = N
     Returns:
         ``(codes [B, Hkv, NB, block_size, D * bits / 8] uint8`` (channel d at bit ``d * bits`` of
         the token's bytes, little-endian), ``ranges [B, Hkv, NB / Pg, 2, D] bfloat16``: lo, hi).
+        With ``channel_major`` the same codes as ``[B, Hkv, NB / Pg, D, Pg * block_size * bits / 8]``:
+        per group, channel d's run holds the group's token t at bit ``t * bits`` (the qcodes score's
+        layout, :func:`channel_head_scores`).
     """
     assert bits in CODE_BITS, f"bits must be one of {CODE_BITS}"
     batch, kv_heads, seq_len, head_dim = k.shape
@@ -406,11 +410,15 @@ def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = N
     lo, hi, codes = _quantise_groups(x, valid, levels)
     codes = codes.to(torch.int32)
     per_byte = 8 // bits
-    codes = codes.reshape(batch, kv_heads, ng, gt, head_dim // per_byte, per_byte)
     shifts = torch.arange(per_byte, device=k.device, dtype=torch.int32) * bits
+    ranges = torch.stack([lo, hi], dim=3).contiguous()
+    if channel_major:  # [B, Hkv, NG, D, gt]: consecutive tokens of a channel share a byte
+        codes = codes.transpose(3, 4).reshape(batch, kv_heads, ng, head_dim, gt // per_byte, per_byte)
+        return (codes << shifts).sum(dim=-1).to(torch.uint8).contiguous(), ranges
+    codes = codes.reshape(batch, kv_heads, ng, gt, head_dim // per_byte, per_byte)
     packed = (codes << shifts).sum(dim=-1).to(torch.uint8)
     packed = packed.reshape(batch, kv_heads, nb, block_size, head_dim * bits // 8)
-    return packed.contiguous(), torch.stack([lo, hi], dim=3).contiguous()
+    return packed.contiguous(), ranges
 
 
 def unpack_key_codes(codes: Tensor, ranges: Tensor, bits: int) -> Tensor:
@@ -452,6 +460,74 @@ def refine_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq_
     full[:, :, :width] = scores[:, :, :width].float()
     full = full.masked_fill(~_expand_to_query_heads(is_candidate, group), -math.inf)
     return full.contiguous()
+
+
+# The qcodes score: every block ranked from the channel-major codes of the query's heaviest channels
+# (docs/architecture.md "qcodes"; docs/selection.md "Channel-subset codes").
+
+class QcodesRef(NamedTuple):
+    """qcodes settings for :func:`sparse_attention`: ``num_channels`` channels per (b, KV head) and
+    step (:func:`code_channels`) of ``bits``-bit channel-major codes with ranges per group of
+    ``blocks_per_group`` blocks (built from k when ``codes`` is None) score every block
+    (:func:`channel_head_scores`)."""
+
+    num_channels: int
+    bits: int = 2
+    blocks_per_group: int = 1
+    codes: Tensor | None = None
+    ranges: Tensor | None = None
+
+
+def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int, num_channels: int) -> Tensor:
+    """The channels the qcodes score reads, int32 ``[B, Hkv, m]`` ascending: per (b, KV head) the
+    ``m = num_channels`` largest ``w_d = (sum_g q_gd^2) * sum_groups (hi_d - lo_d)^2`` (float64,
+    over the row's valid groups of ``group_tokens = Pg * block_size`` tokens), a tie to the lower
+    channel. ``w_d``: how far a coarse (mid-range) value of channel d would move the logits."""
+    kv_heads, groups = ranges.shape[1], ranges.shape[2]
+    batch, q_heads, head_dim = q.shape
+    qd = q.float().double().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    qq = (qd * qd).sum(dim=2)  # [B, Hkv, D]
+    width = ranges[:, :, :, 1].double() - ranges[:, :, :, 0].double()  # bf16 -> exact in double
+    n_groups = ((seq_lens.to(torch.int64).clamp(min=0) + group_tokens - 1) // group_tokens).clamp(max=groups)
+    valid = torch.arange(groups, device=q.device)[None, :] < n_groups[:, None]  # [B, NG]
+    energy = torch.where(valid[:, None, :, None], width * width, 0.0).sum(dim=2)  # [B, Hkv, D]
+    weight = qq * energy
+    # descending weight, a tie to the lower channel: a stable sort keeps index order among equals
+    order = torch.sort(weight, dim=-1, descending=True, stable=True).indices[..., :num_channels]
+    return order.sort(dim=-1).values.to(torch.int32).contiguous()
+
+
+def channel_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq_lens: Tensor, block_size: int,
+                        channels: Tensor, scale: float | None = None) -> Tensor:
+    """qcodes scores ``[B, Hq, NB]`` float32 (-inf for blocks past each sequence's end): the
+    log-sum-exp over block j's valid tokens of ``s * q_g . k'_t`` with ``k'_td = lo_d + code_td
+    step_d`` for the channels listed in ``channels [B, Hkv, m]`` (entries outside ``[0, D)``
+    ignored) and ``(lo_d + hi_d) / 2`` for the others, from the channel-major ``codes [B, Hkv, NG,
+    D, gt * bits / 8]`` and ``ranges [B, Hkv, NG, 2, D]`` (``gt = Pg * block_size``)."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads, groups = codes.shape[1], codes.shape[2]
+    per_byte = 8 // bits
+    levels = (1 << bits) - 1
+    gt = codes.shape[4] * per_byte
+    nb = groups * gt // block_size
+    shifts = torch.arange(per_byte, device=q.device, dtype=torch.int32) * bits
+    code = ((codes.to(torch.int32)[..., None] >> shifts) & levels).flatten(-2).float()  # [B, Hkv, NG, D, gt]
+    lo = ranges[:, :, :, 0].float()
+    hi = ranges[:, :, :, 1].float()
+    step = (hi - lo) / levels
+    deq = lo[..., None] + code * step[..., None]
+    mid = ((lo + hi) / 2)[..., None].expand_as(deq)
+    ids = channels.to(torch.int64)
+    usable = (ids >= 0) & (ids < head_dim)
+    chosen = torch.zeros(batch, kv_heads, head_dim + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, torch.where(usable, ids, torch.full_like(ids, head_dim)), True)
+    keys = torch.where(chosen[:, :, None, :head_dim, None], deq, mid)  # [B, Hkv, NG, D, gt]
+    keys = keys.transpose(3, 4).reshape(batch, kv_heads, nb, block_size, head_dim)
+    group = q_heads // kv_heads
+    s = _default_scale(head_dim, scale)
+    logits = s * torch.einsum("bgd,bgntd->bgnt", q.float(), _expand_to_query_heads(keys, group))
+    valid = _token_valid(seq_lens, nb * block_size).reshape(batch, 1, nb, block_size)
+    return torch.logsumexp(logits.masked_fill(~valid, -math.inf), dim=-1).float().contiguous()
 
 
 def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
@@ -740,6 +816,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
                      sketch: tuple | None = None,
                      refine: RefineRef | None = None,
                      return_candidates: bool = False,
+                     qcodes: QcodesRef | None = None,
                      ) -> tuple[Tensor, ...]:
     """The whole decode step: statistics, radar scores, selection, attention.
 
@@ -749,11 +826,22 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
     centroid, key_proj, query_proj, centroid_weight)``. With ``refine`` (a :class:`RefineRef`, top-k
     only) selection has two stages: the score keeps the refine's candidates, :func:`refine_head_scores`
     ranks them from their key codes and the budget keeps the final blocks (the same group_agg,
-    sink and recent blocks); ``refine.extra`` joins the candidates. Returns ``(out, lse, selected,
-    num_selected)``, and the candidates' counts after them with ``return_candidates`` (refine only).
+    sink and recent blocks); ``refine.extra`` joins the candidates. ``score="qcodes"`` needs
+    ``qcodes`` (a :class:`QcodesRef`): :func:`code_channels` then :func:`channel_head_scores`.
+    Returns ``(out, lse, selected, num_selected)``, and the candidates' counts after them with
+    ``return_candidates`` (refine only).
     """
     seq_lens = _default_seq_lens(k.shape[0], k.shape[2], seq_lens, k.device)
-    if score == SKETCH_SCORE:
+    if score == "qcodes":
+        assert qcodes is not None, "score='qcodes' needs qcodes="
+        per = qcodes.blocks_per_group
+        codes, ranges = qcodes.codes, qcodes.ranges
+        if codes is None:
+            codes, ranges = key_codes(k, qcodes.bits, block_size, seq_lens, blocks_per_group=per, channel_major=True)
+        channels = code_channels(q, ranges, seq_lens, per * block_size, qcodes.num_channels)
+        scores = channel_head_scores(q, codes, ranges, qcodes.bits, seq_lens, block_size, channels, scale)
+        mlo = torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
+    elif score == SKETCH_SCORE:
         assert sketch is not None, "score='qsketch' needs sketch="
         if len(sketch) in (3, 4):
             key_proj, query_proj, weight = sketch[:3]

@@ -32,6 +32,7 @@ from aether.api import (_cache_dims, _check_block_size, _check_block_table, _che
 
 CODE_BITS = (2, 4)
 DEFAULT_CODE_BITS = 2
+CODE_LAYOUTS = ("token", "channel")  # refine_scores reads "token", the qcodes score "channel"
 GROUP_TOKENS = 128  # default group: 128 tokens share one [lo, hi] per channel
 
 
@@ -58,8 +59,12 @@ class KeyCodes:
     """The key codes of a KV cache for two-stage selection (see the module docstring).
 
     codes: uint8 ``[batch, kv_heads, num_blocks, block_size, head_dim * bits / 8]`` (channel d at
-    bit ``d * bits`` of a token's bytes); ranges: bfloat16 ``[batch, kv_heads, num_blocks / Pg, 2,
-    head_dim]`` (lo, hi), Pg = ``blocks_per_group``. Build with :func:`key_codes`.
+    bit ``d * bits`` of a token's bytes) with ``layout="token"`` (two-stage selection's
+    ``refine=``), or ``[batch, kv_heads, num_blocks / Pg, head_dim, Pg * block_size * bits / 8]``
+    (per group, one run of every channel's codes, token t at bit ``t * bits``) with
+    ``layout="channel"`` (``score="qcodes"``, which reads a few channels' runs); ranges: bfloat16
+    ``[batch, kv_heads, num_blocks / Pg, 2, head_dim]`` (lo, hi), Pg = ``blocks_per_group``. Build
+    with :func:`key_codes`.
     """
 
     codes: torch.Tensor
@@ -69,13 +74,26 @@ class KeyCodes:
     seq_lens: torch.Tensor
     paged: bool = False
     blocks_per_group: int = 1
+    layout: str = "token"
     # A rebuild enqueued on a side stream (update(stream=...)): its event, and the temporaries it
     # reads, kept alive until a stream waits for it (wait()).
     _pending: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
-        return self.codes.shape[2]
+        return self.codes.shape[2] * (self.blocks_per_group if self.layout == "channel" else 1)
+
+    @property
+    def channel_major(self) -> bool:
+        return self.layout == "channel"
+
+    def qcodes_bytes(self, num_channels: int, num_blocks: int) -> float:
+        """Bytes the qcodes score reads per KV head and step over `num_blocks` valid blocks: the
+        runs of `num_channels` channels and the bf16 ranges of every group holding a valid block
+        (the channel choice reads the same ranges, counted once)."""
+        groups = math.ceil(num_blocks / self.blocks_per_group)
+        run_bytes = self.blocks_per_group * self.block_size * self.bits / 8
+        return groups * (num_channels * run_bytes + 4 * self.head_dim)
 
     @property
     def head_dim(self) -> int:
@@ -106,9 +124,10 @@ class KeyCodes:
             self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match)
         per = self.blocks_per_group
         needed = -(-needed // per) * per
-        self.codes = _grow_blocks(self.codes, needed)
+        self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)
         self.ranges = _grow_blocks(self.ranges, needed // per)
-        args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits)
+        args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
+                self.channel_major)
         if stream is None:
             torch.ops.aether.key_codes_update(*args)
         else:
@@ -148,7 +167,7 @@ def _check_codes_match(codes: KeyCodes, batch: int, kv_heads: int, head_dim: int
 
 def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: int = DEFAULT_CODE_BITS,
               blocks_per_group: int | None = None, seq_lens: torch.Tensor | None = None,
-              block_table: torch.Tensor | None = None) -> KeyCodes:
+              block_table: torch.Tensor | None = None, layout: str = "token") -> KeyCodes:
     """Build the key codes of a cache (the second stage of two-stage selection).
 
     Args:
@@ -160,8 +179,13 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
         blocks_per_group: blocks sharing one [lo, hi] per channel (1, 2, 4, 8; at most 128
             tokens); default: 128 tokens.
         seq_lens: valid tokens per sequence (default: all).
+        layout: "token" (default; each token's codes together, what two-stage selection's
+            ``refine=`` reads) or "channel" (per group, each channel's codes together, what
+            ``score="qcodes"`` reads: a few channels of every block). Same bytes either way.
     """
     _ops.require_extension()
+    if layout not in CODE_LAYOUTS:
+        raise ValueError(f"layout must be one of {CODE_LAYOUTS}, got {layout!r}")
     k = _check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim] or [num_pages, page_size, kv_heads, head_dim]")
     block_size = _check_block_size(block_size)
     bits = _check_bits(bits)
@@ -172,5 +196,7 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
     _check_head_dim(head_dim, k.device)
     seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
     num_blocks = math.ceil(capacity / (block_size * per)) * per
-    codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits)
-    return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per)
+    codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits,
+                                               layout == "channel")
+    return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per,
+                    layout=layout)

@@ -148,6 +148,9 @@ class AetherCache(DynamicCache):
             (2 or 4) of every key rank them, `budget` keeps the final blocks; None: one stage.
         refine_reuse: with `refine_candidates`, each decode step's final blocks join the next
             step's candidates (docs/selection.md, "Reusing the last step's final blocks").
+        code_channels, code_bits: score="qcodes": the fraction of head_dim whose `code_bits`-bit
+            (2 or 4) channel-major key codes score every block, chosen per step and KV head
+            (docs/selection.md, "Channel-subset codes").
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -159,7 +162,7 @@ class AetherCache(DynamicCache):
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
                  sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform",
                  blocks_per_sketch: int = 1, refine_candidates: float | None = None, refine_bits: int = 2,
-                 refine_reuse: bool = False) -> None:
+                 refine_reuse: bool = False, code_channels: float = 0.25, code_bits: int = 2) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -174,7 +177,7 @@ class AetherCache(DynamicCache):
                                      group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries,
                                      budget_allocation=budget_allocation, blocks_per_sketch=blocks_per_sketch,
                                      refine_candidates=refine_candidates, refine_bits=refine_bits,
-                                     refine_reuse=refine_reuse)
+                                     refine_reuse=refine_reuse, code_channels=code_channels, code_bits=code_bits)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]

@@ -4,7 +4,9 @@
 // key_codes quantises every channel of every key to 2 or 4 bits over a group of Pg blocks; like
 // key_sketch a group is always rebuilt from all of its valid tokens, so an append (first_block
 // set) is bit-identical to a full build. refine_scores reads the codes of the candidate blocks
-// only and writes each query head's block log-mass estimate.
+// only and writes each query head's block log-mass estimate. code_channels and channel_scores are
+// the "qcodes" score: the query's heaviest channels per (b, kv head), then every block scored from
+// the channel-major codes of those channels (the others at their group's mid-range).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -78,12 +80,15 @@ void key_codes_typed(const KeyCodesParams& p) {
       }
       uint8_t* codes = p.codes + (row + m) * group_codes;
       std::fill(codes, codes + group_codes, uint8_t{0});  // also the slots past a partial group's end
+      const int64_t run_bytes = static_cast<int64_t>(gt) * bits / 8;  // channel-major: one channel's run
       for (int32_t t = 0; t < n; ++t) {
-        uint8_t* token = codes + static_cast<int64_t>(t) * token_bytes;
         const float* key = &keys[static_cast<size_t>(t) * D];
         for (int32_t d = 0; d < D; ++d) {
-          const int32_t bit = d * bits;
-          token[bit / 8] = static_cast<uint8_t>(token[bit / 8] | (quantise_level(key[d], lo[d], step[d], levels) << (bit % 8)));
+          // token-major: channel d at bit d * bits of the token's bytes; channel-major: token t at
+          // bit t * bits of channel d's run
+          const int64_t bit = p.channel_major ? static_cast<int64_t>(t) * bits : static_cast<int64_t>(d) * bits;
+          uint8_t* base = p.channel_major ? codes + d * run_bytes : codes + static_cast<int64_t>(t) * token_bytes;
+          base[bit / 8] = static_cast<uint8_t>(base[bit / 8] | (quantise_level(key[d], lo[d], step[d], levels) << (bit % 8)));
         }
       }
     }
@@ -162,6 +167,140 @@ void refine_scores_typed(const RefineScoresParams& p) {
   });
 }
 
+template <typename T>
+void code_channels_typed(const CodeChannelsParams& p) {
+  const int32_t D = p.head_dim;
+  const int32_t G = p.q_heads / p.kv_heads;
+  const int32_t P = p.blocks_per_group;
+  const int32_t gt = P * p.block_size;
+  const int32_t NG = p.num_blocks / P;
+  const int32_t m = p.num_channels;
+  parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
+    const int64_t b = item / p.kv_heads;
+    const int64_t h = item % p.kv_heads;
+    const int32_t n_groups = valid_blocks(std::max(p.seq_lens[b], 0), gt, NG);
+    std::vector<float> q(static_cast<size_t>(D));
+    std::vector<double> weight(static_cast<size_t>(D), 0.0);
+    std::vector<double> energy(static_cast<size_t>(D), 0.0);
+    for (int32_t g = 0; g < G; ++g) {
+      load_row(static_cast<const T*>(p.q) + b * p.q_stride_batch + (h * G + g) * p.q_stride_head, D, q.data());
+      for (int32_t d = 0; d < D; ++d) weight[d] += static_cast<double>(q[d]) * static_cast<double>(q[d]);
+    }
+    const uint16_t* ranges = p.ranges + item * NG * 2 * D;
+    for (int32_t g = 0; g < n_groups; ++g) {
+      for (int32_t d = 0; d < D; ++d) {
+        const double width = static_cast<double>(bfloat16_to_float(ranges[(g * 2 + 1) * D + d])) -
+                             static_cast<double>(bfloat16_to_float(ranges[g * 2 * D + d]));
+        energy[d] += width * width;
+      }
+    }
+    for (int32_t d = 0; d < D; ++d) weight[d] *= energy[d];
+    // The m largest weights, a tie to the lower channel; listed ascending.
+    int32_t* out = p.channels + item * m;
+    int32_t written = 0;
+    for (int32_t d = 0; d < D; ++d) {
+      int32_t rank = 0;
+      for (int32_t e = 0; e < D; ++e) rank += weight[e] > weight[d] || (weight[e] == weight[d] && e < d);
+      if (rank < m) out[written++] = d;
+    }
+  });
+}
+
+template <typename T>
+void channel_scores_typed(const ChannelScoresParams& p) {
+  const int32_t D = p.head_dim;
+  const int32_t bits = p.bits;
+  const int32_t levels = (1 << bits) - 1;
+  const uint32_t mask = static_cast<uint32_t>(levels);
+  const int32_t bs = p.block_size;
+  const int32_t P = p.blocks_per_group;
+  const int32_t gt = P * bs;
+  const int64_t run_bytes = static_cast<int64_t>(gt) * bits / 8;
+  const int32_t G = p.q_heads / p.kv_heads;
+  const int32_t NB = p.num_blocks;
+  const int32_t NG = NB / P;
+  const int32_t m = p.num_channels;
+
+  parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
+    const int64_t b = item / p.kv_heads;
+    const int64_t h = item % p.kv_heads;
+    const int32_t len = std::max(p.seq_lens[b], 0);
+    const int32_t n_blocks = valid_blocks(len, bs, NB);
+    const int32_t* chosen = p.channels + item * m;
+    std::vector<float> q(static_cast<size_t>(G) * D);
+    for (int32_t g = 0; g < G; ++g) {
+      load_row(static_cast<const T*>(p.q) + b * p.q_stride_batch + (h * G + g) * p.q_stride_head, D,
+               &q[static_cast<size_t>(g) * D]);
+    }
+    // Entries outside [0, D) are ignored and a channel listed twice counts once (params.h).
+    std::vector<char> is_chosen(static_cast<size_t>(D), 0);
+    for (int32_t i = 0; i < m; ++i) {
+      if (chosen[i] >= 0 && chosen[i] < D) is_chosen[chosen[i]] = 1;
+    }
+    std::vector<int32_t> list;
+    for (int32_t d = 0; d < D; ++d) {
+      if (is_chosen[d]) list.push_back(d);
+    }
+    std::vector<float> value(static_cast<size_t>(D));  // k'_td of the token being scored
+    std::vector<float> lo(static_cast<size_t>(D));
+    std::vector<float> step(static_cast<size_t>(D));
+    std::vector<float> logits(static_cast<size_t>(bs));
+    for (int32_t j = 0; j < NB; ++j) {
+      if (j >= n_blocks) {
+        for (int32_t g = 0; g < G; ++g) {
+          p.head_scores[(b * p.q_heads + h * G + g) * static_cast<int64_t>(NB) + j] =
+              -std::numeric_limits<float>::infinity();
+        }
+        continue;
+      }
+      const int32_t group = j / P;
+      const int32_t first = (j % P) * bs;  // the block's first token within its group
+      const int32_t n = std::min(bs, len - j * bs);
+      const uint16_t* lo_bits = p.ranges + (item * NG + group) * 2 * D;
+      const uint16_t* hi_bits = lo_bits + D;
+      for (int32_t d = 0; d < D; ++d) {
+        lo[d] = bfloat16_to_float(lo_bits[d]);
+        step[d] = sketch_step(lo_bits[d], hi_bits[d], levels);
+        if (!is_chosen[d]) value[d] = (lo[d] + bfloat16_to_float(hi_bits[d])) / 2.0f;
+      }
+      const uint8_t* runs = p.codes + (item * NG + group) * D * run_bytes;
+      for (int32_t g = 0; g < G; ++g) {
+        const float* qg = &q[static_cast<size_t>(g) * D];
+        float top = -std::numeric_limits<float>::infinity();
+        for (int32_t t = 0; t < n; ++t) {
+          const int64_t bit = static_cast<int64_t>(first + t) * bits;
+          for (const int32_t d : list) {
+            const uint32_t code = (runs[d * run_bytes + bit / 8] >> (bit % 8)) & mask;
+            value[d] = lo[d] + static_cast<float>(code) * step[d];
+          }
+          float dot = 0.0f;
+          for (int32_t d = 0; d < D; ++d) dot += qg[d] * value[d];
+          logits[t] = p.scale * dot;
+          top = std::max(top, logits[t]);
+        }
+        float lse = top;
+        if (std::isfinite(top)) {
+          double sum = 0.0;
+          for (int32_t t = 0; t < n; ++t) sum += std::exp(static_cast<double>(logits[t] - top));
+          lse = top + static_cast<float>(std::log(sum));
+        }
+        p.head_scores[(b * p.q_heads + h * G + g) * static_cast<int64_t>(NB) + j] = lse;
+      }
+    }
+  });
+}
+
+void check_channel_args(int32_t batch, int32_t q_heads, int32_t kv_heads, int32_t head_dim, int32_t num_channels,
+                        const char* what) {
+  if (batch < 0 || kv_heads <= 0 || q_heads % kv_heads != 0) {
+    throw std::invalid_argument(std::string(what) + ": q_heads must be a positive multiple of kv_heads");
+  }
+  if (num_channels < 1 || num_channels > head_dim) {
+    throw std::invalid_argument(std::string(what) + ": num_channels " + std::to_string(num_channels) +
+                                " outside [1, head_dim = " + std::to_string(head_dim) + "]");
+  }
+}
+
 }  // namespace
 
 void key_codes(const KeyCodesParams& params) {
@@ -191,6 +330,36 @@ void refine_scores(const RefineScoresParams& params) {
   dispatch_dtype(params.dtype, "aether::cpu::refine_scores", [&](auto tag) {
     using T = typename decltype(tag)::type;
     refine_scores_typed<T>(params);
+  });
+}
+
+void code_channels(const CodeChannelsParams& params) {
+  check_bits_and_groups(2, params.blocks_per_group, params.block_size, params.num_blocks, params.head_dim,
+                        "aether::cpu::code_channels");
+  check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
+                     "aether::cpu::code_channels");
+  if (params.ranges == nullptr || params.seq_lens == nullptr || params.channels == nullptr) {
+    throw std::invalid_argument("aether::cpu::code_channels: ranges, seq_lens and channels must not be null");
+  }
+  dispatch_dtype(params.dtype, "aether::cpu::code_channels", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    code_channels_typed<T>(params);
+  });
+}
+
+void channel_scores(const ChannelScoresParams& params) {
+  check_bits_and_groups(params.bits, params.blocks_per_group, params.block_size, params.num_blocks, params.head_dim,
+                        "aether::cpu::channel_scores");
+  check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
+                     "aether::cpu::channel_scores");
+  if (params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr ||
+      params.channels == nullptr || params.head_scores == nullptr) {
+    throw std::invalid_argument("aether::cpu::channel_scores: codes, ranges, seq_lens, channels and head_scores "
+                                "must not be null");
+  }
+  dispatch_dtype(params.dtype, "aether::cpu::channel_scores", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    channel_scores_typed<T>(params);
   });
 }
 

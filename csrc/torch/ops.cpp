@@ -435,10 +435,28 @@ void check_blocks_per_group(int64_t per, int64_t block_size) {
   check_grouping(per, block_size, "blocks_per_group", "a key-code group");
 }
 
-// codes uint8 [B, Hkv, NB, bs, D * bits / 8], ranges bfloat16 [B, Hkv, NB / Pg, 2, D].
+// codes uint8 [B, Hkv, NB, bs, D * bits / 8] (token-major) or [B, Hkv, NB / Pg, D, Pg * bs * bits / 8]
+// (channel-major), ranges bfloat16 [B, Hkv, NB / Pg, 2, D].
+std::vector<int64_t> code_shape_of(int64_t batch, int64_t kv_heads, int64_t num_blocks, int64_t block_size,
+                                   int64_t per, int64_t bits, int64_t head_dim, bool channel_major) {
+  if (channel_major) return {batch, kv_heads, num_blocks / per, head_dim, per * block_size * bits / 8};
+  return {batch, kv_heads, num_blocks, block_size, head_dim * bits / 8};
+}
+
+// The blocks a codes tensor holds (its dim 2 counts groups in the channel-major layout).
+int64_t code_num_blocks(const Tensor& codes, int64_t per, bool channel_major) {
+  AETHER_CHECK(codes.dim() == 5, "aether: key codes must be 5-D ",
+               channel_major ? "[batch, kv_heads, num_blocks / blocks_per_group, head_dim, group_tokens * bits / 8]"
+                             : "[batch, kv_heads, num_blocks, block_size, head_dim * bits / 8]",
+               ", got ", codes.dim(), "-D");
+  return channel_major ? codes.size(2) * per : codes.size(2);
+}
+
 void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch, int64_t kv_heads, int64_t num_blocks,
-                        int64_t block_size, int64_t per, int64_t bits, int64_t head_dim, const Tensor& ref) {
-  const std::vector<int64_t> code_shape = {batch, kv_heads, num_blocks, block_size, head_dim * bits / 8};
+                        int64_t block_size, int64_t per, int64_t bits, int64_t head_dim, const Tensor& ref,
+                        bool channel_major = false) {
+  const std::vector<int64_t> code_shape =
+      code_shape_of(batch, kv_heads, num_blocks, block_size, per, bits, head_dim, channel_major);
   const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks / per, 2, head_dim};
   AETHER_CHECK_TYPE(codes.scalar_type() == at::kByte, "aether: key codes must be uint8, got ", codes.scalar_type());
   AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
@@ -453,21 +471,20 @@ void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch
 
 aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int64_t block_size,
                                     const OptTensor& block_table, const Tensor& codes, const Tensor& ranges,
-                                    int64_t per, int64_t bits) {
+                                    int64_t per, int64_t bits, bool channel_major) {
   check_block_size(block_size);
   check_code_bits(bits);
   check_blocks_per_group(per, block_size);
   CacheShape c = cache_shape(k, block_table, block_size, "k");
   check_head_dim(c.head_dim, k.is_cuda());
   check_int32_vector(seq_lens, c.batch, k, "seq_lens");
-  AETHER_CHECK(codes.dim() == 5, "aether: key codes must be 5-D [batch, kv_heads, num_blocks, block_size, "
-               "head_dim * bits / 8]");
-  const int64_t num_blocks = codes.size(2);
+  const int64_t num_blocks = code_num_blocks(codes, per, channel_major);
   AETHER_CHECK(num_blocks * block_size >= c.capacity, "aether: the key codes hold ", num_blocks, " blocks of ",
                block_size, " tokens but the cache has ", c.capacity, " slots");
   AETHER_CHECK(num_blocks % per == 0, "aether: the key codes hold ", num_blocks,
                " blocks, not a multiple of blocks_per_group (", per, ")");
-  check_code_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, per, bits, c.head_dim, k);
+  check_code_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, per, bits, c.head_dim, k,
+                     channel_major);
 
   aether::KeyCodesParams p;
   p.k = kv_layout(k, block_table);
@@ -480,13 +497,15 @@ aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int
   p.num_blocks = to_i32(num_blocks, "num_blocks");
   p.blocks_per_group = to_i32(per, "blocks_per_group");
   p.bits = to_i32(bits, "bits");
+  p.channel_major = channel_major ? 1 : 0;
   p.codes = codes.data_ptr<uint8_t>();
   p.ranges = reinterpret_cast<uint16_t*>(ranges.data_ptr<at::BFloat16>());
   return p;
 }
 
 std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
-                                     const OptTensor& block_table, int64_t blocks_per_group, int64_t bits) {
+                                     const OptTensor& block_table, int64_t blocks_per_group, int64_t bits,
+                                     bool channel_major) {
   check_block_size(block_size);
   check_code_bits(bits);
   check_blocks_per_group(blocks_per_group, block_size);
@@ -495,21 +514,23 @@ std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, in
   AETHER_CHECK(num_blocks >= 0 && num_blocks % blocks_per_group == 0,
                "aether: num_blocks must be >= 0 and a multiple of blocks_per_group (", blocks_per_group, "), got ",
                num_blocks);
-  Tensor codes = at::empty({c.batch, c.kv_heads, num_blocks, block_size, c.head_dim * bits / 8},
+  Tensor codes = at::empty(code_shape_of(c.batch, c.kv_heads, num_blocks, block_size, blocks_per_group, bits,
+                                         c.head_dim, channel_major),
                            k.options().dtype(at::kByte));
   Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks / blocks_per_group, 2, c.head_dim},
                             k.options().dtype(at::kBFloat16));
   if (codes.numel() == 0) return {codes, ranges};
-  run_kernel(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits), k,
-             aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
+  run_kernel(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits, channel_major),
+             k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
   return {codes, ranges};
 }
 
 void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
                       const OptTensor& block_table, Tensor& codes, Tensor& ranges, int64_t blocks_per_group,
-                      int64_t bits) {
+                      int64_t bits, bool channel_major) {
   if (codes.numel() == 0) return;
-  aether::KeyCodesParams p = codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits);
+  aether::KeyCodesParams p =
+      codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits, channel_major);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
   run_kernel(p, k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
@@ -579,6 +600,105 @@ Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges,
   return head_scores;
 }
 
+// ------------------------------------------------------------------ code_channels, channel_scores
+
+// The query and ranges of a qcodes op: q [B, Hq, D] with Hq a multiple of the ranges' Hkv, ranges
+// bfloat16 [B, Hkv, NB / Pg, 2, D] contiguous, seq_lens int32 [B].
+void check_qcodes_inputs(const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
+                         int64_t per) {
+  check_block_size(block_size);
+  check_blocks_per_group(per, block_size);
+  AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
+                    ranges.scalar_type());
+  AETHER_CHECK(ranges.dim() == 5 && ranges.size(3) == 2 && ranges.is_contiguous(),
+               "aether: key code ranges must be contiguous [batch, kv_heads, groups, 2, head_dim], got ",
+               ranges.sizes());
+  const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
+  AETHER_CHECK(q.size(2) == head_dim, "aether: q has head_dim ", q.size(2), " but the key code ranges have ", head_dim);
+  check_query(q, batch, kv_heads, head_dim);
+  check_head_dim(head_dim, q.is_cuda());
+  check_same_device(ranges, q, "key code ranges");
+  check_int32_vector(seq_lens, batch, q, "seq_lens");
+}
+
+// channels int32 [B, Hkv, num_channels]: the channels the qcodes score reads, ascending.
+Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
+                     int64_t blocks_per_group, int64_t num_channels) {
+  check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
+  const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
+  AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: num_channels must be in [1, head_dim = ",
+               head_dim, "], got ", num_channels);
+  Tensor channels = at::empty({batch, kv_heads, num_channels}, q.options().dtype(at::kInt));
+  if (channels.numel() == 0) return channels;
+  aether::CodeChannelsParams p;
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(kv_heads, "kv_heads");
+  p.head_dim = to_i32(head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(ranges.size(2) * blocks_per_group, "num_blocks");
+  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
+  p.num_channels = to_i32(num_channels, "num_channels");
+  p.channels = channels.data_ptr<int32_t>();
+  run_kernel(p, q, aether::cpu::code_channels, AETHER_CUDA_LAUNCHER(code_channels), "code_channels");
+  return channels;
+}
+
+// head_scores float32 [B, Hq, NB]: every block's qcodes score (-inf past each sequence's end).
+Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges, const Tensor& seq_lens,
+                      const Tensor& channels, int64_t block_size, double scale, int64_t blocks_per_group,
+                      int64_t bits) {
+  check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
+  check_code_bits(bits);
+  const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
+  const int64_t num_blocks = code_num_blocks(codes, blocks_per_group, true);
+  check_code_tensors(codes, ranges, batch, kv_heads, num_blocks, block_size, blocks_per_group, bits, head_dim, q,
+                     true);
+  AETHER_CHECK_TYPE(channels.scalar_type() == at::kInt, "aether: channels must be int32, got ",
+                    channels.scalar_type());
+  AETHER_CHECK(channels.dim() == 3 && channels.size(0) == batch && channels.size(1) == kv_heads &&
+                   channels.is_contiguous(),
+               "aether: channels must be contiguous [", batch, ", ", kv_heads, ", num_channels], got ",
+               channels.sizes());
+  const int64_t num_channels = channels.size(2);
+  AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: channels must list 1 to head_dim = ",
+               head_dim, " channels per row, got ", num_channels);
+  check_same_device(channels, q, "channels");
+  AETHER_CHECK(scale > 0 && std::isfinite(scale), "aether: scale must be finite and > 0, got ", scale);
+  Tensor head_scores = at::empty({batch, q.size(1), num_blocks}, q.options().dtype(at::kFloat));
+  if (head_scores.numel() == 0) return head_scores;
+
+  aether::ChannelScoresParams p;
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.codes = codes.data_ptr<uint8_t>();
+  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.channels = channels.data_ptr<int32_t>();
+  p.batch = to_i32(batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(kv_heads, "kv_heads");
+  p.head_dim = to_i32(head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
+  p.bits = to_i32(bits, "bits");
+  p.num_channels = to_i32(num_channels, "num_channels");
+  p.scale = static_cast<float>(scale);
+  p.head_scores = head_scores.data_ptr<float>();
+  run_kernel(p, q, aether::cpu::channel_scores, AETHER_CUDA_LAUNCHER(channel_scores), "channel_scores");
+  return head_scores;
+}
+
 // ---------------------------------------------------------------------------------- union_blocks
 
 void check_block_list(const Tensor& list, const Tensor& counts, const Tensor& ref, const char* name,
@@ -626,6 +746,24 @@ std::tuple<Tensor, Tensor> union_blocks(const Tensor& indices, const Tensor& cou
 
 // --------------------------------------------------------------------------------- radar_select
 
+
+// radar_select on q's device (CUDA: with its workspace, on the current stream).
+void run_radar_select(const aether::RadarSelectParams& p, const Tensor& q) {
+  if (q.is_cuda()) {
+#ifdef AETHER_WITH_CUDA
+    c10::cuda::CUDAGuard guard(q.device());
+    const size_t ws_bytes = aether::cuda::radar_select_workspace_bytes(p);
+    Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
+    check_cuda(aether::cuda::radar_select(p, ws_bytes ? workspace.data_ptr() : nullptr,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
+               "radar_select");
+#else
+    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
+#endif
+  } else {
+    aether::cpu::radar_select(p);
+  }
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     const Tensor& q, const Tensor& centroid, const Tensor& lo, const Tensor& hi, const Tensor& radius,
@@ -773,21 +911,67 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
     p.out_head_mlo = out_mlo.data_ptr<float>();
   }
 
-  if (q.is_cuda()) {
-#ifdef AETHER_WITH_CUDA
-    c10::cuda::CUDAGuard guard(q.device());
-    const size_t ws_bytes = aether::cuda::radar_select_workspace_bytes(p);
-    Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(at::kByte));
-    check_cuda(aether::cuda::radar_select(p, ws_bytes ? workspace.data_ptr() : nullptr,
-                                          c10::cuda::getCurrentCUDAStream().stream()),
-               "radar_select");
-#else
-    AETHER_CHECK(false, "aether: this build has no CUDA kernels");
-#endif
-  } else {
-    aether::cpu::radar_select(p);
-  }
+  run_radar_select(p, q);
   return {selected, num_selected, out_scores, out_mlo};
+}
+
+// Selection from given per-query-head scores [B, Hq, NB] (the qcodes score's channel_scores):
+// topk or adaptive, no M_g, so neither q nor any statistics are read (q gives the device).
+std::tuple<Tensor, Tensor> select_blocks(const Tensor& q, const Tensor& head_scores, const Tensor& seq_lens,
+                                         int64_t kv_heads, int64_t block_size, const std::string& policy,
+                                         int64_t budget_blocks, double budget_fraction, double mass,
+                                         int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks,
+                                         int64_t recent_blocks, const std::string& group_agg) {
+  check_block_size(block_size);
+  AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
+  AETHER_CHECK_TYPE(head_scores.scalar_type() == at::kFloat, "aether: head_scores must be float32, got ",
+                    head_scores.scalar_type());
+  AETHER_CHECK(head_scores.dim() == 3 && head_scores.size(0) == q.size(0) && head_scores.size(1) == q.size(1) &&
+                   head_scores.is_contiguous(),
+               "aether: head_scores must be contiguous [batch=", q.size(0), ", q_heads=", q.size(1),
+               ", num_blocks], got ", head_scores.sizes());
+  check_same_device(head_scores, q, "head_scores");
+  AETHER_CHECK(kv_heads > 0 && q.size(1) % kv_heads == 0, "aether: q_heads (", q.size(1),
+               ") must be a positive multiple of kv_heads (", kv_heads, ")");
+  const int64_t batch = q.size(0), num_blocks = head_scores.size(2);
+  check_int32_vector(seq_lens, batch, q, "seq_lens");
+  AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 && recent_blocks >= 0,
+               "aether: block counts must be >= 0");
+  AETHER_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
+               "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
+  AETHER_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
+  aether::RadarSelectParams p;
+  p.q = q.data_ptr();  // not read: the scores are given and no M_g is asked for
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(kv_heads, "kv_heads");
+  p.head_dim = to_i32(q.size(2), "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.score = aether::Score::kSketch;  // with in_head_scores nothing of the sketch is read
+  p.policy = parse_policy(policy);
+  AETHER_CHECK(p.policy != aether::Policy::kThreshold,
+               "aether: select_blocks supports policy topk or adaptive (threshold needs M_g), got '", policy, "'");
+  p.group_agg = parse_group_agg(group_agg);
+  p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
+  p.budget_fraction = budget_fraction;
+  p.mass = mass;
+  p.min_blocks = to_i32(min_blocks, "min_blocks");
+  p.max_blocks = to_i32(max_blocks, "max_blocks");
+  p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
+  p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
+  p.in_head_scores = head_scores.data_ptr<float>();
+  Tensor selected = at::empty({batch, kv_heads, num_blocks}, q.options().dtype(at::kInt));
+  Tensor num_selected = at::empty({batch, kv_heads}, q.options().dtype(at::kInt));
+  if (num_selected.numel() == 0) return {selected, num_selected};
+  p.selected = selected.data_ptr<int32_t>();
+  p.num_selected = num_selected.data_ptr<int32_t>();
+  run_radar_select(p, q);
+  return {selected, num_selected};
 }
 
 // -------------------------------------------------------------------------------- sparse_decode
@@ -980,10 +1164,20 @@ TORCH_LIBRARY(aether, m) {
       "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid, int blocks_per_sketch=1) -> ()");
   m.def(
       "key_codes(Tensor k, Tensor seq_lens, int block_size, int num_blocks, Tensor? block_table=None, "
-      "int blocks_per_group=1, int bits=2) -> (Tensor codes, Tensor ranges)");
+      "int blocks_per_group=1, int bits=2, bool channel_major=False) -> (Tensor codes, Tensor ranges)");
   m.def(
       "key_codes_update(Tensor k, Tensor seq_lens, Tensor first_block, int block_size, Tensor? block_table, "
-      "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2) -> ()");
+      "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2, bool channel_major=False) -> ()");
+  m.def(
+      "select_blocks(Tensor q, Tensor head_scores, Tensor seq_lens, int kv_heads, int block_size, str policy, "
+      "int budget_blocks, float budget_fraction, float mass, int min_blocks, int max_blocks, int sink_blocks, "
+      "int recent_blocks, str group_agg) -> (Tensor selected, Tensor num_selected)");
+  m.def(
+      "code_channels(Tensor q, Tensor ranges, Tensor seq_lens, int block_size, int blocks_per_group, "
+      "int num_channels) -> Tensor");
+  m.def(
+      "channel_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor channels, int block_size, "
+      "float scale, int blocks_per_group=1, int bits=2) -> Tensor");
   m.def(
       "refine_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor candidates, "
       "Tensor num_candidates, int block_size, float scale, int blocks_per_group=1, int bits=2) -> Tensor");
@@ -1009,6 +1203,9 @@ TORCH_LIBRARY_IMPL(aether, CPU, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("code_channels", &aether_torch::code_channels);
+  m.impl("select_blocks", &aether_torch::select_blocks);
+  m.impl("channel_scores", &aether_torch::channel_scores);
   m.impl("union_blocks", &aether_torch::union_blocks);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);
@@ -1025,6 +1222,9 @@ TORCH_LIBRARY_IMPL(aether, CUDA, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("code_channels", &aether_torch::code_channels);
+  m.impl("select_blocks", &aether_torch::select_blocks);
+  m.impl("channel_scores", &aether_torch::channel_scores);
   m.impl("union_blocks", &aether_torch::union_blocks);
   m.impl("block_stats_update", &aether_torch::block_stats_update);
   m.impl("radar_select", &aether_torch::radar_select);

@@ -180,8 +180,9 @@ struct CodeChannelsParams {
 
 // channel_scores: the "qcodes" score of every block from the channel-major codes of the chosen
 // channels (code_channels). Query head g of KV head h scores valid token t of block j, in group
-// m = j / Pg, as s * sum_d q_gd k'_td with k'_td = lo_md + code_td step_md for the m chosen
-// channels of (b, h) (channels[b, h, :], each distinct, in [0, D)) and k'_td = (lo_md + hi_md) / 2
+// m = j / Pg, as s * sum_d q_gd k'_td with k'_td = lo_md + code_td step_md for the chosen
+// channels of (b, h) (channels[b, h, :]; entries outside [0, D) are ignored, a channel listed twice
+// counts once) and k'_td = (lo_md + hi_md) / 2
 // for the others (float32; step as KeyCodesParams), and the block as the natural log-sum-exp of
 // its valid tokens' logits, written to head_scores[b, g, j]; blocks j >= ceil(seq_len / bs) get
 // -inf. Every element of head_scores is written. Float sums in any order (tests use a tolerance).

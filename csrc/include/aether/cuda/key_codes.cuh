@@ -10,6 +10,15 @@
 //    and rint as the CPU kernel: bit-identical codes). A group is always
 //    rebuilt from all of its tokens, so an append (first_block set) equals a full build; the
 //    append only launches enough CTAs to fill the GPU once (block_build_slices).
+//    Channel-major codes (p.channel_major, read by channel_scores): per group, channel d's run
+//    holds its tokens' codes, token t at bit t * bits. The byte a thread packs then spans 8 / bits
+//    tokens of one channel; threads of a warp taking consecutive bytes of one run would read
+//    s_keys with a stride of (8 / bits) * D floats, every lane in the same bank (32-way conflicts;
+//    estimated, not measured: ~16K shared-memory cycles per 128-token group at D = 128, 2 bits).
+//    So a thread per (channel, byte of the run) with consecutive lanes on consecutive channels
+//    (conflict-free reads) packs into a shared copy of the group's runs, each run padded to an
+//    odd number of words (conflict-free byte stores), which is then written out in order
+//    (coalesced). Same quantisation, same bytes as the CPU kernel.
 // 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads, one wave of
 //    resident CTAs. Each warp takes a contiguous slice of its row's candidate list (consecutive
 //    candidates mostly share a 128-token group) and streams 16-token tiles of codes through a
@@ -69,9 +78,27 @@ __host__ __device__ inline size_t refine_warp_bytes(int head_dim, int bits) {
 }
 constexpr int kMaxGroupTokens = 128;
 
-// Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step [D].
-inline size_t key_codes_smem_bytes(int group_tokens, int head_dim) {
-  return sizeof(float) * (static_cast<size_t>(group_tokens) * head_dim + 2 * static_cast<size_t>(head_dim));
+// Channel-major packing: channel d's run of the group in shared memory starts at d * this (bytes),
+// an odd number of words (the run's words, plus one when even) so that lanes on consecutive
+// channels store to different banks. A run is 4..64 bytes (16..128 tokens of 2 or 4 bits).
+__host__ __device__ constexpr int key_codes_run_stride(int group_tokens, int bits) {
+  return 4 * ((group_tokens * bits / 32) | 1);
+}
+
+// Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step
+// [D]; channel-major, then the packed runs [D][key_codes_run_stride].
+inline size_t key_codes_smem_bytes(int group_tokens, int head_dim, int bits, bool channel_major) {
+  const size_t floats = sizeof(float) * (static_cast<size_t>(group_tokens) * head_dim + 2 * static_cast<size_t>(head_dim));
+  return floats + (channel_major ? static_cast<size_t>(head_dim) * key_codes_run_stride(group_tokens, bits) : 0);
+}
+
+// Code of x in [lo, lo + levels * step] as the CPU's quantise_level: rint((x - lo) / step) with
+// one float32 subtraction and division (round to nearest), clamped; 0 when step is not > 0 or the
+// quotient is NaN (fmaxf returns 0 for a NaN level).
+__device__ __forceinline__ unsigned quantise_code(float x, float lo, float step, int levels) {
+  if (!(step > 0.0f)) return 0u;
+  const float level = rintf(__fdiv_rn(__fsub_rn(x, lo), step));
+  return static_cast<unsigned>(fminf(fmaxf(level, 0.0f), static_cast<float>(levels)));
 }
 
 template <typename T>
@@ -143,22 +170,41 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       s_step[d] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(levels));
     }
     __syncthreads();
-    for (int i = tid; i < group_bytes; i += kCodesThreads) {
-      const int t = i / token_bytes;
-      const int first = (i % token_bytes) * per_byte;  // first channel of this byte
-      unsigned byte = 0;
-      if (t < n) {
-        for (int e = 0; e < per_byte; ++e) {
-          const int d = first + e;
-          const float step = s_step[d];
-          if (!(step > 0.0f)) continue;
-          const float level = rintf(__fdiv_rn(__fsub_rn(s_keys[t * D + d], s_lo[d]), step));
-          byte |= static_cast<unsigned>(fminf(fmaxf(level, 0.0f), static_cast<float>(levels))) << (e * bits);
+    if (p.channel_major) {
+      // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
+      const int run_bytes = gt * bits / 8;
+      const int run_stride = key_codes_run_stride(gt, bits);
+      uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + D);  // [D][run_stride]
+      for (int x = tid; x < group_bytes; x += kCodesThreads) {
+        const int d = x % D;
+        const int r = x / D;
+        const int first = r * per_byte;  // first token of this byte
+        const float lo = s_lo[d], step = s_step[d];
+        unsigned byte = 0;
+        for (int e = 0; e < per_byte && first + e < n; ++e) {
+          byte |= quantise_code(s_keys[(first + e) * D + d], lo, step, levels) << (e * bits);
         }
+        s_runs[d * run_stride + r] = static_cast<uint8_t>(byte);
       }
-      codes[i] = static_cast<uint8_t>(byte);
+      __syncthreads();
+      for (int i = tid; i < group_bytes; i += kCodesThreads) {
+        codes[i] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
+      }
+    } else {
+      for (int i = tid; i < group_bytes; i += kCodesThreads) {
+        const int t = i / token_bytes;
+        const int first = (i % token_bytes) * per_byte;  // first channel of this byte
+        unsigned byte = 0;
+        if (t < n) {
+          for (int e = 0; e < per_byte; ++e) {
+            const int d = first + e;
+            byte |= quantise_code(s_keys[t * D + d], s_lo[d], s_step[d], levels) << (e * bits);
+          }
+        }
+        codes[i] = static_cast<uint8_t>(byte);
+      }
     }
-    __syncthreads();  // s_keys, s_lo and s_step are rewritten by the next group
+    __syncthreads();  // s_keys, s_lo, s_step and s_runs are rewritten by the next group
   }
 }
 
@@ -485,7 +531,7 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   if (heads == 0 || groups == 0) return cudaSuccess;
   int64_t slices = 0;
   AETHER_CUDA_TRY(block_build_slices(groups, heads, p.first_block != nullptr, &slices));
-  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.head_dim);
+  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.head_dim, p.bits, p.channel_major != 0);
   auto kernel = key_codes_kernel<T>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

@@ -1,0 +1,495 @@
+// The "qcodes" score (CodeChannelsParams and ChannelScoresParams in params.h): per (b, kv head) the
+// query's heaviest channels, then every block scored from the channel-major key codes of those
+// channels only, the other channels at their group's mid-range.
+//
+// 1. code_channels_kernel<T>, one CTA of 256 threads per (b, kv head) row. The row's ranges are
+//    [NG, 2, D] bf16 (a group's lo row, then its hi row); a thread takes one 16-byte vector of 8
+//    channels and a strided slice of the groups (D / 8 vectors per row, 256 / (D / 8) slices), and
+//    keeps 8 double partial sums of (hi - lo)^2. A thread per channel looping over all groups
+//    would wait one DRAM latency per group (a 32k-token row at 128-token groups: 256 groups); here
+//    8 to 32 slices each unrolled by 4 keep 64 to 256 loads in flight per CTA. The slices are then
+//    added in shared memory (in double; the order does not matter at double precision: the
+//    squares of bf16 differences are exact in double and their sums nearly always are) and
+//    w_d = (sum_g q_gd^2) * spread_d. Channel d is chosen iff its rank, the number of channels e
+//    with w_e > w_d or w_e == w_d and e < d, is below num_channels (compared as order-preserving
+//    integer keys: a total order even with NaN, so exactly num_channels are chosen); a warp ballot
+//    and a prefix count over the warps write them ascending.
+// 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 128 threads; a CTA
+//    takes a contiguous range of its row's groups (the slices fill one wave of resident CTAs).
+//    Layout read: codes [B, Hkv, NG, D, run] with run = Pg * bs * bits / 8 bytes per channel and
+//    group (token t of the group at bit t * bits), ranges [B, Hkv, NG, 2, D]. The CTA first
+//    compacts channels[b, h, :] into a list of distinct valid channels and a flag per channel, and
+//    stages the G queries as float32. Per group, the chosen channels' runs and the group's ranges
+//    arrive by cp.async into one of two buffers while the previous group is scored (double
+//    buffering: only those bytes of the group are read). Then
+//      base_g   = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)   (a warp per head, all D)
+//      coef_g,i = q_g,d_i step_d_i                                    (chosen channel i)
+//      logit_gt = scale (base_g + sum_i coef_g,i code_t,i)
+//    with a thread per (token, channel slice): 128 / (group tokens) threads share a token (1 for
+//    128-token groups, 8 for 16-token ones) and sum every split-th chosen channel, then add
+//    through shuffles, so small groups keep all 128 threads busy. Heads are scored in passes of
+//    1, 2, 4 or 8 (the registers of one pass: one accumulator per head; the coefficients of a
+//    channel are stored head-contiguous for vector loads). The logits go to shared memory and a
+//    warp per (block, head) takes the natural log-sum-exp of the block's valid tokens (a block
+//    with none gets -inf). Groups past the end of the row are not read: their blocks get -inf.
+//    CUDA cores only: per token and chosen channel one code extraction shared by the pass's heads
+//    and one FMA per head. Not profiled (written without GPU time); the bytes are num_channels *
+//    run + 4 D per group, against D * run for all channels.
+#pragma once
+
+#include <cmath>
+
+#include "aether/cuda/common.cuh"
+#include "aether/cuda/mma.cuh"
+#include "aether/params.h"
+
+namespace aether {
+namespace cuda {
+
+constexpr int kCodeChannelsThreads = 256;
+constexpr int kChannelScoresThreads = 128;
+constexpr int kChannelScoresWarps = kChannelScoresThreads / kWarpSize;
+constexpr int kChannelScoresMaxPass = 8;         // query heads per pass of the token loop
+constexpr int kChannelScoresMaxGroupTokens = 128;  // Pg * block_size <= 128 (params.h)
+constexpr int kChannelMaxHeadDim = 256;
+static_assert(kCodeChannelsThreads >= kChannelMaxHeadDim, "code_channels ranks a channel per thread");
+static_assert(kChannelScoresThreads == kChannelScoresMaxGroupTokens, "a thread per token of the largest group");
+
+// ---------------------------------------------------------------------------------------------
+// code_channels.
+
+template <typename T>
+__global__ void __launch_bounds__(kCodeChannelsThreads, 2) code_channels_kernel(const CodeChannelsParams p) {
+  pdl_begin();  // before any global read (common.cuh)
+  // Partial spreads [slices][D]: slices * D = 8 * threads for every head_dim.
+  __shared__ double s_part[8 * kCodeChannelsThreads];
+  __shared__ double s_energy[kChannelMaxHeadDim];  // sum_g q_gd^2
+  __shared__ unsigned long long s_key[kChannelMaxHeadDim];
+  __shared__ int s_count[kCodeChannelsThreads / kWarpSize];
+  const int D = p.head_dim;
+  const int row = blockIdx.x;
+  const int b = row / p.kv_heads;
+  const int h = row % p.kv_heads;
+  const int G = p.q_heads / p.kv_heads;
+  const int tid = threadIdx.x;
+  const int gt = p.blocks_per_group * p.block_size;
+  const int NG = p.num_blocks / p.blocks_per_group;
+  const int64_t len = max(p.seq_lens[b], 0);
+  const int n_groups = static_cast<int>(std::min<int64_t>((len + gt - 1) / gt, NG));
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
+  for (int d = tid; d < D; d += kCodeChannelsThreads) {
+    double energy = 0.0;
+    for (int g = 0; g < G; ++g) {
+      const double x = to_float(q[static_cast<int64_t>(g) * p.q_stride_head + d]);
+      energy += x * x;  // x * x is exact in double (x has at most 24 significant bits)
+    }
+    s_energy[d] = energy;
+  }
+
+  const int chunks = D / 8;  // 16-byte vectors of a range row
+  const int slices = kCodeChannelsThreads / chunks;
+  const int c = tid % chunks;
+  const int slice = tid / chunks;
+  const uint16_t* ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * D;
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  // kBatch groups' loads issued before any is used (8 16-byte loads in flight per thread, checked
+  // in the SASS). Guarded loads (a plain unrolled loop, or `if (m < n_groups)` here) sank to their
+  // use: one pair in flight. So every load is unconditional, a group past the end re-reading the
+  // last valid group, and its widths are dropped by a select. ptxas also sank them, at 52
+  // registers, until the launch bound allowed 128 (2 CTAs of 256 threads per SM).
+  constexpr int kBatch = 4;
+  for (int m0 = slice; m0 < n_groups; m0 += kBatch * slices) {
+    uint4 lo[kBatch], hi[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int m = min(m0 + k * slices, n_groups - 1);
+      const uint16_t* group = ranges + static_cast<int64_t>(m) * 2 * D;
+      lo[k] = __ldg(reinterpret_cast<const uint4*>(group) + c);
+      hi[k] = __ldg(reinterpret_cast<const uint4*>(group + D) + c);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const bool valid = m0 + k * slices < n_groups;
+      const uint32_t lo_w[4] = {lo[k].x, lo[k].y, lo[k].z, lo[k].w};
+      const uint32_t hi_w[4] = {hi[k].x, hi[k].y, hi[k].z, hi[k].w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        // bf16 bits of channel 8c + e (little-endian: the even channel in the low half-word)
+        const uint32_t lo_bits = e % 2 == 0 ? lo_w[e / 2] << 16 : lo_w[e / 2] & 0xffff0000u;
+        const uint32_t hi_bits = e % 2 == 0 ? hi_w[e / 2] << 16 : hi_w[e / 2] & 0xffff0000u;
+        const double width = static_cast<double>(__uint_as_float(hi_bits)) - static_cast<double>(__uint_as_float(lo_bits));
+        acc[e] += valid ? width * width : 0.0;
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s_part[slice * D + c * 8 + e] = acc[e];
+  __syncthreads();
+  for (int d = tid; d < D; d += kCodeChannelsThreads) {
+    double spread = 0.0;
+    for (int s = 0; s < slices; ++s) spread += s_part[s * D + d];
+    s_key[d] = ordered_key(s_energy[d] * spread);
+  }
+  __syncthreads();
+
+  const int d = tid;  // D <= threads: one channel per thread
+  bool chosen = false;
+  if (d < D) {
+    const unsigned long long key = s_key[d];
+    int rank = 0;
+    for (int e = 0; e < D; ++e) {
+      const unsigned long long other = s_key[e];
+      rank += other > key || (other == key && e < d);
+    }
+    chosen = rank < p.num_channels;
+  }
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const unsigned ballot = __ballot_sync(kFullMask, chosen);
+  if (lane == 0) s_count[warp] = __popc(ballot);
+  __syncthreads();
+  if (chosen) {
+    int slot = __popc(ballot & ((1u << lane) - 1u));
+    for (int w = 0; w < warp; ++w) slot += s_count[w];
+    if (slot < p.num_channels) p.channels[static_cast<int64_t>(row) * p.num_channels + slot] = d;
+  }
+}
+
+template <typename T>
+cudaError_t launch_code_channels(const CodeChannelsParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
+  if (rows == 0) return cudaSuccess;
+  if (rows > 0x7fffffff || p.head_dim % 8 != 0 || p.head_dim > kChannelMaxHeadDim) return cudaErrorInvalidValue;
+  return launch_kernel(code_channels_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(kCodeChannelsThreads), 0,
+                       stream, p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// channel_scores.
+
+// Query heads per pass of the token loop for a group of G heads: G itself up to 2, else 4 or 8.
+__host__ __device__ constexpr int channel_scores_pass(int group) {
+  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kChannelScoresMaxPass;
+}
+
+// Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned):
+// two stages of (the chosen runs, the group's ranges), the coefficients [num_channels][G padded to
+// the pass], the queries [G][D] float32, the bases [G padded], the channel list and the flags [D].
+struct ChannelScoresSmem {
+  int run_bytes = 0;     // one channel's codes of one group
+  int ranges_at = 0;     // in a stage: the runs padded to 16 bytes, then lo [D], hi [D] bf16
+  int stage_bytes = 0;
+  int heads_padded = 0;  // G rounded up to a multiple of the pass
+  size_t coef = 0, q = 0, base = 0, list = 0, flags = 0, total = 0;
+};
+
+__host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+__host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int head_dim, int num_channels,
+                                                                 int group_tokens, int bits) {
+  ChannelScoresSmem s;
+  const int pass = channel_scores_pass(group);
+  s.run_bytes = group_tokens * bits / 8;
+  s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(num_channels) * s.run_bytes));
+  s.stage_bytes = s.ranges_at + 4 * head_dim;
+  s.heads_padded = (group + pass - 1) / pass * pass;
+  s.coef = 2 * static_cast<size_t>(s.stage_bytes);
+  s.q = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(num_channels) * s.heads_padded);
+  s.base = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
+  s.list = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded));
+  s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(num_channels));
+  s.total = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  return s;
+}
+
+template <int kHeads>
+__device__ __forceinline__ void load_heads(const float* src, float (&w)[kHeads]) {
+  if constexpr (kHeads % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < kHeads / 4; ++v) {
+      const float4 x = reinterpret_cast<const float4*>(src)[v];
+      w[4 * v] = x.x; w[4 * v + 1] = x.y; w[4 * v + 2] = x.z; w[4 * v + 3] = x.w;
+    }
+  } else if constexpr (kHeads == 2) {
+    const float2 x = *reinterpret_cast<const float2*>(src);
+    w[0] = x.x; w[1] = x.y;
+  } else {
+    w[0] = src[0];
+  }
+}
+
+// Logits of heads g0 .. g0 + kHeads - 1 for the group's tokens into s_logit [kHeads][gt]: thread
+// (t, s) = (tid >> split_log2, tid & (split - 1)) sums the chosen channels s, s + split, .. of
+// token t; the split lanes of a token are consecutive, so shuffles add their sums. Tokens t >= n
+// (past the end) get -inf. Threads past the group's tokens (gt * split < 128 when gt is not a
+// power of two) only take part in the shuffles.
+template <int kBits, int kHeads>
+__device__ __forceinline__ void channel_scores_logits(const uint8_t* runs, int run_bytes, const float* s_coef,
+                                                      int heads_padded, const float* s_base, int g0, int n_chosen,
+                                                      int gt, int n, int split_log2, float scale, float* s_logit) {
+  const int tid = threadIdx.x;
+  const int split = 1 << split_log2;
+  const int s = tid & (split - 1);
+  const int t = tid >> split_log2;
+  const bool active = t < gt;
+  const int shift = (t * kBits) & 7;
+  const uint8_t* run = runs + ((t * kBits) >> 3);
+  float acc[kHeads];
+#pragma unroll
+  for (int hh = 0; hh < kHeads; ++hh) acc[hh] = 0.0f;
+  const int end = active ? n_chosen : 0;
+#pragma unroll 4
+  for (int i = s; i < end; i += split) {
+    const float code = static_cast<float>((run[i * run_bytes] >> shift) & ((1u << kBits) - 1u));
+    float w[kHeads];
+    load_heads<kHeads>(s_coef + i * heads_padded + g0, w);
+#pragma unroll
+    for (int hh = 0; hh < kHeads; ++hh) acc[hh] = fmaf(w[hh], code, acc[hh]);
+  }
+  for (int offset = split >> 1; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int hh = 0; hh < kHeads; ++hh) acc[hh] += __shfl_xor_sync(kFullMask, acc[hh], offset);
+  }
+  if (active && s == 0) {
+#pragma unroll
+    for (int hh = 0; hh < kHeads; ++hh) {
+      s_logit[hh * gt + t] = t < n ? scale * (s_base[g0 + hh] + acc[hh]) : -INFINITY;
+    }
+  }
+}
+
+// One CTA's range of groups of one (b, kv head) row (see the top of the file).
+template <typename T, int kHeadDim, int kBits>
+__device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p, char* s_mem, float* s_logit) {
+  static_assert(kHeadDim % kWarpSize == 0 && kHeadDim <= kChannelMaxHeadDim, "head_dim: a multiple of 32, <= 256");
+  constexpr int kLevels = (1 << kBits) - 1;
+  __shared__ int s_n_chosen;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int row = blockIdx.x;
+  const int b = row / p.kv_heads;
+  const int h = row % p.kv_heads;
+  const int G = p.q_heads / p.kv_heads;
+  const int P = p.blocks_per_group;
+  const int bs = p.block_size;
+  const int gt = P * bs;
+  const int NB = p.num_blocks;
+  const int NG = NB / P;
+  const int64_t len = max(p.seq_lens[b], 0);
+  const int n_groups = static_cast<int>(std::min<int64_t>((len + gt - 1) / gt, NG));
+  const int per = (NG + gridDim.y - 1) / gridDim.y;
+  const int begin = min(NG, static_cast<int>(blockIdx.y) * per);
+  const int end = min(NG, begin + per);
+  float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G) * NB;  // + g NB + j
+
+  // Groups past the end of the row: -inf for every block and head, nothing read.
+  {
+    const int dead = max(begin, n_groups);
+    const int blocks = (end - dead) * P;
+    for (int x = tid; x < blocks * G; x += kChannelScoresThreads) {
+      out[static_cast<int64_t>(x / blocks) * NB + dead * P + x % blocks] = -INFINITY;
+    }
+  }
+  const int live_end = min(end, n_groups);
+  if (begin >= live_end) return;  // uniform over the CTA
+
+  const int m_cap = p.num_channels;
+  const ChannelScoresSmem layout = channel_scores_smem(G, kHeadDim, m_cap, gt, kBits);
+  const int run_bytes = layout.run_bytes;
+  const int Gp = layout.heads_padded;
+  float* s_coef = reinterpret_cast<float*>(s_mem + layout.coef);
+  float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
+  float* s_base = reinterpret_cast<float*>(s_mem + layout.base);
+  int* s_list = reinterpret_cast<int*>(s_mem + layout.list);
+  int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
+
+  // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending.
+  const int32_t* listed = p.channels + static_cast<int64_t>(row) * m_cap;
+  for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) s_flag[d] = 0;
+  for (int g = G + tid; g < Gp; g += kChannelScoresThreads) s_base[g] = 0.0f;  // padding heads
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
+    for (int x = tid; x < G * kHeadDim; x += kChannelScoresThreads) {
+      s_q[x] = to_float(q[static_cast<int64_t>(x / kHeadDim) * p.q_stride_head + x % kHeadDim]);
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < m_cap; i += kChannelScoresThreads) {
+    const int d = listed[i];
+    if (d >= 0 && d < kHeadDim) s_flag[d] = 1;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int count = 0;
+#pragma unroll
+    for (int d0 = 0; d0 < kHeadDim; d0 += kWarpSize) {
+      const bool chosen = s_flag[d0 + lane] != 0;
+      const unsigned ballot = __ballot_sync(kFullMask, chosen);
+      if (chosen) s_list[count + __popc(ballot & ((1u << lane) - 1u))] = d0 + lane;
+      count += __popc(ballot);
+    }
+    if (lane == 0) s_n_chosen = count;
+  }
+  __syncthreads();
+  const int n_chosen = s_n_chosen;  // <= num_channels
+
+  // cp.async of group mg's chosen runs and ranges into stage `buf`; one commit group per call.
+  const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * kHeadDim * run_bytes;
+  const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
+  auto issue = [&](int mg, int buf) {
+    char* dst = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
+    const uint8_t* runs = row_codes + static_cast<int64_t>(mg) * kHeadDim * run_bytes;
+    if (run_bytes % 16 == 0) {
+      const int per_run = run_bytes / 16;
+      for (int x = tid; x < n_chosen * per_run; x += kChannelScoresThreads) {
+        const int i = x / per_run, k = x % per_run;
+        cp_async_16(shared_address(dst + i * run_bytes + 16 * k), runs + s_list[i] * run_bytes + 16 * k, 16u);
+      }
+    } else {  // 4- to 12-byte runs (16- or 32-token groups, 48-token ones)
+      const int per_run = run_bytes / 4;
+      for (int x = tid; x < n_chosen * per_run; x += kChannelScoresThreads) {
+        const int i = x / per_run, k = x % per_run;
+        cp_async_4(shared_address(dst + i * run_bytes + 4 * k), runs + s_list[i] * run_bytes + 4 * k);
+      }
+    }
+    const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(mg) * 2 * kHeadDim);
+    for (int x = tid; x < 4 * kHeadDim / 16; x += kChannelScoresThreads) {
+      cp_async_16(shared_address(dst + layout.ranges_at + 16 * x), ranges + 16 * x, 16u);
+    }
+    cp_async_commit();
+  };
+
+  // 128 threads over gt tokens: split = the largest power of two with gt * split <= 128.
+  int split_log2 = 0;
+  while (gt << (split_log2 + 1) <= kChannelScoresThreads) ++split_log2;
+  const float step_div = static_cast<float>(kLevels);
+  const int pass = channel_scores_pass(G);
+
+  issue(begin, 0);
+  for (int mg = begin; mg < live_end; ++mg) {
+    const int buf = (mg - begin) & 1;
+    if (mg + 1 < live_end) {
+      issue(mg + 1, buf ^ 1);  // the other stage was last read before the previous iteration's final barrier
+    } else {
+      cp_async_commit();  // an empty group keeps wait<1> meaning "this stage has landed"
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+    const char* stage = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
+    const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
+    const uint16_t* lo_bits = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
+    const uint16_t* hi_bits = lo_bits + kHeadDim;
+
+    // coef[i][g] = q_g,d_i step_d_i (zero for the padding heads), step as key_codes computes it.
+    for (int x = tid; x < n_chosen * Gp; x += kChannelScoresThreads) {
+      const int i = x / Gp, g = x % Gp;
+      const int d = s_list[i];
+      const float lo = __uint_as_float(static_cast<uint32_t>(lo_bits[d]) << 16);
+      const float hi = __uint_as_float(static_cast<uint32_t>(hi_bits[d]) << 16);
+      const float step = __fdiv_rn(__fsub_rn(hi, lo), step_div);
+      s_coef[x] = g < G ? s_q[g * kHeadDim + d] * step : 0.0f;
+    }
+    // base_g over every channel: lo for the chosen ones, the mid-range for the others.
+    for (int g = warp; g < G; g += kChannelScoresWarps) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int d = lane; d < kHeadDim; d += kWarpSize) {
+        const float lo = __uint_as_float(static_cast<uint32_t>(lo_bits[d]) << 16);
+        const float hi = __uint_as_float(static_cast<uint32_t>(hi_bits[d]) << 16);
+        sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo : (lo + hi) * 0.5f, sum);
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) s_base[g] = sum;
+    }
+    __syncthreads();
+
+    const int n = static_cast<int>(std::min<int64_t>(gt, len - static_cast<int64_t>(mg) * gt));  // valid tokens, >= 1
+    for (int g0 = 0; g0 < G; g0 += pass) {
+      switch (pass) {
+        case 1:
+          channel_scores_logits<kBits, 1>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          break;
+        case 2:
+          channel_scores_logits<kBits, 2>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          break;
+        case 4:
+          channel_scores_logits<kBits, 4>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          break;
+        default:
+          channel_scores_logits<kBits, kChannelScoresMaxPass>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n,
+                                                              split_log2, p.scale, s_logit);
+          break;
+      }
+      __syncthreads();
+      // A warp per (block, head): the natural log-sum-exp of the block's logits (bs <= 128).
+      for (int item = warp; item < P * pass; item += kChannelScoresWarps) {
+        const int jj = item / pass, hh = item % pass;
+        if (g0 + hh >= G) continue;  // uniform over the warp
+        const float* x = s_logit + hh * gt + jj * bs;
+        float v[4];
+        float top = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int t = lane + k * kWarpSize;
+          v[k] = t < bs ? x[t] : -INFINITY;
+          top = fmaxf(top, v[k]);
+        }
+        top = warp_max(top);
+        float lse = top;  // -inf: no valid token in the block
+        if (isfinite(top)) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) sum += __expf(v[k] - top);
+          lse = top + __logf(warp_sum(sum));  // the sum is >= 1: its largest term is exp(0)
+        }
+        if (lane == 0) out[static_cast<int64_t>(g0 + hh) * NB + mg * P + jj] = lse;
+      }
+      __syncthreads();  // s_logit is rewritten by the next pass; the stage by the next issue
+    }
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kChannelScoresThreads) channel_scores_kernel(const ChannelScoresParams p) {
+  pdl_begin();  // before any global read (common.cuh)
+  extern __shared__ __align__(16) char s_channel_mem[];
+  __shared__ float s_logit[kChannelScoresMaxPass * kChannelScoresMaxGroupTokens];
+  if (p.bits == 2) {
+    channel_scores_cta<T, kHeadDim, 2>(p, s_channel_mem, s_logit);
+  } else {
+    channel_scores_cta<T, kHeadDim, 4>(p, s_channel_mem, s_logit);
+  }
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t stream) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int gt = p.blocks_per_group * p.block_size;
+  const int groups = p.num_blocks / p.blocks_per_group;
+  const int G = p.q_heads / p.kv_heads;
+  if (rows == 0 || groups == 0 || G == 0) return cudaSuccess;
+  if (rows > 0x7fffffff || gt > kChannelScoresMaxGroupTokens || (gt * p.bits) % 32 != 0) return cudaErrorInvalidValue;
+  const size_t smem = channel_scores_smem(G, kHeadDim, p.num_channels, gt, p.bits).total;
+  auto kernel = channel_scores_kernel<T, kHeadDim>;
+  if (smem > 48 * 1024) {
+    int optin = 0;
+    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+    const size_t static_smem = sizeof(float) * kChannelScoresMaxPass * kChannelScoresMaxGroupTokens + 64;
+    if (smem + static_smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
+    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  // One wave of resident CTAs over all rows; each takes a contiguous range of its row's groups.
+  int num_sms = 0, per_sm = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChannelScoresThreads, smem));
+  const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), groups, 65535}));
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(slices));
+  return launch_kernel(kernel, grid, dim3(kChannelScoresThreads), smem, stream, p);
+}
+
+}  // namespace cuda
+}  // namespace aether
