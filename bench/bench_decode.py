@@ -14,6 +14,9 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   side stream, as KeyCodes.update(stream=...) does: in the step it runs beside the first stage
   and the refinement waits for it; eagerly inline), and the select is radar_select at --refine-candidates, refine_scores over those candidates and
   radar_select given the refined scores; its bytes add the candidates' codes and ranges.
+  The score "qcodes" appends to channel-major 2-bit key codes (the last 128-token group) and
+  selects with code_channels (--code-channels of head_dim per KV head), channel_scores over every
+  block and select_blocks; its bytes are the chosen channels' codes and every group's ranges.
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -89,6 +92,7 @@ class Case:
         self.group_agg = "sum"
         self.refine_candidates, self.refine_bits = 0.3, 2
         self.codes = None
+        self.qcodes, self.code_channels = None, 0  # score "qcodes": channel-major codes, channels read
         self.last_final = {}  # (copy, budget) -> the last final selection (scores "...+refine+reuse")
         self.first_block = torch.full((batch,), (ctx - 1) // block_size, dtype=torch.int32, device="cuda")
         self.num_blocks = math.ceil(ctx / block_size)
@@ -112,11 +116,31 @@ class Case:
         # beside the first selection stage; the refinement waits for them.
         self.codes_stream, self.codes_ready, self.codes_pending = torch.cuda.Stream(), torch.cuda.Event(), False
 
+    def enable_qcodes(self, fraction: float, bits: int) -> None:
+        self.qcodes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens, layout="channel")
+                       for k in self.k]
+        self.code_channels = max(1, round(fraction * HEAD_DIM))
+
+    def qcodes_scores(self, i, stage: str = "scores"):
+        """The qcodes score of copy i up to `stage`: "channels" (code_channels) or "scores" (+ channel_scores)."""
+        kc = self.qcodes[i]
+        channels = torch.ops.aether.code_channels(self.q[i], kc.ranges, self.lens, self.block_size,
+                                                  kc.blocks_per_group, self.code_channels)
+        if stage == "channels":
+            return channels
+        return torch.ops.aether.channel_scores(self.q[i], kc.codes, kc.ranges, self.lens, channels, self.block_size,
+                                               self.scale, kc.blocks_per_group, kc.bits)
+
     def stats_append(self, i, score="tight", join=True):
         """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
         rebuild forks to the side stream; join=False leaves it running there (select() waits for it
         before the refinement)."""
         score = score.removesuffix("+reuse")
+        if score == "qcodes":  # the channel-major codes' last group only
+            kc = self.qcodes[i]
+            torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
+                                              kc.ranges, kc.blocks_per_group, kc.bits, True)
+            return
         if score.endswith("+refine"):
             kc = self.codes[i]
             args = (self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes, kc.ranges,
@@ -170,6 +194,11 @@ class Case:
             scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
                                                     self.block_size, self.scale, kc.blocks_per_group, kc.bits)
             return self.select(i, budget_blocks, first, scores)  # M_g: -inf, topk does not read it
+        if score == "qcodes":
+            scores = self.qcodes_scores(i) if head_scores is None else head_scores
+            sel, cnt = torch.ops.aether.select_blocks(self.q[i], scores, self.lens, KV_HEADS, self.block_size, "topk",
+                                                      budget_blocks, 0.0, 0.95, 1, 0, 1, 1, self.group_agg)
+            return sel, cnt, None, None
         if score == "qsketch":
             sk = self.sketch[i]
             empty = self.q[i].new_empty((0,), dtype=torch.float32)
@@ -185,6 +214,8 @@ class Case:
     def meta_bytes_per_block(self, score: str) -> float:
         """Bytes the radar reads per block and KV head (the first stage's, for a two-stage score)."""
         score = score.removesuffix("+reuse").removesuffix("+refine")
+        if score == "qcodes":  # the chosen channels' runs and every group's ranges
+            return self.qcodes[0].qcodes_bytes(self.code_channels, self.num_blocks) / self.num_blocks
         if score == "qsketch":  # codes; ranges and bf16 centroid shared by the sketch block's blocks
             centroid = 2 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
             return self.block_size * SKETCH_RANK // 2 + (4 * SKETCH_RANK + centroid) / self.per
@@ -224,13 +255,16 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
-               group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2)) -> dict:
+               group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2),
+               code_channels: float = 0.25) -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
     two_stage = [s for s in scores if s.endswith("+refine") or s.endswith("+refine+reuse")]
     assert all(s.endswith("+refine") or "+refine" not in s for s in scores if s not in two_stage), scores
     if two_stage:
         c.enable_refine(*refine)
+    if "qcodes" in scores:
+        c.enable_qcodes(code_channels, 2)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
@@ -248,6 +282,8 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                 r["blocks_per_sketch"] = blocks_per_sketch
             if score in two_stage:
                 r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
+            if score == "qcodes":
+                r["code_channels"], r["code_bits"] = c.code_channels, 2
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
             sels = [c.select(i, nb, score) for i in range(c.copies)]
@@ -276,6 +312,11 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                         *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
                     r["union_torch_ms"] = _graph_ms(lambda i: aether.reference.union_blocks(
                         *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
+            if score == "qcodes":  # the three kernels of the select stage, each alone
+                r["channels_ms"] = _graph_ms(lambda i: c.qcodes_scores(i, "channels"), c.copies, iters)
+                r["channel_scores_ms"] = _graph_ms(lambda i: c.qcodes_scores(i), c.copies, iters) - r["channels_ms"]
+                given = [c.qcodes_scores(i) for i in range(c.copies)]
+                r["select_ms"] = _graph_ms(lambda i: c.select(i, nb, score, given[i]), c.copies, iters)
             r["bytes_read"] = kv_read + meta
             r["decode_gbps"] = kv_read / r["graph_decode_ms"] / 1e6
             # Same-mode ratios: eager step vs eager SDPA, graph step vs graph SDPA.
@@ -298,6 +339,7 @@ def main() -> int:
     parser.add_argument("--group-agg", default="sum", choices=["max", "sum"])
     parser.add_argument("--blocks-per-sketch", type=int, default=1, help="qsketch: blocks per sketch block")
     parser.add_argument("--refine", default="0.3:2", help="for scores S+refine: candidate fraction:bits")
+    parser.add_argument("--code-channels", type=float, default=0.25, help="score qcodes: fraction of head_dim read")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -313,7 +355,8 @@ def main() -> int:
         batch, ctx = (int(x) for x in shape.split("x"))
         cand, bits = args.refine.split(":")
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
-                                         args.group_agg, args.blocks_per_sketch, (float(cand), int(bits))))
+                                         args.group_agg, args.blocks_per_sketch, (float(cand), int(bits)),
+                                         args.code_channels))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  PDL {result['pdl']}  "
@@ -334,6 +377,12 @@ def main() -> int:
                 print(f"{row['batch']:>3}x{row['ctx']:<5} {r['score']} {r['fraction']:.3f}: candidates "
                       f"{r['candidates_mean']:.1f} per row; the union alone (graph): union_blocks kernel "
                       f"{r['union_kernel_ms']*1e3:.1f} us, torch ops (reference.union_blocks) {r['union_torch_ms']*1e3:.1f} us")
+    for row in result["rows"]:
+        for r in row["budgets"]:
+            if "channels_ms" in r:
+                print(f"{row['batch']:>3}x{row['ctx']:<5} qcodes {r['fraction']:.3f}: channels {r['code_channels']} of "
+                      f"{HEAD_DIM}; graph: code_channels {r['channels_ms']*1e3:.1f} us, channel_scores "
+                      f"{r['channel_scores_ms']*1e3:.1f} us, select_blocks {r['select_ms']*1e3:.1f} us")
     print("times in us (median, CUDA events); x = speedup over SDPA in the same mode; GB/s = selected K/V bytes"
           " / graph decode time; ideal = dense bytes / bytes read")
     return 0

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ONE command for a GPU machine: build, GPU tests (pytest + GoogleTest), compute-sanitizer on a
 # small case of each kernel, then the decode benchmark. Logs and json go to $OUT (default ./out).
-# Usage: bash bench/gpu_check.sh [quick|refine]  (quick: fewer shapes in the benchmark; refine: the
-#        two-stage tests, sanitizers, benchmark and Nsight Compute kernel times only)
+# Usage: bash bench/gpu_check.sh [quick|refine|qcodes]  (quick: fewer shapes in the benchmark; refine: the
+#        two-stage tests, sanitizers, benchmark and Nsight Compute kernel times only; qcodes: the
+#        same for the qcodes score)
 # Carry .deps (libgtest-dev .deb, see below) for the C++ tests:
 #   mkdir -p .deps && (cd .deps && apt-get download libgtest-dev)
 set -uo pipefail
@@ -35,6 +36,8 @@ fi
 tests="tests"
 # refine: a kernel iteration on the two-stage step (its tests, sanitizers, benchmark and ncu times)
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
+# qcodes: the qcodes score's tests first (a kernel iteration on it), then the rest of the suite
+[ "${1:-}" = "qcodes" ] && tests="tests/test_qcodes.py tests/test_refine.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_ops.py tests/test_errors.py"
 python3 -m pytest $tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
@@ -52,7 +55,7 @@ done
 
 shapes="1x16384,1x32768,1x131072,8x32768,32x16384"
 [ "${1:-}" = "quick" ] && shapes="1x32768,8x32768"
-if [ "${1:-}" != "refine" ]; then
+if [ "${1:-}" != "refine" ] && [ "${1:-}" != "qcodes" ]; then
   python3 bench/bench_decode.py --iters 30 --shapes "$shapes" --out "$OUT/bench_decode.json" > "$OUT/bench.log" 2>&1
   note "benchmark: rc=$?"
 fi
@@ -64,6 +67,11 @@ if [ "${1:-}" = "refine" ]; then
   ncu --clock-control none --kernel-name regex:sketch_score --launch-skip 10 --launch-count 3 \
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_sketch.log" 2>&1
   note "ncu (sketch_score x3): rc=$? $(grep -E 'gpu__time|inst_executed' "$OUT/ncu_sketch.log" | awk '{print $NF}' | paste -sd' ')"
+elif [ "${1:-}" = "qcodes" ]; then
+  ncu --clock-control none --kernel-name regex:"code_channels|channel_scores|select|key_codes" --launch-skip 20 \
+    --launch-count 8 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+    python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_qcodes.log" 2>&1
+  note "ncu (qcodes step kernels): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_qcodes.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.125 --block-size 32 --blocks-per-sketch 2 \
     --out "$OUT/bench_decode_bs32.json" > "$OUT/bench_bs32.log" 2>&1
@@ -72,16 +80,17 @@ elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token ske
     --out "$OUT/bench_decode_bs16.json" > "$OUT/bench_bs16.log" 2>&1
   note "benchmark (16-token blocks, qsketch 4 per sketch block): rc=$?"
 fi
-# Two-stage selection (aether.refine) at its measured quality point: 16-token blocks, 128-token
-# sketch blocks, 50% candidates ranked by 2-bit key codes, keep 0.095 (15.8% of the bytes); the
-# one-stage frontier (keep 0.135) in the same run.
+# qcodes (a quarter of the channels' 2-bit codes over every block, keep 0.135: 15.9% of the bytes)
+# and two-stage selection (50% candidates ranked by 2-bit key codes, keep 0.095: 15.8%) at their
+# measured quality points, 16-token blocks, 128-token sketch blocks; one-stage qsketch in the same run.
 python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
-  --scores qsketch,qsketch+refine,qsketch+refine+reuse --refine 0.5:2 --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
-note "benchmark (two-stage refine, 16-token blocks): rc=$?"
+  --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.25 \
+  --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
+note "benchmark (qcodes and two-stage refine, 16-token blocks): rc=$?"
 echo
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.log" ] && sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
-grep -E "^ +8x32768" "$OUT/bench_refine.log"
+grep -E "^ +8x32768|qcodes .*: channels" "$OUT/bench_refine.log"
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

@@ -1,5 +1,5 @@
 """A small case of every kernel (all paths: stats, sketch and key-code build + append (1 and 2 blocks per sketch block),
-two-stage refine (with the union of the last selection), each score, policy and
+two-stage refine (with the union of the last selection), qcodes (channel-major codes), each score, policy and
 group aggregation, dense and
 sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
 
@@ -33,8 +33,14 @@ for dtype in (torch.float16, torch.bfloat16):
                                               refine=codes, refine_candidates=7, return_selection=True)
             aether.sparse_attention(q, k, v, seq_lens=lens, score="qsketch", sketch=sketch, budget=3,  # + union_blocks
                                     refine=codes, refine_candidates=7, refine_extra=last)
+        for bits in (2, 4):  # qcodes: channel-major codes build + append, channel choice and scores, select
+            codes = aether.key_codes(k, bs, bits=bits, seq_lens=lens - 40, layout="channel")
+            codes.update(k, lens)
+            for policy, channels in (("topk", 0.25), ("adaptive", head_dim)):
+                aether.sparse_attention(q, k, v, seq_lens=lens, score="qcodes", codes=codes, policy=policy, budget=3,
+                                        code_channels=channels)
         for score in aether.SCORES:
-            if score == "qsketch":
+            if score in ("qsketch", "qcodes"):
                 continue
             for policy in aether.POLICIES:
                 if policy == "threshold" and score not in aether.UPPER_BOUND_SCORES:
