@@ -103,6 +103,45 @@ def test_qsketch_step_with_sketch_blocks_graph_capture_and_replay():
     assert int(lens[0]) == 700 + 1 + 3
 
 
+def test_qcodes_step_graph_capture_and_replay():
+    """qcodes with 16-token blocks: the channel-major codes' append + channel choice + scores +
+    select + decode captured once and replayed; equal to the eager call on a fresh build."""
+    batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 16
+    q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=6)
+    lens = torch.tensor([700, 389], dtype=torch.int32, device="cuda")
+    codes = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
+    static_q = q.clone()
+    new_k = torch.zeros(batch, kv_heads, head_dim, dtype=k.dtype, device="cuda")
+    kw = dict(block_size=bs, score="qcodes", budget=9, code_channels=0.25)
+
+    def step():
+        rows = torch.arange(batch, device="cuda")
+        k[rows, :, lens.long()] = new_k
+        lens.add_(1)
+        codes.update(k, lens)
+        return aether.sparse_attention(static_q, k, v, codes=codes, seq_lens=lens, return_selection=True, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_sel = step()
+    for trial in range(3):
+        static_q.copy_(torch.randn_like(static_q))
+        new_k.copy_(torch.randn_like(new_k))
+        graph.replay()
+        torch.cuda.synchronize()
+        fresh = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
+        assert torch.equal(codes.codes, fresh.codes) and torch.equal(codes.ranges, fresh.ranges)
+        out, sel = aether.sparse_attention(static_q, k, v, codes=fresh, seq_lens=lens, return_selection=True, **kw)
+        assert torch.equal(static_sel.indices, sel.indices)
+        assert torch.equal(static_out, out)
+    assert int(lens[0]) == 700 + 1 + 3
+
+
 def test_sparse_decode_out_is_allocation_free_under_capture():
     q, k, v, lens = make_case(2, 8, 2, 2048, 128, torch.float16, "cuda", seed=1, lens=[2048, 1500])
     sel_stats = aether.block_stats(k, 64, seq_lens=lens)
