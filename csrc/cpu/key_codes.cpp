@@ -292,7 +292,7 @@ void channel_scores_typed(const ChannelScoresParams& p) {
 
 void check_channel_args(int32_t batch, int32_t q_heads, int32_t kv_heads, int32_t head_dim, int32_t num_channels,
                         const char* what) {
-  if (batch < 0 || kv_heads <= 0 || q_heads % kv_heads != 0) {
+  if (batch < 0 || kv_heads <= 0 || q_heads <= 0 || q_heads % kv_heads != 0) {
     throw std::invalid_argument(std::string(what) + ": q_heads must be a positive multiple of kv_heads");
   }
   if (num_channels < 1 || num_channels > head_dim) {
