@@ -32,7 +32,7 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 // and 16-byte aligned ranges (read as 16-byte vectors).
 bool valid_channel_args(int batch, int q_heads, int kv_heads, int per, int block_size, int num_blocks, int head_dim,
                         int num_channels, const void* ranges) {
-  if (batch < 0 || kv_heads <= 0 || q_heads < 0 || q_heads % kv_heads != 0) return false;
+  if (batch < 0 || kv_heads <= 0 || q_heads <= 0 || q_heads % kv_heads != 0) return false;
   if (per < 1 || per > kMaxBlocksPerGroup || (per & (per - 1)) != 0) return false;
   if (block_size <= 0 || block_size * per > kChannelScoresMaxGroupTokens || num_blocks < 0 || num_blocks % per != 0) {
     return false;

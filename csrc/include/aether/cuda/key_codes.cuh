@@ -528,6 +528,8 @@ template <typename T>
 cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   const int64_t heads = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int groups = p.num_blocks / p.blocks_per_group;
+  // Channel-major runs are whole bytes: Pg * block_size * bits / 8 (params.h).
+  if (p.channel_major && (p.blocks_per_group * p.block_size * p.bits) % 8 != 0) return cudaErrorInvalidValue;
   if (heads == 0 || groups == 0) return cudaSuccess;
   int64_t slices = 0;
   AETHER_CUDA_TRY(block_build_slices(groups, heads, p.first_block != nullptr, &slices));
