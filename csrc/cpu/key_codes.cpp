@@ -338,8 +338,8 @@ void code_channels(const CodeChannelsParams& params) {
                         "aether::cpu::code_channels");
   check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
                      "aether::cpu::code_channels");
-  if (params.ranges == nullptr || params.seq_lens == nullptr || params.channels == nullptr) {
-    throw std::invalid_argument("aether::cpu::code_channels: ranges, seq_lens and channels must not be null");
+  if (params.q == nullptr || params.ranges == nullptr || params.seq_lens == nullptr || params.channels == nullptr) {
+    throw std::invalid_argument("aether::cpu::code_channels: q, ranges, seq_lens and channels must not be null");
   }
   dispatch_dtype(params.dtype, "aether::cpu::code_channels", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -352,9 +352,9 @@ void channel_scores(const ChannelScoresParams& params) {
                         "aether::cpu::channel_scores");
   check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
                      "aether::cpu::channel_scores");
-  if (params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr ||
+  if (params.q == nullptr || params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr ||
       params.channels == nullptr || params.head_scores == nullptr) {
-    throw std::invalid_argument("aether::cpu::channel_scores: codes, ranges, seq_lens, channels and head_scores "
+    throw std::invalid_argument("aether::cpu::channel_scores: q, codes, ranges, seq_lens, channels and head_scores "
                                 "must not be null");
   }
   dispatch_dtype(params.dtype, "aether::cpu::channel_scores", [&](auto tag) {
