@@ -2,7 +2,7 @@
 // query's heaviest channels, then every block scored from the channel-major key codes of those
 // channels only, the other channels at their group's mid-range.
 //
-// 1. code_channels_kernel<T>, one CTA of 256 threads per (b, kv head) row. The row's ranges are
+// 1. code_channels_kernel<T>, one CTA of 512 threads per (b, kv head) row. The row's ranges are
 //    [NG, 2, D] bf16 (a group's lo row, then its hi row); a thread takes one 16-byte vector of 8
 //    channels and a strided slice of the groups (D / 8 vectors per row, 256 / (D / 8) slices), and
 //    keeps 8 double partial sums of (hi - lo)^2. A thread per channel looping over all groups
@@ -15,26 +15,27 @@
 //    integer keys: a total order even with NaN, so exactly num_channels are chosen); a warp ballot
 //    and a prefix count over the warps write them ascending.
 // 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 128 threads; a CTA
-//    takes a contiguous range of its row's groups (the slices fill one wave of resident CTAs).
-//    Layout read: codes [B, Hkv, NG, D, run] with run = Pg * bs * bits / 8 bytes per channel and
-//    group (token t of the group at bit t * bits), ranges [B, Hkv, NG, 2, D]. The CTA first
-//    compacts channels[b, h, :] into a list of distinct valid channels and a flag per channel, and
-//    stages the G queries as float32. Per group, the chosen channels' runs and the group's ranges
-//    arrive by cp.async into one of two buffers while the previous group is scored (double
-//    buffering: only those bytes of the group are read). Then
-//      base_g   = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)   (a warp per head, all D)
+//    takes a contiguous range of its row's 128-token tiles (TG = 128 / group tokens groups each;
+//    the slices fill one wave of resident CTAs). Layout read: codes [B, Hkv, NG, D, run] with
+//    run = Pg * bs * bits / 8 bytes per channel and group (token t of the group at bit t * bits),
+//    ranges [B, Hkv, NG, 2, D]. The CTA first compacts channels[b, h, :] into a list of distinct
+//    valid channels and a flag per channel, and stages the G queries as float32. Per tile, the
+//    chosen channels' runs and the ranges of its groups arrive by cp.async into one of two
+//    buffers while the previous tile is scored (only those bytes are read). Then
+//      base_g   = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)   (a warp per (group, head))
 //      coef_g,i = q_g,d_i step_d_i                                    (chosen channel i)
-//      logit_gt = scale (base_g + sum_i coef_g,i code_t,i)
-//    with a thread per (token, channel slice): 128 / (group tokens) threads share a token (1 for
-//    128-token groups, 8 for 16-token ones) and sum every split-th chosen channel, then add
-//    through shuffles, so small groups keep all 128 threads busy. Heads are scored in passes of
-//    1, 2, 4 or 8 (the registers of one pass: one accumulator per head; the coefficients of a
-//    channel are stored head-contiguous for vector loads). The logits go to shared memory and a
-//    warp per (block, head) takes the natural log-sum-exp of the block's valid tokens (a block
-//    with none gets -inf). Groups past the end of the row are not read: their blocks get -inf.
-//    CUDA cores only: per token and chosen channel one code extraction shared by the pass's heads
-//    and one FMA per head. Not profiled (written without GPU time); the bytes are num_channels *
-//    run + 4 D per group, against D * run for all channels.
+//      logit_gt = scale log2(e) (base_g + sum_i coef_g,i code_t,i)
+//    with a thread per token of the tile (one code extraction per chosen channel, shared by the
+//    heads of a pass of 1, 2, 4 or 8; the coefficients of a channel are head-contiguous for one
+//    vector load, the same address for the lanes of a group). Each block's log-sum-exp stays in
+//    registers: shuffles within the block's lanes (bs <= 32), and for 64- and 128-token blocks the
+//    warps' (max, sum) through shared memory; MUFU ex2 / lg2 in log2 units. Tiles past the end
+//    of the row are not read: their blocks get -inf. CUDA cores only.
+//    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, 32 channels, ncu):
+//    the first version (a thread per (token, channel slice) writing logits to shared memory, then
+//    a warp per (block, head) for the log-sum-exp, ~6 barriers per group) took 229 us, latency-
+//    bound; this one keeps the logits in registers. Bytes read per group: num_channels * run + 4 D
+//    (1.5 KB at d128, 32 channels, 2 bits) against D * run for every channel.
 #pragma once
 
 #include <cmath>
@@ -46,7 +47,7 @@
 namespace aether {
 namespace cuda {
 
-constexpr int kCodeChannelsThreads = 256;
+constexpr int kCodeChannelsThreads = 512;  // 16 loads of 16 bytes in flight per thread and 8 K per CTA
 constexpr int kChannelScoresThreads = 128;
 constexpr int kChannelScoresWarps = kChannelScoresThreads / kWarpSize;
 constexpr int kChannelScoresMaxPass = 8;         // query heads per pass of the token loop
@@ -59,7 +60,7 @@ static_assert(kChannelScoresThreads == kChannelScoresMaxGroupTokens, "a thread p
 // code_channels.
 
 template <typename T>
-__global__ void __launch_bounds__(kCodeChannelsThreads, 2) code_channels_kernel(const CodeChannelsParams p) {
+__global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(const CodeChannelsParams p) {
   pdl_begin();  // before any global read (common.cuh)
   // Partial spreads [slices][D]: slices * D = 8 * threads for every head_dim.
   __shared__ double s_part[8 * kCodeChannelsThreads];
@@ -173,15 +174,18 @@ __host__ __device__ constexpr int channel_scores_pass(int group) {
   return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kChannelScoresMaxPass;
 }
 
-// Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned):
-// two stages of (the chosen runs, the group's ranges), the coefficients [num_channels][G padded to
-// the pass], the queries [G][D] float32, the bases [G padded], the channel list and the flags [D].
+// Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned). A
+// tile is 128 tokens, TG = 128 / (group tokens) groups. Two stages of (the TG groups' chosen runs
+// [TG][num_channels][run], then their ranges [TG][2][D] bf16), the coefficients [TG][num_channels]
+// [G padded to the pass], the bases [TG][G padded], the queries [G][D] float32, the channel list,
+// the flags [D] and the warps' log-sum-exp partials of blocks longer than a warp.
 struct ChannelScoresSmem {
   int run_bytes = 0;     // one channel's codes of one group
-  int ranges_at = 0;     // in a stage: the runs padded to 16 bytes, then lo [D], hi [D] bf16
+  int tile_groups = 0;   // TG
+  int ranges_at = 0;     // in a stage: the runs padded to 16 bytes, then the ranges
   int stage_bytes = 0;
   int heads_padded = 0;  // G rounded up to a multiple of the pass
-  size_t coef = 0, q = 0, base = 0, list = 0, flags = 0, total = 0;
+  size_t coef = 0, base = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
 };
 
 __host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -191,15 +195,17 @@ __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int 
   ChannelScoresSmem s;
   const int pass = channel_scores_pass(group);
   s.run_bytes = group_tokens * bits / 8;
-  s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(num_channels) * s.run_bytes));
-  s.stage_bytes = s.ranges_at + 4 * head_dim;
+  s.tile_groups = kChannelScoresMaxGroupTokens / group_tokens;
+  s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(s.tile_groups) * num_channels * s.run_bytes));
+  s.stage_bytes = s.ranges_at + s.tile_groups * 4 * head_dim;
   s.heads_padded = (group + pass - 1) / pass * pass;
   s.coef = 2 * static_cast<size_t>(s.stage_bytes);
-  s.q = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(num_channels) * s.heads_padded);
-  s.base = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
-  s.list = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded));
+  s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * num_channels * s.heads_padded);
+  s.q = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
+  s.list = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
   s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(num_channels));
-  s.total = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  s.part = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  s.total = s.part + sizeof(float2) * kChannelScoresWarps * kChannelScoresMaxPass;
   return s;
 }
 
@@ -219,51 +225,89 @@ __device__ __forceinline__ void load_heads(const float* src, float (&w)[kHeads])
   }
 }
 
-// Logits of heads g0 .. g0 + kHeads - 1 for the group's tokens into s_logit [kHeads][gt]: thread
-// (t, s) = (tid >> split_log2, tid & (split - 1)) sums the chosen channels s, s + split, .. of
-// token t; the split lanes of a token are consecutive, so shuffles add their sums. Tokens t >= n
-// (past the end) get -inf. Threads past the group's tokens (gt * split < 128 when gt is not a
-// power of two) only take part in the shuffles.
+// What one thread of a tile needs to know about its token.
+struct TileToken {
+  int tg;                    // its group within the tile
+  int tt;                    // its index within the group
+  bool valid;                // a token of the sequence (t < len)
+  bool in_row;               // its group exists (< NG): its block's score is written
+  int64_t block;             // its block (index within the row)
+  int64_t tile_first_block;  // the tile's first block
+  int tile_blocks;           // the tile's blocks that exist (< NB)
+};
+
+// Heads g0 .. g0 + kHeads - 1 of one tile: thread t scores token t from the chosen channels (one
+// code extraction shared by the pass's heads, one FMA per head), in log2 units; then each block's
+// log-sum-exp: lanes of one block reduce with shuffles (bs <= 32), longer blocks add the warps'
+// partials through shared memory. Called by every thread of the CTA (uniform).
 template <int kBits, int kHeads>
-__device__ __forceinline__ void channel_scores_logits(const uint8_t* runs, int run_bytes, const float* s_coef,
-                                                      int heads_padded, const float* s_base, int g0, int n_chosen,
-                                                      int gt, int n, int split_log2, float scale, float* s_logit) {
-  const int tid = threadIdx.x;
-  const int split = 1 << split_log2;
-  const int s = tid & (split - 1);
-  const int t = tid >> split_log2;
-  const bool active = t < gt;
-  const int shift = (t * kBits) & 7;
-  const uint8_t* run = runs + ((t * kBits) >> 3);
+__device__ __forceinline__ void channel_scores_tile(const uint8_t* s_runs, int run_bytes, int n_chosen, int m_cap,
+                                                    const float* s_coef, const float* s_base, int Gp, int g0, int G,
+                                                    const TileToken& tok, int bs, float scale2, float2* s_part,
+                                                    float* out, int NB) {
+  constexpr float kLn2 = 0.69314718055994531f;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const uint8_t* run = s_runs + static_cast<size_t>(tok.tg) * m_cap * run_bytes + ((tok.tt * kBits) >> 3);
+  const int shift = (tok.tt * kBits) & 7;
+  const float* coef = s_coef + static_cast<size_t>(tok.tg) * m_cap * Gp + g0;
   float acc[kHeads];
 #pragma unroll
   for (int hh = 0; hh < kHeads; ++hh) acc[hh] = 0.0f;
-  const int end = active ? n_chosen : 0;
 #pragma unroll 4
-  for (int i = s; i < end; i += split) {
+  for (int i = 0; i < n_chosen; ++i) {
     const float code = static_cast<float>((run[i * run_bytes] >> shift) & ((1u << kBits) - 1u));
     float w[kHeads];
-    load_heads<kHeads>(s_coef + i * heads_padded + g0, w);
+    load_heads<kHeads>(coef + i * Gp, w);
 #pragma unroll
     for (int hh = 0; hh < kHeads; ++hh) acc[hh] = fmaf(w[hh], code, acc[hh]);
   }
-  for (int offset = split >> 1; offset > 0; offset >>= 1) {
+  const int seg = min(bs, kWarpSize);  // lanes of one block within a warp (bs and 32 are powers of two)
 #pragma unroll
-    for (int hh = 0; hh < kHeads; ++hh) acc[hh] += __shfl_xor_sync(kFullMask, acc[hh], offset);
-  }
-  if (active && s == 0) {
-#pragma unroll
-    for (int hh = 0; hh < kHeads; ++hh) {
-      s_logit[hh * gt + t] = t < n ? scale * (s_base[g0 + hh] + acc[hh]) : -INFINITY;
+  for (int hh = 0; hh < kHeads; ++hh) {
+    const float x = tok.valid ? scale2 * (s_base[tok.tg * Gp + g0 + hh] + acc[hh]) : -INFINITY;
+    float top = x;
+    for (int offset = seg >> 1; offset > 0; offset >>= 1) top = fmaxf(top, __shfl_xor_sync(kFullMask, top, offset));
+    float sum = top == -INFINITY ? 0.0f : fast_exp2(x - top);
+    for (int offset = seg >> 1; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
+    if (bs <= kWarpSize) {
+      if ((lane & (seg - 1)) == 0 && tok.in_row && g0 + hh < G) {
+        out[static_cast<int64_t>(g0 + hh) * NB + tok.block] = top == -INFINITY ? -INFINITY : (top + fast_log2(sum)) * kLn2;
+      }
+    } else if (lane == 0) {
+      s_part[warp * kChannelScoresMaxPass + hh] = make_float2(top, sum);
     }
+  }
+  if (bs > kWarpSize) {  // uniform: blocks of 64 or 128 tokens span 2 or 4 warps
+    __syncthreads();
+    const int warps_per_block = bs / kWarpSize;
+    const int x = threadIdx.x;  // (block of the tile, head)
+    if (x < (kChannelScoresMaxGroupTokens / bs) * kHeads) {
+      const int jt = x / kHeads, hh = x % kHeads;
+      float top = -INFINITY;
+      for (int w = 0; w < warps_per_block; ++w) top = fmaxf(top, s_part[(jt * warps_per_block + w) * kChannelScoresMaxPass + hh].x);
+      float sum = 0.0f;
+      if (top != -INFINITY) {
+        for (int w = 0; w < warps_per_block; ++w) {
+          const float2 part = s_part[(jt * warps_per_block + w) * kChannelScoresMaxPass + hh];
+          sum += part.y * fast_exp2(part.x - top);
+        }
+      }
+      if (g0 + hh < G && jt < tok.tile_blocks) {
+        out[static_cast<int64_t>(g0 + hh) * NB + tok.tile_first_block + jt] =
+            top == -INFINITY ? -INFINITY : (top + fast_log2(sum)) * kLn2;
+      }
+    }
+    __syncthreads();  // s_part is rewritten by the next pass
   }
 }
 
-// One CTA's range of groups of one (b, kv head) row (see the top of the file).
+// One CTA's range of 128-token tiles of one (b, kv head) row (see the top of the file).
 template <typename T, int kHeadDim, int kBits>
-__device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p, char* s_mem, float* s_logit) {
+__device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p, char* s_mem) {
   static_assert(kHeadDim % kWarpSize == 0 && kHeadDim <= kChannelMaxHeadDim, "head_dim: a multiple of 32, <= 256");
   constexpr int kLevels = (1 << kBits) - 1;
+  constexpr float kLog2e = 1.4426950408889634f;
   __shared__ int s_n_chosen;
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
@@ -277,22 +321,26 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int gt = P * bs;
   const int NB = p.num_blocks;
   const int NG = NB / P;
+  const int TG = kChannelScoresMaxGroupTokens / gt;  // groups per 128-token tile
+  const int tiles = (NG + TG - 1) / TG;
   const int64_t len = max(p.seq_lens[b], 0);
   const int n_groups = static_cast<int>(std::min<int64_t>((len + gt - 1) / gt, NG));
-  const int per = (NG + gridDim.y - 1) / gridDim.y;
-  const int begin = min(NG, static_cast<int>(blockIdx.y) * per);
-  const int end = min(NG, begin + per);
+  const int live_tiles = (n_groups + TG - 1) / TG;
+  const int per = (tiles + gridDim.y - 1) / gridDim.y;
+  const int begin = min(tiles, static_cast<int>(blockIdx.y) * per);
+  const int end = min(tiles, begin + per);
   float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G) * NB;  // + g NB + j
 
-  // Groups past the end of the row: -inf for every block and head, nothing read.
+  // Tiles past the end of the row: -inf for every block and head, nothing read.
   {
-    const int dead = max(begin, n_groups);
-    const int blocks = (end - dead) * P;
-    for (int x = tid; x < blocks * G; x += kChannelScoresThreads) {
-      out[static_cast<int64_t>(x / blocks) * NB + dead * P + x % blocks] = -INFINITY;
+    const int dead = max(begin, live_tiles);
+    const int first_block = dead * TG * P;
+    const int blocks = min(end * TG, NG) * P - first_block;
+    for (int x = tid; x < max(blocks, 0) * G; x += kChannelScoresThreads) {
+      out[static_cast<int64_t>(x / blocks) * NB + first_block + x % blocks] = -INFINITY;
     }
   }
-  const int live_end = min(end, n_groups);
+  const int live_end = min(end, live_tiles);
   if (begin >= live_end) return;  // uniform over the CTA
 
   const int m_cap = p.num_channels;
@@ -300,15 +348,15 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int run_bytes = layout.run_bytes;
   const int Gp = layout.heads_padded;
   float* s_coef = reinterpret_cast<float*>(s_mem + layout.coef);
-  float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
   float* s_base = reinterpret_cast<float*>(s_mem + layout.base);
+  float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
   int* s_list = reinterpret_cast<int*>(s_mem + layout.list);
   int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
+  float2* s_part = reinterpret_cast<float2*>(s_mem + layout.part);
 
   // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending.
   const int32_t* listed = p.channels + static_cast<int64_t>(row) * m_cap;
   for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) s_flag[d] = 0;
-  for (int g = G + tid; g < Gp; g += kChannelScoresThreads) s_base[g] = 0.0f;  // padding heads
   {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
     for (int x = tid; x < G * kHeadDim; x += kChannelScoresThreads) {
@@ -335,43 +383,46 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   __syncthreads();
   const int n_chosen = s_n_chosen;  // <= num_channels
 
-  // cp.async of group mg's chosen runs and ranges into stage `buf`; one commit group per call.
+  // cp.async of tile k's groups (their chosen runs, then their ranges) into stage `buf`; one commit
+  // group per call. Groups past NG (a partial last tile) are not read.
   const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * kHeadDim * run_bytes;
   const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
-  auto issue = [&](int mg, int buf) {
+  auto issue = [&](int tile, int buf) {
     char* dst = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
-    const uint8_t* runs = row_codes + static_cast<int64_t>(mg) * kHeadDim * run_bytes;
+    const int g_first = tile * TG;
+    const int n_tile_groups = min(TG, NG - g_first);
     if (run_bytes % 16 == 0) {
       const int per_run = run_bytes / 16;
-      for (int x = tid; x < n_chosen * per_run; x += kChannelScoresThreads) {
-        const int i = x / per_run, k = x % per_run;
-        cp_async_16(shared_address(dst + i * run_bytes + 16 * k), runs + s_list[i] * run_bytes + 16 * k, 16u);
+      for (int x = tid; x < n_tile_groups * n_chosen * per_run; x += kChannelScoresThreads) {
+        const int k = x % per_run, i = (x / per_run) % n_chosen, tg = x / (per_run * n_chosen);
+        const uint8_t* src = row_codes + (static_cast<int64_t>(g_first + tg) * kHeadDim + s_list[i]) * run_bytes;
+        cp_async_16(shared_address(dst + (tg * m_cap + i) * run_bytes + 16 * k), src + 16 * k, 16u);
       }
-    } else {  // 4- to 12-byte runs (16- or 32-token groups, 48-token ones)
+    } else {  // 4- to 12-byte runs (16- to 48-token groups)
       const int per_run = run_bytes / 4;
-      for (int x = tid; x < n_chosen * per_run; x += kChannelScoresThreads) {
-        const int i = x / per_run, k = x % per_run;
-        cp_async_4(shared_address(dst + i * run_bytes + 4 * k), runs + s_list[i] * run_bytes + 4 * k);
+      for (int x = tid; x < n_tile_groups * n_chosen * per_run; x += kChannelScoresThreads) {
+        const int k = x % per_run, i = (x / per_run) % n_chosen, tg = x / (per_run * n_chosen);
+        const uint8_t* src = row_codes + (static_cast<int64_t>(g_first + tg) * kHeadDim + s_list[i]) * run_bytes;
+        cp_async_4(shared_address(dst + (tg * m_cap + i) * run_bytes + 4 * k), src + 4 * k);
       }
     }
-    const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(mg) * 2 * kHeadDim);
-    for (int x = tid; x < 4 * kHeadDim / 16; x += kChannelScoresThreads) {
+    const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(g_first) * 2 * kHeadDim);
+    for (int x = tid; x < n_tile_groups * 4 * kHeadDim / 16; x += kChannelScoresThreads) {
       cp_async_16(shared_address(dst + layout.ranges_at + 16 * x), ranges + 16 * x, 16u);
     }
     cp_async_commit();
   };
 
-  // 128 threads over gt tokens: split = the largest power of two with gt * split <= 128.
-  int split_log2 = 0;
-  while (gt << (split_log2 + 1) <= kChannelScoresThreads) ++split_log2;
   const float step_div = static_cast<float>(kLevels);
   const int pass = channel_scores_pass(G);
+  const float scale2 = p.scale * kLog2e;  // logits in log2 units until the write
 
   issue(begin, 0);
-  for (int mg = begin; mg < live_end; ++mg) {
-    const int buf = (mg - begin) & 1;
-    if (mg + 1 < live_end) {
-      issue(mg + 1, buf ^ 1);  // the other stage was last read before the previous iteration's final barrier
+  for (int tile = begin; tile < live_end; ++tile) {
+    const int buf = (tile - begin) & 1;
+    __syncthreads();  // every thread is done with the stage issued into next (read two tiles ago)
+    if (tile + 1 < live_end) {
+      issue(tile + 1, buf ^ 1);
     } else {
       cp_async_commit();  // an empty group keeps wait<1> meaning "this stage has landed"
     }
@@ -379,74 +430,66 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     __syncthreads();
     const char* stage = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
     const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
-    const uint16_t* lo_bits = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
-    const uint16_t* hi_bits = lo_bits + kHeadDim;
+    const uint16_t* tile_ranges = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
+    const int g_first = tile * TG;
+    const int n_tile_groups = min(TG, NG - g_first);
 
-    // coef[i][g] = q_g,d_i step_d_i (zero for the padding heads), step as key_codes computes it.
-    for (int x = tid; x < n_chosen * Gp; x += kChannelScoresThreads) {
-      const int i = x / Gp, g = x % Gp;
+    // coef[tg][i][g] = q_g,d_i step_d_i (zero for the padding heads), step as key_codes computes it.
+    for (int x = tid; x < n_tile_groups * n_chosen * Gp; x += kChannelScoresThreads) {
+      const int g = x % Gp, i = (x / Gp) % n_chosen, tg = x / (Gp * n_chosen);
       const int d = s_list[i];
-      const float lo = __uint_as_float(static_cast<uint32_t>(lo_bits[d]) << 16);
-      const float hi = __uint_as_float(static_cast<uint32_t>(hi_bits[d]) << 16);
+      const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
+      const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
+      const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
       const float step = __fdiv_rn(__fsub_rn(hi, lo), step_div);
-      s_coef[x] = g < G ? s_q[g * kHeadDim + d] * step : 0.0f;
+      s_coef[(tg * m_cap + i) * Gp + g] = g < G ? s_q[g * kHeadDim + d] * step : 0.0f;
     }
-    // base_g over every channel: lo for the chosen ones, the mid-range for the others.
-    for (int g = warp; g < G; g += kChannelScoresWarps) {
+    // base[tg][g] over every channel: lo for the chosen ones, the mid-range for the others.
+    for (int item = warp; item < n_tile_groups * Gp; item += kChannelScoresWarps) {
+      const int tg = item / Gp, g = item % Gp;
+      const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
       float sum = 0.0f;
+      if (g < G) {  // uniform over the warp
 #pragma unroll
-      for (int d = lane; d < kHeadDim; d += kWarpSize) {
-        const float lo = __uint_as_float(static_cast<uint32_t>(lo_bits[d]) << 16);
-        const float hi = __uint_as_float(static_cast<uint32_t>(hi_bits[d]) << 16);
-        sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo : (lo + hi) * 0.5f, sum);
+        for (int d = lane; d < kHeadDim; d += kWarpSize) {
+          const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
+          const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
+          sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo : (lo + hi) * 0.5f, sum);
+        }
+        sum = warp_sum(sum);
       }
-      sum = warp_sum(sum);
-      if (lane == 0) s_base[g] = sum;
+      if (lane == 0) s_base[tg * Gp + g] = sum;
     }
     __syncthreads();
 
-    const int n = static_cast<int>(std::min<int64_t>(gt, len - static_cast<int64_t>(mg) * gt));  // valid tokens, >= 1
+    TileToken tok;
+    tok.tg = tid / gt;
+    tok.tt = tid % gt;
+    const int64_t token = static_cast<int64_t>(g_first) * gt + tid;
+    tok.in_row = tok.tg < n_tile_groups;
+    tok.valid = tok.in_row && token < len;
+    tok.block = token / bs;
+    tok.tile_first_block = static_cast<int64_t>(g_first) * P;
+    tok.tile_blocks = n_tile_groups * P;
     for (int g0 = 0; g0 < G; g0 += pass) {
       switch (pass) {
         case 1:
-          channel_scores_logits<kBits, 1>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          channel_scores_tile<kBits, 1>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+                                        s_part, out, NB);
           break;
         case 2:
-          channel_scores_logits<kBits, 2>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          channel_scores_tile<kBits, 2>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+                                        s_part, out, NB);
           break;
         case 4:
-          channel_scores_logits<kBits, 4>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n, split_log2, p.scale, s_logit);
+          channel_scores_tile<kBits, 4>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+                                        s_part, out, NB);
           break;
         default:
-          channel_scores_logits<kBits, kChannelScoresMaxPass>(runs, run_bytes, s_coef, Gp, s_base, g0, n_chosen, gt, n,
-                                                              split_log2, p.scale, s_logit);
+          channel_scores_tile<kBits, kChannelScoresMaxPass>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0,
+                                                            G, tok, bs, scale2, s_part, out, NB);
           break;
       }
-      __syncthreads();
-      // A warp per (block, head): the natural log-sum-exp of the block's logits (bs <= 128).
-      for (int item = warp; item < P * pass; item += kChannelScoresWarps) {
-        const int jj = item / pass, hh = item % pass;
-        if (g0 + hh >= G) continue;  // uniform over the warp
-        const float* x = s_logit + hh * gt + jj * bs;
-        float v[4];
-        float top = -INFINITY;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int t = lane + k * kWarpSize;
-          v[k] = t < bs ? x[t] : -INFINITY;
-          top = fmaxf(top, v[k]);
-        }
-        top = warp_max(top);
-        float lse = top;  // -inf: no valid token in the block
-        if (isfinite(top)) {
-          float sum = 0.0f;
-#pragma unroll
-          for (int k = 0; k < 4; ++k) sum += __expf(v[k] - top);
-          lse = top + __logf(warp_sum(sum));  // the sum is >= 1: its largest term is exp(0)
-        }
-        if (lane == 0) out[static_cast<int64_t>(g0 + hh) * NB + mg * P + jj] = lse;
-      }
-      __syncthreads();  // s_logit is rewritten by the next pass; the stage by the next issue
     }
   }
   cp_async_wait<0>();
@@ -456,11 +499,10 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kChannelScoresThreads) channel_scores_kernel(const ChannelScoresParams p) {
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) char s_channel_mem[];
-  __shared__ float s_logit[kChannelScoresMaxPass * kChannelScoresMaxGroupTokens];
   if (p.bits == 2) {
-    channel_scores_cta<T, kHeadDim, 2>(p, s_channel_mem, s_logit);
+    channel_scores_cta<T, kHeadDim, 2>(p, s_channel_mem);
   } else {
-    channel_scores_cta<T, kHeadDim, 4>(p, s_channel_mem, s_logit);
+    channel_scores_cta<T, kHeadDim, 4>(p, s_channel_mem);
   }
 }
 
@@ -477,7 +519,7 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   if (smem > 48 * 1024) {
     int optin = 0;
     AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
-    const size_t static_smem = sizeof(float) * kChannelScoresMaxPass * kChannelScoresMaxGroupTokens + 64;
+    const size_t static_smem = 64;
     if (smem + static_smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
@@ -486,7 +528,8 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChannelScoresThreads, smem));
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), groups, 65535}));
+  const int64_t tiles = ceil_div(groups, kChannelScoresMaxGroupTokens / gt);  // 128-token tiles per row
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), tiles, 65535}));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(slices));
   return launch_kernel(kernel, grid, dim3(kChannelScoresThreads), smem, stream, p);
 }
