@@ -20,8 +20,9 @@
 //    run = Pg * bs * bits / 8 bytes per channel and group (token t of the group at bit t * bits),
 //    ranges [B, Hkv, NG, 2, D]. The CTA first compacts channels[b, h, :] into a list of distinct
 //    valid channels and a flag per channel, and stages the G queries as float32. Per tile, the
-//    chosen channels' runs and the ranges of its groups arrive by cp.async into one of two
-//    buffers while the previous tile is scored (only those bytes are read). Then
+//    chosen channels' runs and the ranges of its groups arrive by cp.async into a ring of
+//    kChannelScoresStages buffers, several tiles ahead of the one scored (only those bytes are
+//    read). Then
 //      base_g   = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)   (a warp per (group, head))
 //      coef_g,i = q_g,d_i step_d_i                                    (chosen channel i)
 //      logit_gt = scale log2(e) (base_g + sum_i coef_g,i code_t,i)
@@ -53,6 +54,9 @@ constexpr int kChannelScoresWarps = kChannelScoresThreads / kWarpSize;
 constexpr int kChannelScoresMaxPass = 8;         // query heads per pass of the token loop
 constexpr int kChannelScoresMaxGroupTokens = 128;  // Pg * block_size <= 128 (params.h)
 constexpr int kChannelMaxHeadDim = 256;
+// Tiles in flight per CTA (cp.async ring). A tile is ~1.5 KB of scattered 32-byte runs and little
+// arithmetic: with two stages the kernel waited a DRAM round trip per tile (199 us at 8 x 32k).
+constexpr int kChannelScoresStages = 6;
 static_assert(kCodeChannelsThreads >= kChannelMaxHeadDim, "code_channels ranks a channel per thread");
 static_assert(kChannelScoresThreads == kChannelScoresMaxGroupTokens, "a thread per token of the largest group");
 
@@ -178,7 +182,8 @@ __host__ __device__ constexpr int channel_scores_pass(int group) {
 // tile is 128 tokens, TG = 128 / (group tokens) groups. Two stages of (the TG groups' chosen runs
 // [TG][num_channels][run], then their ranges [TG][2][D] bf16), the coefficients [TG][num_channels]
 // [G padded to the pass], the bases [TG][G padded], the queries [G][D] float32, the channel list,
-// the flags [D] and the warps' log-sum-exp partials of blocks longer than a warp.
+// the flags [D] and the warps' log-sum-exp partials of blocks longer than a warp. (The stages:
+// kChannelScoresStages of them.)
 struct ChannelScoresSmem {
   int run_bytes = 0;     // one channel's codes of one group
   int tile_groups = 0;   // TG
@@ -199,7 +204,7 @@ __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int 
   s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(s.tile_groups) * num_channels * s.run_bytes));
   s.stage_bytes = s.ranges_at + s.tile_groups * 4 * head_dim;
   s.heads_padded = (group + pass - 1) / pass * pass;
-  s.coef = 2 * static_cast<size_t>(s.stage_bytes);
+  s.coef = kChannelScoresStages * static_cast<size_t>(s.stage_bytes);
   s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * num_channels * s.heads_padded);
   s.q = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
   s.list = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
@@ -417,17 +422,25 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int pass = channel_scores_pass(G);
   const float scale2 = p.scale * kLog2e;  // logits in log2 units until the write
 
-  issue(begin, 0);
-  for (int tile = begin; tile < live_end; ++tile) {
-    const int buf = (tile - begin) & 1;
-    __syncthreads();  // every thread is done with the stage issued into next (read two tiles ago)
-    if (tile + 1 < live_end) {
-      issue(tile + 1, buf ^ 1);
+  // A ring of kChannelScoresStages tiles: kStages - 1 in flight while one is scored. Every call of
+  // issue (or an empty commit) is one cp.async group, so wait<kStages - 2> means "this tile landed".
+  constexpr int kStages = kChannelScoresStages;
+  for (int k = 0; k < kStages - 1; ++k) {
+    if (begin + k < live_end) {
+      issue(begin + k, k);
     } else {
-      cp_async_commit();  // an empty group keeps wait<1> meaning "this stage has landed"
+      cp_async_commit();
     }
-    cp_async_wait<1>();
-    __syncthreads();
+  }
+  for (int tile = begin; tile < live_end; ++tile) {
+    const int buf = (tile - begin) % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // the tile is visible to all; every thread is done with the previous tile
+    if (tile + kStages - 1 < live_end) {
+      issue(tile + kStages - 1, (buf + kStages - 1) % kStages);  // the slot the previous tile used
+    } else {
+      cp_async_commit();
+    }
     const char* stage = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
     const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
     const uint16_t* tile_ranges = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
