@@ -22,21 +22,26 @@
 //    valid channels and a flag per channel, and stages the G queries as float32. Per tile, the
 //    chosen channels' runs and the ranges of its groups arrive by cp.async into a ring of
 //    kChannelScoresStages buffers, several tiles ahead of the one scored (only those bytes are
-//    read). Then
-//      base_g   = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)   (a warp per (group, head))
-//      coef_g,i = q_g,d_i step_d_i                                    (chosen channel i)
-//      logit_gt = scale log2(e) (base_g + sum_i coef_g,i code_t,i)
-//    with a thread per token of the tile (one code extraction per chosen channel, shared by the
-//    heads of a pass of 1, 2, 4 or 8; the coefficients of a channel are head-contiguous for one
-//    vector load, the same address for the lanes of a group). Each block's log-sum-exp stays in
-//    registers: shuffles within the block's lanes (bs <= 32), and for 64- and 128-token blocks the
-//    warps' (max, sum) through shared memory; MUFU ex2 / lg2 in log2 units. Tiles past the end
-//    of the row are not read: their blocks get -inf. CUDA cores only.
+//    read). The tile's runs are transposed in shared memory (byte r of every chosen channel's run
+//    side by side) and
+//      coef_g,i = 2^bits q_g,d_i step_d_i                                  (chosen channel i)
+//      base_g   = sum_d q_gd (chosen_d ? lo_d - 2^bits step_d : (lo_d + hi_d) / 2)
+//      logit_gt = scale log2(e) (base_g + sum_i coef_g,i (1 + code_t,i / 2^bits))
+//    (1 + code / 2^bits is the code OR-ed into the mantissa of 1.0: no integer-to-float
+//    conversion), with a thread per token of the tile: one 16-byte load gives 16 channels' codes
+//    of its token, one FMA per (channel, head), heads in passes of 1, 2, 4 or 8 (the coefficients
+//    of a channel head-contiguous for one vector load, the same address for the lanes of a group).
+//    Each block's log-sum-exp stays in registers: shuffles within the block's lanes (bs <= 32),
+//    and for 64- and 128-token blocks the warps' (max, sum) through shared memory; MUFU ex2 / lg2
+//    in log2 units. Tiles past the end of the row are not read: their blocks get -inf. No runtime
+//    integer division per tile (every size that is divided is a power of two). CUDA cores only.
 //    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, 32 channels, ncu):
-//    the first version (a thread per (token, channel slice) writing logits to shared memory, then
-//    a warp per (block, head) for the log-sum-exp, ~6 barriers per group) took 229 us, latency-
-//    bound; this one keeps the logits in registers. Bytes read per group: num_channels * run + 4 D
-//    (1.5 KB at d128, 32 channels, 2 bits) against D * run for every channel.
+//    a thread per (token, channel slice) writing logits to shared memory, then a warp per (block,
+//    head) for the log-sum-exp, ~6 barriers per group: 229 us; a thread per token with the
+//    log-sum-exp in registers and a 6-stage ring: 194 us, 80 M instructions (the per-tile integer
+//    divisions and index arithmetic, a byte load and an I2F per code). Bytes read per group:
+//    num_channels * run + 4 D (1.5 KB at d128, 32 channels, 2 bits) against D * run for every
+//    channel.
 #pragma once
 
 #include <cmath>
@@ -179,33 +184,45 @@ __host__ __device__ constexpr int channel_scores_pass(int group) {
 }
 
 // Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned). A
-// tile is 128 tokens, TG = 128 / (group tokens) groups. Two stages of (the TG groups' chosen runs
-// [TG][num_channels][run], then their ranges [TG][2][D] bf16), the coefficients [TG][num_channels]
-// [G padded to the pass], the bases [TG][G padded], the queries [G][D] float32, the channel list,
-// the flags [D] and the warps' log-sum-exp partials of blocks longer than a warp. (The stages:
-// kChannelScoresStages of them.)
+// tile is 128 tokens, TG = 128 / (group tokens) groups; m = the channel list's length rounded up
+// to 16. kChannelScoresStages stages of (the TG groups' chosen runs [TG][num_channels][run], then
+// their ranges [TG][2][D] bf16); the scored tile's codes transposed [TG][run byte][m + 16 pad]
+// (byte r of every chosen channel's run side by side, so a thread loads 16 channels' codes of its
+// token with one vector load); the coefficients [TG][m][Gp] (Gp: G rounded up to a power of two);
+// the bases [TG][Gp]; the queries [G][D] float32; the channel list; the flags [D]; the warps'
+// log-sum-exp partials of blocks longer than a warp.
 struct ChannelScoresSmem {
   int run_bytes = 0;     // one channel's codes of one group
   int tile_groups = 0;   // TG
   int ranges_at = 0;     // in a stage: the runs padded to 16 bytes, then the ranges
   int stage_bytes = 0;
-  int heads_padded = 0;  // G rounded up to a multiple of the pass
-  size_t coef = 0, base = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
+  int channels_padded = 0;  // m
+  int tr_stride = 0;        // bytes per transposed row: m + 16 (conflict-free vector loads)
+  int heads_padded = 0;     // Gp
+  size_t tr = 0, coef = 0, base = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
 };
 
 __host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
+__host__ __device__ inline int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
 __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int head_dim, int num_channels,
                                                                  int group_tokens, int bits) {
   ChannelScoresSmem s;
-  const int pass = channel_scores_pass(group);
   s.run_bytes = group_tokens * bits / 8;
   s.tile_groups = kChannelScoresMaxGroupTokens / group_tokens;
   s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(s.tile_groups) * num_channels * s.run_bytes));
   s.stage_bytes = s.ranges_at + s.tile_groups * 4 * head_dim;
-  s.heads_padded = (group + pass - 1) / pass * pass;
-  s.coef = kChannelScoresStages * static_cast<size_t>(s.stage_bytes);
-  s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * num_channels * s.heads_padded);
+  s.channels_padded = (num_channels + 15) / 16 * 16;
+  s.tr_stride = s.channels_padded + 16;
+  s.heads_padded = next_pow2(group);  // >= the pass: 1, 2, 4, then multiples of 8
+  s.tr = kChannelScoresStages * static_cast<size_t>(s.stage_bytes);
+  s.coef = s.tr + round_up_16(static_cast<size_t>(s.tile_groups) * s.run_bytes * s.tr_stride);
+  s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.channels_padded * s.heads_padded);
   s.q = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
   s.list = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
   s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(num_channels));
@@ -232,8 +249,6 @@ __device__ __forceinline__ void load_heads(const float* src, float (&w)[kHeads])
 
 // What one thread of a tile needs to know about its token.
 struct TileToken {
-  int tg;                    // its group within the tile
-  int tt;                    // its index within the group
   bool valid;                // a token of the sequence (t < len)
   bool in_row;               // its group exists (< NG): its block's score is written
   int64_t block;             // its block (index within the row)
@@ -241,36 +256,55 @@ struct TileToken {
   int tile_blocks;           // the tile's blocks that exist (< NB)
 };
 
-// Heads g0 .. g0 + kHeads - 1 of one tile: thread t scores token t from the chosen channels (one
-// code extraction shared by the pass's heads, one FMA per head), in log2 units; then each block's
-// log-sum-exp: lanes of one block reduce with shuffles (bs <= 32), longer blocks add the warps'
-// partials through shared memory. Called by every thread of the CTA (uniform).
+// 1 + code / 2^bits as a float, from a code already in bits 0.. of x: OR-ed into the mantissa of
+// 1.0 (exact; no integer-to-float conversion, which runs at a quarter of the FMA rate). The
+// coefficients are scaled by 2^bits and the base lowered by their sum to match.
+template <int kBits, int kByte>
+__device__ __forceinline__ float code_as_float(uint32_t x) {
+  constexpr int kShift = 23 - kBits - 8 * kByte;  // code at bit 8 * kByte -> bit 23 - kBits
+  constexpr uint32_t kMask = ((1u << kBits) - 1u) << (23 - kBits);
+  const uint32_t bits = kShift >= 0 ? x << kShift : x >> -kShift;
+  return __uint_as_float((bits & kMask) | 0x3F800000u);
+}
+
+// Heads g0 .. g0 + kHeads - 1 of one tile: thread t scores token t from the chosen channels, 16
+// channels' codes per vector load of its transposed row, one FMA per (channel, head); in log2
+// units. Then each block's log-sum-exp: lanes of one block reduce with shuffles (bs <= 32), longer
+// blocks add the warps' partials through shared memory. Called by every thread of the CTA (uniform).
 template <int kBits, int kHeads>
-__device__ __forceinline__ void channel_scores_tile(const uint8_t* s_runs, int run_bytes, int n_chosen, int m_cap,
-                                                    const float* s_coef, const float* s_base, int Gp, int g0, int G,
+__device__ __forceinline__ void channel_scores_tile(const uint8_t* tr_row, int shift, int m_pad, const float* coef,
+                                                    int Gp, const float* base, int g0, int G,
                                                     const TileToken& tok, int bs, float scale2, float2* s_part,
                                                     float* out, int NB) {
   constexpr float kLn2 = 0.69314718055994531f;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  const uint8_t* run = s_runs + static_cast<size_t>(tok.tg) * m_cap * run_bytes + ((tok.tt * kBits) >> 3);
-  const int shift = (tok.tt * kBits) & 7;
-  const float* coef = s_coef + static_cast<size_t>(tok.tg) * m_cap * Gp + g0;
   float acc[kHeads];
 #pragma unroll
   for (int hh = 0; hh < kHeads; ++hh) acc[hh] = 0.0f;
-#pragma unroll 4
-  for (int i = 0; i < n_chosen; ++i) {
-    const float code = static_cast<float>((run[i * run_bytes] >> shift) & ((1u << kBits) - 1u));
-    float w[kHeads];
-    load_heads<kHeads>(coef + i * Gp, w);
+  for (int c16 = 0; c16 < m_pad; c16 += 16) {
+    const uint4 w4 = *reinterpret_cast<const uint4*>(tr_row + c16);
+    const uint32_t words[4] = {w4.x >> shift, w4.y >> shift, w4.z >> shift, w4.w >> shift};
 #pragma unroll
-    for (int hh = 0; hh < kHeads; ++hh) acc[hh] = fmaf(w[hh], code, acc[hh]);
+    for (int j4 = 0; j4 < 4; ++j4) {
+      float f[4];
+      f[0] = code_as_float<kBits, 0>(words[j4]);
+      f[1] = code_as_float<kBits, 1>(words[j4]);
+      f[2] = code_as_float<kBits, 2>(words[j4]);
+      f[3] = code_as_float<kBits, 3>(words[j4]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float w[kHeads];
+        load_heads<kHeads>(coef + (c16 + 4 * j4 + j) * Gp + g0, w);
+#pragma unroll
+        for (int hh = 0; hh < kHeads; ++hh) acc[hh] = fmaf(w[hh], f[j], acc[hh]);
+      }
+    }
   }
   const int seg = min(bs, kWarpSize);  // lanes of one block within a warp (bs and 32 are powers of two)
 #pragma unroll
   for (int hh = 0; hh < kHeads; ++hh) {
-    const float x = tok.valid ? scale2 * (s_base[tok.tg * Gp + g0 + hh] + acc[hh]) : -INFINITY;
+    const float x = tok.valid ? scale2 * (base[g0 + hh] + acc[hh]) : -INFINITY;
     float top = x;
     for (int offset = seg >> 1; offset > 0; offset >>= 1) top = fmaxf(top, __shfl_xor_sync(kFullMask, top, offset));
     float sum = top == -INFINITY ? 0.0f : fast_exp2(x - top);
@@ -352,6 +386,9 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const ChannelScoresSmem layout = channel_scores_smem(G, kHeadDim, m_cap, gt, kBits);
   const int run_bytes = layout.run_bytes;
   const int Gp = layout.heads_padded;
+  const int m_pad = layout.channels_padded;
+  const int tr_stride = layout.tr_stride;
+  uint8_t* s_tr = reinterpret_cast<uint8_t*>(s_mem + layout.tr);
   float* s_coef = reinterpret_cast<float*>(s_mem + layout.coef);
   float* s_base = reinterpret_cast<float*>(s_mem + layout.base);
   float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
@@ -386,29 +423,42 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     if (lane == 0) s_n_chosen = count;
   }
   __syncthreads();
-  const int n_chosen = s_n_chosen;  // <= num_channels
+  const int n_chosen = s_n_chosen;  // <= num_channels <= m_pad
+
+  // Powers of two: shifts and masks instead of integer divisions in the per-tile loops.
+  const int run_log2 = __ffs(run_bytes) - 1;
+  const int gp_log2 = __ffs(Gp) - 1;
+  const int gt_log2 = __ffs(gt) - 1;
+  const int bs_log2 = __ffs(bs) - 1;
+  // This thread's token of every tile: group tg, index tt in it; its code byte and bit.
+  const int tg_mine = tid >> gt_log2;
+  const int tt = tid & (gt - 1);
+  const int shift = (tt * kBits) & 7;
+  const uint8_t* tr_row = s_tr + (tg_mine * run_bytes + ((tt * kBits) >> 3)) * tr_stride;
+  const float* coef_mine = s_coef + static_cast<size_t>(tg_mine) * m_pad * Gp;
 
   // cp.async of tile k's groups (their chosen runs, then their ranges) into stage `buf`; one commit
   // group per call. Groups past NG (a partial last tile) are not read.
   const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * kHeadDim * run_bytes;
   const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
+  const int chunk = run_bytes % 16 == 0 ? 16 : 4;  // bytes per cp.async of a run
+  const int chunk_log2 = chunk == 16 ? 4 : 2;
+  const int per_run_log2 = run_log2 - chunk_log2;
   auto issue = [&](int tile, int buf) {
     char* dst = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
     const int g_first = tile * TG;
     const int n_tile_groups = min(TG, NG - g_first);
-    if (run_bytes % 16 == 0) {
-      const int per_run = run_bytes / 16;
-      for (int x = tid; x < n_tile_groups * n_chosen * per_run; x += kChannelScoresThreads) {
-        const int k = x % per_run, i = (x / per_run) % n_chosen, tg = x / (per_run * n_chosen);
-        const uint8_t* src = row_codes + (static_cast<int64_t>(g_first + tg) * kHeadDim + s_list[i]) * run_bytes;
-        cp_async_16(shared_address(dst + (tg * m_cap + i) * run_bytes + 16 * k), src + 16 * k, 16u);
-      }
-    } else {  // 4- to 12-byte runs (16- to 48-token groups)
-      const int per_run = run_bytes / 4;
-      for (int x = tid; x < n_tile_groups * n_chosen * per_run; x += kChannelScoresThreads) {
-        const int k = x % per_run, i = (x / per_run) % n_chosen, tg = x / (per_run * n_chosen);
-        const uint8_t* src = row_codes + (static_cast<int64_t>(g_first + tg) * kHeadDim + s_list[i]) * run_bytes;
-        cp_async_4(shared_address(dst + (tg * m_cap + i) * run_bytes + 4 * k), src + 4 * k);
+    for (int tg = 0; tg < n_tile_groups; ++tg) {
+      const uint8_t* group = row_codes + static_cast<int64_t>(g_first + tg) * kHeadDim * run_bytes;
+      char* group_dst = dst + tg * m_cap * run_bytes;
+      for (int x = tid; x < (n_chosen << per_run_log2); x += kChannelScoresThreads) {
+        const int i = x >> per_run_log2, k = (x & ((1 << per_run_log2) - 1)) << chunk_log2;
+        const uint8_t* src = group + (s_list[i] << run_log2) + k;
+        if (chunk == 16) {
+          cp_async_16(shared_address(group_dst + (i << run_log2) + k), src, 16u);
+        } else {
+          cp_async_4(shared_address(group_dst + (i << run_log2) + k), src);
+        }
       }
     }
     const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(g_first) * 2 * kHeadDim);
@@ -418,9 +468,9 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     cp_async_commit();
   };
 
-  const float step_div = static_cast<float>(kLevels);
   const int pass = channel_scores_pass(G);
   const float scale2 = p.scale * kLog2e;  // logits in log2 units until the write
+  const float code_scale = static_cast<float>(1 << kBits);  // code_as_float gives 1 + code / 2^bits
 
   // A ring of kChannelScoresStages tiles: kStages - 1 in flight while one is scored. Every call of
   // issue (or an empty commit) is one cp.async group, so wait<kStages - 2> means "this tile landed".
@@ -447,60 +497,77 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     const int g_first = tile * TG;
     const int n_tile_groups = min(TG, NG - g_first);
 
-    // coef[tg][i][g] = q_g,d_i step_d_i (zero for the padding heads), step as key_codes computes it.
-    for (int x = tid; x < n_tile_groups * n_chosen * Gp; x += kChannelScoresThreads) {
-      const int g = x % Gp, i = (x / Gp) % n_chosen, tg = x / (Gp * n_chosen);
-      const int d = s_list[i];
+    for (int tg = 0; tg < n_tile_groups; ++tg) {
+      const uint8_t* group_runs = runs + tg * m_cap * run_bytes;
       const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
-      const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
-      const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
-      const float step = __fdiv_rn(__fsub_rn(hi, lo), step_div);
-      s_coef[(tg * m_cap + i) * Gp + g] = g < G ? s_q[g * kHeadDim + d] * step : 0.0f;
-    }
-    // base[tg][g] over every channel: lo for the chosen ones, the mid-range for the others.
-    for (int item = warp; item < n_tile_groups * Gp; item += kChannelScoresWarps) {
-      const int tg = item / Gp, g = item % Gp;
-      const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
-      float sum = 0.0f;
-      if (g < G) {  // uniform over the warp
+      // Transposed codes: word (byte r of the run, channels 4c .. 4c + 3), 0 past the list.
+      uint32_t* tr = reinterpret_cast<uint32_t*>(s_tr + tg * run_bytes * tr_stride);
+      for (int x = tid; x < (m_pad >> 2) << run_log2; x += kChannelScoresThreads) {
+        const int rb = x & (run_bytes - 1), c4 = x >> run_log2;
+        uint32_t word = 0;
 #pragma unroll
-        for (int d = lane; d < kHeadDim; d += kWarpSize) {
+        for (int j = 0; j < 4; ++j) {
+          const int i = 4 * c4 + j;
+          if (i < n_chosen) word |= static_cast<uint32_t>(group_runs[(i << run_log2) + rb]) << (8 * j);
+        }
+        tr[rb * (tr_stride >> 2) + c4] = word;
+      }
+      // coef[tg][i][g] = 2^bits q_g,d_i step_d_i (0 for the padding channels and heads).
+      float* coef = s_coef + static_cast<size_t>(tg) * m_pad * Gp;
+      for (int x = tid; x < m_pad << gp_log2; x += kChannelScoresThreads) {
+        const int i = x >> gp_log2, g = x & (Gp - 1);
+        float value = 0.0f;
+        if (i < n_chosen && g < G) {
+          const int d = s_list[i];
           const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
           const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
-          sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo : (lo + hi) * 0.5f, sum);
+          value = s_q[g * kHeadDim + d] * (__fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale);
         }
-        sum = warp_sum(sum);
+        coef[x] = value;
       }
-      if (lane == 0) s_base[tg * Gp + g] = sum;
+      // base[tg][g] = sum over every channel: the chosen ones at lo - 2^bits step (code_as_float's
+      // offset), the others at the mid-range.
+      for (int g = warp; g < Gp; g += kChannelScoresWarps) {
+        float sum = 0.0f;
+        if (g < G) {  // uniform over the warp
+          for (int d = lane; d < kHeadDim; d += kWarpSize) {
+            const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
+            const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
+            const float step = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale;
+            sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo - step : (lo + hi) * 0.5f, sum);
+          }
+          sum = warp_sum(sum);
+        }
+        if (lane == 0) s_base[tg * Gp + g] = sum;
+      }
     }
     __syncthreads();
 
     TileToken tok;
-    tok.tg = tid / gt;
-    tok.tt = tid % gt;
-    const int64_t token = static_cast<int64_t>(g_first) * gt + tid;
-    tok.in_row = tok.tg < n_tile_groups;
+    const int64_t token = (static_cast<int64_t>(g_first) << gt_log2) + tid;
+    tok.in_row = tg_mine < n_tile_groups;
     tok.valid = tok.in_row && token < len;
-    tok.block = token / bs;
+    tok.block = token >> bs_log2;
     tok.tile_first_block = static_cast<int64_t>(g_first) * P;
     tok.tile_blocks = n_tile_groups * P;
+    const float* base = s_base + tg_mine * Gp;
     for (int g0 = 0; g0 < G; g0 += pass) {
       switch (pass) {
         case 1:
-          channel_scores_tile<kBits, 1>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+          channel_scores_tile<kBits, 1>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
                                         s_part, out, NB);
           break;
         case 2:
-          channel_scores_tile<kBits, 2>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+          channel_scores_tile<kBits, 2>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
                                         s_part, out, NB);
           break;
         case 4:
-          channel_scores_tile<kBits, 4>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0, G, tok, bs, scale2,
+          channel_scores_tile<kBits, 4>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
                                         s_part, out, NB);
           break;
         default:
-          channel_scores_tile<kBits, kChannelScoresMaxPass>(runs, run_bytes, n_chosen, m_cap, s_coef, s_base, Gp, g0,
-                                                            G, tok, bs, scale2, s_part, out, NB);
+          channel_scores_tile<kBits, kChannelScoresMaxPass>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G,
+                                                            tok, bs, scale2, s_part, out, NB);
           break;
       }
     }
