@@ -39,7 +39,12 @@
 //    a thread per (token, channel slice) writing logits to shared memory, then a warp per (block,
 //    head) for the log-sum-exp, ~6 barriers per group: 229 us; a thread per token with the
 //    log-sum-exp in registers and a 6-stage ring: 194 us, 80 M instructions (the per-tile integer
-//    divisions and index arithmetic, a byte load and an I2F per code). Bytes read per group:
+//    divisions and index arithmetic, a byte load and an I2F per code); this version (transposed
+//    codes, no I2F, no per-tile division): 162 us in a CUDA graph, 177 us and 73 M instructions in
+//    ncu, issue-bound at ~54% with 16 warps per SM. Precomputing the steps per (group, channel)
+//    raised the registers (168 at 3 CTAs per SM) and was slower (202 us). ~1000 instructions per
+//    warp and tile against ~560 counted in the source: not explained yet (needs the SASS view of
+//    ncu). Bytes read per group:
 //    num_channels * run + 4 D (1.5 KB at d128, 32 channels, 2 bits) against D * run for every
 //    channel.
 #pragma once
@@ -189,7 +194,7 @@ __host__ __device__ constexpr int channel_scores_pass(int group) {
 // their ranges [TG][2][D] bf16); the scored tile's codes transposed [TG][run byte][m + 16 pad]
 // (byte r of every chosen channel's run side by side, so a thread loads 16 channels' codes of its
 // token with one vector load); the coefficients [TG][m][Gp] (Gp: G rounded up to a power of two);
-// the bases [TG][Gp]; each channel's key offset and scaled step [TG][D]; the queries [G][D] float32; the channel list; the flags [D]; the warps'
+// the bases [TG][Gp]; the queries [G][D] float32; the channel list; the flags [D]; the warps'
 // log-sum-exp partials of blocks longer than a warp.
 struct ChannelScoresSmem {
   int run_bytes = 0;     // one channel's codes of one group
@@ -199,7 +204,7 @@ struct ChannelScoresSmem {
   int channels_padded = 0;  // m
   int tr_stride = 0;        // bytes per transposed row: m + 16 (conflict-free vector loads)
   int heads_padded = 0;     // Gp
-  size_t tr = 0, coef = 0, base = 0, offset = 0, step = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
+  size_t tr = 0, coef = 0, base = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
 };
 
 __host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -223,9 +228,7 @@ __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int 
   s.tr = kChannelScoresStages * static_cast<size_t>(s.stage_bytes);
   s.coef = s.tr + round_up_16(static_cast<size_t>(s.tile_groups) * s.run_bytes * s.tr_stride);
   s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.channels_padded * s.heads_padded);
-  s.offset = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
-  s.step = s.offset + sizeof(float) * static_cast<size_t>(s.tile_groups) * head_dim;
-  s.q = s.step + sizeof(float) * static_cast<size_t>(s.tile_groups) * head_dim;
+  s.q = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
   s.list = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
   s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(num_channels));
   s.part = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
@@ -393,8 +396,6 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   uint8_t* s_tr = reinterpret_cast<uint8_t*>(s_mem + layout.tr);
   float* s_coef = reinterpret_cast<float*>(s_mem + layout.coef);
   float* s_base = reinterpret_cast<float*>(s_mem + layout.base);
-  float* s_offset = reinterpret_cast<float*>(s_mem + layout.offset);
-  float* s_step = reinterpret_cast<float*>(s_mem + layout.step);
   float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
   int* s_list = reinterpret_cast<int*>(s_mem + layout.list);
   int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
@@ -501,21 +502,9 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     const int g_first = tile * TG;
     const int n_tile_groups = min(TG, NG - g_first);
 
-    // Per (group, channel), one division each: the scaled step 2^bits (hi - lo) / levels and the
-    // key offset, lo - 2^bits step for a chosen channel (code_as_float's 1 + code / 2^bits) and
-    // the mid-range for the others.
-#pragma unroll 1
-    for (int x = tid; x < n_tile_groups * kHeadDim; x += kChannelScoresThreads) {
-      const int d = x % kHeadDim;  // kHeadDim: a compile-time power of two
-      const uint16_t* r = tile_ranges + (x / kHeadDim) * 2 * kHeadDim;
-      const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
-      const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
-      const float step = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale;
-      s_step[x] = step;
-      s_offset[x] = s_flag[d] ? lo - step : (lo + hi) * 0.5f;
-    }
     for (int tg = 0; tg < n_tile_groups; ++tg) {
       const uint8_t* group_runs = runs + tg * m_cap * run_bytes;
+      const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
       // Transposed codes: word (byte r of the run, channels 4c .. 4c + 3), 0 past the list.
       uint32_t* tr = reinterpret_cast<uint32_t*>(s_tr + tg * run_bytes * tr_stride);
       for (int x = tid; x < (m_pad >> 2) << run_log2; x += kChannelScoresThreads) {
@@ -528,24 +517,30 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
         }
         tr[rb * (tr_stride >> 2) + c4] = word;
       }
-    }
-    __syncthreads();
-    for (int tg = 0; tg < n_tile_groups; ++tg) {
-      const float* step = s_step + tg * kHeadDim;
-      const float* offset = s_offset + tg * kHeadDim;
-      // coef[tg][i][g] = q_g,d_i * scaled step (0 for the padding channels and heads).
+      // coef[tg][i][g] = 2^bits q_g,d_i step_d_i (0 for the padding channels and heads).
       float* coef = s_coef + static_cast<size_t>(tg) * m_pad * Gp;
-#pragma unroll 1
       for (int x = tid; x < m_pad << gp_log2; x += kChannelScoresThreads) {
         const int i = x >> gp_log2, g = x & (Gp - 1);
-        coef[x] = i < n_chosen && g < G ? s_q[g * kHeadDim + s_list[i]] * step[s_list[i]] : 0.0f;
+        float value = 0.0f;
+        if (i < n_chosen && g < G) {
+          const int d = s_list[i];
+          const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
+          const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
+          value = s_q[g * kHeadDim + d] * (__fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale);
+        }
+        coef[x] = value;
       }
-      // base[tg][g] = sum_d q_gd offset_d.
+      // base[tg][g] = sum over every channel: the chosen ones at lo - 2^bits step (code_as_float's
+      // offset), the others at the mid-range.
       for (int g = warp; g < Gp; g += kChannelScoresWarps) {
         float sum = 0.0f;
         if (g < G) {  // uniform over the warp
-#pragma unroll 1
-          for (int d = lane; d < kHeadDim; d += kWarpSize) sum = fmaf(s_q[g * kHeadDim + d], offset[d], sum);
+          for (int d = lane; d < kHeadDim; d += kWarpSize) {
+            const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
+            const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
+            const float step = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale;
+            sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo - step : (lo + hi) * 0.5f, sum);
+          }
           sum = warp_sum(sum);
         }
         if (lane == 0) s_base[tg * Gp + g] = sum;
@@ -586,7 +581,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kChannelScoresThreads, 3) channel_scores_kernel(const ChannelScoresParams p) {
+__global__ void __launch_bounds__(kChannelScoresThreads) channel_scores_kernel(const ChannelScoresParams p) {
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) char s_channel_mem[];
   if (p.bits == 2) {
