@@ -36,8 +36,8 @@ fi
 tests="tests"
 # refine: a kernel iteration on the two-stage step (its tests, sanitizers, benchmark and ncu times)
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
-# qcodes: the qcodes score's tests first (a kernel iteration on it), then the rest of the suite
-[ "${1:-}" = "qcodes" ] && tests="tests/test_qcodes.py tests/test_cpp.py tests/test_refine.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_ops.py tests/test_errors.py"
+# qcodes: every test (GoogleTests included), sanitizers, the qcodes step's ncu kernel times and
+# the 16-token-block benchmark below (no shape sweep)
 python3 -m pytest $tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
