@@ -31,6 +31,8 @@ def family(name: str, study: bool) -> str:
         return "oracle"
     if study:
         return "two-stage (CPU study)"
+    if name.startswith("qcodes"):
+        return "qcodes (library)"
     if "refine" in name:
         return "two-stage (library)"
     if name.startswith("tight"):
@@ -87,15 +89,16 @@ def collect() -> list[dict]:
 
 def plot(points: list[dict], out: Path) -> None:
     markers = {"oracle": "*", "tight": "s", "qsketch, one stage": "o", "two-stage (CPU study)": "^",
-               "two-stage (library)": "D"}
+               "two-stage (library)": "D", "qcodes (library)": "P"}
+    library = ("two-stage (library)", "qcodes (library)")
     colors = {"vim": "tab:blue", "python": "tab:orange", "GPL": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "top1", "top-1 agreement with dense"),
                            (axes[1], "ppl_change", "perplexity change vs dense")):
         for p in points:
             ax.scatter(100 * p["bytes"], 100 * p[key], marker=markers[p["family"]], color=colors[p["text"]],
-                       s=70 if p["family"] == "two-stage (library)" else 40, alpha=0.8,
-                       edgecolors="black" if p["family"] == "two-stage (library)" else "none")
+                       s=70 if p["family"] in library else 40, alpha=0.8,
+                       edgecolors="black" if p["family"] in library else "none")
         ax.axvline(16, color="gray", ls="--", lw=1)
         ax.axhline(92 if key == "top1" else 1, color="gray", ls=":", lw=1)
         ax.set_xlabel("KV bytes read per step, % of dense (selected + metadata, sparse layers)")
