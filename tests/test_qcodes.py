@@ -1,4 +1,4 @@
-"""The qcodes score: channel-major key codes (build, append, paged), the channel choice, every
+"""The qcodes score: channel-major key codes (build, append; paged in test_refine.py), the channel choice, every
 block's score from the chosen channels, selection from given scores, sparse_attention(score=
 "qcodes") and the cache, CPU and CUDA operators against aether.reference on fresh random inputs,
 and the errors."""
@@ -60,23 +60,6 @@ def test_channel_major_update_equals_full_build(device):
         groups = full.codes.shape[2]
         assert torch.equal(codes.codes[:, :, :groups], full.codes)
         assert torch.equal(codes.ranges[:, :, :groups], full.ranges)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_channel_major_paged_equals_contiguous(device):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    bs = 16
-    _, k, _, lens = make_case(2, 2, 2, 160, 64, dtype, device, seed=9, lens=[160, 50])
-    pages = 160 // bs
-    table = torch.randperm(2 * pages, generator=torch.Generator().manual_seed(0)).reshape(2, pages)
-    table = table.to(torch.int32).to(device)
-    paged = torch.zeros(2 * pages, bs, 2, 64, dtype=dtype, device=device)
-    for b in range(2):
-        for p in range(pages):
-            paged[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
-    a = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
-    c = aether.key_codes(paged, bs, seq_lens=lens, block_table=table, layout="channel")
-    assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges)
 
 
 @pytest.mark.parametrize("device", DEVICES)

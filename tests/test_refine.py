@@ -79,7 +79,8 @@ def test_key_codes_update_equals_full_build(device, bits, per):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_key_codes_paged_equals_contiguous(device):
+@pytest.mark.parametrize("layout", ["token", "channel"])
+def test_key_codes_paged_equals_contiguous(device, layout):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bs = 16
     _, k, _, lens = make_case(2, 2, 2, 96, 64, dtype, device, seed=9, lens=[96, 50])
@@ -90,8 +91,8 @@ def test_key_codes_paged_equals_contiguous(device):
     for b in range(2):
         for p in range(pages):
             paged[int(table[b, p])] = k[b, :, p * bs:(p + 1) * bs].transpose(0, 1)
-    a = aether.key_codes(k, bs, bits=2, seq_lens=lens)
-    c = aether.key_codes(paged, bs, bits=2, seq_lens=lens, block_table=table)
+    a = aether.key_codes(k, bs, bits=2, seq_lens=lens, layout=layout)
+    c = aether.key_codes(paged, bs, bits=2, seq_lens=lens, block_table=table, layout=layout)
     assert a.blocks_per_group == 8
     assert torch.equal(a.codes, c.codes) and torch.equal(a.ranges, c.ranges)
 

@@ -1,10 +1,7 @@
 // The "qcodes" score on CUDA against the CPU kernels as oracle (cpu::key_codes, cpu::code_channels,
 // cpu::channel_scores), on fresh random inputs.
 //
-// Channel-major key codes (KeyCodesParams::channel_major = 1): the same quantisation as the
-// token-major build, only the packing differs, so codes and ranges must be bit-identical to the
-// CPU's, full build and append, contiguous, token-major and paged caches, outputs poisoned with
-// 0xAB; and each code must equal the token-major build's code of the same (token, channel).
+// Channel-major key codes are checked with the token-major ones in cuda_key_codes_test.cu.
 // code_channels: both backends sum in double and rank with the same rule, so the channel lists must
 // be identical, also with exact ties (zero-width ranges, a zero query channel, two channels with
 // the same ranges and the same q^2) and rows of length 0 (all weights 0: channels 0 .. m - 1).
@@ -45,18 +42,6 @@ struct CodesBuffers : test::CodesBuffers {
   CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
       : test::CodesBuffers(batch_, heads_, num_blocks_, block_size_, head_dim_, bits_, per_) {
     poison();
-  }
-  int run_bytes() const { return group_tokens() * bits / 8; }
-  // Channel-major: code of token t (of the group) and channel d in group m.
-  unsigned channel_major_code(int64_t b, int64_t h, int64_t m, int t, int d) const {
-    const uint8_t* run = group_codes(b, h, m) + static_cast<int64_t>(d) * run_bytes();
-    const int bit = t * bits;
-    return (run[bit / 8] >> (bit % 8)) & ((1u << bits) - 1u);
-  }
-  unsigned token_major_code(int64_t b, int64_t h, int64_t m, int t, int d) const {
-    const uint8_t* token = token_codes(b, h, m, t);
-    const int bit = d * bits;
-    return (token[bit / 8] >> (bit % 8)) & ((1u << bits) - 1u);
   }
 };
 
@@ -116,157 +101,14 @@ void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_
 }
 
 // ---------------------------------------------------------------------------------------------
-// key_codes, channel-major.
-
-struct BuildCase {
-  DType dtype;
-  KVKind kind;
-  int head_dim, bits, block_size, per;
-  int32_t max_len;
-};
-
-std::string describe(const BuildCase& c) {
-  return std::string(test::dtype_name(c.dtype)) + " " + test::kv_kind_name(c.kind) + " D=" +
-         std::to_string(c.head_dim) + " bits=" + std::to_string(c.bits) + " bs=" + std::to_string(c.block_size) +
-         " Pg=" + std::to_string(c.per) + " max_len=" + std::to_string(c.max_len);
-}
+// key_codes with channel_major = 1 is checked in cuda_key_codes_test.cu (both layouts, full build
+// and append); cpu_channel_scores_test.cpp checks the CPU's channel-major codes against the
+// token-major ones.
 
 constexpr int kGroupings[][2] = {{16, 1}, {16, 2}, {16, 4}, {16, 8}, {32, 1},
                                  {32, 2}, {32, 4}, {64, 1}, {64, 2}, {128, 1}};
 constexpr DType kDtypes[] = {DType::kBFloat16, DType::kFloat16, DType::kFloat32};
 
-// Every (block_size, Pg) with Pg * bs <= 128 meets every head_dim and width; dtype and layout
-// rotate. max_len ends mid block in the third group, or on a group boundary every fourth case.
-std::vector<BuildCase> build_cases() {
-  std::vector<BuildCase> cases;
-  int n = 0;
-  for (const auto& g : kGroupings) {
-    for (int D : {64, 128, 256}) {
-      for (int bits : {2, 4}) {
-        const int bs = g[0], per = g[1], gt = bs * per;
-        const int32_t max_len = n % 4 == 3 ? 2 * gt : 2 * gt + (per > 1 ? bs : 0) + bs / 2 + 3;
-        cases.push_back({kDtypes[n % 3], static_cast<KVKind>((n / 3) % 3), D, bits, bs, per, max_len});
-        ++n;
-      }
-    }
-  }
-  return cases;
-}
-
-int capacity_of(const BuildCase& c, int spare) {
-  return (test::blocks_of(c.max_len, c.block_size * c.per) + spare) * c.per;
-}
-
-std::vector<int32_t> build_lengths(int batch, const BuildCase& c, std::mt19937_64& rng) {
-  const int32_t gt = c.block_size * c.per;
-  return test::mixed_lengths(batch, c.max_len, c.block_size, rng, {gt, gt + 1, gt - 1});
-}
-
-// Also checks every code of the CUDA channel-major build against the token-major CPU build of the
-// same keys (the same quantisation, another packing): an oracle independent of the CPU's
-// channel-major packing.
-TEST(CudaChannelMajorCodes, FullBuildIsBitIdenticalToCpu) {
-  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = test::fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const int batch = 8, heads = 2;
-  for (const BuildCase& c : build_cases()) {
-    SCOPED_TRACE(describe(c));
-    const int num_blocks = capacity_of(c, 1);
-    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, c.block_size, num_blocks, rng);
-    const std::vector<int32_t> lens = build_lengths(batch, c, rng);
-    kv.poison_after(lens);
-    CodesBuffers cpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, lens, nullptr, cpu);
-    CodesBuffers token_major(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, lens, nullptr, token_major, 0);
-    CodesBuffers gpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
-    const DeviceKV keys(kv);
-    cuda_codes(kv, keys, lens, nullptr, gpu);
-    if (HasFatalFailure()) return;
-    ASSERT_SAME_CODES(gpu, cpu);
-    ASSERT_EQ(test::first_difference(gpu.ranges, token_major.ranges), "");
-    for (int b = 0; b < batch; ++b) {
-      for (int h = 0; h < heads; ++h) {
-        for (int m = 0; m < gpu.num_groups(); ++m) {
-          for (int t = 0; t < gpu.group_tokens(); ++t) {
-            for (int d = 0; d < c.head_dim; ++d) {
-              ASSERT_EQ(gpu.channel_major_code(b, h, m, t, d), token_major.token_major_code(b, h, m, t, d))
-                  << "b=" << b << " h=" << h << " group " << m << " token " << t << " channel " << d;
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// Append after new tokens: on top of a CUDA build of the old lengths it reproduces the CPU's full
-// build of the new lengths; alone on poisoned buffers it writes exactly the groups
-// [first_block / Pg, ceil(len / (Pg bs))).
-TEST(CudaChannelMajorCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
-  if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = test::fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  const int batch = 8, heads = 2;
-  int index = 0;
-  for (const BuildCase& c : build_cases()) {
-    if (index++ % 2 == 0) continue;  // half the cases: every grouping, head_dim and width remains
-    SCOPED_TRACE(describe(c));
-    const int bs = c.block_size, gt = bs * c.per;
-    const int num_blocks = capacity_of(c, 2);
-    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
-    const std::vector<int32_t> new_lens = build_lengths(batch, c, rng);
-    std::vector<int32_t> old_lens(batch), first(batch);
-    for (int b = 0; b < batch; ++b) {
-      old_lens[b] = std::uniform_int_distribution<int32_t>(0, new_lens[b])(rng);
-      first[b] = old_lens[b] / bs;
-    }
-    kv.poison_after(new_lens);
-    const DeviceKV keys(kv);
-
-    CodesBuffers full(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, new_lens, nullptr, full);
-    CodesBuffers appended(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cuda_codes(kv, keys, old_lens, nullptr, appended);
-    cuda_codes(kv, keys, new_lens, &first, appended);
-    if (HasFatalFailure()) return;
-    ASSERT_SAME_CODES(appended, full);
-
-    std::vector<int32_t> only = first;
-    only[1] = test::blocks_of(new_lens[1], bs);
-    only[2] = num_blocks + 5;
-    CodesBuffers alone(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cuda_codes(kv, keys, new_lens, &only, alone);
-    if (HasFatalFailure()) return;
-    for (int b = 0; b < batch; ++b) {
-      for (int h = 0; h < heads; ++h) {
-        for (int m = 0; m < alone.num_groups(); ++m) {
-          const bool written = m >= only[b] / c.per && m < test::blocks_of(new_lens[b], gt);
-          const std::string where = "b=" + std::to_string(b) + " h=" + std::to_string(h) + " group " +
-                                    std::to_string(m) + " first=" + std::to_string(only[b]) +
-                                    " len=" + std::to_string(new_lens[b]);
-          for (int i = 0; i < alone.group_bytes(); ++i) {
-            ASSERT_EQ(alone.group_codes(b, h, m)[i], written ? full.group_codes(b, h, m)[i] : 0xAB) << where << " byte " << i;
-          }
-          for (int i = 0; i < 2 * c.head_dim; ++i) {
-            ASSERT_EQ(alone.group_ranges(b, h, m)[i], written ? full.group_ranges(b, h, m)[i] : 0xABAB) << where;
-          }
-        }
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// code_channels.
-
-// Random bf16 ranges [B, H, NG, 2, D] for the valid groups of each row (lo ~ N(0, 1), width
-// |N(0, 1)|, both rounded to bf16), NaN (0x7FC0) past the end so that a kernel reading there
-// changes its weights; `constant` channels get zero widths (constant keys) in every group of
-// every row, and channel tie_to[d] >= 0 copies the ranges of that channel.
 std::vector<uint16_t> random_ranges(int batch, int heads, int groups, int head_dim, int group_tokens,
                                     const std::vector<int32_t>& lens, const std::vector<int>& constant,
                                     const std::vector<int>& tie_to, std::mt19937_64& rng) {

@@ -1,4 +1,5 @@
-// aether::cuda::key_codes and aether::cuda::refine_scores against the CPU kernels as oracle (the
+// aether::cuda::key_codes (token- and channel-major) and aether::cuda::refine_scores against the CPU
+// kernels as oracle (the
 // CPU kernels are checked against params.h in cpu_key_codes_test.cpp), on fresh random inputs.
 //
 // Build: both backends take the min / max of the same float32 keys, round them to bf16 the same
@@ -47,7 +48,7 @@ struct CodesBuffers : test::CodesBuffers {
 };
 
 KeyCodesParams codes_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const int32_t* first_block,
-                            const CodesBuffers& shape, uint8_t* codes, uint16_t* ranges) {
+                            const CodesBuffers& shape, uint8_t* codes, uint16_t* ranges, int channel_major = 0) {
   KeyCodesParams p;
   p.k = layout;
   p.dtype = kv.dtype;
@@ -60,16 +61,18 @@ KeyCodesParams codes_params(const TestKV& kv, KVLayout layout, const int32_t* le
   p.num_blocks = kv.num_blocks;
   p.blocks_per_group = shape.per;
   p.bits = shape.bits;
+  p.channel_major = channel_major;
   p.codes = codes;
   p.ranges = ranges;
   return p;
 }
 
-// cpu::key_codes into `out` (full build, or an append when first_block is set).
+// cpu::key_codes into `out` (full build, or an append when first_block is set), token- or
+// channel-major (the same bytes per group either way).
 void cpu_codes(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<int32_t>* first_block,
-               CodesBuffers& out) {
+               CodesBuffers& out, int channel_major = 0) {
   cpu::key_codes(codes_params(kv, kv.layout(), lens.data(), first_block ? first_block->data() : nullptr, out,
-                              out.codes.data(), out.ranges.data()));
+                              out.codes.data(), out.ranges.data(), channel_major));
 }
 
 // Device copy of a cache (data and block table), reused across the calls of one case.
@@ -86,7 +89,7 @@ struct DeviceKV {
 // cuda::key_codes over `out`: its current bytes (the poison, or an earlier build) are uploaded
 // first, so whatever the kernel does not write shows; the result is downloaded into it.
 void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_t>& lens,
-                const std::vector<int32_t>* first_block, CodesBuffers& out) {
+                const std::vector<int32_t>* first_block, CodesBuffers& out, int channel_major = 0) {
   DeviceBytes d_lens(lens.data(), lens.size() * sizeof(int32_t));
   DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
   DeviceBytes d_codes(out.codes.data(), out.codes.size());
@@ -94,7 +97,7 @@ void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_
   ASSERT_TRUE(keys.data.ptr != nullptr && d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
   const KeyCodesParams p = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(),
                                         first_block ? d_first.as<int32_t>() : nullptr, out, d_codes.as<uint8_t>(),
-                                        d_ranges.as<uint16_t>());
+                                        d_ranges.as<uint16_t>(), channel_major);
   ASSERT_CUDA(cuda::key_codes(p, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   d_codes.download(out.codes.data());
@@ -155,18 +158,20 @@ TEST(CudaKeyCodes, FullBuildIsBitIdenticalToCpu) {
   std::mt19937_64 rng(seed);
   const int batch = 8, heads = 2;
   for (const BuildCase& c : build_cases()) {
-    SCOPED_TRACE(describe(c));
-    const int num_blocks = capacity_of(c, 1);
-    TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, c.block_size, num_blocks, rng);
-    const std::vector<int32_t> lens = build_lengths(batch, c, rng);
-    kv.poison_after(lens);  // a kernel reading past the end would take a NaN into its min / max
-    CodesBuffers cpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, lens, nullptr, cpu);
-    CodesBuffers gpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
-    const DeviceKV keys(kv);
-    cuda_codes(kv, keys, lens, nullptr, gpu);
-    if (HasFatalFailure()) return;
-    ASSERT_SAME_CODES(gpu, cpu);
+    for (const int channel_major : {0, 1}) {  // token-major (refine_scores) and channel-major (qcodes)
+      SCOPED_TRACE(describe(c) + (channel_major ? " channel-major" : " token-major"));
+      const int num_blocks = capacity_of(c, 1);
+      TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, c.block_size, num_blocks, rng);
+      const std::vector<int32_t> lens = build_lengths(batch, c, rng);
+      kv.poison_after(lens);  // a kernel reading past the end would take a NaN into its min / max
+      CodesBuffers cpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
+      cpu_codes(kv, lens, nullptr, cpu, channel_major);
+      CodesBuffers gpu(batch, heads, num_blocks, c.block_size, c.head_dim, c.bits, c.per);
+      const DeviceKV keys(kv);
+      cuda_codes(kv, keys, lens, nullptr, gpu, channel_major);
+      if (HasFatalFailure()) return;
+      ASSERT_SAME_CODES(gpu, cpu);
+    }
   }
 }
 
@@ -182,8 +187,9 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
   const int batch = 8, heads = 2;
   int index = 0;
   for (const BuildCase& c : build_cases()) {
-    if (index++ % 2 == 1) continue;  // half the cases: every grouping, head_dim and width remains
-    SCOPED_TRACE(describe(c));
+    // half the cases per layout: every grouping, head_dim and width remains in each
+    const int channel_major = index++ % 2;
+    SCOPED_TRACE(describe(c) + (channel_major ? " channel-major" : " token-major"));
     const int bs = c.block_size, gt = bs * c.per;
     const int num_blocks = capacity_of(c, 2);
     TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
@@ -197,10 +203,10 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
     const DeviceKV keys(kv);
 
     CodesBuffers full(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, new_lens, nullptr, full);
+    cpu_codes(kv, new_lens, nullptr, full, channel_major);
     CodesBuffers appended(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cuda_codes(kv, keys, old_lens, nullptr, appended);
-    cuda_codes(kv, keys, new_lens, &first, appended);
+    cuda_codes(kv, keys, old_lens, nullptr, appended, channel_major);
+    cuda_codes(kv, keys, new_lens, &first, appended, channel_major);
     if (HasFatalFailure()) return;
     ASSERT_SAME_CODES(appended, full);
 
@@ -208,7 +214,7 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
     only[1] = test::blocks_of(new_lens[1], bs);
     only[2] = num_blocks + 5;
     CodesBuffers alone(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cuda_codes(kv, keys, new_lens, &only, alone);
+    cuda_codes(kv, keys, new_lens, &only, alone, channel_major);
     if (HasFatalFailure()) return;
     for (int b = 0; b < batch; ++b) {
       for (int h = 0; h < heads; ++h) {
