@@ -22,6 +22,7 @@
 #include "aether/cpu/kernels.h"
 #include "aether/cuda/launchers.h"
 #include "cuda_test_util.cuh"
+#include "key_codes_test_util.cuh"
 #include "test_util.h"
 
 namespace aether {
@@ -37,68 +38,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 bool bits_equal(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
-// Host key codes that start poisoned (0xAB), so an unwritten element shows.
-struct CodesBuffers : test::CodesBuffers {
-  CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
-      : test::CodesBuffers(batch_, heads_, num_blocks_, block_size_, head_dim_, bits_, per_) {
-    poison();
-  }
-};
-
-KeyCodesParams codes_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const int32_t* first_block,
-                            const CodesBuffers& shape, uint8_t* codes, uint16_t* ranges, int channel_major) {
-  KeyCodesParams p;
-  p.k = layout;
-  p.dtype = kv.dtype;
-  p.seq_lens = lens;
-  p.first_block = first_block;
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.blocks_per_group = shape.per;
-  p.bits = shape.bits;
-  p.channel_major = channel_major;
-  p.codes = codes;
-  p.ranges = ranges;
-  return p;
-}
-
-void cpu_codes(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<int32_t>* first_block,
-               CodesBuffers& out, int channel_major = 1) {
-  cpu::key_codes(codes_params(kv, kv.layout(), lens.data(), first_block ? first_block->data() : nullptr, out,
-                              out.codes.data(), out.ranges.data(), channel_major));
-}
-
-// Device copy of a cache (data and block table).
-struct DeviceKV {
-  DeviceBytes data, table;
-  explicit DeviceKV(const TestKV& kv)
-      : data(kv.data.data(), kv.data.size_bytes()),
-        table(kv.block_table.data(), kv.block_table.size() * sizeof(int32_t)) {}
-  KVLayout layout(const TestKV& kv) const {
-    return kv.layout(data.ptr, kv.kind == KVKind::kPaged ? table.as<int32_t>() : nullptr);
-  }
-};
-
-// cuda::key_codes (channel-major) over `out`: its current bytes are uploaded first, so whatever
-// the kernel does not write shows; the result is downloaded into it.
-void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_t>& lens,
-                const std::vector<int32_t>* first_block, CodesBuffers& out) {
-  DeviceBytes d_lens(lens.data(), lens.size() * sizeof(int32_t));
-  DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
-  DeviceBytes d_codes(out.codes.data(), out.codes.size());
-  DeviceBytes d_ranges(out.ranges.data(), out.ranges.size() * sizeof(uint16_t));
-  ASSERT_TRUE(keys.data.ptr != nullptr && d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
-  const KeyCodesParams p = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(),
-                                        first_block ? d_first.as<int32_t>() : nullptr, out, d_codes.as<uint8_t>(),
-                                        d_ranges.as<uint16_t>(), 1);
-  ASSERT_CUDA(cuda::key_codes(p, nullptr));
-  ASSERT_CUDA(cudaDeviceSynchronize());
-  d_codes.download(out.codes.data());
-  d_ranges.download(out.ranges.data());
-}
+using CodesBuffers = test::PoisonedCodes;
+using test::cpu_codes;
+using test::cuda_codes;
+using test::DeviceKV;
 
 // ---------------------------------------------------------------------------------------------
 // key_codes with channel_major = 1 is checked in cuda_key_codes_test.cu (both layouts, full build
@@ -360,11 +303,11 @@ void compare_scores(const ScoreCase& c, int batch, int kv_heads, int num_blocks,
   TestKV kv(c.dtype, kind, batch, kv_heads, D, bs, num_blocks, rng);
   kv.poison_after(lens);
   CodesBuffers codes(batch, kv_heads, num_blocks, bs, D, c.bits, c.per);
-  cpu_codes(kv, lens, nullptr, codes);
+  cpu_codes(kv, lens, nullptr, codes, 1);
   CodesBuffers gpu_codes(batch, kv_heads, num_blocks, bs, D, c.bits, c.per);
   {
     const DeviceKV keys(kv);
-    cuda_codes(kv, keys, lens, nullptr, gpu_codes);
+    cuda_codes(kv, keys, lens, nullptr, gpu_codes, 1);
     if (::testing::Test::HasFatalFailure()) return;
   }
   ASSERT_SAME_CODES(gpu_codes, codes);
@@ -469,7 +412,7 @@ TEST(CudaChannelScores, RejectsInvalidArguments) {
   TestKV kv(DType::kFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
   const std::vector<int32_t> lens = {77, 128};
   CodesBuffers codes(batch, kv_heads, num_blocks, bs, D, 4, 1);
-  cpu_codes(kv, lens, nullptr, codes);
+  cpu_codes(kv, lens, nullptr, codes, 1);
   TestQuery q(DType::kFloat16, batch, 2 * kv_heads, D);
   q.fill_normal(rng);
   std::vector<int32_t> channels(static_cast<size_t>(batch) * kv_heads * m);

@@ -26,6 +26,7 @@
 #include "aether/cpu/kernels.h"
 #include "aether/cuda/launchers.h"
 #include "cuda_test_util.cuh"
+#include "key_codes_test_util.cuh"
 #include "test_util.h"
 
 namespace aether {
@@ -39,70 +40,10 @@ using test::TestQuery;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Host key codes that start poisoned (test::CodesBuffers::poison), so an unwritten element shows.
-struct CodesBuffers : test::CodesBuffers {
-  CodesBuffers(int batch_, int heads_, int num_blocks_, int block_size_, int head_dim_, int bits_, int per_)
-      : test::CodesBuffers(batch_, heads_, num_blocks_, block_size_, head_dim_, bits_, per_) {
-    poison();
-  }
-};
-
-KeyCodesParams codes_params(const TestKV& kv, KVLayout layout, const int32_t* lens, const int32_t* first_block,
-                            const CodesBuffers& shape, uint8_t* codes, uint16_t* ranges, int channel_major = 0) {
-  KeyCodesParams p;
-  p.k = layout;
-  p.dtype = kv.dtype;
-  p.seq_lens = lens;
-  p.first_block = first_block;
-  p.batch = kv.batch;
-  p.kv_heads = kv.heads;
-  p.head_dim = kv.head_dim;
-  p.block_size = kv.block_size;
-  p.num_blocks = kv.num_blocks;
-  p.blocks_per_group = shape.per;
-  p.bits = shape.bits;
-  p.channel_major = channel_major;
-  p.codes = codes;
-  p.ranges = ranges;
-  return p;
-}
-
-// cpu::key_codes into `out` (full build, or an append when first_block is set), token- or
-// channel-major (the same bytes per group either way).
-void cpu_codes(const TestKV& kv, const std::vector<int32_t>& lens, const std::vector<int32_t>* first_block,
-               CodesBuffers& out, int channel_major = 0) {
-  cpu::key_codes(codes_params(kv, kv.layout(), lens.data(), first_block ? first_block->data() : nullptr, out,
-                              out.codes.data(), out.ranges.data(), channel_major));
-}
-
-// Device copy of a cache (data and block table), reused across the calls of one case.
-struct DeviceKV {
-  DeviceBytes data, table;
-  explicit DeviceKV(const TestKV& kv)
-      : data(kv.data.data(), kv.data.size_bytes()),
-        table(kv.block_table.data(), kv.block_table.size() * sizeof(int32_t)) {}
-  KVLayout layout(const TestKV& kv) const {
-    return kv.layout(data.ptr, kv.kind == KVKind::kPaged ? table.as<int32_t>() : nullptr);
-  }
-};
-
-// cuda::key_codes over `out`: its current bytes (the poison, or an earlier build) are uploaded
-// first, so whatever the kernel does not write shows; the result is downloaded into it.
-void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_t>& lens,
-                const std::vector<int32_t>* first_block, CodesBuffers& out, int channel_major = 0) {
-  DeviceBytes d_lens(lens.data(), lens.size() * sizeof(int32_t));
-  DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
-  DeviceBytes d_codes(out.codes.data(), out.codes.size());
-  DeviceBytes d_ranges(out.ranges.data(), out.ranges.size() * sizeof(uint16_t));
-  ASSERT_TRUE(keys.data.ptr != nullptr && d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
-  const KeyCodesParams p = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(),
-                                        first_block ? d_first.as<int32_t>() : nullptr, out, d_codes.as<uint8_t>(),
-                                        d_ranges.as<uint16_t>(), channel_major);
-  ASSERT_CUDA(cuda::key_codes(p, nullptr));
-  ASSERT_CUDA(cudaDeviceSynchronize());
-  d_codes.download(out.codes.data());
-  d_ranges.download(out.ranges.data());
-}
+using CodesBuffers = test::PoisonedCodes;
+using test::cpu_codes;
+using test::cuda_codes;
+using test::DeviceKV;
 
 using test::first_difference;
 
@@ -248,8 +189,8 @@ TEST(CudaKeyCodes, RejectsInvalidArguments) {
   const DeviceKV keys(kv);
   DeviceBytes d_lens(lens.data(), sizeof(int32_t));
   DeviceBytes d_codes(shape.codes.size()), d_ranges(shape.ranges.size() * sizeof(uint16_t));
-  const KeyCodesParams base = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(), nullptr, shape,
-                                           d_codes.as<uint8_t>(), d_ranges.as<uint16_t>());
+  const KeyCodesParams base = test::codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(), nullptr, shape,
+                                           d_codes.as<uint8_t>(), d_ranges.as<uint16_t>(), 0);
   ASSERT_CUDA(cuda::key_codes(base, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   const auto rejected = [](const KeyCodesParams& p) { return cuda::key_codes(p, nullptr) == cudaErrorInvalidValue; };
@@ -405,13 +346,13 @@ TEST(CudaRefineScores, MatchesCpuOnCandidateLists) {
     const std::vector<int32_t> lens = test::mixed_lengths(batch, max_len, bs, rng, {gt + 1});
     kv.poison_after(lens);
     CodesBuffers codes(batch, kv_heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cpu_codes(kv, lens, nullptr, codes);
+    cpu_codes(kv, lens, nullptr, codes, 0);
     // The CUDA build of the same keys is the CUDA scorer's input: the two-stage path end to end
     // (bit-identical to the CPU's build, FullBuildIsBitIdenticalToCpu).
     CodesBuffers gpu_codes(batch, kv_heads, num_blocks, bs, c.head_dim, c.bits, c.per);
     {
       const DeviceKV keys(kv);
-      cuda_codes(kv, keys, lens, nullptr, gpu_codes);
+      cuda_codes(kv, keys, lens, nullptr, gpu_codes, 0);
       if (HasFatalFailure()) return;
     }
     ASSERT_SAME_CODES(gpu_codes, codes);
@@ -480,7 +421,7 @@ TEST(CudaRefineScores, RejectsInvalidArguments) {
   TestKV kv(DType::kFloat16, KVKind::kContiguous, batch, kv_heads, D, bs, num_blocks, rng);
   const std::vector<int32_t> lens = {77, 128};
   CodesBuffers codes(batch, kv_heads, num_blocks, bs, D, 4, 1);
-  cpu_codes(kv, lens, nullptr, codes);
+  cpu_codes(kv, lens, nullptr, codes, 0);
   TestQuery q(DType::kFloat16, batch, 2 * kv_heads, D);
   q.fill_normal(rng);
   const Candidates cand = make_candidates(batch, kv_heads, num_blocks, num_blocks, bs, lens, rng);
