@@ -17,7 +17,9 @@ from aether import _ops
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
 SCORES = STAT_SCORES + ("qsketch", "qcodes")  # qsketch reads a KeySketch, qcodes channel-major KeyCodes
-DEFAULT_CODE_CHANNELS = 0.25  # qcodes: a quarter of the channels (docs/selection.md, "Channel-subset codes")
+# qcodes without code_channels: head_dim / (2 bits) channels, D / 16 bytes of codes per token (a quarter
+# of the channels at 2 bits, an eighth at 4; docs/selection.md, "score=\"qcodes\"")
+CODE_BITS_PER_TOKEN_PER_DIM = 0.5
 GROUP_AGGS = ("max", "sum")
 UPPER_BOUND_SCORES = ("ball", "box", "tight")
 POLICIES = ("topk", "threshold", "adaptive")
@@ -360,7 +362,7 @@ def sparse_attention(
     refine_extra=None,
     return_candidates: bool = False,
     codes=None,
-    code_channels: int | float = DEFAULT_CODE_CHANNELS,
+    code_channels: int | float | None = None,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -420,7 +422,9 @@ def sparse_attention(
             `layout="channel"` (`aether.key_codes(k, block_size, layout="channel")`).
         code_channels: for score="qcodes", the channels read per KV head and step: an int count
             in [1, head_dim] or a float fraction of head_dim in (0, 1] (rounded, at least 1);
-            chosen per step by `torch.ops.aether.code_channels` (default 1/4).
+            chosen per step by `torch.ops.aether.code_channels`. None (default): head_dim / (2
+            bits), i.e. 1/4 of the channels with 2-bit codes, 1/8 with 4-bit ones (the measured
+            best: 4-bit codes of 1/8 of the channels, docs/selection.md).
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -496,7 +500,7 @@ def sparse_attention(
         if refine is not None:
             raise ValueError("refine (two-stage selection) and score='qcodes' do not combine: qcodes already ranks "
                              "every block from key codes")
-        num_code_channels = _resolve_code_channels(code_channels, head_dim)
+        num_code_channels = _resolve_code_channels(code_channels, head_dim, codes.bits)
     elif codes is not None:
         raise ValueError(f"codes is only read by score='qcodes', got score={score!r}")
     if refine is not None and refine.layout != "token":
@@ -590,8 +594,11 @@ def sparse_attention(
                             max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse, return_selection, extra)
 
 
-def _resolve_code_channels(code_channels: object, head_dim: int) -> int:
-    """qcodes' channel count: an int in [1, head_dim], or a float fraction in (0, 1] of head_dim."""
+def _resolve_code_channels(code_channels: object, head_dim: int, bits: int) -> int:
+    """qcodes' channel count: an int in [1, head_dim], a float fraction in (0, 1] of head_dim, or
+    None: head_dim / (2 bits) (the same code bytes per token at 2 and 4 bits)."""
+    if code_channels is None:
+        code_channels = CODE_BITS_PER_TOKEN_PER_DIM / bits
     if isinstance(code_channels, bool) or not isinstance(code_channels, (int, float)):
         raise TypeError(f"code_channels must be an int (channels) or a float (a fraction of head_dim), got "
                         f"{type(code_channels).__name__}")

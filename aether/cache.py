@@ -72,7 +72,8 @@ class SparseOptions:
     "Reusing the last step's final blocks"). The read counter counts the union's codes.
     `code_channels`, `code_bits`: for score="qcodes", the fraction of head_dim whose channel-major
     `code_bits`-bit key codes (2 or 4) score every block (`aether.sparse_attention(codes=,
-    code_channels=)`; docs/selection.md, "Channel-subset codes").
+    code_channels=)`; None: head_dim / (2 code_bits) channels). The defaults, 4-bit codes of an
+    eighth of the channels, are the measured best (docs/selection.md, "score=\"qcodes\"").
     """
 
     score: str = "tight"
@@ -91,8 +92,8 @@ class SparseOptions:
     refine_candidates: float | None = None
     refine_bits: int = 2
     refine_reuse: bool = False
-    code_channels: float = 0.25
-    code_bits: int = 2
+    code_channels: float | None = None
+    code_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -150,8 +151,8 @@ class SparseOptions:
             raise ValueError("refine_candidates (two-stage selection) does not combine with score='qcodes', which "
                              "already ranks every block from key codes")
         cc = self.code_channels
-        if isinstance(cc, bool) or not isinstance(cc, float) or not 0.0 < cc <= 1.0:
-            raise ValueError(f"code_channels must be a float fraction of head_dim in (0, 1], got {cc!r}")
+        if cc is not None and (isinstance(cc, bool) or not isinstance(cc, float) or not 0.0 < cc <= 1.0):
+            raise ValueError(f"code_channels must be None or a float fraction of head_dim in (0, 1], got {cc!r}")
         if self.code_bits not in (2, 4) or isinstance(self.code_bits, bool):
             raise ValueError(f"code_bits must be 2 or 4, got {self.code_bits!r}")
         if self.policy == "threshold" and self.score == CODES_SCORE:
@@ -422,7 +423,7 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if codes is not None and isinstance(codes, KeyCodes):
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
     if qcodes:
-        channels = _resolve_code_channels(options.code_channels, q.shape[-1])
+        channels = _resolve_code_channels(options.code_channels, q.shape[-1], codes.bits)
         ref_qcodes = reference.QcodesRef(channels, codes.bits, codes.blocks_per_group, codes.codes, codes.ranges)
     elif codes is not None:
         ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
@@ -476,13 +477,13 @@ class ReadCounter:
     def add(self, selection: torch.Tensor, length: int, block_size: int,
             sketch: KeySketch | None = None, codes: KeyCodes | None = None,
             refine_candidates: float | None = None, candidate_counts: torch.Tensor | None = None,
-            code_channels: float | None = None) -> None:
+            code_channels: float | None = None, qcodes: bool = False) -> None:
         """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read;
         `codes`, `refine_candidates`: the key codes a two-stage step read for that candidate fraction
         (the first stage's top-k count, ceil(fraction x blocks)), or for `candidate_counts`
         `[batch, kv_heads]` candidates per row when given (with refine_reuse the union is larger;
-        counted on the device, no host sync). `code_channels`: score="qcodes" read `codes` for
-        that fraction of the channels (`KeyCodes.qcodes_bytes`)."""
+        counted on the device, no host sync). `qcodes`: score="qcodes" read `codes` for
+        `code_channels` of the channels (None: the score's default; `KeyCodes.qcodes_bytes`)."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
@@ -494,8 +495,8 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
-        if codes is not None and code_channels is not None:
-            channels = _resolve_code_channels(code_channels, codes.head_dim)
+        if codes is not None and qcodes:
+            channels = _resolve_code_channels(code_channels, codes.head_dim, codes.bits)
             self.refine_bytes += rows * codes.qcodes_bytes(channels, num_blocks)
         elif codes is not None and candidate_counts is not None:  # per row, on the device (float64)
             self.refine_bytes = self.refine_bytes + codes.bytes_read(candidate_counts.double(), num_blocks).sum()
@@ -840,7 +841,7 @@ class AetherKVCache:
                                                        refine_extra=extra, return_candidates=reuse)
             self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk, codes=kc,
                            refine_candidates=candidates, candidate_counts=cand[0] if reuse else None,
-                           code_channels=options.code_channels if qcodes else None)
+                           code_channels=options.code_channels, qcodes=qcodes)
             outs.append(out)
             selections.append(selection)
         if reuse:

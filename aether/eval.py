@@ -79,8 +79,8 @@ class Config:
     refine_candidates: float | None = None  # two-stage selection: candidate fraction (None: one stage)
     refine_bits: int = 2  # two-stage selection: bits per channel of the key codes
     refine_reuse: bool = False  # two-stage selection: the last step's final blocks join the candidates
-    code_channels: float = 0.25  # qcodes: fraction of head_dim whose codes score every block
-    code_bits: int = 2  # qcodes: bits per channel of the channel-major key codes
+    code_channels: float = 0.125  # qcodes: fraction of head_dim whose codes score every block
+    code_bits: int = 4  # qcodes: bits per channel of the channel-major key codes
 
     @property
     def name(self) -> str:
@@ -125,8 +125,8 @@ class EvalSettings:
     recent_blocks: int = 1  # every sparse config
     sketch_rank: int = DEFAULT_RANK  # every qsketch config
     refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none", "C:bits" or "C:bits:reuse"
-    code_channels: tuple[float, ...] = (0.25,)  # qcodes configs run once per entry
-    code_bits: int = 2  # every qcodes config
+    code_channels: tuple[float, ...] = (0.125,)  # qcodes configs run once per entry
+    code_bits: int = 4  # every qcodes config
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -296,7 +296,7 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                             candidates, bits, reuse = parse_refine(refine)
                             if candidates is not None and candidates < budget:
                                 continue  # the final blocks are chosen among the candidates
-                            for channels in dict.fromkeys(settings.code_channels) if score == "qcodes" else (0.25,):
+                            for channels in dict.fromkeys(settings.code_channels) if score == "qcodes" else (0.125,):
                                 configs.append(Config(score, float(budget), int(block_size), group_agg=agg,
                                                       budget_allocation=allocation, blocks_per_sketch=int(per),
                                                       recent_blocks=settings.recent_blocks,

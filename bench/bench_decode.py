@@ -14,7 +14,7 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   side stream, as KeyCodes.update(stream=...) does: in the step it runs beside the first stage
   and the refinement waits for it; eagerly inline), and the select is radar_select at --refine-candidates, refine_scores over those candidates and
   radar_select given the refined scores; its bytes add the candidates' codes and ranges.
-  The score "qcodes" appends to channel-major 2-bit key codes (the last 128-token group) and
+  The score "qcodes" appends to channel-major --code-bits key codes (the last 128-token group) and
   selects with code_channels (--code-channels of head_dim per KV head), channel_scores over every
   block and select_blocks; its bytes are the chosen channels' codes and every group's ranges.
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
@@ -256,7 +256,7 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
                group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2),
-               code_channels: float = 0.25) -> dict:
+               code_channels: float = 0.25, code_bits: int = 2) -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
     two_stage = [s for s in scores if s.endswith("+refine") or s.endswith("+refine+reuse")]
@@ -264,7 +264,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
     if two_stage:
         c.enable_refine(*refine)
     if "qcodes" in scores:
-        c.enable_qcodes(code_channels, 2)
+        c.enable_qcodes(code_channels, code_bits)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
@@ -283,7 +283,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
             if score in two_stage:
                 r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
             if score == "qcodes":
-                r["code_channels"], r["code_bits"] = c.code_channels, 2
+                r["code_channels"], r["code_bits"] = c.code_channels, c.qcodes[0].bits
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
             sels = [c.select(i, nb, score) for i in range(c.copies)]
@@ -340,6 +340,7 @@ def main() -> int:
     parser.add_argument("--blocks-per-sketch", type=int, default=1, help="qsketch: blocks per sketch block")
     parser.add_argument("--refine", default="0.3:2", help="for scores S+refine: candidate fraction:bits")
     parser.add_argument("--code-channels", type=float, default=0.25, help="score qcodes: fraction of head_dim read")
+    parser.add_argument("--code-bits", type=int, default=2, choices=(2, 4), help="score qcodes: bits per code")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -356,7 +357,7 @@ def main() -> int:
         cand, bits = args.refine.split(":")
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
                                          args.group_agg, args.blocks_per_sketch, (float(cand), int(bits)),
-                                         args.code_channels))
+                                         args.code_channels, args.code_bits))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  PDL {result['pdl']}  "

@@ -80,11 +80,12 @@ elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token ske
     --out "$OUT/bench_decode_bs16.json" > "$OUT/bench_bs16.log" 2>&1
   note "benchmark (16-token blocks, qsketch 4 per sketch block): rc=$?"
 fi
-# qcodes (a quarter of the channels' 2-bit codes over every block, keep 0.135: 15.9% of the bytes)
+# qcodes (an eighth of the channels' 4-bit codes over every block, keep 0.135: 15.9% of the bytes;
+# the recommended setting, docs/selection.md; v12 measured a quarter of the channels at 2 bits)
 # and two-stage selection (50% candidates ranked by 2-bit key codes, keep 0.095: 15.8%) at their
 # measured quality points, 16-token blocks, 128-token sketch blocks; one-stage qsketch in the same run.
 python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
-  --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.25 \
+  --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
   --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
 note "benchmark (qcodes and two-stage refine, 16-token blocks): rc=$?"
 echo

@@ -2,9 +2,9 @@
 for Nsight Compute: `ncu --clock-control none --launch-skip 20 --launch-count 10 python3 bench/profile_step.py`.
 Arguments: [batch ctx block_size [score [blocks_per_sketch]]], score "tight" (default) or "qsketch"
 (rank 8, centroid weight 0.5, random projections, blocks_per_sketch blocks per sketch block,
-default 1; its append is key_sketch_update instead of block_stats_update), or "qcodes" (2-bit
-channel-major key codes, a quarter of the channels, keep 0.135: key_codes_update, code_channels,
-channel_scores, select_blocks)."""
+default 1; its append is key_sketch_update instead of block_stats_update), or "qcodes" (4-bit
+channel-major key codes, an eighth of the channels, keep 0.135: key_codes_update, code_channels,
+channel_scores, select_blocks; v12's ncu times were taken with 2-bit codes of a quarter)."""
 
 import math
 import sys
@@ -33,14 +33,14 @@ if score == "qsketch":  # reads no block statistics: its sketch carries the cent
 nb = math.ceil(ctx / bs / 8)
 if score == "qcodes":
     nb = math.ceil(0.135 * ctx / bs)
-    codes = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
+    codes = aether.key_codes(k, bs, bits=4, seq_lens=lens, layout="channel")
 for _ in range(6):
     if score == "qcodes":
         torch.ops.aether.key_codes_update(k, lens, first, bs, None, codes.codes, codes.ranges, codes.blocks_per_group,
-                                          2, True)
-        channels = torch.ops.aether.code_channels(q, codes.ranges, lens, bs, codes.blocks_per_group, 32)
+                                          4, True)
+        channels = torch.ops.aether.code_channels(q, codes.ranges, lens, bs, codes.blocks_per_group, 16)
         scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, lens, channels, bs, 0.088,
-                                                 codes.blocks_per_group, 2)
+                                                 codes.blocks_per_group, 4)
         sel, cnt = torch.ops.aether.select_blocks(q, scores, lens, 8, bs, "topk", nb, 0.0, 0.95, 1, 0, 1, 1, "sum")
         out, lse = torch.ops.aether.sparse_decode(q, k, v, lens, bs, 0.088, sel, cnt, None, nb)
         continue

@@ -194,6 +194,21 @@ def test_sparse_attention_qcodes_end_to_end(device, bs, bits, channels):
     assert not torch.equal(tight.indices, sel.indices)
 
 
+@pytest.mark.parametrize("bits,channels", [(2, 16), (4, 8)])
+def test_qcodes_default_channels_follow_the_bits(bits, channels):
+    """code_channels=None reads head_dim / (2 bits) channels: the same code bytes per token."""
+    q, k, v, lens = make_case(2, 8, 2, 900, 64, torch.float32, "cpu", seed=3, lens=[900, 517])
+    codes = aether.key_codes(k, 16, bits=bits, seq_lens=lens, layout="channel")
+    default = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, seq_lens=lens, budget=0.2,
+                                      return_selection=True)
+    explicit = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=channels, seq_lens=lens,
+                                       budget=0.2, return_selection=True)
+    other = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=channels * 2, seq_lens=lens,
+                                    budget=0.2, return_selection=True)
+    assert torch.equal(default[1].indices, explicit[1].indices) and torch.equal(default[0], explicit[0])
+    assert not torch.equal(default[0], other[0])
+
+
 def test_qcodes_errors():
     q, k, v, lens = make_case(1, 4, 2, 256, 64, torch.float32, "cpu", seed=1, lens=[256])
     token = aether.key_codes(k, 16)
@@ -260,30 +275,30 @@ def test_cache_qcodes_equals_the_direct_call_and_the_reference_path(monkeypatch)
     selection, and the read counter adds the chosen channels' runs and every group's ranges."""
     import aether.cache as cache_mod
     q, k, v, _ = make_case(1, 8, 2, 700, 64, torch.float32, "cpu", seed=4, lens=[700])
-    options = cache_mod.SparseOptions(score="qcodes", block_size=16, budget=0.2, code_channels=0.25)
+    options = cache_mod.SparseOptions(score="qcodes", block_size=16, budget=0.2)  # 4-bit codes, 1/8 of the channels
     cache = cache_mod.AetherKVCache(options)
     cache.append(k[:, :, :650], v[:, :, :650])
     cache.attend(q)
     for t in range(650, 700):  # decode steps: the codes' last group is rebuilt each time
         cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
     out = cache.attend(q)
-    codes = aether.key_codes(k, 16, layout="channel")
+    codes = aether.key_codes(k, 16, bits=4, layout="channel")
     kept = cache.key_codes()[0]
-    assert kept.layout == "channel"
+    assert kept.layout == "channel" and kept.bits == 4
     assert torch.equal(kept.codes[:, :, :codes.codes.shape[2]], codes.codes)
-    want, sel = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=0.25, budget=0.2,
+    want, sel = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=8, budget=0.2,
                                         return_selection=True)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
-    # bytes: 2 steps, 2 rows, per 128-token group 16 channels x 32 bytes + 4 x 64 range bytes
+    # bytes: 2 steps, 2 rows, per 128-token group 8 channels x 64 bytes (4 bits) + 4 x 64 range bytes
     reads = cache.reads
     groups = [math.ceil(650 / 128), math.ceil(700 / 128)]
-    assert reads.refine_bytes == sum(2 * n * (16 * 32 + 4 * 64) for n in groups)
+    assert reads.refine_bytes == sum(2 * n * (8 * 64 + 4 * 64) for n in groups)
     frac = reads.fractions(64, "qcodes")
     assert frac["metadata"] == pytest.approx(reads.refine_bytes / (reads.tokens_total * 2 * 64 * 2))
     # the reference fallback (no extension) selects the same blocks
     monkeypatch.setattr(cache_mod, "_use_extension", lambda t: False)
     ref_out, ref_sel = cache_mod.sparse_decode_step(q, k, v, options,
-                                                    codes=cache_mod.build_key_codes(k, 16, 2, "channel"))
+                                                    codes=cache_mod.build_key_codes(k, 16, 4, "channel"))
     assert torch.equal(ref_sel, sel.indices)
     torch.testing.assert_close(ref_out, want, atol=1e-5, rtol=1e-5)
 
@@ -301,8 +316,8 @@ def test_qcodes_options_and_eval_entries():
     with pytest.raises(ValueError, match="upper-bound"):
         cache_mod.SparseOptions(score="qcodes", policy="threshold")
     settings = EvalSettings(scores=("qcodes", "tight"), budgets=(0.135,), block_sizes=(16,),
-                            code_channels=(0.25, 0.5), refines=("none", "0.5:2"))
+                            code_channels=(0.25, 0.5), code_bits=2, refines=("none", "0.5:2"))
     names = [c.name for c in configs_for(settings)]
     assert "qcodes bs16 ch0.25q2 topk 0.135" in names and "qcodes bs16 ch0.5q2 topk 0.135" in names
     assert not any("qcodes" in n and "refine" in n for n in names)  # qcodes is one stage
-    assert Config("qcodes", 0.1, 16, code_channels=0.5).name == "qcodes bs16 ch0.5q2 topk 0.1"
+    assert Config("qcodes", 0.1, 16, code_channels=0.5).name == "qcodes bs16 ch0.5q4 topk 0.1"

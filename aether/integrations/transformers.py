@@ -150,7 +150,8 @@ class AetherCache(DynamicCache):
             step's candidates (docs/selection.md, "Reusing the last step's final blocks").
         code_channels, code_bits: score="qcodes": the fraction of head_dim whose `code_bits`-bit
             (2 or 4) channel-major key codes score every block, chosen per step and KV head
-            (docs/selection.md, "Channel-subset codes").
+            (None: head_dim / (2 code_bits); the defaults, 4-bit codes of an eighth of the
+            channels, are the measured best; docs/selection.md).
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -162,7 +163,7 @@ class AetherCache(DynamicCache):
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
                  sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform",
                  blocks_per_sketch: int = 1, refine_candidates: float | None = None, refine_bits: int = 2,
-                 refine_reuse: bool = False, code_channels: float = 0.25, code_bits: int = 2) -> None:
+                 refine_reuse: bool = False, code_channels: float | None = None, code_bits: int = 4) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
