@@ -536,6 +536,26 @@ void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& fir
   run_kernel(p, k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
 }
 
+// The fields the key-code readers (refine_scores, code_channels, channel_scores) share: the
+// query, the ranges, the lengths and the sizes.
+template <typename Params>
+void set_code_reader(Params& p, const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t batch,
+                     int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks, int64_t per) {
+  p.q = q.data_ptr();
+  p.q_stride_batch = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.dtype = to_dtype(q, "q");
+  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(batch, "batch");
+  p.q_heads = to_i32(q.size(1), "q_heads");
+  p.kv_heads = to_i32(kv_heads, "kv_heads");
+  p.head_dim = to_i32(head_dim, "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(num_blocks, "num_blocks");
+  p.blocks_per_group = to_i32(per, "blocks_per_group");
+}
+
 // head_scores float32 [B, Hq, L] (L = candidates.size(2), the first selection's row length), filled
 // with -inf, then the candidates' log-masses.
 Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges, const Tensor& seq_lens,
@@ -576,23 +596,11 @@ Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges,
   if (head_scores.numel() == 0) return head_scores;
 
   aether::RefineScoresParams p;
-  p.q = q.data_ptr();
-  p.q_stride_batch = q.stride(0);
-  p.q_stride_head = q.stride(1);
-  p.dtype = to_dtype(q, "q");
+  set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, num_blocks, blocks_per_group);
   p.codes = codes.data_ptr<uint8_t>();
-  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.candidates = candidates.data_ptr<int32_t>();
   p.num_candidates = num_candidates.data_ptr<int32_t>();
-  p.batch = to_i32(batch, "batch");
-  p.q_heads = to_i32(q.size(1), "q_heads");
-  p.kv_heads = to_i32(kv_heads, "kv_heads");
-  p.head_dim = to_i32(head_dim, "head_dim");
-  p.block_size = to_i32(block_size, "block_size");
-  p.num_blocks = to_i32(num_blocks, "num_blocks");
   p.list_length = to_i32(list_length, "list_length");
-  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
   p.bits = to_i32(bits, "bits");
   p.scale = static_cast<float>(scale);
   p.head_scores = head_scores.data_ptr<float>();
@@ -632,19 +640,8 @@ Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_le
   Tensor channels = at::empty({batch, kv_heads, num_channels}, q.options().dtype(at::kInt));
   if (channels.numel() == 0) return channels;
   aether::CodeChannelsParams p;
-  p.q = q.data_ptr();
-  p.q_stride_batch = q.stride(0);
-  p.q_stride_head = q.stride(1);
-  p.dtype = to_dtype(q, "q");
-  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.batch = to_i32(batch, "batch");
-  p.q_heads = to_i32(q.size(1), "q_heads");
-  p.kv_heads = to_i32(kv_heads, "kv_heads");
-  p.head_dim = to_i32(head_dim, "head_dim");
-  p.block_size = to_i32(block_size, "block_size");
-  p.num_blocks = to_i32(ranges.size(2) * blocks_per_group, "num_blocks");
-  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
+  set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, ranges.size(2) * blocks_per_group,
+                  blocks_per_group);
   p.num_channels = to_i32(num_channels, "num_channels");
   p.channels = channels.data_ptr<int32_t>();
   run_kernel(p, q, aether::cpu::code_channels, AETHER_CUDA_LAUNCHER(code_channels), "code_channels");
@@ -676,21 +673,9 @@ Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges
   if (head_scores.numel() == 0) return head_scores;
 
   aether::ChannelScoresParams p;
-  p.q = q.data_ptr();
-  p.q_stride_batch = q.stride(0);
-  p.q_stride_head = q.stride(1);
-  p.dtype = to_dtype(q, "q");
+  set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, num_blocks, blocks_per_group);
   p.codes = codes.data_ptr<uint8_t>();
-  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.channels = channels.data_ptr<int32_t>();
-  p.batch = to_i32(batch, "batch");
-  p.q_heads = to_i32(q.size(1), "q_heads");
-  p.kv_heads = to_i32(kv_heads, "kv_heads");
-  p.head_dim = to_i32(head_dim, "head_dim");
-  p.block_size = to_i32(block_size, "block_size");
-  p.num_blocks = to_i32(num_blocks, "num_blocks");
-  p.blocks_per_group = to_i32(blocks_per_group, "blocks_per_group");
   p.bits = to_i32(bits, "bits");
   p.num_channels = to_i32(num_channels, "num_channels");
   p.scale = static_cast<float>(scale);
