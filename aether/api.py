@@ -495,8 +495,6 @@ def sparse_attention(
             raise TypeError("score='qcodes' needs codes=aether.KeyCodes with layout='channel' (build it with "
                             f"aether.key_codes(k, block_size, layout='channel')), got "
                             f"{type(codes).__name__}{' with layout ' + repr(codes.layout) if isinstance(codes, KeyCodes) else ''}")
-        if policy == "threshold":  # _check_policy_args already refused it; keep the rule next to qcodes
-            raise ValueError("score='qcodes' is not a bound: use policy='topk' or 'adaptive'")
         if refine is not None:
             raise ValueError("refine (two-stage selection) and score='qcodes' do not combine: qcodes already ranks "
                              "every block from key codes")

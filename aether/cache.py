@@ -155,8 +155,6 @@ class SparseOptions:
             raise ValueError(f"code_channels must be None or a float fraction of head_dim in (0, 1], got {cc!r}")
         if self.code_bits not in (2, 4) or isinstance(self.code_bits, bool):
             raise ValueError(f"code_bits must be 2 or 4, got {self.code_bits!r}")
-        if self.policy == "threshold" and self.score == CODES_SCORE:
-            raise ValueError("policy='threshold' needs an upper-bound score; qcodes is an estimate")
         if not isinstance(self.refine_reuse, bool):
             raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
         if self.refine_reuse and rc is None:
@@ -384,10 +382,10 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
                          f"prefill queries and keys), got {type(sketch).__name__}")
     if not qsketch and sketch is not None:
         raise ValueError(f"sketch is only read by score='qsketch', got score={options.score!r}")
-    if qsketch:
-        stats = None  # the sketch carries its centroid: no statistics are read
-    candidates = refine_fraction(options)
     qcodes = options.score == CODES_SCORE
+    if qsketch or qcodes:
+        stats = None  # the sketch carries its centroid, qcodes reads the key codes: no statistics are read
+    candidates = refine_fraction(options)
     if (candidates is None and not qcodes) != (codes is None):
         raise ValueError("key codes (codes=) are needed exactly when options.refine_candidates is set or score is "
                          f"'qcodes', got refine_candidates={options.refine_candidates!r}, score={options.score!r}, "
@@ -395,8 +393,6 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if (refine_extra is not None or return_candidates) and codes is None:
         raise ValueError("refine_extra and return_candidates need two-stage selection (options.refine_candidates "
                          "and codes=)")
-    if qcodes:
-        stats = None  # qcodes reads the key codes only
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
             and not isinstance(sketch, RefKeySketch) and not isinstance(codes, RefKeyCodes)):
         if qcodes:
@@ -477,13 +473,13 @@ class ReadCounter:
     def add(self, selection: torch.Tensor, length: int, block_size: int,
             sketch: KeySketch | None = None, codes: KeyCodes | None = None,
             refine_candidates: float | None = None, candidate_counts: torch.Tensor | None = None,
-            code_channels: float | None = None, qcodes: bool = False) -> None:
+            code_channels: float | None = None) -> None:
         """Count one step over `length` tokens; `sketch`: the qsketch score's sketch, if it was read;
         `codes`, `refine_candidates`: the key codes a two-stage step read for that candidate fraction
         (the first stage's top-k count, ceil(fraction x blocks)), or for `candidate_counts`
         `[batch, kv_heads]` candidates per row when given (with refine_reuse the union is larger;
-        counted on the device, no host sync). `qcodes`: score="qcodes" read `codes` for
-        `code_channels` of the channels (None: the score's default; `KeyCodes.qcodes_bytes`)."""
+        counted on the device, no host sync). Channel-major `codes` were read by score="qcodes"
+        for `code_channels` of the channels (None: the score's default; `KeyCodes.qcodes_bytes`)."""
         blocks = selection.to(torch.int64)
         token_counts = (length - blocks * block_size).clamp(min=0, max=block_size)
         read = torch.where(blocks >= 0, token_counts, torch.zeros_like(token_counts)).sum()
@@ -495,7 +491,7 @@ class ReadCounter:
         if sketch is not None:
             self.sketch_bytes += (rows * num_blocks * sketch.bytes_per_block()
                                   + selection.shape[0] * 4 * sketch.calibration.query_proj.numel())
-        if codes is not None and qcodes:
+        if codes is not None and codes.channel_major:
             channels = _resolve_code_channels(code_channels, codes.head_dim, codes.bits)
             self.refine_bytes += rows * codes.qcodes_bytes(channels, num_blocks)
         elif codes is not None and candidate_counts is not None:  # per row, on the device (float64)
@@ -841,7 +837,7 @@ class AetherKVCache:
                                                        refine_extra=extra, return_candidates=reuse)
             self.reads.add(selection, k.shape[2], self.options.block_size, sketch=sk, codes=kc,
                            refine_candidates=candidates, candidate_counts=cand[0] if reuse else None,
-                           code_channels=options.code_channels, qcodes=qcodes)
+                           code_channels=options.code_channels)
             outs.append(out)
             selections.append(selection)
         if reuse:

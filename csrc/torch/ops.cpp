@@ -732,6 +732,23 @@ std::tuple<Tensor, Tensor> union_blocks(const Tensor& indices, const Tensor& cou
 // --------------------------------------------------------------------------------- radar_select
 
 
+// The selection arguments radar_select and select_blocks share: checked, then set on the params.
+void set_selection(aether::RadarSelectParams& p, int64_t budget_blocks, double budget_fraction, double mass,
+                   int64_t min_blocks, int64_t max_blocks, int64_t sink_blocks, int64_t recent_blocks) {
+  AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 && recent_blocks >= 0,
+               "aether: block counts must be >= 0");
+  AETHER_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
+               "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
+  AETHER_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
+  p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
+  p.budget_fraction = budget_fraction;
+  p.mass = mass;
+  p.min_blocks = to_i32(min_blocks, "min_blocks");
+  p.max_blocks = to_i32(max_blocks, "max_blocks");
+  p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
+  p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
+}
+
 // radar_select on q's device (CUDA: with its workspace, on the current stream).
 void run_radar_select(const aether::RadarSelectParams& p, const Tensor& q) {
   if (q.is_cuda()) {
@@ -791,16 +808,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
   }
   check_int32_vector(seq_lens, c.batch, q, "seq_lens");
   AETHER_CHECK(scale > 0, "aether: scale must be > 0, got ", scale);
-  AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 &&
-                        recent_blocks >= 0,
-                    "aether: block counts must be >= 0");
-  AETHER_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
-                    "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
   AETHER_CHECK(eps > 0 && eps < 1, "aether: eps must be in (0, 1), got ", eps);
-  AETHER_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
 
   const int64_t q_heads = q.size(1);
   aether::RadarSelectParams p;
+  set_selection(p, budget_blocks, budget_fraction, mass, min_blocks, max_blocks, sink_blocks, recent_blocks);
   p.q = q.data_ptr();
   p.q_stride_batch = q.stride(0);
   p.q_stride_head = q.stride(1);
@@ -850,14 +862,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> radar_select(
                     "aether: the threshold policy needs an upper-bound score (ball, box or tight), got '", score,
                     "'");
   p.group_agg = parse_group_agg(group_agg);
-  p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
-  p.budget_fraction = budget_fraction;
   p.eps = eps;
-  p.mass = mass;
-  p.min_blocks = to_i32(min_blocks, "min_blocks");
-  p.max_blocks = to_i32(max_blocks, "max_blocks");
-  p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
-  p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
 
   // head_mlo goes with head_scores. Only the threshold policy and return_scores read M_g, so
   // elsewhere head_scores may come alone (M_g is then -inf, what two-stage selection passes; it
@@ -920,12 +925,8 @@ std::tuple<Tensor, Tensor> select_blocks(const Tensor& q, const Tensor& head_sco
                ") must be a positive multiple of kv_heads (", kv_heads, ")");
   const int64_t batch = q.size(0), num_blocks = head_scores.size(2);
   check_int32_vector(seq_lens, batch, q, "seq_lens");
-  AETHER_CHECK(budget_blocks >= 0 && min_blocks >= 0 && max_blocks >= 0 && sink_blocks >= 0 && recent_blocks >= 0,
-               "aether: block counts must be >= 0");
-  AETHER_CHECK(budget_blocks > 0 || (budget_fraction > 0 && budget_fraction <= 1),
-               "aether: budget_fraction must be in (0, 1] when budget_blocks is 0, got ", budget_fraction);
-  AETHER_CHECK(mass > 0 && mass <= 1, "aether: mass must be in (0, 1], got ", mass);
   aether::RadarSelectParams p;
+  set_selection(p, budget_blocks, budget_fraction, mass, min_blocks, max_blocks, sink_blocks, recent_blocks);
   p.q = q.data_ptr();  // not read: the scores are given and no M_g is asked for
   p.q_stride_batch = q.stride(0);
   p.q_stride_head = q.stride(1);
@@ -942,13 +943,6 @@ std::tuple<Tensor, Tensor> select_blocks(const Tensor& q, const Tensor& head_sco
   AETHER_CHECK(p.policy != aether::Policy::kThreshold,
                "aether: select_blocks supports policy topk or adaptive (threshold needs M_g), got '", policy, "'");
   p.group_agg = parse_group_agg(group_agg);
-  p.budget_blocks = to_i32(budget_blocks, "budget_blocks");
-  p.budget_fraction = budget_fraction;
-  p.mass = mass;
-  p.min_blocks = to_i32(min_blocks, "min_blocks");
-  p.max_blocks = to_i32(max_blocks, "max_blocks");
-  p.sink_blocks = to_i32(sink_blocks, "sink_blocks");
-  p.recent_blocks = to_i32(recent_blocks, "recent_blocks");
   p.in_head_scores = head_scores.data_ptr<float>();
   Tensor selected = at::empty({batch, kv_heads, num_blocks}, q.options().dtype(at::kInt));
   Tensor num_selected = at::empty({batch, kv_heads}, q.options().dtype(at::kInt));
