@@ -59,16 +59,11 @@ namespace aether {
 namespace cuda {
 
 constexpr int kCodeChannelsThreads = 256;
-constexpr int kChannelScoresThreads = 128;
-constexpr int kChannelScoresWarps = kChannelScoresThreads / kWarpSize;
-constexpr int kChannelScoresMaxPass = 8;         // query heads per pass of the token loop
+constexpr int kChannelScoresWarps = 4;
+constexpr int kChannelScoresThreads = kChannelScoresWarps * kWarpSize;
 constexpr int kChannelScoresMaxGroupTokens = 128;  // Pg * block_size <= 128 (params.h)
 constexpr int kChannelMaxHeadDim = 256;
-// Tiles in flight per CTA (cp.async ring). A tile is ~1.5 KB of scattered 32-byte runs and little
-// arithmetic: with two stages the kernel waited a DRAM round trip per tile (199 us at 8 x 32k).
-constexpr int kChannelScoresStages = 6;
 static_assert(kCodeChannelsThreads >= kChannelMaxHeadDim, "code_channels ranks a channel per thread");
-static_assert(kChannelScoresThreads == kChannelScoresMaxGroupTokens, "a thread per token of the largest group");
 
 // ---------------------------------------------------------------------------------------------
 // code_channels.
@@ -183,179 +178,99 @@ cudaError_t launch_code_channels(const CodeChannelsParams& p, cudaStream_t strea
 // ---------------------------------------------------------------------------------------------
 // channel_scores.
 
-// Query heads per pass of the token loop for a group of G heads: G itself up to 2, else 4 or 8.
-__host__ __device__ constexpr int channel_scores_pass(int group) {
-  return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : kChannelScoresMaxPass;
-}
+constexpr int kChannelScoresMaxStages = 4;  // groups in a warp's cp.async ring
+constexpr int kChannelScoresSmemBudget = 100 * 1024;  // keep >= 2 CTAs per SM where the ring allows
 
-// Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned). A
-// tile is 128 tokens, TG = 128 / (group tokens) groups; m = the channel list's length rounded up
-// to 16. kChannelScoresStages stages of (the TG groups' chosen runs [TG][num_channels][run], then
-// their ranges [TG][2][D] bf16); the scored tile's codes transposed [TG][run byte][m + 16 pad]
-// (byte r of every chosen channel's run side by side, so a thread loads 16 channels' codes of its
-// token with one vector load); the coefficients [TG][m][Gp] (Gp: G rounded up to a power of two);
-// the bases [TG][Gp]; the queries [G][D] float32; the channel list; the flags [D]; the warps'
-// log-sum-exp partials of blocks longer than a warp.
+// Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned).
+// Per warp: `stages` stages of one group each (the chosen channels' runs, entry i at i *
+// run_stride, run_stride = run + 16 bytes so that the 4 entries a load instruction touches fall
+// in different banks; then the group's ranges [2][D] bf16), and the B-fragment table [steps][32
+// lanes] uint2. Per CTA: the queries [G][D] float32, q / levels at the chosen entries [Gq][m_pad]
+// (Gq = G rounded up to 4, zero-padded), the entry list [m_pad] and the chosen flags [D].
 struct ChannelScoresSmem {
-  int run_bytes = 0;     // one channel's codes of one group
-  int tile_groups = 0;   // TG
-  int ranges_at = 0;     // in a stage: the runs padded to 16 bytes, then the ranges
+  int run_bytes = 0;    // one channel's codes of one group
+  int run_stride = 0;   // bytes between entries' runs in a stage
+  int steps = 0;        // m16n8k16 k-steps: m_pad / 16
+  int channels_padded = 0;  // m_pad: num_channels rounded up to 16
+  int heads_padded = 0;     // Gq
+  int stages = 0;
+  int ranges_at = 0;    // in a stage
   int stage_bytes = 0;
-  int channels_padded = 0;  // m
-  int tr_stride = 0;        // bytes per transposed row: m + 16 (conflict-free vector loads)
-  int heads_padded = 0;     // Gp
-  size_t tr = 0, coef = 0, base = 0, q = 0, list = 0, flags = 0, part = 0, total = 0;
+  int warp_bytes = 0;   // stages, then the table
+  size_t q = 0, qd = 0, list = 0, flags = 0, total = 0;
 };
 
 __host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
-
-__host__ __device__ inline int next_pow2(int x) {
-  int p = 1;
-  while (p < x) p *= 2;
-  return p;
-}
 
 __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int head_dim, int num_channels,
                                                                  int group_tokens, int bits) {
   ChannelScoresSmem s;
   s.run_bytes = group_tokens * bits / 8;
-  s.tile_groups = kChannelScoresMaxGroupTokens / group_tokens;
-  s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(s.tile_groups) * num_channels * s.run_bytes));
-  s.stage_bytes = s.ranges_at + s.tile_groups * 4 * head_dim;
+  s.run_stride = s.run_bytes + 16;
   s.channels_padded = (num_channels + 15) / 16 * 16;
-  s.tr_stride = s.channels_padded + 16;
-  s.heads_padded = next_pow2(group);  // >= the pass: 1, 2, 4, then multiples of 8
-  s.tr = kChannelScoresStages * static_cast<size_t>(s.stage_bytes);
-  s.coef = s.tr + round_up_16(static_cast<size_t>(s.tile_groups) * s.run_bytes * s.tr_stride);
-  s.base = s.coef + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.channels_padded * s.heads_padded);
-  s.q = s.base + round_up_16(sizeof(float) * static_cast<size_t>(s.tile_groups) * s.heads_padded);
-  s.list = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
-  s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(num_channels));
-  s.part = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
-  s.total = s.part + sizeof(float2) * kChannelScoresWarps * kChannelScoresMaxPass;
+  s.steps = s.channels_padded / 16;
+  s.heads_padded = (group + 3) / 4 * 4;
+  s.ranges_at = static_cast<int>(round_up_16(static_cast<size_t>(s.channels_padded) * s.run_stride));
+  s.stage_bytes = s.ranges_at + 4 * head_dim;
+  const size_t cta = round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim) +
+                     round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded) * s.channels_padded) +
+                     round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded)) +
+                     round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  // The deepest ring that fits the budget (at least 2 stages; the launcher checks the device limit).
+  for (s.stages = kChannelScoresMaxStages; s.stages > 2; --s.stages) {
+    const size_t warp = static_cast<size_t>(s.stages) * s.stage_bytes + 8 * kWarpSize * s.steps;
+    if (kChannelScoresWarps * warp + cta <= kChannelScoresSmemBudget) break;
+  }
+  s.warp_bytes = s.stages * s.stage_bytes + 8 * kWarpSize * s.steps;
+  s.q = static_cast<size_t>(kChannelScoresWarps) * s.warp_bytes;
+  s.qd = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
+  s.list = s.qd + round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded) * s.channels_padded);
+  s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded));
+  s.total = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
   return s;
 }
 
-template <int kHeads>
-__device__ __forceinline__ void load_heads(const float* src, float (&w)[kHeads]) {
-  if constexpr (kHeads % 4 == 0) {
-#pragma unroll
-    for (int v = 0; v < kHeads / 4; ++v) {
-      const float4 x = reinterpret_cast<const float4*>(src)[v];
-      w[4 * v] = x.x; w[4 * v + 1] = x.y; w[4 * v + 2] = x.z; w[4 * v + 3] = x.w;
-    }
-  } else if constexpr (kHeads == 2) {
-    const float2 x = *reinterpret_cast<const float2*>(src);
-    w[0] = x.x; w[1] = x.y;
+// A fragment registers from the staged runs (refine_scores' bf16 trick: a code OR-ed into the
+// mantissa of 128.0, 128 subtracted). Lane (r, t) holds rows r and r + 8 (tokens) of entries x, y
+// (columns 2t, 2t + 1, or 2t + 8, 2t + 9).
+// 4-bit: a 16-token m-tile of a run is two words (tokens 0-7, 8-15), token r at bits 4 (r % 8):
+// `sel` picks byte r / 2 of x's and y's word into bytes 0 and 2, `shift` (4 (r % 2)) aligns the
+// nibble.
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t x, uint32_t y, uint32_t sel, int shift) {
+  return minus_128(((__byte_perm(x, y, sel) >> shift) & 0x000F000Fu) | 0x43004300u);
+}
+// 2-bit: one word per m-tile, token r at bits 2r; x and y already shifted right by 2r, so token r
+// sits in byte 0 and token r + 8 in byte 2.
+__device__ __forceinline__ uint32_t crumb_pair(uint32_t x, uint32_t y, uint32_t sel) {
+  return minus_128((__byte_perm(x, y, sel) & 0x00030003u) | 0x43004300u);
+}
+
+template <int kStages>
+__device__ __forceinline__ void channel_scores_wait(int stages) {
+  // cp.async.wait_group takes an immediate: one instance per ring depth.
+  if (stages >= 4) {
+    cp_async_wait<3>();
+  } else if (stages == 3) {
+    cp_async_wait<2>();
   } else {
-    w[0] = src[0];
+    cp_async_wait<1>();
   }
 }
 
-// What one thread of a tile needs to know about its token.
-struct TileToken {
-  bool valid;                // a token of the sequence (t < len)
-  bool in_row;               // its group exists (< NG): its block's score is written
-  int64_t block;             // its block (index within the row)
-  int64_t tile_first_block;  // the tile's first block
-  int tile_blocks;           // the tile's blocks that exist (< NB)
-};
-
-// 1 + code / 2^bits as a float, from a code already in bits 0.. of x: OR-ed into the mantissa of
-// 1.0 (exact; no integer-to-float conversion, which runs at a quarter of the FMA rate). The
-// coefficients are scaled by 2^bits and the base lowered by their sum to match.
-template <int kBits, int kByte>
-__device__ __forceinline__ float code_as_float(uint32_t x) {
-  constexpr int kShift = 23 - kBits - 8 * kByte;  // code at bit 8 * kByte -> bit 23 - kBits
-  constexpr uint32_t kMask = ((1u << kBits) - 1u) << (23 - kBits);
-  const uint32_t bits = kShift >= 0 ? x << kShift : x >> -kShift;
-  return __uint_as_float((bits & kMask) | 0x3F800000u);
-}
-
-// Heads g0 .. g0 + kHeads - 1 of one tile: thread t scores token t from the chosen channels, 16
-// channels' codes per vector load of its transposed row, one FMA per (channel, head); in log2
-// units. Then each block's log-sum-exp: lanes of one block reduce with shuffles (bs <= 32), longer
-// blocks add the warps' partials through shared memory. Called by every thread of the CTA (uniform).
-template <int kBits, int kHeads>
-__device__ __forceinline__ void channel_scores_tile(const uint8_t* tr_row, int shift, int m_pad, const float* coef,
-                                                    int Gp, const float* base, int g0, int G,
-                                                    const TileToken& tok, int bs, float scale2, float2* s_part,
-                                                    float* out, int NB) {
-  constexpr float kLn2 = 0.69314718055994531f;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  float acc[kHeads];
-#pragma unroll
-  for (int hh = 0; hh < kHeads; ++hh) acc[hh] = 0.0f;
-  for (int c16 = 0; c16 < m_pad; c16 += 16) {
-    const uint4 w4 = *reinterpret_cast<const uint4*>(tr_row + c16);
-    const uint32_t words[4] = {w4.x >> shift, w4.y >> shift, w4.z >> shift, w4.w >> shift};
-#pragma unroll
-    for (int j4 = 0; j4 < 4; ++j4) {
-      float f[4];
-      f[0] = code_as_float<kBits, 0>(words[j4]);
-      f[1] = code_as_float<kBits, 1>(words[j4]);
-      f[2] = code_as_float<kBits, 2>(words[j4]);
-      f[3] = code_as_float<kBits, 3>(words[j4]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float w[kHeads];
-        load_heads<kHeads>(coef + (c16 + 4 * j4 + j) * Gp + g0, w);
-#pragma unroll
-        for (int hh = 0; hh < kHeads; ++hh) acc[hh] = fmaf(w[hh], f[j], acc[hh]);
-      }
-    }
-  }
-  const int seg = min(bs, kWarpSize);  // lanes of one block within a warp (bs and 32 are powers of two)
-#pragma unroll
-  for (int hh = 0; hh < kHeads; ++hh) {
-    const float x = tok.valid ? scale2 * (base[g0 + hh] + acc[hh]) : -INFINITY;
-    float top = x;
-    for (int offset = seg >> 1; offset > 0; offset >>= 1) top = fmaxf(top, __shfl_xor_sync(kFullMask, top, offset));
-    float sum = top == -INFINITY ? 0.0f : fast_exp2(x - top);
-    for (int offset = seg >> 1; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-    if (bs <= kWarpSize) {
-      if ((lane & (seg - 1)) == 0 && tok.in_row && g0 + hh < G) {
-        out[static_cast<int64_t>(g0 + hh) * NB + tok.block] = top == -INFINITY ? -INFINITY : (top + fast_log2(sum)) * kLn2;
-      }
-    } else if (lane == 0) {
-      s_part[warp * kChannelScoresMaxPass + hh] = make_float2(top, sum);
-    }
-  }
-  if (bs > kWarpSize) {  // uniform: blocks of 64 or 128 tokens span 2 or 4 warps
-    __syncthreads();
-    const int warps_per_block = bs / kWarpSize;
-    const int x = threadIdx.x;  // (block of the tile, head)
-    if (x < (kChannelScoresMaxGroupTokens / bs) * kHeads) {
-      const int jt = x / kHeads, hh = x % kHeads;
-      float top = -INFINITY;
-      for (int w = 0; w < warps_per_block; ++w) top = fmaxf(top, s_part[(jt * warps_per_block + w) * kChannelScoresMaxPass + hh].x);
-      float sum = 0.0f;
-      if (top != -INFINITY) {
-        for (int w = 0; w < warps_per_block; ++w) {
-          const float2 part = s_part[(jt * warps_per_block + w) * kChannelScoresMaxPass + hh];
-          sum += part.y * fast_exp2(part.x - top);
-        }
-      }
-      if (g0 + hh < G && jt < tok.tile_blocks) {
-        out[static_cast<int64_t>(g0 + hh) * NB + tok.tile_first_block + jt] =
-            top == -INFINITY ? -INFINITY : (top + fast_log2(sum)) * kLn2;
-      }
-    }
-    __syncthreads();  // s_part is rewritten by the next pass
-  }
-}
-
-// One CTA's range of 128-token tiles of one (b, kv head) row (see the top of the file).
+// One CTA: a contiguous range of one (b, kv head) row's groups, the warps taking every
+// kChannelScoresWarps-th group (see the top of the file).
 template <typename T, int kHeadDim, int kBits>
 __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p, char* s_mem) {
   static_assert(kHeadDim % kWarpSize == 0 && kHeadDim <= kChannelMaxHeadDim, "head_dim: a multiple of 32, <= 256");
   constexpr int kLevels = (1 << kBits) - 1;
   constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kLn2 = 0.69314718055994531f;
   __shared__ int s_n_chosen;
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
+  const int r = lane / 4;  // MMA row group: tokens r, r + 8 of an m-tile; B column r
+  const int t = lane % 4;
   const int row = blockIdx.x;
   const int b = row / p.kv_heads;
   const int h = row % p.kv_heads;
@@ -365,43 +280,37 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int gt = P * bs;
   const int NB = p.num_blocks;
   const int NG = NB / P;
-  const int TG = kChannelScoresMaxGroupTokens / gt;  // groups per 128-token tile
-  const int tiles = (NG + TG - 1) / TG;
   const int64_t len = max(p.seq_lens[b], 0);
   const int n_groups = static_cast<int>(std::min<int64_t>((len + gt - 1) / gt, NG));
-  const int live_tiles = (n_groups + TG - 1) / TG;
-  const int per = (tiles + gridDim.y - 1) / gridDim.y;
-  const int begin = min(tiles, static_cast<int>(blockIdx.y) * per);
-  const int end = min(tiles, begin + per);
+  const int per = (NG + gridDim.y - 1) / gridDim.y;
+  const int begin = min(NG, static_cast<int>(blockIdx.y) * per);
+  const int end = min(NG, begin + per);
   float* out = p.head_scores + (static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G) * NB;  // + g NB + j
 
-  // Tiles past the end of the row: -inf for every block and head, nothing read.
+  // Groups past the end of the row: -inf for every block and head, nothing read.
   {
-    const int dead = max(begin, live_tiles);
-    const int first_block = dead * TG * P;
-    const int blocks = min(end * TG, NG) * P - first_block;
+    const int first_block = max(begin, n_groups) * P;
+    const int blocks = end * P - first_block;
     for (int x = tid; x < max(blocks, 0) * G; x += kChannelScoresThreads) {
       out[static_cast<int64_t>(x / blocks) * NB + first_block + x % blocks] = -INFINITY;
     }
   }
-  const int live_end = min(end, live_tiles);
+  const int live_end = min(end, n_groups);
   if (begin >= live_end) return;  // uniform over the CTA
 
   const int m_cap = p.num_channels;
   const ChannelScoresSmem layout = channel_scores_smem(G, kHeadDim, m_cap, gt, kBits);
-  const int run_bytes = layout.run_bytes;
-  const int Gp = layout.heads_padded;
   const int m_pad = layout.channels_padded;
-  const int tr_stride = layout.tr_stride;
-  uint8_t* s_tr = reinterpret_cast<uint8_t*>(s_mem + layout.tr);
-  float* s_coef = reinterpret_cast<float*>(s_mem + layout.coef);
-  float* s_base = reinterpret_cast<float*>(s_mem + layout.base);
+  const int steps = layout.steps;
+  const int stride = layout.run_stride;
+  const int stages = layout.stages;
   float* s_q = reinterpret_cast<float*>(s_mem + layout.q);
+  float* s_qd = reinterpret_cast<float*>(s_mem + layout.qd);
   int* s_list = reinterpret_cast<int*>(s_mem + layout.list);
   int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
-  float2* s_part = reinterpret_cast<float2*>(s_mem + layout.part);
 
-  // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending.
+  // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending,
+  // the padding entries point at channel 0 with weight 0.
   const int32_t* listed = p.channels + static_cast<int64_t>(row) * m_cap;
   for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) s_flag[d] = 0;
   {
@@ -425,157 +334,185 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
       if (chosen) s_list[count + __popc(ballot & ((1u << lane) - 1u))] = d0 + lane;
       count += __popc(ballot);
     }
+    for (int i = count + lane; i < m_pad; i += kWarpSize) s_list[i] = 0;
     if (lane == 0) s_n_chosen = count;
   }
   __syncthreads();
   const int n_chosen = s_n_chosen;  // <= num_channels <= m_pad
+  // q / levels at the chosen entries (the weights w = q step, step = (hi - lo) / levels, are
+  // (q / levels) (hi - lo)); zero for padding heads and entries.
+  for (int x = tid; x < layout.heads_padded * m_pad; x += kChannelScoresThreads) {
+    const int g = x / m_pad, i = x % m_pad;
+    s_qd[x] = g < G && i < n_chosen ? s_q[g * kHeadDim + s_list[i]] / static_cast<float>(kLevels) : 0.0f;
+  }
+  // The padding entries' runs are never copied: zero them once in every stage (finite codes).
+  for (int x = tid; x < kChannelScoresWarps * stages * (m_pad - n_chosen) * stride; x += kChannelScoresThreads) {
+    const int per_stage = (m_pad - n_chosen) * stride;
+    const int slot = x / per_stage, rest = x % per_stage;
+    s_mem[static_cast<size_t>(slot / stages) * layout.warp_bytes + static_cast<size_t>(slot % stages) * layout.stage_bytes +
+          n_chosen * stride + rest] = 0;
+  }
+  __syncthreads();
 
-  // Powers of two: shifts and masks instead of integer divisions in the per-tile loops.
-  const int run_log2 = __ffs(run_bytes) - 1;
-  const int gp_log2 = __ffs(Gp) - 1;
-  const int gt_log2 = __ffs(gt) - 1;
-  const int bs_log2 = __ffs(bs) - 1;
-  // This thread's token of every tile: group tg, index tt in it; its code byte and bit.
-  const int tg_mine = tid >> gt_log2;
-  const int tt = tid & (gt - 1);
-  const int shift = (tt * kBits) & 7;
-  const uint8_t* tr_row = s_tr + (tg_mine * run_bytes + ((tt * kBits) >> 3)) * tr_stride;
-  const float* coef_mine = s_coef + static_cast<size_t>(tg_mine) * m_pad * Gp;
-
-  // cp.async of tile k's groups (their chosen runs, then their ranges) into stage `buf`; one commit
-  // group per call. Groups past NG (a partial last tile) are not read.
+  char* s_warp = s_mem + static_cast<size_t>(warp) * layout.warp_bytes;
+  uint2* s_table = reinterpret_cast<uint2*>(s_warp + static_cast<size_t>(stages) * layout.stage_bytes);
+  const int run_bytes = layout.run_bytes;
+  const int chunk = run_bytes % 16 == 0 ? 16 : run_bytes % 8 == 0 ? 8 : 4;  // bytes per cp.async of a run
+  const int chunk_log2 = __ffs(chunk) - 1;
+  const int per_run_log2 = __ffs(run_bytes) - 1 - chunk_log2;
   const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * kHeadDim * run_bytes;
   const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
-  const int chunk = run_bytes % 16 == 0 ? 16 : 4;  // bytes per cp.async of a run
-  const int chunk_log2 = chunk == 16 ? 4 : 2;
-  const int per_run_log2 = run_log2 - chunk_log2;
-  auto issue = [&](int tile, int buf) {
-    char* dst = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
-    const int g_first = tile * TG;
-    const int n_tile_groups = min(TG, NG - g_first);
-    for (int tg = 0; tg < n_tile_groups; ++tg) {
-      const uint8_t* group = row_codes + static_cast<int64_t>(g_first + tg) * kHeadDim * run_bytes;
-      char* group_dst = dst + tg * m_cap * run_bytes;
-      for (int x = tid; x < (n_chosen << per_run_log2); x += kChannelScoresThreads) {
-        const int i = x >> per_run_log2, k = (x & ((1 << per_run_log2) - 1)) << chunk_log2;
-        const uint8_t* src = group + (s_list[i] << run_log2) + k;
+  // This warp's groups: begin + warp, begin + warp + kWarps, ...; item k is the k-th of them.
+  const int first = begin + warp;
+  auto issue = [&](int k) {
+    const int group = first + k * kChannelScoresWarps;
+    if (group < live_end) {
+      char* dst = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
+      const uint8_t* src = row_codes + static_cast<int64_t>(group) * kHeadDim * run_bytes;
+      for (int x = lane; x < (n_chosen << per_run_log2); x += kWarpSize) {
+        const int i = x >> per_run_log2, k0 = (x & ((1 << per_run_log2) - 1)) << chunk_log2;
+        const uint8_t* from = src + s_list[i] * run_bytes + k0;
+        const uint32_t to = shared_address(dst + i * stride + k0);
         if (chunk == 16) {
-          cp_async_16(shared_address(group_dst + (i << run_log2) + k), src, 16u);
+          cp_async_16(to, from, 16u);
+        } else if (chunk == 8) {
+          cp_async_8(to, from);
         } else {
-          cp_async_4(shared_address(group_dst + (i << run_log2) + k), src);
+          cp_async_4(to, from);
         }
       }
-    }
-    const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(g_first) * 2 * kHeadDim);
-    for (int x = tid; x < n_tile_groups * 4 * kHeadDim / 16; x += kChannelScoresThreads) {
-      cp_async_16(shared_address(dst + layout.ranges_at + 16 * x), ranges + 16 * x, 16u);
+      const char* ranges = reinterpret_cast<const char*>(row_ranges + static_cast<int64_t>(group) * 2 * kHeadDim);
+      for (int x = lane; x < kHeadDim / 4; x += kWarpSize) {  // 4 D bytes in 16-byte pieces
+        cp_async_16(shared_address(dst + layout.ranges_at + 16 * x), ranges + 16 * x, 16u);
+      }
     }
     cp_async_commit();
   };
 
-  const int pass = channel_scores_pass(G);
   const float scale2 = p.scale * kLog2e;  // logits in log2 units until the write
-  const float code_scale = static_cast<float>(1 << kBits);  // code_as_float gives 1 + code / 2^bits
+  const int mt_group = gt / 16;           // m-tiles (16 tokens) per group
+  const int mt_block_log2 = __ffs(bs / 16) - 1;
+  const int mt_block = 1 << mt_block_log2;
+  // After the high + residual exchange, lane t holds head perm(t) of its quad: 0, 2, 1, 3.
+  const bool keeps_even = t < 2;
+  const int my_head = keeps_even ? 2 * t : 2 * t - 3;
+  const uint32_t sel4 = static_cast<uint32_t>(r >> 1) | (static_cast<uint32_t>(4 + (r >> 1)) << 8);
+  const int shift4 = 4 * (r & 1);
 
-  // A ring of kChannelScoresStages tiles: kStages - 1 in flight while one is scored. Every call of
-  // issue (or an empty commit) is one cp.async group, so wait<kStages - 2> means "this tile landed".
-  constexpr int kStages = kChannelScoresStages;
-  for (int k = 0; k < kStages - 1; ++k) {
-    if (begin + k < live_end) {
-      issue(begin + k, k);
-    } else {
-      cp_async_commit();
-    }
-  }
-  for (int tile = begin; tile < live_end; ++tile) {
-    const int buf = (tile - begin) % kStages;
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // the tile is visible to all; every thread is done with the previous tile
-    if (tile + kStages - 1 < live_end) {
-      issue(tile + kStages - 1, (buf + kStages - 1) % kStages);  // the slot the previous tile used
-    } else {
-      cp_async_commit();
-    }
-    const char* stage = s_mem + static_cast<size_t>(buf) * layout.stage_bytes;
+  for (int k = 0; k < stages - 1; ++k) issue(k);
+  for (int k = 0; first + k * kChannelScoresWarps < live_end; ++k) {
+    const int group = first + k * kChannelScoresWarps;
+    issue(k + stages - 1);  // the slot item k - 1 used; every lane is past it (__syncwarp below)
+    channel_scores_wait<kChannelScoresMaxStages>(stages);
+    __syncwarp();
+    const char* stage = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
     const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
-    const uint16_t* tile_ranges = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
-    const int g_first = tile * TG;
-    const int n_tile_groups = min(TG, NG - g_first);
+    const uint16_t* rg = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
+    const int n_valid = static_cast<int>(std::min<int64_t>(gt, len - static_cast<int64_t>(group) * gt));  // > 0
+    const int n_mt = (n_valid + 15) / 16;
 
-    for (int tg = 0; tg < n_tile_groups; ++tg) {
-      const uint8_t* group_runs = runs + tg * m_cap * run_bytes;
-      const uint16_t* r = tile_ranges + tg * 2 * kHeadDim;
-      // Transposed codes: word (byte r of the run, channels 4c .. 4c + 3), 0 past the list.
-      uint32_t* tr = reinterpret_cast<uint32_t*>(s_tr + tg * run_bytes * tr_stride);
-      for (int x = tid; x < (m_pad >> 2) << run_log2; x += kChannelScoresThreads) {
-        const int rb = x & (run_bytes - 1), c4 = x >> run_log2;
-        uint32_t word = 0;
+    for (int quad = 0; quad * 4 < G; ++quad) {
+      // B fragments: column r is head 4 quad + (r & 3), its bf16 high part (r < 4) or the bf16 of
+      // the rounding residual (r >= 4); rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) of each step.
+      {
+        const float* qd = s_qd + (quad * 4 + (r & 3)) * m_pad;
+        for (int s = 0; s < steps; ++s) {
+          float w[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int i = 4 * c4 + j;
-          if (i < n_chosen) word |= static_cast<uint32_t>(group_runs[(i << run_log2) + rb]) << (8 * j);
-        }
-        tr[rb * (tr_stride >> 2) + c4] = word;
-      }
-      // coef[tg][i][g] = 2^bits q_g,d_i step_d_i (0 for the padding channels and heads).
-      float* coef = s_coef + static_cast<size_t>(tg) * m_pad * Gp;
-      for (int x = tid; x < m_pad << gp_log2; x += kChannelScoresThreads) {
-        const int i = x >> gp_log2, g = x & (Gp - 1);
-        float value = 0.0f;
-        if (i < n_chosen && g < G) {
-          const int d = s_list[i];
-          const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
-          const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
-          value = s_q[g * kHeadDim + d] * (__fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale);
-        }
-        coef[x] = value;
-      }
-      // base[tg][g] = sum over every channel: the chosen ones at lo - 2^bits step (code_as_float's
-      // offset), the others at the mid-range.
-      for (int g = warp; g < Gp; g += kChannelScoresWarps) {
-        float sum = 0.0f;
-        if (g < G) {  // uniform over the warp
-          for (int d = lane; d < kHeadDim; d += kWarpSize) {
-            const float lo = __uint_as_float(static_cast<uint32_t>(r[d]) << 16);
-            const float hi = __uint_as_float(static_cast<uint32_t>(r[kHeadDim + d]) << 16);
-            const float step = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(kLevels)) * code_scale;
-            sum = fmaf(s_q[g * kHeadDim + d], s_flag[d] ? lo - step : (lo + hi) * 0.5f, sum);
+          for (int u = 0; u < 4; ++u) {
+            const int e = 16 * s + 2 * t + (u & 1) + 8 * (u >> 1);
+            const int d = s_list[e];
+            const float lo = __uint_as_float(static_cast<uint32_t>(rg[d]) << 16);
+            const float hi = __uint_as_float(static_cast<uint32_t>(rg[kHeadDim + d]) << 16);
+            w[u] = qd[e] * (hi - lo);
           }
-          sum = warp_sum(sum);
+          uint32_t b01 = pack_pair<__nv_bfloat16>(w[0], w[1]);
+          uint32_t b23 = pack_pair<__nv_bfloat16>(w[2], w[3]);
+          if (r >= 4) {
+            const float2 h01 = unpack_pair<__nv_bfloat16>(b01), h23 = unpack_pair<__nv_bfloat16>(b23);
+            b01 = pack_pair<__nv_bfloat16>(w[0] - h01.x, w[1] - h01.y);
+            b23 = pack_pair<__nv_bfloat16>(w[2] - h23.x, w[3] - h23.y);
+          }
+          s_table[s * kWarpSize + lane] = make_uint2(b01, b23);
         }
-        if (lane == 0) s_base[tg * Gp + g] = sum;
       }
-    }
-    __syncthreads();
+      // bias = scale2 sum_d q_gd v_d, v_d = lo_d (chosen) or (lo_d + hi_d) / 2, for the quad's 4
+      // heads; a reduce-scatter leaves head i's sum in lanes 8i .. 8i + 7.
+      float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < kHeadDim / kWarpSize; ++j) {
+        const int d = lane + kWarpSize * j;
+        const float lo = __uint_as_float(static_cast<uint32_t>(rg[d]) << 16);
+        const float hi = __uint_as_float(static_cast<uint32_t>(rg[kHeadDim + d]) << 16);
+        const float v = s_flag[d] ? lo : (lo + hi) / 2.0f;
+#pragma unroll
+        for (int hh = 0; hh < 4; ++hh) {
+          if (quad * 4 + hh < G) bias[hh] = fmaf(s_q[(quad * 4 + hh) * kHeadDim + d], v, bias[hh]);
+        }
+      }
+      warp_reduce_scatter<4>(bias, lane);
+      const float my_bias = scale2 * __shfl_sync(kFullMask, bias[0], 8 * my_head);
 
-    TileToken tok;
-    const int64_t token = (static_cast<int64_t>(g_first) << gt_log2) + tid;
-    tok.in_row = tg_mine < n_tile_groups;
-    tok.valid = tok.in_row && token < len;
-    tok.block = token >> bs_log2;
-    tok.tile_first_block = static_cast<int64_t>(g_first) * P;
-    tok.tile_blocks = n_tile_groups * P;
-    const float* base = s_base + tg_mine * Gp;
-    for (int g0 = 0; g0 < G; g0 += pass) {
-      switch (pass) {
-        case 1:
-          channel_scores_tile<kBits, 1>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
-                                        s_part, out, NB);
-          break;
-        case 2:
-          channel_scores_tile<kBits, 2>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
-                                        s_part, out, NB);
-          break;
-        case 4:
-          channel_scores_tile<kBits, 4>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G, tok, bs, scale2,
-                                        s_part, out, NB);
-          break;
-        default:
-          channel_scores_tile<kBits, kChannelScoresMaxPass>(tr_row, shift, m_pad, coef_mine, Gp, base, g0, G,
-                                                            tok, bs, scale2, s_part, out, NB);
-          break;
+      float top = -INFINITY, sum = 0.0f, kept = -INFINITY;
+      for (int u = 0; u < n_mt; ++u) {
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int s = 0; s < steps; ++s) {
+          const uint8_t* e0 = runs + (16 * s + 2 * t) * stride;  // entries 2t, 2t + 1, 2t + 8, 2t + 9
+          uint32_t a[4];
+          if constexpr (kBits == 4) {
+            const uint2 wa = *reinterpret_cast<const uint2*>(e0 + 8 * u);
+            const uint2 wb = *reinterpret_cast<const uint2*>(e0 + stride + 8 * u);
+            const uint2 wc = *reinterpret_cast<const uint2*>(e0 + 8 * stride + 8 * u);
+            const uint2 wd = *reinterpret_cast<const uint2*>(e0 + 9 * stride + 8 * u);
+            a[0] = nibble_pair(wa.x, wb.x, sel4, shift4);
+            a[1] = nibble_pair(wa.y, wb.y, sel4, shift4);
+            a[2] = nibble_pair(wc.x, wd.x, sel4, shift4);
+            a[3] = nibble_pair(wc.y, wd.y, sel4, shift4);
+          } else {
+            const uint32_t wa = *reinterpret_cast<const uint32_t*>(e0 + 4 * u) >> (2 * r);
+            const uint32_t wb = *reinterpret_cast<const uint32_t*>(e0 + stride + 4 * u) >> (2 * r);
+            const uint32_t wc = *reinterpret_cast<const uint32_t*>(e0 + 8 * stride + 4 * u) >> (2 * r);
+            const uint32_t wd = *reinterpret_cast<const uint32_t*>(e0 + 9 * stride + 4 * u) >> (2 * r);
+            a[0] = crumb_pair(wa, wb, 0x0400u);
+            a[1] = crumb_pair(wa, wb, 0x0602u);
+            a[2] = crumb_pair(wc, wd, 0x0400u);
+            a[3] = crumb_pair(wc, wd, 0x0602u);
+          }
+          const uint2 bf = s_table[s * kWarpSize + lane];
+          mma_16816<__nv_bfloat16>(c, a, bf.x, bf.y);
+        }
+        // High + residual: lanes t and t ^ 2 hold columns 2t, 2t + 1 of the high and the residual
+        // parts of the same two heads; each keeps one head and sends the other's pair.
+        const float send0 = keeps_even ? c[1] : c[0], send1 = keeps_even ? c[3] : c[2];
+        const float x0 = (keeps_even ? c[0] : c[1]) + __shfl_xor_sync(kFullMask, send0, 2);
+        const float x1 = (keeps_even ? c[2] : c[3]) + __shfl_xor_sync(kFullMask, send1, 2);
+        const int token = 16 * u + r;
+        const float y0 = token < n_valid ? fmaf(scale2, x0, my_bias) : -INFINITY;
+        const float y1 = token + 8 < n_valid ? fmaf(scale2, x1, my_bias) : -INFINITY;
+        // The m-tile's maximum and sum over its 16 tokens (lanes r = 0..7 of the head); token 16u
+        // is valid, so the maximum is finite.
+        float m = fmaxf(y0, y1);
+#pragma unroll
+        for (int off = 4; off < kWarpSize; off <<= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
+        float e = fast_exp2(y0 - m) + fast_exp2(y1 - m);
+#pragma unroll
+        for (int off = 4; off < kWarpSize; off <<= 1) e += __shfl_xor_sync(kFullMask, e, off);
+        const float nt = fmaxf(top, m);
+        sum = sum * fast_exp2(top - nt) + e * fast_exp2(m - nt);  // 2^-inf = 0 at a block's first m-tile
+        top = nt;
+        if ((u & (mt_block - 1)) == mt_block - 1 || u == n_mt - 1) {  // the block's last m-tile
+          if (r == (u >> mt_block_log2)) kept = (top + fast_log2(sum)) * kLn2;  // sum >= 1
+          top = -INFINITY;
+          sum = 0.0f;
+        }
       }
+      // Lane (r, t) writes block r of the group for head 4 quad + perm(t): -inf for a block with
+      // no valid token.
+      const int head = quad * 4 + my_head;
+      if (r < P && head < G) out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + r] = kept;
+      (void)mt_group;
     }
+    __syncwarp();  // the stage is refilled by the next iteration's issue
   }
   cp_async_wait<0>();
 }
@@ -594,11 +531,15 @@ __global__ void __launch_bounds__(kChannelScoresThreads) channel_scores_kernel(c
 template <typename T, int kHeadDim>
 cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int gt = p.blocks_per_group * p.block_size;
+  const int bs = p.block_size;
+  const int gt = p.blocks_per_group * bs;
   const int groups = p.num_blocks / p.blocks_per_group;
   const int G = p.q_heads / p.kv_heads;
   if (rows == 0 || groups == 0 || G == 0) return cudaSuccess;
-  if (rows > 0x7fffffff || gt > kChannelScoresMaxGroupTokens || (gt * p.bits) % 32 != 0) return cudaErrorInvalidValue;
+  // m-tiles of 16 tokens: power-of-two blocks of 16 to 128 tokens (the torch op's rule).
+  if (rows > 0x7fffffff || bs < 16 || (bs & (bs - 1)) != 0 || gt > kChannelScoresMaxGroupTokens) {
+    return cudaErrorInvalidValue;
+  }
   const size_t smem = channel_scores_smem(G, kHeadDim, p.num_channels, gt, p.bits).total;
   auto kernel = channel_scores_kernel<T, kHeadDim>;
   if (smem > 48 * 1024) {
@@ -613,8 +554,7 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChannelScoresThreads, smem));
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
-  const int64_t tiles = ceil_div(groups, kChannelScoresMaxGroupTokens / gt);  // 128-token tiles per row
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), tiles, 65535}));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), ceil_div(groups, kChannelScoresWarps), 65535}));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(slices));
   return launch_kernel(kernel, grid, dim3(kChannelScoresThreads), smem, stream, p);
 }

@@ -212,12 +212,7 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
 // t % 4 holds of A and B) stand for channels t, t + 4, t + 8, t + 12 of the step, so that one shift
 // by the lane's offset lines up all four of its codes in a word for byte / half-word extraction.
 // A code c becomes the bf16 128 + c by OR-ing it into the mantissa of 128.0 (exact for c < 128);
-// one packed subtraction leaves c: no integer-to-float conversions.
-__device__ __forceinline__ uint32_t minus_128(uint32_t biased) {
-  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
-                                   __floats2bfloat162_rn(128.0f, 128.0f));
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
+// one packed subtraction leaves c (minus_128, mma.cuh): no integer-to-float conversions.
 // 2-bit: a word holds channels i = 0..15 of a step at bits 2i; lane t needs bits 2t + {0, 8, 16, 24}.
 __device__ __forceinline__ void code_pairs_2bit(uint32_t word, int t, uint32_t& low, uint32_t& high) {
   const uint32_t y = (word >> (2 * t)) & 0x03030303u;   // bytes: codes of channels t, t+4, t+8, t+12

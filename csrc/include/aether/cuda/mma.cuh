@@ -23,6 +23,10 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint3
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
 }
+// Copies 8 bytes (through L1, as the 4-byte form).
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -87,6 +91,14 @@ __device__ __forceinline__ float2 unpack_pair<__nv_bfloat16>(uint32_t v) {
 template <>
 __device__ __forceinline__ float2 unpack_pair<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
+// A pair of small integers c < 128, each OR-ed into the mantissa of the bf16 128.0 (0x4300 | c), as
+// the bf16 pair (c0, c1): one packed subtraction, exact (no integer-to-float conversion).
+__device__ __forceinline__ uint32_t minus_128(uint32_t biased) {
+  const __nv_bfloat162 v = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
+                                   __floats2bfloat162_rn(128.0f, 128.0f));
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 }  // namespace cuda
