@@ -58,7 +58,7 @@
 namespace aether {
 namespace cuda {
 
-constexpr int kCodeChannelsThreads = 256;
+constexpr int kCodeChannelsThreads = 512;
 constexpr int kChannelScoresWarps = 4;
 constexpr int kChannelScoresThreads = kChannelScoresWarps * kWarpSize;
 constexpr int kChannelScoresMaxGroupTokens = 128;  // Pg * block_size <= 128 (params.h)
@@ -69,7 +69,7 @@ static_assert(kCodeChannelsThreads >= kChannelMaxHeadDim, "code_channels ranks a
 // code_channels.
 
 template <typename T>
-__global__ void __launch_bounds__(kCodeChannelsThreads, 2) code_channels_kernel(const CodeChannelsParams p) {
+__global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(const CodeChannelsParams p) {
   pdl_begin();  // before any global read (common.cuh)
   // Partial spreads [slices][D]: slices * D = 8 * threads for every head_dim.
   __shared__ double s_part[8 * kCodeChannelsThreads];
@@ -179,6 +179,7 @@ cudaError_t launch_code_channels(const CodeChannelsParams& p, cudaStream_t strea
 // channel_scores.
 
 constexpr int kChannelScoresMaxStages = 4;  // groups in a warp's cp.async ring
+constexpr int kChannelScoresMaxTiles = kChannelScoresMaxGroupTokens / 16;  // m-tiles per group
 constexpr int kChannelScoresSmemBudget = 100 * 1024;  // keep >= 2 CTAs per SM where the ring allows
 
 // Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned).
@@ -243,6 +244,39 @@ __device__ __forceinline__ uint32_t nibble_pair(uint32_t x, uint32_t y, uint32_t
 // sits in byte 0 and token r + 8 in byte 2.
 __device__ __forceinline__ uint32_t crumb_pair(uint32_t x, uint32_t y, uint32_t sel) {
   return minus_128((__byte_perm(x, y, sel) & 0x00030003u) | 0x43004300u);
+}
+
+// Log-sum-exp pieces in log2 units, a part being (max, sum of 2^(y - max)); an empty part is
+// (-inf, 0), and combining two empty parts gives an empty part (no -inf - -inf).
+__device__ __forceinline__ void lse_pair(float y0, float y1, float& top, float& sum) {
+  top = fmaxf(y0, y1);
+  const float base = top == -INFINITY ? 0.0f : top;
+  sum = fast_exp2(y0 - base) + fast_exp2(y1 - base);
+}
+__device__ __forceinline__ void lse_combine(float& top, float& sum, float top2, float sum2) {
+  const float m = fmaxf(top, top2);
+  const float base = m == -INFINITY ? 0.0f : m;
+  sum = sum * fast_exp2(top - base) + sum2 * fast_exp2(top2 - base);
+  top = m;
+}
+// Eight parts per lane, combined over the lanes that differ in bits 2-4 (the MMA row group r):
+// each exchange halves the parts a lane carries (reduce-scatter), so lane r ends with part r of
+// the 8 lanes combined, in 7 pair exchanges instead of 24.
+__device__ __forceinline__ void lse_reduce_scatter8(float (&top)[8], float (&sum)[8], int lane) {
+#pragma unroll
+  for (int half = 4, off = 16; half >= 1; half >>= 1, off >>= 1) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send_top = upper ? top[i] : top[i + half], send_sum = upper ? sum[i] : sum[i + half];
+      float keep_top = upper ? top[i + half] : top[i], keep_sum = upper ? sum[i + half] : sum[i];
+      const float got_top = __shfl_xor_sync(kFullMask, send_top, off);
+      const float got_sum = __shfl_xor_sync(kFullMask, send_sum, off);
+      lse_combine(keep_top, keep_sum, got_top, got_sum);
+      top[i] = keep_top;
+      sum[i] = keep_sum;
+    }
+  }
 }
 
 template <int kStages>
@@ -424,7 +458,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
             const int d = s_list[e];
             const float lo = __uint_as_float(static_cast<uint32_t>(rg[d]) << 16);
             const float hi = __uint_as_float(static_cast<uint32_t>(rg[kHeadDim + d]) << 16);
-            w[u] = qd[e] * (hi - lo);
+            w[u] = qd[e] * (hi - lo) * scale2;  // logits in log2 units
           }
           uint32_t b01 = pack_pair<__nv_bfloat16>(w[0], w[1]);
           uint32_t b23 = pack_pair<__nv_bfloat16>(w[2], w[3]);
@@ -453,64 +487,76 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
       warp_reduce_scatter<4>(bias, lane);
       const float my_bias = scale2 * __shfl_sync(kFullMask, bias[0], 8 * my_head);
 
-      float top = -INFINITY, sum = 0.0f, kept = -INFINITY;
-      for (int u = 0; u < n_mt; ++u) {
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int s = 0; s < steps; ++s) {
-          const uint8_t* e0 = runs + (16 * s + 2 * t) * stride;  // entries 2t, 2t + 1, 2t + 8, 2t + 9
-          uint32_t a[4];
-          if constexpr (kBits == 4) {
-            const uint2 wa = *reinterpret_cast<const uint2*>(e0 + 8 * u);
-            const uint2 wb = *reinterpret_cast<const uint2*>(e0 + stride + 8 * u);
-            const uint2 wc = *reinterpret_cast<const uint2*>(e0 + 8 * stride + 8 * u);
-            const uint2 wd = *reinterpret_cast<const uint2*>(e0 + 9 * stride + 8 * u);
-            a[0] = nibble_pair(wa.x, wb.x, sel4, shift4);
-            a[1] = nibble_pair(wa.y, wb.y, sel4, shift4);
-            a[2] = nibble_pair(wc.x, wd.x, sel4, shift4);
-            a[3] = nibble_pair(wc.y, wd.y, sel4, shift4);
-          } else {
-            const uint32_t wa = *reinterpret_cast<const uint32_t*>(e0 + 4 * u) >> (2 * r);
-            const uint32_t wb = *reinterpret_cast<const uint32_t*>(e0 + stride + 4 * u) >> (2 * r);
-            const uint32_t wc = *reinterpret_cast<const uint32_t*>(e0 + 8 * stride + 4 * u) >> (2 * r);
-            const uint32_t wd = *reinterpret_cast<const uint32_t*>(e0 + 9 * stride + 4 * u) >> (2 * r);
-            a[0] = crumb_pair(wa, wb, 0x0400u);
-            a[1] = crumb_pair(wa, wb, 0x0602u);
-            a[2] = crumb_pair(wc, wd, 0x0400u);
-            a[3] = crumb_pair(wc, wd, 0x0602u);
+      // The group's m-tiles: all of a k-step's MMAs back to back (A from the staged runs, B from
+      // the table); m-tiles past the valid tokens are skipped (uniform).
+      float c[kChannelScoresMaxTiles][4];
+#pragma unroll
+      for (int u = 0; u < kChannelScoresMaxTiles; ++u) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.0f;
+      for (int s = 0; s < steps; ++s) {
+        const uint8_t* ea = runs + (16 * s + 2 * t) * stride;  // entries 2t, 2t + 1, 2t + 8, 2t + 9
+        const uint8_t* eb = ea + stride;
+        const uint8_t* ec = ea + 8 * stride;
+        const uint8_t* ed = ea + 9 * stride;
+        const uint2 bf = s_table[s * kWarpSize + lane];
+#pragma unroll
+        for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
+          if (u < n_mt) {
+            uint32_t a[4];
+            if constexpr (kBits == 4) {
+              const uint2 wa = *reinterpret_cast<const uint2*>(ea + 8 * u);
+              const uint2 wb = *reinterpret_cast<const uint2*>(eb + 8 * u);
+              const uint2 wc = *reinterpret_cast<const uint2*>(ec + 8 * u);
+              const uint2 wd = *reinterpret_cast<const uint2*>(ed + 8 * u);
+              a[0] = nibble_pair(wa.x, wb.x, sel4, shift4);
+              a[1] = nibble_pair(wa.y, wb.y, sel4, shift4);
+              a[2] = nibble_pair(wc.x, wd.x, sel4, shift4);
+              a[3] = nibble_pair(wc.y, wd.y, sel4, shift4);
+            } else {
+              const uint32_t wa = *reinterpret_cast<const uint32_t*>(ea + 4 * u) >> (2 * r);
+              const uint32_t wb = *reinterpret_cast<const uint32_t*>(eb + 4 * u) >> (2 * r);
+              const uint32_t wc = *reinterpret_cast<const uint32_t*>(ec + 4 * u) >> (2 * r);
+              const uint32_t wd = *reinterpret_cast<const uint32_t*>(ed + 4 * u) >> (2 * r);
+              a[0] = crumb_pair(wa, wb, 0x0400u);
+              a[1] = crumb_pair(wa, wb, 0x0602u);
+              a[2] = crumb_pair(wc, wd, 0x0400u);
+              a[3] = crumb_pair(wc, wd, 0x0602u);
+            }
+            mma_16816<__nv_bfloat16>(c[u], a, bf.x, bf.y);
           }
-          const uint2 bf = s_table[s * kWarpSize + lane];
-          mma_16816<__nv_bfloat16>(c, a, bf.x, bf.y);
-        }
-        // High + residual: lanes t and t ^ 2 hold columns 2t, 2t + 1 of the high and the residual
-        // parts of the same two heads; each keeps one head and sends the other's pair.
-        const float send0 = keeps_even ? c[1] : c[0], send1 = keeps_even ? c[3] : c[2];
-        const float x0 = (keeps_even ? c[0] : c[1]) + __shfl_xor_sync(kFullMask, send0, 2);
-        const float x1 = (keeps_even ? c[2] : c[3]) + __shfl_xor_sync(kFullMask, send1, 2);
-        const int token = 16 * u + r;
-        const float y0 = token < n_valid ? fmaf(scale2, x0, my_bias) : -INFINITY;
-        const float y1 = token + 8 < n_valid ? fmaf(scale2, x1, my_bias) : -INFINITY;
-        // The m-tile's maximum and sum over its 16 tokens (lanes r = 0..7 of the head); token 16u
-        // is valid, so the maximum is finite.
-        float m = fmaxf(y0, y1);
-#pragma unroll
-        for (int off = 4; off < kWarpSize; off <<= 1) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, off));
-        float e = fast_exp2(y0 - m) + fast_exp2(y1 - m);
-#pragma unroll
-        for (int off = 4; off < kWarpSize; off <<= 1) e += __shfl_xor_sync(kFullMask, e, off);
-        const float nt = fmaxf(top, m);
-        sum = sum * fast_exp2(top - nt) + e * fast_exp2(m - nt);  // 2^-inf = 0 at a block's first m-tile
-        top = nt;
-        if ((u & (mt_block - 1)) == mt_block - 1 || u == n_mt - 1) {  // the block's last m-tile
-          if (r == (u >> mt_block_log2)) kept = (top + fast_log2(sum)) * kLn2;  // sum >= 1
-          top = -INFINITY;
-          sum = 0.0f;
         }
       }
-      // Lane (r, t) writes block r of the group for head 4 quad + perm(t): -inf for a block with
-      // no valid token.
+      // Per m-tile: high + residual (lanes t and t ^ 2 hold columns 2t, 2t + 1 of the high and the
+      // residual parts of the same two heads; each keeps one head and sends the other's pair),
+      // tokens past the end at -inf, then the lane's (max, sum of 2^(y - max)) of its two tokens.
+      float tile_max[kChannelScoresMaxTiles], tile_sum[kChannelScoresMaxTiles];
+#pragma unroll
+      for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
+        tile_max[u] = -INFINITY;
+        tile_sum[u] = 0.0f;
+        if (u < n_mt) {
+          const float send0 = keeps_even ? c[u][1] : c[u][0], send1 = keeps_even ? c[u][3] : c[u][2];
+          float y0 = (keeps_even ? c[u][0] : c[u][1]) + __shfl_xor_sync(kFullMask, send0, 2);
+          float y1 = (keeps_even ? c[u][2] : c[u][3]) + __shfl_xor_sync(kFullMask, send1, 2);
+          if (16 * u + r >= n_valid) y0 = -INFINITY;
+          if (16 * u + r + 8 >= n_valid) y1 = -INFINITY;
+          lse_pair(y0, y1, tile_max[u], tile_sum[u]);
+        }
+      }
+      // Over the 8 lanes of a head (r = 0..7) by a reduce-scatter: lane r ends with m-tile r's
+      // log-sum-exp; then the m-tiles of a block (bs / 16 of them) are combined by a butterfly.
+      lse_reduce_scatter8(tile_max, tile_sum, lane);
+      float top = tile_max[0], sum = tile_sum[0];
+      for (int off = 4; off < 4 * mt_block; off <<= 1) {
+        const float m2 = __shfl_xor_sync(kFullMask, top, off), s2 = __shfl_xor_sync(kFullMask, sum, off);
+        lse_combine(top, sum, m2, s2);
+      }
+      // Lane (r, t), r the block's first m-tile, writes the block for head 4 quad + perm(t): -inf
+      // for a block with no valid token. The bias shifts every logit of the head alike.
       const int head = quad * 4 + my_head;
-      if (r < P && head < G) out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + r] = kept;
-      (void)mt_group;
+      if ((r & (mt_block - 1)) == 0 && r < mt_group && head < G) {
+        out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + (r >> mt_block_log2)] =
+            top == -INFINITY ? -INFINITY : (top + fast_log2(sum) + my_bias) * kLn2;  // sum >= 1
+      }
     }
     __syncwarp();  // the stage is refilled by the next iteration's issue
   }
@@ -554,7 +600,8 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kChannelScoresThreads, smem));
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(per_sm, 1);
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({ceil_div(wave, rows), ceil_div(groups, kChannelScoresWarps), 65535}));
+  // Rounded down: a few CTAs of a second wave would take as long as the whole first one.
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>({wave / rows, ceil_div(groups, kChannelScoresWarps), 65535}));
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(slices));
   return launch_kernel(kernel, grid, dim3(kChannelScoresThreads), smem, stream, p);
 }

@@ -77,6 +77,8 @@ __host__ __device__ inline size_t refine_warp_bytes(int head_dim, int bits) {
   return kRefineStages * refine_stage_bytes(head_dim, bits) + sizeof(uint32_t) * kWarpSize * refine_table_stride(head_dim);
 }
 constexpr int kMaxGroupTokens = 128;
+constexpr int kCodesSliceChannels = 32;  // channels per CTA of the build (head_dim is a multiple)
+constexpr int kCodesWarps = kCodesThreads / kWarpSize;
 
 // Channel-major packing: channel d's run of the group in shared memory starts at d * this (bytes),
 // an odd number of words (the run's words, plus one when even) so that lanes on consecutive
@@ -85,11 +87,13 @@ __host__ __device__ constexpr int key_codes_run_stride(int group_tokens, int bit
   return 4 * ((group_tokens * bits / 32) | 1);
 }
 
-// Dynamic shared memory of the build kernel: the group's keys as float32 [tokens][D], lo and step
-// [D]; channel-major, then the packed runs [D][key_codes_run_stride].
-inline size_t key_codes_smem_bytes(int group_tokens, int head_dim, int bits, bool channel_major) {
-  const size_t floats = sizeof(float) * (static_cast<size_t>(group_tokens) * head_dim + 2 * static_cast<size_t>(head_dim));
-  return floats + (channel_major ? static_cast<size_t>(head_dim) * key_codes_run_stride(group_tokens, bits) : 0);
+// Dynamic shared memory of the build kernel (one CTA: one group, kCodesSliceChannels channels):
+// the slice's keys as float32 [tokens][32], the warps' partial minima and maxima [2][warps][32],
+// lo and step [32]; channel-major, then the packed runs [32][key_codes_run_stride].
+inline size_t key_codes_smem_bytes(int group_tokens, int bits, bool channel_major) {
+  constexpr size_t C = kCodesSliceChannels;
+  const size_t floats = sizeof(float) * (static_cast<size_t>(group_tokens) * C + 2 * kCodesWarps * C + 2 * C);
+  return floats + (channel_major ? C * key_codes_run_stride(group_tokens, bits) : 0);
 }
 
 // Code of x in [lo, lo + levels * step] as the CPU's quantise_level: rint((x - lo) / step) with
@@ -118,27 +122,38 @@ template <typename T>
 __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodesParams p) {
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) float s_codes_dyn[];
+  constexpr int C = kCodesSliceChannels;
+  constexpr int kLog2C = 5;
+  static_assert(C == 1 << kLog2C && C == kWarpSize, "a lane per channel of the slice");
   const int D = p.head_dim;
   const int bits = p.bits;
   const int levels = (1 << bits) - 1;
   const int per_byte = 8 / bits;
   const int token_bytes = D * bits / 8;
   const int P = p.blocks_per_group;
-  const int gt = P * p.block_size;  // tokens of a group
-  float* s_keys = s_codes_dyn;      // [gt][D]
-  float* s_lo = s_keys + gt * D;    // [D]
-  float* s_step = s_lo + D;         // [D]
+  const int gt = P * p.block_size;   // tokens of a group
+  float* s_keys = s_codes_dyn;       // [gt][C]
+  float* s_min = s_keys + gt * C;    // [warps][C]
+  float* s_max = s_min + kCodesWarps * C;
+  float* s_lo = s_max + kCodesWarps * C;  // [C]
+  float* s_step = s_lo + C;               // [C]
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
+  const int c0 = blockIdx.z * C;  // this CTA's channels c0 .. c0 + C - 1
   const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
   const int len = max(p.seq_lens[b], 0);
   const int capacity = p.num_blocks / P;  // groups
   const int n_groups = min((len + gt - 1) / gt, capacity);
   const int begin = p.first_block != nullptr ? max(p.first_block[b], 0) / P : 0;
   const int end = p.first_block != nullptr ? n_groups : capacity;
   const int group_bytes = gt * token_bytes;  // the codes of the group's P blocks are contiguous
-  const int chunks = D / 8;
+  const int run_bytes = gt * bits / 8;       // channel-major: one channel's codes of the group
+  const int run_log2 = __ffs(run_bytes) - 1;  // gt and bits are powers of two
+  const int slice_bytes = C * bits / 8;      // token-major: one token's codes of the slice (8 or 16)
+  const int slice_log2 = __ffs(slice_bytes) - 1;
 
   for (int m = begin + blockIdx.y; m < end; m += gridDim.y) {
     const int64_t row = static_cast<int64_t>(bh) * capacity + m;
@@ -146,62 +161,77 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
     uint16_t* ranges = p.ranges + row * 2 * D;
     const int n = m < n_groups ? min(gt, len - m * gt) : 0;
     if (n == 0) {  // past the end (full build only): zeros; uniform over the CTA
-      for (int i = tid; i < group_bytes; i += kCodesThreads) codes[i] = 0;
-      for (int i = tid; i < 2 * D; i += kCodesThreads) ranges[i] = 0;
+      for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
+        if (p.channel_major) {
+          codes[(c0 << run_log2) + i] = 0;  // the slice's runs are contiguous
+        } else {
+          codes[(i >> slice_log2) * token_bytes + c0 * bits / 8 + (i & (slice_bytes - 1))] = 0;
+        }
+      }
+      if (tid < 2 * C) ranges[(tid / C) * D + c0 + tid % C] = 0;
       continue;
     }
-    // Stage the group's keys: 16-byte vector loads, 8 per thread in flight together (a loop of
-    // load-then-store waited one latency per vector).
-    stage_rows_as_float<kCodesThreads, 8>(s_keys, D, n, chunks,
-                                          [&](int t) { return codes_key_row<T>(p, b, h, m, t); });
+    // Stage the slice of the group's keys: 16-byte vector loads, 8 per thread in flight together
+    // (a loop of load-then-store waited one latency per vector).
+    stage_rows_as_float<kCodesThreads, 8>(s_keys, C, n, C / 8,
+                                          [&](int t) { return codes_key_row<T>(p, b, h, m, t) + c0; });
     __syncthreads();
-    for (int d = tid; d < D; d += kCodesThreads) {
+    {  // lane = channel, warps over the tokens; then one lane per channel adds up the warps
       float mn = INFINITY, mx = -INFINITY;
-#pragma unroll 8
-      for (int t = 0; t < n; ++t) {
-        mn = fminf(mn, s_keys[t * D + d]);
-        mx = fmaxf(mx, s_keys[t * D + d]);
+      for (int t = warp; t < n; t += kCodesWarps) {
+        mn = fminf(mn, s_keys[t * C + lane]);
+        mx = fmaxf(mx, s_keys[t * C + lane]);
+      }
+      s_min[warp * C + lane] = mn;
+      s_max[warp * C + lane] = mx;
+    }
+    __syncthreads();
+    if (tid < C) {
+      float mn = s_min[tid], mx = s_max[tid];
+#pragma unroll
+      for (int w = 1; w < kCodesWarps; ++w) {
+        mn = fminf(mn, s_min[w * C + tid]);
+        mx = fmaxf(mx, s_max[w * C + tid]);
       }
       const __nv_bfloat16 lo = __float2bfloat16_rn(mn);
       const __nv_bfloat16 hi = __float2bfloat16_rn(mx);
-      ranges[d] = __bfloat16_as_ushort(lo);
-      ranges[D + d] = __bfloat16_as_ushort(hi);
-      s_lo[d] = __bfloat162float(lo);
-      s_step[d] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(levels));
+      ranges[c0 + tid] = __bfloat16_as_ushort(lo);
+      ranges[D + c0 + tid] = __bfloat16_as_ushort(hi);
+      s_lo[tid] = __bfloat162float(lo);
+      s_step[tid] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(levels));
     }
     __syncthreads();
     if (p.channel_major) {
       // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
-      const int run_bytes = gt * bits / 8;
       const int run_stride = key_codes_run_stride(gt, bits);
-      uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + D);  // [D][run_stride]
-      for (int x = tid; x < group_bytes; x += kCodesThreads) {
-        const int d = x % D;
-        const int r = x / D;
+      uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + C);  // [C][run_stride]
+      for (int x = tid; x < C << run_log2; x += kCodesThreads) {
+        const int d = x & (C - 1);
+        const int r = x >> kLog2C;
         const int first = r * per_byte;  // first token of this byte
         const float lo = s_lo[d], step = s_step[d];
         unsigned byte = 0;
         for (int e = 0; e < per_byte && first + e < n; ++e) {
-          byte |= quantise_code(s_keys[(first + e) * D + d], lo, step, levels) << (e * bits);
+          byte |= quantise_code(s_keys[(first + e) * C + d], lo, step, levels) << (e * bits);
         }
         s_runs[d * run_stride + r] = static_cast<uint8_t>(byte);
       }
       __syncthreads();
-      for (int i = tid; i < group_bytes; i += kCodesThreads) {
-        codes[i] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
+      for (int i = tid; i < C << run_log2; i += kCodesThreads) {
+        codes[(c0 << run_log2) + i] = s_runs[(i >> run_log2) * run_stride + (i & (run_bytes - 1))];
       }
     } else {
-      for (int i = tid; i < group_bytes; i += kCodesThreads) {
-        const int t = i / token_bytes;
-        const int first = (i % token_bytes) * per_byte;  // first channel of this byte
+      for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
+        const int t = i >> slice_log2;
+        const int first = (i & (slice_bytes - 1)) * per_byte;  // first channel of this byte (in the slice)
         unsigned byte = 0;
         if (t < n) {
           for (int e = 0; e < per_byte; ++e) {
             const int d = first + e;
-            byte |= quantise_code(s_keys[t * D + d], s_lo[d], s_step[d], levels) << (e * bits);
+            byte |= quantise_code(s_keys[t * C + d], s_lo[d], s_step[d], levels) << (e * bits);
           }
         }
-        codes[i] = static_cast<uint8_t>(byte);
+        codes[t * token_bytes + c0 * bits / 8 + (i & (slice_bytes - 1))] = static_cast<uint8_t>(byte);
       }
     }
     __syncthreads();  // s_keys, s_lo, s_step and s_runs are rewritten by the next group
@@ -526,14 +556,18 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   // Channel-major runs are whole bytes: Pg * block_size * bits / 8 (params.h).
   if (p.channel_major && (p.blocks_per_group * p.block_size * p.bits) % 8 != 0) return cudaErrorInvalidValue;
   if (heads == 0 || groups == 0) return cudaSuccess;
+  if (p.head_dim % kCodesSliceChannels != 0) return cudaErrorInvalidValue;
+  const int channel_slices = p.head_dim / kCodesSliceChannels;
   int64_t slices = 0;
   AETHER_CUDA_TRY(block_build_slices(groups, heads, p.first_block != nullptr, &slices));
-  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.head_dim, p.bits, p.channel_major != 0);
+  // An append fills the GPU once counting the channel slices too.
+  if (p.first_block != nullptr) slices = std::max<int64_t>(1, ceil_div(slices, channel_slices));
+  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.bits, p.channel_major != 0);
   auto kernel = key_codes_kernel<T>;
   if (smem > 48 * 1024) {
     AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
+  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices), static_cast<unsigned>(channel_slices));
   return launch_kernel(kernel, dim3(grid), dim3(kCodesThreads), smem, stream, p);
 }
 
