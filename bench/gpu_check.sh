@@ -68,8 +68,8 @@ if [ "${1:-}" = "refine" ]; then
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_sketch.log" 2>&1
   note "ncu (sketch_score x3): rc=$? $(grep -E 'gpu__time|inst_executed' "$OUT/ncu_sketch.log" | awk '{print $NF}' | paste -sd' ')"
 elif [ "${1:-}" = "qcodes" ]; then
-  ncu --clock-control none --kernel-name regex:"code_channels|channel_scores|select|key_codes" --launch-skip 20 \
-    --launch-count 8 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+  ncu --clock-control none --kernel-name regex:"code_channels|channel_scores|select|key_codes" --launch-skip 5 \
+    --launch-count 4 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_qcodes.log" 2>&1
   note "ncu (qcodes step kernels): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_qcodes.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
