@@ -2,51 +2,57 @@
 // query's heaviest channels, then every block scored from the channel-major key codes of those
 // channels only, the other channels at their group's mid-range.
 //
-// 1. code_channels_kernel<T>, one CTA of 256 threads per (b, kv head) row. The row's ranges are
+// 1. code_channels_kernel<T>, one CTA of 512 threads per (b, kv head) row. The row's ranges are
 //    [NG, 2, D] bf16 (a group's lo row, then its hi row); a thread takes one 16-byte vector of 8
-//    channels and a strided slice of the groups (D / 8 vectors per row, 256 / (D / 8) slices), and
+//    channels and a strided slice of the groups (D / 8 vectors per row, 512 / (D / 8) slices), and
 //    keeps 8 double partial sums of (hi - lo)^2. A thread per channel looping over all groups
 //    would wait one DRAM latency per group (a 32k-token row at 128-token groups: 256 groups); here
-//    8 to 32 slices each unrolled by 4 keep 64 to 256 loads in flight per CTA. The slices are then
+//    16 to 64 slices each unrolled by 4 keep 128 to 512 loads in flight per CTA. The slices are then
 //    added in shared memory (in double; the order does not matter at double precision: the
 //    squares of bf16 differences are exact in double and their sums nearly always are) and
 //    w_d = (sum_g q_gd^2) * spread_d. Channel d is chosen iff its rank, the number of channels e
 //    with w_e > w_d or w_e == w_d and e < d, is below num_channels (compared as order-preserving
 //    integer keys: a total order even with NaN, so exactly num_channels are chosen); a warp ballot
 //    and a prefix count over the warps write them ascending.
-// 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 128 threads; a CTA
-//    takes a contiguous range of its row's 128-token tiles (TG = 128 / group tokens groups each;
-//    the slices fill one wave of resident CTAs). Layout read: codes [B, Hkv, NG, D, run] with
-//    run = Pg * bs * bits / 8 bytes per channel and group (token t of the group at bit t * bits),
-//    ranges [B, Hkv, NG, 2, D]. The CTA first compacts channels[b, h, :] into a list of distinct
-//    valid channels and a flag per channel, and stages the G queries as float32. Per tile, the
-//    chosen channels' runs and the ranges of its groups arrive by cp.async into a ring of
-//    kChannelScoresStages buffers, several tiles ahead of the one scored (only those bytes are
-//    read). The tile's runs are transposed in shared memory (byte r of every chosen channel's run
-//    side by side) and
-//      coef_g,i = 2^bits q_g,d_i step_d_i                                  (chosen channel i)
-//      base_g   = sum_d q_gd (chosen_d ? lo_d - 2^bits step_d : (lo_d + hi_d) / 2)
-//      logit_gt = scale log2(e) (base_g + sum_i coef_g,i (1 + code_t,i / 2^bits))
-//    (1 + code / 2^bits is the code OR-ed into the mantissa of 1.0: no integer-to-float
-//    conversion), with a thread per token of the tile: one 16-byte load gives 16 channels' codes
-//    of its token, one FMA per (channel, head), heads in passes of 1, 2, 4 or 8 (the coefficients
-//    of a channel head-contiguous for one vector load, the same address for the lanes of a group).
-//    Each block's log-sum-exp stays in registers: shuffles within the block's lanes (bs <= 32),
-//    and for 64- and 128-token blocks the warps' (max, sum) through shared memory; MUFU ex2 / lg2
-//    in log2 units. Tiles past the end of the row are not read: their blocks get -inf. No runtime
-//    integer division per tile (every size that is divided is a power of two). CUDA cores only.
-//    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, 32 channels, ncu):
-//    a thread per (token, channel slice) writing logits to shared memory, then a warp per (block,
-//    head) for the log-sum-exp, ~6 barriers per group: 229 us; a thread per token with the
-//    log-sum-exp in registers and a 6-stage ring: 194 us, 80 M instructions (the per-tile integer
-//    divisions and index arithmetic, a byte load and an I2F per code); this version (transposed
-//    codes, no I2F, no per-tile division): 162 us in a CUDA graph, 177 us and 73 M instructions in
-//    ncu, issue-bound at ~54% with 16 warps per SM. Precomputing the steps per (group, channel)
-//    raised the registers (168 at 3 CTAs per SM) and was slower (202 us). ~1000 instructions per
-//    warp and tile against ~560 counted in the source: not explained yet (needs the SASS view of
-//    ncu). Bytes read per group:
-//    num_channels * run + 4 D (1.5 KB at d128, 32 channels, 2 bits) against D * run for every
-//    channel.
+//    H200, 8 x 32k (64 rows): 10.1 us at 512 threads, 10.9 at 256. A cluster of 8 CTAs per row
+//    (each a slice of the groups, the partial spreads added over distributed shared memory) took
+//    22 us: 8-CTA clusters of 2-per-SM CTAs did not fit one wave (reverted; bench/PERF_NOTES.md).
+// 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 4 warps; a CTA takes a
+//    contiguous range of its row's groups, its warps every 4th group each (the slices fill one
+//    wave of resident CTAs, rounded down: a few CTAs of a second wave cost a whole wave). Layout
+//    read: codes [B, Hkv, NG, D, run] with run = Pg * bs * bits / 8 bytes per channel and group
+//    (token t of the group at bit t * bits), ranges [B, Hkv, NG, 2, D]. The CTA first compacts
+//    channels[b, h, :] into a list of distinct valid channels ("entries", padded to 16 with weight
+//    0), stages the G queries as float32 and q / levels at the entries. Each warp streams its
+//    groups through a ring of up to 4 stages (cp.async: the entries' runs, then the group's
+//    ranges; only those bytes are read) and scores a group on the tensor cores, refine_scores'
+//    scheme: m16n8k16 with A = codes (rows = 16 tokens of an m-tile, k = 16 entries; a code is
+//    OR-ed into the mantissa of the bf16 128.0 and 128 subtracted, exact) and B = the weights
+//      w_g,i = scale log2(e) (q_g,d_i / levels) (hi_d_i - lo_d_i)   (entry i, head g)
+//    of 4 heads, each as its bf16 rounding (columns 0-3) and the bf16 of the residual (columns
+//    4-7): ~16 mantissa bits, float32 sums to ~1e-6 relative. The logit of token t is then
+//      scale log2(e) base_g + sum_i w_g,i code_t,i,  base_g = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)
+//    (the base added after the log-sum-exp, which it shifts). Lane (r, t) builds its A registers
+//    from the staged runs with one byte permute, shift, mask and packed subtract per pair of
+//    codes (runs 16 bytes apart so the four entries a load touches sit in different banks); all
+//    of a group's m-tiles run back to back per k-step. After the MMAs, lanes t and t ^ 2 swap
+//    halves so that each holds one head's high + residual sums (all 32 lanes busy), each lane
+//    reduces its two tokens to (max, sum of 2^(y - max)), a reduce-scatter over the 8 row groups
+//    (7 pair exchanges instead of 24 shuffles per m-tile) leaves m-tile r's part in lanes r, a
+//    butterfly joins the m-tiles of a block (bs / 16), and the block's first lanes write its
+//    heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row are not read (-inf).
+//    G > 4: one pass per 4 heads over the staged group.
+//    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, ncu): on CUDA cores
+//    with 2-bit codes of 32 channels: a thread per (token, channel slice) writing logits to
+//    shared memory, 229 us; a thread per token with the log-sum-exp in registers and a 6-stage
+//    ring, 194 us, 80 M instructions; transposed codes, no I2F, no per-tile division, 177 us and
+//    73 M instructions (issue-bound; CUDA graph 162 us). Tensor cores (4-bit codes of 16
+//    channels): a warp per group with a per-m-tile log-sum-exp of 6 dependent shuffles, 44.6 us,
+//    24.1 M instructions (the first launch rounded the slices up: 2 waves, 55 us in a graph); the
+//    m-tiles unrolled per k-step and the reduce-scatter log-sum-exp, 35.2 us, 19.0 M (~1160 per
+//    group; 96 registers, 5 CTAs per SM; 80 registers at 6 per SM: 36.8 us). Bytes read per
+//    group: num_channels * run + 4 D (1.5 KB at d128, 16 channels, 4 bits) against D * run for
+//    every channel.
 #pragma once
 
 #include <cmath>

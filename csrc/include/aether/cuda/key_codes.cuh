@@ -1,24 +1,27 @@
 // Key codes and refine scores: the second stage of two-stage selection (KeyCodesParams and
 // RefineScoresParams in params.h).
 //
-// 1. key_codes_kernel<T>, grid (batch * kv_heads, slices), 256 threads: one CTA rebuilds one group
-//    (Pg * block_size <= 128 tokens) at a time. The group's keys are staged in shared memory as
-//    float32 with independent 16-byte loads (the first version read each channel's tokens from
-//    global memory in a loop: a chain of 128 L2 latencies, 28 us for an append at 8 x 32k on the
-//    H200); a thread per channel takes its min / max, rounds them to bf16 and publishes lo and
-//    step; then a thread per (token, code byte) quantises the byte's 8 / bits channels (division
-//    and rint as the CPU kernel: bit-identical codes). A group is always
-//    rebuilt from all of its tokens, so an append (first_block set) equals a full build; the
-//    append only launches enough CTAs to fill the GPU once (block_build_slices).
+// 1. key_codes_kernel<T>, grid (batch * kv_heads, slices, head_dim / 32), 256 threads: one CTA
+//    rebuilds 32 channels of one group (Pg * block_size <= 128 tokens) at a time. The slice of the
+//    group's keys is staged in shared memory as float32 with independent 16-byte loads (the first
+//    version read each channel's tokens from global memory in a loop: a chain of 128 L2
+//    latencies, 28 us for an append at 8 x 32k on the H200); a lane per channel and the warps over
+//    the tokens take its min / max, one thread per channel adds the warps' and rounds them to bf16
+//    and publishes lo and step; then a thread per code byte quantises the byte's codes (division
+//    and rint as the CPU kernel: bit-identical codes). A group is always rebuilt from all of its
+//    tokens, so an append (first_block set) equals a full build; the append only launches enough
+//    CTAs to fill the GPU once (block_build_slices, divided by the channel slices). Channels are
+//    independent (a range and a code per channel), so the channel slices need no communication:
+//    an append at 8 x 32k (one group per row, 64 rows) spread over 4 x as many CTAs went from
+//    31 us (one CTA per group, 4-bit channel-major; H200, ncu) to 12.5 us.
 //    Channel-major codes (p.channel_major, read by channel_scores): per group, channel d's run
 //    holds its tokens' codes, token t at bit t * bits. The byte a thread packs then spans 8 / bits
 //    tokens of one channel; threads of a warp taking consecutive bytes of one run would read
-//    s_keys with a stride of (8 / bits) * D floats, every lane in the same bank (32-way conflicts;
-//    estimated, not measured: ~16K shared-memory cycles per 128-token group at D = 128, 2 bits).
-//    So a thread per (channel, byte of the run) with consecutive lanes on consecutive channels
-//    (conflict-free reads) packs into a shared copy of the group's runs, each run padded to an
-//    odd number of words (conflict-free byte stores), which is then written out in order
-//    (coalesced). Same quantisation, same bytes as the CPU kernel.
+//    s_keys with a stride of (8 / bits) * 32 floats, every lane in the same bank (32-way
+//    conflicts). So a thread per (channel, byte of the run) with consecutive lanes on consecutive
+//    channels (conflict-free reads) packs into a shared copy of the slice's runs, each run padded
+//    to an odd number of words (conflict-free byte stores), which is then written out in order
+//    (the slice's runs are contiguous: coalesced). Same quantisation, same bytes as the CPU kernel.
 // 2. refine_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 256 threads, one wave of
 //    resident CTAs. Each warp takes a contiguous slice of its row's candidate list (consecutive
 //    candidates mostly share a 128-token group) and streams 16-token tiles of codes through a
