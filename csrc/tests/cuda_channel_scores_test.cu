@@ -402,7 +402,8 @@ TEST(CudaChannelScores, LongRowsMatchCpu) {
 }
 
 // Argument checks (cudaErrorInvalidValue, nothing launched): the control computes; then bits,
-// Pg, a group over 128 tokens, runs that are not whole words, num_blocks % Pg, head_dim,
+// Pg, a group over 128 tokens, runs that are not whole words, blocks under 16 tokens or not a
+// power of two, num_blocks % Pg, head_dim,
 // num_channels outside [1, D], q_heads % kv_heads, kv_heads 0, batch < 0, every pointer, a
 // misaligned codes or ranges pointer, the dtype.
 TEST(CudaChannelScores, RejectsInvalidArguments) {
@@ -444,6 +445,11 @@ TEST(CudaChannelScores, RejectsInvalidArguments) {
   p.block_size = 24;  // 2-bit runs of 6 bytes
   p.bits = 2;
   EXPECT_TRUE(rejected(p));
+  for (int block_size : {8, 4, 48}) {  // the kernel scores 16-token m-tiles: power-of-two blocks of >= 16
+    p = d.params;
+    p.block_size = block_size;
+    EXPECT_TRUE(rejected(p)) << "block_size " << block_size;
+  }
   p = d.params;
   p.blocks_per_group = 8;
   p.num_blocks = 12;

@@ -588,10 +588,8 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   const int groups = p.num_blocks / p.blocks_per_group;
   const int G = p.q_heads / p.kv_heads;
   if (rows == 0 || groups == 0 || G == 0) return cudaSuccess;
-  // m-tiles of 16 tokens: power-of-two blocks of 16 to 128 tokens (the torch op's rule).
-  if (rows > 0x7fffffff || bs < 16 || (bs & (bs - 1)) != 0 || gt > kChannelScoresMaxGroupTokens) {
-    return cudaErrorInvalidValue;
-  }
+  // channel_scores (channel_scores.cu) checked bs: a power of two in [16, 128].
+  if (rows > 0x7fffffff || gt > kChannelScoresMaxGroupTokens) return cudaErrorInvalidValue;
   const size_t smem = channel_scores_smem(G, kHeadDim, p.num_channels, gt, p.bits).total;
   auto kernel = channel_scores_kernel<T, kHeadDim>;
   if (smem > 48 * 1024) {
