@@ -285,7 +285,6 @@ __device__ __forceinline__ void lse_reduce_scatter8(float (&top)[8], float (&sum
   }
 }
 
-template <int kStages>
 __device__ __forceinline__ void channel_scores_wait(int stages) {
   // cp.async.wait_group takes an immediate: one instance per ring depth.
   if (stages >= 4) {
@@ -443,7 +442,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   for (int k = 0; first + k * kChannelScoresWarps < live_end; ++k) {
     const int group = first + k * kChannelScoresWarps;
     issue(k + stages - 1);  // the slot item k - 1 used; every lane is past it (__syncwarp below)
-    channel_scores_wait<kChannelScoresMaxStages>(stages);
+    channel_scores_wait(stages);
     __syncwarp();
     const char* stage = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
     const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
