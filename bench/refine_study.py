@@ -22,7 +22,9 @@ Each qsketch decode step of `aether.eval` is replaced by:
   With `--key-channels F` step 2 reads the codes of only F x D channels per candidate token,
   chosen per step and KV head for the query (the largest sum_g q_gd^2 x mean range_d^2), the
   others at their group's mid-range; with `--candidates 1.0` every block is ranked this way and
-  the sketch ranks nothing (bench/plot_frontier.py then leaves its bytes out).
+  the sketch ranks nothing (bench/plot_frontier.py then leaves its bytes out). With
+  `--channel-refresh N` the channels are chosen every N decode steps per layer and reused in
+  between (what a kernel that skips the channel choice on most steps would do).
   With `--reuse` the previous decode step's final blocks (same layer) join step 2's candidates:
   attention is correlated from one token to the next, so the blocks read last step are likely
   candidates again, at no first-stage bytes (their codes are read and counted like any other
@@ -93,14 +95,10 @@ def group_ranges(k: torch.Tensor, group: int = RANGE_GROUP) -> tuple[torch.Tenso
     return lo, hi
 
 
-def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor, fraction: float,
-                        group: int = RANGE_GROUP) -> torch.Tensor:
-    """`--key-channels`: the codes of only ``m = round(fraction * D)`` channels per (b, KV head) are
-    read, chosen per decode step for the query: the m largest ``sum_g q_gd^2 * mean_groups (hi_d -
-    lo_d)^2`` (where a channel's coarse value would move the group's logits most). The other
-    channels take their group's mid-range ``(lo + hi) / 2`` (from the ranges, read anyway). Returns
-    the keys as the refinement sees them ``[B, Hkv, S, D]``."""
-    batch, heads, seq, dim = k.shape
+def channel_choice(q: torch.Tensor, k: torch.Tensor, fraction: float, group: int = RANGE_GROUP) -> torch.Tensor:
+    """`--key-channels`' choice: per (b, KV head) the ``m = round(fraction * D)`` channels with the
+    largest ``sum_g q_gd^2 * mean_groups (hi_d - lo_d)^2``, as a bool mask ``[B, Hkv, D]``."""
+    batch, heads, _, dim = k.shape
     m = max(1, min(dim, round(fraction * dim)))
     lo, hi = group_ranges(k, group)
     gq = q.shape[1] // heads
@@ -108,6 +106,21 @@ def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor,
     weight = qq * (hi - lo).pow(2).mean(2)
     chosen = torch.zeros(batch, heads, dim, dtype=torch.bool)
     chosen.scatter_(-1, weight.topk(m, dim=-1).indices, True)
+    return chosen
+
+
+def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor, fraction: float,
+                        group: int = RANGE_GROUP, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """`--key-channels`: the codes of only ``m = round(fraction * D)`` channels per (b, KV head) are
+    read, chosen per decode step for the query: the m largest ``sum_g q_gd^2 * mean_groups (hi_d -
+    lo_d)^2`` (where a channel's coarse value would move the group's logits most). The other
+    channels take their group's mid-range ``(lo + hi) / 2`` (from the ranges, read anyway). Returns
+    the keys as the refinement sees them ``[B, Hkv, S, D]``. `chosen` (a `channel_choice` mask,
+    e.g. an earlier step's: `--channel-refresh`) replaces the choice for this query."""
+    seq = k.shape[2]
+    lo, hi = group_ranges(k, group)
+    if chosen is None:
+        chosen = channel_choice(q, k, fraction, group)
     mid = ((lo + hi) / 2).repeat_interleave(group, dim=2)[:, :, :seq]  # [B, Hkv, S, D]
     return torch.where(chosen[:, :, None, :], dequant.float(), mid).to(dequant.dtype)
 
@@ -171,8 +184,13 @@ def rank_priority(scores: torch.Tensor) -> torch.Tensor:
 
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
               tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
-              final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False, key_channels: float = 1.0):
+              final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False, key_channels: float = 1.0,
+              channel_refresh: int = 1):
     original = cache_mod.sparse_decode_step
+    # --channel-refresh: per layer (keyed as --reuse below), the sequence length at the last
+    # channel choice and the choice; reused while this step continues the same sequence fewer
+    # than channel_refresh tokens after it.
+    choices: dict[int, tuple[int, torch.Tensor]] = {}
     # --reuse: per layer (keyed by the storage of its calibration's key_proj, one per layer; the
     # sketch may carry a copy of the calibration object), the last step's sequence length and final
     # selection; used only when this step is the next token of the same sequence.
@@ -199,7 +217,14 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
                                                  group_agg="sum", **forced)
         keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
         # --key-channels: only the query's most telling channels of the codes (the rest at mid-range)
-        ranked = channel_subset_keys(q, k, keys, key_channels) if key_channels < 1.0 else keys
+        ranked = keys
+        if key_channels < 1.0:
+            layer = cal.key_proj.data_ptr()
+            made = choices.get(layer)
+            if made is None or not 0 < seq - made[0] < channel_refresh or made[1].shape[:2] != k.shape[:2]:
+                made = (seq, channel_choice(q, k, key_channels))
+                choices[layer] = made
+            ranked = channel_subset_keys(q, k, keys, key_channels, chosen=made[1])
         refined = reference.oracle_head_scores(q, ranked, seq_lens, bs, scale)
         is_cand = mask_from_indices(cand, num_cand, nb)
         last = previous.get(cal.key_proj.data_ptr()) if reuse else None
@@ -275,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-channels", type=float, default=1.0,
                         help="fraction of the channels whose codes are read per candidate token, chosen per step "
                              "and KV head for the query (the others at their group's mid-range); needs --key-bits")
+    parser.add_argument("--channel-refresh", type=int, default=1,
+                        help="with --key-channels: choose the channels every N decode steps per layer (the "
+                             "steps between reuse the last choice); 1 = every step")
     parser.add_argument("--final-max", type=float, default=0.25,
                         help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
@@ -284,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--key-bits must be 0 or in [1, 8], got {args.key_bits}")
     if not 0.0 < args.key_channels <= 1.0 or (args.key_channels < 1.0 and not args.key_bits):
         parser.error(f"--key-channels must be in (0, 1] and below 1 needs --key-bits, got {args.key_channels}")
+    if args.channel_refresh < 1 or (args.channel_refresh > 1 and args.key_channels >= 1.0):
+        parser.error(f"--channel-refresh must be >= 1 and above 1 needs --key-channels < 1, got {args.channel_refresh}")
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
     if not 0.0 <= args.final_mass <= 1.0 or not 0.0 < args.final_max <= 1.0:
@@ -292,13 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     counts = {"candidate_tokens": 0, "tokens": 0}
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
                                                args.tail, args.tail_tokens, args.debias, args.final_mass,
-                                               args.final_max, args.final_agg, args.reuse, args.key_channels)
+                                               args.final_max, args.final_agg, args.reuse, args.key_channels,
+                                               args.channel_refresh)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
     rc = eval_main(eval_argv)
     fraction = counts["candidate_tokens"] / max(counts["tokens"], 1)
     info = refine_info(args.candidates, args.key_bits, fraction, args.key_channels)
+    if args.channel_refresh > 1:
+        info["channel_refresh"] = args.channel_refresh
     if args.debias:
         info["debias"] = True
     if args.final_mass:

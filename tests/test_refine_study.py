@@ -243,3 +243,19 @@ def test_reuse_adds_the_previous_final_blocks_to_the_candidates(study):
     out3, sel3 = call(plain, q1, 699)
     rout3, rsel3 = call(reuse, q1, 699)
     assert torch.equal(out3, rout3) and torch.equal(sel3, rsel3)
+
+
+def test_channel_subset_uses_a_given_choice(study):
+    """--channel-refresh: a given channel mask (an earlier step's choice) replaces the query's own."""
+    torch.manual_seed(4)
+    dim, seq = 16, 200
+    k = (torch.randn(1, 2, seq, dim) * torch.rand(dim) * 3).to(torch.bfloat16)
+    q = torch.randn(1, 4, dim).to(torch.bfloat16)
+    deq = study.quantize_keys(k, 4).to(k.dtype)
+    own = study.channel_choice(q, k, 0.25)
+    assert own.shape == (1, 2, dim) and torch.equal(own.sum(-1), torch.full((1, 2), 4))
+    assert torch.equal(study.channel_subset_keys(q, k, deq, 0.25, chosen=own), study.channel_subset_keys(q, k, deq, 0.25))
+    other = ~own  # every other channel: the codes follow the given mask, not the query
+    sub = study.channel_subset_keys(q, k, deq, 0.25, chosen=other)
+    assert torch.equal(sub[..., other[0, 0]][0, 0], deq[..., other[0, 0]][0, 0])
+    assert not torch.equal(sub, study.channel_subset_keys(q, k, deq, 0.25))
