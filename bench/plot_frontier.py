@@ -66,7 +66,9 @@ def collect() -> list[dict]:
                 if refine:
                     keys = f"{refine['key_bits']}-bit keys" if refine["key_bits"] else "exact keys"
                     if refine.get("key_channels"):  # codes of the query's heaviest channels only
-                        keys += f" of {refine['key_channels']:.0%} of the channels (per step, for the query)"
+                        every = refine.get("channel_refresh", 1)
+                        when = "per step" if every == 1 else f"every {every} steps"
+                        keys += f" of {refine['key_channels']:.1%} of the channels ({when}, for the query)"
                     codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
                     if refine.get("debias"):
                         codes += ", debiased"
