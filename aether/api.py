@@ -493,7 +493,7 @@ def sparse_attention(
     if score == "qcodes":
         if not isinstance(codes, KeyCodes) or codes.layout != "channel":
             raise TypeError("score='qcodes' needs codes=aether.KeyCodes with layout='channel' (build it with "
-                            f"aether.key_codes(k, block_size, layout='channel')), got "
+                            f"aether.key_codes(k, block_size, bits=4, layout='channel')), got "
                             f"{type(codes).__name__}{' with layout ' + repr(codes.layout) if isinstance(codes, KeyCodes) else ''}")
         if refine is not None:
             raise ValueError("refine (two-stage selection) and score='qcodes' do not combine: qcodes already ranks "

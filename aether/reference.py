@@ -463,7 +463,7 @@ def refine_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq_
 
 
 # The qcodes score: every block ranked from the channel-major codes of the query's heaviest channels
-# (docs/architecture.md "qcodes"; docs/selection.md "Channel-subset codes").
+# (docs/architecture.md "qcodes"; docs/selection.md "`score="qcodes"`").
 
 class QcodesRef(NamedTuple):
     """qcodes settings for :func:`sparse_attention`: ``num_channels`` channels per (b, KV head) and

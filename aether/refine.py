@@ -174,8 +174,9 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
         k: keys, contiguous ``[batch, kv_heads, seq, head_dim]`` or paged
             ``[num_pages, page_size, kv_heads, head_dim]`` with ``block_table``.
         block_size: tokens per block, 16/32/64/128 (that of the selection).
-        bits: bits per channel, 2 (default; measured better than 4 at equal bytes because more
-            candidates fit) or 4.
+        bits: bits per channel, 2 (default; for two-stage selection measured better than 4 at
+            equal bytes because more candidates fit) or 4 (the measured best for
+            ``layout="channel"``, i.e. score="qcodes": 4-bit codes of an eighth of the channels).
         blocks_per_group: blocks sharing one [lo, hi] per channel (1, 2, 4, 8; at most 128
             tokens); default: 128 tokens.
         seq_lens: valid tokens per sequence (default: all).

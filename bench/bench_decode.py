@@ -119,7 +119,7 @@ class Case:
     def enable_qcodes(self, fraction: float, bits: int) -> None:
         self.qcodes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens, layout="channel")
                        for k in self.k]
-        self.code_channels = max(1, round(fraction * HEAD_DIM))
+        self.code_channels = aether.api._resolve_code_channels(fraction, HEAD_DIM, bits)  # the library's rule
 
     def qcodes_scores(self, i, stage: str = "scores"):
         """The qcodes score of copy i up to `stage`: "channels" (code_channels) or "scores" (+ channel_scores)."""

@@ -95,12 +95,14 @@ def group_ranges(k: torch.Tensor, group: int = RANGE_GROUP) -> tuple[torch.Tenso
     return lo, hi
 
 
-def channel_choice(q: torch.Tensor, k: torch.Tensor, fraction: float, group: int = RANGE_GROUP) -> torch.Tensor:
+def channel_choice(q: torch.Tensor, k: torch.Tensor, fraction: float, group: int = RANGE_GROUP,
+                   ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`--key-channels`' choice: per (b, KV head) the ``m = round(fraction * D)`` channels with the
-    largest ``sum_g q_gd^2 * mean_groups (hi_d - lo_d)^2``, as a bool mask ``[B, Hkv, D]``."""
+    largest ``sum_g q_gd^2 * mean_groups (hi_d - lo_d)^2``, as a bool mask ``[B, Hkv, D]``
+    (`ranges`: ``group_ranges(k, group)`` when the caller has them)."""
     batch, heads, _, dim = k.shape
     m = max(1, min(dim, round(fraction * dim)))
-    lo, hi = group_ranges(k, group)
+    lo, hi = group_ranges(k, group) if ranges is None else ranges
     gq = q.shape[1] // heads
     qq = q.float().reshape(batch, heads, gq, dim).pow(2).sum(2)  # [B, Hkv, D]
     weight = qq * (hi - lo).pow(2).mean(2)
@@ -120,7 +122,7 @@ def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor,
     seq = k.shape[2]
     lo, hi = group_ranges(k, group)
     if chosen is None:
-        chosen = channel_choice(q, k, fraction, group)
+        chosen = channel_choice(q, k, fraction, group, (lo, hi))
     mid = ((lo + hi) / 2).repeat_interleave(group, dim=2)[:, :, :seq]  # [B, Hkv, S, D]
     return torch.where(chosen[:, :, None, :], dequant.float(), mid).to(dequant.dtype)
 
@@ -217,9 +219,11 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
                                                  group_agg="sum", **forced)
         keys = quantize_keys(k, key_bits).to(k.dtype) if key_bits else k
         # --key-channels: only the query's most telling channels of the codes (the rest at mid-range)
+        layer = cal.key_proj.data_ptr()  # one calibration per layer (--reuse, --channel-refresh)
         ranked = keys
-        if key_channels < 1.0:
-            layer = cal.key_proj.data_ptr()
+        if key_channels < 1.0 and channel_refresh == 1:
+            ranked = channel_subset_keys(q, k, keys, key_channels)
+        elif key_channels < 1.0:
             made = choices.get(layer)
             if made is None or not 0 < seq - made[0] < channel_refresh or made[1].shape[:2] != k.shape[:2]:
                 made = (seq, channel_choice(q, k, key_channels))
@@ -227,7 +231,7 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
             ranked = channel_subset_keys(q, k, keys, key_channels, chosen=made[1])
         refined = reference.oracle_head_scores(q, ranked, seq_lens, bs, scale)
         is_cand = mask_from_indices(cand, num_cand, nb)
-        last = previous.get(cal.key_proj.data_ptr()) if reuse else None
+        last = previous.get(layer) if reuse else None
         if last is not None and last[0] == seq - 1 and last[1].shape[:2] == cand.shape[:2]:
             is_cand = is_cand | mask_from_indices(last[1], last[2], nb)  # last step's indices are < nb
         group = q.shape[1] // kv_heads
@@ -265,7 +269,7 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
             vmeans = value_means(v, seq, bs, tail_tokens).repeat_interleave(group, dim=1)
             out = add_tail(out, lse, est, vmeans)
         if reuse:
-            previous[cal.key_proj.data_ptr()] = (seq, selected.clone(), num_selected.clone())
+            previous[layer] = (seq, selected.clone(), num_selected.clone())
         block_tokens = (seq - torch.arange(nb) * bs).clamp(0, bs)  # every candidate's codes are read
         counts["candidate_tokens"] += int((is_cand.long() * block_tokens).sum())
         counts["tokens"] += batch * kv_heads * seq

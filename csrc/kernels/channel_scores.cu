@@ -76,10 +76,8 @@ cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t strea
     return cudaErrorInvalidValue;
   }
   if (params.bits != 2 && params.bits != 4) return cudaErrorInvalidValue;
-  // A channel's run of a group is copied in 4-, 8- or 16-byte pieces: a whole number of words
-  // (every block size that is a multiple of 16 qualifies).
-  if ((params.blocks_per_group * params.block_size * params.bits) % 32 != 0) return cudaErrorInvalidValue;
-  // The kernel scores 16-token m-tiles (m16n8k16): power-of-two blocks of 16 to 128 tokens.
+  // The kernel scores 16-token m-tiles (m16n8k16): power-of-two blocks of 16 to 128 tokens (a
+  // channel's run of a group is then a whole number of words, copied in 4-, 8- or 16-byte pieces).
   if (params.block_size < 16 || (params.block_size & (params.block_size - 1)) != 0) return cudaErrorInvalidValue;
   if (params.q == nullptr || params.codes == nullptr || params.seq_lens == nullptr || params.channels == nullptr ||
       params.head_scores == nullptr || !aligned(params.codes, 16)) {

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   // in the SASS). Guarded loads (a plain unrolled loop, or `if (m < n_groups)` here) sank to their
   // use: one pair in flight. So every load is unconditional, a group past the end re-reading the
   // last valid group, and its widths are dropped by a select. ptxas also sank them, at 52
-  // registers, until the launch bound allowed 128 (2 CTAs of 256 threads per SM).
+  // registers, until the launch bound allowed 128 (now 1 CTA of 512 threads per SM).
   constexpr int kBatch = 4;
   for (int m0 = slice; m0 < n_groups; m0 += kBatch * slices) {
     uint4 lo[kBatch], hi[kBatch];
@@ -384,7 +384,8 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     const int g = x / m_pad, i = x % m_pad;
     s_qd[x] = g < G && i < n_chosen ? s_q[g * kHeadDim + s_list[i]] / static_cast<float>(kLevels) : 0.0f;
   }
-  // The padding entries' runs are never copied: zero them once in every stage (finite codes).
+  // The padding entries' runs are never copied: zero them once in every stage, so that no
+  // uninitialised shared memory is read (their codes, masked to 0..15, meet zero weights anyway).
   for (int x = tid; x < kChannelScoresWarps * stages * (m_pad - n_chosen) * stride; x += kChannelScoresThreads) {
     const int per_stage = (m_pad - n_chosen) * stride;
     const int slot = x / per_stage, rest = x % per_stage;

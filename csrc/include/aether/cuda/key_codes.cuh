@@ -93,11 +93,14 @@ __host__ __device__ constexpr int key_codes_run_stride(int group_tokens, int bit
 // Dynamic shared memory of the build kernel (one CTA: one group, kCodesSliceChannels channels):
 // the slice's keys as float32 [tokens][32], the warps' partial minima and maxima [2][warps][32],
 // lo and step [32]; channel-major, then the packed runs [32][key_codes_run_stride].
-inline size_t key_codes_smem_bytes(int group_tokens, int bits, bool channel_major) {
-  constexpr size_t C = kCodesSliceChannels;
-  const size_t floats = sizeof(float) * (static_cast<size_t>(group_tokens) * C + 2 * kCodesWarps * C + 2 * C);
-  return floats + (channel_major ? C * key_codes_run_stride(group_tokens, bits) : 0);
+constexpr size_t key_codes_smem_bytes(int group_tokens, int bits, bool channel_major) {
+  return sizeof(float) * (static_cast<size_t>(group_tokens) * kCodesSliceChannels + 2 * kCodesWarps * kCodesSliceChannels +
+                          2 * kCodesSliceChannels) +
+         (channel_major ? kCodesSliceChannels * static_cast<size_t>(key_codes_run_stride(group_tokens, bits)) : 0);
 }
+static_assert(key_codes_smem_bytes(kMaxGroupTokens, 4, true) <= 48 * 1024 &&
+                  key_codes_smem_bytes(kMaxGroupTokens, 2, true) <= 48 * 1024,
+              "the build kernel stays within the default dynamic shared memory (no opt-in)");
 
 // Code of x in [lo, lo + levels * step] as the CPU's quantise_level: rint((x - lo) / step) with
 // one float32 subtraction and division (round to nearest), clamped; 0 when step is not > 0 or the
@@ -154,7 +157,6 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
   const int end = p.first_block != nullptr ? n_groups : capacity;
   const int group_bytes = gt * token_bytes;  // the codes of the group's P blocks are contiguous
   const int run_bytes = gt * bits / 8;       // channel-major: one channel's codes of the group
-  const int run_log2 = __ffs(run_bytes) - 1;  // gt and bits are powers of two
   const int slice_bytes = C * bits / 8;      // token-major: one token's codes of the slice (8 or 16)
   const int slice_log2 = __ffs(slice_bytes) - 1;
 
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
     if (n == 0) {  // past the end (full build only): zeros; uniform over the CTA
       for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
         if (p.channel_major) {
-          codes[(c0 << run_log2) + i] = 0;  // the slice's runs are contiguous
+          codes[c0 * run_bytes + i] = 0;  // the slice's runs are contiguous
         } else {
           codes[(i >> slice_log2) * token_bytes + c0 * bits / 8 + (i & (slice_bytes - 1))] = 0;
         }
@@ -208,7 +210,7 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
       const int run_stride = key_codes_run_stride(gt, bits);
       uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + C);  // [C][run_stride]
-      for (int x = tid; x < C << run_log2; x += kCodesThreads) {
+      for (int x = tid; x < C * run_bytes; x += kCodesThreads) {
         const int d = x & (C - 1);
         const int r = x >> kLog2C;
         const int first = r * per_byte;  // first token of this byte
@@ -220,8 +222,9 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
         s_runs[d * run_stride + r] = static_cast<uint8_t>(byte);
       }
       __syncthreads();
-      for (int i = tid; i < C << run_log2; i += kCodesThreads) {
-        codes[(c0 << run_log2) + i] = s_runs[(i >> run_log2) * run_stride + (i & (run_bytes - 1))];
+      // run_bytes need not be a power of two (a block size such as 24 is valid at this level)
+      for (int i = tid; i < C * run_bytes; i += kCodesThreads) {
+        codes[c0 * run_bytes + i] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
       }
     } else {
       for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
@@ -561,15 +564,11 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   if (heads == 0 || groups == 0) return cudaSuccess;
   if (p.head_dim % kCodesSliceChannels != 0) return cudaErrorInvalidValue;
   const int channel_slices = p.head_dim / kCodesSliceChannels;
-  int64_t slices = 0;
-  AETHER_CUDA_TRY(block_build_slices(groups, heads, p.first_block != nullptr, &slices));
-  // An append fills the GPU once counting the channel slices too.
-  if (p.first_block != nullptr) slices = std::max<int64_t>(1, ceil_div(slices, channel_slices));
+  int64_t slices = 0;  // an append fills the GPU once counting the channel slices as heads
+  AETHER_CUDA_TRY(block_build_slices(groups, heads * channel_slices, p.first_block != nullptr, &slices));
+  // At most ~20 KB (32 channels of a 128-token group): never above the default 48 KB limit.
   const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.bits, p.channel_major != 0);
   auto kernel = key_codes_kernel<T>;
-  if (smem > 48 * 1024) {
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices), static_cast<unsigned>(channel_slices));
   return launch_kernel(kernel, dim3(grid), dim3(kCodesThreads), smem, stream, p);
 }
