@@ -1,7 +1,8 @@
 """A small case of every kernel (all paths: stats, sketch and key-code build + append (1 and 2 blocks per sketch block),
 two-stage refine (with the union of the last selection), qcodes (channel-major codes), each score, policy and
 group aggregation, dense and
-sparse decode with and without splits, paged) for compute-sanitizer memcheck/racecheck."""
+sparse decode with and without splits, paged, the row-per-cluster selection and channel choice) for
+compute-sanitizer memcheck/racecheck."""
 
 import math
 
@@ -70,5 +71,13 @@ q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
 aether.sparse_attention(q, k, k, budget=0.25)
 aether.sparse_attention(q, k, k, budget=1.0)
+# Rows long enough for the row-per-cluster kernels (batch 1: select_blocks / radar_select over 8
+# CTAs per row, code_channels over 8) to give every CTA of a cluster blocks and groups.
+lens = torch.tensor([8000], dtype=torch.int32, device="cuda")
+codes = aether.key_codes(k, 16, bits=4, seq_lens=lens, layout="channel")
+for agg in ("sum", "max"):
+    aether.sparse_attention(q, k, k, seq_lens=lens, block_size=16, score="qcodes", codes=codes, budget=0.135,
+                            group_agg=agg)
+    aether.sparse_attention(q, k, k, seq_lens=lens, budget=0.125, group_agg=agg)
 torch.cuda.synchronize()
 print("sanitize_case: done")

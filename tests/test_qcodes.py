@@ -80,6 +80,20 @@ def test_code_channels_match_reference(device, group, head_dim, m, poison_empty)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_code_channels_long_rows_match_reference(device, head_dim, poison_empty):
+    """Rows of 313 and 184 groups: on CUDA at batch 1-2 a row is spread over a cluster of CTAs (each
+    every C-th slice of the groups, their spreads added by rank 0), so every CTA holds groups."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, _, lens = make_case(2, 8, 2, 40000, head_dim, dtype, device, seed=head_dim, lens=[40000, 23456])
+    kc = aether.key_codes(k, 16, seq_lens=lens, layout="channel")
+    for m in (1, 16, head_dim // 2):
+        got = torch.ops.aether.code_channels(q, kc.ranges, lens, 16, 8, m)
+        want = ref.code_channels(q.cpu(), kc.ranges.cpu(), lens.cpu(), 128, m)
+        assert torch.equal(got.cpu(), want), m
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_code_channels_prefers_heavy_channels_and_breaks_ties_low(device):
     """A channel with a large q^2 x range^2 wins; constant channels (range 0) tie at 0 and the lower
     index goes first."""
@@ -166,6 +180,39 @@ def test_select_blocks_equals_radar_select_given_the_scores(device, policy, budg
                                        sink_blocks=1, recent_blocks=1, group_agg=agg)
         assert torch.equal(cnt.cpu(), rcnt)
         assert torch.equal(sel.cpu(), rsel)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,kv_heads,group,nb", [(3, 2, 4, 3001), (2, 1, 1, 9000), (2, 3, 6, 700),
+                                                     (4, 6, 2, 500), (40, 8, 4, 300)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_long_rows_select_as_reference(device, batch, kv_heads, group, nb, ties):
+    """topk over rows long enough to be split over a cluster of CTAs (CUDA on an H100 / H200: 8 CTAs
+    per row up to 16 rows, 4 up to 33, one CTA per row beyond: the last two cases have 24 and
+    320 rows), with odd lengths, an empty row, and (ties) scores on a coarse grid so that the
+    boundary key is shared: exactly the reference's blocks, ties to the lower index, for both
+    aggregations and several budgets."""
+    g = torch.Generator().manual_seed(nb + group)
+    bs = 16
+    lens_list = [nb * bs - int(x) for x in torch.randint(0, nb * bs // 3, (batch,), generator=g)]
+    lens_list[0] = nb * bs
+    lens_list[-1] = 0 if batch > 2 else 37
+    lens = torch.tensor(lens_list, dtype=torch.int32)
+    scores = torch.randn(batch, kv_heads * group, nb, generator=g) * 3
+    if ties:
+        scores = torch.round(scores * 2) / 2
+    for b, n in enumerate(lens_list):
+        scores[b, :, math.ceil(n / bs):] = -math.inf
+    q = torch.zeros(batch, kv_heads * group, 64, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    mlo = torch.full((batch, kv_heads * group), -math.inf)
+    for budget_blocks, fraction in [(0, 0.135), (7, 0.0), (0, 0.97), (1, 0.0)]:
+        for agg in ("sum", "max"):
+            sel, cnt = torch.ops.aether.select_blocks(q.to(device), scores.to(device), lens.to(device), kv_heads, bs,
+                                                      "topk", budget_blocks, fraction, 0.9, 1, 0, 2, 3, agg)
+            rsel, rcnt = ref.select_blocks(scores, mlo, lens, bs, kv_heads, policy="topk", budget_blocks=budget_blocks,
+                                           budget_fraction=fraction, sink_blocks=2, recent_blocks=3, group_agg=agg)
+            assert torch.equal(cnt.cpu(), rcnt), (budget_blocks, fraction, agg)
+            assert torch.equal(sel.cpu(), rsel), (budget_blocks, fraction, agg)
 
 
 @pytest.mark.parametrize("device", DEVICES)

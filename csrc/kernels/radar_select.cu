@@ -5,6 +5,7 @@
 #include "aether/cuda/launchers.h"
 #include "aether/cuda/key_sketch.cuh"
 #include "aether/cuda/radar_select.cuh"
+#include "aether/cuda/select_cluster.cuh"
 
 namespace aether {
 namespace cuda {
@@ -65,8 +66,55 @@ cudaError_t validate(const RadarSelectParams& p) {
   return cudaSuccess;
 }
 
+// AETHER_SELECT_CLUSTER: unset, the launcher's choice (cluster_select_ctas); 0, topk on the
+// one-CTA-per-row kernel; 1, 2, 4 or 8, that many CTAs per row (comparisons and tests:
+// bench/select_sweep.py, tests/test_qcodes.py).
+int select_cluster_setting() {
+  static const int setting = cluster_override("AETHER_SELECT_CLUSTER");
+  return setting;
+}
+
+// topk on select_topk_cluster_kernel (select_cluster.cuh). Sets *launched = false, launching
+// nothing, where the one-CTA kernel must do it: more than kClusterSelectMaxHeads query heads per KV
+// head, or a row too long for the keys of a CTA's part.
+template <GroupAgg kAgg>
+cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream,
+                                  bool* launched) {
+  *launched = false;
+  const int G = p.q_heads / p.kv_heads;
+  const int setting = select_cluster_setting();
+  if (setting == 0 || G > kClusterSelectMaxHeads) return cudaSuccess;
+  int optin = 0, num_sms = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
+  const size_t limit = static_cast<size_t>(optin) - sizeof(ClusterSelectShared) - 1024;  // + compiler-owned smem
+  auto kernel = select_topk_cluster_kernel<kAgg>;
+  // Dynamic bytes for a cluster of `ctas`: the keys, then (sum aggregation, when it fits) the scores.
+  auto smem_for = [&](int ctas, bool* stage) {
+    const ClusterSelectSmem layout = cluster_select_smem(cluster_select_span(p.num_blocks, ctas), G);
+    *stage = kAgg == GroupAgg::kSum && layout.with_stage <= limit;
+    return *stage ? layout.with_stage : layout.keys_only;
+  };
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
+  const int ctas = setting > 0 ? setting : cluster_select_ctas(rows, num_sms);
+  if (ctas == 0) return cudaSuccess;
+  bool stage = false;
+  const size_t smem = smem_for(ctas, &stage);
+  if (smem > limit || rows * ctas > 0x7fffffff) return cudaSuccess;  // the one-CTA kernel (keys in the workspace)
+  AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  *launched = true;
+  return launch_kernel_clustered(kernel, dim3(static_cast<unsigned>(rows * ctas)), dim3(kClusterSelectThreads), smem,
+                                 stream, ctas, p, ws, stage ? 1 : 0);
+}
+
 template <Policy kPolicy>
 cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
+  if constexpr (kPolicy == Policy::kTopK) {
+    bool launched = false;
+    AETHER_CUDA_TRY(p.group_agg == GroupAgg::kSum ? launch_select_cluster<GroupAgg::kSum>(p, ws, stream, &launched)
+                                                  : launch_select_cluster<GroupAgg::kMax>(p, ws, stream, &launched));
+    if (launched) return cudaSuccess;
+  }
   const SelectSmemLayout layout = radar_select_smem_layout(p);
   int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));

@@ -76,21 +76,60 @@ inline bool pdl_enabled() {
   return enabled;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialisation (see above).
+// A cluster-size override from the environment (for comparisons and tests): -1 when `name` is
+// unset or not one of 0, 1, 2, 4, 8. Read once per process by each caller.
+inline int cluster_override(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0') return -1;
+  const int n = std::atoi(env);
+  return (n == 0 || n == 1 || n == 2 || n == 4 || n == 8) ? n : -1;
+}
+
+// The CTAs per row of a kernel that spreads each of `rows` rows over a thread-block cluster: the
+// largest of max_ctas, max_ctas / 2, ... >= min_ctas with rows * ctas <= num_sms (a CTA per SM,
+// one wave), else 0 (one CTA per row, no cluster). Where every SM is busy anyway, the extra CTAs
+// only repeat each row's fixed work (select_cluster.cuh gives the measurements).
+inline int cluster_ctas_per_row(int64_t rows, int num_sms, int max_ctas, int min_ctas) {
+  for (int ctas = max_ctas; ctas >= min_ctas && ctas >= 1; ctas /= 2) {
+    if (rows * ctas <= num_sms) return ctas;
+  }
+  return 0;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialisation (see above)
+// and, when cluster_ctas > 0, thread-block clusters of cluster_ctas CTAs along x.
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          Args&&... args) {
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+cudaError_t launch_kernel_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t stream, int cluster_ctas, Args&&... args) {
+  cudaLaunchAttribute attribute[2];
+  unsigned count = 0;
+  if (pdl_enabled()) {
+    attribute[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  if (cluster_ctas > 0) {
+    attribute[count].id = cudaLaunchAttributeClusterDimension;
+    attribute[count].val.clusterDim.x = static_cast<unsigned>(cluster_ctas);
+    attribute[count].val.clusterDim.y = 1;
+    attribute[count].val.clusterDim.z = 1;
+    ++count;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attribute;
-  config.numAttrs = pdl_enabled() ? 1 : 0;
+  config.numAttrs = count;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialisation (see above).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  return launch_kernel_clustered(kernel, grid, block, smem, stream, 0, std::forward<Args>(args)...);
 }
 
 // ---------------------------------------------------------------------------------------------

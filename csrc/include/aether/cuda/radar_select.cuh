@@ -546,18 +546,113 @@ struct SelectShared {
   double running, tie_weight;
 };
 
-// Exact top-k by radix select over `keys` of the candidates (keys of other blocks are never read):
-// on return the chosen candidates are those with (key & mask) > prefix, plus, among those with
-// (key & mask) == prefix, the first `take` in ascending block index (all of them if !partial).
-// Requires 0 < k < number of candidates, sh.hist[0] zeroed with a barrier since, and no thread
-// still reading sh.hist. Every thread of the block must call.
+// One (b, kv_head) row of a selection: its valid blocks and the forced ones (sinks, the recent
+// window and a partial last block), which are kept whatever the policy.
+struct SelectRow {
+  int len = 0;
+  int n_blocks = 0;  // ceil(len / block_size), at most num_blocks
+  int n_full = 0;    // blocks with block_size valid tokens
+  bool partial_tail = false;
+  int n_forced = 0;
+  int n_cand = 0;    // n_blocks - n_forced
+  __device__ bool forced(const RadarSelectParams& p, int j) const {
+    return j < p.sink_blocks || (j >= n_full - p.recent_blocks && j < n_full) || (partial_tail && j == n_full);
+  }
+};
+
+__device__ inline SelectRow select_row(const RadarSelectParams& p, int b) {
+  SelectRow r;
+  const int bs = p.block_size;
+  r.len = max(p.seq_lens[b], 0);
+  r.n_blocks = r.len == 0 ? 0 : min((r.len + bs - 1) / bs, p.num_blocks);
+  r.n_full = r.len / bs;
+  r.partial_tail = r.len % bs != 0;
+  // The forced blocks are [0, sink) and [n_full - recent, n_full + partial tail) within the row:
+  // counted in closed form (a counting pass and its two barriers cost ~1 us of the row's chain).
+  const int sink_hi = min(max(p.sink_blocks, 0), r.n_blocks);
+  const int tail_lo = max(r.n_full - max(p.recent_blocks, 0), 0);
+  const int tail_hi = min(r.n_full + (r.partial_tail ? 1 : 0), r.n_blocks);
+  r.n_forced = sink_hi + max(tail_hi - tail_lo, 0) - max(min(sink_hi, tail_hi) - tail_lo, 0);
+  r.n_cand = r.n_blocks - r.n_forced;
+  return r;
+}
+
+// topk: how many candidates the row keeps besides its forced blocks (0 .. n_cand).
+__device__ inline int topk_candidates(const RadarSelectParams& p, const SelectRow& r) {
+  int64_t total = p.budget_blocks;
+  if (total <= 0) {
+    const double wanted = ceil(p.budget_fraction * r.n_blocks - 1e-9);
+    total = max(static_cast<int64_t>(1), static_cast<int64_t>(fmin(wanted, 1e18)));
+  }
+  return static_cast<int>(min(max(total - r.n_forced, static_cast<int64_t>(0)), static_cast<int64_t>(r.n_cand)));
+}
+
+// M_g of query head `head` (b * q_heads + g): given, the maximum of the score kernel's per-chunk
+// partials, or -inf (no lower bound).
+__device__ inline float row_head_mlo(const RadarSelectParams& p, const RadarWorkspace& ws, int64_t head) {
+  float m = -INFINITY;
+  if (p.in_head_mlo != nullptr) {
+    m = p.in_head_mlo[head];
+  } else if (ws.mlo_from_q) {
+    for (int c = 0; c < ws.n_chunks; ++c) m = fmaxf(m, ws.partial_mlo[head * ws.n_chunks + c]);
+  }
+  return m;
+}
+
+// Called by a whole warp: the digit at which the descending running count of the 256-bucket
+// histogram `hist` first reaches `need` (>= 1 and <= the total), that bucket's count and the count
+// above it. Lane l scans digits 255 - 8l ... 248 - 8l (descending keys come first); the one lane
+// whose range holds the crossing broadcasts it.
+__device__ __forceinline__ void radix_find_digit(const int* hist, int need, int lane, int& digit, int& bucket,
+                                                 int& above) {
+  int c[8];
+  int lane_total = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    c[i] = hist[255 - 8 * lane - i];
+    lane_total += c[i];
+  }
+  int inclusive = lane_total;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+    const int other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  int running = inclusive - lane_total;
+  int my_digit = 0, my_above = 0, my_bucket = 0;
+  bool found = false;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (running < need && running + c[i] >= need) {
+      my_digit = 255 - 8 * lane - i;
+      my_above = running;
+      my_bucket = c[i];
+      found = true;
+    }
+    running += c[i];
+  }
+  const int src = __ffs(__ballot_sync(kFullMask, found)) - 1;  // one lane: need <= the counts
+  digit = __shfl_sync(kFullMask, my_digit, src);
+  bucket = __shfl_sync(kFullMask, my_bucket, src);
+  above = __shfl_sync(kFullMask, my_above, src);
+}
+
+// Exact top-k by radix select over the keys of the candidates (keys of other blocks are never
+// read): on return the chosen candidates are those with (key & mask) > prefix, plus, among those
+// with (key & mask) == prefix, the first `take` in ascending block index (all of them if
+// !partial). Requires 0 < k < number of candidates of the row, hist[0] zeroed with a barrier
+// since, and no thread still reading hist. Every thread of the block must call.
+// This CTA counts blocks [j_begin, j_end) of the row, whose keys are keys[j - j_begin];
+// gather(hist) is called by every thread after a pass's counting and returns the row's histogram
+// once every CTA of the row has counted (one CTA: a barrier and hist itself; a cluster: a cluster
+// barrier and the sum of the CTAs' histograms, select_cluster.cuh).
 // One barrier per 8-bit pass: the pass fills hist[pass % 3] and clears hist[(pass + 1) % 3] (last
 // read by the scans of pass - 2, which every warp finished before the previous barrier); after the
 // barrier every warp scans the 256 counts itself, so no second barrier broadcasts the digit. The
 // row's chain of barriers is what this kernel's time is made of (bench/PERF_NOTES.md).
-template <typename KeyT, typename CandFn>
-__device__ void radix_select_top(const KeyT* keys, int n_blocks, CandFn is_cand, int k, SelectShared& sh,
-                                 KeyT& prefix, KeyT& mask, int& take, bool& partial) {
+template <typename KeyT, typename CandFn, typename GatherFn>
+__device__ void radix_select_top(const KeyT* keys, int j_begin, int j_end, CandFn is_cand, int k, int (*hists)[256],
+                                 GatherFn gather, KeyT& prefix, KeyT& mask, int& take, bool& partial) {
   constexpr int kBits = 8 * static_cast<int>(sizeof(KeyT));
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
@@ -566,52 +661,23 @@ __device__ void radix_select_top(const KeyT* keys, int n_blocks, CandFn is_cand,
   int need = k;
   int pass = 0;
   for (int shift = kBits - 8; shift >= 0; shift -= 8, ++pass) {
-    int* hist = sh.hist[pass % 3];
-    for (int i = tid; i < 256; i += blockDim.x) sh.hist[(pass + 1) % 3][i] = 0;
-    for (int base = 0; base < n_blocks; base += blockDim.x) {  // uniform trip count: match_any
+    int* hist = hists[pass % 3];
+    for (int i = tid; i < 256; i += blockDim.x) hists[(pass + 1) % 3][i] = 0;
+    for (int base = j_begin; base < j_end; base += blockDim.x) {  // uniform trip count: match_any
       const int j = base + tid;
       int digit = -1;
-      if (j < n_blocks && is_cand(j)) {
-        const KeyT key = keys[j];
+      if (j < j_end && is_cand(j)) {
+        const KeyT key = keys[j - j_begin];
         if ((key & mask) == prefix) digit = static_cast<int>((key >> shift) & 0xff);
       }
       // Float keys share their top bits: aggregate equal digits of a warp into one atomic.
       const unsigned peers = __match_any_sync(kFullMask, digit);
       if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
     }
-    __syncthreads();
-    // Every warp: lane l scans digits 255 - 8l ... 248 - 8l (descending keys come first); the
-    // one lane whose range holds the crossing broadcasts it.
-    int c[8];
-    int lane_total = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      c[i] = hist[255 - 8 * lane - i];
-      lane_total += c[i];
-    }
-    int inclusive = lane_total;
-#pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
-      const int other = __shfl_up_sync(kFullMask, inclusive, offset);
-      if (lane >= offset) inclusive += other;
-    }
-    int running = inclusive - lane_total;
-    int my_digit = 0, my_above = 0, my_bucket = 0;
-    bool found = false;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (running < need && running + c[i] >= need) {
-        my_digit = 255 - 8 * lane - i;
-        my_above = running;
-        my_bucket = c[i];
-        found = true;
-      }
-      running += c[i];
-    }
-    const int src = __ffs(__ballot_sync(kFullMask, found)) - 1;  // one lane: need <= the counts
-    const int digit = __shfl_sync(kFullMask, my_digit, src);
-    const int bucket = __shfl_sync(kFullMask, my_bucket, src);
-    need -= __shfl_sync(kFullMask, my_above, src);
+    const int* row_hist = gather(hist);
+    int digit, bucket, above;
+    radix_find_digit(row_hist, need, lane, digit, bucket, above);
+    need -= above;
     prefix |= static_cast<KeyT>(digit) << shift;
     mask |= static_cast<KeyT>(0xff) << shift;
     if (bucket == need) {  // the whole bucket is taken: no tie to break
@@ -730,19 +796,32 @@ __device__ int cumulative_count(const KeyT* keys, const double* weights, int n_b
   return count;
 }
 
-// Writes the ascending row of selected blocks, -1 padding and the count. Each warp owns a
-// contiguous range of 32-block groups so that ballots give the ranks in block order. One counting
-// pass (each warp's sure picks and its ties at the boundary key), one barrier, one writing pass:
-// a warp's share of the `take` ties follows from the ties of the warps before it.
-template <typename KeyT, typename ForcedFn, typename CandFn>
-__device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks, ForcedFn is_forced,
-                                CandFn is_cand, const KeyT* keys, int k, int n_cand, KeyT prefix,
-                                KeyT mask, int take, bool partial, SelectShared& sh) {
+// Where this CTA's part of the row goes (write_selection): its first tie's rank among the row's
+// ties at the boundary key, its first output slot, and the row's count.
+struct SelectionBase {
+  int ties_before = 0;
+  int out_base = 0;
+  int total = 0;
+};
+
+// Writes the ascending row of selected blocks, -1 padding and the count, for blocks [j_begin, j_end)
+// of the row (keys[j - j_begin]). Each warp owns a contiguous range of 32-block groups so that
+// ballots give the ranks in block order. One counting pass (each warp's sure picks and its ties at
+// the boundary key), one barrier, one writing pass: a warp's share of the `take` ties follows from
+// the ties before it. exchange(cta_ties, cta_sure) returns the SelectionBase of this CTA (one CTA:
+// nothing before it; a cluster: the CTAs of lower rank hold the lower blocks). The padding is
+// written by this CTA at slots total + pad_first + tid, stepping by pad_step; the count by the
+// thread with pad_first + tid == 0.
+template <typename KeyT, typename ForcedFn, typename CandFn, typename ExchangeFn>
+__device__ void write_selection(const RadarSelectParams& p, int bh, int j_begin, int j_end, ForcedFn is_forced,
+                                CandFn is_cand, const KeyT* keys, int k, int n_cand, KeyT prefix, KeyT mask,
+                                int take, bool partial, int* s_warp_ties, int* s_warp_sel, ExchangeFn exchange,
+                                int pad_first, int pad_step) {
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
-  const int groups = (n_blocks + kWarpSize - 1) / kWarpSize;
+  const int groups = (j_end - j_begin + kWarpSize - 1) / kWarpSize;
   const int groups_per_warp = (groups + num_warps - 1) / num_warps;
   const int g_begin = min(groups, warp * groups_per_warp);
   const int g_end = min(groups, g_begin + groups_per_warp);
@@ -753,44 +832,48 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
 
   // A tie: a candidate at the boundary key when only `take` of those are kept (by block index).
   auto is_tie = [&](int j) {
-    return split_ties && j < n_blocks && is_cand(j) && (keys[j] & mask) == prefix;
+    return split_ties && j < j_end && is_cand(j) && (keys[j - j_begin] & mask) == prefix;
   };
   // Chosen whatever the tie ranks (forced, or a candidate above the boundary or at an unsplit one).
   auto is_sure = [&](int j) {
-    if (j >= n_blocks) return false;
+    if (j >= j_end) return false;
     if (is_forced(j)) return true;
     if (!is_cand(j) || no_cand) return false;
     if (all_cand) return true;
-    const KeyT masked = keys[j] & mask;
+    const KeyT masked = keys[j - j_begin] & mask;
     return masked > prefix || (masked == prefix && !partial);
   };
 
   int ties = 0, sure = 0;
   for (int grp = g_begin; grp < g_end; ++grp) {
-    const int j = grp * kWarpSize + lane;
+    const int j = j_begin + grp * kWarpSize + lane;
     ties += __popc(__ballot_sync(kFullMask, is_tie(j)));
     sure += __popc(__ballot_sync(kFullMask, is_sure(j)));
   }
   if (lane == 0) {
-    sh.warp_ties[warp] = ties;
-    sh.warp_sel[warp] = sure;
+    s_warp_ties[warp] = ties;
+    s_warp_sel[warp] = sure;
   }
   __syncthreads();
-  int ties_before = 0, tie_base = 0, out_base = 0, total = 0;
+  int cta_ties = 0, cta_sure = 0;
   for (int w = 0; w < num_warps; ++w) {
-    const int w_ties = sh.warp_ties[w];
-    const int w_taken = split_ties ? min(max(take - ties_before, 0), w_ties) : 0;
-    if (w == warp) tie_base = ties_before;
-    if (w < warp) out_base += sh.warp_sel[w] + w_taken;
-    total += sh.warp_sel[w] + w_taken;
+    cta_ties += s_warp_ties[w];
+    cta_sure += s_warp_sel[w];
+  }
+  const SelectionBase base = exchange(cta_ties, cta_sure);
+  int ties_before = base.ties_before, tie_base = 0, out_base = base.out_base;
+  for (int w = 0; w < warp; ++w) {
+    const int w_ties = s_warp_ties[w];
+    out_base += s_warp_sel[w] + (split_ties ? min(max(take - ties_before, 0), w_ties) : 0);
     ties_before += w_ties;
   }
+  tie_base = ties_before;
   int32_t* row = p.selected + static_cast<int64_t>(bh) * p.num_blocks;
   {
     int tie_rank = tie_base;
     int out = out_base;
     for (int grp = g_begin; grp < g_end; ++grp) {
-      const int j = grp * kWarpSize + lane;
+      const int j = j_begin + grp * kWarpSize + lane;
       const unsigned tie_mask = __ballot_sync(kFullMask, is_tie(j));
       const bool tie = (tie_mask >> lane) & 1u;
       const bool sel = tie ? tie_rank + __popc(tie_mask & lanes_below) < take : is_sure(j);
@@ -800,8 +883,8 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int n_blocks
       out += __popc(sel_mask);
     }
   }
-  for (int i = total + tid; i < p.num_blocks; i += blockDim.x) row[i] = -1;
-  if (tid == 0) p.num_selected[bh] = total;
+  for (int i = base.total + pad_first + tid; i < p.num_blocks; i += pad_step) row[i] = -1;
+  if (pad_first + tid == 0) p.num_selected[bh] = base.total;
 }
 
 // exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
@@ -920,10 +1003,9 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   const int tid = threadIdx.x;
   const int NB = p.num_blocks;
   const int bs = p.block_size;
-  const int len = max(p.seq_lens[b], 0);
-  const int n_blocks = len == 0 ? 0 : min((len + bs - 1) / bs, NB);
-  const int n_full = len / bs;
-  const bool partial_tail = len % bs != 0;
+  const SelectRow row_info = select_row(p, b);
+  const int len = row_info.len;
+  const int n_blocks = row_info.n_blocks;
   const int64_t q_head0 = static_cast<int64_t>(b) * p.q_heads + static_cast<int64_t>(h) * G;
 
   // Dynamic shared memory (radar_select_smem_layout): per-head values, then (when they fit) keys
@@ -948,30 +1030,17 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     s_stage_exp = reinterpret_cast<double*>(s_dyn_bytes + layout.stage_offset + layout.stage_score_bytes);
   }
 
-  auto is_forced = [&](int j) {
-    return j < p.sink_blocks || (j >= n_full - p.recent_blocks && j < n_full) || (partial_tail && j == n_full);
-  };
+  auto is_forced = [&](int j) { return row_info.forced(p, j); };
   auto is_cand = [&](int j) { return !is_forced(j); };  // callers only pass j < n_blocks
   auto tokens_in = [&](int j) { return static_cast<double>(min(len, (j + 1) * bs) - j * bs); };
-
-  // The forced blocks are [0, sink) and [n_full - recent, n_full + partial tail) within the row:
-  // counted in closed form (a counting pass and its two barriers cost ~1 us of the row's chain).
-  const int sink_hi = min(max(p.sink_blocks, 0), n_blocks);
-  const int tail_lo = max(n_full - max(p.recent_blocks, 0), 0);
-  const int tail_hi = min(n_full + (partial_tail ? 1 : 0), n_blocks);
-  const int n_forced = sink_hi + max(tail_hi - tail_lo, 0) - max(min(sink_hi, tail_hi) - tail_lo, 0);
-  const int n_cand = n_blocks - n_forced;
+  const int n_forced = row_info.n_forced;
+  const int n_cand = row_info.n_cand;
   for (int i = tid; i < 256; i += blockDim.x) sh.hist[0][i] = 0;  // radix_select_top's first pass
 
   // M_g: the threshold policy's lower bound of each head's largest logit.
   if (kPolicy == Policy::kThreshold || p.out_head_mlo != nullptr) {
     for (int g = tid; g < G; g += blockDim.x) {
-      float m = -INFINITY;
-      if (p.in_head_mlo != nullptr) {
-        m = p.in_head_mlo[q_head0 + g];
-      } else if (ws.mlo_from_q) {
-        for (int c = 0; c < ws.n_chunks; ++c) m = fmaxf(m, ws.partial_mlo[(q_head0 + g) * ws.n_chunks + c]);
-      }
+      const float m = row_head_mlo(p, ws, q_head0 + g);
       s_mlo[g] = m;
       if (p.out_head_mlo != nullptr) p.out_head_mlo[q_head0 + g] = m;
     }
@@ -980,12 +1049,7 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
 
   int k = 0;
   if constexpr (kPolicy == Policy::kTopK) {
-    int64_t total = p.budget_blocks;
-    if (total <= 0) {
-      const double wanted = ceil(p.budget_fraction * n_blocks - 1e-9);
-      total = max(static_cast<int64_t>(1), static_cast<int64_t>(fmin(wanted, 1e18)));
-    }
-    k = static_cast<int>(min(max(total - n_forced, static_cast<int64_t>(0)), static_cast<int64_t>(n_cand)));
+    k = topk_candidates(p, row_info);
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
         // s_head_max / s_head_total are free under topk.
@@ -1073,8 +1137,21 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   KeyT prefix = 0, mask = 0;
   int take = 0;
   bool partial = false;
-  if (k > 0 && k < n_cand) radix_select_top<KeyT>(keys, n_blocks, is_cand, k, sh, prefix, mask, take, partial);
-  write_selection<KeyT>(p, bh, n_blocks, is_forced, is_cand, keys, k, n_cand, prefix, mask, take, partial, sh);
+  if (k > 0 && k < n_cand) {
+    auto gather = [](int* hist) -> const int* {
+      __syncthreads();
+      return hist;
+    };
+    radix_select_top<KeyT>(keys, 0, n_blocks, is_cand, k, sh.hist, gather, prefix, mask, take, partial);
+  }
+  const bool split_ties = partial && k > 0 && k < n_cand;
+  auto exchange = [&](int cta_ties, int cta_sure) {
+    SelectionBase base;
+    base.total = cta_sure + (split_ties ? min(take, cta_ties) : 0);
+    return base;
+  };
+  write_selection<KeyT>(p, bh, 0, n_blocks, is_forced, is_cand, keys, k, n_cand, prefix, mask, take, partial,
+                        sh.warp_ties, sh.warp_sel, exchange, 0, blockDim.x);
 }
 
 }  // namespace cuda
