@@ -1,7 +1,7 @@
 """A small case of every kernel (all paths: stats, sketch and key-code build + append (1 and 2 blocks per sketch block),
 two-stage refine (with the union of the last selection), qcodes (channel-major codes), each score, policy and
 group aggregation, dense and
-sparse decode with and without splits, paged, the row-per-cluster selection and channel choice) for
+sparse decode with and without splits, paged, the row-per-cluster selection) for
 compute-sanitizer memcheck/racecheck."""
 
 import math
@@ -71,13 +71,14 @@ q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
 aether.sparse_attention(q, k, k, budget=0.25)
 aether.sparse_attention(q, k, k, budget=1.0)
-# Rows long enough for the row-per-cluster kernels (batch 1: select_blocks / radar_select over 8
-# CTAs per row, code_channels over 8) to give every CTA of a cluster blocks and groups.
-lens = torch.tensor([8000], dtype=torch.int32, device="cuda")
+# Rows long enough for the row-per-cluster selection (batch 1: select_blocks / radar_select over 8
+# CTAs per row) to give every CTA of a cluster blocks.
+k = torch.randn(1, 8, 20000, 128, device="cuda", dtype=torch.bfloat16)  # 1250 blocks of 16 tokens
+lens = torch.tensor([19000], dtype=torch.int32, device="cuda")
 codes = aether.key_codes(k, 16, bits=4, seq_lens=lens, layout="channel")
 for agg in ("sum", "max"):
     aether.sparse_attention(q, k, k, seq_lens=lens, block_size=16, score="qcodes", codes=codes, budget=0.135,
                             group_agg=agg)
-    aether.sparse_attention(q, k, k, seq_lens=lens, budget=0.125, group_agg=agg)
+    aether.sparse_attention(q, k, k, seq_lens=lens, block_size=16, budget=0.125, group_agg=agg)
 torch.cuda.synchronize()
 print("sanitize_case: done")

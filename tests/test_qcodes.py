@@ -183,15 +183,15 @@ def test_select_blocks_equals_radar_select_given_the_scores(device, policy, budg
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch,kv_heads,group,nb", [(3, 2, 4, 3001), (2, 1, 1, 9000), (2, 3, 6, 700),
-                                                     (4, 6, 2, 500), (40, 8, 4, 300)])
+@pytest.mark.parametrize("batch,kv_heads,group,nb", [(3, 2, 4, 3001), (2, 1, 1, 9000), (2, 3, 6, 1100),
+                                                     (1, 4, 8, 2000), (40, 8, 4, 300)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_long_rows_select_as_reference(device, batch, kv_heads, group, nb, ties):
     """topk over rows long enough to be split over a cluster of CTAs (CUDA on an H100 / H200: 8 CTAs
-    per row up to 16 rows, 4 up to 33, one CTA per row beyond: the last two cases have 24 and
-    320 rows), with odd lengths, an empty row, and (ties) scores on a coarse grid so that the
-    boundary key is shared: exactly the reference's blocks, ties to the lower index, for both
-    aggregations and several budgets."""
+    per row for up to 16 rows of >= 1024 blocks, else one CTA per row, as in the last case), with
+    odd lengths, a short row (mostly empty CTAs), an empty one, and (ties) scores on a coarse grid
+    so that the boundary key is shared: exactly the reference's blocks, ties to the lower index,
+    for both aggregations and several budgets."""
     g = torch.Generator().manual_seed(nb + group)
     bs = 16
     lens_list = [nb * bs - int(x) for x in torch.randint(0, nb * bs // 3, (batch,), generator=g)]

@@ -1,5 +1,7 @@
 // radar_select launcher: validation, workspace layout, head_dim dispatch of the score kernel, and
 // the selection kernel (dtype and head_dim independent, instantiated here once per policy).
+#include <cstdlib>
+
 #include <nvtx3/nvtx3.hpp>
 
 #include "aether/cuda/launchers.h"
@@ -67,16 +69,22 @@ cudaError_t validate(const RadarSelectParams& p) {
 }
 
 // AETHER_SELECT_CLUSTER: unset, the launcher's choice (cluster_select_ctas); 0, topk on the
-// one-CTA-per-row kernel; 1, 2, 4 or 8, that many CTAs per row (comparisons and tests:
-// bench/select_sweep.py, tests/test_qcodes.py).
+// one-CTA-per-row kernel; 1, 2, 4 or 8, that many CTAs per row whatever the rows (comparisons:
+// bench/select_sweep.py).
 int select_cluster_setting() {
-  static const int setting = cluster_override("AETHER_SELECT_CLUSTER");
+  static const int setting = [] {
+    const char* env = std::getenv("AETHER_SELECT_CLUSTER");
+    if (env == nullptr || env[0] == '\0') return -1;
+    const int n = std::atoi(env);
+    return (n == 0 || n == 1 || n == 2 || n == 4 || n == 8) ? n : -1;
+  }();
   return setting;
 }
 
 // topk on select_topk_cluster_kernel (select_cluster.cuh). Sets *launched = false, launching
-// nothing, where the one-CTA kernel must do it: more than kClusterSelectMaxHeads query heads per KV
-// head, or a row too long for the keys of a CTA's part.
+// nothing, where the one-CTA kernel does it: many or short rows (cluster_select_ctas), more than
+// kClusterSelectMaxHeads query heads per KV head, a row too long for the keys of a CTA's part,
+// or a cluster that cannot be resident.
 template <GroupAgg kAgg>
 cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream,
                                   bool* launched) {
@@ -96,15 +104,30 @@ cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspa
     return *stage ? layout.with_stage : layout.keys_only;
   };
   const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
-  const int ctas = setting > 0 ? setting : cluster_select_ctas(rows, num_sms);
+  const int ctas = setting > 0 ? setting : cluster_select_ctas(rows, p.num_blocks, num_sms);
   if (ctas == 0) return cudaSuccess;
   bool stage = false;
   const size_t smem = smem_for(ctas, &stage);
   if (smem > limit || rows * ctas > 0x7fffffff) return cudaSuccess;  // the one-CTA kernel (keys in the workspace)
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(rows * ctas));
+  // A cluster that cannot be resident (a small MIG slice, say) falls back to the one-CTA kernel.
+  cudaLaunchAttribute cluster_dim[1];
+  cluster_dim[0].id = cudaLaunchAttributeClusterDimension;
+  cluster_dim[0].val.clusterDim.x = static_cast<unsigned>(ctas);
+  cluster_dim[0].val.clusterDim.y = 1;
+  cluster_dim[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kClusterSelectThreads);
+  config.dynamicSmemBytes = smem;
+  config.attrs = cluster_dim;
+  config.numAttrs = 1;
+  int clusters = 0;
+  AETHER_CUDA_TRY(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  if (clusters == 0) return cudaSuccess;
   *launched = true;
-  return launch_kernel_clustered(kernel, dim3(static_cast<unsigned>(rows * ctas)), dim3(kClusterSelectThreads), smem,
-                                 stream, ctas, p, ws, stage ? 1 : 0);
+  return launch_kernel_clustered(kernel, grid, dim3(kClusterSelectThreads), smem, stream, ctas, p, ws, stage ? 1 : 0);
 }
 
 template <Policy kPolicy>

@@ -15,10 +15,8 @@
 //    integer keys: a total order even with NaN, so exactly num_channels are chosen); a warp ballot
 //    and a prefix count over the warps write them ascending.
 //    H200, 8 x 32k (64 rows): 10.1 us at 512 threads, 10.9 at 256. A cluster of 8 CTAs per row
-//    at 8 x 32k took 22 us: 64 clusters of 8 did not fit one wave (bench/PERF_NOTES.md). So a
-//    row is spread over a cluster of 8 or 4 CTAs (every C-th slice of the groups each; rank 0 adds
-//    the CTAs' spreads in rank order over distributed shared memory and ranks the channels) only
-//    where rows x C CTAs fit one per SM: batch-1 rows (code_channels_ctas).
+//    (each a slice of the groups, the partial spreads added over distributed shared memory) took
+//    22 us: 8-CTA clusters of 2-per-SM CTAs did not fit one wave (reverted; bench/PERF_NOTES.md).
 // 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 4 warps; a CTA takes a
 //    contiguous range of its row's groups, its warps every 4th group each (the slices fill one
 //    wave of resident CTAs, rounded down: a few CTAs of a second wave cost a whole wave). Layout
@@ -58,7 +56,6 @@
 #pragma once
 
 #include <cmath>
-#include <cooperative_groups.h>
 
 #include "aether/cuda/common.cuh"
 #include "aether/cuda/mma.cuh"
@@ -80,20 +77,13 @@ static_assert(kCodeChannelsThreads >= kChannelMaxHeadDim, "code_channels ranks a
 template <typename T>
 __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(const CodeChannelsParams p) {
   pdl_begin();  // before any global read (common.cuh)
-  namespace cg = cooperative_groups;
-  // A row per cluster (of one CTA when launched without clusters): CTA r of C takes every C-th
-  // slice of the groups; rank 0 adds the CTAs' spreads in rank order and ranks the channels.
-  cg::cluster_group cluster = cg::this_cluster();
-  const int ctas = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
   // Partial spreads [slices][D]: slices * D = 8 * threads for every head_dim.
   __shared__ double s_part[8 * kCodeChannelsThreads];
   __shared__ double s_energy[kChannelMaxHeadDim];  // sum_g q_gd^2
-  __shared__ double s_spread[kChannelMaxHeadDim];  // this CTA's spreads (read by rank 0)
   __shared__ unsigned long long s_key[kChannelMaxHeadDim];
   __shared__ int s_count[kCodeChannelsThreads / kWarpSize];
   const int D = p.head_dim;
-  const int row = blockIdx.x / ctas;
+  const int row = blockIdx.x;
   const int b = row / p.kv_heads;
   const int h = row % p.kv_heads;
   const int G = p.q_heads / p.kv_heads;
@@ -125,19 +115,18 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   // last valid group, and its widths are dropped by a select. ptxas also sank them, at 52
   // registers, until the launch bound allowed 128 (now 1 CTA of 512 threads per SM).
   constexpr int kBatch = 4;
-  const int stride = slices * ctas;  // slices of the whole cluster
-  for (int m0 = rank * slices + slice; m0 < n_groups; m0 += kBatch * stride) {
+  for (int m0 = slice; m0 < n_groups; m0 += kBatch * slices) {
     uint4 lo[kBatch], hi[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const int m = min(m0 + k * stride, n_groups - 1);
+      const int m = min(m0 + k * slices, n_groups - 1);
       const uint16_t* group = ranges + static_cast<int64_t>(m) * 2 * D;
       lo[k] = __ldg(reinterpret_cast<const uint4*>(group) + c);
       hi[k] = __ldg(reinterpret_cast<const uint4*>(group + D) + c);
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
-      const bool valid = m0 + k * stride < n_groups;
+      const bool valid = m0 + k * slices < n_groups;
       const uint32_t lo_w[4] = {lo[k].x, lo[k].y, lo[k].z, lo[k].w};
       const uint32_t hi_w[4] = {hi[k].x, hi[k].y, hi[k].z, hi[k].w};
 #pragma unroll
@@ -156,20 +145,9 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   for (int d = tid; d < D; d += kCodeChannelsThreads) {
     double spread = 0.0;
     for (int s = 0; s < slices; ++s) spread += s_part[s * D + d];
-    s_spread[d] = spread;
+    s_key[d] = ordered_key(s_energy[d] * spread);
   }
-  // Every CTA's spreads are written. Without a cluster launch a CTA barrier does (and needs no
-  // cluster barrier instruction).
-  if (ctas > 1) cluster.sync(); else __syncthreads();
-  if (rank == 0) {
-    for (int d = tid; d < D; d += kCodeChannelsThreads) {
-      double spread = s_spread[d];
-      for (int r = 1; r < ctas; ++r) spread += cluster.map_shared_rank(s_spread, r)[d];
-      s_key[d] = ordered_key(s_energy[d] * spread);
-    }
-  }
-  if (ctas > 1) cluster.sync(); else __syncthreads();  // rank 0 has read the others' spreads: they may exit
-  if (rank != 0) return;
+  __syncthreads();
 
   const int d = tid;  // D <= threads: one channel per thread
   bool chosen = false;
@@ -194,25 +172,13 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   }
 }
 
-// CTAs per row: a cluster of 8 or 4 where rows * that many fit one CTA per SM, else one CTA (the
-// batch-1 rows had 8 of 132 SMs: 15.9 us at 1 x 32k, 20.4 at 1 x 128k on an H200).
-// AETHER_CODE_CHANNELS_CLUSTER (0, 1, 2, 4, 8) overrides it for comparisons.
-inline int code_channels_ctas(int64_t rows, int num_sms) {
-  static const int setting = cluster_override("AETHER_CODE_CHANNELS_CLUSTER");
-  if (setting >= 0) return setting <= 1 ? 0 : setting;
-  return cluster_ctas_per_row(rows, num_sms, 8, 4);
-}
-
 template <typename T>
 cudaError_t launch_code_channels(const CodeChannelsParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
   if (rows == 0) return cudaSuccess;
-  if (rows > 0x7fffffff / 8 || p.head_dim % 8 != 0 || p.head_dim > kChannelMaxHeadDim) return cudaErrorInvalidValue;
-  int num_sms = 0;
-  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
-  const int ctas = code_channels_ctas(rows, num_sms);
-  return launch_kernel_clustered(code_channels_kernel<T>, dim3(static_cast<unsigned>(rows * std::max(ctas, 1))),
-                                 dim3(kCodeChannelsThreads), 0, stream, ctas, p);
+  if (rows > 0x7fffffff || p.head_dim % 8 != 0 || p.head_dim > kChannelMaxHeadDim) return cudaErrorInvalidValue;
+  return launch_kernel(code_channels_kernel<T>, dim3(static_cast<unsigned>(rows)), dim3(kCodeChannelsThreads), 0,
+                       stream, p);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,26 +76,6 @@ inline bool pdl_enabled() {
   return enabled;
 }
 
-// A cluster-size override from the environment (for comparisons and tests): -1 when `name` is
-// unset or not one of 0, 1, 2, 4, 8. Read once per process by each caller.
-inline int cluster_override(const char* name) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || env[0] == '\0') return -1;
-  const int n = std::atoi(env);
-  return (n == 0 || n == 1 || n == 2 || n == 4 || n == 8) ? n : -1;
-}
-
-// The CTAs per row of a kernel that spreads each of `rows` rows over a thread-block cluster: the
-// largest of max_ctas, max_ctas / 2, ... >= min_ctas with rows * ctas <= num_sms (a CTA per SM,
-// one wave), else 0 (one CTA per row, no cluster). Where every SM is busy anyway, the extra CTAs
-// only repeat each row's fixed work (select_cluster.cuh gives the measurements).
-inline int cluster_ctas_per_row(int64_t rows, int num_sms, int max_ctas, int min_ctas) {
-  for (int ctas = max_ctas; ctas >= min_ctas && ctas >= 1; ctas /= 2) {
-    if (rows * ctas <= num_sms) return ctas;
-  }
-  return 0;
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialisation (see above)
 // and, when cluster_ctas > 0, thread-block clusters of cluster_ctas CTAs along x.
 template <typename... Params, typename... Args>

@@ -1,7 +1,8 @@
 // select_topk_cluster_kernel: the topk selection of one (b, kv_head) row spread over a thread-block
-// cluster of up to 8 CTAs, the same rules and results as radar_select_kernel<kTopK> (whose row is
-// one CTA's chain of barrier-separated phases: 21 us at 8 x 32k with 16-token blocks, 24 us at
-// 1 x 32k and 69 us at 1 x 128k on an H200, where 8 rows left all but 8 SMs idle).
+// cluster of up to 8 CTAs, under the same rules as radar_select_kernel<kTopK>, whose row is one
+// CTA's chain of barrier-separated phases: 24 us at 1 x 32k and 69 us at 1 x 128k on an H200
+// (16-token blocks), where the 8 rows left all but 8 SMs idle. Used for few, long rows
+// (cluster_select_ctas).
 //
 // CTA r of a cluster of C takes the contiguous blocks [r * S, (r + 1) * S) of the row, S a
 // multiple of 32 (ceil(n_blocks / 32 / C) warps' worth), so that the cluster's order of ranks is
@@ -18,8 +19,10 @@
 //      of the lower ranks give its output slots and its first tie's rank.
 // A last cluster barrier keeps every CTA's shared memory alive until the others have read it.
 // Z_g is summed in another order than radar_select_kernel's (per CTA, then the CTAs in order):
-// keys can differ in the last double bits, below the float rounding of the key in all but rare
-// cases (as the CPU's sequential sums already do).
+// keys can differ in the last double bits (~1e-16 relative), which changes the float key only
+// where it sits on a float rounding boundary. So, as between the CPU's sequential sums and the
+// GPU, a near-tie at the boundary can break differently for the same row at batch 1 (this
+// kernel) and at a larger batch (radar_select_kernel). The max aggregation's keys are identical.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -268,15 +271,23 @@ select_topk_cluster_kernel(const RadarSelectParams p, const RadarWorkspace ws, c
   cluster.sync();  // no CTA leaves while another may still read its shared memory
 }
 
-// The cluster size for `rows` rows on `num_sms` SMs, or 0 for the one-CTA-per-row kernel: 8 or 4
-// (cluster_ctas_per_row). Measured on an H200 (select_blocks
-// alone, sum aggregation, 16-token blocks, bench/select_sweep.py): 8 rows (1 x 32k) 17.2 us on one
-// CTA per row, 15.8 with 4 CTAs, 13.5 with 8; 8 rows of 8192 blocks (1 x 128k) 64.3, 34.9, 22.5;
-// but 64 rows (8 x 32k) 17.4 on one CTA, 21.0 with 4, 28.9 with 8, and 256 rows (32 x 16k) 17.4
-// against 41.8 and 72.3: each CTA repeats the row's fixed chain (~3100 instructions per warp at
-// 8 x 32k with 8 CTAs per row, 12.7 M in all), so the cluster wins only where SMs are idle.
-inline int cluster_select_ctas(int64_t rows, int num_sms) {
-  return cluster_ctas_per_row(rows, num_sms, kClusterSelectMaxCtas, 4);
+// The cluster size for `rows` rows of `num_blocks` blocks on `num_sms` SMs: 8 where the rows' CTAs
+// fit one per SM and a row has at least 1024 blocks (128 per CTA), else 0 (radar_select_kernel,
+// one CTA per row). Measured on an H200 (select_blocks alone, sum aggregation, 16-token blocks,
+// 32 query / 8 KV heads, bench/select_sweep.py; bench/results/select_sweep_h200_v14.json):
+//   | rows (shape)      | one CTA per row | 4 CTAs per row | 8 CTAs per row |
+//   | 8 (1 x 32k)       | 17.5 us         | 15.8           | 13.7           |
+//   | 8 (1 x 128k)      | 65.0            | 34.9           | 22.7           |
+//   | 16 (2 x 32k)      | 17.5            |                | 15.0           |
+//   | 32 (4 x 32k)      | 17.6            | 17.8           |                |
+//   | 64 (8 x 32k)      | 17.4            | 21.0           | 28.9           |
+//   | 256 (32 x 16k)    | 17.4            | 41.8           | 72.3           |
+// Each CTA repeats the row's fixed chain of phases (~3100 instructions per warp at 8 x 32k with 8
+// CTAs per row, 12.7 M in all), so the cluster wins only where SMs would idle. Shorter rows were
+// not measured; their one-CTA chain is short.
+inline int cluster_select_ctas(int64_t rows, int num_blocks, int num_sms) {
+  constexpr int kMinBlocks = 1024;
+  return rows * kClusterSelectMaxCtas <= num_sms && num_blocks >= kMinBlocks ? kClusterSelectMaxCtas : 0;
 }
 
 }  // namespace cuda
