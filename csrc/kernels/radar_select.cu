@@ -83,8 +83,7 @@ int select_cluster_setting() {
 
 // topk on select_topk_cluster_kernel (select_cluster.cuh). Sets *launched = false, launching
 // nothing, where the one-CTA kernel does it: many or short rows (cluster_select_ctas), more than
-// kClusterSelectMaxHeads query heads per KV head, a row too long for the keys of a CTA's part,
-// or a cluster that cannot be resident.
+// kClusterSelectMaxHeads query heads per KV head, or a row too long for the keys of a CTA's part.
 template <GroupAgg kAgg>
 cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream,
                                   bool* launched) {
@@ -111,21 +110,8 @@ cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspa
   if (smem > limit || rows * ctas > 0x7fffffff) return cudaSuccess;  // the one-CTA kernel (keys in the workspace)
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(rows * ctas));
-  // A cluster that cannot be resident (a small MIG slice, say) falls back to the one-CTA kernel.
-  cudaLaunchAttribute cluster_dim[1];
-  cluster_dim[0].id = cudaLaunchAttributeClusterDimension;
-  cluster_dim[0].val.clusterDim.x = static_cast<unsigned>(ctas);
-  cluster_dim[0].val.clusterDim.y = 1;
-  cluster_dim[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kClusterSelectThreads);
-  config.dynamicSmemBytes = smem;
-  config.attrs = cluster_dim;
-  config.numAttrs = 1;
-  int clusters = 0;
-  AETHER_CUDA_TRY(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
-  if (clusters == 0) return cudaSuccess;
+  // 8 CTAs of at most the opt-in shared memory each: a portable cluster size, resident on any
+  // sm_90 GPC (no occupancy query: cudaOccupancyMaxActiveClusters has not run on a GPU here).
   *launched = true;
   return launch_kernel_clustered(kernel, grid, dim3(kClusterSelectThreads), smem, stream, ctas, p, ws, stage ? 1 : 0);
 }
