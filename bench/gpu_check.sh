@@ -38,7 +38,7 @@ tests="tests"
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
 # qcodes: every test (GoogleTests included), sanitizers, the qcodes step's ncu kernel times and
 # the 16-token-block benchmark below (no shape sweep)
-python3 -m pytest $tests -q -n 8 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
+python3 -m pytest $tests -q -n 16 -p no:cacheprovider $ctest_filter > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
 [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
