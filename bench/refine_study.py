@@ -24,7 +24,10 @@ Each qsketch decode step of `aether.eval` is replaced by:
   others at their group's mid-range; with `--candidates 1.0` every block is ranked this way and
   the sketch ranks nothing (bench/plot_frontier.py then leaves its bytes out). With
   `--channel-refresh N` the channels are chosen every N decode steps per layer and reused in
-  between (what a kernel that skips the channel choice on most steps would do).
+  between (what a kernel that skips the channel choice on most steps would do). With
+  `--channel-pool P` the choice is made only among P x D channels per (layer, KV head), fixed at
+  a sequence's first decode step by their key spread (a cache that stores codes for those
+  channels only, P of the code memory).
   With `--reuse` the previous decode step's final blocks (same layer) join step 2's candidates:
   attention is correlated from one token to the next, so the blocks read last step are likely
   candidates again, at no first-stage bytes (their codes are read and counted like any other
@@ -96,19 +99,35 @@ def group_ranges(k: torch.Tensor, group: int = RANGE_GROUP) -> tuple[torch.Tenso
 
 
 def channel_choice(q: torch.Tensor, k: torch.Tensor, fraction: float, group: int = RANGE_GROUP,
-                   ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                   ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   pool: torch.Tensor | None = None) -> torch.Tensor:
     """`--key-channels`' choice: per (b, KV head) the ``m = round(fraction * D)`` channels with the
     largest ``sum_g q_gd^2 * mean_groups (hi_d - lo_d)^2``, as a bool mask ``[B, Hkv, D]``
-    (`ranges`: ``group_ranges(k, group)`` when the caller has them)."""
+    (`ranges`: ``group_ranges(k, group)`` when the caller has them; `pool`: a ``[B, Hkv, D]`` mask
+    of the channels that may be chosen, `--channel-pool`)."""
     batch, heads, _, dim = k.shape
     m = max(1, min(dim, round(fraction * dim)))
     lo, hi = group_ranges(k, group) if ranges is None else ranges
     gq = q.shape[1] // heads
     qq = q.float().reshape(batch, heads, gq, dim).pow(2).sum(2)  # [B, Hkv, D]
     weight = qq * (hi - lo).pow(2).mean(2)
+    if pool is not None:
+        weight = weight.masked_fill(~pool, -math.inf)
     chosen = torch.zeros(batch, heads, dim, dtype=torch.bool)
     chosen.scatter_(-1, weight.topk(m, dim=-1).indices, True)
     return chosen
+
+
+def channel_pool(k: torch.Tensor, fraction: float, group: int = RANGE_GROUP) -> torch.Tensor:
+    """`--channel-pool`: per (b, KV head) the ``round(fraction * D)`` channels with the largest
+    ``mean_groups (hi_d - lo_d)^2`` of the keys so far (query-independent: what a cache would decide
+    at prefill, storing codes for those channels only), as a bool mask ``[B, Hkv, D]``."""
+    batch, heads, _, dim = k.shape
+    size = max(1, min(dim, round(fraction * dim)))
+    lo, hi = group_ranges(k, group)
+    pool = torch.zeros(batch, heads, dim, dtype=torch.bool)
+    pool.scatter_(-1, (hi - lo).pow(2).mean(2).topk(size, dim=-1).indices, True)
+    return pool
 
 
 def channel_subset_keys(q: torch.Tensor, k: torch.Tensor, dequant: torch.Tensor, fraction: float,
@@ -187,8 +206,11 @@ def rank_priority(scores: torch.Tensor) -> torch.Tensor:
 def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts: dict, tail: str = "none",
               tail_tokens: int = RANGE_GROUP, debias: bool = False, final_mass: float = 0.0,
               final_max: float = 0.25, final_agg: str = "sum", reuse: bool = False, key_channels: float = 1.0,
-              channel_refresh: int = 1):
+              channel_refresh: int = 1, channel_pool_fraction: float = 1.0):
     original = cache_mod.sparse_decode_step
+    # --channel-pool: per layer (keyed as --reuse below), the sequence length when the pool was
+    # fixed and the pool; kept while later steps continue that sequence.
+    pools: dict[int, tuple[int, torch.Tensor]] = {}
     # --channel-refresh: per layer (keyed as --reuse below), the sequence length at the last
     # channel choice and the choice; reused while this step continues the same sequence fewer
     # than channel_refresh tokens after it.
@@ -221,12 +243,20 @@ def make_step(candidates: float, key_bits: int, attend_with_codes: bool, counts:
         # --key-channels: only the query's most telling channels of the codes (the rest at mid-range)
         layer = cal.key_proj.data_ptr()  # one calibration per layer (--reuse, --channel-refresh)
         ranked = keys
+        pool = None
+        if channel_pool_fraction < 1.0:
+            fixed = pools.get(layer)
+            if fixed is None or not 0 < seq - fixed[0] or fixed[1].shape[:2] != k.shape[:2]:
+                fixed = (seq, channel_pool(k, channel_pool_fraction))  # a new sequence: fixed at its first step
+            pools[layer] = (seq, fixed[1])  # continued by the next step
+            pool = fixed[1]
         if key_channels < 1.0 and channel_refresh == 1:
-            ranked = channel_subset_keys(q, k, keys, key_channels)
+            chosen = channel_choice(q, k, key_channels, pool=pool) if pool is not None else None
+            ranked = channel_subset_keys(q, k, keys, key_channels, chosen=chosen)
         elif key_channels < 1.0:
             made = choices.get(layer)
             if made is None or not 0 < seq - made[0] < channel_refresh or made[1].shape[:2] != k.shape[:2]:
-                made = (seq, channel_choice(q, k, key_channels))
+                made = (seq, channel_choice(q, k, key_channels, pool=pool))
                 choices[layer] = made
             ranked = channel_subset_keys(q, k, keys, key_channels, chosen=made[1])
         refined = reference.oracle_head_scores(q, ranked, seq_lens, bs, scale)
@@ -307,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-refresh", type=int, default=1,
                         help="with --key-channels: choose the channels every N decode steps per layer (the "
                              "steps between reuse the last choice); 1 = every step")
+    parser.add_argument("--channel-pool", type=float, default=1.0,
+                        help="with --key-channels: the per-step choice only among this fraction of the channels, "
+                             "fixed per (layer, KV head) at a sequence's first decode step by their key spread (a "
+                             "cache storing codes for those channels only: that fraction of the code memory)")
     parser.add_argument("--final-max", type=float, default=0.25,
                         help="with --final-mass: at most this fraction of the blocks per KV head and step")
     args = parser.parse_args(argv[:split])
@@ -318,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--key-channels must be in (0, 1] and below 1 needs --key-bits, got {args.key_channels}")
     if args.channel_refresh < 1 or (args.channel_refresh > 1 and args.key_channels >= 1.0):
         parser.error(f"--channel-refresh must be >= 1 and above 1 needs --key-channels < 1, got {args.channel_refresh}")
+    if not 0.0 < args.channel_pool <= 1.0 or (args.channel_pool < 1.0 and args.key_channels >= 1.0) \
+            or args.channel_pool < args.key_channels:
+        parser.error(f"--channel-pool must be in [--key-channels, 1] and below 1 needs --key-channels < 1, got "
+                     f"{args.channel_pool}")
     if args.attend_with_codes and not args.key_bits:
         parser.error("--attend-with-codes needs --key-bits")
     if not 0.0 <= args.final_mass <= 1.0 or not 0.0 < args.final_max <= 1.0:
@@ -327,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_mod.sparse_decode_step = make_step(args.candidates, args.key_bits, args.attend_with_codes, counts,
                                                args.tail, args.tail_tokens, args.debias, args.final_mass,
                                                args.final_max, args.final_agg, args.reuse, args.key_channels,
-                                               args.channel_refresh)
+                                               args.channel_refresh, args.channel_pool)
 
     from aether.eval import build_parser, main as eval_main
     eval_argv = argv[split + 1:]
@@ -336,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     info = refine_info(args.candidates, args.key_bits, fraction, args.key_channels)
     if args.channel_refresh > 1:
         info["channel_refresh"] = args.channel_refresh
+    if args.channel_pool < 1.0:
+        info["channel_pool"] = args.channel_pool
     if args.debias:
         info["debias"] = True
     if args.final_mass:

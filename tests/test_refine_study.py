@@ -89,6 +89,31 @@ def test_channel_subset_keeps_the_querys_heaviest_channels(study, seq):
                 assert torch.equal(sub[b, h, :, d], want), (b, h, d)
 
 
+@pytest.mark.parametrize("seq", [5, 300])
+def test_channel_pool_restricts_the_choice_to_the_widest_channels(study, seq):
+    """--channel-pool: the pool is the channels of largest mean range^2 (query-independent), and
+    the per-step choice takes the heaviest m inside it (a full pool changes nothing)."""
+    torch.manual_seed(seq + 1)
+    dim = 16
+    k = (torch.randn(2, 3, seq, dim) * torch.rand(dim) * 3).to(torch.bfloat16)
+    q = torch.randn(2, 6, dim).to(torch.bfloat16)
+    pool = study.channel_pool(k, 0.5)
+    lo, hi = study.group_ranges(k, 128)
+    spread = (hi - lo).pow(2).mean(2)
+    assert pool.sum(-1).eq(8).all()
+    for b in range(2):
+        for h in range(3):
+            assert set(pool[b, h].nonzero().flatten().tolist()) == set(spread[b, h].topk(8).indices.tolist())
+    chosen = study.channel_choice(q, k, 0.25, pool=pool)
+    weight = q.float().reshape(2, 3, 2, dim).pow(2).sum(2) * spread
+    assert chosen.sum(-1).eq(4).all() and not (chosen & ~pool).any()
+    for b in range(2):
+        for h in range(3):
+            inside = weight[b, h].masked_fill(~pool[b, h], -math.inf)
+            assert set(chosen[b, h].nonzero().flatten().tolist()) == set(inside.topk(4).indices.tolist())
+    assert torch.equal(study.channel_choice(q, k, 0.25, pool=torch.ones_like(pool)), study.channel_choice(q, k, 0.25))
+
+
 @pytest.mark.parametrize("seq", [16, 200, 256])
 def test_value_means_per_span(study, seq):
     torch.manual_seed(seq)
