@@ -82,8 +82,8 @@ def test_code_channels_match_reference(device, group, head_dim, m, poison_empty)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_code_channels_long_rows_match_reference(device, head_dim, poison_empty):
-    """Rows of 313 and 184 groups: on CUDA at batch 1-2 a row is spread over a cluster of CTAs (each
-    every C-th slice of the groups, their spreads added by rank 0), so every CTA holds groups."""
+    """Rows of 313 and 184 groups (several load batches per thread slice of the CUDA kernel, the
+    last one partial): exactly the reference's channels."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, _, lens = make_case(2, 8, 2, 40000, head_dim, dtype, device, seed=head_dim, lens=[40000, 23456])
     kc = aether.key_codes(k, 16, seq_lens=lens, layout="channel")
