@@ -68,7 +68,9 @@ def collect() -> list[dict]:
                     if refine.get("key_channels"):  # codes of the query's heaviest channels only
                         every = refine.get("channel_refresh", 1)
                         when = "per step" if every == 1 else f"every {every} steps"
-                        keys += f" of {100 * refine['key_channels']:g}% of the channels ({when}, for the query)"
+                        pool = refine.get("channel_pool")
+                        among = f", among a fixed {100 * pool:g}% by key spread" if pool else ""
+                        keys += f" of {100 * refine['key_channels']:g}% of the channels ({when}, for the query{among})"
                     codes = ", attention with the codes" if refine.get("attend_with_codes") else ""
                     if refine.get("debias"):
                         codes += ", debiased"

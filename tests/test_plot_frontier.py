@@ -29,6 +29,9 @@ def test_frontier_points_and_table(tmp_path):
     want = config["ppl"]["vim_user_manual"]["kv_read"]["sparse_layers"] + data["refine"]["candidate_key_bytes"]
     got = [p for p in points if p["file"] == path.name]
     assert len(got) == 1 and abs(got[0]["bytes"] - want) < 1e-12 and "C 0.3, 2-bit keys" in got[0]["label"]
+    # the channel-pool study runs are labelled apart from the unrestricted per-step choice
+    pooled = [p for p in points if p["file"] == "refine_ch12q4_c10_k135_pool25_python.json"]
+    assert len(pooled) == 1 and "among a fixed 25% by key spread" in pooled[0]["label"]
     # only the issue protocol (8k context, 1024 decoded): no 128-position run slips in
     assert all(json.loads((ROOT / "bench" / "results" / p["file"]).read_text())["settings"]["decode"] == 1024
                for p in points)
