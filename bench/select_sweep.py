@@ -59,7 +59,10 @@ def main() -> None:
         results[shape] = round(us, 2)
         print(f"select {args.agg} {shape} bs{args.block_size} cluster={mode}: {us:.1f} us")
     if args.out:
-        runs = json.load(open(args.out)) if os.path.exists(args.out) else []
+        runs = []
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                runs = json.load(f)
         runs.append({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
                      "command": f"AETHER_SELECT_CLUSTER={os.environ.get('AETHER_SELECT_CLUSTER', '')} python3 "
                                 + " ".join(sys.argv),

@@ -96,17 +96,13 @@ cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspa
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   const size_t limit = static_cast<size_t>(optin) - sizeof(ClusterSelectShared) - 1024;  // + compiler-owned smem
   auto kernel = select_topk_cluster_kernel<kAgg>;
-  // Dynamic bytes for a cluster of `ctas`: the keys, then (sum aggregation, when it fits) the scores.
-  auto smem_for = [&](int ctas, bool* stage) {
-    const ClusterSelectSmem layout = cluster_select_smem(cluster_select_span(p.num_blocks, ctas), G);
-    *stage = kAgg == GroupAgg::kSum && layout.with_stage <= limit;
-    return *stage ? layout.with_stage : layout.keys_only;
-  };
   const int64_t rows = static_cast<int64_t>(p.batch) * p.kv_heads;
   const int ctas = setting > 0 ? setting : cluster_select_ctas(rows, p.num_blocks, num_sms);
   if (ctas == 0) return cudaSuccess;
-  bool stage = false;
-  const size_t smem = smem_for(ctas, &stage);
+  // Dynamic bytes: the keys, then (sum aggregation, when it fits) the staged scores and exps.
+  const ClusterSelectSmem layout = cluster_select_smem(cluster_select_span(p.num_blocks, ctas), G);
+  const bool stage = kAgg == GroupAgg::kSum && layout.with_stage <= limit;
+  const size_t smem = stage ? layout.with_stage : layout.keys_only;
   if (smem > limit || rows * ctas > 0x7fffffff) return cudaSuccess;  // the one-CTA kernel (keys in the workspace)
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(rows * ctas));
