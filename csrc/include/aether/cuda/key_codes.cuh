@@ -124,8 +124,45 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
   return data + page * p.k.stride_seq + h * p.k.stride_head + (token % bs) * p.k.stride_token;
 }
 
+// Channel-major packing when a run is whole 32-bit words (32 / kBits tokens each; every block
+// size the torch op accepts): lane d of each warp quantises channel c0 + d (conflict-free reads of
+// s_keys) for the words warp, warp + kCodesWarps, ... of its run and stores each word. ~20
+// instructions per code (the division's reciprocal is still recomputed per code: ptxas does not
+// hoist it out of __fdiv_rn) against ~130 per element for the byte-per-thread path below (its run-length
+// divisions, per-byte loops and the staging copy; 4.27 M warp instructions for an 8 x 32k append,
+// H200 ncu, bench/PERF_NOTES.md thirteenth session). Same codes, same bytes: word w holds tokens
+// w * (32 / kBits) + e at bit e * kBits, little-endian, which is byte-for-byte the run's order.
+template <int kBits>
+__device__ __forceinline__ void pack_channel_run_words(const float* s_keys, const float* s_lo, const float* s_step,
+                                                       int n, int words, uint8_t* slice_runs, int run_bytes) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr int kLevels = (1 << kBits) - 1;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const float lo = s_lo[lane], step = s_step[lane];
+  uint32_t* run = reinterpret_cast<uint32_t*>(slice_runs + static_cast<int64_t>(lane) * run_bytes);
+  // quantise_code's step test once per channel, so that the division's reciprocal is computed
+  // once per word rather than per code (a constant channel: every code 0).
+  const bool varies = step > 0.0f;
+  for (int w = warp; w < words; w += kCodesWarps) {
+    uint32_t word = 0;
+    if (varies) {
+#pragma unroll
+      for (int e = 0; e < kPerWord; ++e) {
+        const int t = w * kPerWord + e;
+        const float level = rintf(__fdiv_rn(__fsub_rn(s_keys[min(t, n - 1) * kCodesSliceChannels + lane], lo), step));
+        const unsigned code = static_cast<unsigned>(fminf(fmaxf(level, 0.0f), static_cast<float>(kLevels)));
+        word |= (t < n ? code : 0u) << (e * kBits);
+      }
+    }
+    run[w] = word;
+  }
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodesParams p) {
+// Two CTAs per SM: without the bound the word packing took 174 registers (one CTA per SM, so an
+// 8 x 32k append's 256 working CTAs would need two waves); at 128 nothing spills.
+__global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCodesParams p) {
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) float s_codes_dyn[];
   constexpr int C = kCodesSliceChannels;
@@ -206,7 +243,13 @@ __global__ void __launch_bounds__(kCodesThreads) key_codes_kernel(const KeyCodes
       s_step[tid] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(levels));
     }
     __syncthreads();
-    if (p.channel_major) {
+    if (p.channel_major && run_bytes % 4 == 0) {
+      if (bits == 4) {
+        pack_channel_run_words<4>(s_keys, s_lo, s_step, n, run_bytes / 4, codes + c0 * run_bytes, run_bytes);
+      } else {
+        pack_channel_run_words<2>(s_keys, s_lo, s_step, n, run_bytes / 4, codes + c0 * run_bytes, run_bytes);
+      }
+    } else if (p.channel_major) {
       // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
       const int run_stride = key_codes_run_stride(gt, bits);
       uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + C);  // [C][run_stride]
