@@ -96,9 +96,10 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("aether::key_codes")
     def _key_codes_fake(k, seq_lens, block_size, num_blocks, block_table=None, blocks_per_group=1, bits=2,
-                        channel_major=False):
+                        channel_major=False, channel_slots=None, stored_channels=0):
         batch, kv_heads, _, head_dim = _cache_shape(k, block_table, block_size)
-        shape = ((batch, kv_heads, num_blocks // blocks_per_group, head_dim, blocks_per_group * block_size * bits // 8)
+        runs = stored_channels if channel_slots is not None else head_dim
+        shape = ((batch, kv_heads, num_blocks // blocks_per_group, runs, blocks_per_group * block_size * bits // 8)
                  if channel_major else (batch, kv_heads, num_blocks, block_size, head_dim * bits // 8))
         codes = k.new_empty(shape, dtype=torch.uint8)
         ranges = k.new_empty((batch, kv_heads, num_blocks // blocks_per_group, 2, head_dim), dtype=torch.bfloat16)
@@ -106,7 +107,7 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("aether::key_codes_update")
     def _key_codes_update_fake(k, seq_lens, first_block, block_size, block_table, codes, ranges, blocks_per_group=1,
-                               bits=2, channel_major=False):
+                               bits=2, channel_major=False, channel_slots=None):
         return None
 
     @torch.library.register_fake("aether::select_blocks")
@@ -116,11 +117,13 @@ if _IMPORT_ERROR is None:
         return q.new_empty((*rows, head_scores.shape[2]), dtype=torch.int32), q.new_empty(rows, dtype=torch.int32)
 
     @torch.library.register_fake("aether::code_channels")
-    def _code_channels_fake(q, ranges, seq_lens, block_size, blocks_per_group, num_channels):
+    def _code_channels_fake(q, ranges, seq_lens, block_size, blocks_per_group, num_channels, channel_slots=None,
+                            stored_channels=0):
         return q.new_empty((ranges.shape[0], ranges.shape[1], num_channels), dtype=torch.int32)
 
     @torch.library.register_fake("aether::channel_scores")
-    def _channel_scores_fake(q, codes, ranges, seq_lens, channels, block_size, scale, blocks_per_group=1, bits=2):
+    def _channel_scores_fake(q, codes, ranges, seq_lens, channels, block_size, scale, blocks_per_group=1, bits=2,
+                             channel_slots=None):
         return q.new_empty((codes.shape[0], q.shape[1], codes.shape[2] * blocks_per_group), dtype=torch.float32)
 
     @torch.library.register_fake("aether::refine_scores")

@@ -499,6 +499,9 @@ def sparse_attention(
             raise ValueError("refine (two-stage selection) and score='qcodes' do not combine: qcodes already ranks "
                              "every block from key codes")
         num_code_channels = _resolve_code_channels(code_channels, head_dim, codes.bits)
+        if codes.pool is not None and num_code_channels > codes.pool.shape[-1]:
+            raise ValueError(f"code_channels ({num_code_channels}) must not exceed the codes' channel pool "
+                             f"({codes.pool.shape[-1]} channels; aether.key_codes(..., channel_pool=))")
     elif codes is not None:
         raise ValueError(f"codes is only read by score='qcodes', got score={score!r}")
     if refine is not None and refine.layout != "token":
@@ -531,10 +534,12 @@ def sparse_attention(
         _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens)
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
         num_blocks = codes.num_blocks
+        stored = 0 if codes.pool is None else codes.pool.shape[-1]  # a channel pool: choose among it
         channels = torch.ops.aether.code_channels(q, codes.ranges, seq_lens, block_size, codes.blocks_per_group,
-                                                  num_code_channels)
+                                                  num_code_channels, codes.channel_slots, stored)
         head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, channels, block_size,
-                                                      float(scale), codes.blocks_per_group, codes.bits)
+                                                      float(scale), codes.blocks_per_group, codes.bits,
+                                                      codes.channel_slots)
         budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
         selected, counts = torch.ops.aether.select_blocks(
             q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),

@@ -33,7 +33,7 @@ import torch
 import aether
 from aether import reference
 from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks, _resolve_code_channels
-from aether.refine import KeyCodes, default_blocks_per_group
+from aether.refine import KeyCodes, default_blocks_per_group, pool_slots as refine_pool_slots
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
 
@@ -74,6 +74,10 @@ class SparseOptions:
     `code_bits`-bit key codes (2 or 4) score every block (`aether.sparse_attention(codes=,
     code_channels=)`; None: head_dim / (2 code_bits) channels). The defaults, 4-bit codes of an
     eighth of the channels, are the measured best (docs/selection.md, "score=\"qcodes\"").
+    `code_pool`: for score="qcodes", store the codes of only this fraction of head_dim per KV head
+    (the channels of largest key spread at the first build, `aether.key_codes(channel_pool=)`),
+    the per-step choice being made among them; None (default): every channel. 0.5 halves the
+    codes at about the free choice's quality (docs/selection.md, "A fixed channel pool").
     """
 
     score: str = "tight"
@@ -94,6 +98,7 @@ class SparseOptions:
     refine_reuse: bool = False
     code_channels: float | None = None
     code_bits: int = 4
+    code_pool: float | None = None
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -155,6 +160,15 @@ class SparseOptions:
             raise ValueError(f"code_channels must be None or a float fraction of head_dim in (0, 1], got {cc!r}")
         if self.code_bits not in (2, 4) or isinstance(self.code_bits, bool):
             raise ValueError(f"code_bits must be 2 or 4, got {self.code_bits!r}")
+        pool = self.code_pool
+        if pool is not None:
+            if isinstance(pool, bool) or not isinstance(pool, float) or not 0.0 < pool <= 1.0:
+                raise ValueError(f"code_pool must be None or a float fraction of head_dim in (0, 1], got {pool!r}")
+            if self.score != CODES_SCORE:
+                raise ValueError(f"code_pool is a qcodes option, got score={self.score!r}")
+            if cc is not None and cc > pool:
+                raise ValueError(f"code_channels ({cc}) must not exceed code_pool ({pool}): the channels are chosen "
+                                 "among the pool")
         if not isinstance(self.refine_reuse, bool):
             raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
         if self.refine_reuse and rc is None:
@@ -290,21 +304,37 @@ class RefKeyCodes(KeyCodes):
     `update` rebuilds every group (the reference is a correctness path, not a fast one)."""
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeyCodes":
-        fresh = build_key_codes(k, self.block_size, self.bits, self.layout)
+        # every group rebuilt; a channel pool stays the one chosen at the first build
+        fresh = build_key_codes(k, self.block_size, self.bits, self.layout, pool_slots=self.channel_slots,
+                                pool=self.pool)
         self.codes, self.ranges, self.seq_lens = fresh.codes, fresh.ranges, fresh.seq_lens
         return self
 
 
-def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "token") -> KeyCodes:
+def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "token",
+                    channel_pool: float | None = None, pool_slots: torch.Tensor | None = None,
+                    pool: torch.Tensor | None = None) -> KeyCodes:
     """The key codes of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid),
-    128-token groups: token-major for two-stage selection, channel-major for score="qcodes"."""
+    128-token groups: token-major for two-stage selection, channel-major for score="qcodes"
+    (`channel_pool`: `aether.key_codes(channel_pool=)`; `pool` and `pool_slots`: a pool already
+    chosen, reference path only)."""
     per = default_blocks_per_group(block_size)
     if _use_extension(k):
-        return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per, layout=layout)
+        return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per, layout=layout,
+                                channel_pool=channel_pool)
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+    if channel_pool is not None and pool is None:  # the library's choice: spread, ties low (refine.py)
+        _, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per, channel_major=True)
+        head_dim = k.shape[-1]
+        stored = max(1, min(head_dim, round(channel_pool * head_dim)))
+        ones = torch.ones(k.shape[0], k.shape[1], head_dim, dtype=k.dtype, device=k.device)
+        pool = reference.code_channels(ones, ranges, seq_lens, per * block_size, stored)
+        pool_slots = refine_pool_slots(pool, head_dim)
     codes, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per,
-                                        channel_major=layout == "channel")
-    return RefKeyCodes(codes, ranges, bits, block_size, seq_lens, blocks_per_group=per, layout=layout)
+                                        channel_major=layout == "channel", channel_slots=pool_slots,
+                                        stored_channels=None if pool is None else pool.shape[-1])
+    return RefKeyCodes(codes, ranges, bits, block_size, seq_lens, blocks_per_group=per, layout=layout, pool=pool,
+                       channel_slots=pool_slots)
 
 
 def calibrate_key_sketch(k: torch.Tensor, q: torch.Tensor, options: SparseOptions) -> SketchCalibration:
@@ -420,7 +450,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
     if qcodes:
         channels = _resolve_code_channels(options.code_channels, q.shape[-1], codes.bits)
-        ref_qcodes = reference.QcodesRef(channels, codes.bits, codes.blocks_per_group, codes.codes, codes.ranges)
+        ref_qcodes = reference.QcodesRef(channels, codes.bits, codes.blocks_per_group, codes.codes, codes.ranges,
+                                         codes.channel_slots)
     elif codes is not None:
         ref_refine = reference.RefineRef(bits=codes.bits, candidate_fraction=candidates,
                                          blocks_per_group=codes.blocks_per_group, codes=codes.codes, ranges=codes.ranges,
@@ -772,8 +803,9 @@ class AetherKVCache:
         qcodes = self.options.score == CODES_SCORE
         bits = self.options.code_bits if qcodes else self.options.refine_bits
         layout = "channel" if qcodes else "token"
+        pool = self.options.code_pool if qcodes else None
         return self._per_view("_codes", "_codes_length",
-                              lambda i, k: build_key_codes(k, self.options.block_size, bits, layout))
+                              lambda i, k: build_key_codes(k, self.options.block_size, bits, layout, pool))
 
     def _per_view(self, attr: str, length_attr: str, build) -> list:
         """The per-view metadata kept in `self.<attr>` (statistics, sketches or key codes): built by

@@ -378,7 +378,8 @@ def union_blocks(indices: Tensor, counts: Tensor, extra: Tensor, extra_counts: T
 
 def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = None,
               num_blocks: int | None = None, blocks_per_group: int = 1,
-              channel_major: bool = False) -> tuple[Tensor, Tensor]:
+              channel_major: bool = False, channel_slots: Tensor | None = None,
+              stored_channels: int | None = None) -> tuple[Tensor, Tensor]:
     """Every channel of every key as a ``bits``-bit code (the second stage's key store).
 
     A group is ``Pg = blocks_per_group`` consecutive blocks. Per (group, channel) over the valid
@@ -391,7 +392,10 @@ def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = N
         the token's bytes, little-endian), ``ranges [B, Hkv, NB / Pg, 2, D] bfloat16``: lo, hi).
         With ``channel_major`` the same codes as ``[B, Hkv, NB / Pg, D, Pg * block_size * bits / 8]``:
         per group, channel d's run holds the group's token t at bit ``t * bits`` (the qcodes score's
-        layout, :func:`channel_head_scores`).
+        layout, :func:`channel_head_scores`). A channel pool (``channel_slots`` int ``[B, Hkv, D]``,
+        channel-major only) stores ``S = stored_channels`` runs per group, channel d's at slot
+        ``channel_slots[b, h, d]`` (outside ``[0, S)``: not stored); codes ``[B, Hkv, NB / Pg, S,
+        run]``, zero at a slot no channel names; the ranges still cover every channel.
     """
     assert bits in CODE_BITS, f"bits must be one of {CODE_BITS}"
     batch, kv_heads, seq_len, head_dim = k.shape
@@ -414,7 +418,16 @@ def key_codes(k: Tensor, bits: int, block_size: int, seq_lens: Tensor | None = N
     ranges = torch.stack([lo, hi], dim=3).contiguous()
     if channel_major:  # [B, Hkv, NG, D, gt]: consecutive tokens of a channel share a byte
         codes = codes.transpose(3, 4).reshape(batch, kv_heads, ng, head_dim, gt // per_byte, per_byte)
-        return (codes << shifts).sum(dim=-1).to(torch.uint8).contiguous(), ranges
+        runs = (codes << shifts).sum(dim=-1).to(torch.uint8)
+        if channel_slots is None:
+            return runs.contiguous(), ranges
+        stored = int(stored_channels)
+        slots = channel_slots.to(device=k.device, dtype=torch.int64)
+        # Each stored channel's run to its slot; channels not stored go to a dropped extra slot S.
+        target = torch.where((slots >= 0) & (slots < stored), slots, stored)
+        pooled = torch.zeros(batch, kv_heads, ng, stored + 1, runs.shape[-1], dtype=torch.uint8, device=k.device)
+        pooled.scatter_(3, target[:, :, None, :, None].expand(-1, -1, ng, -1, runs.shape[-1]), runs)
+        return pooled[:, :, :, :stored].contiguous(), ranges
     codes = codes.reshape(batch, kv_heads, ng, gt, head_dim // per_byte, per_byte)
     packed = (codes << shifts).sum(dim=-1).to(torch.uint8)
     packed = packed.reshape(batch, kv_heads, nb, block_size, head_dim * bits // 8)
@@ -476,13 +489,17 @@ class QcodesRef(NamedTuple):
     blocks_per_group: int = 1
     codes: Tensor | None = None
     ranges: Tensor | None = None
+    channel_slots: Tensor | None = None  # a channel pool (:func:`key_codes`), with codes given
 
 
-def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int, num_channels: int) -> Tensor:
+def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int, num_channels: int,
+                  channel_slots: Tensor | None = None, stored_channels: int | None = None) -> Tensor:
     """The channels the qcodes score reads, int32 ``[B, Hkv, m]`` ascending: per (b, KV head) the
     ``m = num_channels`` largest ``w_d = (sum_g q_gd^2) * sum_groups (hi_d - lo_d)^2`` (float64,
     over the row's valid groups of ``group_tokens = Pg * block_size`` tokens), a tie to the lower
-    channel. ``w_d``: how far a coarse (mid-range) value of channel d would move the logits."""
+    channel. ``w_d``: how far a coarse (mid-range) value of channel d would move the logits. With a
+    channel pool (:func:`key_codes`' ``channel_slots``) only the stored channels compete; if fewer
+    than m do, the list ends with -1 entries."""
     kv_heads, groups = ranges.shape[1], ranges.shape[2]
     batch, q_heads, head_dim = q.shape
     qd = q.float().double().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
@@ -492,20 +509,44 @@ def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int
     valid = torch.arange(groups, device=q.device)[None, :] < n_groups[:, None]  # [B, NG]
     energy = torch.where(valid[:, None, :, None], width * width, 0.0).sum(dim=2)  # [B, Hkv, D]
     weight = qq * energy
-    # descending weight, a tie to the lower channel: a stable sort keeps index order among equals
-    order = torch.sort(weight, dim=-1, descending=True, stable=True).indices[..., :num_channels]
-    return order.sort(dim=-1).values.to(torch.int32).contiguous()
+    if channel_slots is None:
+        # descending weight, a tie to the lower channel: a stable sort keeps index order among equals
+        order = torch.sort(weight, dim=-1, descending=True, stable=True).indices[..., :num_channels]
+        return order.sort(dim=-1).values.to(torch.int32).contiguous()
+    slots = channel_slots.to(device=q.device, dtype=torch.int64)
+    eligible = (slots >= 0) & (slots < int(stored_channels))
+    out = torch.full((batch, kv_heads, num_channels), -1, dtype=torch.int32, device=q.device)
+    for b in range(batch):
+        for h in range(kv_heads):
+            ids = torch.nonzero(eligible[b, h]).flatten()  # ascending: the stable sort keeps ties low
+            order = ids[torch.sort(weight[b, h, ids], descending=True, stable=True).indices][:num_channels]
+            out[b, h, :order.numel()] = order.sort().values.to(torch.int32)
+    return out.contiguous()
 
 
 def channel_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq_lens: Tensor, block_size: int,
-                        channels: Tensor, scale: float | None = None) -> Tensor:
+                        channels: Tensor, scale: float | None = None, channel_slots: Tensor | None = None) -> Tensor:
     """qcodes scores ``[B, Hq, NB]`` float32 (-inf for blocks past each sequence's end): the
     log-sum-exp over block j's valid tokens of ``s * q_g . k'_t`` with ``k'_td = lo_d + code_td
     step_d`` for the channels listed in ``channels [B, Hkv, m]`` (entries outside ``[0, D)``
     ignored) and ``(lo_d + hi_d) / 2`` for the others, from the channel-major ``codes [B, Hkv, NG,
-    D, gt * bits / 8]`` and ``ranges [B, Hkv, NG, 2, D]`` (``gt = Pg * block_size``)."""
+    D, gt * bits / 8]`` and ``ranges [B, Hkv, NG, 2, D]`` (``gt = Pg * block_size``). With a
+    channel pool (``channel_slots``, :func:`key_codes`) codes has S runs per group and a listed
+    channel that is not stored is ignored too."""
     batch, q_heads, head_dim = q.shape
     kv_heads, groups = codes.shape[1], codes.shape[2]
+    if channel_slots is not None:  # back to one run per channel; the unstored ones are never read
+        stored = codes.shape[3]
+        slots = channel_slots.to(device=q.device, dtype=torch.int64)
+        in_pool = (slots >= 0) & (slots < stored)
+        full = codes[:, :, :, :1].new_zeros(batch, kv_heads, groups, head_dim, codes.shape[4])
+        gathered = torch.gather(codes, 3, slots.clamp(0, stored - 1)[:, :, None, :, None]
+                                .expand(-1, -1, groups, -1, codes.shape[4]))
+        codes = torch.where(in_pool[:, :, None, :, None], gathered, full)
+        ids = channels.to(torch.int64)
+        listed_ok = (ids >= 0) & (ids < head_dim)
+        stored_ok = torch.gather(in_pool, 2, ids.clamp(0, head_dim - 1))
+        channels = torch.where(listed_ok & stored_ok, ids, torch.full_like(ids, -1))
     per_byte = 8 // bits
     levels = (1 << bits) - 1
     gt = codes.shape[4] * per_byte
@@ -838,8 +879,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, stats: BlockStatsRef | 
         codes, ranges = qcodes.codes, qcodes.ranges
         if codes is None:
             codes, ranges = key_codes(k, qcodes.bits, block_size, seq_lens, blocks_per_group=per, channel_major=True)
-        channels = code_channels(q, ranges, seq_lens, per * block_size, qcodes.num_channels)
-        scores = channel_head_scores(q, codes, ranges, qcodes.bits, seq_lens, block_size, channels, scale)
+        slots = qcodes.channel_slots if qcodes.codes is not None else None
+        channels = code_channels(q, ranges, seq_lens, per * block_size, qcodes.num_channels, slots,
+                                 None if slots is None else codes.shape[3])
+        scores = channel_head_scores(q, codes, ranges, qcodes.bits, seq_lens, block_size, channels, scale, slots)
         mlo = torch.full(scores.shape[:2], -math.inf, dtype=torch.float32, device=q.device)
     elif score == SKETCH_SCORE:
         assert sketch is not None, "score='qsketch' needs sketch="

@@ -65,6 +65,12 @@ class KeyCodes:
     ``layout="channel"`` (``score="qcodes"``, which reads a few channels' runs); ranges: bfloat16
     ``[batch, kv_heads, num_blocks / Pg, 2, head_dim]`` (lo, hi), Pg = ``blocks_per_group``. Build
     with :func:`key_codes`.
+
+    pool: with ``key_codes(..., channel_pool=...)`` (channel layout only), int32 ``[batch,
+    kv_heads, S]``, the S channels per KV head whose codes are stored, ascending; codes then has S
+    runs per group (``[..., num_blocks / Pg, S, run]``, run i holding channel ``pool[b, h, i]``) and
+    ``channel_slots`` int32 ``[batch, kv_heads, head_dim]`` maps a channel to its run (-1: not
+    stored). The qcodes score then chooses its channels among the pool. None: every channel.
     """
 
     codes: torch.Tensor
@@ -75,6 +81,8 @@ class KeyCodes:
     paged: bool = False
     blocks_per_group: int = 1
     layout: str = "token"
+    pool: torch.Tensor | None = None
+    channel_slots: torch.Tensor | None = None
     # A rebuild enqueued on a side stream (update(stream=...)): its event, and the temporaries it
     # reads, kept alive until a stream waits for it (wait()).
     _pending: tuple | None = field(default=None, repr=False, compare=False)
@@ -127,7 +135,7 @@ class KeyCodes:
         self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)
         self.ranges = _grow_blocks(self.ranges, needed // per)
         args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
-                self.channel_major)
+                self.channel_major, self.channel_slots)
         if stream is None:
             torch.ops.aether.key_codes_update(*args)
         else:
@@ -167,7 +175,8 @@ def _check_codes_match(codes: KeyCodes, batch: int, kv_heads: int, head_dim: int
 
 def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: int = DEFAULT_CODE_BITS,
               blocks_per_group: int | None = None, seq_lens: torch.Tensor | None = None,
-              block_table: torch.Tensor | None = None, layout: str = "token") -> KeyCodes:
+              block_table: torch.Tensor | None = None, layout: str = "token",
+              channel_pool: int | float | None = None) -> KeyCodes:
     """Build the key codes of a cache (the second stage of two-stage selection).
 
     Args:
@@ -183,6 +192,13 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
         layout: "token" (default; each token's codes together, what two-stage selection's
             ``refine=`` reads) or "channel" (per group, each channel's codes together, what
             ``score="qcodes"`` reads: a few channels of every block). Same bytes either way.
+        channel_pool: ``layout="channel"`` only. Store the codes of only part of the channels: an
+            int count S or a float fraction of head_dim, chosen per (b, KV head) as the S channels
+            with the largest spread ``sum_groups (hi - lo)^2`` of these keys (no query needed),
+            a tie to the lower channel, and kept for later appends (:meth:`KeyCodes.update`). The
+            qcodes score then chooses among them. Half the channels halves the store at about the
+            quality of the free choice on SmolLM2 (docs/selection.md, "A fixed channel pool").
+            None (default): every channel.
     """
     _ops.require_extension()
     if layout not in CODE_LAYOUTS:
@@ -197,7 +213,53 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
     _check_head_dim(head_dim, k.device)
     seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
     num_blocks = math.ceil(capacity / (block_size * per)) * per
+    if channel_pool is not None:
+        if layout != "channel":
+            raise ValueError(f"channel_pool needs layout='channel' (the qcodes score's codes), got layout={layout!r}")
+        stored = _resolve_pool_size(channel_pool, head_dim)
+        pool, slots = choose_channel_pool(k, seq_lens, block_size, num_blocks, block_table, per, stored)
+        codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits, True,
+                                                   slots, stored)
+        return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None,
+                        blocks_per_group=per, layout=layout, pool=pool, channel_slots=slots)
     codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits,
                                                layout == "channel")
     return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per,
                     layout=layout)
+
+
+def _resolve_pool_size(channel_pool: object, head_dim: int) -> int:
+    """channel_pool as a count: an int in [1, head_dim] or a float fraction in (0, 1] of head_dim."""
+    if isinstance(channel_pool, bool) or not isinstance(channel_pool, (int, float)):
+        raise TypeError(f"channel_pool must be an int (channels), a float (a fraction of head_dim) or None, got "
+                        f"{type(channel_pool).__name__}")
+    if isinstance(channel_pool, int):
+        if not 1 <= channel_pool <= head_dim:
+            raise ValueError(f"channel_pool as a count must be in [1, head_dim = {head_dim}], got {channel_pool}")
+        return channel_pool
+    if not 0.0 < channel_pool <= 1.0:
+        raise ValueError(f"channel_pool as a fraction must be in (0, 1], got {channel_pool}")
+    return max(1, min(head_dim, round(channel_pool * head_dim)))
+
+
+def pool_slots(pool: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The slot map of a channel pool ``[B, Hkv, S]`` (distinct channel ids): int32 ``[B, Hkv,
+    head_dim]`` with ``slots[b, h, pool[b, h, i]] = i`` and -1 for the channels not in the pool."""
+    slots = torch.full((*pool.shape[:2], head_dim), -1, dtype=torch.int32, device=pool.device)
+    order = torch.arange(pool.shape[-1], dtype=torch.int32, device=pool.device).expand_as(pool)
+    return slots.scatter_(-1, pool.to(torch.int64), order.contiguous()).contiguous()
+
+
+def choose_channel_pool(k: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int,
+                        block_table: torch.Tensor | None, per: int, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel pool of :func:`key_codes`: per (b, KV head) the ``stored`` channels with the
+    largest ``sum_groups (hi - lo)^2`` over the valid groups, ascending, and its slot map. The
+    ranges come from a build that stores no runs (every slot -1, one zero run), and the choice is
+    ``code_channels`` with a query of ones (so ``sum_g q_gd^2 = 1``): the same order, ties and
+    double sums as the per-step choice."""
+    batch, kv_heads, _, head_dim = _cache_dims(k, block_table, block_size, "k")
+    none = torch.full((batch, kv_heads, head_dim), -1, dtype=torch.int32, device=k.device)
+    _, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, 2, True, none, 1)
+    ones = torch.ones(batch, kv_heads, head_dim, dtype=k.dtype, device=k.device)
+    pool = torch.ops.aether.code_channels(ones, ranges, seq_lens, block_size, per, stored)
+    return pool, pool_slots(pool, head_dim)

@@ -116,20 +116,21 @@ class Case:
         # beside the first selection stage; the refinement waits for them.
         self.codes_stream, self.codes_ready, self.codes_pending = torch.cuda.Stream(), torch.cuda.Event(), False
 
-    def enable_qcodes(self, fraction: float, bits: int) -> None:
-        self.qcodes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens, layout="channel")
-                       for k in self.k]
+    def enable_qcodes(self, fraction: float, bits: int, pool: float | None = None) -> None:
+        self.qcodes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens, layout="channel",
+                                        channel_pool=pool) for k in self.k]
         self.code_channels = aether.api._resolve_code_channels(fraction, HEAD_DIM, bits)  # the library's rule
 
     def qcodes_scores(self, i, stage: str = "scores"):
         """The qcodes score of copy i up to `stage`: "channels" (code_channels) or "scores" (+ channel_scores)."""
         kc = self.qcodes[i]
+        stored = 0 if kc.pool is None else kc.pool.shape[-1]
         channels = torch.ops.aether.code_channels(self.q[i], kc.ranges, self.lens, self.block_size,
-                                                  kc.blocks_per_group, self.code_channels)
+                                                  kc.blocks_per_group, self.code_channels, kc.channel_slots, stored)
         if stage == "channels":
             return channels
         return torch.ops.aether.channel_scores(self.q[i], kc.codes, kc.ranges, self.lens, channels, self.block_size,
-                                               self.scale, kc.blocks_per_group, kc.bits)
+                                               self.scale, kc.blocks_per_group, kc.bits, kc.channel_slots)
 
     def stats_append(self, i, score="tight", join=True):
         """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
@@ -139,7 +140,7 @@ class Case:
         if score == "qcodes":  # the channel-major codes' last group only
             kc = self.qcodes[i]
             torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
-                                              kc.ranges, kc.blocks_per_group, kc.bits, True)
+                                              kc.ranges, kc.blocks_per_group, kc.bits, True, kc.channel_slots)
             return
         if score.endswith("+refine"):
             kc = self.codes[i]
@@ -256,7 +257,7 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
                group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2),
-               code_channels: float = 0.25, code_bits: int = 2) -> dict:
+               code_channels: float = 0.25, code_bits: int = 2, code_pool: float | None = None) -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
     two_stage = [s for s in scores if s.endswith("+refine") or s.endswith("+refine+reuse")]
@@ -264,7 +265,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
     if two_stage:
         c.enable_refine(*refine)
     if "qcodes" in scores:
-        c.enable_qcodes(code_channels, code_bits)
+        c.enable_qcodes(code_channels, code_bits, code_pool)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
@@ -284,6 +285,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                 r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
             if score == "qcodes":
                 r["code_channels"], r["code_bits"] = c.code_channels, c.qcodes[0].bits
+                r["code_pool"] = None if c.qcodes[0].pool is None else c.qcodes[0].pool.shape[-1]
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
             # Stage times (each on rotated inputs).
             sels = [c.select(i, nb, score) for i in range(c.copies)]
@@ -341,6 +343,8 @@ def main() -> int:
     parser.add_argument("--refine", default="0.3:2", help="for scores S+refine: candidate fraction:bits")
     parser.add_argument("--code-channels", type=float, default=0.25, help="score qcodes: fraction of head_dim read")
     parser.add_argument("--code-bits", type=int, default=2, choices=(2, 4), help="score qcodes: bits per code")
+    parser.add_argument("--code-pool", type=float, default=None,
+                        help="score qcodes: store codes for this fraction of head_dim only (channel_pool)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -357,7 +361,7 @@ def main() -> int:
         cand, bits = args.refine.split(":")
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
                                          args.group_agg, args.blocks_per_sketch, (float(cand), int(bits)),
-                                         args.code_channels, args.code_bits))
+                                         args.code_channels, args.code_bits, args.code_pool))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  PDL {result['pdl']}  "

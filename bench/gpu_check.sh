@@ -99,14 +99,27 @@ fi
 # the recommended setting, docs/selection.md; v12 measured a quarter of the channels at 2 bits)
 # and two-stage selection (50% candidates ranked by 2-bit key codes, keep 0.095: 15.8%) at their
 # measured quality points, 16-token blocks, 128-token sketch blocks; one-stage qsketch in the same run.
-python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
-  --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
-  --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
-note "benchmark (qcodes and two-stage refine, 16-token blocks): rc=$?"
+# The qcodes mode measures qcodes alone at batch 8 and 1, with and without a channel pool.
+if [ "${1:-}" = "qcodes" ]; then  # qcodes at batch 8 and 1, with every channel's codes and with a pool of half
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
+    --blocks-per-sketch 8 --scores qcodes,qsketch --code-channels 0.125 --code-bits 4 \
+    --out "$OUT/bench_decode_qcodes.json" > "$OUT/bench_refine.log" 2>&1
+  note "benchmark (qcodes, 16-token blocks): rc=$?"
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
+    --scores qcodes --code-channels 0.125 --code-bits 4 --code-pool 0.5 \
+    --out "$OUT/bench_decode_qcodes_pool.json" > "$OUT/bench_pool.log" 2>&1
+  note "benchmark (qcodes with a channel pool of half, 16-token blocks): rc=$?"
+else
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
+    --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
+    --out "$OUT/bench_decode_refine.json" > "$OUT/bench_refine.log" 2>&1
+  note "benchmark (qcodes and two-stage refine, 16-token blocks): rc=$?"
+fi
 echo
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench.log" ] && sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
-grep -E "^ +8x32768|qcodes .*: channels" "$OUT/bench_refine.log"
+grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
+[ -f "$OUT/bench_pool.log" ] && grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_pool.log"
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

@@ -40,6 +40,10 @@ for dtype in (torch.float16, torch.bfloat16):
             for policy, channels in (("topk", 0.25), ("adaptive", head_dim)):
                 aether.sparse_attention(q, k, v, seq_lens=lens, score="qcodes", codes=codes, policy=policy, budget=3,
                                         code_channels=channels)
+            # a channel pool: a third of the runs stored, the choice among them
+            pooled = aether.key_codes(k, bs, bits=bits, seq_lens=lens - 40, layout="channel", channel_pool=0.3)
+            pooled.update(k, lens)
+            aether.sparse_attention(q, k, v, seq_lens=lens, score="qcodes", codes=pooled, budget=3, code_channels=0.25)
         for score in aether.SCORES:
             if score in ("qsketch", "qcodes"):
                 continue

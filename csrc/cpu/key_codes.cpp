@@ -45,7 +45,10 @@ void key_codes_typed(const KeyCodesParams& p) {
   const int32_t P = p.blocks_per_group;
   const int32_t gt = P * bs;                   // tokens per group
   const int64_t NG = p.num_blocks / P;         // groups of the capacity
-  const int64_t group_codes = static_cast<int64_t>(gt) * token_bytes;  // the group's P blocks are contiguous
+  const int64_t run_bytes = static_cast<int64_t>(gt) * bits / 8;  // channel-major: one channel's run
+  // A channel pool stores S runs per group (params.h); the group's P blocks are contiguous.
+  const int32_t S = p.channel_major && p.channel_slots != nullptr ? p.stored_channels : D;
+  const int64_t group_codes = p.channel_major ? S * run_bytes : static_cast<int64_t>(gt) * token_bytes;
 
   parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
     const int64_t b = item / p.kv_heads;
@@ -57,6 +60,23 @@ void key_codes_typed(const KeyCodesParams& p) {
     std::vector<float> keys(static_cast<size_t>(gt) * D);
     std::vector<float> lo(static_cast<size_t>(D));
     std::vector<float> step(static_cast<size_t>(D));
+    std::vector<int32_t> slot(static_cast<size_t>(D));  // channel-major: where channel d's run goes, or -1
+    for (int32_t d = 0; d < D; ++d) {
+      const int32_t s = p.channel_slots == nullptr ? d : p.channel_slots[(b * p.kv_heads + h) * D + d];
+      slot[d] = s >= 0 && s < S ? s : -1;
+    }
+
+    // Zero a group's codes: all of them, or with a pool only the runs a channel names (a slot no
+    // channel names is never written, as on the GPU).
+    auto clear_group = [&](uint8_t* codes) {
+      if (!p.channel_major || p.channel_slots == nullptr) {
+        std::fill_n(codes, group_codes, uint8_t{0});
+        return;
+      }
+      for (int32_t d = 0; d < D; ++d) {
+        if (slot[d] >= 0) std::fill_n(codes + slot[d] * run_bytes, run_bytes, uint8_t{0});
+      }
+    };
 
     for (int32_t m = first; m < n_groups; ++m) {
       const int64_t token_begin = static_cast<int64_t>(m) * gt;
@@ -79,15 +99,15 @@ void key_codes_typed(const KeyCodesParams& p) {
         step[d] = sketch_step(lo_bits[d], hi_bits[d], levels);
       }
       uint8_t* codes = p.codes + (row + m) * group_codes;
-      std::fill(codes, codes + group_codes, uint8_t{0});  // also the slots past a partial group's end
-      const int64_t run_bytes = static_cast<int64_t>(gt) * bits / 8;  // channel-major: one channel's run
+      clear_group(codes);  // also the tokens past a partial group's end
       for (int32_t t = 0; t < n; ++t) {
         const float* key = &keys[static_cast<size_t>(t) * D];
         for (int32_t d = 0; d < D; ++d) {
+          if (p.channel_major && slot[d] < 0) continue;  // not in the pool: a range, no codes
           // token-major: channel d at bit d * bits of the token's bytes; channel-major: token t at
-          // bit t * bits of channel d's run
+          // bit t * bits of channel d's run (at its slot)
           const int64_t bit = p.channel_major ? static_cast<int64_t>(t) * bits : static_cast<int64_t>(d) * bits;
-          uint8_t* base = p.channel_major ? codes + d * run_bytes : codes + static_cast<int64_t>(t) * token_bytes;
+          uint8_t* base = p.channel_major ? codes + slot[d] * run_bytes : codes + static_cast<int64_t>(t) * token_bytes;
           base[bit / 8] = static_cast<uint8_t>(base[bit / 8] | (quantise_level(key[d], lo[d], step[d], levels) << (bit % 8)));
         }
       }
@@ -95,7 +115,7 @@ void key_codes_typed(const KeyCodesParams& p) {
     // A full build owns the whole tensor: groups past the end get zero codes and ranges.
     if (p.first_block == nullptr) {
       const int64_t tail = NG - n_groups;
-      std::fill_n(p.codes + (row + n_groups) * group_codes, tail * group_codes, uint8_t{0});
+      for (int64_t m = n_groups; m < NG; ++m) clear_group(p.codes + (row + m) * group_codes);
       std::fill_n(p.ranges + (row + n_groups) * 2 * D, tail * 2 * D, uint16_t{0});
     }
   });
@@ -195,14 +215,26 @@ void code_channels_typed(const CodeChannelsParams& p) {
       }
     }
     for (int32_t d = 0; d < D; ++d) weight[d] *= energy[d];
-    // The m largest weights, a tie to the lower channel; listed ascending.
+    // A pool: only the stored channels compete (params.h).
+    std::vector<char> eligible(static_cast<size_t>(D), 1);
+    if (p.channel_slots != nullptr) {
+      for (int32_t d = 0; d < D; ++d) {
+        const int32_t slot = p.channel_slots[item * D + d];
+        eligible[d] = slot >= 0 && slot < p.stored_channels;
+      }
+    }
+    // The m largest weights, a tie to the lower channel; listed ascending, then -1 if fewer compete.
     int32_t* out = p.channels + item * m;
     int32_t written = 0;
     for (int32_t d = 0; d < D; ++d) {
+      if (!eligible[d]) continue;
       int32_t rank = 0;
-      for (int32_t e = 0; e < D; ++e) rank += weight[e] > weight[d] || (weight[e] == weight[d] && e < d);
+      for (int32_t e = 0; e < D; ++e) {
+        rank += eligible[e] && (weight[e] > weight[d] || (weight[e] == weight[d] && e < d));
+      }
       if (rank < m) out[written++] = d;
     }
+    std::fill(out + written, out + m, -1);
   });
 }
 
@@ -220,6 +252,7 @@ void channel_scores_typed(const ChannelScoresParams& p) {
   const int32_t NB = p.num_blocks;
   const int32_t NG = NB / P;
   const int32_t m = p.num_channels;
+  const int32_t S = p.channel_slots == nullptr ? D : p.stored_channels;  // runs per group
 
   parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
     const int64_t b = item / p.kv_heads;
@@ -227,6 +260,10 @@ void channel_scores_typed(const ChannelScoresParams& p) {
     const int32_t len = std::max(p.seq_lens[b], 0);
     const int32_t n_blocks = valid_blocks(len, bs, NB);
     const int32_t* chosen = p.channels + item * m;
+    auto slot_of = [&](int32_t d) {  // channel d's run, or -1 (not stored: scored at its mid-range)
+      const int32_t slot = p.channel_slots == nullptr ? d : p.channel_slots[item * D + d];
+      return slot >= 0 && slot < S ? slot : -1;
+    };
     std::vector<float> q(static_cast<size_t>(G) * D);
     for (int32_t g = 0; g < G; ++g) {
       load_row(static_cast<const T*>(p.q) + b * p.q_stride_batch + (h * G + g) * p.q_stride_head, D,
@@ -235,7 +272,7 @@ void channel_scores_typed(const ChannelScoresParams& p) {
     // Entries outside [0, D) are ignored and a channel listed twice counts once (params.h).
     std::vector<char> is_chosen(static_cast<size_t>(D), 0);
     for (int32_t i = 0; i < m; ++i) {
-      if (chosen[i] >= 0 && chosen[i] < D) is_chosen[chosen[i]] = 1;
+      if (chosen[i] >= 0 && chosen[i] < D && slot_of(chosen[i]) >= 0) is_chosen[chosen[i]] = 1;
     }
     std::vector<int32_t> list;
     for (int32_t d = 0; d < D; ++d) {
@@ -263,14 +300,14 @@ void channel_scores_typed(const ChannelScoresParams& p) {
         step[d] = sketch_step(lo_bits[d], hi_bits[d], levels);
         if (!is_chosen[d]) value[d] = (lo[d] + bfloat16_to_float(hi_bits[d])) / 2.0f;
       }
-      const uint8_t* runs = p.codes + (item * NG + group) * D * run_bytes;
+      const uint8_t* runs = p.codes + (item * NG + group) * S * run_bytes;
       for (int32_t g = 0; g < G; ++g) {
         const float* qg = &q[static_cast<size_t>(g) * D];
         float top = -std::numeric_limits<float>::infinity();
         for (int32_t t = 0; t < n; ++t) {
           const int64_t bit = static_cast<int64_t>(first + t) * bits;
           for (const int32_t d : list) {
-            const uint32_t code = (runs[d * run_bytes + bit / 8] >> (bit % 8)) & mask;
+            const uint32_t code = (runs[slot_of(d) * run_bytes + bit / 8] >> (bit % 8)) & mask;
             value[d] = lo[d] + static_cast<float>(code) * step[d];
           }
           float dot = 0.0f;
@@ -301,6 +338,14 @@ void check_channel_args(int32_t batch, int32_t q_heads, int32_t kv_heads, int32_
   }
 }
 
+// A channel pool: stored_channels in [1, head_dim] (params.h).
+void check_pool(const int32_t* channel_slots, int32_t stored_channels, int32_t head_dim, const char* what) {
+  if (channel_slots != nullptr && (stored_channels < 1 || stored_channels > head_dim)) {
+    throw std::invalid_argument(std::string(what) + ": stored_channels " + std::to_string(stored_channels) +
+                                " outside [1, head_dim = " + std::to_string(head_dim) + "]");
+  }
+}
+
 }  // namespace
 
 void key_codes(const KeyCodesParams& params) {
@@ -309,6 +354,10 @@ void key_codes(const KeyCodesParams& params) {
   if (params.codes == nullptr || params.ranges == nullptr) {
     throw std::invalid_argument("aether::cpu::key_codes: codes and ranges must not be null");
   }
+  if (params.channel_slots != nullptr && !params.channel_major) {
+    throw std::invalid_argument("aether::cpu::key_codes: a channel pool (channel_slots) needs the channel-major layout");
+  }
+  check_pool(params.channel_slots, params.stored_channels, params.head_dim, "aether::cpu::key_codes");
   dispatch_dtype(params.dtype, "aether::cpu::key_codes", [&](auto tag) {
     using T = typename decltype(tag)::type;
     key_codes_typed<T>(params);
@@ -338,6 +387,7 @@ void code_channels(const CodeChannelsParams& params) {
                         "aether::cpu::code_channels");
   check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
                      "aether::cpu::code_channels");
+  check_pool(params.channel_slots, params.stored_channels, params.head_dim, "aether::cpu::code_channels");
   if (params.q == nullptr || params.ranges == nullptr || params.seq_lens == nullptr || params.channels == nullptr) {
     throw std::invalid_argument("aether::cpu::code_channels: q, ranges, seq_lens and channels must not be null");
   }
@@ -352,6 +402,7 @@ void channel_scores(const ChannelScoresParams& params) {
                         "aether::cpu::channel_scores");
   check_channel_args(params.batch, params.q_heads, params.kv_heads, params.head_dim, params.num_channels,
                      "aether::cpu::channel_scores");
+  check_pool(params.channel_slots, params.stored_channels, params.head_dim, "aether::cpu::channel_scores");
   if (params.q == nullptr || params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr ||
       params.channels == nullptr || params.head_scores == nullptr) {
     throw std::invalid_argument("aether::cpu::channel_scores: q, codes, ranges, seq_lens, channels and head_scores "

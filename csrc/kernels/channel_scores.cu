@@ -42,6 +42,11 @@ bool valid_channel_args(int batch, int q_heads, int kv_heads, int per, int block
   return ranges != nullptr && aligned(ranges, 16);
 }
 
+// A channel pool stores 1..head_dim runs per group (params.h).
+bool valid_pool(const int32_t* channel_slots, int stored_channels, int head_dim) {
+  return channel_slots == nullptr || (stored_channels >= 1 && stored_channels <= head_dim);
+}
+
 template <typename T>
 cudaError_t dispatch_channel_scores(const ChannelScoresParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
@@ -61,6 +66,7 @@ cudaError_t code_channels(const CodeChannelsParams& params, cudaStream_t stream)
     return cudaErrorInvalidValue;
   }
   if (params.q == nullptr || params.seq_lens == nullptr || params.channels == nullptr) return cudaErrorInvalidValue;
+  if (!valid_pool(params.channel_slots, params.stored_channels, params.head_dim)) return cudaErrorInvalidValue;
   switch (params.dtype) {
     case DType::kFloat16: return launch_code_channels<__half>(params, stream);
     case DType::kBFloat16: return launch_code_channels<__nv_bfloat16>(params, stream);
@@ -76,6 +82,7 @@ cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t strea
     return cudaErrorInvalidValue;
   }
   if (params.bits != 2 && params.bits != 4) return cudaErrorInvalidValue;
+  if (!valid_pool(params.channel_slots, params.stored_channels, params.head_dim)) return cudaErrorInvalidValue;
   // The kernel scores 16-token m-tiles (m16n8k16): power-of-two blocks of 16 to 128 tokens (a
   // channel's run of a group is then a whole number of words, copied in 4-, 8- or 16-byte pieces).
   if (params.block_size < 16 || (params.block_size & (params.block_size - 1)) != 0) return cudaErrorInvalidValue;

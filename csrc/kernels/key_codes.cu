@@ -52,6 +52,11 @@ cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream) {
   }
   if (params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr) return cudaErrorInvalidValue;
   if (params.k.block_table != nullptr && params.k.page_size != params.block_size) return cudaErrorInvalidValue;
+  // A channel pool: channel-major only, 1..head_dim stored runs (params.h).
+  if (params.channel_slots != nullptr &&
+      (!params.channel_major || params.stored_channels < 1 || params.stored_channels > params.head_dim)) {
+    return cudaErrorInvalidValue;
+  }
   switch (params.dtype) {
     case DType::kFloat16: return launch_key_codes<__half>(params, stream);
     case DType::kBFloat16: return launch_key_codes<__nv_bfloat16>(params, stream);

@@ -437,9 +437,10 @@ void check_blocks_per_group(int64_t per, int64_t block_size) {
 
 // codes uint8 [B, Hkv, NB, bs, D * bits / 8] (token-major) or [B, Hkv, NB / Pg, D, Pg * bs * bits / 8]
 // (channel-major), ranges bfloat16 [B, Hkv, NB / Pg, 2, D].
+// A channel pool stores `stored` < head_dim runs per group (0: every channel).
 std::vector<int64_t> code_shape_of(int64_t batch, int64_t kv_heads, int64_t num_blocks, int64_t block_size,
-                                   int64_t per, int64_t bits, int64_t head_dim, bool channel_major) {
-  if (channel_major) return {batch, kv_heads, num_blocks / per, head_dim, per * block_size * bits / 8};
+                                   int64_t per, int64_t bits, int64_t head_dim, bool channel_major, int64_t stored = 0) {
+  if (channel_major) return {batch, kv_heads, num_blocks / per, stored > 0 ? stored : head_dim, per * block_size * bits / 8};
   return {batch, kv_heads, num_blocks, block_size, head_dim * bits / 8};
 }
 
@@ -454,9 +455,9 @@ int64_t code_num_blocks(const Tensor& codes, int64_t per, bool channel_major) {
 
 void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch, int64_t kv_heads, int64_t num_blocks,
                         int64_t block_size, int64_t per, int64_t bits, int64_t head_dim, const Tensor& ref,
-                        bool channel_major = false) {
+                        bool channel_major = false, int64_t stored = 0) {
   const std::vector<int64_t> code_shape =
-      code_shape_of(batch, kv_heads, num_blocks, block_size, per, bits, head_dim, channel_major);
+      code_shape_of(batch, kv_heads, num_blocks, block_size, per, bits, head_dim, channel_major, stored);
   const std::vector<int64_t> range_shape = {batch, kv_heads, num_blocks / per, 2, head_dim};
   AETHER_CHECK_TYPE(codes.scalar_type() == at::kByte, "aether: key codes must be uint8, got ", codes.scalar_type());
   AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
@@ -469,9 +470,30 @@ void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch
   check_same_device(ranges, ref, "key code ranges");
 }
 
+// A channel pool's slot map: int32 [B, Hkv, D] contiguous, channel d's run at slot channel_slots[b,
+// h, d] of the `stored` runs of a group (a slot outside [0, stored) means "not stored"), and
+// 1 <= stored <= D. Returns its data pointer (nullptr without a pool).
+const int32_t* check_channel_slots(const OptTensor& channel_slots, int64_t stored, int64_t batch, int64_t kv_heads,
+                                   int64_t head_dim, const Tensor& ref) {
+  if (!channel_slots.has_value()) return nullptr;
+  const Tensor& slots = *channel_slots;
+  AETHER_CHECK_TYPE(slots.scalar_type() == at::kInt, "aether: channel_slots must be int32, got ", slots.scalar_type());
+  const std::vector<int64_t> shape = {batch, kv_heads, head_dim};
+  AETHER_CHECK(slots.sizes() == at::IntArrayRef(shape) && slots.is_contiguous(),
+               "aether: channel_slots must be contiguous [batch, kv_heads, head_dim] = ", at::IntArrayRef(shape),
+               ", got ", slots.sizes());
+  check_same_device(slots, ref, "channel_slots");
+  AETHER_CHECK(stored >= 1 && stored <= head_dim, "aether: a channel pool stores 1 to head_dim = ", head_dim,
+               " channels, got ", stored);
+  return slots.data_ptr<int32_t>();
+}
+
 aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int64_t block_size,
                                     const OptTensor& block_table, const Tensor& codes, const Tensor& ranges,
-                                    int64_t per, int64_t bits, bool channel_major) {
+                                    int64_t per, int64_t bits, bool channel_major,
+                                    const OptTensor& channel_slots = std::nullopt) {
+  AETHER_CHECK(!channel_slots.has_value() || channel_major,
+               "aether: a channel pool (channel_slots) needs the channel-major layout (channel_major=True)");
   check_block_size(block_size);
   check_code_bits(bits);
   check_blocks_per_group(per, block_size);
@@ -483,8 +505,10 @@ aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int
                block_size, " tokens but the cache has ", c.capacity, " slots");
   AETHER_CHECK(num_blocks % per == 0, "aether: the key codes hold ", num_blocks,
                " blocks, not a multiple of blocks_per_group (", per, ")");
+  const int64_t stored = channel_slots.has_value() ? codes.size(3) : 0;
+  const int32_t* slots = check_channel_slots(channel_slots, stored, c.batch, c.kv_heads, c.head_dim, k);
   check_code_tensors(codes, ranges, c.batch, c.kv_heads, num_blocks, block_size, per, bits, c.head_dim, k,
-                     channel_major);
+                     channel_major, stored);
 
   aether::KeyCodesParams p;
   p.k = kv_layout(k, block_table);
@@ -498,6 +522,8 @@ aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int
   p.blocks_per_group = to_i32(per, "blocks_per_group");
   p.bits = to_i32(bits, "bits");
   p.channel_major = channel_major ? 1 : 0;
+  p.channel_slots = slots;
+  p.stored_channels = to_i32(stored, "stored_channels");
   p.codes = codes.data_ptr<uint8_t>();
   p.ranges = reinterpret_cast<uint16_t*>(ranges.data_ptr<at::BFloat16>());
   return p;
@@ -505,7 +531,7 @@ aether::KeyCodesParams codes_params(const Tensor& k, const Tensor& seq_lens, int
 
 std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, int64_t block_size, int64_t num_blocks,
                                      const OptTensor& block_table, int64_t blocks_per_group, int64_t bits,
-                                     bool channel_major) {
+                                     bool channel_major, const OptTensor& channel_slots, int64_t stored_channels) {
   check_block_size(block_size);
   check_code_bits(bits);
   check_blocks_per_group(blocks_per_group, block_size);
@@ -514,23 +540,32 @@ std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, in
   AETHER_CHECK(num_blocks >= 0 && num_blocks % blocks_per_group == 0,
                "aether: num_blocks must be >= 0 and a multiple of blocks_per_group (", blocks_per_group, "), got ",
                num_blocks);
-  Tensor codes = at::empty(code_shape_of(c.batch, c.kv_heads, num_blocks, block_size, blocks_per_group, bits,
-                                         c.head_dim, channel_major),
-                           k.options().dtype(at::kByte));
+  AETHER_CHECK(!channel_slots.has_value() || channel_major,
+               "aether: a channel pool (channel_slots) needs the channel-major layout (channel_major=True)");
+  AETHER_CHECK(!channel_slots.has_value() || (stored_channels >= 1 && stored_channels <= c.head_dim),
+               "aether: stored_channels must be in [1, head_dim = ", c.head_dim, "] with channel_slots, got ",
+               stored_channels);
+  const std::vector<int64_t> code_shape = code_shape_of(c.batch, c.kv_heads, num_blocks, block_size, blocks_per_group,
+                                                        bits, c.head_dim, channel_major,
+                                                        channel_slots.has_value() ? stored_channels : 0);
+  // With a pool the kernels write only the slots a channel names: zeros elsewhere, not garbage.
+  Tensor codes = channel_slots.has_value() ? at::zeros(code_shape, k.options().dtype(at::kByte))
+                                           : at::empty(code_shape, k.options().dtype(at::kByte));
   Tensor ranges = at::empty({c.batch, c.kv_heads, num_blocks / blocks_per_group, 2, c.head_dim},
                             k.options().dtype(at::kBFloat16));
   if (codes.numel() == 0) return {codes, ranges};
-  run_kernel(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits, channel_major),
+  run_kernel(codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits, channel_major,
+                          channel_slots),
              k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
   return {codes, ranges};
 }
 
 void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
                       const OptTensor& block_table, Tensor& codes, Tensor& ranges, int64_t blocks_per_group,
-                      int64_t bits, bool channel_major) {
+                      int64_t bits, bool channel_major, const OptTensor& channel_slots) {
   if (codes.numel() == 0) return;
-  aether::KeyCodesParams p =
-      codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits, channel_major);
+  aether::KeyCodesParams p = codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits,
+                                          channel_major, channel_slots);
   check_int32_vector(first_block, p.batch, k, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
   run_kernel(p, k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
@@ -632,17 +667,21 @@ void check_qcodes_inputs(const Tensor& q, const Tensor& ranges, const Tensor& se
 
 // channels int32 [B, Hkv, num_channels]: the channels the qcodes score reads, ascending.
 Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
-                     int64_t blocks_per_group, int64_t num_channels) {
+                     int64_t blocks_per_group, int64_t num_channels, const OptTensor& channel_slots,
+                     int64_t stored_channels) {
   check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
   const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
   AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: num_channels must be in [1, head_dim = ",
                head_dim, "], got ", num_channels);
+  const int32_t* slots = check_channel_slots(channel_slots, stored_channels, batch, kv_heads, head_dim, q);
   Tensor channels = at::empty({batch, kv_heads, num_channels}, q.options().dtype(at::kInt));
   if (channels.numel() == 0) return channels;
   aether::CodeChannelsParams p;
   set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, ranges.size(2) * blocks_per_group,
                   blocks_per_group);
   p.num_channels = to_i32(num_channels, "num_channels");
+  p.channel_slots = slots;
+  p.stored_channels = slots == nullptr ? 0 : to_i32(stored_channels, "stored_channels");
   p.channels = channels.data_ptr<int32_t>();
   run_kernel(p, q, aether::cpu::code_channels, AETHER_CUDA_LAUNCHER(code_channels), "code_channels");
   return channels;
@@ -651,13 +690,15 @@ Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_le
 // head_scores float32 [B, Hq, NB]: every block's qcodes score (-inf past each sequence's end).
 Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges, const Tensor& seq_lens,
                       const Tensor& channels, int64_t block_size, double scale, int64_t blocks_per_group,
-                      int64_t bits) {
+                      int64_t bits, const OptTensor& channel_slots) {
   check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
   check_code_bits(bits);
   const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
   const int64_t num_blocks = code_num_blocks(codes, blocks_per_group, true);
+  const int64_t stored = channel_slots.has_value() ? codes.size(3) : 0;  // a pool: the codes' runs per group
+  const int32_t* slots = check_channel_slots(channel_slots, stored, batch, kv_heads, head_dim, q);
   check_code_tensors(codes, ranges, batch, kv_heads, num_blocks, block_size, blocks_per_group, bits, head_dim, q,
-                     true);
+                     true, stored);
   AETHER_CHECK_TYPE(channels.scalar_type() == at::kInt, "aether: channels must be int32, got ",
                     channels.scalar_type());
   AETHER_CHECK(channels.dim() == 3 && channels.size(0) == batch && channels.size(1) == kv_heads &&
@@ -676,6 +717,8 @@ Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges
   set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, num_blocks, blocks_per_group);
   p.codes = codes.data_ptr<uint8_t>();
   p.channels = channels.data_ptr<int32_t>();
+  p.channel_slots = slots;
+  p.stored_channels = to_i32(stored, "stored_channels");
   p.bits = to_i32(bits, "bits");
   p.num_channels = to_i32(num_channels, "num_channels");
   p.scale = static_cast<float>(scale);
@@ -1143,20 +1186,22 @@ TORCH_LIBRARY(aether, m) {
       "Tensor? block_table, Tensor(a!) codes, Tensor(b!) ranges, Tensor(c!) centroid, int blocks_per_sketch=1) -> ()");
   m.def(
       "key_codes(Tensor k, Tensor seq_lens, int block_size, int num_blocks, Tensor? block_table=None, "
-      "int blocks_per_group=1, int bits=2, bool channel_major=False) -> (Tensor codes, Tensor ranges)");
+      "int blocks_per_group=1, int bits=2, bool channel_major=False, Tensor? channel_slots=None, "
+      "int stored_channels=0) -> (Tensor codes, Tensor ranges)");
   m.def(
       "key_codes_update(Tensor k, Tensor seq_lens, Tensor first_block, int block_size, Tensor? block_table, "
-      "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2, bool channel_major=False) -> ()");
+      "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2, bool channel_major=False, "
+      "Tensor? channel_slots=None) -> ()");
   m.def(
       "select_blocks(Tensor q, Tensor head_scores, Tensor seq_lens, int kv_heads, int block_size, str policy, "
       "int budget_blocks, float budget_fraction, float mass, int min_blocks, int max_blocks, int sink_blocks, "
       "int recent_blocks, str group_agg) -> (Tensor selected, Tensor num_selected)");
   m.def(
       "code_channels(Tensor q, Tensor ranges, Tensor seq_lens, int block_size, int blocks_per_group, "
-      "int num_channels) -> Tensor");
+      "int num_channels, Tensor? channel_slots=None, int stored_channels=0) -> Tensor");
   m.def(
       "channel_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor channels, int block_size, "
-      "float scale, int blocks_per_group=1, int bits=2) -> Tensor");
+      "float scale, int blocks_per_group=1, int bits=2, Tensor? channel_slots=None) -> Tensor");
   m.def(
       "refine_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor candidates, "
       "Tensor num_candidates, int block_size, float scale, int blocks_per_group=1, int bits=2) -> Tensor");

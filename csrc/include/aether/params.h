@@ -149,6 +149,14 @@ struct KeyCodesParams {
   //    the run, little-endian), so a reader of a few channels reads only their runs (channel_scores;
   //    a 128-token group at 2 bits: 32 bytes per channel, one DRAM sector). Same bytes either way.
   int32_t channel_major = 0;
+  // Channel-major only: a channel pool. nullptr: every channel's run is stored (S = D). Else
+  // channel_slots[b, h, d] is the slot of channel d's run among the S = stored_channels runs of a
+  // group (codes [B, Hkv, NB / Pg, S, run]), and a slot outside [0, S) means "not stored": that
+  // channel gets a range but no codes. The ranges always cover all D channels (the qcodes score
+  // reads every channel's mid-range). Each slot should be named by at most one channel of a row
+  // (two would write one run twice); the build and appends never write a slot no channel names.
+  const int32_t* channel_slots = nullptr;  // [B, Hkv, D]
+  int32_t stored_channels = 0;             // S, 1..D, with channel_slots
   uint8_t* codes = nullptr;      // layout above
   uint16_t* ranges = nullptr;    // [B, Hkv, NB / Pg, 2, D] bfloat16 bit patterns: lo (row 0), hi (row 1)
 };
@@ -175,7 +183,11 @@ struct CodeChannelsParams {
   int32_t num_blocks = 0;        // NB of the codes, a multiple of blocks_per_group
   int32_t blocks_per_group = 1;  // Pg
   int32_t num_channels = 0;      // m, 1..head_dim
-  int32_t* channels = nullptr;   // [B, Hkv, m] ascending channel ids
+  // A channel pool (KeyCodesParams::channel_slots): only channels d with 0 <= channel_slots[b, h, d]
+  // < stored_channels may be chosen. When fewer than m are, the list ends with -1 entries.
+  const int32_t* channel_slots = nullptr;  // [B, Hkv, D] or nullptr (every channel)
+  int32_t stored_channels = 0;
+  int32_t* channels = nullptr;   // [B, Hkv, m] ascending channel ids (then -1 entries, see above)
 };
 
 // channel_scores: the "qcodes" score of every block from the channel-major codes of the chosen
@@ -196,6 +208,11 @@ struct ChannelScoresParams {
   const uint16_t* ranges = nullptr;   // [B, Hkv, NB / Pg, 2, D]
   const int32_t* seq_lens = nullptr;
   const int32_t* channels = nullptr;  // [B, Hkv, num_channels]
+  // A channel pool (KeyCodesParams::channel_slots): codes [B, Hkv, NB / Pg, S, run], channel d's
+  // run at slot channel_slots[b, h, d]; a listed channel whose slot is outside [0, S) is ignored
+  // (scored at its mid-range, like an entry outside [0, D)). nullptr: S = D, slot d = d.
+  const int32_t* channel_slots = nullptr;  // [B, Hkv, D]
+  int32_t stored_channels = 0;             // S (the codes' dim 3)
   int32_t batch = 0;
   int32_t q_heads = 0;
   int32_t kv_heads = 0;

@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   __shared__ double s_part[8 * kCodeChannelsThreads];
   __shared__ double s_energy[kChannelMaxHeadDim];  // sum_g q_gd^2
   __shared__ unsigned long long s_key[kChannelMaxHeadDim];
+  __shared__ bool s_eligible[kChannelMaxHeadDim];  // stored by the channel pool (or no pool)
   __shared__ int s_count[kCodeChannelsThreads / kWarpSize];
   const int D = p.head_dim;
   const int row = blockIdx.x;
@@ -146,17 +147,19 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
     double spread = 0.0;
     for (int s = 0; s < slices; ++s) spread += s_part[s * D + d];
     s_key[d] = ordered_key(s_energy[d] * spread);
+    const int slot = p.channel_slots == nullptr ? 0 : p.channel_slots[static_cast<int64_t>(row) * D + d];
+    s_eligible[d] = p.channel_slots == nullptr || (slot >= 0 && slot < p.stored_channels);
   }
   __syncthreads();
 
   const int d = tid;  // D <= threads: one channel per thread
   bool chosen = false;
-  if (d < D) {
+  if (d < D && s_eligible[d]) {  // the rank among the eligible channels
     const unsigned long long key = s_key[d];
     int rank = 0;
     for (int e = 0; e < D; ++e) {
       const unsigned long long other = s_key[e];
-      rank += other > key || (other == key && e < d);
+      rank += s_eligible[e] && (other > key || (other == key && e < d));
     }
     chosen = rank < p.num_channels;
   }
@@ -170,6 +173,10 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
     for (int w = 0; w < warp; ++w) slot += s_count[w];
     if (slot < p.num_channels) p.channels[static_cast<int64_t>(row) * p.num_channels + slot] = d;
   }
+  // Fewer eligible channels than num_channels (a small pool): the list ends with -1 entries.
+  int total = 0;
+  for (int w = 0; w < kCodeChannelsThreads / kWarpSize; ++w) total += s_count[w];
+  if (tid >= total && tid < p.num_channels) p.channels[static_cast<int64_t>(row) * p.num_channels + tid] = -1;
 }
 
 template <typename T>
@@ -349,8 +356,10 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
 
   // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending,
-  // the padding entries point at channel 0 with weight 0.
+  // the padding entries point at channel 0 with weight 0. s_flag[d] = 1 + the slot of channel d's
+  // run when it is chosen and stored (a channel pool may not store it: then it is ignored), else 0.
   const int32_t* listed = p.channels + static_cast<int64_t>(row) * m_cap;
+  const int S = p.channel_slots == nullptr ? kHeadDim : p.stored_channels;  // runs per group
   for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) s_flag[d] = 0;
   {
     const T* q = static_cast<const T*>(p.q) + b * p.q_stride_batch + static_cast<int64_t>(h) * G * p.q_stride_head;
@@ -361,7 +370,10 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   __syncthreads();
   for (int i = tid; i < m_cap; i += kChannelScoresThreads) {
     const int d = listed[i];
-    if (d >= 0 && d < kHeadDim) s_flag[d] = 1;
+    if (d >= 0 && d < kHeadDim) {
+      const int slot = p.channel_slots == nullptr ? d : p.channel_slots[static_cast<int64_t>(row) * kHeadDim + d];
+      if (slot >= 0 && slot < S) s_flag[d] = 1 + slot;
+    }
   }
   __syncthreads();
   if (warp == 0) {
@@ -400,7 +412,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int chunk = run_bytes % 16 == 0 ? 16 : run_bytes % 8 == 0 ? 8 : 4;  // bytes per cp.async of a run
   const int chunk_log2 = __ffs(chunk) - 1;
   const int per_run_log2 = __ffs(run_bytes) - 1 - chunk_log2;
-  const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * kHeadDim * run_bytes;
+  const uint8_t* row_codes = p.codes + static_cast<int64_t>(row) * NG * S * run_bytes;
   const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
   // This warp's groups: begin + warp, begin + warp + kWarps, ...; item k is the k-th of them.
   const int first = begin + warp;
@@ -408,10 +420,10 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     const int group = first + k * kChannelScoresWarps;
     if (group < live_end) {
       char* dst = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
-      const uint8_t* src = row_codes + static_cast<int64_t>(group) * kHeadDim * run_bytes;
+      const uint8_t* src = row_codes + static_cast<int64_t>(group) * S * run_bytes;
       for (int x = lane; x < (n_chosen << per_run_log2); x += kWarpSize) {
         const int i = x >> per_run_log2, k0 = (x & ((1 << per_run_log2) - 1)) << chunk_log2;
-        const uint8_t* from = src + s_list[i] * run_bytes + k0;
+        const uint8_t* from = src + (s_flag[s_list[i]] - 1) * run_bytes + k0;  // entry i's slot
         const uint32_t to = shared_address(dst + i * stride + k0);
         if (chunk == 16) {
           cp_async_16(to, from, 16u);

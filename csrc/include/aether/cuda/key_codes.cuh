@@ -132,15 +132,18 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 // divisions, per-byte loops and the staging copy; 4.27 M warp instructions for an 8 x 32k append,
 // H200 ncu, bench/PERF_NOTES.md thirteenth session). Same codes, same bytes: word w holds tokens
 // w * (32 / kBits) + e at bit e * kBits, little-endian, which is byte-for-byte the run's order.
+// With a channel pool a lane's run goes to its channel's slot (`slot`), and a lane whose channel is
+// not stored (slot < 0) writes nothing.
 template <int kBits>
 __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, const float* s_lo, const float* s_step,
-                                                       int n, int words, uint8_t* slice_runs, int run_bytes) {
+                                                       int n, int words, uint8_t* group_codes, int slot, int run_bytes) {
   constexpr int kPerWord = 32 / kBits;
   constexpr int kLevels = (1 << kBits) - 1;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
+  if (slot < 0) return;  // warp-divergent only within the warp's lanes; no barrier below
   const float lo = s_lo[lane], step = s_step[lane];
-  uint32_t* run = reinterpret_cast<uint32_t*>(slice_runs + static_cast<int64_t>(lane) * run_bytes);
+  uint32_t* run = reinterpret_cast<uint32_t*>(group_codes + static_cast<int64_t>(slot) * run_bytes);
   // quantise_code's step test once per channel, so that the division's reciprocal is computed
   // once per word rather than per code (a constant channel: every code 0).
   const bool varies = step > 0.0f;
@@ -192,10 +195,19 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
   const int n_groups = min((len + gt - 1) / gt, capacity);
   const int begin = p.first_block != nullptr ? max(p.first_block[b], 0) / P : 0;
   const int end = p.first_block != nullptr ? n_groups : capacity;
-  const int group_bytes = gt * token_bytes;  // the codes of the group's P blocks are contiguous
   const int run_bytes = gt * bits / 8;       // channel-major: one channel's codes of the group
+  // The codes of the group's P blocks are contiguous: S runs channel-major (S = D without a pool).
+  const int S = p.channel_major && p.channel_slots != nullptr ? p.stored_channels : D;
+  const int group_bytes = p.channel_major ? S * run_bytes : gt * token_bytes;
   const int slice_bytes = C * bits / 8;      // token-major: one token's codes of the slice (8 or 16)
   const int slice_log2 = __ffs(slice_bytes) - 1;
+  // Channel-major: the slot of each of this CTA's channels' runs, -1 when a pool does not store it.
+  __shared__ int s_slot[C];
+  if (tid < C) {
+    const int slot = p.channel_slots == nullptr ? c0 + tid : p.channel_slots[static_cast<int64_t>(bh) * D + c0 + tid];
+    s_slot[tid] = slot >= 0 && slot < S ? slot : -1;
+  }
+  __syncthreads();
 
   for (int m = begin + blockIdx.y; m < end; m += gridDim.y) {
     const int64_t row = static_cast<int64_t>(bh) * capacity + m;
@@ -205,7 +217,8 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     if (n == 0) {  // past the end (full build only): zeros; uniform over the CTA
       for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
         if (p.channel_major) {
-          codes[c0 * run_bytes + i] = 0;  // the slice's runs are contiguous
+          const int slot = s_slot[i / run_bytes];  // run_bytes need not be a power of two here
+          if (slot >= 0) codes[slot * run_bytes + i % run_bytes] = 0;
         } else {
           codes[(i >> slice_log2) * token_bytes + c0 * bits / 8 + (i & (slice_bytes - 1))] = 0;
         }
@@ -245,9 +258,9 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     __syncthreads();
     if (p.channel_major && run_bytes % 4 == 0) {
       if (bits == 4) {
-        pack_channel_run_words<4>(s_keys, s_lo, s_step, n, run_bytes / 4, codes + c0 * run_bytes, run_bytes);
+        pack_channel_run_words<4>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
       } else {
-        pack_channel_run_words<2>(s_keys, s_lo, s_step, n, run_bytes / 4, codes + c0 * run_bytes, run_bytes);
+        pack_channel_run_words<2>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
       }
     } else if (p.channel_major) {
       // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
@@ -267,7 +280,8 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
       __syncthreads();
       // run_bytes need not be a power of two (a block size such as 24 is valid at this level)
       for (int i = tid; i < C * run_bytes; i += kCodesThreads) {
-        codes[c0 * run_bytes + i] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
+        const int slot = s_slot[i / run_bytes];
+        if (slot >= 0) codes[slot * run_bytes + i % run_bytes] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
       }
     } else {
       for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
