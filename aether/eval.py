@@ -81,6 +81,7 @@ class Config:
     refine_reuse: bool = False  # two-stage selection: the last step's final blocks join the candidates
     code_channels: float = 0.125  # qcodes: fraction of head_dim whose codes score every block
     code_bits: int = 4  # qcodes: bits per channel of the channel-major key codes
+    code_pool: float | None = None  # qcodes: fraction of head_dim whose codes are stored (None: every channel)
 
     @property
     def name(self) -> str:
@@ -92,6 +93,7 @@ class Config:
         per += f" refine{self.refine_candidates:g}q{self.refine_bits}" if self.refine_candidates is not None else ""
         per += "+reuse" if self.refine_reuse else ""
         per += f" ch{self.code_channels:g}q{self.code_bits}" if self.score == "qcodes" else ""
+        per += f" pool{self.code_pool:g}" if self.score == "qcodes" and self.code_pool is not None else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -127,6 +129,7 @@ class EvalSettings:
     refines: tuple[str, ...] = ("none",)  # top-k configs run once per entry: "none", "C:bits" or "C:bits:reuse"
     code_channels: tuple[float, ...] = (0.125,)  # qcodes configs run once per entry
     code_bits: int = 4  # every qcodes config
+    code_pool: float | None = None  # every qcodes config: the stored fraction of the channels (None: all)
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -188,7 +191,7 @@ class Runner:
                                 recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank,
                                 refine_candidates=config.refine_candidates, refine_bits=config.refine_bits,
                                 refine_reuse=config.refine_reuse, code_channels=config.code_channels,
-                                code_bits=config.code_bits)
+                                code_bits=config.code_bits, code_pool=config.code_pool)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -303,7 +306,8 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                                                       sketch_rank=_rank_of(score, settings),
                                                       refine_candidates=candidates, refine_bits=bits,
                                                       refine_reuse=reuse, code_channels=float(channels),
-                                                      code_bits=settings.code_bits))
+                                                      code_bits=settings.code_bits,
+                                                      code_pool=settings.code_pool if score == "qcodes" else None))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -358,14 +362,8 @@ def environment() -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | None = None,
-             model_bundle=None, progress: bool = True, command: str | None = None) -> dict:
-    """Run the harness; returns the result dict (also written to `output` after every config)."""
-    require_eval_extra()
-    from tqdm.auto import tqdm
-
-    from aether.models import load_smollm2
-
+def check_settings(settings: EvalSettings) -> None:
+    """Raise ValueError naming the first invalid field of `settings` (run_eval calls it first)."""
     for task in settings.tasks:
         if task not in ("ppl", "gen", "passkey"):
             raise ValueError(f"tasks must be among ('ppl', 'gen', 'passkey'), got {task!r}")
@@ -386,6 +384,11 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
             raise ValueError(f"code_channels entries must be fractions in (0, 1], got {channels!r}")
     if settings.code_bits not in (2, 4):
         raise ValueError(f"code_bits must be 2 or 4, got {settings.code_bits!r}")
+    pool = settings.code_pool
+    if pool is not None and (isinstance(pool, bool) or not isinstance(pool, float) or not 0.0 < pool <= 1.0
+                             or any(c > pool for c in settings.code_channels)):
+        raise ValueError(f"code_pool must be None or a fraction in (0, 1] not below any --code-channels entry, "
+                         f"got {pool!r}")
     for per in settings.blocks_per_sketch:
         if per not in (1, 2, 4, 8):
             raise ValueError(f"blocks_per_sketch entries must be 1, 2, 4 or 8, got {per!r}")
@@ -393,6 +396,17 @@ def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | No
         raise ValueError(f"group_agg must be one of {GROUP_AGGS} or None, got {settings.group_agg!r}")
     if not 1 <= settings.decode < settings.context:
         raise ValueError(f"decode must be in [1, context={settings.context}), got {settings.decode}")
+
+
+def run_eval(settings: EvalSettings, output: Path | None = None, plot: Path | None = None,
+             model_bundle=None, progress: bool = True, command: str | None = None) -> dict:
+    """Run the harness; returns the result dict (also written to `output` after every config)."""
+    require_eval_extra()
+    from tqdm.auto import tqdm
+
+    from aether.models import load_smollm2
+
+    check_settings(settings)
     torch.manual_seed(settings.seed)
     t_start = time.time()
     tokenizer, model = model_bundle if model_bundle is not None else load_smollm2("aether")
@@ -771,6 +785,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "block (chosen per step and KV head), e.g. 0.25,0.5")
     p.add_argument("--code-bits", type=int, choices=(2, 4), default=d.code_bits,
                    help="bits per channel of every qcodes config's key codes")
+    p.add_argument("--code-pool", type=float, default=d.code_pool,
+                   help="qcodes: store the key codes of only this fraction of head_dim per KV head (the widest "
+                        "channels at the first build; the per-step choice is made among them); default: all")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -803,7 +820,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
                             adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
                             recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank, refines=args.refine,
-                            code_channels=args.code_channels, code_bits=args.code_bits)
+                            code_channels=args.code_channels, code_bits=args.code_bits, code_pool=args.code_pool)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

@@ -259,3 +259,18 @@ def test_pool_fake_kernels_trace():
     channels = torch.ops.aether.code_channels(q, pooled.ranges, lens, 32, 4, 16, slots, 32)
     torch.library.opcheck(torch.ops.aether.channel_scores.default,
                           (q, pooled.codes, pooled.ranges, lens, channels, 32, 0.125, 4, 2, slots))
+
+
+def test_pool_eval_entries():
+    """`python -m aether.eval --code-pool P` names and builds pooled qcodes configs only."""
+    from aether.eval import Config, EvalSettings, check_settings, configs_for
+    settings = EvalSettings(scores=("qcodes", "tight"), budgets=(0.135,), block_sizes=(16,), code_pool=0.5)
+    configs = configs_for(settings)
+    names = [c.name for c in configs]
+    assert "qcodes bs16 ch0.125q4 pool0.5 topk 0.135" in names
+    assert all(c.code_pool is None for c in configs if c.score != "qcodes")
+    assert Config("qcodes", 0.1, 16).name == "qcodes bs16 ch0.125q4 topk 0.1"  # no pool: the old name
+    for bad in (0.1, 1.5, 1):  # below the channels read, above 1, not a fraction
+        with pytest.raises(ValueError, match="code_pool"):
+            check_settings(EvalSettings(scores=("qcodes",), budgets=(0.135,), block_sizes=(16,), code_pool=bad))
+    check_settings(settings)

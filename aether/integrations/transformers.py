@@ -152,6 +152,10 @@ class AetherCache(DynamicCache):
             (2 or 4) channel-major key codes score every block, chosen per step and KV head
             (None: head_dim / (2 code_bits); the defaults, 4-bit codes of an eighth of the
             channels, are the measured best; docs/selection.md).
+        code_pool: score="qcodes": store the key codes of only this fraction of head_dim per KV
+            head (the channels of widest key range at the prefill; the per-step choice is made
+            among them). None (default): every channel; 0.5 halves the codes' memory
+            (docs/selection.md, "A fixed channel pool").
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -163,7 +167,8 @@ class AetherCache(DynamicCache):
                  mass: float = 0.95, sink_blocks: int = 1, recent_blocks: int = 1, group_agg: str | None = None,
                  sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform",
                  blocks_per_sketch: int = 1, refine_candidates: float | None = None, refine_bits: int = 2,
-                 refine_reuse: bool = False, code_channels: float | None = None, code_bits: int = 4) -> None:
+                 refine_reuse: bool = False, code_channels: float | None = None, code_bits: int = 4,
+                 code_pool: float | None = None) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -178,7 +183,8 @@ class AetherCache(DynamicCache):
                                      group_agg=group_agg, sketch_rank=sketch_rank, sketch_queries=sketch_queries,
                                      budget_allocation=budget_allocation, blocks_per_sketch=blocks_per_sketch,
                                      refine_candidates=refine_candidates, refine_bits=refine_bits,
-                                     refine_reuse=refine_reuse, code_channels=code_channels, code_bits=code_bits)
+                                     refine_reuse=refine_reuse, code_channels=code_channels, code_bits=code_bits,
+                                     code_pool=code_pool)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]
