@@ -573,7 +573,8 @@ def channel_head_scores(q: Tensor, codes: Tensor, ranges: Tensor, bits: int, seq
 
 def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
     """S_j of ``group_agg="sum"`` for one group ``[G, NB]``: the sum over heads of each head's
-    softmax share over the valid blocks ``j < n_blocks`` (double, rounded to float32)."""
+    softmax share over the valid blocks ``j < n_blocks`` (double, rounded to float32), each share
+    ``exp(s - m) * (1 / Z)``."""
     total_share = [0.0] * n_blocks
     for row in group_scores.float().tolist():
         row = row[:n_blocks]
@@ -586,8 +587,9 @@ def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
             total += w
         if not (total > 0.0) or math.isinf(total):
             continue
+        inv = 1.0 / total  # the reciprocal once, then multiplies (as the kernels; params.h)
         for j in range(n_blocks):
-            total_share[j] += weights[j] / total
+            total_share[j] += weights[j] * inv
     out = torch.tensor(total_share, dtype=torch.float64).to(torch.float32).tolist()
     return [-math.inf if math.isnan(x) else x for x in out]
 

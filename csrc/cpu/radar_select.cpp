@@ -305,7 +305,8 @@ void select_blocks(const RadarSelectParams& p, int32_t len, int32_t n_blocks, in
         total += weight[j];
       }
       if (!(total > 0.0) || !std::isfinite(total)) continue;  // no usable scores for this head
-      for (int32_t j = 0; j < n_blocks; ++j) share[j] += weight[j] / total;
+      const double inv = 1.0 / total;  // params.h: a reciprocal, then multiplies (as the GPU kernels)
+      for (int32_t j = 0; j < n_blocks; ++j) share[j] += weight[j] * inv;
     }
     for (int32_t j = 0; j < n_blocks; ++j) {
       const double value = static_cast<double>(static_cast<float>(share[j]));

@@ -321,7 +321,8 @@ struct RadarSelectParams {
   Score score = Score::kTight;
   Policy policy = Policy::kTopK;  // kThreshold needs an upper-bound score (not kMean, kVariance, kSketch)
   // topk only. kSum: m_g = max_j s_gj and Z_g = sum_j exp(s_gj - m_g) over the valid blocks
-  // (double), S_j = float(sum_g exp(s_gj - m_g) / Z_g); a head whose Z_g is not finite and > 0
+  // (double), S_j = float(sum_g exp(s_gj - m_g) * (1 / Z_g)) (the reciprocal rounded once, then a
+  // multiply: every implementation rounds the same way); a head whose Z_g is not finite and > 0
   // adds nothing; a NaN S_j ranks last.
   GroupAgg group_agg = GroupAgg::kMax;
   int32_t budget_blocks = 0;      // topk: a block count when > 0 ...

@@ -140,6 +140,7 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
       }
     }
   }
+  pdl_trigger();  // every range is read: channel_scores may launch during the ranking (common.cuh)
 #pragma unroll
   for (int e = 0; e < 8; ++e) s_part[slice * D + c * 8 + e] = acc[e];
   __syncthreads();

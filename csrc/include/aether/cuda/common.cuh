@@ -60,12 +60,17 @@ inline cudaError_t block_build_slices(int num_blocks, int64_t heads, bool append
 // (launch_kernel below), a kernel may be launched before the previous kernel in the stream has
 // completed: every AETHER kernel first calls pdl_begin(), which waits until the previous kernel
 // has completed and its writes are visible (griddepcontrol.wait; at once for a normal launch).
-// No kernel triggers its dependents early (griddepcontrol.launch_dependents): triggered at the
-// start of every CTA, the two-stage step went from 195 to 211 us (H200; likely cause, not
-// measured separately: the next kernel's waiting CTAs took SM room, so the grids sized to one
-// wave of resident CTAs ran in two). Without the trigger a kernel's dependents launch as its
-// last CTAs exit.
+// Triggered at the start of every CTA (griddepcontrol.launch_dependents), the two-stage step went
+// from 195 to 211 us (H200; likely cause, not measured separately: the next kernel's waiting CTAs
+// took SM room, so the grids sized to one wave of resident CTAs ran in two). Without a trigger a
+// kernel's dependents launch as its last CTAs exit. A few kernels call pdl_trigger() once their
+// main loop is done, before a short epilogue (sparse_decode before its combine and writes, the
+// selection before its write-out, code_channels before its ranking), so that the next kernel's
+// launch overlaps that epilogue; by then every CTA of the grid is resident, so the waiting CTAs
+// take only room that no CTA of this grid needs. The dependent still waits in pdl_begin() for
+// this grid's completion and writes.
 __device__ __forceinline__ void pdl_begin() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
 // AETHER_PDL=0 launches every kernel without the attribute (for comparisons; default on).
 inline bool pdl_enabled() {

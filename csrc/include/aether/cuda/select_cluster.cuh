@@ -45,7 +45,7 @@ struct ClusterSelectShared {
   float cta_max[kClusterSelectMaxHeads];   // read by the other CTAs
   double cta_sum[kClusterSelectMaxHeads];  // read by the other CTAs
   float head_max[kClusterSelectMaxHeads];  // M_g of the row
-  double head_z[kClusterSelectMaxHeads];   // Z_g of the row
+  double head_z[kClusterSelectMaxHeads];   // 1 / Z_g of the row, or -1 (share_factor)
   int warp_ties[kClusterSelectWarps];
   int warp_sel[kClusterSelectWarps];
   int cta_ties, cta_sure;                  // read by the other CTAs
@@ -148,17 +148,17 @@ __device__ void cluster_sum_keys(ClusterT& cluster, const float* scores, int NB,
   if (tid < G) {
     double z = 0.0;
     for (int r = 0; r < ctas; ++r) z += cluster.map_shared_rank(sh.cta_sum, r)[tid];
-    sh.head_z[tid] = z;
+    sh.head_z[tid] = share_factor(z);  // 1 / Z_g or -1 (radar_select.cuh)
   }
   __syncthreads();
   for (int j = j_begin + tid; j < j_end; j += kClusterSelectThreads) {
     double share = 0.0;
     for (int g = 0; g < G; ++g) {
-      const double z = sh.head_z[g];
-      if (!(z > 0.0) || isinf(z)) continue;  // the head adds nothing
+      const double inv = sh.head_z[g];
+      if (inv < 0.0) continue;  // the head adds nothing
       const double e = staged_exp != nullptr ? staged_exp[g * span + j - j_begin]
                                              : exp_shifted(score(g, j), static_cast<double>(sh.head_max[g]));
-      share += e / z;
+      share += e * inv;
     }
     const float s = static_cast<float>(share);
     keys[j - j_begin] = ordered_key(isnan(s) ? -INFINITY : s);

@@ -283,6 +283,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
     __syncwarp();  // the stage is refilled by the next iteration's issue
   }
   cp_async_wait<0>();
+  pdl_trigger();  // the merge (or the next kernel) may launch during the epilogue (common.cuh)
 
   // Epilogue: combine the warps' states. Row sums are spread over the 4 lanes of a quad.
 #pragma unroll
