@@ -602,16 +602,22 @@ def _resolve_code_channels(code_channels: object, head_dim: int, bits: int) -> i
     None: head_dim / (2 bits) (the same code bytes per token at 2 and 4 bits)."""
     if code_channels is None:
         code_channels = CODE_BITS_PER_TOKEN_PER_DIM / bits
-    if isinstance(code_channels, bool) or not isinstance(code_channels, (int, float)):
-        raise TypeError(f"code_channels must be an int (channels) or a float (a fraction of head_dim), got "
-                        f"{type(code_channels).__name__}")
-    if isinstance(code_channels, int):
-        if not 1 <= code_channels <= head_dim:
-            raise ValueError(f"code_channels as a count must be in [1, head_dim = {head_dim}], got {code_channels}")
-        return code_channels
-    if not 0.0 < code_channels <= 1.0:
-        raise ValueError(f"code_channels as a fraction must be in (0, 1], got {code_channels}")
-    return max(1, min(head_dim, round(code_channels * head_dim)))
+    return _channel_count(code_channels, head_dim, "code_channels")
+
+
+def _channel_count(value: object, head_dim: int, name: str) -> int:
+    """A number of channels given as an int in [1, head_dim] or a float fraction in (0, 1] of
+    head_dim (rounded, at least 1); errors name `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an int (channels) or a float (a fraction of head_dim), got "
+                        f"{type(value).__name__}")
+    if isinstance(value, int):
+        if not 1 <= value <= head_dim:
+            raise ValueError(f"{name} as a count must be in [1, head_dim = {head_dim}], got {value}")
+        return value
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} as a fraction must be in (0, 1], got {value}")
+    return max(1, min(head_dim, round(value * head_dim)))
 
 
 def _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy, budget, max_blocks,

@@ -32,7 +32,8 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _grow_blocks, _resolve_code_channels
+from aether.api import (BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _channel_count, _grow_blocks,
+                        _resolve_code_channels)
 from aether.refine import KeyCodes, default_blocks_per_group, pool_slots as refine_pool_slots
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
@@ -326,7 +327,7 @@ def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "
     if channel_pool is not None and pool is None:  # the library's choice: spread, ties low (refine.py)
         _, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per, channel_major=True)
         head_dim = k.shape[-1]
-        stored = max(1, min(head_dim, round(channel_pool * head_dim)))
+        stored = _channel_count(channel_pool, head_dim, "channel_pool")
         ones = torch.ones(k.shape[0], k.shape[1], head_dim, dtype=k.dtype, device=k.device)
         pool = reference.code_channels(ones, ranges, seq_lens, per * block_size, stored)
         pool_slots = refine_pool_slots(pool, head_dim)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from aether import _ops
-from aether.api import (_cache_dims, _check_block_size, _check_block_table, _check_head_dim, _check_tensor,
-                        _grow_blocks, _normalize_seq_lens, _prepare_update, DEFAULT_BLOCK_SIZE)
+from aether.api import (_cache_dims, _channel_count, _check_block_size, _check_block_table, _check_head_dim,
+                        _check_tensor, _grow_blocks, _normalize_seq_lens, _prepare_update, DEFAULT_BLOCK_SIZE)
 
 CODE_BITS = (2, 4)
 DEFAULT_CODE_BITS = 2
@@ -216,7 +216,7 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
     if channel_pool is not None:
         if layout != "channel":
             raise ValueError(f"channel_pool needs layout='channel' (the qcodes score's codes), got layout={layout!r}")
-        stored = _resolve_pool_size(channel_pool, head_dim)
+        stored = _channel_count(channel_pool, head_dim, "channel_pool")
         pool, slots = choose_channel_pool(k, seq_lens, block_size, num_blocks, block_table, per, stored)
         codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits, True,
                                                    slots, stored)
@@ -226,20 +226,6 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
                                                layout == "channel")
     return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per,
                     layout=layout)
-
-
-def _resolve_pool_size(channel_pool: object, head_dim: int) -> int:
-    """channel_pool as a count: an int in [1, head_dim] or a float fraction in (0, 1] of head_dim."""
-    if isinstance(channel_pool, bool) or not isinstance(channel_pool, (int, float)):
-        raise TypeError(f"channel_pool must be an int (channels), a float (a fraction of head_dim) or None, got "
-                        f"{type(channel_pool).__name__}")
-    if isinstance(channel_pool, int):
-        if not 1 <= channel_pool <= head_dim:
-            raise ValueError(f"channel_pool as a count must be in [1, head_dim = {head_dim}], got {channel_pool}")
-        return channel_pool
-    if not 0.0 < channel_pool <= 1.0:
-        raise ValueError(f"channel_pool as a fraction must be in (0, 1], got {channel_pool}")
-    return max(1, min(head_dim, round(channel_pool * head_dim)))
 
 
 def pool_slots(pool: torch.Tensor, head_dim: int) -> torch.Tensor:
