@@ -32,7 +32,7 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import (BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _channel_count, _grow_blocks,
+from aether.api import (CODE_BITS_PER_TOKEN_PER_DIM, BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _channel_count, _grow_blocks,
                         _resolve_code_channels)
 from aether.refine import KeyCodes, default_blocks_per_group, pool_slots as refine_pool_slots
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
@@ -167,9 +167,10 @@ class SparseOptions:
                 raise ValueError(f"code_pool must be None or a float fraction of head_dim in (0, 1], got {pool!r}")
             if self.score != CODES_SCORE:
                 raise ValueError(f"code_pool is a qcodes option, got score={self.score!r}")
-            if cc is not None and cc > pool:
-                raise ValueError(f"code_channels ({cc}) must not exceed code_pool ({pool}): the channels are chosen "
-                                 "among the pool")
+            read = cc if cc is not None else CODE_BITS_PER_TOKEN_PER_DIM / self.code_bits  # the default's fraction
+            if read > pool:
+                raise ValueError(f"code_channels ({read}{' by default' if cc is None else ''}) must not exceed "
+                                 f"code_pool ({pool}): the channels are chosen among the pool")
         if not isinstance(self.refine_reuse, bool):
             raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
         if self.refine_reuse and rc is None:
@@ -320,7 +321,7 @@ def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "
     (`channel_pool`: `aether.key_codes(channel_pool=)`; `pool` and `pool_slots`: a pool already
     chosen, reference path only)."""
     per = default_blocks_per_group(block_size)
-    if _use_extension(k):
+    if _use_extension(k) and pool_slots is None:  # a given pool: RefKeyCodes.update, which stays on this path
         return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per, layout=layout,
                                 channel_pool=channel_pool)
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)

@@ -228,6 +228,9 @@ def test_pool_errors():
         cache_mod.SparseOptions(score="tight", code_pool=0.5)
     with pytest.raises(ValueError, match="must not exceed code_pool"):
         cache_mod.SparseOptions(score="qcodes", code_pool=0.25, code_channels=0.5)
+    with pytest.raises(ValueError, match="by default"):  # 2-bit codes read a quarter of the channels by default
+        cache_mod.SparseOptions(score="qcodes", code_pool=0.2, code_bits=2)
+    cache_mod.SparseOptions(score="qcodes", code_pool=0.125)  # 4-bit codes read an eighth by default
     pooled = aether.key_codes(k, 16, bits=4, layout="channel", channel_pool=16)
     slots = pooled.channel_slots
     # op-level errors name the argument
@@ -248,6 +251,12 @@ def test_pool_errors():
     with pytest.raises(RuntimeError, match="channel-major"):
         torch.ops.aether.key_codes_update(k, lens, torch.zeros(1, dtype=torch.int32), 16, None, pooled.codes,
                                           pooled.ranges, 8, 4, False, slots)
+    # an offset view: the CUDA kernels write runs a word at a time and read them 16 bytes at a time
+    buffer = torch.zeros(pooled.codes.numel() + 1, dtype=torch.uint8)
+    shifted = buffer[1:].view(pooled.codes.shape)
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.aether.key_codes_update(k, lens, torch.zeros(1, dtype=torch.int32), 16, None, shifted,
+                                          pooled.ranges, 8, 4, True, slots)
 
 
 def test_pool_fake_kernels_trace():

@@ -52,6 +52,8 @@ cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream) {
   }
   if (params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr) return cudaErrorInvalidValue;
   if (params.k.block_table != nullptr && params.k.page_size != params.block_size) return cudaErrorInvalidValue;
+  // Channel-major runs are written a 32-bit word at a time (key_codes.cuh).
+  if (params.channel_major && reinterpret_cast<uintptr_t>(params.codes) % 4 != 0) return cudaErrorInvalidValue;
   // A channel pool: channel-major only, 1..head_dim stored runs (params.h).
   if (params.channel_slots != nullptr &&
       (!params.channel_major || params.stored_channels < 1 || params.stored_channels > params.head_dim)) {

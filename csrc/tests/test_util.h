@@ -918,7 +918,8 @@ inline std::vector<double> naive_group_sum_priority(const std::vector<std::vecto
     double total = 0.0;
     for (int32_t j = 0; j < n_blocks; ++j) total += std::exp(static_cast<double>(row[j]) - top);
     if (std::isnan(total) || std::isinf(total) || total <= 0.0) continue;
-    for (int32_t j = 0; j < n_blocks; ++j) share[j] += std::exp(static_cast<double>(row[j]) - top) / total;
+    const double inv = 1.0 / total;  // params.h: the reciprocal once, then multiplies
+    for (int32_t j = 0; j < n_blocks; ++j) share[j] += std::exp(static_cast<double>(row[j]) - top) * inv;
   }
   std::vector<double> priority(static_cast<size_t>(n_blocks));
   for (int32_t j = 0; j < n_blocks; ++j) {

@@ -468,6 +468,9 @@ void check_code_tensors(const Tensor& codes, const Tensor& ranges, int64_t batch
                "aether: key code ranges must be contiguous ", at::IntArrayRef(range_shape), ", got ", ranges.sizes());
   check_same_device(codes, ref, "key codes");
   check_same_device(ranges, ref, "key code ranges");
+  // The CUDA kernels write channel-major runs a word at a time and read them 16 bytes at a time.
+  AETHER_CHECK(!channel_major || reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
+               "aether: channel-major key codes must start 16-byte aligned (a fresh tensor, not an offset view)");
 }
 
 // A channel pool's slot map: int32 [B, Hkv, D] contiguous, channel d's run at slot channel_slots[b,

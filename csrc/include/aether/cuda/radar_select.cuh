@@ -899,7 +899,7 @@ __device__ __forceinline__ double exp_shifted(float s, double top) {
   return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
 }
 
-// Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) / Z_g (double,
+// Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) * (1 / Z_g) (double,
 // rounded to float); heads without a finite, positive Z_g add nothing. `scores` is the row's
 // [G, NB] head scores. Every warp works on m_g and Z_g: a head's row is split over
 // kSelectWarps / G warps (one warp per head read 64 blocks per lane with a double exp each, ~10 us

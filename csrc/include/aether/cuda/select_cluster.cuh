@@ -10,7 +10,7 @@
 // distributed shared memory after a cluster barrier, and each CTA combines them in rank order (so
 // all CTAs get the same values, deterministically):
 //   1. keys (sum aggregation): the CTA's per-head maxima -> M_g; the CTA's sums of
-//      exp(s_gj - M_g) (double) -> Z_g; then key_j = sum_g exp(s_gj - M_g) / Z_g (double, rounded
+//      exp(s_gj - M_g) (double) -> Z_g; then key_j = sum_g exp(s_gj - M_g) * (1 / Z_g) (double, rounded
 //      to float) as sum_group_keys. The max aggregation's keys are the group scores.
 //   2. radix select (radix_select_top): per 8-bit pass, each CTA counts its candidates' digits,
 //      and after the cluster barrier thread d adds digit d's counts of all CTAs; every warp then
