@@ -76,7 +76,8 @@ class SparseOptions:
     code_channels=)`; None: head_dim / (2 code_bits) channels). The defaults, 4-bit codes of an
     eighth of the channels, are the measured best (docs/selection.md, "score=\"qcodes\"").
     `code_pool`: for score="qcodes", store the codes of only this fraction of head_dim per KV head
-    (the channels of largest key spread at the first build, `aether.key_codes(channel_pool=)`),
+    (the channels of largest key spread at the first build, `aether.key_codes(channel_pool=)`;
+    a rebuild after `reindex`, `truncate` or new row starts chooses again from the keys then),
     the per-step choice being made among them; None (default): every channel. 0.5 halves the
     codes at about the free choice's quality (docs/selection.md, "A fixed channel pool").
     """
