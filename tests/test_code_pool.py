@@ -283,3 +283,18 @@ def test_pool_eval_entries():
         with pytest.raises(ValueError, match="code_pool"):
             check_settings(EvalSettings(scores=("qcodes",), budgets=(0.135,), block_sizes=(16,), code_pool=bad))
     check_settings(settings)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_on_a_paged_cache_equals_contiguous(device):
+    """A paged cache (shuffled pages and a block table) gives the same pool, codes and ranges."""
+    from test_kernels import _to_paged
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, k, v, lens = make_case(2, 4, 2, 300, 64, dtype, device, seed=9, lens=[300, 170])
+    kp, _, table = _to_paged(k, v, 16, seed=2)
+    flat = aether.key_codes(k, 16, bits=4, seq_lens=lens, layout="channel", channel_pool=24)
+    paged = aether.key_codes(kp, 16, bits=4, seq_lens=lens, block_table=table, layout="channel", channel_pool=24)
+    assert torch.equal(flat.pool, paged.pool)
+    groups = flat.codes.shape[2]
+    assert torch.equal(paged.codes[:, :, :groups], flat.codes)
+    assert torch.equal(paged.ranges[:, :, :groups].view(torch.int16), flat.ranges.view(torch.int16))
