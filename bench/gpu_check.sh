@@ -99,16 +99,16 @@ fi
 # the recommended setting, docs/selection.md; v12 measured a quarter of the channels at 2 bits)
 # and two-stage selection (50% candidates ranked by 2-bit key codes, keep 0.095: 15.8%) at their
 # measured quality points, 16-token blocks, 128-token sketch blocks; one-stage qsketch in the same run.
-# The qcodes mode measures qcodes alone at batch 8 and 1, with and without a channel pool.
-if [ "${1:-}" = "qcodes" ]; then  # qcodes at batch 8 and 1, with every channel's codes and with a pool of half
+# The qcodes mode measures qcodes and the default tight step at batch 8 and 1 (the channel pool's
+# step equals qcodes' own: same bytes, docs/benchmarks.md v15; `--code-pool 0.5` measures it).
+if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tight step (64) at batch 8 and 1
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
     --blocks-per-sketch 8 --scores qcodes,qsketch --code-channels 0.125 --code-bits 4 \
     --out "$OUT/bench_decode_qcodes.json" > "$OUT/bench_refine.log" 2>&1
   note "benchmark (qcodes, 16-token blocks): rc=$?"
-  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
-    --scores qcodes --code-channels 0.125 --code-bits 4 --code-pool 0.5 \
-    --out "$OUT/bench_decode_qcodes_pool.json" > "$OUT/bench_pool.log" 2>&1
-  note "benchmark (qcodes with a channel pool of half, 16-token blocks): rc=$?"
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
+    --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
+  note "benchmark (tight, 64-token blocks): rc=$?"
 else
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
     --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
@@ -121,5 +121,5 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
-[ -f "$OUT/bench_pool.log" ] && grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_pool.log"
+[ -f "$OUT/bench_tight.log" ] && grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_tight.log"
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error
