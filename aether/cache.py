@@ -32,8 +32,8 @@ import torch
 
 import aether
 from aether import reference
-from aether.api import (CODE_BITS_PER_TOKEN_PER_DIM, BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES, _channel_count, _grow_blocks,
-                        _resolve_code_channels)
+from aether.api import (CODE_BITS_PER_TOKEN_PER_DIM, BlockStats, GROUP_AGGS, SCORES, POLICIES, UPPER_BOUND_SCORES,
+                        _channel_count, _grow_blocks, _resolve_code_channels)
 from aether.refine import KeyCodes, default_blocks_per_group, pool_slots as refine_pool_slots
 from aether.sketch import DEFAULT_RANK, KeySketch, SketchCalibration
 from aether.sketch import recall_curve as sketch_recall_curve
@@ -308,31 +308,29 @@ class RefKeyCodes(KeyCodes):
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None) -> "RefKeyCodes":
         # every group rebuilt; a channel pool stays the one chosen at the first build
-        fresh = build_key_codes(k, self.block_size, self.bits, self.layout, pool_slots=self.channel_slots,
-                                pool=self.pool)
+        fresh = build_key_codes(k, self.block_size, self.bits, self.layout, pool=self.pool)
         self.codes, self.ranges, self.seq_lens = fresh.codes, fresh.ranges, fresh.seq_lens
         return self
 
 
 def build_key_codes(k: torch.Tensor, block_size: int, bits: int, layout: str = "token",
-                    channel_pool: float | None = None, pool_slots: torch.Tensor | None = None,
-                    pool: torch.Tensor | None = None) -> KeyCodes:
+                    channel_pool: float | None = None, pool: torch.Tensor | None = None) -> KeyCodes:
     """The key codes of every block of `k` `[batch, kv_heads, seq, head_dim]` (all slots valid),
     128-token groups: token-major for two-stage selection, channel-major for score="qcodes"
-    (`channel_pool`: `aether.key_codes(channel_pool=)`; `pool` and `pool_slots`: a pool already
-    chosen, reference path only)."""
+    (`channel_pool`: `aether.key_codes(channel_pool=)`; `pool`: a pool already chosen, the
+    reference path's `RefKeyCodes.update`)."""
     per = default_blocks_per_group(block_size)
-    if _use_extension(k) and pool_slots is None:  # a given pool: RefKeyCodes.update, which stays on this path
+    if _use_extension(k) and pool is None:  # a given pool: RefKeyCodes.update, which stays on this path
         return aether.key_codes(k, block_size, bits=bits, blocks_per_group=per, layout=layout,
                                 channel_pool=channel_pool)
     seq_lens = torch.full((k.shape[0],), k.shape[2], dtype=torch.int32, device=k.device)
+    head_dim = k.shape[-1]
     if channel_pool is not None and pool is None:  # the library's choice: spread, ties low (refine.py)
         _, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per, channel_major=True)
-        head_dim = k.shape[-1]
         stored = _channel_count(channel_pool, head_dim, "channel_pool")
         ones = torch.ones(k.shape[0], k.shape[1], head_dim, dtype=k.dtype, device=k.device)
         pool = reference.code_channels(ones, ranges, seq_lens, per * block_size, stored)
-        pool_slots = refine_pool_slots(pool, head_dim)
+    pool_slots = None if pool is None else refine_pool_slots(pool, head_dim)
     codes, ranges = reference.key_codes(k, bits, block_size, seq_lens, blocks_per_group=per,
                                         channel_major=layout == "channel", channel_slots=pool_slots,
                                         stored_channels=None if pool is None else pool.shape[-1])

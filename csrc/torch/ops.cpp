@@ -437,10 +437,11 @@ void check_blocks_per_group(int64_t per, int64_t block_size) {
 
 // codes uint8 [B, Hkv, NB, bs, D * bits / 8] (token-major) or [B, Hkv, NB / Pg, D, Pg * bs * bits / 8]
 // (channel-major), ranges bfloat16 [B, Hkv, NB / Pg, 2, D].
-// A channel pool stores `stored` < head_dim runs per group (0: every channel).
+// A channel pool stores `stored` (1..head_dim) runs per group; 0: one run per channel.
 std::vector<int64_t> code_shape_of(int64_t batch, int64_t kv_heads, int64_t num_blocks, int64_t block_size,
                                    int64_t per, int64_t bits, int64_t head_dim, bool channel_major, int64_t stored = 0) {
-  if (channel_major) return {batch, kv_heads, num_blocks / per, stored > 0 ? stored : head_dim, per * block_size * bits / 8};
+  const int64_t runs = stored > 0 ? stored : head_dim;
+  if (channel_major) return {batch, kv_heads, num_blocks / per, runs, per * block_size * bits / 8};
   return {batch, kv_heads, num_blocks, block_size, head_dim * bits / 8};
 }
 
@@ -543,8 +544,7 @@ std::tuple<Tensor, Tensor> key_codes(const Tensor& k, const Tensor& seq_lens, in
   AETHER_CHECK(num_blocks >= 0 && num_blocks % blocks_per_group == 0,
                "aether: num_blocks must be >= 0 and a multiple of blocks_per_group (", blocks_per_group, "), got ",
                num_blocks);
-  AETHER_CHECK(!channel_slots.has_value() || channel_major,
-               "aether: a channel pool (channel_slots) needs the channel-major layout (channel_major=True)");
+  // Checked before the allocation, which reads it (codes_params checks the rest, the layout included).
   AETHER_CHECK(!channel_slots.has_value() || (stored_channels >= 1 && stored_channels <= c.head_dim),
                "aether: stored_channels must be in [1, head_dim = ", c.head_dim, "] with channel_slots, got ",
                stored_channels);
