@@ -239,7 +239,7 @@ TEST(CudaSparseDecode, WithinTwiceTheCpuErrorOverTheCoverageGrid) {
       const double u = test::unit_roundoff(c.dtype);
 
       const int auto_splits = cuda::sparse_decode_num_splits(batch, kv_heads, num_blocks, num_sms);
-      for (int splits : {1, auto_splits, 5}) {
+      for (int splits : {1, auto_splits, 5, 37}) {  // 37: merge batches of 8 with a remainder, empty splits
         SCOPED_TRACE(describe(c) + (dense ? " dense" : " sparse") + " splits=" + std::to_string(splits));
         DecodeRun run{TestQuery(c.dtype, batch, q_heads, c.head_dim), {}};
         run_cuda(p, k, v, q, splits, run);
