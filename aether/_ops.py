@@ -116,14 +116,23 @@ if _IMPORT_ERROR is None:
         rows = (q.shape[0], kv_heads)
         return q.new_empty((*rows, head_scores.shape[2]), dtype=torch.int32), q.new_empty(rows, dtype=torch.int32)
 
+    @torch.library.register_fake("aether::code_spreads")
+    def _code_spreads_fake(ranges, seq_lens, block_size, blocks_per_group=1):
+        return ranges.new_empty((ranges.shape[0], ranges.shape[1], ranges.shape[2], ranges.shape[4]),
+                                dtype=torch.float64)
+
+    @torch.library.register_fake("aether::code_spreads_update")
+    def _code_spreads_update_fake(ranges, seq_lens, first_block, block_size, blocks_per_group, spreads):
+        return None
+
     @torch.library.register_fake("aether::code_channels")
     def _code_channels_fake(q, ranges, seq_lens, block_size, blocks_per_group, num_channels, channel_slots=None,
-                            stored_channels=0):
+                            stored_channels=0, spreads=None):
         return q.new_empty((ranges.shape[0], ranges.shape[1], num_channels), dtype=torch.int32)
 
     @torch.library.register_fake("aether::channel_scores")
     def _channel_scores_fake(q, codes, ranges, seq_lens, channels, block_size, scale, blocks_per_group=1, bits=2,
-                             channel_slots=None):
+                             channel_slots=None, spreads=None, num_channels=0):
         return q.new_empty((codes.shape[0], q.shape[1], codes.shape[2] * blocks_per_group), dtype=torch.float32)
 
     @torch.library.register_fake("aether::refine_scores")

@@ -534,12 +534,17 @@ def sparse_attention(
         _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens)
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
         num_blocks = codes.num_blocks
-        stored = 0 if codes.pool is None else codes.pool.shape[-1]  # a channel pool: choose among it
-        channels = torch.ops.aether.code_channels(q, codes.ranges, seq_lens, block_size, codes.blocks_per_group,
-                                                  num_code_channels, codes.channel_slots, stored)
-        head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, channels, block_size,
-                                                      float(scale), codes.blocks_per_group, codes.bits,
-                                                      codes.channel_slots)
+        if codes.spreads is not None:  # channel_scores chooses the channels from the running spreads
+            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, None, block_size,
+                                                          float(scale), codes.blocks_per_group, codes.bits,
+                                                          codes.channel_slots, codes.spreads, num_code_channels)
+        else:
+            stored = 0 if codes.pool is None else codes.pool.shape[-1]  # a channel pool: choose among it
+            channels = torch.ops.aether.code_channels(q, codes.ranges, seq_lens, block_size, codes.blocks_per_group,
+                                                      num_code_channels, codes.channel_slots, stored)
+            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, channels,
+                                                          block_size, float(scale), codes.blocks_per_group,
+                                                          codes.bits, codes.channel_slots)
         budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
         selected, counts = torch.ops.aether.select_blocks(
             q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),

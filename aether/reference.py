@@ -492,6 +492,19 @@ class QcodesRef(NamedTuple):
     channel_slots: Tensor | None = None  # a channel pool (:func:`key_codes`), with codes given
 
 
+def code_spreads(ranges: Tensor, seq_lens: Tensor, group_tokens: int) -> Tensor:
+    """The running spreads of the qcodes channel choice, float64 ``[B, Hkv, NG, D]``: over a row's
+    valid groups (``ceil(seq_len / group_tokens)``, at most NG) the running sum of ``(hi - lo)^2``
+    (bf16 ranges widened to float64) in group order; 0 past the end. Group m's entry is the
+    ``sum_groups (hi - lo)^2`` of :func:`code_channels` for a row of m + 1 groups."""
+    width = ranges[:, :, :, 1].double() - ranges[:, :, :, 0].double()  # [B, Hkv, NG, D]
+    groups = ranges.shape[2]
+    n_groups = ((seq_lens.to(torch.int64).clamp(min=0) + group_tokens - 1) // group_tokens).clamp(max=groups)
+    valid = (torch.arange(groups, device=ranges.device)[None, :] < n_groups.to(ranges.device)[:, None])
+    running = torch.cumsum(torch.where(valid[:, None, :, None], width * width, 0.0), dim=2)
+    return torch.where(valid[:, None, :, None], running, 0.0)
+
+
 def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int, num_channels: int,
                   channel_slots: Tensor | None = None, stored_channels: int | None = None) -> Tensor:
     """The channels the qcodes score reads, int32 ``[B, Hkv, m]`` ascending: per (b, KV head) the

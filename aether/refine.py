@@ -71,6 +71,13 @@ class KeyCodes:
     runs per group (``[..., num_blocks / Pg, S, run]``, run i holding channel ``pool[b, h, i]``) and
     ``channel_slots`` int32 ``[batch, kv_heads, head_dim]`` maps a channel to its run (-1: not
     stored). The qcodes score then chooses its channels among the pool. None: every channel.
+
+    spreads: ``layout="channel"`` only, float64 ``[batch, kv_heads, num_blocks / Pg, head_dim]``, the
+    running ``sum (hi - lo)^2`` over the groups up to each one (``torch.ops.aether.code_spreads``),
+    kept by :meth:`update`. The qcodes score reads the row of the last valid group to choose its
+    channels inside ``channel_scores`` (no ``code_channels`` launch, no pass over every group's
+    ranges). 8 bytes per channel and group: twice the ranges, 1/32 of the bf16 keys at 128-token
+    groups. None (a KeyCodes built by hand): the choice is made by ``code_channels`` from the ranges.
     """
 
     codes: torch.Tensor
@@ -83,6 +90,7 @@ class KeyCodes:
     layout: str = "token"
     pool: torch.Tensor | None = None
     channel_slots: torch.Tensor | None = None
+    spreads: torch.Tensor | None = None
     # A rebuild enqueued on a side stream (update(stream=...)): its event, and the temporaries it
     # reads, kept alive until a stream waits for it (wait()).
     _pending: tuple | None = field(default=None, repr=False, compare=False)
@@ -97,11 +105,13 @@ class KeyCodes:
 
     def qcodes_bytes(self, num_channels: int, num_blocks: int) -> float:
         """Bytes the qcodes score reads per KV head and step over `num_blocks` valid blocks: the
-        runs of `num_channels` channels and the bf16 ranges of every group holding a valid block
-        (the channel choice reads the same ranges, counted once)."""
+        runs of `num_channels` channels and the bf16 ranges of every group holding a valid block,
+        plus the channel choice's row of running spreads (8 bytes per channel, :attr:`spreads`;
+        counted for every implementation, so that the extension and the reference path report the
+        same bytes; the choice without spreads reads the ranges, counted once above)."""
         groups = math.ceil(num_blocks / self.blocks_per_group)
         run_bytes = self.blocks_per_group * self.block_size * self.bits / 8
-        return groups * (num_channels * run_bytes + 4 * self.head_dim)
+        return groups * (num_channels * run_bytes + 4 * self.head_dim) + 8 * self.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -134,10 +144,19 @@ class KeyCodes:
         needed = -(-needed // per) * per
         self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)
         self.ranges = _grow_blocks(self.ranges, needed // per)
+        if self.spreads is not None:
+            self.spreads = _grow_blocks(self.spreads, needed // per)
         args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
-                self.channel_major, self.channel_slots)
+                self.channel_major, self.channel_slots, self.spreads)
+
+        def rebuild() -> None:
+            torch.ops.aether.key_codes_update(*args[:-1])
+            if self.spreads is not None:  # the appended groups' running spreads, after their ranges
+                torch.ops.aether.code_spreads_update(self.ranges, seq_lens, first_block, self.block_size, per,
+                                                     self.spreads)
+
         if stream is None:
-            torch.ops.aether.key_codes_update(*args)
+            rebuild()
         else:
             if not isinstance(stream, torch.cuda.Stream):
                 raise TypeError(f"stream must be a torch.cuda.Stream or None, got {type(stream).__name__}")
@@ -146,7 +165,7 @@ class KeyCodes:
                                  f"{stream.device}")
             stream.wait_stream(torch.cuda.current_stream(k.device))
             with torch.cuda.stream(stream):
-                torch.ops.aether.key_codes_update(*args)
+                rebuild()
                 ready = torch.cuda.Event()
                 ready.record(stream)
             # The caching allocator may hand these to the current stream once they are dropped: keep
@@ -220,12 +239,14 @@ def key_codes(k: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE, *, bits: in
         pool, slots = choose_channel_pool(k, seq_lens, block_size, num_blocks, block_table, per, stored)
         codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits, True,
                                                    slots, stored)
+        spreads = torch.ops.aether.code_spreads(ranges, seq_lens, block_size, per)
         return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None,
-                        blocks_per_group=per, layout=layout, pool=pool, channel_slots=slots)
+                        blocks_per_group=per, layout=layout, pool=pool, channel_slots=slots, spreads=spreads)
     codes, ranges = torch.ops.aether.key_codes(k, seq_lens, block_size, num_blocks, block_table, per, bits,
                                                layout == "channel")
+    spreads = torch.ops.aether.code_spreads(ranges, seq_lens, block_size, per) if layout == "channel" else None
     return KeyCodes(codes, ranges, bits, block_size, seq_lens.clone(), block_table is not None, blocks_per_group=per,
-                    layout=layout)
+                    layout=layout, spreads=spreads)
 
 
 def pool_slots(pool: torch.Tensor, head_dim: int) -> torch.Tensor:

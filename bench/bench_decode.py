@@ -116,14 +116,24 @@ class Case:
         # beside the first selection stage; the refinement waits for them.
         self.codes_stream, self.codes_ready, self.codes_pending = torch.cuda.Stream(), torch.cuda.Event(), False
 
-    def enable_qcodes(self, fraction: float, bits: int, pool: float | None = None) -> None:
+    def enable_qcodes(self, fraction: float, bits: int, pool: float | None = None, choice: str = "spreads") -> None:
         self.qcodes = [aether.key_codes(k, self.block_size, bits=bits, seq_lens=self.lens, layout="channel",
                                         channel_pool=pool) for k in self.k]
+        if choice == "launch":  # the channel choice as its own code_channels launch over every group's ranges
+            for kc in self.qcodes:
+                kc.spreads = None
         self.code_channels = aether.api._resolve_code_channels(fraction, HEAD_DIM, bits)  # the library's rule
 
     def qcodes_scores(self, i, stage: str = "scores"):
-        """The qcodes score of copy i up to `stage`: "channels" (code_channels) or "scores" (+ channel_scores)."""
+        """The qcodes score of copy i up to `stage`: "channels" (the code_channels launch; None when
+        channel_scores chooses from the running spreads) or "scores" (the block scores)."""
         kc = self.qcodes[i]
+        if kc.spreads is not None:  # one launch: channel_scores chooses the channels itself
+            if stage == "channels":
+                return None
+            return torch.ops.aether.channel_scores(self.q[i], kc.codes, kc.ranges, self.lens, None, self.block_size,
+                                                   self.scale, kc.blocks_per_group, kc.bits, kc.channel_slots,
+                                                   kc.spreads, self.code_channels)
         stored = 0 if kc.pool is None else kc.pool.shape[-1]
         channels = torch.ops.aether.code_channels(self.q[i], kc.ranges, self.lens, self.block_size,
                                                   kc.blocks_per_group, self.code_channels, kc.channel_slots, stored)
@@ -141,6 +151,9 @@ class Case:
             kc = self.qcodes[i]
             torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
                                               kc.ranges, kc.blocks_per_group, kc.bits, True, kc.channel_slots)
+            if kc.spreads is not None:  # the last group's running spreads (KeyCodes.update does the same)
+                torch.ops.aether.code_spreads_update(kc.ranges, self.lens, self.first_block, self.block_size,
+                                                     kc.blocks_per_group, kc.spreads)
             return
         if score.endswith("+refine"):
             kc = self.codes[i]
@@ -257,7 +270,8 @@ def _graph_ms(call, copies: int, iters: int) -> float:
 
 def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scores: list[str], iters: int,
                group_agg: str, blocks_per_sketch: int = 1, refine: tuple[float, int] = (0.3, 2),
-               code_channels: float = 0.25, code_bits: int = 2, code_pool: float | None = None) -> dict:
+               code_channels: float = 0.25, code_bits: int = 2, code_pool: float | None = None,
+               code_choice: str = "spreads") -> dict:
     c = Case(batch, ctx, block_size, blocks_per_sketch=blocks_per_sketch)
     c.group_agg = group_agg
     two_stage = [s for s in scores if s.endswith("+refine") or s.endswith("+refine+reuse")]
@@ -265,7 +279,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
     if two_stage:
         c.enable_refine(*refine)
     if "qcodes" in scores:
-        c.enable_qcodes(code_channels, code_bits, code_pool)
+        c.enable_qcodes(code_channels, code_bits, code_pool, code_choice)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
     row["aether_dense_ms"] = _median_ms(lambda: c.decode(c.next(), None, None, 0), iters)
@@ -315,7 +329,9 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                     r["union_torch_ms"] = _graph_ms(lambda i: aether.reference.union_blocks(
                         *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
             if score == "qcodes":  # the three kernels of the select stage, each alone
-                r["channels_ms"] = _graph_ms(lambda i: c.qcodes_scores(i, "channels"), c.copies, iters)
+                r["code_choice"] = "spreads" if c.qcodes[0].spreads is not None else "launch"
+                r["channels_ms"] = (0.0 if r["code_choice"] == "spreads" else
+                                    _graph_ms(lambda i: c.qcodes_scores(i, "channels"), c.copies, iters))
                 r["channel_scores_ms"] = _graph_ms(lambda i: c.qcodes_scores(i), c.copies, iters) - r["channels_ms"]
                 given = [c.qcodes_scores(i) for i in range(c.copies)]
                 r["select_ms"] = _graph_ms(lambda i: c.select(i, nb, score, given[i]), c.copies, iters)
@@ -345,6 +361,9 @@ def main() -> int:
     parser.add_argument("--code-bits", type=int, default=2, choices=(2, 4), help="score qcodes: bits per code")
     parser.add_argument("--code-pool", type=float, default=None,
                         help="score qcodes: store codes for this fraction of head_dim only (channel_pool)")
+    parser.add_argument("--code-choice", default="spreads", choices=("spreads", "launch"),
+                        help="score qcodes: the channel choice inside channel_scores from the running spreads (the "
+                             "library's path), or its own code_channels launch over every group's ranges")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_decode.json"))
     args = parser.parse_args()
@@ -361,7 +380,7 @@ def main() -> int:
         cand, bits = args.refine.split(":")
         result["rows"].append(bench_case(batch, ctx, args.block_size, budgets, args.scores.split(","), args.iters,
                                          args.group_agg, args.blocks_per_sketch, (float(cand), int(bits)),
-                                         args.code_channels, args.code_bits, args.code_pool))
+                                         args.code_channels, args.code_bits, args.code_pool, args.code_choice))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\n{result['gpu']}  copy {result['copy_gbps']:.0f} GB/s  torch {result['torch']}  PDL {result['pdl']}  "
@@ -385,8 +404,10 @@ def main() -> int:
     for row in result["rows"]:
         for r in row["budgets"]:
             if "channels_ms" in r:
+                choice = ("chosen in channel_scores" if r["code_choice"] == "spreads" else
+                          f"code_channels {r['channels_ms']*1e3:.1f} us")
                 print(f"{row['batch']:>3}x{row['ctx']:<5} qcodes {r['fraction']:.3f}: channels {r['code_channels']} of "
-                      f"{HEAD_DIM}; graph: code_channels {r['channels_ms']*1e3:.1f} us, channel_scores "
+                      f"{HEAD_DIM}; graph: {choice}, channel_scores "
                       f"{r['channel_scores_ms']*1e3:.1f} us, select_blocks {r['select_ms']*1e3:.1f} us")
     print("times in us (median, CUDA events); x = speedup over SDPA in the same mode; GB/s = selected K/V bytes"
           " / graph decode time; ideal = dense bytes / bytes read")

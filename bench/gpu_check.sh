@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ONE command for a GPU machine: build, GPU tests (pytest + GoogleTest), compute-sanitizer on a
 # small case of each kernel, then the decode benchmark. Logs and json go to $OUT (default ./out).
-# Usage: bash bench/gpu_check.sh [quick|refine|qcodes]  (quick: fewer shapes in the benchmark; refine: the
+# Usage: bash bench/gpu_check.sh [quick|refine|qcodes|qcodes-quick]  (quick: fewer shapes in the benchmark; refine: the
 #        two-stage tests, sanitizers, benchmark and Nsight Compute kernel times only; qcodes: the
-#        same for the qcodes score)
+#        same for the qcodes score; qcodes-quick: the qcodes test files' CUDA cases, the
+#        sanitizers, ncu and the qcodes benchmarks only)
 # Carry .deps (libgtest-dev .deb, see below) for the C++ tests:
 #   mkdir -p .deps && (cd .deps && apt-get download libgtest-dev)
 set -uo pipefail
@@ -27,6 +28,14 @@ fi
 tests="tests"
 # refine: a kernel iteration on the two-stage step (its tests, sanitizers, benchmark and ncu times)
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
+# qcodes-quick: a kernel iteration on the qcodes step: the CUDA cases of its test files, the
+# sanitizers, its ncu kernel times, and the qcodes benchmark with the channel choice inside
+# channel_scores and as its own launch (same run), plus 3/16 of the channels at keep 0.10
+mode="${1:-}"
+if [ "$mode" = "qcodes-quick" ]; then
+  tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
+  set -- qcodes
+fi
 # qcodes: every test (GoogleTests included), sanitizers, the qcodes step's ncu kernel times and
 # the 16-token-block benchmark below (no shape sweep)
 
@@ -83,7 +92,7 @@ if [ "${1:-}" = "refine" ]; then
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_sketch.log" 2>&1
   note "ncu (sketch_score x3): rc=$? $(grep -E 'gpu__time|inst_executed' "$OUT/ncu_sketch.log" | awk '{print $NF}' | paste -sd' ')"
 elif [ "${1:-}" = "qcodes" ]; then
-  ncu --clock-control none --kernel-name regex:"code_channels|channel_scores|select|key_codes" --launch-skip 5 \
+  ncu --clock-control none --kernel-name regex:"code_spreads|channel_scores|select|key_codes" --launch-skip 5 \
     --launch-count 4 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_qcodes.log" 2>&1
   note "ncu (qcodes step kernels): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_qcodes.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
@@ -106,9 +115,20 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
     --blocks-per-sketch 8 --scores qcodes,qsketch --code-channels 0.125 --code-bits 4 \
     --out "$OUT/bench_decode_qcodes.json" > "$OUT/bench_refine.log" 2>&1
   note "benchmark (qcodes, 16-token blocks): rc=$?"
-  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
-    --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
-  note "benchmark (tight, 64-token blocks): rc=$?"
+  if [ "$mode" = "qcodes-quick" ]; then
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
+      --scores qcodes --code-channels 0.125 --code-bits 4 --code-choice launch \
+      --out "$OUT/bench_decode_qcodes_launch.json" > "$OUT/bench_launch.log" 2>&1
+    note "benchmark (qcodes, choice as its own launch): rc=$?"
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.1 --block-size 16 \
+      --scores qcodes --code-channels 0.1875 --code-bits 4 \
+      --out "$OUT/bench_decode_qcodes_ch3_16.json" > "$OUT/bench_ch3_16.log" 2>&1
+    note "benchmark (qcodes, 3/16 of the channels, keep 0.10): rc=$?"
+  else
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
+      --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
+    note "benchmark (tight, 64-token blocks): rc=$?"
+  fi
 else
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
     --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
@@ -121,5 +141,7 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
-[ -f "$OUT/bench_tight.log" ] && grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_tight.log"
+for f in bench_tight bench_launch bench_ch3_16; do
+  [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/$f.log"; }
+done
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

@@ -4,6 +4,7 @@ group aggregation, dense and
 sparse decode with and without splits, paged, the row-per-cluster selection) for
 compute-sanitizer memcheck/racecheck."""
 
+import dataclasses
 import math
 
 import torch
@@ -40,6 +41,9 @@ for dtype in (torch.float16, torch.bfloat16):
             for policy, channels in (("topk", 0.25), ("adaptive", head_dim)):
                 aether.sparse_attention(q, k, v, seq_lens=lens, score="qcodes", codes=codes, policy=policy, budget=3,
                                         code_channels=channels)
+            # without running spreads: the code_channels launch, then channel_scores given its list
+            aether.sparse_attention(q, k, v, seq_lens=lens, score="qcodes", budget=3, code_channels=0.25,
+                                    codes=dataclasses.replace(codes, spreads=None))
             # a channel pool: a third of the runs stored, the choice among them
             pooled = aether.key_codes(k, bs, bits=bits, seq_lens=lens - 40, layout="channel", channel_pool=0.3)
             pooled.update(k, lens)

@@ -336,10 +336,11 @@ def test_cache_qcodes_equals_the_direct_call_and_the_reference_path(monkeypatch)
     want, sel = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=8, budget=0.2,
                                         return_selection=True)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
-    # bytes: 2 steps, 2 rows, per 128-token group 8 channels x 64 bytes (4 bits) + 4 x 64 range bytes
+    # bytes: 2 steps, 2 rows, per 128-token group 8 channels x 64 bytes (4 bits) + 4 x 64 range bytes,
+    # and per row the channel choice's 64 running spreads (8 bytes each)
     reads = cache.reads
     groups = [math.ceil(650 / 128), math.ceil(700 / 128)]
-    assert reads.refine_bytes == sum(2 * n * (8 * 64 + 4 * 64) for n in groups)
+    assert reads.refine_bytes == sum(2 * (n * (8 * 64 + 4 * 64) + 8 * 64) for n in groups)
     frac = reads.fractions(64, "qcodes")
     assert frac["metadata"] == pytest.approx(reads.refine_bytes / (reads.tokens_total * 2 * 64 * 2))
     # the reference fallback (no extension) selects the same blocks

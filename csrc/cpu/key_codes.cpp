@@ -187,6 +187,62 @@ void refine_scores_typed(const RefineScoresParams& p) {
   });
 }
 
+void code_spreads_rows(const CodeSpreadsParams& p) {
+  const int32_t D = p.head_dim;
+  const int32_t P = p.blocks_per_group;
+  const int32_t gt = P * p.block_size;
+  const int32_t NG = p.num_blocks / P;
+  parallel_for(static_cast<int64_t>(p.batch) * p.kv_heads, [&](int64_t item) {
+    const int64_t b = item / p.kv_heads;
+    const int32_t n_groups = valid_blocks(std::max(p.seq_lens[b], 0), gt, NG);
+    const int32_t first = p.first_block == nullptr ? 0 : std::max(p.first_block[b], 0) / P;
+    const uint16_t* ranges = p.ranges + item * NG * 2 * D;
+    double* spreads = p.spreads + item * NG * D;
+    for (int32_t d = 0; d < D; ++d) {
+      double acc = first > 0 && first < n_groups ? spreads[static_cast<int64_t>(first - 1) * D + d] : 0.0;
+      for (int32_t m = first; m < n_groups; ++m) {
+        const double width = static_cast<double>(bfloat16_to_float(ranges[(static_cast<int64_t>(m) * 2 + 1) * D + d])) -
+                             static_cast<double>(bfloat16_to_float(ranges[static_cast<int64_t>(m) * 2 * D + d]));
+        // Rounded on its own (no fused multiply-add where the compiler would contract), as the CUDA
+        // kernel's __dmul_rn / __dadd_rn: both give the same bits.
+        const volatile double square = width * width;
+        acc = acc + square;
+        spreads[static_cast<int64_t>(m) * D + d] = acc;
+      }
+    }
+  });
+}
+
+// The qcodes channel choice (params.h, code_channels): per channel, w_d = (sum_g q_gd^2) * spread_d
+// in double; the m largest eligible w_d, a tie to the lower channel, written ascending to out, then
+// -1 entries if fewer than m are eligible (a pool).
+template <typename T>
+void choose_code_channels(const void* q_data, int64_t q_stride_batch, int64_t q_stride_head, int64_t b, int64_t h,
+                          int32_t G, int32_t D, const double* spread, const int32_t* slots, int32_t stored,
+                          int32_t m, int32_t* out) {
+  std::vector<float> q(static_cast<size_t>(D));
+  std::vector<double> weight(static_cast<size_t>(D), 0.0);
+  for (int32_t g = 0; g < G; ++g) {
+    load_row(static_cast<const T*>(q_data) + b * q_stride_batch + (h * G + g) * q_stride_head, D, q.data());
+    for (int32_t d = 0; d < D; ++d) weight[d] += static_cast<double>(q[d]) * static_cast<double>(q[d]);
+  }
+  for (int32_t d = 0; d < D; ++d) weight[d] *= spread[d];
+  std::vector<char> eligible(static_cast<size_t>(D), 1);
+  if (slots != nullptr) {
+    for (int32_t d = 0; d < D; ++d) eligible[d] = slots[d] >= 0 && slots[d] < stored;
+  }
+  int32_t written = 0;
+  for (int32_t d = 0; d < D; ++d) {
+    if (!eligible[d]) continue;
+    int32_t rank = 0;
+    for (int32_t e = 0; e < D; ++e) {
+      rank += eligible[e] && (weight[e] > weight[d] || (weight[e] == weight[d] && e < d));
+    }
+    if (rank < m) out[written++] = d;
+  }
+  std::fill(out + written, out + m, -1);
+}
+
 template <typename T>
 void code_channels_typed(const CodeChannelsParams& p) {
   const int32_t D = p.head_dim;
@@ -199,42 +255,22 @@ void code_channels_typed(const CodeChannelsParams& p) {
     const int64_t b = item / p.kv_heads;
     const int64_t h = item % p.kv_heads;
     const int32_t n_groups = valid_blocks(std::max(p.seq_lens[b], 0), gt, NG);
-    std::vector<float> q(static_cast<size_t>(D));
-    std::vector<double> weight(static_cast<size_t>(D), 0.0);
     std::vector<double> energy(static_cast<size_t>(D), 0.0);
-    for (int32_t g = 0; g < G; ++g) {
-      load_row(static_cast<const T*>(p.q) + b * p.q_stride_batch + (h * G + g) * p.q_stride_head, D, q.data());
-      for (int32_t d = 0; d < D; ++d) weight[d] += static_cast<double>(q[d]) * static_cast<double>(q[d]);
-    }
-    const uint16_t* ranges = p.ranges + item * NG * 2 * D;
-    for (int32_t g = 0; g < n_groups; ++g) {
-      for (int32_t d = 0; d < D; ++d) {
-        const double width = static_cast<double>(bfloat16_to_float(ranges[(g * 2 + 1) * D + d])) -
-                             static_cast<double>(bfloat16_to_float(ranges[g * 2 * D + d]));
-        energy[d] += width * width;
+    if (p.spreads != nullptr) {  // the running spreads of the last valid group (code_spreads)
+      if (n_groups > 0) std::copy_n(p.spreads + (item * NG + n_groups - 1) * D, D, energy.begin());
+    } else {
+      const uint16_t* ranges = p.ranges + item * NG * 2 * D;
+      for (int32_t g = 0; g < n_groups; ++g) {
+        for (int32_t d = 0; d < D; ++d) {
+          const double width = static_cast<double>(bfloat16_to_float(ranges[(g * 2 + 1) * D + d])) -
+                               static_cast<double>(bfloat16_to_float(ranges[g * 2 * D + d]));
+          energy[d] += width * width;
+        }
       }
     }
-    for (int32_t d = 0; d < D; ++d) weight[d] *= energy[d];
-    // A pool: only the stored channels compete (params.h).
-    std::vector<char> eligible(static_cast<size_t>(D), 1);
-    if (p.channel_slots != nullptr) {
-      for (int32_t d = 0; d < D; ++d) {
-        const int32_t slot = p.channel_slots[item * D + d];
-        eligible[d] = slot >= 0 && slot < p.stored_channels;
-      }
-    }
-    // The m largest weights, a tie to the lower channel; listed ascending, then -1 if fewer compete.
-    int32_t* out = p.channels + item * m;
-    int32_t written = 0;
-    for (int32_t d = 0; d < D; ++d) {
-      if (!eligible[d]) continue;
-      int32_t rank = 0;
-      for (int32_t e = 0; e < D; ++e) {
-        rank += eligible[e] && (weight[e] > weight[d] || (weight[e] == weight[d] && e < d));
-      }
-      if (rank < m) out[written++] = d;
-    }
-    std::fill(out + written, out + m, -1);
+    choose_code_channels<T>(p.q, p.q_stride_batch, p.q_stride_head, b, h, G, D, energy.data(),
+                            p.channel_slots == nullptr ? nullptr : p.channel_slots + item * D, p.stored_channels, m,
+                            p.channels + item * m);
   });
 }
 
@@ -259,7 +295,19 @@ void channel_scores_typed(const ChannelScoresParams& p) {
     const int64_t h = item % p.kv_heads;
     const int32_t len = std::max(p.seq_lens[b], 0);
     const int32_t n_blocks = valid_blocks(len, bs, NB);
-    const int32_t* chosen = p.channels + item * m;
+    // No list: the choice of code_channels with spreads (params.h), made here.
+    std::vector<int32_t> own;
+    const int32_t* chosen = p.channels == nullptr ? nullptr : p.channels + item * m;
+    if (chosen == nullptr) {
+      own.assign(static_cast<size_t>(m), -1);
+      if (n_blocks > 0) {
+        const int32_t n_groups = (n_blocks + P - 1) / P;
+        choose_code_channels<T>(p.q, p.q_stride_batch, p.q_stride_head, b, h, G, D,
+                                p.spreads + (item * NG + n_groups - 1) * D,
+                                p.channel_slots == nullptr ? nullptr : p.channel_slots + item * D, S, m, own.data());
+      }
+      chosen = own.data();
+    }
     auto slot_of = [&](int32_t d) {  // channel d's run, or -1 (not stored: scored at its mid-range)
       const int32_t slot = p.channel_slots == nullptr ? d : p.channel_slots[item * D + d];
       return slot >= 0 && slot < S ? slot : -1;
@@ -382,6 +430,17 @@ void refine_scores(const RefineScoresParams& params) {
   });
 }
 
+void code_spreads(const CodeSpreadsParams& params) {
+  if (params.kv_heads <= 0 || params.head_dim <= 0 || params.block_size <= 0 || params.blocks_per_group < 1 ||
+      params.num_blocks < 0 || params.num_blocks % params.blocks_per_group != 0) {
+    throw std::invalid_argument("aether::cpu::code_spreads: invalid sizes");
+  }
+  if (params.ranges == nullptr || params.seq_lens == nullptr || params.spreads == nullptr) {
+    throw std::invalid_argument("aether::cpu::code_spreads: ranges, seq_lens and spreads must not be null");
+  }
+  code_spreads_rows(params);
+}
+
 void code_channels(const CodeChannelsParams& params) {
   check_bits_and_groups(2, params.blocks_per_group, params.block_size, params.num_blocks, params.head_dim,
                         "aether::cpu::code_channels");
@@ -404,9 +463,9 @@ void channel_scores(const ChannelScoresParams& params) {
                      "aether::cpu::channel_scores");
   check_pool(params.channel_slots, params.stored_channels, params.head_dim, "aether::cpu::channel_scores");
   if (params.q == nullptr || params.codes == nullptr || params.ranges == nullptr || params.seq_lens == nullptr ||
-      params.channels == nullptr || params.head_scores == nullptr) {
-    throw std::invalid_argument("aether::cpu::channel_scores: q, codes, ranges, seq_lens, channels and head_scores "
-                                "must not be null");
+      (params.channels == nullptr && params.spreads == nullptr) || params.head_scores == nullptr) {
+    throw std::invalid_argument("aether::cpu::channel_scores: q, codes, ranges, seq_lens, channels (or spreads) and "
+                                "head_scores must not be null");
   }
   dispatch_dtype(params.dtype, "aether::cpu::channel_scores", [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -86,8 +86,10 @@ cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t strea
   // The kernel scores 16-token m-tiles (m16n8k16): power-of-two blocks of 16 to 128 tokens (a
   // channel's run of a group is then a whole number of words, copied in 4-, 8- or 16-byte pieces).
   if (params.block_size < 16 || (params.block_size & (params.block_size - 1)) != 0) return cudaErrorInvalidValue;
-  if (params.q == nullptr || params.codes == nullptr || params.seq_lens == nullptr || params.channels == nullptr ||
-      params.head_scores == nullptr || !aligned(params.codes, 16)) {
+  // Without a channel list the kernel chooses the channels from the running spreads.
+  if (params.q == nullptr || params.codes == nullptr || params.seq_lens == nullptr ||
+      (params.channels == nullptr && params.spreads == nullptr) || params.head_scores == nullptr ||
+      !aligned(params.codes, 16)) {
     return cudaErrorInvalidValue;
   }
   switch (params.dtype) {

@@ -668,15 +668,76 @@ void check_qcodes_inputs(const Tensor& q, const Tensor& ranges, const Tensor& se
   check_int32_vector(seq_lens, batch, q, "seq_lens");
 }
 
+// The running spreads of the qcodes channel choice (CodeSpreadsParams): float64 [B, Hkv, NG, D]
+// contiguous, NG and D those of the ranges [B, Hkv, NG, 2, D]. Returns the data pointer.
+const double* check_spreads(const Tensor& spreads, const Tensor& ranges, const Tensor& ref) {
+  const std::vector<int64_t> shape = {ranges.size(0), ranges.size(1), ranges.size(2), ranges.size(4)};
+  AETHER_CHECK_TYPE(spreads.scalar_type() == at::kDouble, "aether: spreads must be float64, got ",
+                    spreads.scalar_type());
+  AETHER_CHECK(spreads.sizes() == at::IntArrayRef(shape) && spreads.is_contiguous(),
+               "aether: spreads must be contiguous [batch, kv_heads, groups, head_dim] = ", at::IntArrayRef(shape),
+               " (those of the key code ranges), got ", spreads.sizes());
+  check_same_device(spreads, ref, "spreads");
+  return spreads.data_ptr<double>();
+}
+
+aether::CodeSpreadsParams spreads_params(const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
+                                         int64_t per, Tensor& spreads) {
+  check_block_size(block_size);
+  check_blocks_per_group(per, block_size);
+  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
+                    ranges.scalar_type());
+  AETHER_CHECK(ranges.dim() == 5 && ranges.size(3) == 2 && ranges.is_contiguous(),
+               "aether: key code ranges must be contiguous [batch, kv_heads, groups, 2, head_dim], got ",
+               ranges.sizes());
+  check_int32_vector(seq_lens, ranges.size(0), ranges, "seq_lens");
+  aether::CodeSpreadsParams p;
+  p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.batch = to_i32(ranges.size(0), "batch");
+  p.kv_heads = to_i32(ranges.size(1), "kv_heads");
+  p.head_dim = to_i32(ranges.size(4), "head_dim");
+  p.block_size = to_i32(block_size, "block_size");
+  p.num_blocks = to_i32(ranges.size(2) * per, "num_blocks");
+  p.blocks_per_group = to_i32(per, "blocks_per_group");
+  p.spreads = const_cast<double*>(check_spreads(spreads, ranges, ranges));
+  return p;
+}
+
+// spreads float64 [B, Hkv, NG, D]: the running spreads of every valid group (zero past the end).
+Tensor code_spreads(const Tensor& ranges, const Tensor& seq_lens, int64_t block_size, int64_t blocks_per_group) {
+  AETHER_CHECK(ranges.dim() == 5, "aether: key code ranges must be 5-D [batch, kv_heads, groups, 2, head_dim], got ",
+               ranges.dim(), "-D");
+  Tensor spreads = at::zeros({ranges.size(0), ranges.size(1), ranges.size(2), ranges.size(4)},
+                             ranges.options().dtype(at::kDouble));
+  aether::CodeSpreadsParams p = spreads_params(ranges, seq_lens, block_size, blocks_per_group, spreads);
+  if (spreads.numel() == 0) return spreads;
+  run_kernel(p, ranges, aether::cpu::code_spreads, AETHER_CUDA_LAUNCHER(code_spreads), "code_spreads");
+  return spreads;
+}
+
+// In place after key_codes_update with the same first_block: the groups from first_block / Pg on.
+void code_spreads_update(const Tensor& ranges, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
+                         int64_t blocks_per_group, Tensor& spreads) {
+  AETHER_CHECK(ranges.dim() == 5, "aether: key code ranges must be 5-D [batch, kv_heads, groups, 2, head_dim], got ",
+               ranges.dim(), "-D");
+  aether::CodeSpreadsParams p = spreads_params(ranges, seq_lens, block_size, blocks_per_group, spreads);
+  check_int32_vector(first_block, p.batch, ranges, "first_block");
+  p.first_block = first_block.data_ptr<int32_t>();
+  if (spreads.numel() == 0) return;
+  run_kernel(p, ranges, aether::cpu::code_spreads, AETHER_CUDA_LAUNCHER(code_spreads), "code_spreads");
+}
+
 // channels int32 [B, Hkv, num_channels]: the channels the qcodes score reads, ascending.
 Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
                      int64_t blocks_per_group, int64_t num_channels, const OptTensor& channel_slots,
-                     int64_t stored_channels) {
+                     int64_t stored_channels, const OptTensor& spreads) {
   check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
   const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
   AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: num_channels must be in [1, head_dim = ",
                head_dim, "], got ", num_channels);
   const int32_t* slots = check_channel_slots(channel_slots, stored_channels, batch, kv_heads, head_dim, q);
+  const double* spread_data = spreads.has_value() ? check_spreads(*spreads, ranges, q) : nullptr;
   Tensor channels = at::empty({batch, kv_heads, num_channels}, q.options().dtype(at::kInt));
   if (channels.numel() == 0) return channels;
   aether::CodeChannelsParams p;
@@ -685,15 +746,18 @@ Tensor code_channels(const Tensor& q, const Tensor& ranges, const Tensor& seq_le
   p.num_channels = to_i32(num_channels, "num_channels");
   p.channel_slots = slots;
   p.stored_channels = slots == nullptr ? 0 : to_i32(stored_channels, "stored_channels");
+  p.spreads = spread_data;
   p.channels = channels.data_ptr<int32_t>();
   run_kernel(p, q, aether::cpu::code_channels, AETHER_CUDA_LAUNCHER(code_channels), "code_channels");
   return channels;
 }
 
-// head_scores float32 [B, Hq, NB]: every block's qcodes score (-inf past each sequence's end).
+// head_scores float32 [B, Hq, NB]: every block's qcodes score (-inf past each sequence's end), from
+// the given channels, or (channels None) from the num_channels the kernel chooses with spreads.
 Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges, const Tensor& seq_lens,
-                      const Tensor& channels, int64_t block_size, double scale, int64_t blocks_per_group,
-                      int64_t bits, const OptTensor& channel_slots) {
+                      const OptTensor& channels, int64_t block_size, double scale, int64_t blocks_per_group,
+                      int64_t bits, const OptTensor& channel_slots, const OptTensor& spreads,
+                      int64_t num_channels) {
   check_qcodes_inputs(q, ranges, seq_lens, block_size, blocks_per_group);
   check_code_bits(bits);
   const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
@@ -702,16 +766,27 @@ Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges
   const int32_t* slots = check_channel_slots(channel_slots, stored, batch, kv_heads, head_dim, q);
   check_code_tensors(codes, ranges, batch, kv_heads, num_blocks, block_size, blocks_per_group, bits, head_dim, q,
                      true, stored);
-  AETHER_CHECK_TYPE(channels.scalar_type() == at::kInt, "aether: channels must be int32, got ",
-                    channels.scalar_type());
-  AETHER_CHECK(channels.dim() == 3 && channels.size(0) == batch && channels.size(1) == kv_heads &&
-                   channels.is_contiguous(),
-               "aether: channels must be contiguous [", batch, ", ", kv_heads, ", num_channels], got ",
-               channels.sizes());
-  const int64_t num_channels = channels.size(2);
-  AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: channels must list 1 to head_dim = ",
-               head_dim, " channels per row, got ", num_channels);
-  check_same_device(channels, q, "channels");
+  const double* spread_data = nullptr;
+  if (channels.has_value()) {
+    AETHER_CHECK(!spreads.has_value() && num_channels == 0,
+                 "aether: channel_scores takes either channels or spreads with num_channels, not both");
+    AETHER_CHECK_TYPE(channels->scalar_type() == at::kInt, "aether: channels must be int32, got ",
+                      channels->scalar_type());
+    AETHER_CHECK(channels->dim() == 3 && channels->size(0) == batch && channels->size(1) == kv_heads &&
+                     channels->is_contiguous(),
+                 "aether: channels must be contiguous [", batch, ", ", kv_heads, ", num_channels], got ",
+                 channels->sizes());
+    num_channels = channels->size(2);
+    AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: channels must list 1 to head_dim = ",
+                 head_dim, " channels per row, got ", num_channels);
+    check_same_device(*channels, q, "channels");
+  } else {
+    AETHER_CHECK(spreads.has_value(), "aether: channel_scores needs channels, or spreads (code_spreads) and "
+                 "num_channels to choose them");
+    AETHER_CHECK(num_channels >= 1 && num_channels <= head_dim, "aether: num_channels must be in [1, head_dim = ",
+                 head_dim, "] when channel_scores chooses the channels, got ", num_channels);
+    spread_data = check_spreads(*spreads, ranges, q);
+  }
   AETHER_CHECK(scale > 0 && std::isfinite(scale), "aether: scale must be finite and > 0, got ", scale);
   Tensor head_scores = at::empty({batch, q.size(1), num_blocks}, q.options().dtype(at::kFloat));
   if (head_scores.numel() == 0) return head_scores;
@@ -719,7 +794,8 @@ Tensor channel_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges
   aether::ChannelScoresParams p;
   set_code_reader(p, q, ranges, seq_lens, batch, kv_heads, head_dim, block_size, num_blocks, blocks_per_group);
   p.codes = codes.data_ptr<uint8_t>();
-  p.channels = channels.data_ptr<int32_t>();
+  p.channels = channels.has_value() ? channels->data_ptr<int32_t>() : nullptr;
+  p.spreads = spread_data;
   p.channel_slots = slots;
   p.stored_channels = to_i32(stored, "stored_channels");
   p.bits = to_i32(bits, "bits");
@@ -1200,11 +1276,17 @@ TORCH_LIBRARY(aether, m) {
       "int budget_blocks, float budget_fraction, float mass, int min_blocks, int max_blocks, int sink_blocks, "
       "int recent_blocks, str group_agg) -> (Tensor selected, Tensor num_selected)");
   m.def(
-      "code_channels(Tensor q, Tensor ranges, Tensor seq_lens, int block_size, int blocks_per_group, "
-      "int num_channels, Tensor? channel_slots=None, int stored_channels=0) -> Tensor");
+      "code_spreads(Tensor ranges, Tensor seq_lens, int block_size, int blocks_per_group=1) -> Tensor");
   m.def(
-      "channel_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor channels, int block_size, "
-      "float scale, int blocks_per_group=1, int bits=2, Tensor? channel_slots=None) -> Tensor");
+      "code_spreads_update(Tensor ranges, Tensor seq_lens, Tensor first_block, int block_size, "
+      "int blocks_per_group, Tensor(a!) spreads) -> ()");
+  m.def(
+      "code_channels(Tensor q, Tensor ranges, Tensor seq_lens, int block_size, int blocks_per_group, "
+      "int num_channels, Tensor? channel_slots=None, int stored_channels=0, Tensor? spreads=None) -> Tensor");
+  m.def(
+      "channel_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor? channels, int block_size, "
+      "float scale, int blocks_per_group=1, int bits=2, Tensor? channel_slots=None, Tensor? spreads=None, "
+      "int num_channels=0) -> Tensor");
   m.def(
       "refine_scores(Tensor q, Tensor codes, Tensor ranges, Tensor seq_lens, Tensor candidates, "
       "Tensor num_candidates, int block_size, float scale, int blocks_per_group=1, int bits=2) -> Tensor");
@@ -1230,6 +1312,8 @@ TORCH_LIBRARY_IMPL(aether, CPU, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("code_spreads", &aether_torch::code_spreads);
+  m.impl("code_spreads_update", &aether_torch::code_spreads_update);
   m.impl("code_channels", &aether_torch::code_channels);
   m.impl("select_blocks", &aether_torch::select_blocks);
   m.impl("channel_scores", &aether_torch::channel_scores);
@@ -1249,6 +1333,8 @@ TORCH_LIBRARY_IMPL(aether, CUDA, m) {
   m.impl("key_codes", &aether_torch::key_codes);
   m.impl("key_codes_update", &aether_torch::key_codes_update);
   m.impl("refine_scores", &aether_torch::refine_scores);
+  m.impl("code_spreads", &aether_torch::code_spreads);
+  m.impl("code_spreads_update", &aether_torch::code_spreads_update);
   m.impl("code_channels", &aether_torch::code_channels);
   m.impl("select_blocks", &aether_torch::select_blocks);
   m.impl("channel_scores", &aether_torch::channel_scores);

@@ -161,6 +161,30 @@ struct KeyCodesParams {
   uint16_t* ranges = nullptr;    // [B, Hkv, NB / Pg, 2, D] bfloat16 bit patterns: lo (row 0), hi (row 1)
 };
 
+// code_spreads: the running channel spreads of the channel choice (code_channels below), kept
+// beside the ranges so that the choice reads one [D] row per (b, kv head) instead of every group's
+// ranges. For groups m of row (b, h), in double, in group order:
+//   spreads[b, h, m, d] = (m > 0 ? spreads[b, h, m - 1, d] : 0) + (hi_md - lo_md)^2
+// (lo / hi the bf16 ranges widened to double, the difference and its square rounded to double, no
+// fused multiply-add: every implementation computes the same bits). Written for the groups m in
+// [first_block[b] / Pg, ceil(seq_len / (Pg * block_size))) (at most NB / Pg), first_block nullptr
+// meaning 0: a build; with first_block, an update after appending, which reads the row's spread of
+// group first_block / Pg - 1 (it must be current). Other groups are not touched. Because group m's
+// entry depends only on groups 0..m, an update equals a build, and a row whose length shrank reads
+// the entry of its new last group, which is still current.
+struct CodeSpreadsParams {
+  const uint16_t* ranges = nullptr;     // [B, Hkv, NB / Pg, 2, D] bf16 bits (KeyCodesParams)
+  const int32_t* seq_lens = nullptr;    // [B]
+  const int32_t* first_block = nullptr;  // [B] or nullptr
+  int32_t batch = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t block_size = 0;
+  int32_t num_blocks = 0;        // NB, a multiple of blocks_per_group
+  int32_t blocks_per_group = 1;  // Pg
+  double* spreads = nullptr;     // [B, Hkv, NB / Pg, D]
+};
+
 // code_channels: the channels the "qcodes" score reads, chosen per (b, kv head) and decode step.
 // Over the valid groups m < ceil(seq_len / (Pg * block_size)) (at most NB / Pg) of the row, in
 // double: w_d = (sum_g q_gd^2) * sum_m (hi_md - lo_md)^2, g over the KV head's G query heads (q
@@ -168,6 +192,8 @@ struct KeyCodesParams {
 // a tie going to the lower channel; channels[b, h, :] lists them ascending. w_d is where a coarse
 // (mid-range) value of channel d would move the group's logits most: q_d^2 times its spread.
 // Sums may run in any order (double: a different order changes w_d by ~1e-16 relative).
+// With spreads (CodeSpreadsParams, current for the row's valid groups) the sum over m is read as
+// spreads[b, h, n - 1, d] (n = the valid groups; 0 when n = 0) instead of summed from the ranges.
 struct CodeChannelsParams {
   const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
   int64_t q_stride_batch = 0;
@@ -187,6 +213,7 @@ struct CodeChannelsParams {
   // < stored_channels may be chosen. When fewer than m are, the list ends with -1 entries.
   const int32_t* channel_slots = nullptr;  // [B, Hkv, D] or nullptr (every channel)
   int32_t stored_channels = 0;
+  const double* spreads = nullptr;  // [B, Hkv, NB / Pg, D] or nullptr (sum the ranges)
   int32_t* channels = nullptr;   // [B, Hkv, m] ascending channel ids (then -1 entries, see above)
 };
 
@@ -198,6 +225,10 @@ struct CodeChannelsParams {
 // for the others (float32; step as KeyCodesParams), and the block as the natural log-sum-exp of
 // its valid tokens' logits, written to head_scores[b, g, j]; blocks j >= ceil(seq_len / bs) get
 // -inf. Every element of head_scores is written. Float sums in any order (tests use a tolerance).
+// channels nullptr: the kernel chooses them itself, as code_channels with spreads does (the
+// num_channels largest w_d among the stored channels, from spreads[b, h, n - 1, :]), so the choice
+// costs no launch and no list in memory; the scores then equal those of channel_scores given
+// code_channels' list.
 // Bytes read per (b, h): the chosen channels' runs of every valid group and the group's ranges.
 struct ChannelScoresParams {
   const void* q = nullptr;  // [B, Hq, D], head_dim contiguous
@@ -207,7 +238,8 @@ struct ChannelScoresParams {
   const uint8_t* codes = nullptr;     // channel-major (KeyCodesParams::channel_major = 1)
   const uint16_t* ranges = nullptr;   // [B, Hkv, NB / Pg, 2, D]
   const int32_t* seq_lens = nullptr;
-  const int32_t* channels = nullptr;  // [B, Hkv, num_channels]
+  const int32_t* channels = nullptr;  // [B, Hkv, num_channels], or nullptr: chosen from spreads
+  const double* spreads = nullptr;    // [B, Hkv, NB / Pg, D] (CodeSpreadsParams), with channels nullptr
   // A channel pool (KeyCodesParams::channel_slots): codes [B, Hkv, NB / Pg, S, run], channel d's
   // run at slot channel_slots[b, h, d]; a listed channel whose slot is outside [0, S) is ignored
   // (scored at its mid-range, like an entry outside [0, D)). nullptr: S = D, slot d = d.

@@ -16,6 +16,7 @@ void block_stats(const BlockStatsParams& params);
 void key_sketch(const KeySketchParams& params);
 void key_codes(const KeyCodesParams& params);
 void refine_scores(const RefineScoresParams& params);
+void code_spreads(const CodeSpreadsParams& params);
 void code_channels(const CodeChannelsParams& params);
 void channel_scores(const ChannelScoresParams& params);
 void union_blocks(const UnionBlocksParams& params);

@@ -116,7 +116,9 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   // last valid group, and its widths are dropped by a select. ptxas also sank them, at 52
   // registers, until the launch bound allowed 128 (now 1 CTA of 512 threads per SM).
   constexpr int kBatch = 4;
-  for (int m0 = slice; m0 < n_groups; m0 += kBatch * slices) {
+  // With spreads (code_spreads) the sum over the groups is already stored: no range is read.
+  const int summed_groups = p.spreads == nullptr ? n_groups : 0;
+  for (int m0 = slice; m0 < summed_groups; m0 += kBatch * slices) {
     uint4 lo[kBatch], hi[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
@@ -146,7 +148,11 @@ __global__ void __launch_bounds__(kCodeChannelsThreads, 1) code_channels_kernel(
   __syncthreads();
   for (int d = tid; d < D; d += kCodeChannelsThreads) {
     double spread = 0.0;
-    for (int s = 0; s < slices; ++s) spread += s_part[s * D + d];
+    if (p.spreads != nullptr) {
+      if (n_groups > 0) spread = p.spreads[(static_cast<int64_t>(row) * NG + n_groups - 1) * D + d];
+    } else {
+      for (int s = 0; s < slices; ++s) spread += s_part[s * D + d];
+    }
     s_key[d] = ordered_key(s_energy[d] * spread);
     const int slot = p.channel_slots == nullptr ? 0 : p.channel_slots[static_cast<int64_t>(row) * D + d];
     s_eligible[d] = p.channel_slots == nullptr || (slot >= 0 && slot < p.stored_channels);
@@ -359,7 +365,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending,
   // the padding entries point at channel 0 with weight 0. s_flag[d] = 1 + the slot of channel d's
   // run when it is chosen and stored (a channel pool may not store it: then it is ignored), else 0.
-  const int32_t* listed = p.channels + static_cast<int64_t>(row) * m_cap;
+  const int32_t* listed = p.channels == nullptr ? nullptr : p.channels + static_cast<int64_t>(row) * m_cap;
   const int S = p.channel_slots == nullptr ? kHeadDim : p.stored_channels;  // runs per group
   for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) s_flag[d] = 0;
   {
@@ -369,11 +375,42 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     }
   }
   __syncthreads();
-  for (int i = tid; i < m_cap; i += kChannelScoresThreads) {
-    const int d = listed[i];
-    if (d >= 0 && d < kHeadDim) {
+  if (p.channels == nullptr) {
+    // The choice of code_channels with spreads, made by every CTA of the row: the same double
+    // keys (q staged as float, squared and summed over the heads in double, times the spread of
+    // the row's last valid group), the same rank rule. The ring's shared memory is not in use yet:
+    // it holds the keys and the slots (3 KB at head_dim 256, far below one warp's stages).
+    unsigned long long* s_key = reinterpret_cast<unsigned long long*>(s_mem);
+    int* s_slot = reinterpret_cast<int*>(s_mem + sizeof(unsigned long long) * kHeadDim);  // 1 + slot, 0: not stored
+    const double* spread = p.spreads + (static_cast<int64_t>(row) * NG + n_groups - 1) * kHeadDim;  // n_groups >= 1
+    for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) {
+      double energy = 0.0;
+      for (int g = 0; g < G; ++g) {
+        const double x = s_q[g * kHeadDim + d];
+        energy += x * x;  // exact in double, as in code_channels
+      }
+      s_key[d] = ordered_key(energy * spread[d]);
       const int slot = p.channel_slots == nullptr ? d : p.channel_slots[static_cast<int64_t>(row) * kHeadDim + d];
-      if (slot >= 0 && slot < S) s_flag[d] = 1 + slot;
+      s_slot[d] = slot >= 0 && slot < S ? 1 + slot : 0;
+    }
+    __syncthreads();
+    for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) {
+      if (s_slot[d] == 0) continue;
+      const unsigned long long key = s_key[d];
+      int rank = 0;
+      for (int e = 0; e < kHeadDim; ++e) {
+        const unsigned long long other = s_key[e];
+        rank += s_slot[e] != 0 && (other > key || (other == key && e < d));
+      }
+      if (rank < m_cap) s_flag[d] = s_slot[d];
+    }
+  } else {
+    for (int i = tid; i < m_cap; i += kChannelScoresThreads) {
+      const int d = listed[i];
+      if (d >= 0 && d < kHeadDim) {
+        const int slot = p.channel_slots == nullptr ? d : p.channel_slots[static_cast<int64_t>(row) * kHeadDim + d];
+        if (slot >= 0 && slot < S) s_flag[d] = 1 + slot;
+      }
     }
   }
   __syncthreads();

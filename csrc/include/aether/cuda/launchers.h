@@ -15,7 +15,10 @@ cudaError_t key_sketch(const KeySketchParams& params, cudaStream_t stream);
 cudaError_t key_codes(const KeyCodesParams& params, cudaStream_t stream);
 // Writes only the candidates' entries of params.head_scores (the caller fills it with -inf).
 cudaError_t refine_scores(const RefineScoresParams& params, cudaStream_t stream);
-// The qcodes score: the channels to read per (b, kv head), then every block's score from them.
+// The qcodes score: the running channel spreads (after the key codes are built or appended), the
+// channels to read per (b, kv head), then every block's score from them (channel_scores can also
+// choose the channels itself from the spreads).
+cudaError_t code_spreads(const CodeSpreadsParams& params, cudaStream_t stream);
 cudaError_t code_channels(const CodeChannelsParams& params, cudaStream_t stream);
 cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t stream);
 // One CTA per (b, kv head): a bitmap of the row's blocks in shared memory, then a compaction.
