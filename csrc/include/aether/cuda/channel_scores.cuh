@@ -351,6 +351,22 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int live_end = min(end, n_groups);
   if (begin >= live_end) return;  // uniform over the CTA
 
+  // Without a channel list: this thread's channels' running spreads (of the row's last valid
+  // group, n_groups >= 1 here) and pool slots, loaded first so that their latency overlaps the
+  // query's staging.
+  constexpr int kChoicePerThread = (kHeadDim + kChannelScoresThreads - 1) / kChannelScoresThreads;
+  double choice_spread[kChoicePerThread];
+  int choice_slot[kChoicePerThread];
+  if (p.channels == nullptr) {
+    const double* spread = p.spreads + (static_cast<int64_t>(row) * NG + n_groups - 1) * kHeadDim;
+#pragma unroll
+    for (int i = 0; i < kChoicePerThread; ++i) {
+      const int d = min(tid + i * kChannelScoresThreads, kHeadDim - 1);
+      choice_spread[i] = spread[d];
+      choice_slot[i] = p.channel_slots == nullptr ? d : p.channel_slots[static_cast<int64_t>(row) * kHeadDim + d];
+    }
+  }
+
   const int m_cap = p.num_channels;
   const ChannelScoresSmem layout = channel_scores_smem(G, kHeadDim, m_cap, gt, kBits);
   const int m_pad = layout.channels_padded;
@@ -378,29 +394,47 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   if (p.channels == nullptr) {
     // The choice of code_channels with spreads, made by every CTA of the row: the same double
     // keys (q staged as float, squared and summed over the heads in double, times the spread of
-    // the row's last valid group), the same rank rule. The ring's shared memory is not in use yet:
-    // it holds the keys and the slots (3 KB at head_dim 256, far below one warp's stages).
+    // the row's last valid group, loaded above), the same rank rule. The ring's shared memory is
+    // not in use yet: it holds the keys and the slots (3 KB at head_dim 256, far below one warp's
+    // stages). A channel that is not stored gets key 0, below every real key: ordered_key gives
+    // 0 only to the NaN with every bit set, which no arithmetic produces (a channel whose own key
+    // is 0 takes the exact loop below anyway).
     unsigned long long* s_key = reinterpret_cast<unsigned long long*>(s_mem);
     int* s_slot = reinterpret_cast<int*>(s_mem + sizeof(unsigned long long) * kHeadDim);  // 1 + slot, 0: not stored
-    const double* spread = p.spreads + (static_cast<int64_t>(row) * NG + n_groups - 1) * kHeadDim;  // n_groups >= 1
-    for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) {
-      double energy = 0.0;
-      for (int g = 0; g < G; ++g) {
-        const double x = s_q[g * kHeadDim + d];
-        energy += x * x;  // exact in double, as in code_channels
+#pragma unroll
+    for (int i = 0; i < kChoicePerThread; ++i) {
+      const int d = tid + i * kChannelScoresThreads;
+      if (d < kHeadDim) {
+        double energy = 0.0;
+        for (int g = 0; g < G; ++g) {
+          const double x = s_q[g * kHeadDim + d];
+          energy += x * x;  // exact in double, as in code_channels
+        }
+        const bool stored = choice_slot[i] >= 0 && choice_slot[i] < S;
+        s_key[d] = stored ? ordered_key(energy * choice_spread[i]) : 0ull;
+        s_slot[d] = stored ? 1 + choice_slot[i] : 0;
       }
-      s_key[d] = ordered_key(energy * spread[d]);
-      const int slot = p.channel_slots == nullptr ? d : p.channel_slots[static_cast<int64_t>(row) * kHeadDim + d];
-      s_slot[d] = slot >= 0 && slot < S ? 1 + slot : 0;
     }
     __syncthreads();
-    for (int d = tid; d < kHeadDim; d += kChannelScoresThreads) {
-      if (s_slot[d] == 0) continue;
+    // rank_d = #{e : key_e > key_d} + #{e < d : key_e == key_d} among the stored channels, as two
+    // loops without the index test (the rank loop is the choice's cost: every CTA of the row runs
+    // it, ~4 SASS instructions per comparison here against ~8 for the one-loop form).
+#pragma unroll
+    for (int i = 0; i < kChoicePerThread; ++i) {
+      const int d = tid + i * kChannelScoresThreads;
+      if (d >= kHeadDim || s_slot[d] == 0) continue;
       const unsigned long long key = s_key[d];
       int rank = 0;
-      for (int e = 0; e < kHeadDim; ++e) {
-        const unsigned long long other = s_key[e];
-        rank += s_slot[e] != 0 && (other > key || (other == key && e < d));
+      if (key != 0ull) {
+#pragma unroll 8
+        for (int e = 0; e < d; ++e) rank += s_key[e] >= key;
+#pragma unroll 8
+        for (int e = d + 1; e < kHeadDim; ++e) rank += s_key[e] > key;
+      } else {
+        for (int e = 0; e < kHeadDim; ++e) {
+          const unsigned long long other = s_key[e];
+          rank += s_slot[e] != 0 && (other > key || (other == key && e < d));
+        }
       }
       if (rank < m_cap) s_flag[d] = s_slot[d];
     }
