@@ -28,9 +28,9 @@ fi
 tests="tests"
 # refine: a kernel iteration on the two-stage step (its tests, sanitizers, benchmark and ncu times)
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
-# qcodes-quick: a kernel iteration on the qcodes step: the CUDA cases of its test files, the
-# sanitizers, its ncu kernel times, and the qcodes benchmark with the channel choice inside
-# channel_scores and as its own launch (same run), plus 3/16 of the channels at keep 0.10
+# qcodes-quick: a kernel iteration on the qcodes step: the CUDA cases of its test files and
+# test_kernels (the decode), the sanitizers, its ncu kernel times and the decode's ncu sections,
+# and the qcodes and tight benchmarks
 mode="${1:-}"
 if [ "$mode" = "qcodes-quick" ]; then
   tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
@@ -116,19 +116,16 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
     --out "$OUT/bench_decode_qcodes.json" > "$OUT/bench_refine.log" 2>&1
   note "benchmark (qcodes, 16-token blocks): rc=$?"
   if [ "$mode" = "qcodes-quick" ]; then
-    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
-      --scores qcodes --code-channels 0.125 --code-bits 4 --code-choice launch \
-      --out "$OUT/bench_decode_qcodes_launch.json" > "$OUT/bench_launch.log" 2>&1
-    note "benchmark (qcodes, choice as its own launch): rc=$?"
-    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.1 --block-size 16 \
-      --scores qcodes --code-channels 0.1875 --code-bits 4 \
-      --out "$OUT/bench_decode_qcodes_ch3_16.json" > "$OUT/bench_ch3_16.log" 2>&1
-    note "benchmark (qcodes, 3/16 of the channels, keep 0.10): rc=$?"
-  else
-    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
-      --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
-    note "benchmark (tight, 64-token blocks): rc=$?"
+    # the channel choice as its own launch, same run: `--code-choice launch` (docs/benchmarks.md v17)
+    # where the decode's time goes (the largest stage): one launch of the split-KV kernel
+    ncu --clock-control none --kernel-name regex:"sparse_decode_kernel" --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats \
+      python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
+    note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
   fi
+  python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
+      --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
+  note "benchmark (tight, 64-token blocks): rc=$?"
 else
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768 --budgets 0.095,0.135 --block-size 16 --blocks-per-sketch 8 \
     --scores qcodes,qsketch,qsketch+refine+reuse --refine 0.5:2 --code-channels 0.125 --code-bits 4 \
