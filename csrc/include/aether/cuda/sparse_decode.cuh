@@ -125,23 +125,15 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   const int32_t* block_table = resolves_k ? p.k.block_table : p.v.block_table;
   const int64_t block_table_stride = resolves_k ? p.k.block_table_stride : p.v.block_table_stride;
 
-  // This lane's row of sub-tile i: its block, read from the selected list. The read is issued one
-  // iteration before issue() needs it (next_block below): a list entry read at issue time put an
-  // L2 round trip between every sub-tile's compute and the next copies (ncu: half of the warps'
-  // stalls waited on L1TEX data at 12% occupancy).
-  auto fetch_block = [&](int i) {
-    const int pos = (warp + i * kWarps) * kRows + (lane & 15);
-    const int list_index = list_begin + pos / bs;
-    if (pos >= n_pos) return -1;  // past the split: no row
-    return sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
-  };
-  auto issue = [&](int i, int stage, int block) {
+  auto issue = [&](int i, int stage) {
     const int r = lane & 15;
     const int pos = (warp + i * kWarps) * kRows + r;
     bool valid = pos < n_pos;
     const T* row_ptr = layout_base;  // any readable address: invalid rows copy 0 bytes from it
     if (valid) {
+      const int list_index = list_begin + pos / bs;
       const int in_block = pos % bs;
+      const int block = sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
       valid = block >= 0 && block < n_blocks && block * bs + in_block < len;
       if (valid) {
         if (block_table == nullptr) {
@@ -175,10 +167,9 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   // Start the loads before staging q: they do not depend on it.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < my_n) issue(s, s, fetch_block(s));
+    if (s < my_n) issue(s, s);
     cp_async_commit();  // always commit: the wait below counts groups
   }
-  int next_block = kStages - 1 < my_n ? fetch_block(kStages - 1) : -1;  // the first sub-tile of the loop's copies
 
   // q of the tile's heads into shared memory (zero rows past `heads`); element loads accept any
   // stride and alignment and cost nothing next to the K/V stream.
@@ -206,8 +197,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
 
   for (int i = 0; i < my_n; ++i) {
     const int ahead = i + kStages - 1;
-    if (ahead < my_n) issue(ahead, ahead % kStages, next_block);
-    if (ahead + 1 < my_n) next_block = fetch_block(ahead + 1);  // used by the next iteration
+    if (ahead < my_n) issue(ahead, ahead % kStages);
     cp_async_commit();
     cp_async_wait<kStages - 1>();  // sub-tile i has landed (this lane's copies) ...
     __syncwarp();                  // ... and every lane's
