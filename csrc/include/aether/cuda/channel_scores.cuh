@@ -17,13 +17,19 @@
 //    H200, 8 x 32k (64 rows): 10.1 us at 512 threads, 10.9 at 256. A cluster of 8 CTAs per row
 //    (each a slice of the groups, the partial spreads added over distributed shared memory) took
 //    22 us: 8-CTA clusters of 2-per-SM CTAs did not fit one wave (reverted; bench/PERF_NOTES.md).
+//    With spreads (code_spreads.cu: the running sum over the groups, kept with the codes) no
+//    range is read: the sum is the entry of the row's last valid group.
 // 2. channel_scores_kernel<T, kHeadDim>, grid (batch * kv_heads, slices), 4 warps; a CTA takes a
 //    contiguous range of its row's groups, its warps every 4th group each (the slices fill one
 //    wave of resident CTAs, rounded down: a few CTAs of a second wave cost a whole wave). Layout
 //    read: codes [B, Hkv, NG, D, run] with run = Pg * bs * bits / 8 bytes per channel and group
 //    (token t of the group at bit t * bits), ranges [B, Hkv, NG, 2, D]. The CTA first compacts
 //    channels[b, h, :] into a list of distinct valid channels ("entries", padded to 16 with weight
-//    0), stages the G queries as float32 and q / levels at the entries. Each warp streams its
+//    0), stages the G queries as float32 and q / levels at the entries. Without a list (the
+//    library's path) every CTA makes code_channels' choice from the spreads first: the same double
+//    keys, ranked by a thread per channel over all D keys (H200, 8 x 32k, ncu: 38.0 us against
+//    35.9 given a list; 40.2 with a one-loop rank of ~8 SASS instructions per comparison, now
+//    ~4.5), which removes code_channels' launch (10.2 us) and its pass over every range. Each warp streams its
 //    groups through a ring of up to 4 stages (cp.async: the entries' runs, then the group's
 //    ranges; only those bytes are read) and scores a group on the tensor cores, refine_scores'
 //    scheme: m16n8k16 with A = codes (rows = 16 tokens of an m-tile, k = 16 entries; a code is
