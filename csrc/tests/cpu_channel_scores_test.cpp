@@ -9,6 +9,10 @@
 //   block's valid tokens of s q . k' with k' dequantised from the token-major codes for the
 //   chosen channels and the group's mid-range for the others; -inf past the end; every element
 //   written (outputs poisoned with NaN first).
+// - code_spreads writes the running sums of (hi - lo)^2 group by group (the same rounding steps
+//   here: equal bits), nothing past the end, and an update equals the build;
+// - channel_scores without a list (choosing from the spreads) writes exactly the scores it gives
+//   with code_channels' list.
 // head_dim 40 (CPU only), 64, 128; bits 2 and 4; groups of 1..8 blocks; G = 1, 3, 4; mixed lengths.
 #include <algorithm>
 #include <cmath>
@@ -322,6 +326,128 @@ TEST(CpuChannelScores, ScoresEveryBlockFromTheChosenChannels) {
   EXPECT_GT(past_end, 60) << finite;
 }
 
+CodeSpreadsParams spreads_params(const CodesBuffers& codes, const std::vector<int32_t>& lens,
+                                 const int32_t* first_block, double* spreads) {
+  CodeSpreadsParams p;
+  p.ranges = codes.ranges.data();
+  p.seq_lens = lens.data();
+  p.first_block = first_block;
+  p.batch = codes.batch;
+  p.kv_heads = codes.heads;
+  p.head_dim = codes.head_dim;
+  p.block_size = codes.block_size;
+  p.num_blocks = codes.num_blocks;
+  p.blocks_per_group = codes.per;
+  p.spreads = spreads;
+  return p;
+}
+
+// The running spreads of params.h, group by group: (hi - lo) in double, its square and the sum
+// each rounded on their own (volatile: no contraction into a fused multiply-add), so equal bits.
+double naive_spread_step(double acc, uint16_t lo, uint16_t hi) {
+  const double width = static_cast<double>(test::decode_bf16(hi)) - static_cast<double>(test::decode_bf16(lo));
+  const volatile double square = width * width;
+  return acc + square;
+}
+
+TEST(CpuChannelScores, CodeSpreadsAreRunningSumsAndAnUpdateEqualsABuild) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const int gt = c.block_size * c.per, batch = 4, heads = 2, D = c.head_dim;
+    const int num_blocks = (test::blocks_of(3 * gt + 7, gt) + 1) * c.per;  // one group past the end
+    TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, c.block_size, num_blocks, rng);
+    std::vector<int32_t> lens = test::mixed_lengths(batch, 3 * gt + 7, c.block_size, rng, {gt + 1});
+    lens[batch - 1] = 0;
+    CodesBuffers codes(batch, heads, num_blocks, c.block_size, D, c.bits, c.per);
+    cpu::key_codes(build_params(kv, lens, c.bits, c.per, codes.codes.data(), codes.ranges.data(), 0));
+    const int groups = codes.num_groups();
+    const size_t row = static_cast<size_t>(groups) * D;
+    std::vector<double> built(static_cast<size_t>(batch) * heads * row, std::nan(""));
+    cpu::code_spreads(spreads_params(codes, lens, nullptr, built.data()));
+    for (int b = 0; b < batch; ++b) {
+      const int valid = std::min(test::blocks_of(lens[b], gt), groups);
+      for (int h = 0; h < heads; ++h) {
+        const double* got = &built[(static_cast<size_t>(b) * heads + h) * row];
+        for (int d = 0; d < D; ++d) {
+          double acc = 0.0;
+          for (int m = 0; m < groups; ++m) {
+            if (m >= valid) {  // past the end: not written
+              ASSERT_TRUE(std::isnan(got[static_cast<size_t>(m) * D + d])) << "b " << b << " group " << m;
+              continue;
+            }
+            const uint16_t* r = codes.group_ranges(b, h, m);
+            acc = naive_spread_step(acc, r[d], r[D + d]);
+            ASSERT_EQ(got[static_cast<size_t>(m) * D + d], acc) << "b " << b << " h " << h << " group " << m << " d " << d;
+          }
+        }
+      }
+    }
+    // An update from a block of each row rewrites that block's group and the later valid ones
+    // (poisoned first), reading the group before: it equals the build.
+    std::vector<int32_t> first(static_cast<size_t>(batch));
+    std::vector<double> updated = built;
+    for (int b = 0; b < batch; ++b) {
+      const int n_blocks = test::blocks_of(lens[b], c.block_size);
+      first[b] = n_blocks == 0 ? 0 : std::uniform_int_distribution<int>(0, n_blocks - 1)(rng);
+      for (int h = 0; h < heads; ++h) {
+        double* r = &updated[(static_cast<size_t>(b) * heads + h) * row];
+        for (size_t x = static_cast<size_t>(first[b] / c.per) * D; x < row; ++x) r[x] = std::nan("");
+      }
+    }
+    cpu::code_spreads(spreads_params(codes, lens, first.data(), updated.data()));
+    for (size_t x = 0; x < built.size(); ++x) {
+      ASSERT_TRUE(updated[x] == built[x] || (std::isnan(updated[x]) && std::isnan(built[x]))) << "element " << x;
+    }
+  }
+}
+
+TEST(CpuChannelScores, ChannelScoresWithoutAListChooseLikeCodeChannels) {
+  const uint64_t seed = test::fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (const Case& c : cases()) {
+    SCOPED_TRACE(describe(c));
+    const int gt = c.block_size * c.per, batch = 3, heads = 2, D = c.head_dim;
+    const int num_blocks = (test::blocks_of(2 * gt + 9, gt) + 1) * c.per;
+    TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, c.block_size, num_blocks, rng);
+    std::vector<int32_t> lens = test::mixed_lengths(batch, 2 * gt + 9, c.block_size, rng, {gt + 1});
+    lens[batch - 1] = 0;
+    CodesBuffers token(batch, heads, num_blocks, c.block_size, D, c.bits, c.per);
+    cpu::key_codes(build_params(kv, lens, c.bits, c.per, token.codes.data(), token.ranges.data(), 0));
+    ChannelCodes channel(token);
+    cpu::key_codes(build_params(kv, lens, c.bits, c.per, channel.codes.data(), channel.ranges.data(), 1));
+    std::vector<double> spreads(static_cast<size_t>(batch) * heads * token.num_groups() * D, 0.0);
+    cpu::code_spreads(spreads_params(token, lens, nullptr, spreads.data()));
+    TestQuery q(c.dtype, batch, c.group * heads, D);
+    q.fill_normal(rng);
+    // The choice read from the spreads equals the one summed from the ranges (and the oracle's,
+    // checked above) ...
+    std::vector<int32_t> summed(static_cast<size_t>(batch) * heads * c.channels, -7);
+    std::vector<int32_t> read(summed.size(), -9);
+    cpu::code_channels(channels_params(q, token, lens, c.channels, summed.data()));
+    CodeChannelsParams from_spreads = channels_params(q, token, lens, c.channels, read.data());
+    from_spreads.spreads = spreads.data();
+    cpu::code_channels(from_spreads);
+    ASSERT_EQ(read, summed);
+    // ... and channel_scores without a list scores exactly as given that list.
+    const float scale = static_cast<float>(0.8 / std::sqrt(static_cast<double>(D)));
+    std::vector<float> listed(static_cast<size_t>(batch) * q.heads * num_blocks, std::nanf(""));
+    std::vector<float> chosen(listed.size(), std::nanf(""));
+    cpu::channel_scores(scores_params(q, channel, token, lens, summed, c.channels, scale, listed.data()));
+    ChannelScoresParams own = scores_params(q, channel, token, lens, summed, c.channels, scale, chosen.data());
+    own.channels = nullptr;
+    own.spreads = spreads.data();
+    cpu::channel_scores(own);
+    for (size_t x = 0; x < listed.size(); ++x) {
+      ASSERT_FALSE(std::isnan(chosen[x])) << "element " << x << " not written";
+      ASSERT_EQ(std::memcmp(&chosen[x], &listed[x], sizeof(float)), 0) << "element " << x;
+    }
+  }
+}
+
 TEST(CpuChannelScores, RejectsInvalidParams) {
   std::mt19937_64 rng(1);
   TestKV kv(DType::kFloat32, KVKind::kContiguous, 1, 1, 64, 16, 8, rng);
@@ -339,8 +465,13 @@ TEST(CpuChannelScores, RejectsInvalidParams) {
   p.bits = 3;
   EXPECT_THROW(cpu::channel_scores(p), std::invalid_argument);
   p = scores_params(q, channel, token, lens, channels, 8, 0.1f, out.data());
-  p.channels = nullptr;
+  p.channels = nullptr;  // and no spreads to choose them from
   EXPECT_THROW(cpu::channel_scores(p), std::invalid_argument);
+  std::vector<double> spreads(static_cast<size_t>(token.num_groups()) * 64, 0.0);
+  EXPECT_THROW(cpu::code_spreads(spreads_params(token, lens, nullptr, nullptr)), std::invalid_argument);
+  CodeSpreadsParams sp = spreads_params(token, lens, nullptr, spreads.data());
+  sp.blocks_per_group = 3;
+  EXPECT_THROW(cpu::code_spreads(sp), std::invalid_argument);
   p = scores_params(q, channel, token, lens, channels, 8, 0.1f, out.data());
   p.q_heads = 3;
   p.kv_heads = 2;
