@@ -4,12 +4,14 @@
 # Usage (GPU machine, after the build): OUT=dir bash bench/ncu_select.sh [launch-skip] [kernel]
 #   kernel: radar_select_kernel (default; launch 20 = the candidate select, 21 = the final one),
 #   or e.g. sketch_score_kernel, refine_scores_kernel (launch-skip counts that kernel's launches).
+#   PROFILE_CMD: the program to profile instead of the two-stage step, e.g. the qcodes step's
+#   decode: PROFILE_CMD="bench/profile_step.py 8 32768 16 qcodes" bash bench/ncu_select.sh 3 sparse_decode_kernel
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 ncu --clock-control none --kernel-name "regex:${2:-radar_select_kernel}" --launch-skip "${1:-20}" --launch-count 1 --set full \
-  --import-source yes -f -o "$OUT/select" python3 bench/profile_refine.py 0.5 0.095 > "$OUT/ncu_select_run.log" 2>&1
+  --import-source yes -f -o "$OUT/select" python3 ${PROFILE_CMD:-bench/profile_refine.py 0.5 0.095} > "$OUT/ncu_select_run.log" 2>&1
 echo "ncu rc=$?"
 ncu -i "$OUT/select.ncu-rep" --page details --csv > "$OUT/select_details.csv" 2>&1
 ncu -i "$OUT/select.ncu-rep" --page source --csv --print-source sass > "$OUT/select_sass.csv" 2>&1
