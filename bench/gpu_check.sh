@@ -30,7 +30,7 @@ tests="tests"
 [ "${1:-}" = "refine" ] && tests="tests/test_refine.py tests/test_kernels.py tests/test_sketch.py tests/test_cuda_graph.py"
 # qcodes-quick: a kernel iteration on the qcodes step: the CUDA cases of its test files and
 # test_kernels (the decode), the sanitizers, its ncu kernel times and the decode's ncu sections,
-# and the qcodes and tight benchmarks
+# and the qcodes (16- and 32-token blocks) and tight benchmarks
 mode="${1:-}"
 if [ "$mode" = "qcodes-quick" ]; then
   tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
@@ -122,6 +122,11 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
+    # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
+      --scores qcodes --code-channels 0.125 --code-bits 4 \
+      --out "$OUT/bench_decode_qcodes_bs32.json" > "$OUT/bench_bs32_qcodes.log" 2>&1
+    note "benchmark (qcodes, 32-token blocks): rc=$?"
   fi
   python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.125 --scores tight \
       --out "$OUT/bench_decode_tight.json" > "$OUT/bench_tight.log" 2>&1
@@ -138,7 +143,7 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
-for f in bench_tight bench_launch bench_ch3_16; do
+for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes; do
   [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/$f.log"; }
 done
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error
