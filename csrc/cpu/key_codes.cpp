@@ -9,6 +9,8 @@
 // the channel-major codes of those channels (the others at their group's mid-range).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -213,6 +215,18 @@ void code_spreads_rows(const CodeSpreadsParams& p) {
   });
 }
 
+// The key of a double in an order-preserving unsigned integer order (CUDA's ordered_key in
+// common.cuh): -0 folded into +0, negative values bit-flipped, positive ones with the sign set.
+// A NaN gets the top key: the GPU's arithmetic returns its one positive NaN (all ones below the
+// sign: the top key), while x86 makes a negative one for inf * 0 (which would rank last here).
+uint64_t ordered_key(double x) {
+  if (std::isnan(x)) return ~0ull;
+  const double y = x + 0.0;  // -0 + 0 = +0 under round-to-nearest
+  uint64_t bits = 0;
+  std::memcpy(&bits, &y, sizeof(bits));
+  return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
+}
+
 // The qcodes channel choice (params.h, code_channels): per channel, w_d = (sum_g q_gd^2) * spread_d
 // in double; the m largest eligible w_d, a tie to the lower channel, written ascending to out, then
 // -1 entries if fewer than m are eligible (a pool).
@@ -226,17 +240,21 @@ void choose_code_channels(const void* q_data, int64_t q_stride_batch, int64_t q_
     load_row(static_cast<const T*>(q_data) + b * q_stride_batch + (h * G + g) * q_stride_head, D, q.data());
     for (int32_t d = 0; d < D; ++d) weight[d] += static_cast<double>(q[d]) * static_cast<double>(q[d]);
   }
-  for (int32_t d = 0; d < D; ++d) weight[d] *= spread[d];
+  // Ranked by order-preserving integer keys, as the CUDA kernels do: a total order even with NaN
+  // (a NaN weight, from a NaN or infinite query or range, compared as a double would be ranked
+  // first by itself and counted by nobody, letting more than m channels through).
+  std::vector<uint64_t> key(static_cast<size_t>(D));
+  for (int32_t d = 0; d < D; ++d) key[d] = ordered_key(weight[d] * spread[d]);
   std::vector<char> eligible(static_cast<size_t>(D), 1);
   if (slots != nullptr) {
     for (int32_t d = 0; d < D; ++d) eligible[d] = slots[d] >= 0 && slots[d] < stored;
   }
   int32_t written = 0;
-  for (int32_t d = 0; d < D; ++d) {
+  for (int32_t d = 0; d < D && written < m; ++d) {
     if (!eligible[d]) continue;
     int32_t rank = 0;
     for (int32_t e = 0; e < D; ++e) {
-      rank += eligible[e] && (weight[e] > weight[d] || (weight[e] == weight[d] && e < d));
+      rank += eligible[e] && (key[e] > key[d] || (key[e] == key[d] && e < d));
     }
     if (rank < m) out[written++] = d;
   }
