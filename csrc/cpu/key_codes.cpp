@@ -217,8 +217,9 @@ void code_spreads_rows(const CodeSpreadsParams& p) {
 
 // The key of a double in an order-preserving unsigned integer order (CUDA's ordered_key in
 // common.cuh): -0 folded into +0, negative values bit-flipped, positive ones with the sign set.
-// A NaN gets the top key: the GPU's arithmetic returns its one positive NaN (all ones below the
-// sign: the top key), while x86 makes a negative one for inf * 0 (which would rank last here).
+// A NaN gets the top key, whatever its sign: x86 makes a negative NaN for inf * 0, and a NaN's
+// rank should not depend on that (the GPU kernels rank the NaN their arithmetic returns by its
+// sign bit; not checked on a GPU).
 uint64_t ordered_key(double x) {
   if (std::isnan(x)) return ~0ull;
   const double y = x + 0.0;  // -0 + 0 = +0 under round-to-nearest
