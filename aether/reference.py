@@ -492,17 +492,24 @@ class QcodesRef(NamedTuple):
     channel_slots: Tensor | None = None  # a channel pool (:func:`key_codes`), with codes given
 
 
+def _valid_group_spreads(ranges: Tensor, seq_lens: Tensor, group_tokens: int) -> tuple[Tensor, Tensor]:
+    """``(hi - lo)^2`` per group and channel in float64 ``[B, Hkv, NG, D]`` (bf16 ranges, exact in
+    float64), 0 for the groups past each row's end, and the valid-group mask ``[B, 1, NG, 1]``."""
+    width = ranges[:, :, :, 1].double() - ranges[:, :, :, 0].double()
+    groups = ranges.shape[2]
+    n_groups = ((seq_lens.to(torch.int64).clamp(min=0) + group_tokens - 1) // group_tokens).clamp(max=groups)
+    valid = (torch.arange(groups, device=ranges.device)[None, :] < n_groups.to(ranges.device)[:, None])
+    valid = valid[:, None, :, None]
+    return torch.where(valid, width * width, 0.0), valid
+
+
 def code_spreads(ranges: Tensor, seq_lens: Tensor, group_tokens: int) -> Tensor:
     """The running spreads of the qcodes channel choice, float64 ``[B, Hkv, NG, D]``: over a row's
     valid groups (``ceil(seq_len / group_tokens)``, at most NG) the running sum of ``(hi - lo)^2``
     (bf16 ranges widened to float64) in group order; 0 past the end. Group m's entry is the
     ``sum_groups (hi - lo)^2`` of :func:`code_channels` for a row of m + 1 groups."""
-    width = ranges[:, :, :, 1].double() - ranges[:, :, :, 0].double()  # [B, Hkv, NG, D]
-    groups = ranges.shape[2]
-    n_groups = ((seq_lens.to(torch.int64).clamp(min=0) + group_tokens - 1) // group_tokens).clamp(max=groups)
-    valid = (torch.arange(groups, device=ranges.device)[None, :] < n_groups.to(ranges.device)[:, None])
-    running = torch.cumsum(torch.where(valid[:, None, :, None], width * width, 0.0), dim=2)
-    return torch.where(valid[:, None, :, None], running, 0.0)
+    squares, valid = _valid_group_spreads(ranges, seq_lens, group_tokens)
+    return torch.where(valid, torch.cumsum(squares, dim=2), 0.0)
 
 
 def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int, num_channels: int,
@@ -513,14 +520,11 @@ def code_channels(q: Tensor, ranges: Tensor, seq_lens: Tensor, group_tokens: int
     channel. ``w_d``: how far a coarse (mid-range) value of channel d would move the logits. With a
     channel pool (:func:`key_codes`' ``channel_slots``) only the stored channels compete; if fewer
     than m do, the list ends with -1 entries."""
-    kv_heads, groups = ranges.shape[1], ranges.shape[2]
+    kv_heads = ranges.shape[1]
     batch, q_heads, head_dim = q.shape
     qd = q.float().double().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
     qq = (qd * qd).sum(dim=2)  # [B, Hkv, D]
-    width = ranges[:, :, :, 1].double() - ranges[:, :, :, 0].double()  # bf16 -> exact in double
-    n_groups = ((seq_lens.to(torch.int64).clamp(min=0) + group_tokens - 1) // group_tokens).clamp(max=groups)
-    valid = torch.arange(groups, device=q.device)[None, :] < n_groups[:, None]  # [B, NG]
-    energy = torch.where(valid[:, None, :, None], width * width, 0.0).sum(dim=2)  # [B, Hkv, D]
+    energy = _valid_group_spreads(ranges, seq_lens, group_tokens)[0].sum(dim=2)  # [B, Hkv, D]
     weight = qq * energy
     if channel_slots is None:
         # descending weight, a tie to the lower channel: a stable sort keeps index order among equals

@@ -648,18 +648,23 @@ Tensor refine_scores(const Tensor& q, const Tensor& codes, const Tensor& ranges,
 
 // ------------------------------------------------------------------ code_channels, channel_scores
 
+// Key-code ranges as the qcodes ops read them: bfloat16, contiguous [B, Hkv, NB / Pg, 2, D].
+void check_code_ranges(const Tensor& ranges) {
+  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
+                    ranges.scalar_type());
+  AETHER_CHECK(ranges.dim() == 5 && ranges.size(3) == 2 && ranges.is_contiguous(),
+               "aether: key code ranges must be contiguous 5-D [batch, kv_heads, groups, 2, head_dim], got ",
+               ranges.sizes());
+}
+
 // The query and ranges of a qcodes op: q [B, Hq, D] with Hq a multiple of the ranges' Hkv, ranges
-// bfloat16 [B, Hkv, NB / Pg, 2, D] contiguous, seq_lens int32 [B].
+// as check_code_ranges, seq_lens int32 [B].
 void check_qcodes_inputs(const Tensor& q, const Tensor& ranges, const Tensor& seq_lens, int64_t block_size,
                          int64_t per) {
   check_block_size(block_size);
   check_blocks_per_group(per, block_size);
   AETHER_CHECK(q.dim() == 3, "aether: q must be 3-D [batch, q_heads, head_dim], got ", q.dim(), "-D");
-  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
-                    ranges.scalar_type());
-  AETHER_CHECK(ranges.dim() == 5 && ranges.size(3) == 2 && ranges.is_contiguous(),
-               "aether: key code ranges must be contiguous [batch, kv_heads, groups, 2, head_dim], got ",
-               ranges.sizes());
+  check_code_ranges(ranges);
   const int64_t batch = ranges.size(0), kv_heads = ranges.size(1), head_dim = ranges.size(4);
   AETHER_CHECK(q.size(2) == head_dim, "aether: q has head_dim ", q.size(2), " but the key code ranges have ", head_dim);
   check_query(q, batch, kv_heads, head_dim);
@@ -685,11 +690,7 @@ aether::CodeSpreadsParams spreads_params(const Tensor& ranges, const Tensor& seq
                                          int64_t per, Tensor& spreads) {
   check_block_size(block_size);
   check_blocks_per_group(per, block_size);
-  AETHER_CHECK_TYPE(ranges.scalar_type() == at::kBFloat16, "aether: key code ranges must be bfloat16, got ",
-                    ranges.scalar_type());
-  AETHER_CHECK(ranges.dim() == 5 && ranges.size(3) == 2 && ranges.is_contiguous(),
-               "aether: key code ranges must be contiguous [batch, kv_heads, groups, 2, head_dim], got ",
-               ranges.sizes());
+  check_code_ranges(ranges);
   check_int32_vector(seq_lens, ranges.size(0), ranges, "seq_lens");
   aether::CodeSpreadsParams p;
   p.ranges = reinterpret_cast<const uint16_t*>(ranges.data_ptr<at::BFloat16>());
@@ -706,8 +707,7 @@ aether::CodeSpreadsParams spreads_params(const Tensor& ranges, const Tensor& seq
 
 // spreads float64 [B, Hkv, NG, D]: the running spreads of every valid group (zero past the end).
 Tensor code_spreads(const Tensor& ranges, const Tensor& seq_lens, int64_t block_size, int64_t blocks_per_group) {
-  AETHER_CHECK(ranges.dim() == 5, "aether: key code ranges must be 5-D [batch, kv_heads, groups, 2, head_dim], got ",
-               ranges.dim(), "-D");
+  check_code_ranges(ranges);  // before the allocation reads its sizes (spreads_params checks the rest)
   Tensor spreads = at::zeros({ranges.size(0), ranges.size(1), ranges.size(2), ranges.size(4)},
                              ranges.options().dtype(at::kDouble));
   aether::CodeSpreadsParams p = spreads_params(ranges, seq_lens, block_size, blocks_per_group, spreads);
@@ -719,8 +719,6 @@ Tensor code_spreads(const Tensor& ranges, const Tensor& seq_lens, int64_t block_
 // In place after key_codes_update with the same first_block: the groups from first_block / Pg on.
 void code_spreads_update(const Tensor& ranges, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
                          int64_t blocks_per_group, Tensor& spreads) {
-  AETHER_CHECK(ranges.dim() == 5, "aether: key code ranges must be 5-D [batch, kv_heads, groups, 2, head_dim], got ",
-               ranges.dim(), "-D");
   aether::CodeSpreadsParams p = spreads_params(ranges, seq_lens, block_size, blocks_per_group, spreads);
   check_int32_vector(first_block, p.batch, ranges, "first_block");
   p.first_block = first_block.data_ptr<int32_t>();
