@@ -146,14 +146,12 @@ class KeyCodes:
         self.ranges = _grow_blocks(self.ranges, needed // per)
         if self.spreads is not None:
             self.spreads = _grow_blocks(self.spreads, needed // per)
+        # the same launch brings the running spreads of the rebuilt groups up to date
         args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
                 self.channel_major, self.channel_slots, self.spreads)
 
         def rebuild() -> None:
-            torch.ops.aether.key_codes_update(*args[:-1])
-            if self.spreads is not None:  # the appended groups' running spreads, after their ranges
-                torch.ops.aether.code_spreads_update(self.ranges, seq_lens, first_block, self.block_size, per,
-                                                     self.spreads)
+            torch.ops.aether.key_codes_update(*args)
 
         if stream is None:
             rebuild()

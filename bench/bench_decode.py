@@ -149,11 +149,10 @@ class Case:
         score = score.removesuffix("+reuse")
         if score == "qcodes":  # the channel-major codes' last group only
             kc = self.qcodes[i]
+            # with the last group's running spreads, in the same launch (KeyCodes.update does the same)
             torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
-                                              kc.ranges, kc.blocks_per_group, kc.bits, True, kc.channel_slots)
-            if kc.spreads is not None:  # the last group's running spreads (KeyCodes.update does the same)
-                torch.ops.aether.code_spreads_update(kc.ranges, self.lens, self.first_block, self.block_size,
-                                                     kc.blocks_per_group, kc.spreads)
+                                              kc.ranges, kc.blocks_per_group, kc.bits, True, kc.channel_slots,
+                                              kc.spreads)
             return
         if score.endswith("+refine"):
             kc = self.codes[i]

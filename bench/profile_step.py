@@ -3,7 +3,7 @@ for Nsight Compute: `ncu --clock-control none --launch-skip 20 --launch-count 10
 Arguments: [batch ctx block_size [score [blocks_per_sketch]]], score "tight" (default) or "qsketch"
 (rank 8, centroid weight 0.5, random projections, blocks_per_sketch blocks per sketch block,
 default 1; its append is key_sketch_update instead of block_stats_update), or "qcodes" (4-bit
-channel-major key codes, an eighth of the channels, keep 0.135: key_codes_update, code_spreads_update,
+channel-major key codes, an eighth of the channels, keep 0.135: key_codes_update (with the running spreads),
 channel_scores choosing the channels from the spreads, select_blocks; v12's ncu times were taken with 2-bit codes of a quarter)."""
 
 import math
@@ -37,8 +37,7 @@ if score == "qcodes":
 for _ in range(6):
     if score == "qcodes":
         torch.ops.aether.key_codes_update(k, lens, first, bs, None, codes.codes, codes.ranges, codes.blocks_per_group,
-                                          4, True)
-        torch.ops.aether.code_spreads_update(codes.ranges, lens, first, bs, codes.blocks_per_group, codes.spreads)
+                                          4, True, None, codes.spreads)  # the running spreads in the same launch
         # the library's path: channel_scores chooses the 16 channels from the running spreads
         scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, lens, None, bs, 0.088,
                                                  codes.blocks_per_group, 4, None, codes.spreads, 16)

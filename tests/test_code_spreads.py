@@ -232,3 +232,40 @@ def test_choice_with_nan_and_inf_queries(device):
         listed = torch.ops.aether.channel_scores(q, codes, ranges, lens, summed, 16, 0.125, 8, 4)
         chosen = torch.ops.aether.channel_scores(q, codes, ranges, lens, None, 16, 0.125, 8, 4, None, spreads, m)
         torch.testing.assert_close(chosen, listed, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pooled", [False, True])
+def test_key_codes_update_keeps_spreads_in_the_same_call(device, pooled):
+    """key_codes_update given the spreads writes what code_spreads_update would after it, bit for
+    bit, for one-token appends and for chunks spanning several groups; the codes and ranges are
+    those of the call without spreads."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    _, k, _, _ = make_case(3, 4, 2, 900, 128, dtype, device, seed=31, lens=[900, 900, 900])
+    lens = torch.tensor([100, 0, 255], dtype=torch.int32, device=device)
+    num_blocks = math.ceil(900 / 128) * 8
+    slots, stored = None, 0
+    if pooled:
+        g = torch.Generator().manual_seed(5)
+        pool = torch.stack([torch.stack([torch.randperm(128, generator=g)[:48].sort().values for _ in range(2)])
+                            for _ in range(3)]).to(torch.int32)
+        slots, stored = pool_slots(pool, 128).to(device), 48
+    codes, ranges = torch.ops.aether.key_codes(k, lens, 16, num_blocks, None, 8, 4, True, slots,
+                                               stored if pooled else 0)
+    spreads = torch.ops.aether.code_spreads(ranges, lens, 16, 8)
+    codes2, ranges2, spreads2 = codes.clone(), ranges.clone(), spreads.clone()
+    for step in (1, 1, 300, 1, 130, 1):
+        first = torch.div(lens, 16, rounding_mode="floor").to(torch.int32)
+        new = (lens + step).clamp(max=900).to(torch.int32)
+        for b in range(3):  # the groups the call rewrites: poisoned first
+            spreads2[b, :, int(first[b]) // 8:] = float("nan")
+        torch.ops.aether.key_codes_update(k, new, first, 16, None, codes, ranges, 8, 4, True, slots)
+        torch.ops.aether.code_spreads_update(ranges, new, first, 16, 8, spreads)
+        torch.ops.aether.key_codes_update(k, new, first, 16, None, codes2, ranges2, 8, 4, True, slots, spreads2)
+        assert torch.equal(codes2, codes) and torch.equal(ranges2.view(torch.int16), ranges.view(torch.int16))
+        for b in range(3):
+            n = int((new[b] + 127) // 128)
+            assert torch.equal(spreads2[b, :, :n], spreads[b, :, :n]), (step, b)
+        lens = new
+    with pytest.raises(TypeError, match="spreads must be float64"):
+        torch.ops.aether.key_codes_update(k, lens, first, 16, None, codes, ranges, 8, 4, True, slots, spreads.float())

@@ -429,6 +429,20 @@ void key_codes(const KeyCodesParams& params) {
     using T = typename decltype(tag)::type;
     key_codes_typed<T>(params);
   });
+  if (params.spreads != nullptr && params.first_block != nullptr) {  // an update keeps its running spreads
+    CodeSpreadsParams s;
+    s.ranges = params.ranges;
+    s.seq_lens = params.seq_lens;
+    s.first_block = params.first_block;
+    s.batch = params.batch;
+    s.kv_heads = params.kv_heads;
+    s.head_dim = params.head_dim;
+    s.block_size = params.block_size;
+    s.num_blocks = params.num_blocks;
+    s.blocks_per_group = params.blocks_per_group;
+    s.spreads = params.spreads;
+    code_spreads_rows(s);
+  }
 }
 
 void refine_scores(const RefineScoresParams& params) {

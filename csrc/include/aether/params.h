@@ -159,6 +159,11 @@ struct KeyCodesParams {
   int32_t stored_channels = 0;             // S, 1..D, with channel_slots
   uint8_t* codes = nullptr;      // layout above
   uint16_t* ranges = nullptr;    // [B, Hkv, NB / Pg, 2, D] bfloat16 bit patterns: lo (row 0), hi (row 1)
+  // Optional, with first_block only (an update): the running spreads of CodeSpreadsParams, brought
+  // up to date for the rebuilt groups by the same call (what code_spreads_update would write after
+  // it, bit for bit), so that an append needs no second launch. A full build leaves them alone
+  // (call code_spreads after it).
+  double* spreads = nullptr;     // [B, Hkv, NB / Pg, D] or nullptr
 };
 
 // code_spreads: the running channel spreads of the channel choice (code_channels below), kept

@@ -207,6 +207,13 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     const int slot = p.channel_slots == nullptr ? c0 + tid : p.channel_slots[static_cast<int64_t>(bh) * D + c0 + tid];
     s_slot[tid] = slot >= 0 && slot < S ? slot : -1;
   }
+  // An update with running spreads (params.h): this CTA walks the row's rebuilt groups in order
+  // (the launcher gives it the whole row: gridDim.y == 1), and the lane that publishes channel
+  // c0 + tid's range carries its running sum, from the entry of the group before the first one.
+  const bool keeps_spreads = p.spreads != nullptr && p.first_block != nullptr;
+  double* spreads = keeps_spreads ? p.spreads + static_cast<int64_t>(bh) * capacity * D + c0 + tid : nullptr;
+  double spread_acc = 0.0;
+  if (keeps_spreads && tid < C && begin > 0 && begin < end) spread_acc = spreads[static_cast<int64_t>(begin - 1) * D];
   __syncthreads();
 
   for (int m = begin + blockIdx.y; m < end; m += gridDim.y) {
@@ -252,6 +259,11 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
       const __nv_bfloat16 hi = __float2bfloat16_rn(mx);
       ranges[c0 + tid] = __bfloat16_as_ushort(lo);
       ranges[D + c0 + tid] = __bfloat16_as_ushort(hi);
+      if (keeps_spreads) {  // as code_spreads: no fused multiply-add, the same bits
+        const double width = __dsub_rn(static_cast<double>(__bfloat162float(hi)), static_cast<double>(__bfloat162float(lo)));
+        spread_acc = __dadd_rn(spread_acc, __dmul_rn(width, width));
+        spreads[static_cast<int64_t>(m) * D] = spread_acc;
+      }
       s_lo[tid] = __bfloat162float(lo);
       s_step[tid] = __fdiv_rn(__fsub_rn(__bfloat162float(hi), __bfloat162float(lo)), static_cast<float>(levels));
     }
@@ -623,6 +635,9 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   const int channel_slices = p.head_dim / kCodesSliceChannels;
   int64_t slices = 0;  // an append fills the GPU once counting the channel slices as heads
   AETHER_CUDA_TRY(block_build_slices(groups, heads * channel_slices, p.first_block != nullptr, &slices));
+  // An update that keeps running spreads walks each row's groups in order in one CTA per channel
+  // slice (a decode append rebuilds one group per row: the other slices had nothing to do).
+  if (p.spreads != nullptr && p.first_block != nullptr) slices = 1;
   // At most ~20 KB (32 channels of a 128-token group): never above the default 48 KB limit.
   const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.bits, p.channel_major != 0);
   auto kernel = key_codes_kernel<T>;
