@@ -69,8 +69,17 @@ inline cudaError_t block_build_slices(int num_blocks, int64_t heads, bool append
 // launch overlaps that epilogue; by then every CTA of the grid is resident, so the waiting CTAs
 // take only room that no CTA of this grid needs. The dependent still waits in pdl_begin() for
 // this grid's completion and writes.
-__device__ __forceinline__ void pdl_begin() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+// Before sm_90 there is no programmatic launch: both are no-ops there.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
 
 // AETHER_PDL=0 launches every kernel without the attribute (for comparisons; default on).
 inline bool pdl_enabled() {
