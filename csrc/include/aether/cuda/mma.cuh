@@ -1,7 +1,6 @@
 // Thin wrappers over the sm_80+ PTX the kernels use: cp.async (16-byte global -> shared copies
-// with zero fill), ldmatrix, and the m16n8k16 tensor-core MMA with float accumulators; and the
-// sm_90 bulk copies completing on an mbarrier (kBulkCopies: compiled only for sm_90 and later, so
-// the kernels also build for sm_80 / sm_89, where a kernel takes its cp.async path instead).
+// with zero fill), ldmatrix, and the m16n8k16 tensor-core MMA with float accumulators.
+// Nothing here is Hopper-only, so the kernels also build for sm_80 / sm_89.
 #pragma once
 
 #include <cstdint>
@@ -32,62 +31,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-// Hopper's bulk copies (the copy engine, not the load/store unit): one instruction moves a whole
-// contiguous row of 16-byte multiple size and signals an mbarrier with its bytes when it lands.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool kBulkCopies = true;
-#else
-constexpr bool kBulkCopies = false;
-#endif
-
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
-#endif
-}
-// Makes initialised mbarriers visible to the copy engine (before their first use).
-__device__ __forceinline__ void mbarrier_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-// One arrival that also expects `bytes` more bytes of copies in the current phase.
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-// Waits until the phase of the given parity has completed (its arrivals made, its bytes landed).
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-#endif
-}
-// Orders this thread's earlier shared-memory accesses (generic proxy) before later bulk copies
-// into the same memory (async proxy).
-__device__ __forceinline__ void fence_proxy_async_shared() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared; the landing
-// bytes complete on the mbarrier `bar`.
-__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-#endif
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i gets it.

@@ -11,16 +11,9 @@
 //
 // Per warp and sub-tile (16 tokens):
 //   * loads: each lane resolves one token row (block list -> block -> page -> address, or
-//     invalid: past the split, past the sequence, a selected index outside [0, n_blocks)); lanes
-//     0-15 take the 16 K rows, lanes 16-31 the 16 V rows. On sm_90 each lane copies its whole row
-//     with one bulk copy (the copy engine) into the warp's private stage, and the stage's
-//     mbarrier counts the bytes landing; an invalid row is zero-filled by its lane and never read
-//     from global memory. (With 16-byte cp.async, 16 per lane and sub-tile, the kernel reached
-//     only ~72% of DRAM bandwidth on an H200 at 8 warps per SM, half its stalls waiting on those
-//     copies; bench/PERF_NOTES.md.) Before sm_90 the warp copies the rows with 16-byte cp.async
-//     (zero-fill for invalid rows). Stage rows are padded by 16 bytes (row r starts 16 r bytes
-//     further into the banks), so the 8 row addresses of an ldmatrix hit 8 different bank groups
-//     without a swizzle, which a row-wide bulk copy could not apply.
+//     invalid: past the split, past the sequence, a selected index outside [0, n_blocks)); the
+//     warp copies the 16 K rows and 16 V rows with 16-byte cp.async into its private, swizzled
+//     shared-memory stage (invalid rows are zero-filled and never read from global memory).
 //     kStages stages per warp keep kStages - 1 sub-tiles of loads in flight while one computes.
 //   * S = Q K^T with mma.m16n8k16 (Q rows = query heads, zero-padded to 16; fp32 accumulate),
 //     operands through ldmatrix; online softmax in fp32 on log2e-prescaled logits (exp2f).
@@ -36,17 +29,8 @@
 #include "aether/cuda/mma.cuh"
 #include "aether/params.h"
 
-#ifndef AETHER_DECODE_INDEX_AHEAD
-#define AETHER_DECODE_INDEX_AHEAD 1
-#endif
-#ifndef AETHER_DECODE_BULK  // 0: the cp.async copies on sm_90 too (for comparisons)
-#define AETHER_DECODE_BULK 1
-#endif
-
 namespace aether {
 namespace cuda {
-
-constexpr bool kDecodeBulk = kBulkCopies && AETHER_DECODE_BULK;  // mma.cuh: sm_90 and later
 
 template <int kHeadDim>
 struct DecodeConfig {
@@ -58,27 +42,21 @@ struct DecodeConfig {
   // The shared memory (96 KiB at head_dim 128) lets two CTAs (8 warps) share an SM.
   static constexpr int kStages = kHeadDim == 64 ? 4 : 3;
   static constexpr int kChunks = kHeadDim / 8;          // 16-byte chunks per K/V row
-  static constexpr int kRowsPerCopy = kWarpSize / kChunks;  // rows per warp-wide cp.async (before sm_90)
-  static constexpr int kRowBytes = kHeadDim * 2;        // one K or V row in global memory
-  static constexpr int kRowStride = kHeadDim + 8;       // elements per staged row: 16 bytes of padding
-  static constexpr int kQElems = kRows * kHeadDim;      // the q tile (swizzled, not padded)
-  static constexpr int kTileElems = kRows * kRowStride;  // a staged K or V tile
+  static constexpr int kRowsPerCopy = kWarpSize / kChunks;  // rows per warp-wide cp.async
+  static constexpr int kTileElems = kRows * kHeadDim;
   static constexpr int kStageElems = 2 * kTileElems;   // K rows, then V rows
   static constexpr int kORowStride = kHeadDim + 8;     // floats; the pad makes float2 stores conflict-free
   static constexpr int kMinBlocksPerSM = kHeadDim == 256 ? 1 : 2;
 
-  static constexpr size_t kQBytes = kQElems * 2;
+  static constexpr size_t kQBytes = kTileElems * 2;
   static constexpr size_t kStagesBytes = static_cast<size_t>(kWarps) * kStages * kStageElems * 2;
-  static constexpr size_t kBarrierBytes = kWarps * kStages * sizeof(uint64_t);  // one mbarrier per stage
   static constexpr size_t kMaskBytes = kWarps * kStages * sizeof(uint32_t);
   static constexpr size_t kStateBytes = 2 * kWarps * kRows * sizeof(float);
-  static constexpr size_t kSmemBytes = kQBytes + kStagesBytes + kBarrierBytes + kMaskBytes + kStateBytes;
+  static constexpr size_t kSmemBytes = kQBytes + kStagesBytes + kMaskBytes + kStateBytes;
 
   static_assert(kHeadDim % 16 == 0, "head_dim must be a multiple of the MMA k (16)");
   static_assert(kChunks >= 8, "the swizzle permutes 8 chunks: head_dim >= 64");
   static_assert(kWarpSize % kChunks == 0 && kRows % kRowsPerCopy == 0, "copies must cover whole rows");
-  static_assert(kWarpSize == 2 * kRows, "a lane per K row and a lane per V row");
-  static_assert((kQBytes + kStagesBytes) % 8 == 0, "mbarriers are 8-byte aligned");
   static_assert(kRows * kORowStride * sizeof(float) <= static_cast<size_t>(kStages) * kStageElems * 2,
                 "a warp's epilogue output must fit in its own stages");
 };
@@ -88,11 +66,6 @@ struct DecodeConfig {
 template <int kHeadDim>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
-// Offset (elements) of (row, 8-element chunk) in a staged K or V tile of padded rows.
-template <int kHeadDim>
-__device__ __forceinline__ int padded(int row, int chunk) {
-  return row * DecodeConfig<kHeadDim>::kRowStride + (chunk << 3);
 }
 
 template <typename T, int kHeadDim>
@@ -110,9 +83,8 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   extern __shared__ __align__(128) unsigned char smem[];
   T* s_q = reinterpret_cast<T*>(smem);
   T* s_stages = reinterpret_cast<T*>(smem + Cfg::kQBytes);
-  const uint32_t barriers = shared_address(smem + Cfg::kQBytes + Cfg::kStagesBytes);
-  uint32_t* s_mask = reinterpret_cast<uint32_t*>(smem + Cfg::kQBytes + Cfg::kStagesBytes + Cfg::kBarrierBytes);
-  float* s_m = reinterpret_cast<float*>(smem + Cfg::kQBytes + Cfg::kStagesBytes + Cfg::kBarrierBytes + Cfg::kMaskBytes);
+  uint32_t* s_mask = reinterpret_cast<uint32_t*>(smem + Cfg::kQBytes + Cfg::kStagesBytes);
+  float* s_m = reinterpret_cast<float*>(smem + Cfg::kQBytes + Cfg::kStagesBytes + Cfg::kMaskBytes);
   float* s_l = s_m + kWarps * kRows;
 
   const int tid = threadIdx.x;
@@ -152,30 +124,16 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
   const int64_t stride_token = resolves_k ? p.k.stride_token : p.v.stride_token;
   const int32_t* block_table = resolves_k ? p.k.block_table : p.v.block_table;
   const int64_t block_table_stride = resolves_k ? p.k.block_table_stride : p.v.block_table_stride;
-  // This warp's stage mbarriers (bulk copies): one arrival (lane 0's, with the stage's bytes) per use.
-  const uint32_t my_barriers = barriers + warp * kStages * sizeof(uint64_t);
-  if constexpr (kDecodeBulk) {
-    if (lane < kStages) mbarrier_init(my_barriers + lane * sizeof(uint64_t), 1);
-    mbarrier_init_fence();
-    __syncwarp();
-  }
 
-  // The selected block of this lane's row in sub-tile i (-1: past the split). The main loop reads
-  // it one iteration before the sub-tile's copies are issued, so that the copies do not wait on
-  // the list's load (AETHER_DECODE_INDEX_AHEAD=0: read when issued, for comparisons).
-  auto block_of = [&](int i) -> int {
-    const int pos = (warp + i * kWarps) * kRows + (lane & 15);
-    if (pos >= n_pos) return -1;
-    const int list_index = list_begin + pos / bs;
-    return sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
-  };
-  auto issue = [&](int i, int stage, int block) {
+  auto issue = [&](int i, int stage) {
     const int r = lane & 15;
     const int pos = (warp + i * kWarps) * kRows + r;
     bool valid = pos < n_pos;
     const T* row_ptr = layout_base;  // any readable address: invalid rows copy 0 bytes from it
     if (valid) {
+      const int list_index = list_begin + pos / bs;
       const int in_block = pos % bs;
+      const int block = sel_row == nullptr ? list_index : __ldg(sel_row + list_index);
       valid = block >= 0 && block < n_blocks && block * bs + in_block < len;
       if (valid) {
         if (block_table == nullptr) {
@@ -187,58 +145,35 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
         }
       }
     }
-    // K and V rows of a position are valid together: the K lanes' ballot is the tile's mask.
     const uint32_t mask = __ballot_sync(kFullMask, valid) & 0xffffu;
     if (lane == 0) s_mask[warp * kStages + stage] = mask;
     const uint32_t k_stage = my_stages_addr + stage * Cfg::kStageElems * 2;
     const uint32_t v_stage = k_stage + Cfg::kTileElems * 2;
-    if constexpr (kDecodeBulk) {
-      // This lane's row: one bulk copy, or zeros (an invalid row's V must not hold NaN: P = 0
-      // times NaN). The fence orders this lane's earlier generic accesses to the stage (reads of
-      // its previous sub-tile, zero stores) before the copy engine's writes.
-      const uint32_t bar = my_barriers + stage * sizeof(uint64_t);
-      const uint32_t dst = (resolves_k ? k_stage : v_stage) + (lane & 15) * Cfg::kRowStride * 2;
-      fence_proxy_async_shared();
-      if (lane == 0) mbarrier_arrive_expect_tx(bar, 2u * __popc(mask) * Cfg::kRowBytes);
-      if (valid) {
-        bulk_copy_to_shared(dst, row_ptr, Cfg::kRowBytes, bar);
-      } else {
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        uint4* row = reinterpret_cast<uint4*>(my_stages + stage * Cfg::kStageElems + (resolves_k ? 0 : Cfg::kTileElems) +
-                                              (lane & 15) * Cfg::kRowStride);
+    const int chunk = lane % Cfg::kChunks;
 #pragma unroll
-        for (int c = 0; c < Cfg::kChunks; ++c) row[c] = zero;
-      }
-    } else {
-      const int chunk = lane % Cfg::kChunks;
-#pragma unroll
-      for (int c = 0; c < kRows / Cfg::kRowsPerCopy; ++c) {
-        const int row = c * Cfg::kRowsPerCopy + lane / Cfg::kChunks;
-        const T* k_src = reinterpret_cast<const T*>(
-            __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row_ptr), row));
-        const T* v_src = reinterpret_cast<const T*>(
-            __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row_ptr), 16 + row));
-        const uint32_t bytes = ((mask >> row) & 1u) ? 16u : 0u;
-        const uint32_t offset = padded<kHeadDim>(row, chunk) * 2;
-        cp_async_16(k_stage + offset, k_src + chunk * 8, bytes);
-        cp_async_16(v_stage + offset, v_src + chunk * 8, bytes);
-      }
+    for (int c = 0; c < kRows / Cfg::kRowsPerCopy; ++c) {
+      const int row = c * Cfg::kRowsPerCopy + lane / Cfg::kChunks;
+      const T* k_src = reinterpret_cast<const T*>(
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row_ptr), row));
+      const T* v_src = reinterpret_cast<const T*>(
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row_ptr), 16 + row));
+      const uint32_t bytes = ((mask >> row) & 1u) ? 16u : 0u;
+      const uint32_t offset = swizzle<kHeadDim>(row, chunk) * 2;
+      cp_async_16(k_stage + offset, k_src + chunk * 8, bytes);
+      cp_async_16(v_stage + offset, v_src + chunk * 8, bytes);
     }
   };
 
   // Start the loads before staging q: they do not depend on it.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < my_n) issue(s, s, block_of(s));
-    if constexpr (!kDecodeBulk) cp_async_commit();  // always commit: the wait below counts groups
+    if (s < my_n) issue(s, s);
+    cp_async_commit();  // always commit: the wait below counts groups
   }
-#if AETHER_DECODE_INDEX_AHEAD
-  int next_block = kStages - 1 < my_n ? block_of(kStages - 1) : -1;  // the first iteration's issue
-#endif
 
   // q of the tile's heads into shared memory (zero rows past `heads`); element loads accept any
   // stride and alignment and cost nothing next to the K/V stream.
-  for (int i = tid; i < Cfg::kQElems; i += Cfg::kThreads) {
+  for (int i = tid; i < Cfg::kTileElems; i += Cfg::kThreads) {
     const int r = i / kHeadDim;
     const int d = i % kHeadDim;
     T value = from_float<T>(0.0f);
@@ -262,20 +197,11 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
 
   for (int i = 0; i < my_n; ++i) {
     const int ahead = i + kStages - 1;
-#if AETHER_DECODE_INDEX_AHEAD
-    if (ahead < my_n) issue(ahead, ahead % kStages, next_block);
-    if (ahead + 1 < my_n) next_block = block_of(ahead + 1);
-#else
-    if (ahead < my_n) issue(ahead, ahead % kStages, block_of(ahead));
-#endif
+    if (ahead < my_n) issue(ahead, ahead % kStages);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // sub-tile i has landed (this lane's copies) ...
+    __syncwarp();                  // ... and every lane's
     const int stage = i % kStages;
-    if constexpr (kDecodeBulk) {
-      mbarrier_wait(my_barriers + stage * sizeof(uint64_t), (i / kStages) & 1);  // sub-tile i's rows landed ...
-    } else {
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();  // sub-tile i has landed (this lane's copies) ...
-    }
-    __syncwarp();  // ... and every lane's zero rows or copies are visible
     const uint32_t mask = s_mask[warp * kStages + stage];
     const uint32_t k_addr = my_stages_addr + stage * Cfg::kStageElems * 2;
     const uint32_t v_addr = k_addr + Cfg::kTileElems * 2;
@@ -288,7 +214,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
     for (int ks = 0; ks < kHeadDim / 16; ++ks) {
       uint32_t a[4], kb[4];
       ldmatrix_x4(a, q_addr + swizzle<kHeadDim>((ld_mat & 1) * 8 + ld_row, 2 * ks + (ld_mat >> 1)) * 2);
-      ldmatrix_x4(kb, k_addr + padded<kHeadDim>((ld_mat >> 1) * 8 + ld_row, 2 * ks + (ld_mat & 1)) * 2);
+      ldmatrix_x4(kb, k_addr + swizzle<kHeadDim>((ld_mat >> 1) * 8 + ld_row, 2 * ks + (ld_mat & 1)) * 2);
       mma_16816<T>(s[0], a, kb[0], kb[1]);
       mma_16816<T>(s[1], a, kb[2], kb[3]);
     }
@@ -348,7 +274,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
 #pragma unroll
     for (int j = 0; j < kHeadDim / 16; ++j) {
       uint32_t vb[4];
-      ldmatrix_x4_trans(vb, v_addr + padded<kHeadDim>((ld_mat & 1) * 8 + ld_row, 2 * j + (ld_mat >> 1)) * 2);
+      ldmatrix_x4_trans(vb, v_addr + swizzle<kHeadDim>((ld_mat & 1) * 8 + ld_row, 2 * j + (ld_mat >> 1)) * 2);
       mma_16816<T>(o[2 * j], p_hi, vb[0], vb[1]);
       mma_16816<T>(o[2 * j + 1], p_hi, vb[2], vb[3]);
       mma_16816<T>(o[2 * j], p_lo, vb[0], vb[1]);
@@ -356,7 +282,7 @@ sparse_decode_kernel(const SparseDecodeParams p, const int head_tiles) {
     }
     __syncwarp();  // the stage is refilled by the next iteration's issue
   }
-  if constexpr (!kDecodeBulk) cp_async_wait<0>();  // (bulk copies: every issued sub-tile was waited for)
+  cp_async_wait<0>();
   pdl_trigger();  // the merge (or the next kernel) may launch during the epilogue (common.cuh)
 
   // Epilogue: combine the warps' states. Row sums are spread over the 4 lanes of a quad.
