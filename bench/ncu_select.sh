@@ -52,5 +52,5 @@ for fname in ("select_sass.csv", "select_cuda.csv"):
     total = sum(v for v, _ in data) or 1
     data.sort(key=lambda x: -x[0])
     for v, d in data[:45]:
-        print(f"{100*v/total:5.1f}% {d.get('#','')[:6]:6} {d.get('Address','')[:8]:8} {d.get('Source','')[:110]}")
+        print(f"{100*v/total:5.1f}% {d.get('Address','')[-5:]:>6} {d.get('Instructions Executed',''):>10} {d.get('Source','')[:100]}")
 PY
