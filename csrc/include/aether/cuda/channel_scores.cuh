@@ -35,15 +35,15 @@
 //    scheme: m16n8k16 with A = codes (rows = 16 tokens of an m-tile, k = 16 entries; a code is
 //    OR-ed into the mantissa of the bf16 128.0 and 128 subtracted, exact) and B = the weights
 //      w_g,i = scale log2(e) (q_g,d_i / levels) (hi_d_i - lo_d_i)   (entry i, head g)
-//    of 4 heads, each as its bf16 rounding (columns 0-3) and the bf16 of the residual (columns
-//    4-7): ~16 mantissa bits, float32 sums to ~1e-6 relative. The logit of token t is then
+//    of 4 heads, head i as its bf16 rounding (column 2i) and the bf16 of the residual (column
+//    2i + 1): ~16 mantissa bits, float32 sums to ~1e-6 relative. The logit of token t is then
 //      scale log2(e) base_g + sum_i w_g,i code_t,i,  base_g = sum_d q_gd (chosen_d ? lo_d : (lo_d + hi_d) / 2)
 //    (the base added after the log-sum-exp, which it shifts). Lane (r, t) builds its A registers
 //    from the staged runs with one byte permute, shift, mask and packed subtract per pair of
 //    codes (runs 16 bytes apart so the four entries a load touches sit in different banks); all
-//    of a group's m-tiles run back to back per k-step. After the MMAs, lanes t and t ^ 2 swap
-//    halves so that each holds one head's high + residual sums (all 32 lanes busy), each lane
-//    reduces its two tokens to (max, sum of 2^(y - max)), a reduce-scatter over the 8 row groups
+//    of a group's m-tiles run back to back per k-step. After the MMAs lane t holds both parts of
+//    head t (columns 2t, 2t + 1: no exchange; the first version put the heads' high parts in
+//    columns 0-3 and needed a shuffle and 3 selects per pair of tokens), each lane reduces its two tokens to (max, sum of 2^(y - max)), a reduce-scatter over the 8 row groups
 //    (7 pair exchanges instead of 24 shuffles per m-tile) leaves m-tile r's part in lanes r, a
 //    butterfly joins the m-tiles of a block (bs / 16), and the block's first lanes write its
 //    heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row are not read (-inf).
@@ -62,6 +62,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "aether/cuda/common.cuh"
 #include "aether/cuda/mma.cuh"
@@ -207,6 +208,9 @@ cudaError_t launch_code_channels(const CodeChannelsParams& p, cudaStream_t strea
 constexpr int kChannelScoresMaxStages = 4;  // groups in a warp's cp.async ring
 constexpr int kChannelScoresMaxTiles = kChannelScoresMaxGroupTokens / 16;  // m-tiles per group
 constexpr int kChannelScoresSmemBudget = 100 * 1024;  // keep >= 2 CTAs per SM where the ring allows
+// 5 CTAs (20 warps) per SM: the full-group copy of the scoring code took ptxas to 128 registers
+// (4 CTAs) without the bound; 96 registers and 5 CTAs measured best before it (PERF_NOTES).
+constexpr int kChannelScoresMinBlocks = 5;
 
 // Dynamic shared memory of channel_scores, byte offsets of its regions (each 16-byte aligned).
 // Per warp: `stages` stages of one group each (the chosen channels' runs, entry i at i *
@@ -523,9 +527,9 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const int mt_group = gt / 16;           // m-tiles (16 tokens) per group
   const int mt_block_log2 = __ffs(bs / 16) - 1;
   const int mt_block = 1 << mt_block_log2;
-  // After the high + residual exchange, lane t holds head perm(t) of its quad: 0, 2, 1, 3.
-  const bool keeps_even = t < 2;
-  const int my_head = keeps_even ? 2 * t : 2 * t - 3;
+  // B column 2i holds head i's high part and column 2i + 1 its residual, so lane t's accumulators
+  // are both parts of head t: the sums need no exchange between lanes.
+  const int my_head = t;
   const uint32_t sel4 = static_cast<uint32_t>(r >> 1) | (static_cast<uint32_t>(4 + (r >> 1)) << 8);
   const int shift4 = 4 * (r & 1);
 
@@ -542,10 +546,10 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
     const int n_mt = (n_valid + 15) / 16;
 
     for (int quad = 0; quad * 4 < G; ++quad) {
-      // B fragments: column r is head 4 quad + (r & 3), its bf16 high part (r < 4) or the bf16 of
-      // the rounding residual (r >= 4); rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) of each step.
+      // B fragments: column r is head 4 quad + r / 2, its bf16 high part (r even) or the bf16 of
+      // the rounding residual (r odd); rows 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1) of each step.
       {
-        const float* qd = s_qd + (quad * 4 + (r & 3)) * m_pad;
+        const float* qd = s_qd + (quad * 4 + (r >> 1)) * m_pad;
         for (int s = 0; s < steps; ++s) {
           float w[4];
 #pragma unroll
@@ -558,7 +562,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
           }
           uint32_t b01 = pack_pair<__nv_bfloat16>(w[0], w[1]);
           uint32_t b23 = pack_pair<__nv_bfloat16>(w[2], w[3]);
-          if (r >= 4) {
+          if (r & 1) {
             const float2 h01 = unpack_pair<__nv_bfloat16>(b01), h23 = unpack_pair<__nv_bfloat16>(b23);
             b01 = pack_pair<__nv_bfloat16>(w[0] - h01.x, w[1] - h01.y);
             b23 = pack_pair<__nv_bfloat16>(w[2] - h23.x, w[3] - h23.y);
@@ -583,75 +587,89 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
       warp_reduce_scatter<4>(bias, lane);
       const float my_bias = scale2 * __shfl_sync(kFullMask, bias[0], 8 * my_head);
 
-      // The group's m-tiles: all of a k-step's MMAs back to back (A from the staged runs, B from
-      // the table); m-tiles past the valid tokens are skipped (uniform).
-      float c[kChannelScoresMaxTiles][4];
+      // The group's m-tiles, log-sum-exps and writes. A full group of 128 tokens (every group but
+      // a row's last, at the usual 16 x 8 or 32 x 4 blocks) takes a copy of this code compiled
+      // without the tests for missing m-tiles and tokens: ~100 of the ~940 instructions a group
+      // cost (H200 SASS profile, bench/PERF_NOTES.md).
+      auto score_group = [&](auto full_group) {
+        constexpr bool kFull = decltype(full_group)::value;
+        // All of a k-step's MMAs back to back (A from the staged runs, B from the table); m-tiles
+        // past the valid tokens are skipped (uniform). The first k-step is peeled so that its
+        // MMAs start from zero accumulators (no zeroing instructions).
+        float c[kChannelScoresMaxTiles][4];
+        auto k_step = [&](int s, bool first) {
+          const uint8_t* ea = runs + (16 * s + 2 * t) * stride;  // entries 2t, 2t + 1, 2t + 8, 2t + 9
+          const uint8_t* eb = ea + stride;
+          const uint8_t* ec = ea + 8 * stride;
+          const uint8_t* ed = ea + 9 * stride;
+          const uint2 bf = s_table[s * kWarpSize + lane];
 #pragma unroll
-      for (int u = 0; u < kChannelScoresMaxTiles; ++u) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.0f;
-      for (int s = 0; s < steps; ++s) {
-        const uint8_t* ea = runs + (16 * s + 2 * t) * stride;  // entries 2t, 2t + 1, 2t + 8, 2t + 9
-        const uint8_t* eb = ea + stride;
-        const uint8_t* ec = ea + 8 * stride;
-        const uint8_t* ed = ea + 9 * stride;
-        const uint2 bf = s_table[s * kWarpSize + lane];
+          for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
+            if (kFull || u < n_mt) {
+              uint32_t a[4];
+              if constexpr (kBits == 4) {
+                const uint2 wa = *reinterpret_cast<const uint2*>(ea + 8 * u);
+                const uint2 wb = *reinterpret_cast<const uint2*>(eb + 8 * u);
+                const uint2 wc = *reinterpret_cast<const uint2*>(ec + 8 * u);
+                const uint2 wd = *reinterpret_cast<const uint2*>(ed + 8 * u);
+                a[0] = nibble_pair(wa.x, wb.x, sel4, shift4);
+                a[1] = nibble_pair(wa.y, wb.y, sel4, shift4);
+                a[2] = nibble_pair(wc.x, wd.x, sel4, shift4);
+                a[3] = nibble_pair(wc.y, wd.y, sel4, shift4);
+              } else {
+                const uint32_t wa = *reinterpret_cast<const uint32_t*>(ea + 4 * u) >> (2 * r);
+                const uint32_t wb = *reinterpret_cast<const uint32_t*>(eb + 4 * u) >> (2 * r);
+                const uint32_t wc = *reinterpret_cast<const uint32_t*>(ec + 4 * u) >> (2 * r);
+                const uint32_t wd = *reinterpret_cast<const uint32_t*>(ed + 4 * u) >> (2 * r);
+                a[0] = crumb_pair(wa, wb, 0x0400u);
+                a[1] = crumb_pair(wa, wb, 0x0602u);
+                a[2] = crumb_pair(wc, wd, 0x0400u);
+                a[3] = crumb_pair(wc, wd, 0x0602u);
+              }
+              if (first) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.0f;
+              mma_16816<__nv_bfloat16>(c[u], a, bf.x, bf.y);
+            }
+          }
+        };
+        k_step(0, true);
+        for (int s = 1; s < steps; ++s) k_step(s, false);
+        // Per m-tile: high + residual (columns 2t, 2t + 1: head t), tokens past the end at -inf,
+        // then the lane's (max, sum of 2^(y - max)) of its two tokens.
+        float tile_max[kChannelScoresMaxTiles], tile_sum[kChannelScoresMaxTiles];
 #pragma unroll
         for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
-          if (u < n_mt) {
-            uint32_t a[4];
-            if constexpr (kBits == 4) {
-              const uint2 wa = *reinterpret_cast<const uint2*>(ea + 8 * u);
-              const uint2 wb = *reinterpret_cast<const uint2*>(eb + 8 * u);
-              const uint2 wc = *reinterpret_cast<const uint2*>(ec + 8 * u);
-              const uint2 wd = *reinterpret_cast<const uint2*>(ed + 8 * u);
-              a[0] = nibble_pair(wa.x, wb.x, sel4, shift4);
-              a[1] = nibble_pair(wa.y, wb.y, sel4, shift4);
-              a[2] = nibble_pair(wc.x, wd.x, sel4, shift4);
-              a[3] = nibble_pair(wc.y, wd.y, sel4, shift4);
-            } else {
-              const uint32_t wa = *reinterpret_cast<const uint32_t*>(ea + 4 * u) >> (2 * r);
-              const uint32_t wb = *reinterpret_cast<const uint32_t*>(eb + 4 * u) >> (2 * r);
-              const uint32_t wc = *reinterpret_cast<const uint32_t*>(ec + 4 * u) >> (2 * r);
-              const uint32_t wd = *reinterpret_cast<const uint32_t*>(ed + 4 * u) >> (2 * r);
-              a[0] = crumb_pair(wa, wb, 0x0400u);
-              a[1] = crumb_pair(wa, wb, 0x0602u);
-              a[2] = crumb_pair(wc, wd, 0x0400u);
-              a[3] = crumb_pair(wc, wd, 0x0602u);
+          tile_max[u] = -INFINITY;
+          tile_sum[u] = 0.0f;
+          if (kFull || u < n_mt) {
+            float y0 = c[u][0] + c[u][1];
+            float y1 = c[u][2] + c[u][3];
+            if (!kFull) {
+              if (16 * u + r >= n_valid) y0 = -INFINITY;
+              if (16 * u + r + 8 >= n_valid) y1 = -INFINITY;
             }
-            mma_16816<__nv_bfloat16>(c[u], a, bf.x, bf.y);
+            lse_pair(y0, y1, tile_max[u], tile_sum[u]);
           }
         }
-      }
-      // Per m-tile: high + residual (lanes t and t ^ 2 hold columns 2t, 2t + 1 of the high and the
-      // residual parts of the same two heads; each keeps one head and sends the other's pair),
-      // tokens past the end at -inf, then the lane's (max, sum of 2^(y - max)) of its two tokens.
-      float tile_max[kChannelScoresMaxTiles], tile_sum[kChannelScoresMaxTiles];
-#pragma unroll
-      for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
-        tile_max[u] = -INFINITY;
-        tile_sum[u] = 0.0f;
-        if (u < n_mt) {
-          const float send0 = keeps_even ? c[u][1] : c[u][0], send1 = keeps_even ? c[u][3] : c[u][2];
-          float y0 = (keeps_even ? c[u][0] : c[u][1]) + __shfl_xor_sync(kFullMask, send0, 2);
-          float y1 = (keeps_even ? c[u][2] : c[u][3]) + __shfl_xor_sync(kFullMask, send1, 2);
-          if (16 * u + r >= n_valid) y0 = -INFINITY;
-          if (16 * u + r + 8 >= n_valid) y1 = -INFINITY;
-          lse_pair(y0, y1, tile_max[u], tile_sum[u]);
+        // Over the 8 lanes of a head (r = 0..7) by a reduce-scatter: lane r ends with m-tile r's
+        // log-sum-exp; then the m-tiles of a block (bs / 16 of them) are combined by a butterfly.
+        lse_reduce_scatter8(tile_max, tile_sum, lane);
+        float top = tile_max[0], sum = tile_sum[0];
+        for (int off = 4; off < 4 * mt_block; off <<= 1) {
+          const float m2 = __shfl_xor_sync(kFullMask, top, off), s2 = __shfl_xor_sync(kFullMask, sum, off);
+          lse_combine(top, sum, m2, s2);
         }
-      }
-      // Over the 8 lanes of a head (r = 0..7) by a reduce-scatter: lane r ends with m-tile r's
-      // log-sum-exp; then the m-tiles of a block (bs / 16 of them) are combined by a butterfly.
-      lse_reduce_scatter8(tile_max, tile_sum, lane);
-      float top = tile_max[0], sum = tile_sum[0];
-      for (int off = 4; off < 4 * mt_block; off <<= 1) {
-        const float m2 = __shfl_xor_sync(kFullMask, top, off), s2 = __shfl_xor_sync(kFullMask, sum, off);
-        lse_combine(top, sum, m2, s2);
-      }
-      // Lane (r, t), r the block's first m-tile, writes the block for head 4 quad + perm(t): -inf
-      // for a block with no valid token. The bias shifts every logit of the head alike.
-      const int head = quad * 4 + my_head;
-      if ((r & (mt_block - 1)) == 0 && r < mt_group && head < G) {
-        out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + (r >> mt_block_log2)] =
-            top == -INFINITY ? -INFINITY : (top + fast_log2(sum) + my_bias) * kLn2;  // sum >= 1
+        // Lane (r, t), r the block's first m-tile, writes the block for head 4 quad + t:
+        // -inf for a block with no valid token. The bias shifts every logit of the head alike.
+        const int head = quad * 4 + my_head;
+        if ((r & (mt_block - 1)) == 0 && r < mt_group && head < G) {
+          out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + (r >> mt_block_log2)] =
+              top == -INFINITY ? -INFINITY : (top + fast_log2(sum) + my_bias) * kLn2;  // sum >= 1
+        }
+      };
+      if (n_valid == kChannelScoresMaxGroupTokens) {
+        score_group(std::true_type{});
+      } else {
+        score_group(std::false_type{});
       }
     }
     __syncwarp();  // the stage is refilled by the next iteration's issue
@@ -660,7 +678,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kChannelScoresThreads) channel_scores_kernel(const ChannelScoresParams p) {
+__global__ void __launch_bounds__(kChannelScoresThreads, kChannelScoresMinBlocks) channel_scores_kernel(const ChannelScoresParams p) {
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) char s_channel_mem[];
   if (p.bits == 2) {
