@@ -217,7 +217,8 @@ constexpr int kChannelScoresMinBlocks = 5;
 // run_stride, run_stride = run + 16 bytes so that the 4 entries a load instruction touches fall
 // in different banks; then the group's ranges [2][D] bf16), and the B-fragment table [steps][32
 // lanes] uint2. Per CTA: the queries [G][D] float32, q / levels at the chosen entries [Gq][m_pad]
-// (Gq = G rounded up to 4, zero-padded), the entry list [m_pad] and the chosen flags [D].
+// (Gq = G rounded up to 4, zero-padded), the entry list [m_pad], the chosen flags [D] and the
+// entries' run offsets in a group's codes [m_pad].
 struct ChannelScoresSmem {
   int run_bytes = 0;    // one channel's codes of one group
   int run_stride = 0;   // bytes between entries' runs in a stage
@@ -228,7 +229,7 @@ struct ChannelScoresSmem {
   int ranges_at = 0;    // in a stage
   int stage_bytes = 0;
   int warp_bytes = 0;   // stages, then the table
-  size_t q = 0, qd = 0, list = 0, flags = 0, total = 0;
+  size_t q = 0, qd = 0, list = 0, flags = 0, runs = 0, total = 0;
 };
 
 __host__ __device__ inline size_t round_up_16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -245,7 +246,7 @@ __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int 
   s.stage_bytes = s.ranges_at + 4 * head_dim;
   const size_t cta = round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim) +
                      round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded) * s.channels_padded) +
-                     round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded)) +
+                     2 * round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded)) +
                      round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
   // The deepest ring that fits the budget (at least 2 stages; the launcher checks the device limit).
   for (s.stages = kChannelScoresMaxStages; s.stages > 2; --s.stages) {
@@ -257,7 +258,8 @@ __host__ __device__ inline ChannelScoresSmem channel_scores_smem(int group, int 
   s.qd = s.q + round_up_16(sizeof(float) * static_cast<size_t>(group) * head_dim);
   s.list = s.qd + round_up_16(sizeof(float) * static_cast<size_t>(s.heads_padded) * s.channels_padded);
   s.flags = s.list + round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded));
-  s.total = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  s.runs = s.flags + round_up_16(sizeof(int) * static_cast<size_t>(head_dim));
+  s.total = s.runs + round_up_16(sizeof(int) * static_cast<size_t>(s.channels_padded));
   return s;
 }
 
@@ -387,6 +389,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   float* s_qd = reinterpret_cast<float*>(s_mem + layout.qd);
   int* s_list = reinterpret_cast<int*>(s_mem + layout.list);
   int* s_flag = reinterpret_cast<int*>(s_mem + layout.flags);
+  int* s_run = reinterpret_cast<int*>(s_mem + layout.runs);  // entry i's run: its slot * run bytes
 
   // The chosen set: entries outside [0, D) ignored, duplicates once (params.h); listed ascending,
   // the padding entries point at channel 0 with weight 0. s_flag[d] = 1 + the slot of channel d's
@@ -426,9 +429,13 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
       }
     }
     __syncthreads();
-    // rank_d = #{e : key_e > key_d} + #{e < d : key_e == key_d} among the stored channels, as two
-    // loops without the index test (the rank loop is the choice's cost: every CTA of the row runs
-    // it, ~4 SASS instructions per comparison here against ~8 for the one-loop form).
+    // rank_d = #{e : key_e > key_d} + #{e < d : key_e == key_d} among the stored channels. The
+    // rank loop is the choice's cost (every CTA of the row runs it; ~11% of the kernel's
+    // instructions at 8 x 32k, H200 SASS profile), so the comparisons skip the index test where
+    // the warp knows its outcome: every e below the warp's 32 channels is below d (>=), every e
+    // above them is above d (>), and only the warp's own 32 take the full test; all three loops
+    // have the same trip count in every lane (~4 SASS instructions per comparison without the
+    // test, ~7 with it).
 #pragma unroll
     for (int i = 0; i < kChoicePerThread; ++i) {
       const int d = tid + i * kChannelScoresThreads;
@@ -436,10 +443,16 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
       const unsigned long long key = s_key[d];
       int rank = 0;
       if (key != 0ull) {
+        const int own = d & ~(kWarpSize - 1);  // the warp's first channel
 #pragma unroll 8
-        for (int e = 0; e < d; ++e) rank += s_key[e] >= key;
+        for (int e = 0; e < own; ++e) rank += s_key[e] >= key;
 #pragma unroll 8
-        for (int e = d + 1; e < kHeadDim; ++e) rank += s_key[e] > key;
+        for (int e = own; e < own + kWarpSize; ++e) {
+          const unsigned long long other = s_key[e];
+          rank += other > key || (other == key && e < d);
+        }
+#pragma unroll 8
+        for (int e = own + kWarpSize; e < kHeadDim; ++e) rank += s_key[e] > key;
       } else {
         for (int e = 0; e < kHeadDim; ++e) {
           const unsigned long long other = s_key[e];
@@ -472,6 +485,8 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   }
   __syncthreads();
   const int n_chosen = s_n_chosen;  // <= num_channels <= m_pad
+  // Where each entry's run starts in a group's codes (read by every copy of every group).
+  for (int i = tid; i < n_chosen; i += kChannelScoresThreads) s_run[i] = (s_flag[s_list[i]] - 1) * layout.run_bytes;
   // q / levels at the chosen entries (the weights w = q step, step = (hi - lo) / levels, are
   // (q / levels) (hi - lo)); zero for padding heads and entries.
   for (int x = tid; x < layout.heads_padded * m_pad; x += kChannelScoresThreads) {
@@ -498,14 +513,16 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const uint16_t* row_ranges = p.ranges + static_cast<int64_t>(row) * NG * 2 * kHeadDim;
   // This warp's groups: begin + warp, begin + warp + kWarps, ...; item k is the k-th of them.
   const int first = begin + warp;
-  auto issue = [&](int k) {
+  // Item k into ring slot `slot` (= k % stages, kept by the loop: a division per group cost ~3% of
+  // the kernel's instructions).
+  auto issue = [&](int k, int slot) {
     const int group = first + k * kChannelScoresWarps;
     if (group < live_end) {
-      char* dst = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
+      char* dst = s_warp + static_cast<size_t>(slot) * layout.stage_bytes;
       const uint8_t* src = row_codes + static_cast<int64_t>(group) * S * run_bytes;
       for (int x = lane; x < (n_chosen << per_run_log2); x += kWarpSize) {
         const int i = x >> per_run_log2, k0 = (x & ((1 << per_run_log2) - 1)) << chunk_log2;
-        const uint8_t* from = src + (s_flag[s_list[i]] - 1) * run_bytes + k0;  // entry i's slot
+        const uint8_t* from = src + s_run[i] + k0;
         const uint32_t to = shared_address(dst + i * stride + k0);
         if (chunk == 16) {
           cp_async_16(to, from, 16u);
@@ -533,13 +550,14 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   const uint32_t sel4 = static_cast<uint32_t>(r >> 1) | (static_cast<uint32_t>(4 + (r >> 1)) << 8);
   const int shift4 = 4 * (r & 1);
 
-  for (int k = 0; k < stages - 1; ++k) issue(k);
-  for (int k = 0; first + k * kChannelScoresWarps < live_end; ++k) {
+  for (int k = 0; k < stages - 1; ++k) issue(k, k);
+  for (int k = 0, slot = 0; first + k * kChannelScoresWarps < live_end; ++k, slot = slot + 1 == stages ? 0 : slot + 1) {
     const int group = first + k * kChannelScoresWarps;
-    issue(k + stages - 1);  // the slot item k - 1 used; every lane is past it (__syncwarp below)
+    // Into the slot item k - 1 used; every lane is past it (__syncwarp below).
+    issue(k + stages - 1, slot == 0 ? stages - 1 : slot - 1);
     channel_scores_wait(stages);
     __syncwarp();
-    const char* stage = s_warp + static_cast<size_t>(k % stages) * layout.stage_bytes;
+    const char* stage = s_warp + static_cast<size_t>(slot) * layout.stage_bytes;
     const uint8_t* runs = reinterpret_cast<const uint8_t*>(stage);
     const uint16_t* rg = reinterpret_cast<const uint16_t*>(stage + layout.ranges_at);
     const int n_valid = static_cast<int>(std::min<int64_t>(gt, len - static_cast<int64_t>(group) * gt));  // > 0
