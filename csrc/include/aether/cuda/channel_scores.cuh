@@ -718,13 +718,9 @@ cudaError_t launch_channel_scores(const ChannelScoresParams& p, cudaStream_t str
   if (rows > 0x7fffffff || gt > kChannelScoresMaxGroupTokens) return cudaErrorInvalidValue;
   const size_t smem = channel_scores_smem(G, kHeadDim, p.num_channels, gt, p.bits).total;
   auto kernel = channel_scores_kernel<T, kHeadDim>;
-  if (smem > 48 * 1024) {
-    int optin = 0;
-    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
-    const size_t static_smem = 64;
-    if (smem + static_smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  // (A layout of exactly 48 KiB failed to launch when only the dynamic size was compared with the
+  // default limit: common.cuh.)
+  AETHER_CUDA_TRY(allow_dynamic_smem(kernel, smem));  // invalid value: G too large
   // One wave of resident CTAs over all rows; each takes a contiguous range of its row's groups.
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));

@@ -38,6 +38,23 @@ inline cudaError_t current_device_attribute(cudaDeviceAttr attr, int* value) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Lets `kernel` launch with `dynamic_bytes` of dynamic shared memory. The default limit (48 KiB)
+// counts the kernel's static shared memory too, so a dynamic size a little under 48 KiB fails to
+// launch ("invalid argument") unless the kernel opts in; past the device's opt-in limit this
+// returns cudaErrorInvalidValue (the launchers' "G too large").
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t dynamic_bytes) {
+  cudaFuncAttributes attributes{};
+  AETHER_CUDA_TRY(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)));
+  const size_t total = dynamic_bytes + attributes.sharedSizeBytes;
+  if (total <= 48 * 1024) return cudaSuccess;
+  int optin = 0;
+  AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  if (total > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(dynamic_bytes));
+}
+
 // grid.y of the per-block build kernels (block_stats, key_sketch), whose CTAs stride over the
 // blocks of one (b, kv_head): a full build gives every block its own CTA; an append (first_block
 // set) refreshes one or two blocks per head, so it only needs enough CTAs to fill the GPU once

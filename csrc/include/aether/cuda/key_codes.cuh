@@ -608,12 +608,7 @@ cudaError_t launch_refine_scores(const RefineScoresParams& p, cudaStream_t strea
   const int G = p.q_heads / p.kv_heads;
   const size_t smem = refine_query_smem_bytes(G, kHeadDim) + static_cast<size_t>(kRefineWarps) * refine_warp_bytes(kHeadDim, p.bits);
   auto kernel = refine_scores_kernel<T, kHeadDim>;
-  if (smem > 48 * 1024) {
-    int optin = 0;
-    AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
-    if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  AETHER_CUDA_TRY(allow_dynamic_smem(kernel, smem));  // invalid value: G too large
   // One wave of resident CTAs; each warp takes a contiguous slice of its row's list.
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));

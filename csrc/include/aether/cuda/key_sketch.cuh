@@ -192,9 +192,7 @@ cudaError_t launch_key_sketch(const KeySketchParams& p, cudaStream_t stream) {
   AETHER_CUDA_TRY(block_build_slices(sketch_blocks, heads, p.first_block != nullptr, &slices));
   const size_t smem = key_sketch_smem_bytes(p.block_size * p.blocks_per_sketch, kHeadDim, p.rank);
   auto kernel = key_sketch_kernel<T, kHeadDim>;
-  if (smem > 48 * 1024) {
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  AETHER_CUDA_TRY(allow_dynamic_smem(kernel, smem));
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices));
   return launch_kernel(kernel, dim3(grid), dim3(kSketchThreads), smem, stream, p);
 }
@@ -674,9 +672,7 @@ cudaError_t launch_sketch_score_rank(const RadarSelectParams& p, RadarWorkspace*
   if (smem + 1024 > static_cast<size_t>(optin)) return cudaErrorInvalidValue;  // G too large
   const int threads = warps * kWarpSize;
   auto kernel = sketch_score_kernel<kHeadDim, kRank>;
-  if (smem > 48 * 1024) {
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  AETHER_CUDA_TRY(allow_dynamic_smem(kernel, smem));
   int num_sms = 0, per_sm = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMultiProcessorCount, &num_sms));
   AETHER_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));

@@ -491,9 +491,7 @@ cudaError_t launch_radar_score_tile(const RadarSelectParams& p, RadarWorkspace* 
   const ScoreSmemLayout layout(g_pad, kHeadDim, chunk_blocks, kBox);
   const size_t smem = sizeof(float) * static_cast<size_t>(layout.total);
   auto kernel = radar_score_kernel<kHeadDim, kGroupTile, kBox>;
-  if (smem > 48 * 1024) {
-    AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  AETHER_CUDA_TRY(allow_dynamic_smem(kernel, smem));
   // All of the unified L1/shared memory as shared memory: the statistics bypass L1 (cp.async),
   // and more resident CTAs keep more bytes in flight.
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
