@@ -56,7 +56,10 @@
 //    channels): a warp per group with a per-m-tile log-sum-exp of 6 dependent shuffles, 44.6 us,
 //    24.1 M instructions (the first launch rounded the slices up: 2 waves, 55 us in a graph); the
 //    m-tiles unrolled per k-step and the reduce-scatter log-sum-exp, 35.2 us, 19.0 M (~1160 per
-//    group; 96 registers, 5 CTAs per SM; 80 registers at 6 per SM: 36.8 us). Bytes read per
+//    group; 96 registers, 5 CTAs per SM; 80 registers at 6 per SM: 36.8 us). With the choice in
+//    every CTA 38.0 us, 21.9 M; a full-group copy of the scoring code, the first k-step peeled and
+//    the (high, residual) column pairs 33.4 us, 18.1 M; the ring slot kept by the loop, the run
+//    offsets staged and the warp-uniform rank 30.5 us, 16.5 M (~1000 per group). Bytes read per
 //    group: num_channels * run + 4 D (1.5 KB at d128, 16 channels, 4 bits) against D * run for
 //    every channel.
 #pragma once
