@@ -18,6 +18,14 @@ from conftest import DEVICES, make_case
 pytestmark = pytest.mark.skipif(not aether.extension_available(), reason="aether._C is not built")
 
 
+def _random_pool(batch, kv_heads, stored, seed, device, head_dim=128):
+    """A channel pool of `stored` random channels per (b, kv head) and its slot map."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.stack([torch.stack([torch.randperm(head_dim, generator=g)[:stored].sort().values
+                                     for _ in range(kv_heads)]) for _ in range(batch)]).to(torch.int32)
+    return pool_slots(pool, head_dim).to(device), stored
+
+
 def _built(device, batch, kv_heads, group, head_dim, seq, block_size, per, bits, lens, seed):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, _, lens = make_case(batch, kv_heads * group, kv_heads, seq, head_dim, dtype, device, seed=seed, lens=lens)
@@ -86,10 +94,7 @@ def test_code_channels_from_spreads(device, pooled):
     q, _, lens, _, ranges, _ = _built(device, 3, 2, 4, 128, 900, 16, 8, 4, [900, 17, 0], seed=11)
     slots, stored = None, 0
     if pooled:
-        g = torch.Generator().manual_seed(2)
-        pool = torch.stack([torch.stack([torch.randperm(128, generator=g)[:40].sort().values for _ in range(2)])
-                            for _ in range(3)]).to(torch.int32)
-        slots, stored = pool_slots(pool, 128).to(device), 40
+        slots, stored = _random_pool(3, 2, 40, 2, device)
     spreads = torch.ops.aether.code_spreads(ranges, lens, 16, 8)
     for m in (1, 16, 24, 40, 128 if not pooled else 41):
         summed = torch.ops.aether.code_channels(q, ranges, lens, 16, 8, m, slots, stored)
@@ -111,11 +116,7 @@ def test_channel_scores_choose_like_code_channels(device, bits, block_size, per,
                                                         [777, 200, 0], seed=bits + m)
     slots, stored, codes = None, 0, codes_full
     if pooled:
-        g = torch.Generator().manual_seed(m)
-        pool = torch.stack([torch.stack([torch.randperm(head_dim, generator=g)[:m + 5].sort().values
-                                         for _ in range(2)]) for _ in range(3)]).to(torch.int32)
-        stored = m + 5
-        slots = pool_slots(pool, head_dim).to(device)
+        slots, stored = _random_pool(3, 2, m + 5, m, device, head_dim)
         _, k, _, _ = make_case(3, 2 * group, 2, 777, head_dim, torch.bfloat16 if device == "cuda" else torch.float32,
                                device, seed=bits + m, lens=[777, 200, 0])
         gen = torch.Generator().manual_seed(bits + m)
@@ -246,10 +247,7 @@ def test_key_codes_update_keeps_spreads_in_the_same_call(device, pooled):
     num_blocks = math.ceil(900 / 128) * 8
     slots, stored = None, 0
     if pooled:
-        g = torch.Generator().manual_seed(5)
-        pool = torch.stack([torch.stack([torch.randperm(128, generator=g)[:48].sort().values for _ in range(2)])
-                            for _ in range(3)]).to(torch.int32)
-        slots, stored = pool_slots(pool, 128).to(device), 48
+        slots, stored = _random_pool(3, 2, 48, 5, device)
     codes, ranges = torch.ops.aether.key_codes(k, lens, 16, num_blocks, None, 8, 4, True, slots,
                                                stored if pooled else 0)
     spreads = torch.ops.aether.code_spreads(ranges, lens, 16, 8)
