@@ -99,6 +99,21 @@ std::string describe(const Case& c) {
          " bs " + std::to_string(c.block_size) + " Pg " + std::to_string(c.per) + " m " + std::to_string(c.channels);
 }
 
+// A case's keys and lengths: `batch` rows of up to `max_len` tokens (one of gt + 1, the last empty:
+// every w_d is 0 there, so channels 0..m-1), with one spare group of capacity past the longest.
+struct CaseKeys {
+  int gt, num_blocks;
+  TestKV kv;
+  std::vector<int32_t> lens;
+  CaseKeys(const Case& c, int batch, int heads, int max_len, std::mt19937_64& rng)
+      : gt(c.block_size * c.per),
+        num_blocks((test::blocks_of(max_len, gt) + 1) * c.per),
+        kv(c.dtype, KVKind::kContiguous, batch, heads, c.head_dim, c.block_size, num_blocks, rng),
+        lens(test::mixed_lengths(batch, max_len, c.block_size, rng, {gt + 1})) {
+    lens[batch - 1] = 0;
+  }
+};
+
 TEST(CpuChannelScores, ChannelMajorBuildIsTheTokenMajorCodesMoved) {
   const uint64_t seed = test::fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(seed));
@@ -183,11 +198,11 @@ TEST(CpuChannelScores, CodeChannelsPicksTheHeaviestChannels) {
   std::mt19937_64 rng(seed);
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    const int gt = c.block_size * c.per, batch = 4, heads = 2, D = c.head_dim;
-    const int num_blocks = (test::blocks_of(3 * gt, gt) + 1) * c.per;
-    TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, c.block_size, num_blocks, rng);
-    std::vector<int32_t> lens = test::mixed_lengths(batch, 3 * gt, c.block_size, rng, {gt + 1});
-    lens[batch - 1] = 0;  // an empty row: every w_d is 0, channels 0..m-1
+    const int batch = 4, heads = 2, D = c.head_dim;
+    CaseKeys keys(c, batch, heads, 3 * c.block_size * c.per, rng);
+    const int gt = keys.gt, num_blocks = keys.num_blocks;
+    const TestKV& kv = keys.kv;
+    std::vector<int32_t>& lens = keys.lens;
     CodesBuffers codes(batch, heads, num_blocks, c.block_size, D, c.bits, c.per);
     cpu::key_codes(build_params(kv, lens, c.bits, c.per, codes.codes.data(), codes.ranges.data(), 0));
     // Ties: two channels with equal, constant ranges in every group of row 0; garbage past the
@@ -356,11 +371,11 @@ TEST(CpuChannelScores, CodeSpreadsAreRunningSumsAndAnUpdateEqualsABuild) {
   std::mt19937_64 rng(seed);
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    const int gt = c.block_size * c.per, batch = 4, heads = 2, D = c.head_dim;
-    const int num_blocks = (test::blocks_of(3 * gt + 7, gt) + 1) * c.per;  // one group past the end
-    TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, c.block_size, num_blocks, rng);
-    std::vector<int32_t> lens = test::mixed_lengths(batch, 3 * gt + 7, c.block_size, rng, {gt + 1});
-    lens[batch - 1] = 0;
+    const int batch = 4, heads = 2, D = c.head_dim;
+    CaseKeys keys(c, batch, heads, 3 * c.block_size * c.per + 7, rng);  // one group past the end
+    const int gt = keys.gt, num_blocks = keys.num_blocks;
+    const TestKV& kv = keys.kv;
+    std::vector<int32_t>& lens = keys.lens;
     CodesBuffers codes(batch, heads, num_blocks, c.block_size, D, c.bits, c.per);
     cpu::key_codes(build_params(kv, lens, c.bits, c.per, codes.codes.data(), codes.ranges.data(), 0));
     const int groups = codes.num_groups();
@@ -410,11 +425,11 @@ TEST(CpuChannelScores, ChannelScoresWithoutAListChooseLikeCodeChannels) {
   std::mt19937_64 rng(seed);
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    const int gt = c.block_size * c.per, batch = 3, heads = 2, D = c.head_dim;
-    const int num_blocks = (test::blocks_of(2 * gt + 9, gt) + 1) * c.per;
-    TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, c.block_size, num_blocks, rng);
-    std::vector<int32_t> lens = test::mixed_lengths(batch, 2 * gt + 9, c.block_size, rng, {gt + 1});
-    lens[batch - 1] = 0;
+    const int batch = 3, heads = 2, D = c.head_dim;
+    CaseKeys keys(c, batch, heads, 2 * c.block_size * c.per + 9, rng);
+    const int gt = keys.gt, num_blocks = keys.num_blocks;
+    const TestKV& kv = keys.kv;
+    std::vector<int32_t>& lens = keys.lens;
     CodesBuffers token(batch, heads, num_blocks, c.block_size, D, c.bits, c.per);
     cpu::key_codes(build_params(kv, lens, c.bits, c.per, token.codes.data(), token.ranges.data(), 0));
     ChannelCodes channel(token);
