@@ -55,7 +55,8 @@ def lowp_attention_error_bound(q, k, v, seq_lens, selected, counts, block_size, 
             if selected is None:
                 idx = torch.arange(n, device=q.device)
             else:
-                blocks = [int(j) for j in selected[b, h, : int(counts[b, h])]]
+                n_blocks = -(-n // block_size)
+                blocks = [int(j) for j in selected[b, h, : int(counts[b, h])] if 0 <= int(j) < n_blocks]
                 idx = torch.cat([torch.arange(j * block_size, min(n, (j + 1) * block_size)) for j in blocks]
                                 ) if blocks else torch.zeros(0, dtype=torch.long)
                 idx = idx.to(q.device)

@@ -252,6 +252,53 @@ def _to_paged(k, v, page_size, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("hd,bs,half", [(128, 16, False), (64, 32, True), (256, 16, False)])
+def test_sparse_decode_ignores_slots_past_the_end(device, paged, hd, bs, half):
+    """Every slot past a sequence's end holds NaN, in its last (partial) block and after it, and a
+    row's list holds a -1 and a block past the sequence: the output equals the reference computed
+    without them. (The sm_90 decode copies whole 16-row boxes and zeroes the V rows past the end
+    in shared memory; a missed row would give NaN.)"""
+    dtype = (torch.float16 if half else torch.bfloat16) if device == "cuda" else torch.float32
+    lens_list = [300, 133, 17]
+    q, k, v, lens = make_case(3, 8, 2, 300, hd, dtype, device, seed=hd + bs + paged, lens=lens_list)
+    kk, vv = k.clone(), v.clone()
+    for b, n in enumerate(lens_list):
+        kk[b, :, n:] = float("nan")
+        vv[b, :, n:] = float("nan")
+    table = None
+    if paged:
+        kk, vv, table = _to_paged(kk, vv, bs, seed=7)
+    n_blocks = math.ceil(300 / bs)
+    # every block of each sequence, in order; sequence 1's list also holds a -1 and a block past its
+    # end (both ignored), so some sub-tiles have no valid row at all
+    sel = torch.full((3, 2, n_blocks), -1, dtype=torch.int32)
+    cnt = torch.zeros(3, 2, dtype=torch.int32)
+    for b, n in enumerate(lens_list):
+        own = math.ceil(n / bs)
+        blocks = list(range(own))
+        if b == 1:
+            blocks = blocks[:2] + [-1, n_blocks - 1] + blocks[2:]
+        sel[b, :, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        cnt[b] = len(blocks)
+    sel, cnt = sel.to(device), cnt.to(device)
+    scale = 1.0 / math.sqrt(hd)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device=device)
+    ws_numel = torch.ops.aether.sparse_decode_workspace_numel(q, kk, vv, lens, bs, scale, sel, cnt, table, 0)
+    ws = torch.full((max(ws_numel, 1),), float("nan"), device=device)
+    torch.ops.aether.sparse_decode_out(q, kk, vv, lens, bs, scale, sel, cnt, table, 0, out, lse, ws)
+    want_out, want_lse = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs,
+                                           sel.cpu(), cnt.cpu(), scale)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "a slot past the end reached the output"
+    err = (out.cpu().double() - want_out.double()).abs().max()
+    bound = 2 * lowp_attention_error_bound(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), sel.cpu(), cnt.cpu(), bs, scale,
+                                           want_out) + 1e-5
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+    torch.testing.assert_close(lse.cpu(), want_lse.float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_paged_stats_equal_contiguous(device):
     q, k, v, seq_lens = make_case(3, 4, 2, 200, 64, torch.float16, device, seed=3)
     kp, vp, table = _to_paged(k, v, 32, seed=1)
