@@ -112,14 +112,18 @@ def test_code_channels_prefers_heavy_channels_and_breaks_ties_low(device):
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("bs,per,group,head_dim,m", [(16, 8, 4, 64, 16), (32, 2, 3, 128, 32), (64, 1, 1, 64, 5),
                                                      (16, 4, 8, 256, 64), (128, 1, 2, 64, 64), (16, 1, 2, 128, 1)])
-def test_channel_scores_match_reference(device, bits, bs, per, group, head_dim, m, poison_empty):
+@pytest.mark.parametrize("spread", [0.7, 60.0])
+def test_channel_scores_match_reference(device, bits, bs, per, group, head_dim, m, spread, poison_empty):
+    """spread 60: logits hundreds of units apart inside a group, so that some blocks lie far below
+    the group's max (the CUDA kernel then takes its per-m-tile log-sum-exp instead of the group's
+    max as the reference: both must agree with the reference)."""
     for dtype in _dtypes(device):
         seq = 517
         q, k, _, lens = make_case(3, 2 * group, 2, seq, head_dim, dtype, device, seed=bs + group + bits,
                                   lens=[seq, 141, 0])
         kc = aether.key_codes(k, bs, bits=bits, blocks_per_group=per, seq_lens=lens, layout="channel")
         channels = torch.ops.aether.code_channels(q, kc.ranges, lens, bs, per, m)
-        scale = 0.7 / math.sqrt(head_dim)
+        scale = spread / math.sqrt(head_dim)
         got = torch.ops.aether.channel_scores(q, kc.codes, kc.ranges, lens, channels, bs, scale, per, bits)
         want = ref.channel_head_scores(q.cpu(), kc.codes.cpu(), kc.ranges.cpu(), bits, lens.cpu(), bs,
                                        channels.cpu(), scale)

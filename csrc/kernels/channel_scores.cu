@@ -1,6 +1,8 @@
 // code_channels and channel_scores launchers (the "qcodes" score): validation and (dtype,
 // head_dim) dispatch to the instantiations in code_channels.cu and channel_scores_hd{64,128,256}.cu.
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <nvtx3/nvtx3.hpp>
 
@@ -57,6 +59,16 @@ cudaError_t dispatch_channel_scores(const ChannelScoresParams& p, cudaStream_t s
   }
 }
 
+// AETHER_CHANNEL_LSE=tile: channel_scores' log-sum-exps always on per-m-tile maxima (the exact
+// path of ChannelScoresParams::lse_group_max), to compare both in one build.
+bool lse_per_tile_forced() {
+  static const bool forced = [] {
+    const char* env = std::getenv("AETHER_CHANNEL_LSE");
+    return env != nullptr && std::strcmp(env, "tile") == 0;
+  }();
+  return forced;
+}
+
 }  // namespace
 
 cudaError_t code_channels(const CodeChannelsParams& params, cudaStream_t stream) {
@@ -92,10 +104,12 @@ cudaError_t channel_scores(const ChannelScoresParams& params, cudaStream_t strea
       !aligned(params.codes, 16)) {
     return cudaErrorInvalidValue;
   }
-  switch (params.dtype) {
-    case DType::kFloat16: return dispatch_channel_scores<__half>(params, stream);
-    case DType::kBFloat16: return dispatch_channel_scores<__nv_bfloat16>(params, stream);
-    case DType::kFloat32: return dispatch_channel_scores<float>(params, stream);
+  ChannelScoresParams p = params;
+  if (lse_per_tile_forced()) p.lse_group_max = 0;
+  switch (p.dtype) {
+    case DType::kFloat16: return dispatch_channel_scores<__half>(p, stream);
+    case DType::kBFloat16: return dispatch_channel_scores<__nv_bfloat16>(p, stream);
+    case DType::kFloat32: return dispatch_channel_scores<float>(p, stream);
   }
   return cudaErrorInvalidValue;  // unsupported dtype
 }

@@ -261,6 +261,11 @@ struct ChannelScoresParams {
   int32_t num_channels = 0;      // m, 1..head_dim
   float scale = 1.0f;
   float* head_scores = nullptr;  // [B, Hq, NB]
+  // CUDA only: 1, each group's log-sum-exps take the group's max per head as their reference
+  // (falling back to per-m-tile maxima where that would lose a block to underflow); 0, always the
+  // per-m-tile maxima. The scores agree to float rounding. The launcher sets 0 under
+  // AETHER_CHANNEL_LSE=tile (a comparison in the same build).
+  int32_t lse_group_max = 1;
 };
 
 // refine_scores: the second stage of two-stage selection. For each (b, kv head h) and each of the

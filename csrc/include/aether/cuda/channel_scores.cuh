@@ -314,6 +314,20 @@ __device__ __forceinline__ void lse_reduce_scatter8(float (&top)[8], float (&sum
   }
 }
 
+// The same reduce-scatter for plain sums (parts relative to one shared maximum).
+__device__ __forceinline__ void sum_reduce_scatter8(float (&sum)[8], int lane) {
+#pragma unroll
+  for (int half = 4, off = 16; half >= 1; half >>= 1, off >>= 1) {
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? sum[i] : sum[i + half];
+      const float keep = upper ? sum[i + half] : sum[i];
+      sum[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+    }
+  }
+}
+
 __device__ __forceinline__ void channel_scores_wait(int stages) {
   // cp.async.wait_group takes an immediate: one instance per ring depth.
   if (stages >= 4) {
@@ -544,6 +558,7 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
   };
 
   const float scale2 = p.scale * kLog2e;  // logits in log2 units until the write
+  const bool lse_group_max = p.lse_group_max != 0;
   const int mt_group = gt / 16;           // m-tiles (16 tokens) per group
   const int mt_block_log2 = __ffs(bs / 16) - 1;
   const int mt_block = 1 << mt_block_log2;
@@ -654,37 +669,74 @@ __device__ __forceinline__ void channel_scores_cta(const ChannelScoresParams& p,
         };
         k_step(0, true);
         for (int s = 1; s < steps; ++s) k_step(s, false);
-        // Per m-tile: high + residual (columns 2t, 2t + 1: head t), tokens past the end at -inf,
-        // then the lane's (max, sum of 2^(y - max)) of its two tokens.
-        float tile_max[kChannelScoresMaxTiles], tile_sum[kChannelScoresMaxTiles];
+        // Per m-tile: high + residual (columns 2t, 2t + 1: head t), tokens past the end at -inf.
+        float y0[kChannelScoresMaxTiles], y1[kChannelScoresMaxTiles];
+        float group_max = -INFINITY;  // of head t over the lane's tokens, then over the group
 #pragma unroll
         for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
-          tile_max[u] = -INFINITY;
-          tile_sum[u] = 0.0f;
+          y0[u] = y1[u] = -INFINITY;
           if (kFull || u < n_mt) {
-            float y0 = c[u][0] + c[u][1];
-            float y1 = c[u][2] + c[u][3];
+            y0[u] = c[u][0] + c[u][1];
+            y1[u] = c[u][2] + c[u][3];
             if (!kFull) {
-              if (16 * u + r >= n_valid) y0 = -INFINITY;
-              if (16 * u + r + 8 >= n_valid) y1 = -INFINITY;
+              if (16 * u + r >= n_valid) y0[u] = -INFINITY;
+              if (16 * u + r + 8 >= n_valid) y1[u] = -INFINITY;
             }
-            lse_pair(y0, y1, tile_max[u], tile_sum[u]);
+            group_max = fmaxf(group_max, fmaxf(y0[u], y1[u]));
           }
         }
-        // Over the 8 lanes of a head (r = 0..7) by a reduce-scatter: lane r ends with m-tile r's
-        // log-sum-exp; then the m-tiles of a block (bs / 16 of them) are combined by a butterfly.
-        lse_reduce_scatter8(tile_max, tile_sum, lane);
-        float top = tile_max[0], sum = tile_sum[0];
-        for (int off = 4; off < 4 * mt_block; off <<= 1) {
-          const float m2 = __shfl_xor_sync(kFullMask, top, off), s2 = __shfl_xor_sync(kFullMask, sum, off);
-          lse_combine(top, sum, m2, s2);
+        float top = -INFINITY, sum = 0.0f;
+        // The block's first m-tile (lane r's after the reduce-scatter) and whether it holds a token.
+        const bool block_has_tokens = kFull || 16 * (r & ~(mt_block - 1)) < n_valid;
+        bool exact = !lse_group_max;
+        if (!exact) {
+          // One reference per head for the whole group, its max: the sums need no rescaling as
+          // they are combined (~70 fewer instructions per group than the per-m-tile maxima). A
+          // block whose tokens all lie > 100 log2 units below the group's max would lose them to
+          // the exp's flush to zero: then (or with a max that is not finite) the warp takes the
+          // exact path below, which every CPU kernel and the reference agree with.
+          group_max = fmaxf(group_max, __shfl_xor_sync(kFullMask, group_max, 4));
+          group_max = fmaxf(group_max, __shfl_xor_sync(kFullMask, group_max, 8));
+          group_max = fmaxf(group_max, __shfl_xor_sync(kFullMask, group_max, 16));
+          exact = !__all_sync(kFullMask, fabsf(group_max) < INFINITY);  // NaN, +-inf: exact
+          if (!exact) {
+            float part[kChannelScoresMaxTiles];
+#pragma unroll
+            for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
+              part[u] = (kFull || u < n_mt) ? fast_exp2(y0[u] - group_max) + fast_exp2(y1[u] - group_max) : 0.0f;
+            }
+            sum_reduce_scatter8(part, lane);
+            sum = part[0];
+            for (int off = 4; off < 4 * mt_block; off <<= 1) sum += __shfl_xor_sync(kFullMask, sum, off);
+            top = block_has_tokens ? group_max : -INFINITY;
+            exact = __any_sync(kFullMask, block_has_tokens && !(sum >= 0x1p-100f));
+          }
+        }
+        if (exact) {
+          // The lane's (max, sum of 2^(y - max)) of its two tokens per m-tile; over the 8 lanes of
+          // a head (r = 0..7) by a reduce-scatter: lane r ends with m-tile r's log-sum-exp; then
+          // the m-tiles of a block (bs / 16 of them) are combined by a butterfly.
+          float tile_max[kChannelScoresMaxTiles], tile_sum[kChannelScoresMaxTiles];
+#pragma unroll
+          for (int u = 0; u < kChannelScoresMaxTiles; ++u) {
+            tile_max[u] = -INFINITY;
+            tile_sum[u] = 0.0f;
+            if (kFull || u < n_mt) lse_pair(y0[u], y1[u], tile_max[u], tile_sum[u]);
+          }
+          lse_reduce_scatter8(tile_max, tile_sum, lane);
+          top = tile_max[0];
+          sum = tile_sum[0];
+          for (int off = 4; off < 4 * mt_block; off <<= 1) {
+            const float m2 = __shfl_xor_sync(kFullMask, top, off), s2 = __shfl_xor_sync(kFullMask, sum, off);
+            lse_combine(top, sum, m2, s2);
+          }
         }
         // Lane (r, t), r the block's first m-tile, writes the block for head 4 quad + t:
         // -inf for a block with no valid token. The bias shifts every logit of the head alike.
         const int head = quad * 4 + my_head;
         if ((r & (mt_block - 1)) == 0 && r < mt_group && head < G) {
           out[static_cast<int64_t>(head) * NB + static_cast<int64_t>(group) * P + (r >> mt_block_log2)] =
-              top == -INFINITY ? -INFINITY : (top + fast_log2(sum) + my_bias) * kLn2;  // sum >= 1
+              top == -INFINITY ? -INFINITY : (top + fast_log2(sum) + my_bias) * kLn2;  // sum >= 2^-100
         }
       };
       if (n_valid == kChannelScoresMaxGroupTokens) {

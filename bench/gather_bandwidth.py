@@ -1,0 +1,63 @@
+"""How fast can a GPU read scattered runs of the KV cache? (a ceiling for sparse_decode)
+
+sparse_decode reads the selected blocks: runs of block_size * head_dim * 2 bytes (4 KiB for 16
+tokens at head_dim 128, bf16) at random places of a cache far larger than L2. This times
+`torch.index_select` of a random 13.5% of the runs of a 1 GiB buffer, for several run sizes, and a
+contiguous copy of the same number of bytes, with CUDA events (warm-up, median of 20). Each kernel
+reads and writes the bytes, so the ratio of the two is what the scattered read pattern costs.
+
+    python3 bench/gather_bandwidth.py [--out FILE.json]
+"""
+import argparse
+import json
+
+import torch
+
+
+def time_ms(fn, iters=20):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--fraction", type=float, default=0.135)
+    args = ap.parse_args()
+    total = 1 << 30
+    src = torch.empty(total, dtype=torch.uint8, device="cuda").random_(0, 255)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for run in (256, 1024, 4096, 8192, 16384, 65536):
+        table = src.view(-1, run)
+        picks = torch.randperm(table.shape[0], device="cuda", generator=g)[: int(table.shape[0] * args.fraction)]
+        picks, _ = picks.sort()  # ascending, as a selection lists its blocks
+        out = torch.empty(picks.numel(), run, dtype=torch.uint8, device="cuda")
+        nbytes = picks.numel() * run
+        flat = src[:nbytes]
+        dst = torch.empty_like(flat)
+        t_gather = time_ms(lambda: torch.index_select(table, 0, picks, out=out))
+        t_copy = time_ms(lambda: dst.copy_(flat))
+        rows.append({"run_bytes": run, "bytes": nbytes, "gather_ms": t_gather, "copy_ms": t_copy,
+                     "gather_gbps": 2 * nbytes / t_gather / 1e6, "copy_gbps": 2 * nbytes / t_copy / 1e6,
+                     "gather_vs_copy": t_copy / t_gather})
+        print(f"run {run:6d} B: gather {rows[-1]['gather_gbps']:7.0f} GB/s (read + write), contiguous copy "
+              f"{rows[-1]['copy_gbps']:7.0f} GB/s, ratio {rows[-1]['gather_vs_copy']:.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                       "command": "python3 bench/gather_bandwidth.py", "fraction": args.fraction, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
