@@ -58,7 +58,7 @@ python3 -m pytest $tests -q -n 12 -p no:cacheprovider --deselect tests/test_cpp.
   > "$OUT/pytest.log" 2>&1
 rc=$?
 note "pytest (GPU): rc=$rc $(tail -1 "$OUT/pytest.log")"
-[ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20
+[ $rc -ne 0 ] && { grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20; grep -E "^E " "$OUT/pytest.log" | head -20; }
 if [ -n "$gtest_build" ]; then
   wait "$gtest_build"
   python3 -m pytest tests/test_cpp.py -q -p no:cacheprovider > "$OUT/pytest_cpp.log" 2>&1
@@ -122,19 +122,16 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
-    # the step's kernels and the step as before this session's changes, same run: the select on
-    # 16 warps, channel_scores' log-sum-exps on per-m-tile maxima
-    AETHER_SELECT_THREADS=512 AETHER_CHANNEL_LSE=tile ncu --clock-control none \
+    # channel_scores and the step with the log-sum-exps on per-m-tile maxima (v21 and before), same run
+    AETHER_CHANNEL_LSE=tile ncu --clock-control none \
       --kernel-name regex:"channel_scores|select" --launch-skip 4 --launch-count 2 \
       --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_step.py 8 32768 16 qcodes \
       > "$OUT/ncu_qcodes_before.log" 2>&1
-    note "ncu (qcodes kernels, before: AETHER_SELECT_THREADS=512 AETHER_CHANNEL_LSE=tile): rc=$? $(grep -E '^  [a-z].*\(|gpu__time|inst_exec' "$OUT/ncu_qcodes_before.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +(gpu__time_duration.sum +us|smsp__inst_executed.sum +inst) +/ /' | paste -sd' ' | sed 's/  */ /g')"
-    AETHER_SELECT_THREADS=512 AETHER_CHANNEL_LSE=tile python3 bench/bench_decode.py --iters 30 \
+    note "ncu (qcodes kernels, AETHER_CHANNEL_LSE=tile): rc=$? $(grep -E '^  [a-z].*\(|gpu__time|inst_exec' "$OUT/ncu_qcodes_before.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +(gpu__time_duration.sum +us|smsp__inst_executed.sum +inst) +/ /' | paste -sd' ' | sed 's/  */ /g')"
+    AETHER_CHANNEL_LSE=tile python3 bench/bench_decode.py --iters 30 \
       --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 --scores qcodes --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_before.json" > "$OUT/bench_before.log" 2>&1
-    note "benchmark (qcodes, before): rc=$?"
-    python3 bench/gather_bandwidth.py --out "$OUT/gather_bandwidth.json" > "$OUT/gather.log" 2>&1
-    note "gather bandwidth: rc=$? $(grep -E '^run' "$OUT/gather.log" | awk '{print $2 ":" $5 "/" $12 "=" $15}' | paste -sd' ')"
+    note "benchmark (qcodes, AETHER_CHANNEL_LSE=tile): rc=$?"
     # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
       --scores qcodes --code-channels 0.125 --code-bits 4 \

@@ -1,7 +1,6 @@
 // radar_select launcher: validation, workspace layout, head_dim dispatch of the score kernel, and
 // the selection kernel (dtype and head_dim independent, instantiated here once per policy).
 #include <cstdlib>
-#include <cstring>
 
 #include <nvtx3/nvtx3.hpp>
 
@@ -82,18 +81,6 @@ int select_cluster_setting() {
   return setting;
 }
 
-// Threads of the one-CTA-per-row select: select_threads<kPolicy>(), or 512 for topk with
-// AETHER_SELECT_THREADS=512 (a comparison in the same build; any other value is ignored).
-template <Policy kPolicy>
-int select_block_threads() {
-  static const int threads = [] {
-    const char* env = std::getenv("AETHER_SELECT_THREADS");
-    if (kPolicy == Policy::kTopK && env != nullptr && std::strcmp(env, "512") == 0) return 512;
-    return select_threads<kPolicy>();
-  }();
-  return threads;
-}
-
 // topk on select_topk_cluster_kernel (select_cluster.cuh). Sets *launched = false, launching
 // nothing, where the one-CTA kernel does it: many or short rows (cluster_select_ctas), more than
 // kClusterSelectMaxHeads query heads per KV head, or a row too long for the keys of a CTA's part.
@@ -150,7 +137,7 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, 
   // little under 48 KiB of keys failed with "invalid argument" (seen for NB = 2789, adaptive).
   AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
-  return launch_kernel(kernel, dim3(grid), dim3(select_block_threads<kPolicy>()), dynamic, stream, p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
+  return launch_kernel(kernel, dim3(grid), dim3(kSelectThreads), dynamic, stream, p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
 }
 
 }  // namespace

@@ -58,17 +58,8 @@ constexpr int kMaxChunkBlocks = 4 * kScoreWarps;
 constexpr int kScoreStages = 2;
 constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partial sums = 32 lanes
 
-// Threads of radar_select_kernel. The row's chain of phases is issue-bound on one SM (fifteenth
-// session: ~1.6 IPC with 16 warps, stalled on the dependent double-exp and scan instructions), so
-// topk (53 registers) runs 32 warps to hide more of that latency; threshold and adaptive (~90
-// registers) stay at 16. AETHER_SELECT_THREADS=512 runs topk on 16 warps (same build: the code
-// reads blockDim; comparisons in docs/benchmarks.md).
-constexpr int kSelectMaxThreads = 1024;
-constexpr int kSelectWarps = kSelectMaxThreads / kWarpSize;  // sizes the per-warp scratch
-template <Policy kPolicy>
-constexpr int select_threads() {
-  return kPolicy == Policy::kTopK ? 1024 : 512;
-}
+constexpr int kSelectThreads = 512;
+constexpr int kSelectWarps = kSelectThreads / kWarpSize;
 
 // Device pointers into the radar_select workspace (and the caller's optional outputs).
 struct RadarWorkspace {
@@ -909,7 +900,7 @@ __device__ __forceinline__ double exp_shifted(float s, double top) {
 // Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) * (1 / Z_g) (double,
 // rounded to float); heads without a finite, positive Z_g add nothing. `scores` is the row's
 // [G, NB] head scores. Every warp works on m_g and Z_g: a head's row is split over
-// num_warps / G warps (one warp per head read 64 blocks per lane with a double exp each, ~10 us
+// kSelectWarps / G warps (one warp per head read 64 blocks per lane with a double exp each, ~10 us
 // of a 26-30 us select at 2048 blocks per row on an H200). The sums are in a fixed order
 // (lane-strided, the warp tree, then the warps in order): deterministic, and the same values with
 // or without staging.
@@ -923,10 +914,9 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
   constexpr int kBatch = 8;  // loads per lane issued before the first is used
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int num_warps = static_cast<int>(blockDim.x) / kWarpSize;
   const bool staged = s_scores != nullptr;
-  const int per_head = G >= num_warps ? 1 : num_warps / G;  // warps per head
-  const int slots = G * per_head;  // (head, part) pairs: one per warp unless G > num_warps
+  const int per_head = G >= kSelectWarps ? 1 : kSelectWarps / G;  // warps per head
+  const int slots = G * per_head;  // (head, part) pairs: one per warp unless G > kSelectWarps
   const int stride = per_head * kWarpSize;
   auto head_max = [&](int g) {  // after the first barrier: the maxima of the head's parts, in order
     if (per_head == 1) return s_head_max[g];
@@ -937,7 +927,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     }
     return top;
   };
-  for (int slot = warp; slot < slots; slot += num_warps) {
+  for (int slot = warp; slot < slots; slot += kSelectWarps) {
     const int g = slot / per_head, part = slot % per_head;
     const float* row = scores + static_cast<int64_t>(g) * NB;
     float local_max = -INFINITY;
@@ -961,7 +951,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     }
   }
   __syncthreads();
-  for (int slot = warp; slot < slots; slot += num_warps) {
+  for (int slot = warp; slot < slots; slot += kSelectWarps) {
     const int g = slot / per_head, part = slot % per_head;
     const float* row = scores + static_cast<int64_t>(g) * NB;
     const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
@@ -1002,7 +992,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
 }
 
 template <Policy kPolicy>
-__global__ void __launch_bounds__(select_threads<kPolicy>())
+__global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
                     const int scores_in_shared) {
   pdl_begin();  // before any global read (common.cuh)
