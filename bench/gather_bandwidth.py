@@ -7,6 +7,7 @@ contiguous copy of the same number of bytes, with CUDA events (warm-up, median o
 reads and writes the bytes, so the ratio of the two is what the scattered read pattern costs.
 
     python3 bench/gather_bandwidth.py [--out FILE.json]
+    python3 bench/gather_bandwidth.py --plot FILE.json   (writes FILE.png; no GPU needed)
 """
 import argparse
 import json
@@ -28,11 +29,34 @@ def time_ms(fn, iters=20):
     return sorted(times)[len(times) // 2]
 
 
+def plot(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = json.load(open(path))
+    runs = [r["run_bytes"] for r in data["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(runs, [r["gather_gbps"] for r in data["rows"]], "o-", label="random runs (index_select)")
+    ax.plot(runs, [r["copy_gbps"] for r in data["rows"]], "s--", label="contiguous copy, same bytes")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("run size (bytes); sparse_decode reads 4096 per 16-token block at head_dim 128")
+    ax.set_ylabel("GB/s (read + write)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{data['gpu']}: {data['fraction']:.3g} of a 1 GiB buffer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.rsplit(".", 1)[0] + ".png", dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="plot a json written by --out and exit")
     ap.add_argument("--fraction", type=float, default=0.135)
     args = ap.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
     total = 1 << 30
     src = torch.empty(total, dtype=torch.uint8, device="cuda").random_(0, 255)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -189,6 +189,32 @@ def test_select_blocks_equals_radar_select_given_the_scores(device, policy, budg
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shift", [0.0, 800.0, -900.0])
+def test_select_blocks_sum_far_scores_select_as_reference(device, shift):
+    """The sum aggregation with scores moved far from 0: exp(s) overflows (+800) or underflows
+    (-900) in double, so the CUDA select cannot take the unshifted exps of its first kernel for those
+    rows and computes the shifted ones itself. Batch 0 has every head moved, batch 1 one head of one
+    row (its other row takes the unshifted exps), batch 2 none. Exactly the reference's blocks."""
+    g = torch.Generator().manual_seed(5)
+    batch, kv_heads, group, nb, bs = 3, 2, 4, 700, 16
+    lens = torch.tensor([nb * bs, nb * bs - 100, 333], dtype=torch.int32)
+    scores = torch.randn(batch, kv_heads * group, nb, generator=g) * 3
+    scores[0] += shift
+    scores[1, 1] += shift
+    for b, n in enumerate(lens.tolist()):
+        scores[b, :, math.ceil(n / bs):] = -math.inf
+    q = torch.zeros(batch, kv_heads * group, 64, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    mlo = torch.full((batch, kv_heads * group), -math.inf)
+    for blocks, fraction in [(0, 0.135), (7, 0.0)]:
+        sel, cnt = torch.ops.aether.select_blocks(q.to(device), scores.to(device), lens.to(device), kv_heads, bs,
+                                                  "topk", blocks, fraction, 0.9, 1, 0, 2, 3, "sum")
+        rsel, rcnt = ref.select_blocks(scores, mlo, lens, bs, kv_heads, policy="topk", budget_blocks=blocks,
+                                       budget_fraction=fraction, sink_blocks=2, recent_blocks=3, group_agg="sum")
+        assert torch.equal(cnt.cpu(), rcnt), (blocks, fraction)
+        assert torch.equal(sel.cpu(), rsel), (blocks, fraction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,kv_heads,group,nb", [(3, 2, 4, 3001), (2, 1, 1, 9000), (2, 3, 6, 1100),
                                                      (1, 4, 8, 2000), (40, 8, 4, 300)])
 @pytest.mark.parametrize("ties", [False, True])
