@@ -137,7 +137,7 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws_i
   const int64_t exp_rows = static_cast<int64_t>(p.batch) * p.q_heads;
   if (ws.exps != nullptr && select_exps_enabled() && exp_rows <= 0x7fffffff && ws.exp_slices <= 65535) {
     const dim3 grid(static_cast<unsigned>(exp_rows), static_cast<unsigned>(ws.exp_slices));
-    AETHER_CUDA_TRY(launch_kernel(select_exps_kernel, grid, dim3(kExpSliceBlocks), 0, stream, p, ws));
+    AETHER_CUDA_TRY(launch_kernel(select_exps_kernel<kExpSliceBlocks>, grid, dim3(kExpSliceBlocks), 0, stream, p, ws));
   } else {
     ws.exps = nullptr;
   }

@@ -1015,7 +1015,10 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
 // a fixed order. Without a shift by the row's maximum: the select (exp_group_keys) takes these only
 // when every normaliser of the row lies in [1e-250, 1e300], where exp(s) loses nothing the shifted
 // exp keeps (docs/architecture.md); elsewhere it computes the shifted exps itself.
-__global__ void __launch_bounds__(kExpSliceBlocks) select_exps_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+// (A template so that every translation unit including this header may hold it.)
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) select_exps_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
+  static_assert(kThreads == kExpSliceBlocks, "a thread per block of the slice");
   pdl_begin();  // before any global read (common.cuh)
   __shared__ double s_reduce[kExpSliceBlocks / kWarpSize];
   const int64_t head = blockIdx.x;  // b * q_heads + g
