@@ -93,7 +93,7 @@ if [ "${1:-}" = "refine" ]; then
   note "ncu (sketch_score x3): rc=$? $(grep -E 'gpu__time|inst_executed' "$OUT/ncu_sketch.log" | awk '{print $NF}' | paste -sd' ')"
 elif [ "${1:-}" = "qcodes" ]; then
   ncu --clock-control none --kernel-name regex:"code_spreads|channel_scores|select|key_codes" --launch-skip 5 \
-    --launch-count 6 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+    --launch-count 4 --metrics gpu__time_duration.sum,smsp__inst_executed.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_qcodes.log" 2>&1
   note "ncu (qcodes step kernels): rc=$? $(grep -E '^  [a-z].*\(|gpu__time' "$OUT/ncu_qcodes.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +gpu__time_duration.sum +us +/ /' | paste -sd' ' | sed 's/  */ /g')"
 elif [ "${1:-}" != "quick" ]; then  # 32-token blocks, qsketch with 64-token sketch blocks (docs/selection.md) at 8 x 32k
@@ -122,17 +122,16 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
-    # the select's exps in their own kernel (default) and in the select's chain (AETHER_SELECT_EXPS=0), same run
-    for v in 1 0; do
-      AETHER_SELECT_EXPS=$v ncu --clock-control none --kernel-name regex:"select" --launch-skip 6 --launch-count 2 \
-        --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_step.py 8 32768 16 qcodes \
-        > "$OUT/ncu_select_exps$v.log" 2>&1
-      note "ncu (select kernels, AETHER_SELECT_EXPS=$v): rc=$? $(grep -E '^  [a-z].*\(|gpu__time|inst_exec' "$OUT/ncu_select_exps$v.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +(gpu__time_duration.sum +us|smsp__inst_executed.sum +inst) +/ /' | paste -sd' ' | sed 's/  */ /g')"
-    done
-    AETHER_SELECT_EXPS=0 python3 bench/bench_decode.py --iters 30 \
+    # channel_scores and the step with the log-sum-exps on per-m-tile maxima (v21 and before), same run
+    AETHER_CHANNEL_LSE=tile ncu --clock-control none \
+      --kernel-name regex:"channel_scores|select" --launch-skip 4 --launch-count 2 \
+      --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_step.py 8 32768 16 qcodes \
+      > "$OUT/ncu_qcodes_before.log" 2>&1
+    note "ncu (qcodes kernels, AETHER_CHANNEL_LSE=tile): rc=$? $(grep -E '^  [a-z].*\(|gpu__time|inst_exec' "$OUT/ncu_qcodes_before.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +(gpu__time_duration.sum +us|smsp__inst_executed.sum +inst) +/ /' | paste -sd' ' | sed 's/  */ /g')"
+    AETHER_CHANNEL_LSE=tile python3 bench/bench_decode.py --iters 30 \
       --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 --scores qcodes --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_before.json" > "$OUT/bench_before.log" 2>&1
-    note "benchmark (qcodes, AETHER_SELECT_EXPS=0): rc=$?"
+    note "benchmark (qcodes, AETHER_CHANNEL_LSE=tile): rc=$?"
     # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
       --scores qcodes --code-channels 0.125 --code-bits 4 \

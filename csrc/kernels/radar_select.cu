@@ -1,7 +1,6 @@
 // radar_select launcher: validation, workspace layout, head_dim dispatch of the score kernel, and
 // the selection kernel (dtype and head_dim independent, instantiated here once per policy).
 #include <cstdlib>
-#include <cstring>
 
 #include <nvtx3/nvtx3.hpp>
 
@@ -113,33 +112,13 @@ cudaError_t launch_select_cluster(const RadarSelectParams& p, const RadarWorkspa
   return launch_kernel_clustered(kernel, grid, dim3(kClusterSelectThreads), smem, stream, ctas, p, ws, stage ? 1 : 0);
 }
 
-// AETHER_SELECT_EXPS=0: the one-CTA topk select with the sum aggregation computes its shifted
-// exps itself (no select_exps_kernel), to compare both in one build.
-bool select_exps_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("AETHER_SELECT_EXPS");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  return enabled;
-}
-
 template <Policy kPolicy>
-cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws_in, cudaStream_t stream) {
-  RadarWorkspace ws = ws_in;
+cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, cudaStream_t stream) {
   if constexpr (kPolicy == Policy::kTopK) {
     bool launched = false;
     AETHER_CUDA_TRY(p.group_agg == GroupAgg::kSum ? launch_select_cluster<GroupAgg::kSum>(p, ws, stream, &launched)
                                                   : launch_select_cluster<GroupAgg::kMax>(p, ws, stream, &launched));
     if (launched) return cudaSuccess;
-  }
-  // topk with the sum aggregation: the double exps of every block and head first, over the whole
-  // GPU, instead of in the select's one-CTA-per-row chain (27% of its instructions at 8 x 32k).
-  const int64_t exp_rows = static_cast<int64_t>(p.batch) * p.q_heads;
-  if (ws.exps != nullptr && select_exps_enabled() && exp_rows <= 0x7fffffff && ws.exp_slices <= 65535) {
-    const dim3 grid(static_cast<unsigned>(exp_rows), static_cast<unsigned>(ws.exp_slices));
-    AETHER_CUDA_TRY(launch_kernel(select_exps_kernel<kExpSliceBlocks>, grid, dim3(kExpSliceBlocks), 0, stream, p, ws));
-  } else {
-    ws.exps = nullptr;
   }
   const SelectSmemLayout layout = radar_select_smem_layout(p);
   int optin = 0;
@@ -148,10 +127,8 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws_i
   const size_t limit = static_cast<size_t>(optin);
   const bool in_shared = layout.head_bytes + layout.data_bytes + static_bytes <= limit;
   // Staging the scores (one read of the rows, one exp per score) needs the keys in shared memory.
-  // (With the exps given, only a row whose normalisers are out of range stages nothing and reads
-  // its scores three times.)
-  const bool staged = ws.exps == nullptr && in_shared && layout.stage_bytes > 0 &&
-                      layout.stage_offset + layout.stage_bytes + static_bytes <= limit;
+  const bool staged =
+      in_shared && layout.stage_bytes > 0 && layout.stage_offset + layout.stage_bytes + static_bytes <= limit;
   const size_t dynamic = staged ? layout.stage_offset + layout.stage_bytes
                          : in_shared ? layout.stage_offset : layout.head_bytes;
   if (dynamic + static_bytes > limit) return cudaErrorInvalidValue;  // G too large

@@ -72,21 +72,7 @@ struct RadarWorkspace {
   bool mlo_from_q = false;                // M_g computed from q (else in_head_mlo or -inf)
   void* keys = nullptr;                   // [B, Hkv, NB] select keys when shared memory is short
   double* weights = nullptr;              // [B, Hkv, NB] select weights when shared memory is short
-  // topk with the sum aggregation: exp(s_gj) of every valid block (select_exps_kernel) and their
-  // sums per slice of kExpSliceBlocks blocks, so that the one-CTA select reads them instead of
-  // computing a double exp per block and head in its chain. Null: the select computes them.
-  double* exps = nullptr;                 // [B, Hq, NB]
-  double* exp_sums = nullptr;             // [B, Hq, exp_slices]
-  int32_t exp_slices = 0;
 };
-
-// Blocks per CTA of select_exps_kernel, and per partial sum of the exps (a fixed split, so that
-// the normalisers do not depend on the GPU).
-constexpr int kExpSliceBlocks = 256;
-
-inline bool radar_uses_exps(const RadarSelectParams& p) {
-  return p.policy == Policy::kTopK && p.group_agg == GroupAgg::kSum;
-}
 
 inline bool radar_needs_head_scores(const RadarSelectParams& p) {
   return p.policy != Policy::kTopK || p.group_agg == GroupAgg::kSum;
@@ -159,11 +145,6 @@ inline size_t radar_workspace_layout(const RadarSelectParams& p, void* base, Rad
   if (w.mlo_from_q) w.partial_mlo = reinterpret_cast<float*>(take(heads_q * n_chunks * sizeof(float)));
   w.keys = take(heads_kv * nb * radar_key_bytes(p));
   if (radar_weight_bytes(p) > 0) w.weights = reinterpret_cast<double*>(take(heads_kv * nb * sizeof(double)));
-  if (radar_uses_exps(p) && nb > 0) {
-    w.exp_slices = static_cast<int32_t>(ceil_div(nb, static_cast<int64_t>(kExpSliceBlocks)));
-    w.exps = reinterpret_cast<double*>(take(heads_q * nb * sizeof(double)));
-    w.exp_sums = reinterpret_cast<double*>(take(heads_q * w.exp_slices * sizeof(double)));
-  }
   if (ws != nullptr) *ws = w;
   return offset;
 }
@@ -1010,60 +991,6 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
   }
 }
 
-// grid (batch * q_heads, exp_slices), kExpSliceBlocks threads: exp(s_gj) in double for the row's
-// valid blocks j (0 for s = -inf, NaN for NaN; 0 past the row's blocks) and, per CTA, their sum in
-// a fixed order. Without a shift by the row's maximum: the select (exp_group_keys) takes these only
-// when every normaliser of the row lies in [1e-250, 1e300], where exp(s) loses nothing the shifted
-// exp keeps (docs/architecture.md); elsewhere it computes the shifted exps itself.
-// (A template so that every translation unit including this header may hold it.)
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) select_exps_kernel(const RadarSelectParams p, const RadarWorkspace ws) {
-  static_assert(kThreads == kExpSliceBlocks, "a thread per block of the slice");
-  pdl_begin();  // before any global read (common.cuh)
-  __shared__ double s_reduce[kExpSliceBlocks / kWarpSize];
-  const int64_t head = blockIdx.x;  // b * q_heads + g
-  const int b = static_cast<int>(head / p.q_heads);
-  const int n_blocks = select_row(p, b).n_blocks;
-  const int64_t NB = p.num_blocks;
-  const int j = blockIdx.y * kExpSliceBlocks + threadIdx.x;
-  double e = 0.0;
-  if (j < n_blocks) e = exp_shifted(ws.head_scores_in[head * NB + j], 0.0);
-  if (j < NB) ws.exps[head * NB + j] = e;
-  pdl_trigger();  // the select may launch during the sum (common.cuh)
-  const double total = block_reduce(e, s_reduce, SumOp());
-  if (threadIdx.x == 0) ws.exp_sums[head * ws.exp_slices + blockIdx.y] = total;
-}
-
-// Sum-aggregation keys from select_exps_kernel's exps: Z_g = the slices' sums in order; when every
-// Z_g of the row lies in [1e-250, 1e300] (so no exp overflowed, no head lost its blocks to
-// underflow, no NaN), S_j = sum_g exp(s_gj) * (1 / Z_g) for the row's blocks and true; else false
-// and nothing written (the caller then runs sum_group_keys). The same quantity as sum_group_keys
-// computes with every exp shifted by the head's maximum: equal scores give equal keys, and a key
-// can differ from the shifted one only where its value lies within double rounding of a float
-// rounding boundary. Every thread must call; s_inv is [G] shared scratch.
-template <typename KeyT>
-__device__ bool exp_group_keys(const RadarSelectParams& p, const RadarWorkspace& ws, int64_t q_head0, int G,
-                               int n_blocks, KeyT* keys, double* s_inv) {
-  bool usable = true;
-  for (int g = threadIdx.x; g < G; g += blockDim.x) {
-    const double* sums = ws.exp_sums + (q_head0 + g) * ws.exp_slices;
-    double z = 0.0;
-    for (int c = 0; c < ws.exp_slices; ++c) z += sums[c];
-    usable = usable && z >= 1e-250 && z <= 1e300;  // false for NaN
-    s_inv[g] = 1.0 / z;
-  }
-  if (!__syncthreads_and(usable)) return false;
-  const int64_t NB = p.num_blocks;
-  const double* exps = ws.exps + q_head0 * NB;
-#pragma unroll 4
-  for (int j = threadIdx.x; j < n_blocks; j += blockDim.x) {
-    double share = 0.0;
-    for (int g = 0; g < G; ++g) share += __ldg(exps + g * NB + j) * s_inv[g];
-    keys[j] = ordered_key(static_cast<float>(share));
-  }
-  return true;
-}
-
 template <Policy kPolicy>
 __global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
@@ -1130,12 +1057,8 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
         // s_head_max / s_head_total are free under topk.
-        const bool from_exps = ws.exps != nullptr && exp_group_keys<KeyT>(p, ws, q_head0, G, n_blocks, keys,
-                                                                           s_head_total);
-        if (!from_exps) {
-          sum_group_keys<KeyT>(ws.head_scores_in + q_head0 * NB, NB, G, n_blocks, keys, s_head_max, s_head_total,
-                               s_stage_scores, s_stage_exp, sh);
-        }
+        sum_group_keys<KeyT>(ws.head_scores_in + q_head0 * NB, NB, G, n_blocks, keys, s_head_max, s_head_total,
+                             s_stage_scores, s_stage_exp, sh);
       } else {
         const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
         for (int j = tid; j < n_blocks; j += blockDim.x) {
