@@ -43,10 +43,13 @@
 //    codes (runs 16 bytes apart so the four entries a load touches sit in different banks); all
 //    of a group's m-tiles run back to back per k-step. After the MMAs lane t holds both parts of
 //    head t (columns 2t, 2t + 1: no exchange; the first version put the heads' high parts in
-//    columns 0-3 and needed a shuffle and 3 selects per pair of tokens), each lane reduces its two tokens to (max, sum of 2^(y - max)), a reduce-scatter over the 8 row groups
-//    (7 pair exchanges instead of 24 shuffles per m-tile) leaves m-tile r's part in lanes r, a
-//    butterfly joins the m-tiles of a block (bs / 16), and the block's first lanes write its
-//    heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row are not read (-inf).
+//    columns 0-3 and needed a shuffle and 3 selects per pair of tokens). The log-sum-exps take the
+//    group's max per head (three shuffles) as the reference of every token's exp, so a
+//    reduce-scatter of plain sums over the 8 row groups (7 pair exchanges) leaves m-tile r's sum
+//    in lanes r and a butterfly joins the m-tiles of a block (bs / 16); a group where that would
+//    flush a whole block to zero (> 100 log2 units below the max) or whose max is not finite
+//    takes the same exchanges on per-lane (max, sum of 2^(y - max)) pairs instead. The block's
+//    first lanes write its heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row are not read (-inf).
 //    G > 4: one pass per 4 heads over the staged group.
 //    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, ncu): on CUDA cores
 //    with 2-bit codes of 32 channels: a thread per (token, channel slice) writing logits to
@@ -59,7 +62,9 @@
 //    group; 96 registers, 5 CTAs per SM; 80 registers at 6 per SM: 36.8 us). With the choice in
 //    every CTA 38.0 us, 21.9 M; a full-group copy of the scoring code, the first k-step peeled and
 //    the (high, residual) column pairs 33.4 us, 18.1 M; the ring slot kept by the loop, the run
-//    offsets staged and the warp-uniform rank 30.5 us, 16.5 M (~1000 per group). Bytes read per
+//    offsets staged and the warp-uniform rank 30.5 us, 16.5 M (~1000 per group); the group's max
+//    as the log-sum-exps' reference 29.6 us, 15.5 M (33.0 us, 17.1 M with the per-m-tile maxima
+//    in the same call, AETHER_CHANNEL_LSE=tile). Bytes read per
 //    group: num_channels * run + 4 D (1.5 KB at d128, 16 channels, 4 bits) against D * run for
 //    every channel.
 #pragma once
