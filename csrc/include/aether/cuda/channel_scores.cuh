@@ -63,8 +63,8 @@
 //    every CTA 38.0 us, 21.9 M; a full-group copy of the scoring code, the first k-step peeled and
 //    the (high, residual) column pairs 33.4 us, 18.1 M; the ring slot kept by the loop, the run
 //    offsets staged and the warp-uniform rank 30.5 us, 16.5 M (~1000 per group); the group's max
-//    as the log-sum-exps' reference 29.6 us, 15.5 M (33.0 us, 17.1 M with the per-m-tile maxima
-//    in the same call, AETHER_CHANNEL_LSE=tile). Bytes read per
+//    as the log-sum-exps' reference 29.1-29.6 us, 15.5 M (the per-m-tile path forced in the same
+//    build, AETHER_CHANNEL_LSE=tile: 33.0 us, 17.1 M). Bytes read per
 //    group: num_channels * run + 4 D (1.5 KB at d128, 16 channels, 4 bits) against D * run for
 //    every channel.
 #pragma once
