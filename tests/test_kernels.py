@@ -217,17 +217,24 @@ def test_sparse_decode_matches_reference(device, case, paged):
     kk, vv, table = (k, v, None)
     if paged:
         kk, vv, table = _to_paged(k, v, bs, seed=seq)
+    _check_decode_out(q, k, v, kk, vv, table, seq_lens, bs, scale, sel, cnt, "unwritten outputs")
+
+
+def _check_decode_out(q, k, v, kk, vv, table, lens, bs, scale, sel, cnt, nan_message):
+    """sparse_decode_out over the cache kk, vv (paged through `table`, or k, v themselves) into
+    NaN-poisoned outputs and workspace equals the float64 reference over k, v: output within twice
+    the low-precision error bound, lse to 1e-5 relative, nothing left NaN."""
     out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device=device)
-    ws_numel = torch.ops.aether.sparse_decode_workspace_numel(q, kk, vv, seq_lens, bs, scale, sel, cnt, table, 0)
-    ws = torch.full((max(ws_numel, 1),), float("nan"), device=device)
-    torch.ops.aether.sparse_decode_out(q, kk, vv, seq_lens, bs, scale, sel, cnt, table, 0, out, lse, ws)
-    want_out, want_lse = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), seq_lens.cpu(), bs,
+    lse = torch.full(q.shape[:2], float("nan"), device=q.device)
+    ws_numel = torch.ops.aether.sparse_decode_workspace_numel(q, kk, vv, lens, bs, scale, sel, cnt, table, 0)
+    ws = torch.full((max(ws_numel, 1),), float("nan"), device=q.device)
+    torch.ops.aether.sparse_decode_out(q, kk, vv, lens, bs, scale, sel, cnt, table, 0, out, lse, ws)
+    want_out, want_lse = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs,
                                            sel.cpu(), cnt.cpu(), scale)
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten outputs"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), nan_message
     err = (out.cpu().double() - want_out.double()).abs().max()
-    bound = 2 * lowp_attention_error_bound(q.cpu(), k.cpu(), v.cpu(), seq_lens.cpu(), sel.cpu(), cnt.cpu(), bs,
-                                           scale, want_out) + 1e-5
+    bound = 2 * lowp_attention_error_bound(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), sel.cpu(), cnt.cpu(), bs, scale,
+                                           want_out) + 1e-5
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
     torch.testing.assert_close(lse.cpu(), want_lse.float(), rtol=1e-5, atol=1e-4)
 
@@ -282,20 +289,8 @@ def test_sparse_decode_ignores_slots_past_the_end(device, paged, hd, bs, half):
         sel[b, :, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         cnt[b] = len(blocks)
     sel, cnt = sel.to(device), cnt.to(device)
-    scale = 1.0 / math.sqrt(hd)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device=device)
-    ws_numel = torch.ops.aether.sparse_decode_workspace_numel(q, kk, vv, lens, bs, scale, sel, cnt, table, 0)
-    ws = torch.full((max(ws_numel, 1),), float("nan"), device=device)
-    torch.ops.aether.sparse_decode_out(q, kk, vv, lens, bs, scale, sel, cnt, table, 0, out, lse, ws)
-    want_out, want_lse = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs,
-                                           sel.cpu(), cnt.cpu(), scale)
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "a slot past the end reached the output"
-    err = (out.cpu().double() - want_out.double()).abs().max()
-    bound = 2 * lowp_attention_error_bound(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), sel.cpu(), cnt.cpu(), bs, scale,
-                                           want_out) + 1e-5
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
-    torch.testing.assert_close(lse.cpu(), want_lse.float(), rtol=1e-5, atol=1e-4)
+    _check_decode_out(q, k, v, kk, vv, table, lens, bs, 1.0 / math.sqrt(hd), sel, cnt,
+                      "a slot past the end reached the output")
 
 
 @pytest.mark.parametrize("device", DEVICES)
