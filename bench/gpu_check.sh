@@ -122,16 +122,6 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
-    # channel_scores and the step with the log-sum-exps on per-m-tile maxima (v21 and before), same run
-    AETHER_CHANNEL_LSE=tile ncu --clock-control none \
-      --kernel-name regex:"channel_scores|select" --launch-skip 4 --launch-count 2 \
-      --metrics gpu__time_duration.sum,smsp__inst_executed.sum python3 bench/profile_step.py 8 32768 16 qcodes \
-      > "$OUT/ncu_qcodes_before.log" 2>&1
-    note "ncu (qcodes kernels, AETHER_CHANNEL_LSE=tile): rc=$? $(grep -E '^  [a-z].*\(|gpu__time|inst_exec' "$OUT/ncu_qcodes_before.log" | sed -E 's/^ +void (aether::)?//; s/[<(].*//; s/ +(gpu__time_duration.sum +us|smsp__inst_executed.sum +inst) +/ /' | paste -sd' ' | sed 's/  */ /g')"
-    AETHER_CHANNEL_LSE=tile python3 bench/bench_decode.py --iters 30 \
-      --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 --scores qcodes --code-channels 0.125 --code-bits 4 \
-      --out "$OUT/bench_decode_qcodes_before.json" > "$OUT/bench_before.log" 2>&1
-    note "benchmark (qcodes, AETHER_CHANNEL_LSE=tile): rc=$?"
     # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
       --scores qcodes --code-channels 0.125 --code-bits 4 \
@@ -153,7 +143,7 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
-for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes bench_before; do
+for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes; do
   [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/$f.log"; }
 done
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error
