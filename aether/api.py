@@ -237,10 +237,19 @@ def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, ch
     return k, seq_lens, block_table, first_block, math.ceil(capacity / state.block_size)
 
 
+def _forced_block(j: int, n: int, block_size: int, sink_blocks: int, recent_blocks: int) -> bool:
+    """Whether block j of a sequence of n tokens is kept whatever the scores (the select's rule:
+    the sinks, the last `recent_blocks` complete blocks and a partial tail block)."""
+    n_full = n // block_size
+    return j < sink_blocks or n_full - recent_blocks <= j < n_full or (n % block_size != 0 and j == n_full)
+
+
 def _check_current(state, what: str, verb: str, block_size: int, block_table, capacity: int,
-                   seq_lens: torch.Tensor) -> None:
-    """That a per-cache state (`BlockStats`, `KeySketch`) describes this call's cache: block size,
-    layout, coverage and lengths (the last needs a host sync on CUDA; skipped where not allowed)."""
+                   seq_lens: torch.Tensor, forced: tuple[int, int] | None = None) -> None:
+    """That a per-cache state (`BlockStats`, `KeySketch`, `KeyCodes`) describes this call's cache:
+    block size, layout, coverage and lengths (the last needs a host sync on CUDA; skipped where not
+    allowed). With `forced` = (sink_blocks, recent_blocks) the state's lengths may trail seq_lens
+    as long as every token they miss lies in a block the call keeps anyway."""
     if state.block_size != block_size:
         raise ValueError(f"{what} {verb} built with block_size {state.block_size} but block_size is {block_size}")
     if state.paged != (block_table is not None):
@@ -250,9 +259,23 @@ def _check_current(state, what: str, verb: str, block_size: int, block_table, ca
     if state.num_blocks * block_size < capacity:
         raise ValueError(f"{what} {verb} built for {state.num_blocks * block_size} token slots but the cache holds "
                          f"{capacity}; call .update(k, seq_lens) after appending")
-    if _host_checks_allowed(seq_lens) and not torch.equal(state.seq_lens, seq_lens):
+    if not _host_checks_allowed(seq_lens) or torch.equal(state.seq_lens, seq_lens):
+        return
+    if forced is None:
         raise ValueError(f"{what} {verb} computed for other sequence lengths; call .update(k, seq_lens) after "
                          "appending tokens")
+    sink_blocks, recent_blocks = forced
+    for b, (have, n) in enumerate(zip(state.seq_lens.tolist(), seq_lens.tolist())):
+        if have > n:
+            raise ValueError(f"{what} {verb} computed for {have} tokens of sequence {b} but it holds {n}; build "
+                             "them again for this cache")
+        missed = [j for j in range(have // block_size, -(-n // block_size))
+                  if have < n and not _forced_block(j, n, block_size, sink_blocks, recent_blocks)]
+        if missed:
+            raise ValueError(f"{what} {verb} computed for {have} of sequence {b}'s {n} tokens, and block {missed[0]} "
+                             "(not kept by sink_blocks / recent_blocks / the partial tail) holds tokens they miss; "
+                             "call .update(k, seq_lens) after appending tokens, or pass update_codes=True each "
+                             "step")
 
 
 def _check_stats_match(stats: BlockStats, batch: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
@@ -363,6 +386,8 @@ def sparse_attention(
     return_candidates: bool = False,
     codes=None,
     code_channels: int | float | None = None,
+    update_codes: bool = False,
+    codes_stream=None,
 ):
     """Query-aware block-sparse decode attention.
 
@@ -425,6 +450,15 @@ def sparse_attention(
             chosen per step by `torch.ops.aether.code_channels`. None (default): head_dim / (2
             bits), i.e. 1/4 of the channels with 2-bit codes, 1/8 with 4-bit ones (the measured
             best: 4-bit codes of 1/8 of the channels, docs/selection.md).
+            The codes may trail `seq_lens` (built before the newest tokens were appended) when every
+            token they miss lies in a block this call keeps anyway (sink, recent window, partial
+            tail): the scores then come from the codes' own lengths. Otherwise a `ValueError`.
+        update_codes: with score="qcodes": after the scores have read `codes`, bring them up to
+            this call's `seq_lens` (`codes.update(k, seq_lens)`), so that a decode loop appends the
+            newest token's code for the next step without a launch before this step's scores.
+        codes_stream: with `update_codes` on CUDA: a `torch.cuda.Stream` to run that update on,
+            beside the selection and the decode; the current stream waits for it before this call
+            returns (so a captured step joins). None: on the current stream, after the scores.
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,
@@ -504,6 +538,12 @@ def sparse_attention(
                              f"({codes.pool.shape[-1]} channels; aether.key_codes(..., channel_pool=))")
     elif codes is not None:
         raise ValueError(f"codes is only read by score='qcodes', got score={score!r}")
+    if not isinstance(update_codes, bool):
+        raise TypeError(f"update_codes must be a bool, got {type(update_codes).__name__}")
+    if update_codes and score != "qcodes":
+        raise ValueError(f"update_codes brings the qcodes score's codes up to date, got score={score!r}")
+    if codes_stream is not None and not update_codes:
+        raise ValueError("codes_stream is where update_codes=True runs the update; pass update_codes=True")
     if refine is not None and refine.layout != "token":
         raise ValueError("refine (two-stage selection) reads token-major key codes: build them with "
                          f"aether.key_codes(k, block_size) (layout='token'), got layout={refine.layout!r}")
@@ -531,26 +571,34 @@ def sparse_attention(
         if stats is not None:
             raise ValueError("stats are not read by score='qcodes' (it reads the key codes); pass stats=None")
         _check_codes_match(codes, batch, kv_heads, head_dim, q.device)
-        _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens)
+        _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens,
+                       forced=(sink_blocks, recent_blocks))
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
         num_blocks = codes.num_blocks
+        code_lens = codes.seq_lens  # = seq_lens, or behind it inside the forced blocks
         if codes.spreads is not None:  # channel_scores chooses the channels from the running spreads
-            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, None, block_size,
+            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, code_lens, None, block_size,
                                                           float(scale), codes.blocks_per_group, codes.bits,
                                                           codes.channel_slots, codes.spreads, num_code_channels)
         else:
             stored = 0 if codes.pool is None else codes.pool.shape[-1]  # a channel pool: choose among it
-            channels = torch.ops.aether.code_channels(q, codes.ranges, seq_lens, block_size, codes.blocks_per_group,
+            channels = torch.ops.aether.code_channels(q, codes.ranges, code_lens, block_size, codes.blocks_per_group,
                                                       num_code_channels, codes.channel_slots, stored)
-            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, seq_lens, channels,
+            head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, code_lens, channels,
                                                           block_size, float(scale), codes.blocks_per_group,
                                                           codes.bits, codes.channel_slots)
+        if update_codes:  # the scores have been enqueued: the codes may change from here on
+            codes.update(k, seq_lens, block_table=block_table, stream=codes_stream)
         budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
         selected, counts = torch.ops.aether.select_blocks(
             q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
             min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
-        return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy, budget,
-                                max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse, return_selection)
+        result = _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
+                                  budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
+                                  return_selection)
+        if update_codes:
+            codes.wait()  # the update on codes_stream joins the current stream before returning
+        return result
     sketch_args = (None, None, None, None, 0.0, None, 1)
     if score == "qsketch":
         # The sketch carries its own centroid; qsketch reads no block statistics.

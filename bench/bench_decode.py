@@ -17,6 +17,9 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   The score "qcodes" appends to channel-major --code-bits key codes (the last 128-token group) and
   selects with code_channels (--code-channels of head_dim per KV head), channel_scores over every
   block and select_blocks; its bytes are the chosen channels' codes and every group's ranges.
+  "qcodes+behind" is the same work with the append forked to a side stream after the scores, beside
+  the select and the decode (the codes trail the cache by the newest token, whose block is forced:
+  sparse_attention(..., update_codes=True, codes_stream=...)).
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -123,6 +126,7 @@ class Case:
             for kc in self.qcodes:
                 kc.spreads = None
         self.code_channels = aether.api._resolve_code_channels(fraction, HEAD_DIM, bits)  # the library's rule
+        self.append_stream = torch.cuda.Stream()  # score "qcodes+behind": the append beside the decode
 
     def qcodes_scores(self, i, stage: str = "scores"):
         """The qcodes score of copy i up to `stage`: "channels" (the code_channels launch; None when
@@ -146,7 +150,7 @@ class Case:
         """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
         rebuild forks to the side stream; join=False leaves it running there (select() waits for it
         before the refinement)."""
-        score = score.removesuffix("+reuse")
+        score = score.removesuffix("+reuse").removesuffix("+behind")
         if score == "qcodes":  # the channel-major codes' last group only
             kc = self.qcodes[i]
             # with the last group's running spreads, in the same launch (KeyCodes.update does the same)
@@ -207,7 +211,7 @@ class Case:
             scores = torch.ops.aether.refine_scores(self.q[i], kc.codes, kc.ranges, self.lens, cand, num,
                                                     self.block_size, self.scale, kc.blocks_per_group, kc.bits)
             return self.select(i, budget_blocks, first, scores)  # M_g: -inf, topk does not read it
-        if score == "qcodes":
+        if score.startswith("qcodes"):
             scores = self.qcodes_scores(i) if head_scores is None else head_scores
             sel, cnt = torch.ops.aether.select_blocks(self.q[i], scores, self.lens, KV_HEADS, self.block_size, "topk",
                                                       budget_blocks, 0.0, 0.95, 1, 0, 1, 1, self.group_agg)
@@ -227,7 +231,7 @@ class Case:
     def meta_bytes_per_block(self, score: str) -> float:
         """Bytes the radar reads per block and KV head (the first stage's, for a two-stage score)."""
         score = score.removesuffix("+reuse").removesuffix("+refine")
-        if score == "qcodes":  # the chosen channels' runs and every group's ranges
+        if score.startswith("qcodes"):  # the chosen channels' runs and every group's ranges
             return self.qcodes[0].qcodes_bytes(self.code_channels, self.num_blocks) / self.num_blocks
         if score == "qsketch":  # codes; ranges and bf16 centroid shared by the sketch block's blocks
             centroid = 2 * HEAD_DIM if self.calib.centroid_weight != 0.0 else 0
@@ -240,6 +244,19 @@ class Case:
 
     def step(self, budget_blocks, score="tight"):
         i = self.next()
+        if score == "qcodes+behind":
+            # sparse_attention(..., update_codes=True, codes_stream=...): the codes trail the cache by
+            # the newest token (its block is forced), so the append runs on a side stream beside the
+            # selection and the decode, after the scores have read the codes; joined at the end.
+            scores = self.qcodes_scores(i)
+            current = torch.cuda.current_stream()
+            self.append_stream.wait_stream(current)
+            with torch.cuda.stream(self.append_stream):
+                self.stats_append(i, "qcodes")
+            sel, cnt, _, _ = self.select(i, budget_blocks, "qcodes", scores)
+            out = self.decode(i, sel, cnt, budget_blocks)
+            current.wait_stream(self.append_stream)
+            return out
         self.stats_append(i, score, join=False)
         sel, cnt, _, _ = self.select(i, budget_blocks, score)
         return self.decode(i, sel, cnt, budget_blocks)
@@ -277,7 +294,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
     assert all(s.endswith("+refine") or "+refine" not in s for s in scores if s not in two_stage), scores
     if two_stage:
         c.enable_refine(*refine)
-    if "qcodes" in scores:
+    if any(s.startswith("qcodes") for s in scores):
         c.enable_qcodes(code_channels, code_bits, code_pool, code_choice)
     row = dict(batch=batch, ctx=ctx, block_size=block_size, kv_bytes=c.kv_bytes, copies=c.copies)
     row["sdpa_ms"] = _median_ms(c.sdpa, iters)
@@ -296,7 +313,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                 r["blocks_per_sketch"] = blocks_per_sketch
             if score in two_stage:
                 r["refine_candidates"], r["refine_bits"] = c.refine_candidates, c.refine_bits
-            if score == "qcodes":
+            if score.startswith("qcodes"):
                 r["code_channels"], r["code_bits"] = c.code_channels, c.qcodes[0].bits
                 r["code_pool"] = None if c.qcodes[0].pool is None else c.qcodes[0].pool.shape[-1]
             r["step_ms"] = _median_ms(lambda: c.step(nb, score), iters)
@@ -327,7 +344,7 @@ def bench_case(batch: int, ctx: int, block_size: int, budgets: list[float], scor
                         *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
                     r["union_torch_ms"] = _graph_ms(lambda i: aether.reference.union_blocks(
                         *cand0[i], *last[i, nb], c.num_blocks), c.copies, iters)
-            if score == "qcodes":  # the three kernels of the select stage, each alone
+            if score.startswith("qcodes"):  # the three kernels of the select stage, each alone
                 r["code_choice"] = "spreads" if c.qcodes[0].spreads is not None else "launch"
                 r["channels_ms"] = (0.0 if r["code_choice"] == "spreads" else
                                     _graph_ms(lambda i: c.qcodes_scores(i, "channels"), c.copies, iters))

@@ -33,7 +33,7 @@ tests="tests"
 # and the qcodes (16- and 32-token blocks) and tight benchmarks
 mode="${1:-}"
 if [ "$mode" = "qcodes-quick" ]; then
-  tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
+  tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_codes_behind.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
   set -- qcodes
 fi
 # qcodes: every test (GoogleTests included), sanitizers, the qcodes step's ncu kernel times and
@@ -122,6 +122,11 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
+    # the append beside the select and the decode (codes one token behind, update_codes=True), same run
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
+      --scores qcodes,qcodes+behind --code-channels 0.125 --code-bits 4 \
+      --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1
+    note "benchmark (qcodes and qcodes+behind): rc=$?"
     # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
       --scores qcodes --code-channels 0.125 --code-bits 4 \
@@ -143,7 +148,7 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs32.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs32.log"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
-for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes; do
+for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes bench_behind; do
   [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/$f.log"; }
 done
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

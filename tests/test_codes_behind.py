@@ -1,0 +1,106 @@
+"""qcodes with key codes that trail the cache: sparse_attention(score="qcodes") accepts codes built
+before the newest tokens were appended when every token they miss lies in a block the call keeps
+anyway, scores from the codes' own lengths, and with update_codes=True (on codes_stream on CUDA)
+brings them up to date after the scores, so that a decode step needs no append launch before its
+scores. CPU and CUDA against the operators and aether.reference on fresh random inputs; errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import aether
+from aether import reference as ref
+from conftest import DEVICES, lowp_attention_error_bound, make_case
+
+pytestmark = pytest.mark.skipif(not aether.extension_available(), reason="aether._C is not built")
+
+# last block full (kept as the recent block), partial tails of 13 and of 1 token (the newest alone)
+LENS = [2000, 1405, 17, 48]
+
+
+def _case(device, bs=16, seed=3):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, lens = make_case(len(LENS), 8, 2, max(LENS), 64, dtype, device, seed=seed, lens=LENS)
+    return q, k, v, lens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("behind", [1, 5])
+def test_codes_behind_select_from_their_own_lengths(device, behind):
+    """Codes `behind` tokens short of every sequence (all inside its forced tail blocks): the call
+    selects what select_blocks selects from channel_scores over the codes' lengths, and its output
+    equals the reference decode of that selection."""
+    bs, m = 16, 8
+    q, k, v, lens = _case(device, bs)
+    code_lens = (lens - behind).clamp(min=0)
+    codes = aether.key_codes(k, bs, bits=4, seq_lens=code_lens, layout="channel")
+    # the newest `behind` tokens must sit in forced blocks: the partial tail and one recent block
+    recent = 1 if behind == 1 else 2
+    out, sel = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, code_channels=m, seq_lens=lens,
+                                       budget=0.2, recent_blocks=recent, return_selection=True)
+    scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, code_lens, None, bs, 1 / 8, 8, 4, None,
+                                             codes.spreads, m)
+    mlo = torch.full(scores.shape[:2], -math.inf)
+    want_sel, want_cnt = ref.select_blocks(scores.cpu(), mlo, lens.cpu(), bs, 2, policy="topk", budget_fraction=0.2,
+                                           sink_blocks=1, recent_blocks=recent, group_agg="sum")
+    assert torch.equal(sel.counts.cpu(), want_cnt)
+    assert torch.equal(sel.indices.cpu(), want_sel)
+    want_out, _ = ref.sparse_decode(q.cpu().double(), k.cpu().double(), v.cpu().double(), lens.cpu(), bs, want_sel,
+                                    want_cnt, 1 / 8)
+    bound = 2 * lowp_attention_error_bound(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), want_sel, want_cnt, bs, 1 / 8,
+                                           want_out) + 1e-5
+    assert (out.cpu().double() - want_out).abs().max() <= bound
+    # the codes were only read
+    assert torch.equal(codes.seq_lens.cpu(), code_lens.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_codes_brings_the_codes_up_to_date(device):
+    """update_codes=True (on CUDA on a side stream): the same output as without it, and afterwards
+    the codes, ranges, running spreads and lengths equal codes built for the call's lengths."""
+    bs = 16
+    q, k, v, lens = _case(device, bs, seed=8)
+    codes = aether.key_codes(k, bs, bits=4, seq_lens=lens - 1, layout="channel")
+    plain = aether.key_codes(k, bs, bits=4, seq_lens=lens - 1, layout="channel")
+    stream = torch.cuda.Stream() if device == "cuda" else None
+    out = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, seq_lens=lens, budget=0.2, update_codes=True,
+                                  codes_stream=stream)
+    want = aether.sparse_attention(q, k, v, score="qcodes", codes=plain, seq_lens=lens, budget=0.2)
+    assert torch.equal(out, want)
+    fresh = aether.key_codes(k, bs, bits=4, seq_lens=lens, layout="channel")
+    assert torch.equal(codes.seq_lens, fresh.seq_lens)
+    assert torch.equal(codes.codes, fresh.codes)
+    assert torch.equal(codes.ranges, fresh.ranges)
+    assert torch.equal(codes.spreads, fresh.spreads)
+    # the next step (one more token in every sequence but the empty ones) accepts them, one behind again
+    out2 = aether.sparse_attention(q, k, v, score="qcodes", codes=codes, seq_lens=(lens + 1).clamp(max=k.shape[2]),
+                                   budget=0.2, update_codes=True, codes_stream=stream)
+    assert torch.isfinite(out2.float()).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_codes_behind_errors(device):
+    bs = 16
+    q, k, v, lens = _case(device, bs, seed=9)
+    # 20 tokens behind in a 2000-token sequence: block 123 is neither the recent block nor the tail
+    codes = aether.key_codes(k, bs, bits=4, seq_lens=lens - torch.tensor([20, 0, 0, 0], dtype=lens.dtype,
+                                                                           device=lens.device), layout="channel")
+    with pytest.raises(ValueError, match="not kept by sink_blocks / recent_blocks"):
+        aether.sparse_attention(q, k, v, score="qcodes", codes=codes, seq_lens=lens)
+    longer = aether.key_codes(k, bs, bits=4, seq_lens=lens, layout="channel")
+    with pytest.raises(ValueError, match="computed for 1405 tokens of sequence 1 but it holds 1400"):
+        aether.sparse_attention(q, k, v, score="qcodes", codes=longer,
+                                seq_lens=lens - torch.tensor([0, 5, 0, 0], dtype=lens.dtype, device=lens.device))
+    with pytest.raises(ValueError, match="update_codes brings the qcodes score's codes"):
+        aether.sparse_attention(q, k, v, score="tight", seq_lens=lens, update_codes=True)
+    with pytest.raises(ValueError, match="codes_stream is where update_codes=True"):
+        aether.sparse_attention(q, k, v, score="qcodes", codes=longer, seq_lens=lens, codes_stream=object())
+    with pytest.raises(TypeError, match="update_codes must be a bool"):
+        aether.sparse_attention(q, k, v, score="qcodes", codes=longer, seq_lens=lens, update_codes=1)
+    if device == "cpu":
+        with pytest.raises(TypeError, match="stream must be a torch.cuda.Stream"):
+            aether.sparse_attention(q, k, v, score="qcodes", codes=longer, seq_lens=lens, update_codes=True,
+                                    codes_stream=object())
