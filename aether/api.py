@@ -217,7 +217,7 @@ def _grow_blocks(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=2)
 
 
-def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, check_match):
+def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, check_match, check_growth=True):
     """The checks shared by `BlockStats.update` and `KeySketch.update`: the cache, its layout and
     lengths against the state (`block_size`, `paged`, `seq_lens`), lengths that only grow.
     Returns ``(k, seq_lens, block_table, first_block, num_blocks)``: the blocks to rebuild start
@@ -231,7 +231,9 @@ def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, ch
     batch, kv_heads, capacity, head_dim = _cache_dims(k, block_table, state.block_size, "k")
     check_match(state, batch, kv_heads, head_dim, k.device)
     seq_lens = _normalize_seq_lens(seq_lens, batch, capacity, k.device)
-    if _host_checks_allowed(seq_lens) and bool((seq_lens < state.seq_lens).any()):
+    # (check_growth=False: the caller has checked it, e.g. sparse_attention before its scores, where
+    # a sync here would stall the GPU between the scores and the select)
+    if check_growth and _host_checks_allowed(seq_lens) and bool((seq_lens < state.seq_lens).any()):
         raise ValueError(f"seq_lens must not shrink in update(); {rebuild}")
     first_block = torch.div(state.seq_lens, state.block_size, rounding_mode="floor").to(torch.int32)
     return k, seq_lens, block_table, first_block, math.ceil(capacity / state.block_size)
@@ -544,6 +546,12 @@ def sparse_attention(
         raise ValueError(f"update_codes brings the qcodes score's codes up to date, got score={score!r}")
     if codes_stream is not None and not update_codes:
         raise ValueError("codes_stream is where update_codes=True runs the update; pass update_codes=True")
+    if codes_stream is not None:
+        if not isinstance(codes_stream, torch.cuda.Stream):
+            raise TypeError(f"codes_stream must be a torch.cuda.Stream or None, got {type(codes_stream).__name__}")
+        if q.device.type != "cuda" or codes_stream.device != q.device:
+            raise ValueError(f"codes_stream must be a CUDA stream of the cache's device ({q.device}), got one of "
+                             f"{codes_stream.device}")
     if refine is not None and refine.layout != "token":
         raise ValueError("refine (two-stage selection) reads token-major key codes: build them with "
                          f"aether.key_codes(k, block_size) (layout='token'), got layout={refine.layout!r}")
@@ -588,17 +596,19 @@ def sparse_attention(
                                                           block_size, float(scale), codes.blocks_per_group,
                                                           codes.bits, codes.channel_slots)
         if update_codes:  # the scores have been enqueued: the codes may change from here on
-            codes.update(k, seq_lens, block_table=block_table, stream=codes_stream)
-        budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
-        selected, counts = torch.ops.aether.select_blocks(
-            q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
-            min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
-        result = _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
-                                  budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
-                                  return_selection)
-        if update_codes:
-            codes.wait()  # the update on codes_stream joins the current stream before returning
-        return result
+            # (_check_current ruled out shrinking lengths: no second host sync between the launches)
+            codes.update(k, seq_lens, block_table=block_table, stream=codes_stream, _lengths_checked=True)
+        try:
+            budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
+            selected, counts = torch.ops.aether.select_blocks(
+                q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
+                min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
+            return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
+                                    budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
+                                    return_selection)
+        finally:
+            if update_codes:
+                codes.wait()  # the update on codes_stream joins the current stream before returning
     sketch_args = (None, None, None, None, 0.0, None, 1)
     if score == "qsketch":
         # The sketch carries its own centroid; qsketch reads no block statistics.

@@ -128,7 +128,8 @@ class KeyCodes:
         return candidates * self.block_size * self.head_dim * self.bits / 8 + groups * 4 * self.head_dim
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
-               block_table: torch.Tensor | None = None, stream: "torch.cuda.Stream | None" = None) -> "KeyCodes":
+               block_table: torch.Tensor | None = None, stream: "torch.cuda.Stream | None" = None,
+               _lengths_checked: bool = False) -> "KeyCodes":
         """Refresh the codes after tokens were appended to ``k`` (in place, CUDA-graph safe): only
         the groups from each sequence's previous last block on are rebuilt.
 
@@ -139,7 +140,8 @@ class KeyCodes:
         """
         self.wait()  # an earlier side-stream rebuild may still read the buffers replaced below
         k, seq_lens, block_table, first_block, needed = _prepare_update(
-            self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match)
+            self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match,
+            check_growth=not _lengths_checked)
         per = self.blocks_per_group
         needed = -(-needed // per) * per
         self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)

@@ -422,7 +422,7 @@ def main() -> int:
             if "channels_ms" in r:
                 choice = ("chosen in channel_scores" if r["code_choice"] == "spreads" else
                           f"code_channels {r['channels_ms']*1e3:.1f} us")
-                print(f"{row['batch']:>3}x{row['ctx']:<5} qcodes {r['fraction']:.3f}: channels {r['code_channels']} of "
+                print(f"{row['batch']:>3}x{row['ctx']:<5} {r['score']} {r['fraction']:.3f}: channels {r['code_channels']} of "
                       f"{HEAD_DIM}; graph: {choice}, channel_scores "
                       f"{r['channel_scores_ms']*1e3:.1f} us, select_blocks {r['select_ms']*1e3:.1f} us")
     print("times in us (median, CUDA events); x = speedup over SDPA in the same mode; GB/s = selected K/V bytes"

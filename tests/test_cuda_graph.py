@@ -142,6 +142,50 @@ def test_qcodes_step_graph_capture_and_replay():
     assert int(lens[0]) == 700 + 1 + 3
 
 
+def test_qcodes_step_with_trailing_codes_graph_capture_and_replay():
+    """qcodes with the codes one token behind the cache: the step scores from them and brings them
+    up to date on a side stream beside the select and the decode (update_codes=True, codes_stream);
+    captured once and replayed: each replay equals the eager call on codes built fresh for the
+    lengths before the step's token, and leaves the codes current."""
+    batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 16
+    q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=7)
+    lens = torch.tensor([700, 389], dtype=torch.int32, device="cuda")
+    codes = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
+    static_q = q.clone()
+    new_k = torch.zeros(batch, kv_heads, head_dim, dtype=k.dtype, device="cuda")
+    kw = dict(block_size=bs, score="qcodes", budget=9, code_channels=0.25)
+    codes_stream = torch.cuda.Stream()
+
+    def step():
+        rows = torch.arange(batch, device="cuda")
+        k[rows, :, lens.long()] = new_k
+        lens.add_(1)  # the codes now trail by this token, which sits in a forced block
+        return aether.sparse_attention(static_q, k, v, codes=codes, seq_lens=lens, return_selection=True,
+                                       update_codes=True, codes_stream=codes_stream, **kw)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_sel = step()
+    for trial in range(3):
+        static_q.copy_(torch.randn_like(static_q))
+        new_k.copy_(torch.randn_like(new_k))
+        before = aether.key_codes(k, bs, seq_lens=lens, layout="channel")  # the codes the replay scores from
+        graph.replay()
+        torch.cuda.synchronize()
+        out, sel = aether.sparse_attention(static_q, k, v, codes=before, seq_lens=lens, return_selection=True, **kw)
+        assert torch.equal(static_sel.indices, sel.indices) and torch.equal(static_sel.counts, sel.counts)
+        assert torch.equal(static_out, out)
+        fresh = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
+        assert torch.equal(codes.codes, fresh.codes) and torch.equal(codes.ranges, fresh.ranges)
+        assert torch.equal(codes.spreads, fresh.spreads) and torch.equal(codes.seq_lens, lens)
+    assert int(lens[0]) == 700 + 1 + 3
+
+
 def test_sparse_decode_out_is_allocation_free_under_capture():
     q, k, v, lens = make_case(2, 8, 2, 2048, 128, torch.float16, "cuda", seed=1, lens=[2048, 1500])
     sel_stats = aether.block_stats(k, 64, seq_lens=lens)
