@@ -579,6 +579,11 @@ def sparse_attention(
         if stats is not None:
             raise ValueError("stats are not read by score='qcodes' (it reads the key codes); pass stats=None")
         _check_codes_match(codes, batch, kv_heads, head_dim, q.device)
+        if (update_codes and codes.block_size == block_size and codes.num_blocks * block_size < capacity
+                and codes.channel_major):
+            # a growing cache that entered a new group since the codes' last update: room for it
+            # (its tokens are checked below to lie in forced blocks, which the scores skip)
+            codes._reserve(math.ceil(capacity / block_size))
         _check_current(codes, "the key codes", "were", block_size, block_table, capacity, seq_lens,
                        forced=(sink_blocks, recent_blocks))
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first

@@ -101,6 +101,7 @@ class SparseOptions:
     code_channels: float | None = None
     code_bits: int = 4
     code_pool: float | None = None
+    codes_behind: bool = False
 
     def __post_init__(self) -> None:
         if self.score not in EVAL_SCORES:
@@ -174,6 +175,10 @@ class SparseOptions:
                                  f"code_pool ({pool}): the channels are chosen among the pool")
         if not isinstance(self.refine_reuse, bool):
             raise TypeError(f"refine_reuse must be a bool, got {type(self.refine_reuse).__name__}")
+        if not isinstance(self.codes_behind, bool):
+            raise TypeError(f"codes_behind must be a bool, got {type(self.codes_behind).__name__}")
+        if self.codes_behind and self.score != CODES_SCORE:
+            raise ValueError(f"codes_behind is a qcodes option, got score={self.score!r}")
         if self.refine_reuse and rc is None:
             raise ValueError("refine_reuse (the last step's final blocks join the candidates) needs "
                              "refine_candidates (two-stage selection)")
@@ -427,7 +432,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
     if (options.score != "oracle" and _use_extension(k) and not isinstance(stats, RefBlockStats)
             and not isinstance(sketch, RefKeySketch) and not isinstance(codes, RefKeyCodes)):
         if qcodes:
-            refine = dict(codes=codes, code_channels=options.code_channels)
+            # codes_behind: the codes trail the cache by the newest token and catch up after the scores
+            refine = dict(codes=codes, code_channels=options.code_channels, update_codes=options.codes_behind)
         else:
             refine = (dict(refine=codes, refine_candidates=candidates, refine_extra=refine_extra,
                            return_candidates=return_candidates) if codes is not None else {})
@@ -446,6 +452,8 @@ def sparse_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, option
         calib = sketch.calibration
         ref_sketch = (sketch.codes, sketch.ranges, sketch.centroid, calib.key_proj, calib.query_proj,
                       float(calib.centroid_weight))
+    if options.codes_behind:
+        raise ValueError("codes_behind needs the compiled extension (aether.sparse_attention's update_codes)")
     ref_refine = ref_qcodes = None
     if codes is not None and isinstance(codes, KeyCodes):
         codes.wait()  # a side-stream rebuild (KeyCodes.update(stream=...)) must land first
@@ -805,6 +813,8 @@ class AetherKVCache:
         bits = self.options.code_bits if qcodes else self.options.refine_bits
         layout = "channel" if qcodes else "token"
         pool = self.options.code_pool if qcodes else None
+        if qcodes and self.options.codes_behind and self._codes is not None:
+            return self._codes  # each step's sparse_attention brings them up to date (update_codes=True)
         return self._per_view("_codes", "_codes_length",
                               lambda i, k: build_key_codes(k, self.options.block_size, bits, layout, pool))
 

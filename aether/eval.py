@@ -82,6 +82,7 @@ class Config:
     code_channels: float = 0.125  # qcodes: fraction of head_dim whose codes score every block
     code_bits: int = 4  # qcodes: bits per channel of the channel-major key codes
     code_pool: float | None = None  # qcodes: fraction of head_dim whose codes are stored (None: every channel)
+    codes_behind: bool = False  # qcodes: the codes trail the cache by the newest token (update_codes=True)
 
     @property
     def name(self) -> str:
@@ -94,6 +95,7 @@ class Config:
         per += "+reuse" if self.refine_reuse else ""
         per += f" ch{self.code_channels:g}q{self.code_bits}" if self.score == "qcodes" else ""
         per += f" pool{self.code_pool:g}" if self.score == "qcodes" and self.code_pool is not None else ""
+        per += " behind" if self.codes_behind else ""
         if self.policy == "adaptive":
             return f"{self.score} bs{self.block_size}{per} adaptive p={self.mass:g}"
         agg = f" {self.group_agg}" if self.group_agg else ""
@@ -130,6 +132,7 @@ class EvalSettings:
     code_channels: tuple[float, ...] = (0.125,)  # qcodes configs run once per entry
     code_bits: int = 4  # every qcodes config
     code_pool: float | None = None  # every qcodes config: the stored fraction of the channels (None: all)
+    codes_behind: bool = False  # every qcodes config: codes one token behind the cache
 
 
 def parse_score(entry: str, default_agg: str | None = None) -> tuple[str, str | None]:
@@ -191,7 +194,8 @@ class Runner:
                                 recent_blocks=config.recent_blocks, sketch_rank=config.sketch_rank,
                                 refine_candidates=config.refine_candidates, refine_bits=config.refine_bits,
                                 refine_reuse=config.refine_reuse, code_channels=config.code_channels,
-                                code_bits=config.code_bits, code_pool=config.code_pool)
+                                code_bits=config.code_bits, code_pool=config.code_pool,
+                                codes_behind=config.codes_behind)
 
     def needs_queries(self) -> bool:
         """True when a configuration calibrates a sketch from the prefill queries (qsketch)."""
@@ -307,7 +311,8 @@ def configs_for(settings: EvalSettings) -> list[Config]:
                                                       refine_candidates=candidates, refine_bits=bits,
                                                       refine_reuse=reuse, code_channels=float(channels),
                                                       code_bits=settings.code_bits,
-                                                      code_pool=settings.code_pool if score == "qcodes" else None))
+                                                      code_pool=settings.code_pool if score == "qcodes" else None,
+                                                      codes_behind=settings.codes_behind and score == "qcodes"))
         for mass in settings.adaptive_masses:
             for entry in dict.fromkeys(parse_score(e, settings.group_agg)[0] for e in settings.scores):
                 # budget: only what a qsketch calibration measures its centroid weight at
@@ -788,6 +793,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--code-pool", type=float, default=d.code_pool,
                    help="qcodes: store the key codes of only this fraction of head_dim per KV head (the widest "
                         "channels at the first build; the per-step choice is made among them); default: all")
+    p.add_argument("--codes-behind", action="store_true",
+                   help="qcodes: keep the key codes one token behind the cache, each step catching them up after "
+                        "its scores (sparse_attention(update_codes=True)); compiled extension only")
     p.add_argument("--dense-layers", type=_ints, default=d.dense_layers)
     p.add_argument("--tasks", type=_strs, default=d.tasks, help="comma-separated from ppl,gen,passkey")
     p.add_argument("--kv-element-bytes", type=int, default=d.kv_element_bytes,
@@ -820,7 +828,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
                             prefill_threads=args.prefill_threads, budget_allocations=args.budget_allocations,
                             adaptive_masses=args.adaptive_masses, blocks_per_sketch=args.blocks_per_sketch,
                             recent_blocks=args.recent_blocks, sketch_rank=args.sketch_rank, refines=args.refine,
-                            code_channels=args.code_channels, code_bits=args.code_bits, code_pool=args.code_pool)
+                            code_channels=args.code_channels, code_bits=args.code_bits, code_pool=args.code_pool,
+                            codes_behind=args.codes_behind)
     if args.quick:
         for key, value in QUICK.items():
             setattr(settings, key, value)

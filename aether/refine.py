@@ -174,6 +174,18 @@ class KeyCodes:
         self.seq_lens.copy_(seq_lens)
         return self
 
+    def _reserve(self, num_blocks: int) -> None:
+        """Grows the buffers to cover `num_blocks` blocks (whole groups) without building anything:
+        the new groups hold zeros until an update reaches them (sparse_attention with codes that
+        trail a cache grown by a new group: their tokens lie in forced blocks, scored as absent)."""
+        self.wait()
+        per = self.blocks_per_group
+        needed = -(-num_blocks // per) * per
+        self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)
+        self.ranges = _grow_blocks(self.ranges, needed // per)
+        if self.spreads is not None:
+            self.spreads = _grow_blocks(self.spreads, needed // per)
+
     def wait(self) -> "KeyCodes":
         """Makes the current stream wait for a rebuild enqueued by ``update(stream=...)`` (no-op if
         there is none or it was already waited for). :func:`aether.sparse_attention` calls it."""

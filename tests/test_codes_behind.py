@@ -155,3 +155,34 @@ def test_codes_behind_errors(device):
     with pytest.raises(TypeError, match="codes_stream must be a torch.cuda.Stream"):
         aether.sparse_attention(q, k, v, score="qcodes", codes=longer, seq_lens=lens, update_codes=True,
                                 codes_stream=object())
+
+
+def test_cache_with_trailing_codes():
+    """AetherKVCache with codes_behind=True, token by token across a group boundary (640 = 5 x
+    128, where the codes must grow): each attend equals sparse_attention over codes of the tokens
+    before the newest (bit for bit), and the codes end current."""
+    from aether.cache import AetherKVCache, SparseOptions
+    q, k, v, _ = make_case(1, 8, 2, 700, 64, torch.float32, "cpu", seed=4, lens=[700])
+    cache = AetherKVCache(SparseOptions(score="qcodes", block_size=16, budget=0.2, codes_behind=True))
+    cache.append(k[:, :, :600], v[:, :, :600])
+    cache.attend(q)  # the first build, current
+    for t in range(600, 700):
+        cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        out = cache.attend(q)
+        kt, vt = k[:, :, :t + 1], v[:, :, :t + 1]
+        before = aether.key_codes(kt, 16, bits=4, seq_lens=torch.tensor([t], dtype=torch.int32), layout="channel")
+        want = aether.sparse_attention(q, kt, vt, score="qcodes", codes=before, budget=0.2)
+        assert torch.equal(out, want), t
+    kept = cache.key_codes()[0]
+    fresh = aether.key_codes(k, 16, bits=4, layout="channel")
+    assert torch.equal(kept.seq_lens.cpu(), fresh.seq_lens.cpu())
+    n = fresh.codes.shape[2]
+    assert torch.equal(kept.codes[:, :, :n], fresh.codes) and torch.equal(kept.ranges[:, :, :n], fresh.ranges)
+
+
+def test_codes_behind_option_errors():
+    from aether.cache import SparseOptions
+    with pytest.raises(ValueError, match="codes_behind is a qcodes option"):
+        SparseOptions(score="tight", codes_behind=True)
+    with pytest.raises(TypeError, match="codes_behind must be a bool"):
+        SparseOptions(score="qcodes", block_size=16, codes_behind=1)

@@ -156,6 +156,10 @@ class AetherCache(DynamicCache):
             head (the channels of widest key range at the prefill; the per-step choice is made
             among them). None (default): every channel; 0.5 halves the codes' memory
             (docs/selection.md, "A fixed channel pool").
+        codes_behind: score="qcodes": keep the key codes one token behind the cache; each step
+            scores from them (the newest token's block is forced) and brings them up to date
+            after its scores (`aether.sparse_attention(..., update_codes=True)`). Compiled
+            extension only.
 
     Raises:
         ValueError: a config with sliding-window or other non-full-attention layers, a head_dim
@@ -168,7 +172,7 @@ class AetherCache(DynamicCache):
                  sketch_rank: int = 8, sketch_queries: int = 256, budget_allocation: str = "uniform",
                  blocks_per_sketch: int = 1, refine_candidates: float | None = None, refine_bits: int = 2,
                  refine_reuse: bool = False, code_channels: float | None = None, code_bits: int = 4,
-                 code_pool: float | None = None) -> None:
+                 code_pool: float | None = None, codes_behind: bool = False) -> None:
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -184,7 +188,7 @@ class AetherCache(DynamicCache):
                                      budget_allocation=budget_allocation, blocks_per_sketch=blocks_per_sketch,
                                      refine_candidates=refine_candidates, refine_bits=refine_bits,
                                      refine_reuse=refine_reuse, code_channels=code_channels, code_bits=code_bits,
-                                     code_pool=code_pool)
+                                     code_pool=code_pool, codes_behind=codes_behind)
         self.dense_layers = tuple(sorted(dense))
         self._mask_memo: tuple[object, list[int] | None, bool] | None = None
         layers = [AetherLayer(i, self.options, i not in dense, self) for i in range(num_layers)]
