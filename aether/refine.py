@@ -143,11 +143,7 @@ class KeyCodes:
             self, k, seq_lens, block_table, "the key codes", "build new codes with aether.key_codes", _check_codes_match,
             check_growth=not _lengths_checked)
         per = self.blocks_per_group
-        needed = -(-needed // per) * per
-        self.codes = _grow_blocks(self.codes, needed // per if self.channel_major else needed)
-        self.ranges = _grow_blocks(self.ranges, needed // per)
-        if self.spreads is not None:
-            self.spreads = _grow_blocks(self.spreads, needed // per)
+        self._reserve(needed)
         # the same launch brings the running spreads of the rebuilt groups up to date
         args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
                 self.channel_major, self.channel_slots, self.spreads)

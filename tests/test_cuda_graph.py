@@ -13,6 +13,20 @@ from conftest import HAS_CUDA, make_case
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of aether._C")
 
 
+def _warm_and_capture(step):
+    """Runs `step()` once on a side stream (the warm-up CUDA graphs want), then captures it:
+    returns the graph and the captured call's outputs (rewritten by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def test_decode_step_graph_capture_and_replay():
     batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 64
     q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=0)
@@ -33,14 +47,7 @@ def test_decode_step_graph_capture_and_replay():
         stats.update(k, lens)
         return aether.sparse_attention(static_q, k, v, stats=stats, seq_lens=lens, return_lse=True, **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the graph (lens advances by one)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, static_lse = step()
+    graph, (static_out, static_lse) = _warm_and_capture(step)  # the warm-up advances lens by one
 
     for trial in range(4):
         static_q.copy_(torch.randn_like(static_q))
@@ -82,14 +89,7 @@ def test_qsketch_step_with_sketch_blocks_graph_capture_and_replay():
         sketch.update(k, lens)
         return aether.sparse_attention(static_q, k, v, sketch=sketch, seq_lens=lens, **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = _warm_and_capture(step)
     for trial in range(3):
         static_q.copy_(torch.randn_like(static_q))
         new_k.copy_(torch.randn_like(new_k))
@@ -103,9 +103,14 @@ def test_qsketch_step_with_sketch_blocks_graph_capture_and_replay():
     assert int(lens[0]) == 700 + 1 + 3
 
 
-def test_qcodes_step_graph_capture_and_replay():
+@pytest.mark.parametrize("trailing", [False, True])
+def test_qcodes_step_graph_capture_and_replay(trailing):
     """qcodes with 16-token blocks: the channel-major codes' append + channel choice + scores +
-    select + decode captured once and replayed; equal to the eager call on a fresh build."""
+    select + decode captured once and replayed; equal to the eager call on a fresh build.
+    trailing: the codes stay one token behind the cache; the step scores from them and brings them
+    up to date on a side stream beside the select and the decode (update_codes=True,
+    codes_stream): each replay equals the eager call on codes built for the lengths before the
+    step's token, and leaves the codes current."""
     batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 16
     q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=6)
     lens = torch.tensor([700, 389], dtype=torch.int32, device="cuda")
@@ -113,76 +118,31 @@ def test_qcodes_step_graph_capture_and_replay():
     static_q = q.clone()
     new_k = torch.zeros(batch, kv_heads, head_dim, dtype=k.dtype, device="cuda")
     kw = dict(block_size=bs, score="qcodes", budget=9, code_channels=0.25)
+    codes_stream = torch.cuda.Stream() if trailing else None
 
     def step():
         rows = torch.arange(batch, device="cuda")
         k[rows, :, lens.long()] = new_k
-        lens.add_(1)
-        codes.update(k, lens)
-        return aether.sparse_attention(static_q, k, v, codes=codes, seq_lens=lens, return_selection=True, **kw)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, static_sel = step()
-    for trial in range(3):
-        static_q.copy_(torch.randn_like(static_q))
-        new_k.copy_(torch.randn_like(new_k))
-        graph.replay()
-        torch.cuda.synchronize()
-        fresh = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
-        assert torch.equal(codes.codes, fresh.codes) and torch.equal(codes.ranges, fresh.ranges)
-        out, sel = aether.sparse_attention(static_q, k, v, codes=fresh, seq_lens=lens, return_selection=True, **kw)
-        assert torch.equal(static_sel.indices, sel.indices)
-        assert torch.equal(static_out, out)
-    assert int(lens[0]) == 700 + 1 + 3
-
-
-def test_qcodes_step_with_trailing_codes_graph_capture_and_replay():
-    """qcodes with the codes one token behind the cache: the step scores from them and brings them
-    up to date on a side stream beside the select and the decode (update_codes=True, codes_stream);
-    captured once and replayed: each replay equals the eager call on codes built fresh for the
-    lengths before the step's token, and leaves the codes current."""
-    batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 16
-    q, k, v, _ = make_case(batch, q_heads, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", seed=7)
-    lens = torch.tensor([700, 389], dtype=torch.int32, device="cuda")
-    codes = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
-    static_q = q.clone()
-    new_k = torch.zeros(batch, kv_heads, head_dim, dtype=k.dtype, device="cuda")
-    kw = dict(block_size=bs, score="qcodes", budget=9, code_channels=0.25)
-    codes_stream = torch.cuda.Stream()
-
-    def step():
-        rows = torch.arange(batch, device="cuda")
-        k[rows, :, lens.long()] = new_k
-        lens.add_(1)  # the codes now trail by this token, which sits in a forced block
+        lens.add_(1)  # trailing: the codes now miss this token, which sits in a forced block
+        if not trailing:
+            codes.update(k, lens)
         return aether.sparse_attention(static_q, k, v, codes=codes, seq_lens=lens, return_selection=True,
-                                       update_codes=True, codes_stream=codes_stream, **kw)
+                                       update_codes=trailing, codes_stream=codes_stream, **kw)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out, static_sel = step()
+    graph, (static_out, static_sel) = _warm_and_capture(step)
     for trial in range(3):
         static_q.copy_(torch.randn_like(static_q))
         new_k.copy_(torch.randn_like(new_k))
-        before = aether.key_codes(k, bs, seq_lens=lens, layout="channel")  # the codes the replay scores from
+        before = aether.key_codes(k, bs, seq_lens=lens, layout="channel")  # what a trailing replay scores from
         graph.replay()
         torch.cuda.synchronize()
-        out, sel = aether.sparse_attention(static_q, k, v, codes=before, seq_lens=lens, return_selection=True, **kw)
-        assert torch.equal(static_sel.indices, sel.indices) and torch.equal(static_sel.counts, sel.counts)
-        assert torch.equal(static_out, out)
         fresh = aether.key_codes(k, bs, seq_lens=lens, layout="channel")
         assert torch.equal(codes.codes, fresh.codes) and torch.equal(codes.ranges, fresh.ranges)
         assert torch.equal(codes.spreads, fresh.spreads) and torch.equal(codes.seq_lens, lens)
+        out, sel = aether.sparse_attention(static_q, k, v, codes=before if trailing else fresh, seq_lens=lens,
+                                           return_selection=True, **kw)
+        assert torch.equal(static_sel.indices, sel.indices) and torch.equal(static_sel.counts, sel.counts)
+        assert torch.equal(static_out, out)
     assert int(lens[0]) == 700 + 1 + 3
 
 
