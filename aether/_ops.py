@@ -107,7 +107,7 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("aether::key_codes_update")
     def _key_codes_update_fake(k, seq_lens, first_block, block_size, block_table, codes, ranges, blocks_per_group=1,
-                               bits=2, channel_major=False, channel_slots=None, spreads=None):
+                               bits=2, channel_major=False, channel_slots=None, spreads=None, narrow=False):
         return None
 
     @torch.library.register_fake("aether::select_blocks")

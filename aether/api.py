@@ -600,14 +600,18 @@ def sparse_attention(
             head_scores = torch.ops.aether.channel_scores(q, codes.codes, codes.ranges, code_lens, channels,
                                                           block_size, float(scale), codes.blocks_per_group,
                                                           codes.bits, codes.channel_slots)
-        if update_codes:  # the scores have been enqueued: the codes may change from here on
-            # (_check_current ruled out shrinking lengths: no second host sync between the launches)
-            codes.update(k, seq_lens, block_table=block_table, stream=codes_stream, _lengths_checked=True)
         try:
             budget_blocks, budget_fraction = (budget, 0.0) if isinstance(budget, int) else (0, float(budget))
             selected, counts = torch.ops.aether.select_blocks(
                 q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
                 min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
+            if update_codes:  # the scores have been enqueued: the codes may change from here on
+                # (_check_current ruled out shrinking lengths: no second host sync between the launches).
+                # Forked after the selection, not right after the scores: an update beside the
+                # selection took the SMs it needed (the step grew from 101 to 109 us at 8 x 32k on an
+                # H200); beside the decode it runs in CTAs narrow enough to share the decode's SMs.
+                codes.update(k, seq_lens, block_table=block_table, stream=codes_stream, _lengths_checked=True,
+                             _beside_decode=codes_stream is not None)
             return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
                                     budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
                                     return_selection)

@@ -129,7 +129,7 @@ class KeyCodes:
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
                block_table: torch.Tensor | None = None, stream: "torch.cuda.Stream | None" = None,
-               _lengths_checked: bool = False) -> "KeyCodes":
+               _lengths_checked: bool = False, _beside_decode: bool = False) -> "KeyCodes":
         """Refresh the codes after tokens were appended to ``k`` (in place, CUDA-graph safe): only
         the groups from each sequence's previous last block on are rebuilt.
 
@@ -145,8 +145,10 @@ class KeyCodes:
         per = self.blocks_per_group
         self._reserve(needed)
         # the same launch brings the running spreads of the rebuilt groups up to date
+        # _beside_decode: 64-thread CTAs that fit on an SM beside two sparse_decode CTAs (the same
+        # codes; sparse_attention's update_codes on a side stream, which runs beside the decode)
         args = (k, seq_lens, first_block, self.block_size, block_table, self.codes, self.ranges, per, self.bits,
-                self.channel_major, self.channel_slots, self.spreads)
+                self.channel_major, self.channel_slots, self.spreads, _beside_decode)
 
         def rebuild() -> None:
             torch.ops.aether.key_codes_update(*args)

@@ -17,9 +17,9 @@ head_dim 128, bf16) it times, with CUDA events after warm-up, the median of many
   The score "qcodes" appends to channel-major --code-bits key codes (the last 128-token group) and
   selects with code_channels (--code-channels of head_dim per KV head), channel_scores over every
   block and select_blocks; its bytes are the chosen channels' codes and every group's ranges.
-  "qcodes+behind" is the same work with the append forked to a side stream after the scores, beside
-  the select and the decode (the codes trail the cache by the newest token, whose block is forced:
-  sparse_attention(..., update_codes=True, codes_stream=...)).
+  "qcodes+behind" is the same work with the append forked to a side stream after the selection, in
+  64-thread CTAs beside the decode (the codes trail the cache by the newest token, whose block is
+  forced: sparse_attention(..., update_codes=True, codes_stream=...)).
 Several copies of the cache are rotated so that L2 (50 MB) never holds the one being read.
 Bytes are counted as K/V of the selected blocks plus the statistics or sketch the radar reads;
 "of ideal" = speedup / (dense bytes / bytes read), the share of the byte saving turned into time.
@@ -146,7 +146,7 @@ class Case:
         return torch.ops.aether.channel_scores(self.q[i], kc.codes, kc.ranges, self.lens, channels, self.block_size,
                                                self.scale, kc.blocks_per_group, kc.bits, kc.channel_slots)
 
-    def stats_append(self, i, score="tight", join=True):
+    def stats_append(self, i, score="tight", join=True, narrow=False):
         """The per-token metadata append. In a CUDA-graph capture a two-stage score's key-code
         rebuild forks to the side stream; join=False leaves it running there (select() waits for it
         before the refinement)."""
@@ -156,7 +156,7 @@ class Case:
             # with the last group's running spreads, in the same launch (KeyCodes.update does the same)
             torch.ops.aether.key_codes_update(self.k[i], self.lens, self.first_block, self.block_size, None, kc.codes,
                                               kc.ranges, kc.blocks_per_group, kc.bits, True, kc.channel_slots,
-                                              kc.spreads)
+                                              kc.spreads, narrow)
             return
         if score.endswith("+refine"):
             kc = self.codes[i]
@@ -248,12 +248,14 @@ class Case:
             # sparse_attention(..., update_codes=True, codes_stream=...): the codes trail the cache by
             # the newest token (its block is forced), so the append runs on a side stream beside the
             # selection and the decode, after the scores have read the codes; joined at the end.
+            # Forked after the selection, in 64-thread CTAs that fit beside the decode's (as the
+            # library does); forked before the selection its 256-thread CTAs held the select back.
             scores = self.qcodes_scores(i)
+            sel, cnt, _, _ = self.select(i, budget_blocks, "qcodes", scores)
             current = torch.cuda.current_stream()
             self.append_stream.wait_stream(current)
             with torch.cuda.stream(self.append_stream):
-                self.stats_append(i, "qcodes")
-            sel, cnt, _, _ = self.select(i, budget_blocks, "qcodes", scores)
+                self.stats_append(i, "qcodes", narrow=True)
             out = self.decode(i, sel, cnt, budget_blocks)
             current.wait_stream(self.append_stream)
             return out

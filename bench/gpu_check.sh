@@ -33,7 +33,7 @@ tests="tests"
 # and the qcodes (16- and 32-token blocks) and tight benchmarks
 mode="${1:-}"
 if [ "$mode" = "qcodes-quick" ]; then
-  tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_codes_behind.py tests/test_cuda_graph.py tests/test_kernels.py -k cuda"
+  tests="tests/test_code_spreads.py tests/test_qcodes.py tests/test_code_pool.py tests/test_codes_behind.py tests/test_cuda_graph.py tests/test_kernels.py tests/test_refine.py -k cuda"
   set -- qcodes
 fi
 # qcodes: every test (GoogleTests included), sanitizers, the qcodes step's ncu kernel times and

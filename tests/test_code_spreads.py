@@ -237,10 +237,12 @@ def test_choice_with_nan_and_inf_queries(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pooled", [False, True])
-def test_key_codes_update_keeps_spreads_in_the_same_call(device, pooled):
+@pytest.mark.parametrize("narrow", [False, True])
+def test_key_codes_update_keeps_spreads_in_the_same_call(device, pooled, narrow):
     """key_codes_update given the spreads writes what code_spreads_update would after it, bit for
     bit, for one-token appends and for chunks spanning several groups; the codes and ranges are
-    those of the call without spreads."""
+    those of the call without spreads. narrow=True (64-thread CTAs on CUDA, the update beside the
+    decode) writes the same bits."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     _, k, _, _ = make_case(3, 4, 2, 900, 128, dtype, device, seed=31, lens=[900, 900, 900])
     lens = torch.tensor([100, 0, 255], dtype=torch.int32, device=device)
@@ -259,7 +261,8 @@ def test_key_codes_update_keeps_spreads_in_the_same_call(device, pooled):
             spreads2[b, :, int(first[b]) // 8:] = float("nan")
         torch.ops.aether.key_codes_update(k, new, first, 16, None, codes, ranges, 8, 4, True, slots)
         torch.ops.aether.code_spreads_update(ranges, new, first, 16, 8, spreads)
-        torch.ops.aether.key_codes_update(k, new, first, 16, None, codes2, ranges2, 8, 4, True, slots, spreads2)
+        torch.ops.aether.key_codes_update(k, new, first, 16, None, codes2, ranges2, 8, 4, True, slots, spreads2,
+                                          narrow)
         assert torch.equal(codes2, codes) and torch.equal(ranges2.view(torch.int16), ranges.view(torch.int16))
         for b in range(3):
             n = int((new[b] + 127) // 128)

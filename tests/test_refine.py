@@ -64,18 +64,21 @@ def test_key_codes_match_reference(device, bits, block_size, per, head_dim, pois
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,per", [(2, 2), (4, 1)])
-def test_key_codes_update_equals_full_build(device, bits, per):
+@pytest.mark.parametrize("layout", ["token", "channel"])
+@pytest.mark.parametrize("narrow", [False, True])  # 64-thread CTAs on CUDA (the update beside the decode)
+def test_key_codes_update_equals_full_build(device, bits, per, layout, narrow):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     _, k, _, _ = make_case(2, 2, 2, 300, 64, dtype, device, seed=3, lens=[300, 300])
     lens = torch.tensor([37, 5], dtype=torch.int32, device=device)
-    codes = aether.key_codes(k[:, :, :40], 32, bits=bits, blocks_per_group=per, seq_lens=lens)
+    codes = aether.key_codes(k[:, :, :40], 32, bits=bits, blocks_per_group=per, seq_lens=lens, layout=layout)
     for step in (1, 30, 64, 100):
         lens = (lens + step).clamp(max=300)
-        codes.update(k, lens)
-        full = aether.key_codes(k, 32, bits=bits, blocks_per_group=per, seq_lens=lens)
-        n = full.num_blocks
+        codes.update(k, lens, _beside_decode=narrow)
+        full = aether.key_codes(k, 32, bits=bits, blocks_per_group=per, seq_lens=lens, layout=layout)
+        groups = full.num_blocks // per
+        n = full.num_blocks if layout == "token" else groups  # codes per block or per group
         assert torch.equal(codes.codes[:, :, :n], full.codes)
-        assert torch.equal(codes.ranges[:, :, :n // per], full.ranges)
+        assert torch.equal(codes.ranges[:, :, :groups], full.ranges)
 
 
 @pytest.mark.parametrize("device", DEVICES)

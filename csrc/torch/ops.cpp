@@ -567,7 +567,8 @@ const double* check_spreads(const Tensor& spreads, const Tensor& ranges, const T
 
 void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& first_block, int64_t block_size,
                       const OptTensor& block_table, Tensor& codes, Tensor& ranges, int64_t blocks_per_group,
-                      int64_t bits, bool channel_major, const OptTensor& channel_slots, const OptTensor& spreads) {
+                      int64_t bits, bool channel_major, const OptTensor& channel_slots, const OptTensor& spreads,
+                      bool narrow) {
   if (codes.numel() == 0) return;
   aether::KeyCodesParams p = codes_params(k, seq_lens, block_size, block_table, codes, ranges, blocks_per_group, bits,
                                           channel_major, channel_slots);
@@ -575,6 +576,7 @@ void key_codes_update(const Tensor& k, const Tensor& seq_lens, const Tensor& fir
   p.first_block = first_block.data_ptr<int32_t>();
   // The running spreads of the rebuilt groups, kept by the same launch (code_spreads_update's result).
   if (spreads.has_value()) p.spreads = const_cast<double*>(check_spreads(*spreads, ranges, k));
+  p.narrow = narrow ? 1 : 0;  // CUDA launch shape only (params.h); the CPU kernel ignores it
   run_kernel(p, k, aether::cpu::key_codes, AETHER_CUDA_LAUNCHER(key_codes), "key_codes");
 }
 
@@ -1272,7 +1274,7 @@ TORCH_LIBRARY(aether, m) {
   m.def(
       "key_codes_update(Tensor k, Tensor seq_lens, Tensor first_block, int block_size, Tensor? block_table, "
       "Tensor(a!) codes, Tensor(b!) ranges, int blocks_per_group=1, int bits=2, bool channel_major=False, "
-      "Tensor? channel_slots=None, Tensor(c!)? spreads=None) -> ()");
+      "Tensor? channel_slots=None, Tensor(c!)? spreads=None, bool narrow=False) -> ()");
   m.def(
       "select_blocks(Tensor q, Tensor head_scores, Tensor seq_lens, int kv_heads, int block_size, str policy, "
       "int budget_blocks, float budget_fraction, float mass, int min_blocks, int max_blocks, int sink_blocks, "

@@ -164,6 +164,12 @@ struct KeyCodesParams {
   // it, bit for bit), so that an append needs no second launch. A full build leaves them alone
   // (call code_spreads after it).
   double* spreads = nullptr;     // [B, Hkv, NB / Pg, D] or nullptr
+  // CUDA only, a launch choice (the codes are the same bits either way): 1 = CTAs of 64 threads
+  // instead of 256, small enough (~8 K registers, ~21 KB of shared memory) to share an SM with two
+  // sparse_decode CTAs, for an update that runs on a side stream beside the decode (codes that
+  // trail the cache, sparse_attention(update_codes=True, codes_stream=...)). Alone it is slower:
+  // each warp does four times the work.
+  int32_t narrow = 0;
 };
 
 // code_spreads: the running channel spreads of the channel choice (code_channels below), kept

@@ -81,7 +81,11 @@ __host__ __device__ inline size_t refine_warp_bytes(int head_dim, int bits) {
 }
 constexpr int kMaxGroupTokens = 128;
 constexpr int kCodesSliceChannels = 32;  // channels per CTA of the build (head_dim is a multiple)
-constexpr int kCodesWarps = kCodesThreads / kWarpSize;
+constexpr int kCodesWarps = kCodesThreads / kWarpSize;  // the most warps of a build CTA (shared memory is sized for them)
+// KeyCodesParams::narrow: 64-thread CTAs. Beside two sparse_decode CTAs (4 warps x 214 registers
+// each, ptxas, sm_90a) an SM has ~10 K of its 64 K registers left: one 2-warp CTA of <= 128
+// registers fits (8 K), a 256-thread one (32 K) does not and would wait for the decode's CTAs.
+constexpr int kCodesNarrowThreads = 64;
 
 // Channel-major packing: channel d's run of the group in shared memory starts at d * this (bytes),
 // an odd number of words (the run's words, plus one when even) so that lanes on consecutive
@@ -126,7 +130,7 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 
 // Channel-major packing when a run is whole 32-bit words (32 / kBits tokens each; every block
 // size the torch op accepts): lane d of each warp quantises channel c0 + d (conflict-free reads of
-// s_keys) for the words warp, warp + kCodesWarps, ... of its run and stores each word. ~20
+// s_keys) for the words warp, warp + kWarps, ... of its run and stores each word. ~20
 // instructions per code (the division's reciprocal is still recomputed per code: ptxas does not
 // hoist it out of __fdiv_rn) against ~130 per element for the byte-per-thread path below (its run-length
 // divisions, per-byte loops and the staging copy; 4.27 M warp instructions for an 8 x 32k append,
@@ -134,7 +138,7 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 // w * (32 / kBits) + e at bit e * kBits, little-endian, which is byte-for-byte the run's order.
 // With a channel pool a lane's run goes to its channel's slot (`slot`), and a lane whose channel is
 // not stored (slot < 0) writes nothing.
-template <int kBits>
+template <int kBits, int kWarps>
 __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, const float* s_lo, const float* s_step,
                                                        int n, int words, uint8_t* group_codes, int slot, int run_bytes) {
   constexpr int kPerWord = 32 / kBits;
@@ -147,7 +151,7 @@ __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, cons
   // quantise_code's step test once per channel, so that the division's reciprocal is computed
   // once per word rather than per code (a constant channel: every code 0).
   const bool varies = step > 0.0f;
-  for (int w = warp; w < words; w += kCodesWarps) {
+  for (int w = warp; w < words; w += kWarps) {
     uint32_t word = 0;
     if (varies) {
 #pragma unroll
@@ -162,10 +166,15 @@ __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, cons
   }
 }
 
-template <typename T>
-// Two CTAs per SM: without the bound the word packing took 174 registers (one CTA per SM, so an
-// 8 x 32k append's 256 working CTAs would need two waves); at 128 nothing spills.
-__global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCodesParams p) {
+// kThreads: kCodesThreads, or kCodesNarrowThreads for KeyCodesParams::narrow.
+// At most 128 registers (two 256-thread CTAs per SM): without the bound the word packing took 174
+// (one CTA per SM, so an 8 x 32k append's 256 working CTAs would need two waves); at 128 nothing
+// spills.
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_codes_kernel(const KeyCodesParams p) {
+  static_assert(kThreads % kWarpSize == 0 && kThreads <= kCodesThreads && kThreads >= 2 * kCodesSliceChannels,
+                "whole warps, at most the warps shared memory is sized for, a thread per lo / hi entry");
+  constexpr int kWarps = kThreads / kWarpSize;
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) float s_codes_dyn[];
   constexpr int C = kCodesSliceChannels;
@@ -180,7 +189,7 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
   const int gt = P * p.block_size;   // tokens of a group
   float* s_keys = s_codes_dyn;       // [gt][C]
   float* s_min = s_keys + gt * C;    // [warps][C]
-  float* s_max = s_min + kCodesWarps * C;
+  float* s_max = s_min + kCodesWarps * C;  // (layout for the most warps)
   float* s_lo = s_max + kCodesWarps * C;  // [C]
   float* s_step = s_lo + C;               // [C]
   const int bh = blockIdx.x;
@@ -222,7 +231,7 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     uint16_t* ranges = p.ranges + row * 2 * D;
     const int n = m < n_groups ? min(gt, len - m * gt) : 0;
     if (n == 0) {  // past the end (full build only): zeros; uniform over the CTA
-      for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
+      for (int i = tid; i < gt * slice_bytes; i += kThreads) {
         if (p.channel_major) {
           const int slot = s_slot[i / run_bytes];  // run_bytes need not be a power of two here
           if (slot >= 0) codes[slot * run_bytes + i % run_bytes] = 0;
@@ -235,12 +244,12 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     }
     // Stage the slice of the group's keys: 16-byte vector loads, 8 per thread in flight together
     // (a loop of load-then-store waited one latency per vector).
-    stage_rows_as_float<kCodesThreads, 8>(s_keys, C, n, C / 8,
+    stage_rows_as_float<kThreads, 8>(s_keys, C, n, C / 8,
                                           [&](int t) { return codes_key_row<T>(p, b, h, m, t) + c0; });
     __syncthreads();
     {  // lane = channel, warps over the tokens; then one lane per channel adds up the warps
       float mn = INFINITY, mx = -INFINITY;
-      for (int t = warp; t < n; t += kCodesWarps) {
+      for (int t = warp; t < n; t += kWarps) {
         mn = fminf(mn, s_keys[t * C + lane]);
         mx = fmaxf(mx, s_keys[t * C + lane]);
       }
@@ -251,7 +260,7 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     if (tid < C) {
       float mn = s_min[tid], mx = s_max[tid];
 #pragma unroll
-      for (int w = 1; w < kCodesWarps; ++w) {
+      for (int w = 1; w < kWarps; ++w) {
         mn = fminf(mn, s_min[w * C + tid]);
         mx = fmaxf(mx, s_max[w * C + tid]);
       }
@@ -270,15 +279,15 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
     __syncthreads();
     if (p.channel_major && run_bytes % 4 == 0) {
       if (bits == 4) {
-        pack_channel_run_words<4>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
+        pack_channel_run_words<4, kWarps>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
       } else {
-        pack_channel_run_words<2>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
+        pack_channel_run_words<2, kWarps>(s_keys, s_lo, s_step, n, run_bytes / 4, codes, s_slot[lane], run_bytes);
       }
     } else if (p.channel_major) {
       // Byte r of channel d's run holds tokens r * per_byte ..; lanes on consecutive channels.
       const int run_stride = key_codes_run_stride(gt, bits);
       uint8_t* s_runs = reinterpret_cast<uint8_t*>(s_step + C);  // [C][run_stride]
-      for (int x = tid; x < C * run_bytes; x += kCodesThreads) {
+      for (int x = tid; x < C * run_bytes; x += kThreads) {
         const int d = x & (C - 1);
         const int r = x >> kLog2C;
         const int first = r * per_byte;  // first token of this byte
@@ -291,12 +300,12 @@ __global__ void __launch_bounds__(kCodesThreads, 2) key_codes_kernel(const KeyCo
       }
       __syncthreads();
       // run_bytes need not be a power of two (a block size such as 24 is valid at this level)
-      for (int i = tid; i < C * run_bytes; i += kCodesThreads) {
+      for (int i = tid; i < C * run_bytes; i += kThreads) {
         const int slot = s_slot[i / run_bytes];
         if (slot >= 0) codes[slot * run_bytes + i % run_bytes] = s_runs[(i / run_bytes) * run_stride + i % run_bytes];
       }
     } else {
-      for (int i = tid; i < gt * slice_bytes; i += kCodesThreads) {
+      for (int i = tid; i < gt * slice_bytes; i += kThreads) {
         const int t = i >> slice_log2;
         const int first = (i & (slice_bytes - 1)) * per_byte;  // first channel of this byte (in the slice)
         unsigned byte = 0;
@@ -635,9 +644,9 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   if (p.spreads != nullptr && p.first_block != nullptr) slices = 1;
   // At most ~20 KB (32 channels of a 128-token group): never above the default 48 KB limit.
   const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.bits, p.channel_major != 0);
-  auto kernel = key_codes_kernel<T>;
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices), static_cast<unsigned>(channel_slices));
-  return launch_kernel(kernel, dim3(grid), dim3(kCodesThreads), smem, stream, p);
+  if (p.narrow) return launch_kernel(key_codes_kernel<T, kCodesNarrowThreads>, grid, dim3(kCodesNarrowThreads), smem, stream, p);
+  return launch_kernel(key_codes_kernel<T, kCodesThreads>, grid, dim3(kCodesThreads), smem, stream, p);
 }
 
 }  // namespace cuda
