@@ -605,16 +605,22 @@ def sparse_attention(
             selected, counts = torch.ops.aether.select_blocks(
                 q, head_scores, seq_lens, kv_heads, block_size, policy, budget_blocks, budget_fraction, float(mass),
                 min_blocks, max_blocks or 0, sink_blocks, recent_blocks, group_agg)
-            if update_codes:  # the scores have been enqueued: the codes may change from here on
+            selected_ready = None
+            if update_codes and codes_stream is not None:
+                selected_ready = torch.cuda.Event()
+                selected_ready.record()
+            result = _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
+                                      budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
+                                      return_selection)
+            if update_codes:  # the scores have been read: the codes may change from here on
                 # (_check_current ruled out shrinking lengths: no second host sync between the launches).
-                # Forked after the selection, not right after the scores: an update beside the
-                # selection took the SMs it needed (the step grew from 101 to 109 us at 8 x 32k on an
-                # H200); beside the decode it runs in CTAs narrow enough to share the decode's SMs.
+                # On codes_stream the update waits for the selection only and runs beside the decode
+                # (enqueued first, so that its CTAs take their SMs first), in CTAs narrow enough to
+                # share an SM with two of the decode's. Forked right after the scores, beside the
+                # selection, it held the selection back: 109 against 101 us at 8 x 32k on an H200.
                 codes.update(k, seq_lens, block_table=block_table, stream=codes_stream, _lengths_checked=True,
-                             _beside_decode=codes_stream is not None)
-            return _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
-                                    budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
-                                    return_selection)
+                             _beside_decode=codes_stream is not None, _after=selected_ready)
+            return result
         finally:
             if update_codes:
                 codes.wait()  # the update on codes_stream joins the current stream before returning

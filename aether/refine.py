@@ -129,7 +129,8 @@ class KeyCodes:
 
     def update(self, k: torch.Tensor, seq_lens: torch.Tensor | None = None, *,
                block_table: torch.Tensor | None = None, stream: "torch.cuda.Stream | None" = None,
-               _lengths_checked: bool = False, _beside_decode: bool = False) -> "KeyCodes":
+               _lengths_checked: bool = False, _beside_decode: bool = False,
+               _after: "torch.cuda.Event | None" = None) -> "KeyCodes":
         """Refresh the codes after tokens were appended to ``k`` (in place, CUDA-graph safe): only
         the groups from each sequence's previous last block on are rebuilt.
 
@@ -161,7 +162,12 @@ class KeyCodes:
             if not k.is_cuda or stream.device != k.device:
                 raise ValueError(f"stream must be a CUDA stream of the cache's device ({k.device}), got one of "
                                  f"{stream.device}")
-            stream.wait_stream(torch.cuda.current_stream(k.device))
+            # _after: an event recorded earlier on the current stream (sparse_attention: after the
+            # selection, with the decode already enqueued behind it), else all work queued so far
+            if _after is not None:
+                stream.wait_event(_after)
+            else:
+                stream.wait_stream(torch.cuda.current_stream(k.device))
             with torch.cuda.stream(stream):
                 rebuild()
                 ready = torch.cuda.Event()

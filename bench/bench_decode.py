@@ -127,6 +127,7 @@ class Case:
                 kc.spreads = None
         self.code_channels = aether.api._resolve_code_channels(fraction, HEAD_DIM, bits)  # the library's rule
         self.append_stream = torch.cuda.Stream()  # score "qcodes+behind": the append beside the decode
+        self.selected = torch.cuda.Event()  # ... after the selection
 
     def qcodes_scores(self, i, stage: str = "scores"):
         """The qcodes score of copy i up to `stage`: "channels" (the code_channels launch; None when
@@ -247,16 +248,17 @@ class Case:
         if score == "qcodes+behind":
             # sparse_attention(..., update_codes=True, codes_stream=...): the codes trail the cache by
             # the newest token (its block is forced), so the append runs on a side stream beside the
-            # selection and the decode, after the scores have read the codes; joined at the end.
-            # Forked after the selection, in 64-thread CTAs that fit beside the decode's (as the
-            # library does); forked before the selection its 256-thread CTAs held the select back.
+            # decode, after the selection, in 64-thread CTAs that fit beside the decode's (as the
+            # library does; forked before the selection its 256-thread CTAs held the select back);
+            # joined at the end.
             scores = self.qcodes_scores(i)
             sel, cnt, _, _ = self.select(i, budget_blocks, "qcodes", scores)
             current = torch.cuda.current_stream()
-            self.append_stream.wait_stream(current)
+            self.selected.record(current)
+            out = self.decode(i, sel, cnt, budget_blocks)  # enqueued first: its CTAs take the SMs first
+            self.append_stream.wait_event(self.selected)
             with torch.cuda.stream(self.append_stream):
                 self.stats_append(i, "qcodes", narrow=True)
-            out = self.decode(i, sel, cnt, budget_blocks)
             current.wait_stream(self.append_stream)
             return out
         self.stats_append(i, score, join=False)
