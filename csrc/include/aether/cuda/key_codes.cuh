@@ -50,6 +50,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "aether/cuda/common.cuh"
 #include "aether/cuda/mma.cuh"
@@ -82,10 +83,17 @@ __host__ __device__ inline size_t refine_warp_bytes(int head_dim, int bits) {
 constexpr int kMaxGroupTokens = 128;
 constexpr int kCodesSliceChannels = 32;  // channels per CTA of the build (head_dim is a multiple)
 constexpr int kCodesWarps = kCodesThreads / kWarpSize;  // the most warps of a build CTA (shared memory is sized for them)
-// KeyCodesParams::narrow: 64-thread CTAs. Beside two sparse_decode CTAs (4 warps x 214 registers
-// each, ptxas, sm_90a) an SM has ~10 K of its 64 K registers left: one 2-warp CTA of <= 128
-// registers fits (8 K), a 256-thread one (32 K) does not and would wait for the decode's CTAs.
+// KeyCodesParams::narrow: CTAs that fit on an SM beside two sparse_decode CTAs (head_dim 128: 4
+// warps x 214 registers and ~101 KiB of shared memory each, ptxas, sm_90a), which leave ~10 K of
+// the 64 K registers and ~25 KiB of the 228 KiB. A 256-thread CTA (32 K registers) would wait for
+// the decode's CTAs; a 64-thread one of <= 80 registers (5 K) that stages the keys as 16-bit
+// values (~9 KB at 128-token groups) fits twice, so that an 8 x 32k append's 256 CTAs all run
+// beside the decode's 256 at once. At 124 registers and float staging (~21 KB) one fitted per SM:
+// two rounds, 54 us beside a 43 us decode (H200, torch.profiler), past its end.
 constexpr int kCodesNarrowThreads = 64;
+constexpr int kCodesNarrowMinCtas = 12;  // per SM, for the register bound: 65536 / (12 * 64) -> <= 80
+template <int kThreads>
+constexpr int key_codes_min_ctas() { return kThreads == kCodesNarrowThreads ? kCodesNarrowMinCtas : 2; }
 
 // Channel-major packing: channel d's run of the group in shared memory starts at d * this (bytes),
 // an odd number of words (the run's words, plus one when even) so that lanes on consecutive
@@ -95,11 +103,13 @@ __host__ __device__ constexpr int key_codes_run_stride(int group_tokens, int bit
 }
 
 // Dynamic shared memory of the build kernel (one CTA: one group, kCodesSliceChannels channels):
-// the slice's keys as float32 [tokens][32], the warps' partial minima and maxima [2][warps][32],
-// lo and step [32]; channel-major, then the packed runs [32][key_codes_run_stride].
-constexpr size_t key_codes_smem_bytes(int group_tokens, int bits, bool channel_major) {
-  return sizeof(float) * (static_cast<size_t>(group_tokens) * kCodesSliceChannels + 2 * kCodesWarps * kCodesSliceChannels +
-                          2 * kCodesSliceChannels) +
+// the slice's keys [tokens][32] (float32 in the wide launch, the key type in the narrow one:
+// key_bytes), the warps' partial minima and maxima [2][warps][32], lo and step [32]; channel-major,
+// then the packed runs [32][key_codes_run_stride].
+constexpr size_t key_codes_smem_bytes(int group_tokens, int bits, bool channel_major, size_t key_bytes = sizeof(float),
+                                      int warps = kCodesWarps) {
+  return key_bytes * static_cast<size_t>(group_tokens) * kCodesSliceChannels +
+         sizeof(float) * (2 * static_cast<size_t>(warps) * kCodesSliceChannels + 2 * kCodesSliceChannels) +
          (channel_major ? kCodesSliceChannels * static_cast<size_t>(key_codes_run_stride(group_tokens, bits)) : 0);
 }
 static_assert(key_codes_smem_bytes(kMaxGroupTokens, 4, true) <= 48 * 1024 &&
@@ -138,8 +148,8 @@ __device__ __forceinline__ const T* codes_key_row(const KeyCodesParams& p, int b
 // w * (32 / kBits) + e at bit e * kBits, little-endian, which is byte-for-byte the run's order.
 // With a channel pool a lane's run goes to its channel's slot (`slot`), and a lane whose channel is
 // not stored (slot < 0) writes nothing.
-template <int kBits, int kWarps>
-__device__ __forceinline__ void pack_channel_run_words(const float* s_keys, const float* s_lo, const float* s_step,
+template <int kBits, int kWarps, typename S>
+__device__ __forceinline__ void pack_channel_run_words(const S* s_keys, const float* s_lo, const float* s_step,
                                                        int n, int words, uint8_t* group_codes, int slot, int run_bytes) {
   constexpr int kPerWord = 32 / kBits;
   constexpr int kLevels = (1 << kBits) - 1;
@@ -157,7 +167,8 @@ __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, cons
 #pragma unroll
       for (int e = 0; e < kPerWord; ++e) {
         const int t = w * kPerWord + e;
-        const float level = rintf(__fdiv_rn(__fsub_rn(s_keys[min(t, n - 1) * kCodesSliceChannels + lane], lo), step));
+        const float x = to_float(s_keys[min(t, n - 1) * kCodesSliceChannels + lane]);
+        const float level = rintf(__fdiv_rn(__fsub_rn(x, lo), step));
         const unsigned code = static_cast<unsigned>(fminf(fmaxf(level, 0.0f), static_cast<float>(kLevels)));
         word |= (t < n ? code : 0u) << (e * kBits);
       }
@@ -166,15 +177,19 @@ __device__ __forceinline__ void pack_channel_run_words(const float* s_keys, cons
   }
 }
 
-// kThreads: kCodesThreads, or kCodesNarrowThreads for KeyCodesParams::narrow.
-// At most 128 registers (two 256-thread CTAs per SM): without the bound the word packing took 174
-// (one CTA per SM, so an 8 x 32k append's 256 working CTAs would need two waves); at 128 nothing
-// spills.
+// kThreads: kCodesThreads, or kCodesNarrowThreads for KeyCodesParams::narrow (above).
+// The wide launch: at most 128 registers (two CTAs per SM): without the bound the word packing
+// took 174 (one CTA per SM, so an 8 x 32k append's 256 working CTAs would need two waves); at 128
+// nothing spills. It converts the keys to float32 while staging them (registers in flight); the
+// narrow one copies them as they are (cp.async, no registers) and converts on each read (exact:
+// the same floats, the same codes).
 template <typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_codes_kernel(const KeyCodesParams p) {
+__global__ void __launch_bounds__(kThreads, key_codes_min_ctas<kThreads>()) key_codes_kernel(const KeyCodesParams p) {
   static_assert(kThreads % kWarpSize == 0 && kThreads <= kCodesThreads && kThreads >= 2 * kCodesSliceChannels,
-                "whole warps, at most the warps shared memory is sized for, a thread per lo / hi entry");
+                "whole warps, at most 8, a thread per lo / hi entry");
   constexpr int kWarps = kThreads / kWarpSize;
+  constexpr bool kRawKeys = kThreads == kCodesNarrowThreads;
+  using Staged = std::conditional_t<kRawKeys, T, float>;
   pdl_begin();  // before any global read (common.cuh)
   extern __shared__ __align__(16) float s_codes_dyn[];
   constexpr int C = kCodesSliceChannels;
@@ -187,10 +202,10 @@ __global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_co
   const int token_bytes = D * bits / 8;
   const int P = p.blocks_per_group;
   const int gt = P * p.block_size;   // tokens of a group
-  float* s_keys = s_codes_dyn;       // [gt][C]
-  float* s_min = s_keys + gt * C;    // [warps][C]
-  float* s_max = s_min + kCodesWarps * C;  // (layout for the most warps)
-  float* s_lo = s_max + kCodesWarps * C;  // [C]
+  Staged* s_keys = reinterpret_cast<Staged*>(s_codes_dyn);  // [gt][C] (a multiple of 16 bytes)
+  float* s_min = reinterpret_cast<float*>(s_keys + gt * C);  // [warps][C]
+  float* s_max = s_min + kWarps * C;
+  float* s_lo = s_max + kWarps * C;       // [C]
   float* s_step = s_lo + C;               // [C]
   const int bh = blockIdx.x;
   const int b = bh / p.kv_heads;
@@ -242,16 +257,29 @@ __global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_co
       if (tid < 2 * C) ranges[(tid / C) * D + c0 + tid % C] = 0;
       continue;
     }
-    // Stage the slice of the group's keys: 16-byte vector loads, 8 per thread in flight together
-    // (a loop of load-then-store waited one latency per vector).
-    stage_rows_as_float<kThreads, 8>(s_keys, C, n, C / 8,
-                                          [&](int t) { return codes_key_row<T>(p, b, h, m, t) + c0; });
+    if constexpr (kRawKeys) {  // 16-byte copies straight into shared memory, all in flight at once
+      constexpr int kPerCopy = 16 / sizeof(T);
+      constexpr int kCopies = C / kPerCopy;  // per token
+      const uint32_t s_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_keys));
+      for (int i = tid; i < n * kCopies; i += kThreads) {
+        const int t = i / kCopies, e = (i % kCopies) * kPerCopy;
+        cp_async_16(s_base + static_cast<uint32_t>((t * C + e) * sizeof(T)), codes_key_row<T>(p, b, h, m, t) + c0 + e, 16);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+    } else {
+      // Stage the slice of the group's keys: 16-byte vector loads, 8 per thread in flight together
+      // (a loop of load-then-store waited one latency per vector).
+      stage_rows_as_float<kThreads, 8>(s_keys, C, n, C / 8,
+                                       [&](int t) { return codes_key_row<T>(p, b, h, m, t) + c0; });
+    }
     __syncthreads();
     {  // lane = channel, warps over the tokens; then one lane per channel adds up the warps
       float mn = INFINITY, mx = -INFINITY;
       for (int t = warp; t < n; t += kWarps) {
-        mn = fminf(mn, s_keys[t * C + lane]);
-        mx = fmaxf(mx, s_keys[t * C + lane]);
+        const float x = to_float(s_keys[t * C + lane]);
+        mn = fminf(mn, x);
+        mx = fmaxf(mx, x);
       }
       s_min[warp * C + lane] = mn;
       s_max[warp * C + lane] = mx;
@@ -294,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_co
         const float lo = s_lo[d], step = s_step[d];
         unsigned byte = 0;
         for (int e = 0; e < per_byte && first + e < n; ++e) {
-          byte |= quantise_code(s_keys[(first + e) * C + d], lo, step, levels) << (e * bits);
+          byte |= quantise_code(to_float(s_keys[(first + e) * C + d]), lo, step, levels) << (e * bits);
         }
         s_runs[d * run_stride + r] = static_cast<uint8_t>(byte);
       }
@@ -312,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 2 * kCodesThreads / kThreads) key_co
         if (t < n) {
           for (int e = 0; e < per_byte; ++e) {
             const int d = first + e;
-            byte |= quantise_code(s_keys[t * C + d], s_lo[d], s_step[d], levels) << (e * bits);
+            byte |= quantise_code(to_float(s_keys[t * C + d]), s_lo[d], s_step[d], levels) << (e * bits);
           }
         }
         codes[t * token_bytes + c0 * bits / 8 + (i & (slice_bytes - 1))] = static_cast<uint8_t>(byte);
@@ -643,9 +671,16 @@ cudaError_t launch_key_codes(const KeyCodesParams& p, cudaStream_t stream) {
   // slice (a decode append rebuilds one group per row: the other slices had nothing to do).
   if (p.spreads != nullptr && p.first_block != nullptr) slices = 1;
   // At most ~20 KB (32 channels of a 128-token group): never above the default 48 KB limit.
-  const size_t smem = key_codes_smem_bytes(p.block_size * p.blocks_per_group, p.bits, p.channel_major != 0);
+  const int gt = p.block_size * p.blocks_per_group;
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(slices), static_cast<unsigned>(channel_slices));
-  if (p.narrow) return launch_kernel(key_codes_kernel<T, kCodesNarrowThreads>, grid, dim3(kCodesNarrowThreads), smem, stream, p);
+  if (p.narrow) {
+    // the packed runs' staging only where the byte path uses it (runs not whole words): two
+    // narrow CTAs must fit in the ~25 KiB that two decode CTAs leave
+    const bool byte_runs = p.channel_major != 0 && (gt * p.bits / 8) % 4 != 0;
+    const size_t smem = key_codes_smem_bytes(gt, p.bits, byte_runs, sizeof(T), kCodesNarrowThreads / kWarpSize);
+    return launch_kernel(key_codes_kernel<T, kCodesNarrowThreads>, grid, dim3(kCodesNarrowThreads), smem, stream, p);
+  }
+  const size_t smem = key_codes_smem_bytes(gt, p.bits, p.channel_major != 0);
   return launch_kernel(key_codes_kernel<T, kCodesThreads>, grid, dim3(kCodesThreads), smem, stream, p);
 }
 
