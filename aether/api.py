@@ -459,8 +459,10 @@ def sparse_attention(
             this call's `seq_lens` (`codes.update(k, seq_lens)`), so that a decode loop appends the
             newest token's code for the next step without a launch before this step's scores.
         codes_stream: with `update_codes` on CUDA: a `torch.cuda.Stream` to run that update on,
-            beside the selection and the decode; the current stream waits for it before this call
-            returns (so a captured step joins). None: on the current stream, after the scores.
+            after the selection and beside the decode, in CTAs narrow enough to share the decode's
+            SMs; the current stream waits for it before this call returns (so a captured step
+            joins). It pays inside a CUDA graph; eagerly the fork's host work costs more than it
+            hides (docs/api.md). None: on the current stream, after the decode.
 
     Returns:
         `out` `[batch, q_heads, head_dim]` in q's dtype, or a tuple `(out, lse)`,

@@ -127,6 +127,9 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --scores qcodes,qcodes+behind --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1
     note "benchmark (qcodes and qcodes+behind): rc=$?"
+    # which kernels overlap in one graph replay of each (the append beside the decode, v24)
+    python3 bench/trace_step.py 8 32768 16 0.135 > "$OUT/trace_step.log" 2>&1
+    note "trace (qcodes, qcodes+behind): rc=$? spans $(grep -E 'span' "$OUT/trace_step.log" | awk '{print $2}' | paste -sd' ') us"
     # qcodes at 32-token blocks (the quality goal on two texts at the same bytes; half the blocks to rank)
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 32 \
       --scores qcodes --code-channels 0.125 --code-bits 4 \
