@@ -119,7 +119,9 @@ TEST(CudaKeyCodes, FullBuildIsBitIdenticalToCpu) {
 // Append after new tokens: first_block is the block holding the old end (mid group when Pg > 1).
 // On top of a CUDA build of the old lengths it must reproduce the full build of the new lengths;
 // alone on poisoned buffers it writes exactly the groups [first_block / Pg, ceil(len / (Pg bs))),
-// nothing for a first_block past the last valid block or past the capacity.
+// nothing for a first_block past the last valid block or past the capacity. Every other case
+// appends with the narrow launch (KeyCodesParams::narrow: 64-thread CTAs, keys staged in their
+// own type), which must write the same bits.
 TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
   if (!has_cuda_device()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = test::fresh_seed();
@@ -129,8 +131,10 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
   int index = 0;
   for (const BuildCase& c : build_cases()) {
     // half the cases per layout: every grouping, head_dim and width remains in each
-    const int channel_major = index++ % 2;
-    SCOPED_TRACE(describe(c) + (channel_major ? " channel-major" : " token-major"));
+    const int channel_major = index % 2;
+    const int narrow = (index / 2) % 2;  // both launches meet both layouts
+    ++index;
+    SCOPED_TRACE(describe(c) + (channel_major ? " channel-major" : " token-major") + (narrow ? " narrow" : ""));
     const int bs = c.block_size, gt = bs * c.per;
     const int num_blocks = capacity_of(c, 2);
     TestKV kv(c.dtype, c.kind, batch, heads, c.head_dim, bs, num_blocks, rng);
@@ -147,7 +151,7 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
     cpu_codes(kv, new_lens, nullptr, full, channel_major);
     CodesBuffers appended(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
     cuda_codes(kv, keys, old_lens, nullptr, appended, channel_major);
-    cuda_codes(kv, keys, new_lens, &first, appended, channel_major);
+    cuda_codes(kv, keys, new_lens, &first, appended, channel_major, narrow);
     if (HasFatalFailure()) return;
     ASSERT_SAME_CODES(appended, full);
 
@@ -155,7 +159,7 @@ TEST(CudaKeyCodes, AppendIsBitIdenticalToFullBuildAndWritesOnlyItsGroups) {
     only[1] = test::blocks_of(new_lens[1], bs);
     only[2] = num_blocks + 5;
     CodesBuffers alone(batch, heads, num_blocks, bs, c.head_dim, c.bits, c.per);
-    cuda_codes(kv, keys, new_lens, &only, alone, channel_major);
+    cuda_codes(kv, keys, new_lens, &only, alone, channel_major, narrow);
     if (HasFatalFailure()) return;
     for (int b = 0; b < batch; ++b) {
       for (int h = 0; h < heads; ++h) {

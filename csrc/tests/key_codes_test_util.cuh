@@ -65,15 +65,17 @@ struct DeviceKV {
 // cuda::key_codes over `out`: its current bytes (the poison, or an earlier build) are uploaded
 // first, so whatever the kernel does not write shows; the result is downloaded into it.
 inline void cuda_codes(const TestKV& kv, const DeviceKV& keys, const std::vector<int32_t>& lens,
-                       const std::vector<int32_t>* first_block, CodesBuffers& out, int channel_major) {
+                       const std::vector<int32_t>* first_block, CodesBuffers& out, int channel_major,
+                       int narrow = 0) {
   DeviceBytes d_lens(lens.data(), lens.size() * sizeof(int32_t));
   DeviceBytes d_first(first_block ? first_block->data() : nullptr, first_block ? first_block->size() * sizeof(int32_t) : 0);
   DeviceBytes d_codes(out.codes.data(), out.codes.size());
   DeviceBytes d_ranges(out.ranges.data(), out.ranges.size() * sizeof(uint16_t));
   ASSERT_TRUE(keys.data.ptr != nullptr && d_codes.ptr != nullptr && d_ranges.ptr != nullptr);
-  const KeyCodesParams p = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(),
-                                        first_block ? d_first.as<int32_t>() : nullptr, out, d_codes.as<uint8_t>(),
-                                        d_ranges.as<uint16_t>(), channel_major);
+  KeyCodesParams p = codes_params(kv, keys.layout(kv), d_lens.as<int32_t>(),
+                                  first_block ? d_first.as<int32_t>() : nullptr, out, d_codes.as<uint8_t>(),
+                                  d_ranges.as<uint16_t>(), channel_major);
+  p.narrow = narrow;  // the 64-thread launch (same bits)
   ASSERT_CUDA(cuda::key_codes(p, nullptr));
   ASSERT_CUDA(cudaDeviceSynchronize());
   d_codes.download(out.codes.data());
