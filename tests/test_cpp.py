@@ -27,5 +27,14 @@ def test_googletest_kernels():
     assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:]
     test = _run(["ctest", "--test-dir", str(BUILD), "--output-on-failure", "-j", jobs])
     print(test.stdout[-3000:])
-    assert test.returncode == 0, test.stdout[-8000:] + test.stderr[-2000:]
+    if test.returncode != 0:
+        # The parallel log interleaves 75 tests: show the failing ones' own output (the seed and
+        # the failed assertions) by running them again alone, with the seeds they failed with
+        # where the log names them (a fresh seed could pass).
+        rerun = _run(["ctest", "--test-dir", str(BUILD), "--rerun-failed", "--output-on-failure"])
+        failures = [line for line in test.stdout.splitlines()
+                    if "Failure" in line or "seed " in line or "Which is" in line or "Expected" in line]
+        raise AssertionError("GoogleTest failed; lines of the first run:\n" + "\n".join(failures[:60]) +
+                             "\n--- the failed tests again, alone (fresh seeds):\n" + rerun.stdout[-8000:] +
+                             "\n--- summary of the first run:\n" + test.stdout[-2000:] + test.stderr[-2000:])
     assert "tests passed" in test.stdout and "No tests were found" not in test.stdout

@@ -274,6 +274,9 @@ TEST(CpuChannelScores, ScoresEveryBlockFromTheChosenChannels) {
     const int num_blocks = (test::blocks_of(2 * gt + bs + 3, gt) + 1) * c.per;
     TestKV kv(c.dtype, KVKind::kContiguous, batch, heads, D, bs, num_blocks, rng);
     std::vector<int32_t> lens = test::mixed_lengths(batch, 2 * gt + bs + 3, bs, rng, {gt + 1});
+    // one full-length row and one empty one in every case, so that the counts below always hold
+    // (random lengths alone fell short of them for 1 seed in ~400)
+    lens[0] = 2 * gt + bs + 3;
     lens[batch - 1] = 0;
     CodesBuffers token(batch, heads, num_blocks, bs, D, c.bits, c.per);
     cpu::key_codes(build_params(kv, lens, c.bits, c.per, token.codes.data(), token.ranges.data(), 0));
