@@ -461,7 +461,7 @@ def sparse_attention(
         codes_stream: with `update_codes` on CUDA: a `torch.cuda.Stream` to run that update on,
             after the selection and beside the decode, in CTAs narrow enough to share the decode's
             SMs; the current stream waits for it before this call returns (so a captured step
-            joins). It pays inside a CUDA graph; eagerly the fork's host work costs more than it
+            joins). It pays inside a CUDA graph; eagerly the fork's host work can cost more than it
             hides (docs/api.md). None: on the current stream, after the decode.
 
     Returns:

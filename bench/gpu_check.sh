@@ -122,7 +122,7 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --section SpeedOfLight --section Occupancy --section WarpStateStats \
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
-    # the append beside the select and the decode (codes one token behind, update_codes=True), same run
+    # the append beside the decode (codes one token behind, update_codes=True, codes_stream), same run
     python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
       --scores qcodes,qcodes+behind --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1

@@ -108,7 +108,7 @@ def test_qcodes_step_graph_capture_and_replay(trailing):
     """qcodes with 16-token blocks: the channel-major codes' append + channel choice + scores +
     select + decode captured once and replayed; equal to the eager call on a fresh build.
     trailing: the codes stay one token behind the cache; the step scores from them and brings them
-    up to date on a side stream beside the select and the decode (update_codes=True,
+    up to date on a side stream after the selection, beside the decode (update_codes=True,
     codes_stream): each replay equals the eager call on codes built for the lengths before the
     step's token, and leaves the codes current."""
     batch, q_heads, kv_heads, capacity, head_dim, bs = 2, 8, 2, 1024, 128, 16

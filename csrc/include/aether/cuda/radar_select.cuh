@@ -61,6 +61,28 @@ constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partia
 constexpr int kSelectThreads = 512;
 constexpr int kSelectWarps = kSelectThreads / kWarpSize;
 
+// Phase clocks of the one-CTA selection, for bench/select_phases.cu only (the library never
+// defines the macro): thread 0 of each of the first kSelectClockRows CTAs stores clock64() at the
+// phase boundaries below, right after the barrier that ends each phase. Phases: 0 start, 1 the
+// scores staged and each head's max, 2 the exps and Z_g, 3 the keys, 4-7 the radix passes,
+// 8 the radix select done, 9 the write-out's counts, 10 the end.
+#ifdef AETHER_SELECT_PHASE_CLOCKS
+constexpr int kSelectClockRows = 1024;
+constexpr int kSelectClockPhases = 16;
+__device__ long long g_select_clocks[kSelectClockRows][kSelectClockPhases];
+#define AETHER_SELECT_CLOCK(phase)                                                                   \
+  do {                                                                                               \
+    const int aether_phase_ = (phase);                                                               \
+    if (threadIdx.x == 0 && blockIdx.x < kSelectClockRows && aether_phase_ < kSelectClockPhases) {   \
+      g_select_clocks[blockIdx.x][aether_phase_] = clock64();                                        \
+    }                                                                                                \
+  } while (0)
+#else
+#define AETHER_SELECT_CLOCK(phase) \
+  do {                             \
+  } while (0)
+#endif
+
 // Device pointers into the radar_select workspace (and the caller's optional outputs).
 struct RadarWorkspace {
   float* group_scores = nullptr;          // [B, Hkv, NB] S_j = max over the group
@@ -853,6 +875,7 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int j_begin,
     s_warp_sel[warp] = sure;
   }
   __syncthreads();
+  AETHER_SELECT_CLOCK(9);
   int cta_ties = 0, cta_sure = 0;
   for (int w = 0; w < num_warps; ++w) {
     cta_ties += s_warp_ties[w];
@@ -951,6 +974,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     }
   }
   __syncthreads();
+  AETHER_SELECT_CLOCK(1);
   for (int slot = warp; slot < slots; slot += kSelectWarps) {
     const int g = slot / per_head, part = slot % per_head;
     const float* row = scores + static_cast<int64_t>(g) * NB;
@@ -968,6 +992,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     }
   }
   __syncthreads();
+  AETHER_SELECT_CLOCK(2);
   if (per_head > 1) {
     for (int g = tid; g < G; g += blockDim.x) {
       double z = 0.0;
@@ -996,6 +1021,7 @@ __global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
                     const int scores_in_shared) {
   pdl_begin();  // before any global read (common.cuh)
+  AETHER_SELECT_CLOCK(0);
   using KeyT = typename std::conditional<kPolicy == Policy::kTopK, uint32_t, uint64_t>::type;
   __shared__ SelectShared sh;
   extern __shared__ __align__(16) unsigned char s_dyn_bytes[];
@@ -1067,6 +1093,7 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
         }
       }
       __syncthreads();
+      AETHER_SELECT_CLOCK(3);
     }
   } else if constexpr (kPolicy == Policy::kThreshold) {
     // l_j = log(n_j) + max_g (s_gj - M_g) in double; NaN never dropped (CPU: +inf).
@@ -1142,11 +1169,15 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   int take = 0;
   bool partial = false;
   if (k > 0 && k < n_cand) {
-    auto gather = [](int* hist) -> const int* {
+    int pass = 0;  // (phase clocks only)
+    auto gather = [&pass](int* hist) -> const int* {
       __syncthreads();
+      AETHER_SELECT_CLOCK(4 + pass++);
       return hist;
     };
+    (void)pass;
     radix_select_top<KeyT>(keys, 0, n_blocks, is_cand, k, sh.hist, gather, prefix, mask, take, partial);
+    AETHER_SELECT_CLOCK(8);
   }
   const bool split_ties = partial && k > 0 && k < n_cand;
   auto exchange = [&](int cta_ties, int cta_sure) {
@@ -1157,6 +1188,7 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
   pdl_trigger();  // the decode may launch during the write-out (common.cuh)
   write_selection<KeyT>(p, bh, 0, n_blocks, is_forced, is_cand, keys, k, n_cand, prefix, mask, take, partial,
                         sh.warp_ties, sh.warp_sel, exchange, 0, blockDim.x);
+  AETHER_SELECT_CLOCK(10);
 }
 
 }  // namespace cuda

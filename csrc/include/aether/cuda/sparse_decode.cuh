@@ -39,7 +39,8 @@ struct DecodeConfig {
   static constexpr int kRows = 16;       // tokens per warp sub-tile: two MMA n-tiles, one PV k-step
   static constexpr int kHeadTile = 16;   // query heads per CTA: the MMA m dimension
   // Stages per warp: 3 keeps two 16-token sub-tiles (8 KiB at head_dim 128) in flight per warp.
-  // The shared memory (96 KiB at head_dim 128) lets two CTAs (8 warps) share an SM.
+  // The shared memory (96 KiB of stages, ~100.5 KiB in all at head_dim 128) lets two CTAs
+  // (8 warps) share an SM.
   static constexpr int kStages = kHeadDim == 64 ? 4 : 3;
   static constexpr int kChunks = kHeadDim / 8;          // 16-byte chunks per K/V row
   static constexpr int kRowsPerCopy = kWarpSize / kChunks;  // rows per warp-wide cp.async
