@@ -127,6 +127,12 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --scores qcodes,qcodes+behind --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1
     note "benchmark (qcodes and qcodes+behind): rc=$?"
+    # the one-CTA select's time per phase (a standalone build with its phase clocks, ~10 s)
+    nvcc -std=c++17 -arch=sm_90a -O3 -lineinfo --expt-relaxed-constexpr -DAETHER_SELECT_PHASE_CLOCKS -Icsrc/include \
+      bench/select_phases.cu -o "$OUT/select_phases.bin" > "$OUT/select_phases.log" 2>&1 \
+      && "$OUT/select_phases.bin" >> "$OUT/select_phases.log" 2>&1
+    note "select phases: rc=$? $(grep -E 'kernel|radix|exps|stage|keys|write|start ->' "$OUT/select_phases.log" | awk '{print $1, $2, $3, $4}' | paste -sd';' | cut -c1-400)"
+    rm -f "$OUT/select_phases.bin"
     # which kernels overlap in one graph replay of each (the append beside the decode, v24)
     python3 bench/trace_step.py 8 32768 16 0.135 > "$OUT/trace_step.log" 2>&1
     note "trace (qcodes, qcodes+behind): rc=$? spans $(grep -E 'span' "$OUT/trace_step.log" | awk '{print $2}' | paste -sd' ') us"

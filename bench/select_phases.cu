@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
   const int ctx = argc > 2 ? std::atoi(argv[2]) : 32768;
   const int bs = argc > 3 ? std::atoi(argv[3]) : 16;
   const double budget = argc > 4 ? std::atof(argv[4]) : 0.135;
-  const int q_heads = 32, kv_heads = 8, G = q_heads / kv_heads;
+  const int q_heads = 32, kv_heads = 8;
   const int nb = (ctx + bs - 1) / bs;
   const int rows = batch * kv_heads;
   if (rows > cuda::kSelectClockRows) {
