@@ -610,7 +610,7 @@ def sparse_attention(
             selected_ready = None
             if update_codes and codes_stream is not None:
                 selected_ready = torch.cuda.Event()
-                selected_ready.record()
+                selected_ready.record(torch.cuda.current_stream(q.device))  # q's device, not the current one
             result = _decode_and_pack(q, k, v, seq_lens, block_size, scale, selected, counts, block_table, policy,
                                       budget, max_blocks, num_blocks, sink_blocks, recent_blocks, return_lse,
                                       return_selection)
