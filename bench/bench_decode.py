@@ -266,8 +266,9 @@ class Case:
         return self.decode(i, sel, cnt, budget_blocks)
 
 
-def _graph_ms(call, copies: int, iters: int) -> float:
-    """Median time of replaying one CUDA graph per input copy (call(i) runs the work on copy i)."""
+def capture_graphs(call, copies: int) -> list:
+    """One CUDA graph per input copy, each captured after a warm-up call (call(i) runs the work on
+    copy i); bench/trace_step.py replays them too."""
     graphs = []
     for i in range(copies):
         side = torch.cuda.Stream()
@@ -279,6 +280,12 @@ def _graph_ms(call, copies: int, iters: int) -> float:
         with torch.cuda.graph(g):
             call(i)
         graphs.append(g)
+    return graphs
+
+
+def _graph_ms(call, copies: int, iters: int) -> float:
+    """Median time of replaying one CUDA graph per input copy (call(i) runs the work on copy i)."""
+    graphs = capture_graphs(call, copies)
     k = [0]
 
     def replay():

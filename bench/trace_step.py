@@ -3,7 +3,7 @@ overlap. For the qcodes step with the append beside the decode (score "qcodes+be
 the serial one. Usage (GPU): python3 bench/trace_step.py [batch ctx block_size budget [scores]]
 e.g. python3 bench/trace_step.py 8 32768 16 0.135 qcodes,qcodes+behind
 Prints, per score, each kernel of the last replay: start and end (us from the first kernel's
-start), duration, grid and block."""
+start) and duration."""
 import math
 import sys
 
@@ -21,19 +21,8 @@ c.group_agg = "sum"
 c.enable_qcodes(0.125, 4)
 nb = math.ceil(budget * ctx / bs)
 for score in scores:
-    graphs = []
-    for i in range(c.copies):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            c.i = i - 1
-            c.step(nb, score)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            c.i = i - 1
-            c.step(nb, score)
-        graphs.append(g)
+    # the benchmark's graphs: copy i's step (step() advances c.i first)
+    graphs = bd.capture_graphs(lambda i: (setattr(c, "i", i - 1), c.step(nb, score)), c.copies)
     for g in graphs * 3:
         g.replay()
     torch.cuda.synchronize()
