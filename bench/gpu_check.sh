@@ -123,15 +123,19 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       python3 bench/profile_step.py 8 32768 16 qcodes > "$OUT/ncu_decode.log" 2>&1
     note "ncu (sparse_decode): rc=$? $(grep -E '^ +(Duration|DRAM Throughput|Warp Cycles Per Issued)' "$OUT/ncu_decode.log" | awk '{print $1, $(NF)}' | paste -sd' ')"
     # the append beside the decode (codes one token behind, update_codes=True, codes_stream), same run
-    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768 --budgets 0.135 --block-size 16 \
+    python3 bench/bench_decode.py --iters 30 --shapes 8x32768,1x32768,32x16384 --budgets 0.135 --block-size 16 \
       --scores qcodes,qcodes+behind --code-channels 0.125 --code-bits 4 \
       --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1
     note "benchmark (qcodes and qcodes+behind): rc=$?"
-    # the one-CTA select's time per phase (a standalone build with its phase clocks, ~10 s)
-    nvcc -std=c++17 -arch=sm_90a -O3 -lineinfo --expt-relaxed-constexpr -DAETHER_SELECT_PHASE_CLOCKS -Icsrc/include \
-      bench/select_phases.cu -o "$OUT/select_phases.bin" > "$OUT/select_phases.log" 2>&1 \
-      && "$OUT/select_phases.bin" >> "$OUT/select_phases.log" 2>&1
-    note "select phases: rc=$? $(grep -E 'kernel|radix|exps|stage|keys|write|start ->' "$OUT/select_phases.log" | awk '{print $1, $2, $3, $4}' | paste -sd';' | cut -c1-400)"
+    # the one-CTA select's time per phase (standalone builds with its phase clocks, ~10 s each):
+    # the library's build, the staged sum keys (no register slots) and a bound of 2 CTAs per SM
+    : > "$OUT/select_phases.log"
+    for variant in "" "-DAETHER_SELECT_SHARE_SLOTS=0" "-DAETHER_SELECT_MIN_CTAS=2"; do
+      nvcc -std=c++17 -arch=sm_90a -O3 -lineinfo --expt-relaxed-constexpr -DAETHER_SELECT_PHASE_CLOCKS $variant \
+        -Icsrc/include bench/select_phases.cu -o "$OUT/select_phases.bin" >> "$OUT/select_phases.log" 2>&1 || continue
+      for shape in "8 32768" "32 16384" "8 65536"; do "$OUT/select_phases.bin" $shape >> "$OUT/select_phases.log" 2>&1; done
+      note "select phases ${variant:-(library)}: $(grep -E '^select_phases|start ->' "$OUT/select_phases.log" | tail -6 | sed -E 's/.*select_phases: ([0-9]+ x [0-9]+).*kernel ([0-9.]+) us.*/\1 kernel \2/; s/ +start -> end +[0-9]+ +100.0% +/ in-kernel /' | paste -sd' ')"
+    done
     rm -f "$OUT/select_phases.bin"
     # which kernels overlap in one graph replay of each (the append beside the decode, v24)
     python3 bench/trace_step.py 8 32768 16 0.135 > "$OUT/trace_step.log" 2>&1
@@ -158,6 +162,6 @@ printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_bs16.log" ] && grep -E "^ +8x32768" "$OUT/bench_bs16.log"
 grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/bench_refine.log"
 for f in bench_tight bench_launch bench_ch3_16 bench_bs32_qcodes bench_behind; do
-  [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|qcodes .*: channels" "$OUT/$f.log"; }
+  [ -f "$OUT/$f.log" ] && { echo "-- $f"; grep -E "^ +[18]x32768|^ +32x16384|qcodes .*: channels" "$OUT/$f.log"; }
 done
 [ -f "$OUT/bench.log" ] && tail -5 "$OUT/bench.log" | grep -i error

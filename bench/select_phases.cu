@@ -6,6 +6,9 @@
 //        -Icsrc/include bench/select_phases.cu -o /tmp/select_phases
 //   /tmp/select_phases [batch ctx block_size budget]      (default 8 32768 16 0.135)
 //
+// -DAETHER_SELECT_SHARE_SLOTS=0 builds the staged sum keys instead of the register slots, and
+// -DAETHER_SELECT_MIN_CTAS=2 the kernel's launch bound of two CTAs per SM (radar_select.cuh).
+//
 // Random head scores (a drift along the row plus noise, as block log-sum-exps look), 32 query and
 // 8 KV heads, every sequence full. It launches radar_select_kernel<kTopK> the way the library's
 // launcher does at >= 17 rows (one CTA per row, keys and staged scores in shared memory), times it
@@ -158,9 +161,9 @@ int main(int argc, char** argv) {
   total /= rows;
   const double cycles_per_us = clock_khz / 1000.0;
   std::printf("select_phases: %d x %d, block %d, %d rows of %d blocks, keep %d; kernel %.1f us (median of 50, "
-              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d\n",
+              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d; share slots %d, min CTAs %d\n",
               batch, ctx, bs, rows, nb, p.budget_blocks, 1000.0 * times[times.size() / 2], counts[0], dynamic,
-              staged ? 1 : 0);
+              staged ? 1 : 0, AETHER_SELECT_SHARE_SLOTS, AETHER_SELECT_MIN_CTAS);
   std::printf("  %-16s %10s %7s %8s %6s   (us at the %.0f MHz clock-rate attribute)\n", "phase", "cycles",
               "share", "us", "rows", cycles_per_us);
   for (int ph = 1; ph < kPhases; ++ph) {

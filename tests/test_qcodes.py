@@ -216,14 +216,18 @@ def test_select_blocks_sum_far_scores_select_as_reference(device, shift):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,kv_heads,group,nb", [(3, 2, 4, 3001), (2, 1, 1, 9000), (2, 3, 6, 1100),
-                                                     (1, 4, 8, 2000), (40, 8, 4, 300)])
+                                                     (1, 4, 8, 2000), (40, 8, 4, 300), (20, 1, 1, 5000),
+                                                     (20, 1, 2, 3000), (9, 2, 4, 2500), (17, 1, 8, 1000)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_long_rows_select_as_reference(device, batch, kv_heads, group, nb, ties):
     """topk over rows long enough to be split over a cluster of CTAs (CUDA on an H100 / H200: 8 CTAs
     per row for up to 16 rows of >= 1024 blocks, else one CTA per row, as in the last case), with
     odd lengths, a short row (mostly empty CTAs), an empty one, and (ties) scores on a coarse grid
     so that the boundary key is shared: exactly the reference's blocks, ties to the lower index,
-    for both aggregations and several budgets."""
+    for both aggregations and several budgets. The sum keys come from registers (ShareSlots) for
+    group sizes 1, 2, 4 and 8 where a thread's share of the row fits, else from the staged path:
+    in one CTA per row, (9, 2, 4, 2500) is staged and the other cases of > 16 rows use registers;
+    in the cluster, G = 6 is staged."""
     g = torch.Generator().manual_seed(nb + group)
     bs = 16
     lens_list = [nb * bs - int(x) for x in torch.randint(0, nb * bs // 3, (batch,), generator=g)]

@@ -59,6 +59,12 @@ constexpr int kScoreStages = 2;
 constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partial sums = 32 lanes
 
 constexpr int kSelectThreads = 512;
+// radar_select_kernel's minimum resident CTAs per SM for ptxas: 1 lets the register slots of the
+// sum keys (ShareSlots) keep their 16 exps without spilling (82 registers against 64 with 68
+// bytes of spills at 2); bench/select_phases.cu compares the two.
+#ifndef AETHER_SELECT_MIN_CTAS
+#define AETHER_SELECT_MIN_CTAS 1
+#endif
 constexpr int kSelectWarps = kSelectThreads / kWarpSize;
 
 // Phase clocks of the one-CTA selection, for bench/select_phases.cu only (the library never
@@ -920,6 +926,138 @@ __device__ __forceinline__ double exp_shifted(float s, double top) {
   return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
 }
 
+// Sum-aggregation keys from registers (both select kernels, when a thread's share of the row fits
+// kShareSlots doubles). Thread t of T takes blocks j = j0 + t + i T (i < kPer) of each of the
+// kG heads: every score load of the row is issued before the first is used (one round trip,
+// where the staged path's lanes issue eight at a time), and each exp stays in a register from
+// the Z_g pass to the key. The caller reduces the per-thread maxima and sums over the CTA (and
+// the cluster) in a fixed order, so the keys are deterministic; only the summation order of Z_g
+// differs from the staged path (the last double bits, as between the CPU and the GPU, and
+// between the one-CTA and the cluster kernels). Measured phases: bench/select_phases.cu.
+constexpr int kShareSlots = 16;  // kG * kPer: 16 scores + 16 exps per thread, ~48 registers
+
+template <int kG, int kPer>
+struct ShareSlots {
+  static_assert(kG * kPer <= kShareSlots, "a thread holds at most kShareSlots exps");
+  float s[kG][kPer];
+  double e[kG][kPer];
+
+  // Scores of blocks j0 + first + i * step (< j_end; else -inf, which adds nothing) of the kG
+  // head rows of `scores` ([kG, NB]); m[g] is this thread's maximum of head g (skips NaN).
+  __device__ __forceinline__ void load(const float* scores, int NB, int j0, int j_end, int first, int step,
+                                       float (&m)[kG]) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int j = j0 + first + i * step;
+        s[g][i] = j < j_end ? scores[static_cast<int64_t>(g) * NB + j] : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      m[g] = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) m[g] = (m[g] < s[g][i]) ? s[g][i] : m[g];
+    }
+  }
+  // The exps against each head's row maximum; z[g] is this thread's sum of head g's (i ascending).
+  __device__ __forceinline__ void exps(const float (&top)[kG], double (&z)[kG]) {
+#pragma unroll
+    for (int g = 0; g < kG; ++g) {
+      z[g] = 0.0;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        e[g][i] = exp_shifted(s[g][i], static_cast<double>(top[g]));
+        z[g] += e[g][i];
+      }
+    }
+  }
+  // key_j = sum_g e_gj * inv[g] over the heads with inv[g] >= 0 (share_factor), stored at
+  // keys[j - key_base] for the blocks below j_end.
+  template <typename KeyT>
+  __device__ __forceinline__ void keys(const double (&inv)[kG], int j0, int j_end, int first, int step, int key_base,
+                                       KeyT* out) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int j = j0 + first + i * step;
+      if (j >= j_end) continue;
+      double share = 0.0;
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        if (inv[g] < 0.0) continue;  // the head adds nothing
+        share += e[g][i] * inv[g];
+      }
+      const float v = static_cast<float>(share);
+      out[j - key_base] = ordered_key(isnan(v) ? -INFINITY : v);
+    }
+  }
+};
+
+// Calls fn(ShareSlots<kG, kPer>{}) for the group size G when each of `threads` threads can hold its
+// share of `n` blocks (kPer = kShareSlots / G), and returns whether it did. Group sizes 1, 2, 4
+// and 8 have register slots; others take the staged path.
+// AETHER_SELECT_SHARE_SLOTS=0 (bench/select_phases.cu's comparison only) turns the slots off.
+#ifndef AETHER_SELECT_SHARE_SLOTS
+#define AETHER_SELECT_SHARE_SLOTS 1
+#endif
+template <typename Fn>
+__device__ __forceinline__ bool with_share_slots(int G, int n, int threads, Fn&& fn) {
+  auto fits = [&](int per) { return AETHER_SELECT_SHARE_SLOTS != 0 && n <= per * threads; };
+  switch (G) {
+    case 1: if (fits(16)) { fn(ShareSlots<1, 16>{}); return true; } break;
+    case 2: if (fits(8)) { fn(ShareSlots<2, 8>{}); return true; } break;
+    case 4: if (fits(4)) { fn(ShareSlots<4, 4>{}); return true; } break;
+    case 8: if (fits(2)) { fn(ShareSlots<8, 2>{}); return true; } break;
+    default: break;
+  }
+  return false;
+}
+
+// The one-CTA kernel's register path (ShareSlots): blocks j = tid + i * blockDim.x of the row; the
+// per-warp maxima and sums go through sh.warp_sum[warp][g] and [warp][8 + g] (kG <= 8), added in
+// warp order by every thread after each barrier.
+template <typename KeyT, int kG, int kPer>
+__device__ void sum_group_keys_slots(ShareSlots<kG, kPer>& r, const float* scores, int NB, int n_blocks, KeyT* keys,
+                                     SelectShared& sh) {
+  static_assert(kG <= 8, "sh.warp_sum holds 8 maxima and 8 sums per warp");
+  const int tid = threadIdx.x;
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  float top[kG];
+  r.load(scores, NB, 0, n_blocks, tid, blockDim.x, top);
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    const float m = warp_max(top[g]);
+    if (lane == 0) sh.warp_sum[warp][g] = m;
+  }
+  __syncthreads();
+  AETHER_SELECT_CLOCK(1);
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    float m = -INFINITY;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, static_cast<float>(sh.warp_sum[w][g]));
+    top[g] = m;
+  }
+  double z[kG];
+  r.exps(top, z);
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    const double t = warp_sum(z[g]);
+    if (lane == 0) sh.warp_sum[warp][8 + g] = t;
+  }
+  __syncthreads();
+  AETHER_SELECT_CLOCK(2);
+  double inv[kG];
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    double t = 0.0;
+    for (int w = 0; w < warps; ++w) t += sh.warp_sum[w][8 + g];
+    inv[g] = share_factor(t);
+  }
+  r.keys(inv, 0, n_blocks, tid, blockDim.x, 0, keys);
+}
+
 // Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) * (1 / Z_g) (double,
 // rounded to float); heads without a finite, positive Z_g add nothing. `scores` is the row's
 // [G, NB] head scores. Every warp works on m_g and Z_g: a head's row is split over
@@ -1017,7 +1155,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
 }
 
 template <Policy kPolicy>
-__global__ void __launch_bounds__(kSelectThreads)
+__global__ void __launch_bounds__(kSelectThreads, AETHER_SELECT_MIN_CTAS)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
                     const int scores_in_shared) {
   pdl_begin();  // before any global read (common.cuh)
@@ -1082,9 +1220,16 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     k = topk_candidates(p, row_info);
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
-        // s_head_max / s_head_total are free under topk.
-        sum_group_keys<KeyT>(ws.head_scores_in + q_head0 * NB, NB, G, n_blocks, keys, s_head_max, s_head_total,
-                             s_stage_scores, s_stage_exp, sh);
+        // Register slots where the row fits them, else the staged path (s_head_max / s_head_total
+        // are free under topk).
+        const float* head_scores = ws.head_scores_in + q_head0 * NB;
+        const bool in_slots = with_share_slots(G, n_blocks, blockDim.x, [&](auto slots) {
+          sum_group_keys_slots<KeyT>(slots, head_scores, NB, n_blocks, keys, sh);
+        });
+        if (!in_slots) {
+          sum_group_keys<KeyT>(head_scores, NB, G, n_blocks, keys, s_head_max, s_head_total, s_stage_scores,
+                               s_stage_exp, sh);
+        }
       } else {
         const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
         for (int j = tid; j < n_blocks; j += blockDim.x) {
