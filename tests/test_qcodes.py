@@ -224,10 +224,8 @@ def test_topk_long_rows_select_as_reference(device, batch, kv_heads, group, nb, 
     per row for up to 16 rows of >= 1024 blocks, else one CTA per row, as in the last case), with
     odd lengths, a short row (mostly empty CTAs), an empty one, and (ties) scores on a coarse grid
     so that the boundary key is shared: exactly the reference's blocks, ties to the lower index,
-    for both aggregations and several budgets. The sum keys come from registers (ShareSlots) for
-    group sizes 1, 2, 4 and 8 where a thread's share of the row fits, else from the staged path:
-    in one CTA per row, (9, 2, 4, 2500) is staged and the other cases of > 16 rows use registers;
-    in the cluster, G = 6 is staged."""
+    for both aggregations and several budgets. The cases of more than 16 rows run one CTA per row
+    at group sizes 1, 2, 4 and 8, with rows of 300 to 5000 blocks."""
     g = torch.Generator().manual_seed(nb + group)
     bs = 16
     lens_list = [nb * bs - int(x) for x in torch.randint(0, nb * bs // 3, (batch,), generator=g)]

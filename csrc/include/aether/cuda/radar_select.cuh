@@ -59,11 +59,10 @@ constexpr int kScoreStages = 2;
 constexpr int kMaxScoreTile = 16;  // query heads scored together: 2 x 16 partial sums = 32 lanes
 
 constexpr int kSelectThreads = 512;
-// radar_select_kernel's minimum resident CTAs per SM for ptxas: 1 lets the register slots of the
-// sum keys (ShareSlots) keep their 16 exps without spilling (82 registers against 64 with 68
-// bytes of spills at 2); bench/select_phases.cu compares the two.
-#ifndef AETHER_SELECT_MIN_CTAS
-#define AETHER_SELECT_MIN_CTAS 1
+// The one-CTA select's staging loads in flight per lane (sum_group_keys); bench/select_phases.cu
+// builds 8 to compare.
+#ifndef AETHER_SELECT_STAGE_BATCH
+#define AETHER_SELECT_STAGE_BATCH 16
 #endif
 constexpr int kSelectWarps = kSelectThreads / kWarpSize;
 
@@ -920,142 +919,69 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int j_begin,
 // row's maximum contributes exp(0)), so the reciprocal is in (0, 1].
 __device__ __forceinline__ double share_factor(double z) { return z > 0.0 && !isinf(z) ? 1.0 / z : -1.0; }
 
-// exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
-// out: half the row in the two-stage step's final select).
-__device__ __forceinline__ double exp_shifted(float s, double top) {
-  return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
-}
-
-// Sum-aggregation keys from registers (both select kernels, when a thread's share of the row fits
-// kShareSlots doubles). Thread t of T takes blocks j = j0 + t + i T (i < kPer) of each of the
-// kG heads: every score load of the row is issued before the first is used (one round trip,
-// where the staged path's lanes issue eight at a time), and each exp stays in a register from
-// the Z_g pass to the key. The caller reduces the per-thread maxima and sums over the CTA (and
-// the cluster) in a fixed order, so the keys are deterministic; only the summation order of Z_g
-// differs from the staged path (the last double bits, as between the CPU and the GPU, and
-// between the one-CTA and the cluster kernels). Measured phases: bench/select_phases.cu.
-constexpr int kShareSlots = 16;  // kG * kPer: 16 scores + 16 exps per thread, ~48 registers
-
-template <int kG, int kPer>
-struct ShareSlots {
-  static_assert(kG * kPer <= kShareSlots, "a thread holds at most kShareSlots exps");
-  float s[kG][kPer];
-  double e[kG][kPer];
-
-  // Scores of blocks j0 + first + i * step (< j_end; else -inf, which adds nothing) of the kG
-  // head rows of `scores` ([kG, NB]); m[g] is this thread's maximum of head g (skips NaN).
-  __device__ __forceinline__ void load(const float* scores, int NB, int j0, int j_end, int first, int step,
-                                       float (&m)[kG]) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int j = j0 + first + i * step;
-        s[g][i] = j < j_end ? scores[static_cast<int64_t>(g) * NB + j] : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      m[g] = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) m[g] = (m[g] < s[g][i]) ? s[g][i] : m[g];
-    }
-  }
-  // The exps against each head's row maximum; z[g] is this thread's sum of head g's (i ascending).
-  __device__ __forceinline__ void exps(const float (&top)[kG], double (&z)[kG]) {
-#pragma unroll
-    for (int g = 0; g < kG; ++g) {
-      z[g] = 0.0;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        e[g][i] = exp_shifted(s[g][i], static_cast<double>(top[g]));
-        z[g] += e[g][i];
-      }
-    }
-  }
-  // key_j = sum_g e_gj * inv[g] over the heads with inv[g] >= 0 (share_factor), stored at
-  // keys[j - key_base] for the blocks below j_end.
-  template <typename KeyT>
-  __device__ __forceinline__ void keys(const double (&inv)[kG], int j0, int j_end, int first, int step, int key_base,
-                                       KeyT* out) const {
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int j = j0 + first + i * step;
-      if (j >= j_end) continue;
-      double share = 0.0;
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        if (inv[g] < 0.0) continue;  // the head adds nothing
-        share += e[g][i] * inv[g];
-      }
-      const float v = static_cast<float>(share);
-      out[j - key_base] = ordered_key(isnan(v) ? -INFINITY : v);
-    }
-  }
+// 2^(j / 64) for j = 0..63, each rounded to nearest (computed at 200 bits with mpmath).
+static __device__ const double kExp2Sixty4ths[64] = {
+    0x1.0000000000000p+0, 0x1.02c9a3e778061p+0, 0x1.059b0d3158574p+0, 0x1.0874518759bc8p+0,
+    0x1.0b5586cf9890fp+0, 0x1.0e3ec32d3d1a2p+0, 0x1.11301d0125b51p+0, 0x1.1429aaea92de0p+0,
+    0x1.172b83c7d517bp+0, 0x1.1a35beb6fcb75p+0, 0x1.1d4873168b9aap+0, 0x1.2063b88628cd6p+0,
+    0x1.2387a6e756238p+0, 0x1.26b4565e27cddp+0, 0x1.29e9df51fdee1p+0, 0x1.2d285a6e4030bp+0,
+    0x1.306fe0a31b715p+0, 0x1.33c08b26416ffp+0, 0x1.371a7373aa9cbp+0, 0x1.3a7db34e59ff7p+0,
+    0x1.3dea64c123422p+0, 0x1.4160a21f72e2ap+0, 0x1.44e086061892dp+0, 0x1.486a2b5c13cd0p+0,
+    0x1.4bfdad5362a27p+0, 0x1.4f9b2769d2ca7p+0, 0x1.5342b569d4f82p+0, 0x1.56f4736b527dap+0,
+    0x1.5ab07dd485429p+0, 0x1.5e76f15ad2148p+0, 0x1.6247eb03a5585p+0, 0x1.6623882552225p+0,
+    0x1.6a09e667f3bcdp+0, 0x1.6dfb23c651a2fp+0, 0x1.71f75e8ec5f74p+0, 0x1.75feb564267c9p+0,
+    0x1.7a11473eb0187p+0, 0x1.7e2f336cf4e62p+0, 0x1.82589994cce13p+0, 0x1.868d99b4492edp+0,
+    0x1.8ace5422aa0dbp+0, 0x1.8f1ae99157736p+0, 0x1.93737b0cdc5e5p+0, 0x1.97d829fde4e50p+0,
+    0x1.9c49182a3f090p+0, 0x1.a0c667b5de565p+0, 0x1.a5503b23e255dp+0, 0x1.a9e6b5579fdbfp+0,
+    0x1.ae89f995ad3adp+0, 0x1.b33a2b84f15fbp+0, 0x1.b7f76f2fb5e47p+0, 0x1.bcc1e904bc1d2p+0,
+    0x1.c199bdd85529cp+0, 0x1.c67f12e57d14bp+0, 0x1.cb720dcef9069p+0, 0x1.d072d4a07897cp+0,
+    0x1.d5818dcfba487p+0, 0x1.da9e603db3285p+0, 0x1.dfc97337b9b5fp+0, 0x1.e502ee78b3ff6p+0,
+    0x1.ea4afa2a490dap+0, 0x1.efa1bee615a27p+0, 0x1.f50765b6e4540p+0, 0x1.fa7c1819e90d8p+0,
 };
 
-// Calls fn(ShareSlots<kG, kPer>{}) for the group size G when each of `threads` threads can hold its
-// share of `n` blocks (kPer = kShareSlots / G), and returns whether it did. Group sizes 1, 2, 4
-// and 8 have register slots; others take the staged path.
-// AETHER_SELECT_SHARE_SLOTS=0 (bench/select_phases.cu's comparison only) turns the slots off.
-#ifndef AETHER_SELECT_SHARE_SLOTS
-#define AETHER_SELECT_SHARE_SLOTS 1
+// exp(x) in double for the select's shifted scores, x = s - max <= 0: within ~1 ulp of the
+// correctly rounded value, like CUDA's exp(), in about half its FP64 operations. The exps are
+// the largest phase of the one-CTA select (8192 per row at 8 x 32k, ~3.5 us of its ~15: FP64
+// throughput on one SM, bench/select_phases.cu), so the cost per exp is the phase's cost.
+//   x = (64 m + j) ln2 / 64 + r with |r| <= ln2 / 128, so exp(x) = 2^m 2^(j/64) exp(r):
+//   - n = 64 m + j = rint(x 64 / ln2) by the 1.5 * 2^52 rounding constant (no conversion);
+//   - r = x - n ln2/64 with ln2/64 split in two: the high part has 17 trailing zero bits, so
+//     n * high is exact for |n| < 2^17 (here |n| <= 65280);
+//   - exp(r) - 1 by its Taylor polynomial to r^6 / 720 (the next term is < 3e-20 relative);
+//   - 2^m as an exponent field (m in [-1021, 0]: every result is a normal double).
+// Below -707 the result (< 1e-307) is returned as 0: against a normaliser >= 1 and keys rounded
+// to float it adds nothing. AETHER_SELECT_LIBM_EXP=1 (bench/select_phases.cu's comparison only)
+// uses exp() instead.
+__device__ __forceinline__ double exp_nonpositive(double x) {
+#if defined(AETHER_SELECT_LIBM_EXP) && AETHER_SELECT_LIBM_EXP
+  return exp(x);
+#else
+  if (!(x >= -707.0 && x <= 0.0)) return x < -707.0 ? 0.0 : exp(x);  // NaN and x > 0 as exp()
+  constexpr double kRound = 0x1.8p52;
+  constexpr double kInvLn2x64 = 0x1.71547652b82fep+6;  // 64 / ln 2
+  constexpr double kLn2By64Hi = 0x1.62e42fefa0000p-7;  // ln 2 / 64, high part
+  constexpr double kLn2By64Lo = 0x1.cf79abc9e3b3ap-46; // ln 2 / 64 - high part
+  const double shifted = fma(x, kInvLn2x64, kRound);
+  const int n = __double2loint(shifted);  // the low word holds rint(x 64 / ln2), two's complement
+  const double nd = shifted - kRound;
+  double r = fma(-nd, kLn2By64Hi, x);
+  r = fma(-nd, kLn2By64Lo, r);
+  double p = fma(r, 1.0 / 720.0, 1.0 / 120.0);
+  p = fma(p, r, 1.0 / 24.0);
+  p = fma(p, r, 1.0 / 6.0);
+  p = fma(p, r, 0.5);
+  p = fma(p, r, 1.0);
+  p *= r;  // exp(r) - 1
+  const double t = __ldg(&kExp2Sixty4ths[n & 63]);
+  const double scale = __hiloint2double(((n >> 6) + 1023) << 20, 0);  // 2^m, m = floor(n / 64)
+  return fma(t, p, t) * scale;
 #endif
-template <typename Fn>
-__device__ __forceinline__ bool with_share_slots(int G, int n, int threads, Fn&& fn) {
-  auto fits = [&](int per) { return AETHER_SELECT_SHARE_SLOTS != 0 && n <= per * threads; };
-  switch (G) {
-    case 1: if (fits(16)) { fn(ShareSlots<1, 16>{}); return true; } break;
-    case 2: if (fits(8)) { fn(ShareSlots<2, 8>{}); return true; } break;
-    case 4: if (fits(4)) { fn(ShareSlots<4, 4>{}); return true; } break;
-    case 8: if (fits(2)) { fn(ShareSlots<8, 2>{}); return true; } break;
-    default: break;
-  }
-  return false;
 }
 
-// The one-CTA kernel's register path (ShareSlots): blocks j = tid + i * blockDim.x of the row; the
-// per-warp maxima and sums go through sh.warp_sum[warp][g] and [warp][8 + g] (kG <= 8), added in
-// warp order by every thread after each barrier.
-template <typename KeyT, int kG, int kPer>
-__device__ void sum_group_keys_slots(ShareSlots<kG, kPer>& r, const float* scores, int NB, int n_blocks, KeyT* keys,
-                                     SelectShared& sh) {
-  static_assert(kG <= 8, "sh.warp_sum holds 8 maxima and 8 sums per warp");
-  const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  float top[kG];
-  r.load(scores, NB, 0, n_blocks, tid, blockDim.x, top);
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const float m = warp_max(top[g]);
-    if (lane == 0) sh.warp_sum[warp][g] = m;
-  }
-  __syncthreads();
-  AETHER_SELECT_CLOCK(1);
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    float m = -INFINITY;
-    for (int w = 0; w < warps; ++w) m = fmaxf(m, static_cast<float>(sh.warp_sum[w][g]));
-    top[g] = m;
-  }
-  double z[kG];
-  r.exps(top, z);
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const double t = warp_sum(z[g]);
-    if (lane == 0) sh.warp_sum[warp][8 + g] = t;
-  }
-  __syncthreads();
-  AETHER_SELECT_CLOCK(2);
-  double inv[kG];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    double t = 0.0;
-    for (int w = 0; w < warps; ++w) t += sh.warp_sum[w][8 + g];
-    inv[g] = share_factor(t);
-  }
-  r.keys(inv, 0, n_blocks, tid, blockDim.x, 0, keys);
+// exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
+// out: half the row in the two-stage step's final select). s <= top: top is the row's maximum.
+__device__ __forceinline__ double exp_shifted(float s, double top) {
+  return s == -INFINITY ? 0.0 : exp_nonpositive(static_cast<double>(s) - top);
 }
 
 // Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) * (1 / Z_g) (double,
@@ -1072,7 +998,9 @@ __device__ void sum_group_keys_slots(ShareSlots<kG, kPer>& r, const float* score
 template <typename KeyT>
 __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks, KeyT* keys, float* s_head_max,
                                double* s_head_total, float* s_scores, double* s_exp, SelectShared& sh) {
-  constexpr int kBatch = 8;  // loads per lane issued before the first is used
+  // Loads per lane issued before the first is used: 16 put a 2048-block row of 4 heads (512
+  // threads) in flight at once; 8 took two round trips (stage + max 3.5 us at 8 x 32k, v25).
+  constexpr int kBatch = AETHER_SELECT_STAGE_BATCH;
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize, lane = tid % kWarpSize;
   const bool staged = s_scores != nullptr;
@@ -1155,7 +1083,7 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
 }
 
 template <Policy kPolicy>
-__global__ void __launch_bounds__(kSelectThreads, AETHER_SELECT_MIN_CTAS)
+__global__ void __launch_bounds__(kSelectThreads)
 radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const int keys_in_shared,
                     const int scores_in_shared) {
   pdl_begin();  // before any global read (common.cuh)
@@ -1220,16 +1148,9 @@ radar_select_kernel(const RadarSelectParams p, const RadarWorkspace ws, const in
     k = topk_candidates(p, row_info);
     if (k > 0 && k < n_cand) {
       if (p.group_agg == GroupAgg::kSum) {
-        // Register slots where the row fits them, else the staged path (s_head_max / s_head_total
-        // are free under topk).
-        const float* head_scores = ws.head_scores_in + q_head0 * NB;
-        const bool in_slots = with_share_slots(G, n_blocks, blockDim.x, [&](auto slots) {
-          sum_group_keys_slots<KeyT>(slots, head_scores, NB, n_blocks, keys, sh);
-        });
-        if (!in_slots) {
-          sum_group_keys<KeyT>(head_scores, NB, G, n_blocks, keys, s_head_max, s_head_total, s_stage_scores,
-                               s_stage_exp, sh);
-        }
+        // s_head_max / s_head_total are free under topk.
+        sum_group_keys<KeyT>(ws.head_scores_in + q_head0 * NB, NB, G, n_blocks, keys, s_head_max, s_head_total,
+                             s_stage_scores, s_stage_exp, sh);
       } else {
         const float* group = ws.group_scores + static_cast<int64_t>(bh) * NB;
         for (int j = tid; j < n_blocks; j += blockDim.x) {

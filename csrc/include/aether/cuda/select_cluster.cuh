@@ -74,71 +74,6 @@ __host__ __device__ inline ClusterSelectSmem cluster_select_smem(int span, int G
   return l;
 }
 
-// cluster_sum_keys from registers (ShareSlots, radar_select.cuh): thread t takes blocks
-// j_begin + t + i * kClusterSelectThreads; the maxima and sums are combined as in the staged path
-// (warps in order, then the CTAs in rank order), so every CTA gets the same M_g and Z_g.
-template <typename ClusterT, int kG, int kPer>
-__device__ void cluster_sum_keys_slots(ClusterT& cluster, ShareSlots<kG, kPer>& r, const float* scores, int NB,
-                                       int j_begin, int j_end, uint32_t* keys, ClusterSelectShared& sh) {
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize, warp = tid / kWarpSize;
-  const int ctas = static_cast<int>(cluster.num_blocks());
-  float top[kG];
-  r.load(scores, NB, j_begin, j_end, tid, kClusterSelectThreads, top);
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const float m = warp_max(top[g]);
-    if (lane == 0) sh.warp_max[warp][g] = m;
-  }
-  __syncthreads();
-  if (tid < kG) {
-    float m = -INFINITY;
-    for (int w = 0; w < kClusterSelectWarps; ++w) m = fmaxf(m, sh.warp_max[w][tid]);
-    sh.cta_max[tid] = m;
-  }
-  cluster.sync();
-  if (tid < kG) {  // thread g reads the ranks' maxima of head g, all loads in flight
-    float part[kClusterSelectMaxCtas];
-#pragma unroll
-    for (int c = 0; c < kClusterSelectMaxCtas; ++c) part[c] = c < ctas ? cluster.map_shared_rank(sh.cta_max, c)[tid] : -INFINITY;
-    float m = -INFINITY;
-#pragma unroll
-    for (int c = 0; c < kClusterSelectMaxCtas; ++c) m = fmaxf(m, part[c]);
-    sh.head_max[tid] = m;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < kG; ++g) top[g] = sh.head_max[g];
-  double z[kG];
-  r.exps(top, z);
-#pragma unroll
-  for (int g = 0; g < kG; ++g) {
-    const double t = warp_sum(z[g]);
-    if (lane == 0) sh.warp_sum[warp][g] = t;
-  }
-  __syncthreads();
-  if (tid < kG) {
-    double t = 0.0;
-    for (int w = 0; w < kClusterSelectWarps; ++w) t += sh.warp_sum[w][tid];
-    sh.cta_sum[tid] = t;
-  }
-  cluster.sync();
-  if (tid < kG) {  // Z_g over the ranks in order
-    double part[kClusterSelectMaxCtas];
-#pragma unroll
-    for (int c = 0; c < kClusterSelectMaxCtas; ++c) part[c] = c < ctas ? cluster.map_shared_rank(sh.cta_sum, c)[tid] : 0.0;
-    double t = 0.0;
-#pragma unroll
-    for (int c = 0; c < kClusterSelectMaxCtas; ++c) t += part[c];
-    sh.head_z[tid] = share_factor(t);
-  }
-  __syncthreads();
-  double inv[kG];
-#pragma unroll
-  for (int g = 0; g < kG; ++g) inv[g] = sh.head_z[g];
-  r.keys(inv, j_begin, j_end, tid, kClusterSelectThreads, j_begin, keys);
-}
-
 // Sum-aggregation keys of blocks [j_begin, j_end) of the row (scores: the row's [G, NB] head
 // scores; staged: a [G, span] copy of this CTA's part in shared memory and staged_exp its
 // [G, span] exps, computed once, or both null to read global memory and compute the exps twice).
@@ -151,11 +86,6 @@ __device__ void cluster_sum_keys(ClusterT& cluster, const float* scores, int NB,
   const int lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int n = j_end - j_begin;
   const int ctas = static_cast<int>(cluster.num_blocks());
-  // The same path in every CTA of the cluster (decided on the launch's span, not this CTA's n).
-  const bool in_slots = with_share_slots(G, span, kClusterSelectThreads, [&](auto slots) {
-    cluster_sum_keys_slots(cluster, slots, scores, NB, j_begin, j_end, keys, sh);
-  });
-  if (in_slots) return;
   if (staged != nullptr) {
     for (int i0 = tid; i0 < G * n; i0 += kBatch * kClusterSelectThreads) {
       float v[kBatch];
