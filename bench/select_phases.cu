@@ -6,9 +6,8 @@
 //        -Icsrc/include bench/select_phases.cu -o /tmp/select_phases
 //   /tmp/select_phases [batch ctx block_size budget]      (default 8 32768 16 0.135)
 //
-// -DAETHER_SELECT_LIBM_EXP=1 builds the kernel with CUDA's exp() instead of its own
-// exp_nonpositive, and -DAETHER_SELECT_STAGE_BATCH=8 with 8 staging loads in flight per lane
-// instead of 16 (both together: the v24 kernel; radar_select.cuh).
+// -DAETHER_SELECT_STAGE_BATCH=8 builds the kernel with 8 staging loads in flight per lane instead
+// of 16 (the v24 kernel; radar_select.cuh).
 //
 // Random head scores (a drift along the row plus noise, as block log-sum-exps look), 32 query and
 // 8 KV heads, every sequence full. It launches radar_select_kernel<kTopK> the way the library's
@@ -24,9 +23,6 @@
 
 #include "aether/cuda/radar_select.cuh"
 
-#ifndef AETHER_SELECT_LIBM_EXP
-#define AETHER_SELECT_LIBM_EXP 0
-#endif
 #ifndef AETHER_SELECT_PHASE_CLOCKS
 #error "build with -DAETHER_SELECT_PHASE_CLOCKS (see the top of this file)"
 #endif
@@ -165,9 +161,9 @@ int main(int argc, char** argv) {
   total /= rows;
   const double cycles_per_us = clock_khz / 1000.0;
   std::printf("select_phases: %d x %d, block %d, %d rows of %d blocks, keep %d; kernel %.1f us (median of 50, "
-              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d; libm exp %d, stage batch %d\n",
+              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d; stage batch %d\n",
               batch, ctx, bs, rows, nb, p.budget_blocks, 1000.0 * times[times.size() / 2], counts[0], dynamic,
-              staged ? 1 : 0, AETHER_SELECT_LIBM_EXP, AETHER_SELECT_STAGE_BATCH);
+              staged ? 1 : 0, AETHER_SELECT_STAGE_BATCH);
   std::printf("  %-16s %10s %7s %8s %6s   (us at the %.0f MHz clock-rate attribute)\n", "phase", "cycles",
               "share", "us", "rows", cycles_per_us);
   for (int ph = 1; ph < kPhases; ++ph) {

@@ -919,69 +919,11 @@ __device__ void write_selection(const RadarSelectParams& p, int bh, int j_begin,
 // row's maximum contributes exp(0)), so the reciprocal is in (0, 1].
 __device__ __forceinline__ double share_factor(double z) { return z > 0.0 && !isinf(z) ? 1.0 / z : -1.0; }
 
-// 2^(j / 64) for j = 0..63, each rounded to nearest (computed at 200 bits with mpmath).
-static __device__ const double kExp2Sixty4ths[64] = {
-    0x1.0000000000000p+0, 0x1.02c9a3e778061p+0, 0x1.059b0d3158574p+0, 0x1.0874518759bc8p+0,
-    0x1.0b5586cf9890fp+0, 0x1.0e3ec32d3d1a2p+0, 0x1.11301d0125b51p+0, 0x1.1429aaea92de0p+0,
-    0x1.172b83c7d517bp+0, 0x1.1a35beb6fcb75p+0, 0x1.1d4873168b9aap+0, 0x1.2063b88628cd6p+0,
-    0x1.2387a6e756238p+0, 0x1.26b4565e27cddp+0, 0x1.29e9df51fdee1p+0, 0x1.2d285a6e4030bp+0,
-    0x1.306fe0a31b715p+0, 0x1.33c08b26416ffp+0, 0x1.371a7373aa9cbp+0, 0x1.3a7db34e59ff7p+0,
-    0x1.3dea64c123422p+0, 0x1.4160a21f72e2ap+0, 0x1.44e086061892dp+0, 0x1.486a2b5c13cd0p+0,
-    0x1.4bfdad5362a27p+0, 0x1.4f9b2769d2ca7p+0, 0x1.5342b569d4f82p+0, 0x1.56f4736b527dap+0,
-    0x1.5ab07dd485429p+0, 0x1.5e76f15ad2148p+0, 0x1.6247eb03a5585p+0, 0x1.6623882552225p+0,
-    0x1.6a09e667f3bcdp+0, 0x1.6dfb23c651a2fp+0, 0x1.71f75e8ec5f74p+0, 0x1.75feb564267c9p+0,
-    0x1.7a11473eb0187p+0, 0x1.7e2f336cf4e62p+0, 0x1.82589994cce13p+0, 0x1.868d99b4492edp+0,
-    0x1.8ace5422aa0dbp+0, 0x1.8f1ae99157736p+0, 0x1.93737b0cdc5e5p+0, 0x1.97d829fde4e50p+0,
-    0x1.9c49182a3f090p+0, 0x1.a0c667b5de565p+0, 0x1.a5503b23e255dp+0, 0x1.a9e6b5579fdbfp+0,
-    0x1.ae89f995ad3adp+0, 0x1.b33a2b84f15fbp+0, 0x1.b7f76f2fb5e47p+0, 0x1.bcc1e904bc1d2p+0,
-    0x1.c199bdd85529cp+0, 0x1.c67f12e57d14bp+0, 0x1.cb720dcef9069p+0, 0x1.d072d4a07897cp+0,
-    0x1.d5818dcfba487p+0, 0x1.da9e603db3285p+0, 0x1.dfc97337b9b5fp+0, 0x1.e502ee78b3ff6p+0,
-    0x1.ea4afa2a490dap+0, 0x1.efa1bee615a27p+0, 0x1.f50765b6e4540p+0, 0x1.fa7c1819e90d8p+0,
-};
-
-// exp(x) in double for the select's shifted scores, x = s - max <= 0: within ~1 ulp of the
-// correctly rounded value, like CUDA's exp(), in about half its FP64 operations. The exps are
-// the largest phase of the one-CTA select (8192 per row at 8 x 32k, ~3.5 us of its ~15: FP64
-// throughput on one SM, bench/select_phases.cu), so the cost per exp is the phase's cost.
-//   x = (64 m + j) ln2 / 64 + r with |r| <= ln2 / 128, so exp(x) = 2^m 2^(j/64) exp(r):
-//   - n = 64 m + j = rint(x 64 / ln2) by the 1.5 * 2^52 rounding constant (no conversion);
-//   - r = x - n ln2/64 with ln2/64 split in two: the high part has 17 trailing zero bits, so
-//     n * high is exact for |n| < 2^17 (here |n| <= 65280);
-//   - exp(r) - 1 by its Taylor polynomial to r^6 / 720 (the next term is < 3e-20 relative);
-//   - 2^m as an exponent field (m in [-1021, 0]: every result is a normal double).
-// Below -707 the result (< 1e-307) is returned as 0: against a normaliser >= 1 and keys rounded
-// to float it adds nothing. AETHER_SELECT_LIBM_EXP=1 (bench/select_phases.cu's comparison only)
-// uses exp() instead.
-__device__ __forceinline__ double exp_nonpositive(double x) {
-#if defined(AETHER_SELECT_LIBM_EXP) && AETHER_SELECT_LIBM_EXP
-  return exp(x);
-#else
-  if (!(x >= -707.0 && x <= 0.0)) return x < -707.0 ? 0.0 : exp(x);  // NaN and x > 0 as exp()
-  constexpr double kRound = 0x1.8p52;
-  constexpr double kInvLn2x64 = 0x1.71547652b82fep+6;  // 64 / ln 2
-  constexpr double kLn2By64Hi = 0x1.62e42fefa0000p-7;  // ln 2 / 64, high part
-  constexpr double kLn2By64Lo = 0x1.cf79abc9e3b3ap-46; // ln 2 / 64 - high part
-  const double shifted = fma(x, kInvLn2x64, kRound);
-  const int n = __double2loint(shifted);  // the low word holds rint(x 64 / ln2), two's complement
-  const double nd = shifted - kRound;
-  double r = fma(-nd, kLn2By64Hi, x);
-  r = fma(-nd, kLn2By64Lo, r);
-  double p = fma(r, 1.0 / 720.0, 1.0 / 120.0);
-  p = fma(p, r, 1.0 / 24.0);
-  p = fma(p, r, 1.0 / 6.0);
-  p = fma(p, r, 0.5);
-  p = fma(p, r, 1.0);
-  p *= r;  // exp(r) - 1
-  const double t = __ldg(&kExp2Sixty4ths[n & 63]);
-  const double scale = __hiloint2double(((n >> 6) + 1023) << 20, 0);  // 2^m, m = floor(n / 64)
-  return fma(t, p, t) * scale;
-#endif
-}
-
 // exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
-// out: half the row in the two-stage step's final select). s <= top: top is the row's maximum.
+// out: half the row in the two-stage step's final select). CUDA's exp(): a table-driven exp with
+// about half its FP64 operations was slower in this phase (bench/PERF_NOTES.md, nineteenth session).
 __device__ __forceinline__ double exp_shifted(float s, double top) {
-  return s == -INFINITY ? 0.0 : exp_nonpositive(static_cast<double>(s) - top);
+  return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
 }
 
 // Sum-aggregation keys of one (b, kv_head) row: S_j = sum_g exp(s_gj - m_g) * (1 / Z_g) (double,
@@ -999,7 +941,8 @@ template <typename KeyT>
 __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks, KeyT* keys, float* s_head_max,
                                double* s_head_total, float* s_scores, double* s_exp, SelectShared& sh) {
   // Loads per lane issued before the first is used: 16 put a 2048-block row of 4 heads (512
-  // threads) in flight at once; 8 took two round trips (stage + max 3.5 us at 8 x 32k, v25).
+  // threads) in flight at once; 8 took two round trips (stage + max 3.5 against 2.5 us at 8 x 32k,
+  // bench/select_phases.cu, v25).
   constexpr int kBatch = AETHER_SELECT_STAGE_BATCH;
   const int tid = threadIdx.x;
   const int warp = tid / kWarpSize, lane = tid % kWarpSize;
