@@ -128,10 +128,9 @@ if [ "${1:-}" = "qcodes" ]; then  # qcodes (16-token blocks) and the default tig
       --out "$OUT/bench_decode_qcodes_behind.json" > "$OUT/bench_behind.log" 2>&1
     note "benchmark (qcodes and qcodes+behind): rc=$?"
     # the one-CTA select's time per phase (standalone builds with its phase clocks, ~10 s each):
-    # the library's build, its exps loop not unrolled, and the v24 kernel (8 staging loads in
-    # flight per lane, no unrolling)
+    # the library's build and the v24 kernel (8 staging loads in flight per lane)
     : > "$OUT/select_phases.log"
-    for variant in "" "-DAETHER_SELECT_EXP_UNROLL=1" "-DAETHER_SELECT_STAGE_BATCH=8 -DAETHER_SELECT_EXP_UNROLL=1"; do
+    for variant in "" "-DAETHER_SELECT_STAGE_BATCH=8"; do
       nvcc -std=c++17 -arch=sm_90a -O3 -lineinfo --expt-relaxed-constexpr -DAETHER_SELECT_PHASE_CLOCKS $variant \
         -Icsrc/include bench/select_phases.cu -o "$OUT/select_phases.bin" >> "$OUT/select_phases.log" 2>&1 || continue
       for shape in "8 32768" "32 16384" "8 65536"; do "$OUT/select_phases.bin" $shape >> "$OUT/select_phases.log" 2>&1; done

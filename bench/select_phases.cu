@@ -7,8 +7,7 @@
 //   /tmp/select_phases [batch ctx block_size budget]      (default 8 32768 16 0.135)
 //
 // -DAETHER_SELECT_STAGE_BATCH=8 builds the kernel with 8 staging loads in flight per lane instead
-// of 16, -DAETHER_SELECT_EXP_UNROLL=1 with its exps loop not unrolled (both: the v24 kernel;
-// radar_select.cuh).
+// of 16 (the v24 kernel; radar_select.cuh).
 //
 // Random head scores (a drift along the row plus noise, as block log-sum-exps look), 32 query and
 // 8 KV heads, every sequence full. It launches radar_select_kernel<kTopK> the way the library's
@@ -162,9 +161,9 @@ int main(int argc, char** argv) {
   total /= rows;
   const double cycles_per_us = clock_khz / 1000.0;
   std::printf("select_phases: %d x %d, block %d, %d rows of %d blocks, keep %d; kernel %.1f us (median of 50, "
-              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d; stage batch %d, exp unroll %d\n",
+              "CUDA events), %d selected in row 0; dynamic smem %zu, staged %d; stage batch %d\n",
               batch, ctx, bs, rows, nb, p.budget_blocks, 1000.0 * times[times.size() / 2], counts[0], dynamic,
-              staged ? 1 : 0, AETHER_SELECT_STAGE_BATCH, AETHER_SELECT_EXP_UNROLL);
+              staged ? 1 : 0, AETHER_SELECT_STAGE_BATCH);
   std::printf("  %-16s %10s %7s %8s %6s   (us at the %.0f MHz clock-rate attribute)\n", "phase", "cycles",
               "share", "us", "rows", cycles_per_us);
   for (int ph = 1; ph < kPhases; ++ph) {

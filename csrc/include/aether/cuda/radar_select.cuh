@@ -64,11 +64,6 @@ constexpr int kSelectThreads = 512;
 #ifndef AETHER_SELECT_STAGE_BATCH
 #define AETHER_SELECT_STAGE_BATCH 16
 #endif
-// The unrolling of its exps loop (sum_group_keys); bench/select_phases.cu builds 1 to compare.
-#ifndef AETHER_SELECT_EXP_UNROLL
-#define AETHER_SELECT_EXP_UNROLL 4
-#endif
-constexpr int kSelectExpUnroll = AETHER_SELECT_EXP_UNROLL;
 constexpr int kSelectWarps = kSelectThreads / kWarpSize;
 
 // Phase clocks of the one-CTA selection, for bench/select_phases.cu only (the library never
@@ -994,9 +989,8 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     const float* row = scores + static_cast<int64_t>(g) * NB;
     const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
     double local_total = 0.0;
-    // Unrolled so that several exps' dependent FP64 chains interleave (the sum stays in j order):
-    // the phase's stalls were fixed-latency waits (ncu source view, bench/ncu_select_phases.sh).
-#pragma unroll kSelectExpUnroll
+    // Not unrolled: by 2 or 4 the phase took longer (v25, bench/select_phases.cu), though its
+    // stalls are mostly fixed-latency waits (bench/ncu_select_phases.sh).
     for (int j = part * kWarpSize + lane; j < n_blocks; j += stride) {
       // An all -inf row gives z = 0 (not NaN): either way the head adds nothing.
       const double e = exp_shifted(staged ? s_scores[g * NB + j] : row[j], top);
