@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Nsight Compute source view of the one-CTA select (bench/select_phases.cu's launch, 8 x 32k by
-# default): stall samples and instructions per CUDA source line and per SASS instruction, to see
+# default): stall samples by reason and instructions per SASS instruction, summed per phase, to see
 # which phase waits on what. Usage (GPU machine): OUT=dir bash bench/ncu_select_phases.sh [batch ctx]
-# Writes select_phases_cuda.csv / select_phases_sass.csv and prints the hottest lines.
+# Writes select_phases_sass.csv (per SASS instruction: stall samples by reason, instructions) and
+# prints them summed per phase: the phase clocks' CS2R ... SR_CLOCKLO reads cut the SASS into
+# segments in code order (ncu's CUDA-source view of the header comes back without metrics).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -15,27 +17,29 @@ ncu --clock-control none --kernel-name regex:radar_select_kernel --launch-skip 1
   --section SourceCounters --section WarpStateStats --section LaunchStats --import-source yes -f -o "$bin" \
   "$bin" ${1:-8} ${2:-32768} > "$OUT/ncu_select_phases_run.log" 2>&1
 echo "ncu rc=$?"
-ncu -i "$bin.ncu-rep" --page source --csv --print-source cuda > "$OUT/select_phases_cuda.csv" 2>&1
 ncu -i "$bin.ncu-rep" --page source --csv --print-source sass > "$OUT/select_phases_sass.csv" 2>&1
-python3 - "$OUT/select_phases_cuda.csv" <<'PY'
+python3 - "$OUT/select_phases_sass.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
-hi = next((i for i, r in enumerate(rows) if "Source" in r), None)
+hi = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
 if hi is None:
     sys.exit(f"no header: {rows[:3]}")
-hdr = rows[hi]
-def col(name):
-    return next((i for i, h in enumerate(hdr) if h.startswith(name)), None)
-src, samp, inst = col("Source"), col("Warp Stall Sampling (All"), col("Instructions Executed")
-line = col("#") if col("#") is not None else 0
-data = []
+col = {h: i for i, h in enumerate(rows[hi])}
+stalls = [h for h in rows[hi] if h.startswith("stall_") and "Not Issued" not in h]
+segments, seg = [], None
 for r in rows[hi + 1:]:
-    try:
-        data.append((float(r[samp] or 0), float(r[inst] or 0) if inst is not None else 0.0, r[line], r[src].strip()[:90]))
-    except (ValueError, IndexError, TypeError):
-        pass
-total = sum(d[0] for d in data) or 1.0
-print(f"stall samples {total:.0f}; hottest source lines (share, instructions, line, source):")
-for s, n, ln, text in sorted(data, reverse=True)[:25]:
-    print(f"  {100 * s / total:5.1f}% {n:10.0f}  {ln:>5}  {text}")
+    if seg is None or "SR_CLOCKLO" in r[col["Source"]]:
+        seg = {"first": r[col["Address"]], "n": 0, "samples": 0.0, "inst": 0.0, "stalls": {}}
+        segments.append(seg)
+    seg["n"] += 1
+    seg["samples"] += float(r[col["Warp Stall Sampling (All Samples)"]] or 0)
+    seg["inst"] += float(r[col["Instructions Executed"]] or 0)
+    for h in stalls:
+        seg["stalls"][h] = seg["stalls"].get(h, 0.0) + float(r[col[h]] or 0)
+total = sum(s["samples"] for s in segments) or 1.0
+print(f"{len(rows) - hi - 1} SASS instructions, {total:.0f} stall samples; per segment (code order, cut at clock reads):")
+for k, s in enumerate(segments):
+    top = sorted(s["stalls"].items(), key=lambda x: -x[1])[:4]
+    print(f"  seg {k:2d}: {s['n']:5d} instrs, {s['inst']:9.0f} executed, {100 * s['samples'] / total:5.1f}% of samples; "
+          + ", ".join(f"{h[6:]} {100 * v / total:.1f}%" for h, v in top))
 PY

@@ -921,7 +921,7 @@ __device__ __forceinline__ double share_factor(double z) { return z > 0.0 && !is
 
 // exp(s - top) in double; exactly 0 for s = -inf without the call (the blocks a refinement left
 // out: half the row in the two-stage step's final select). CUDA's exp(): a table-driven exp with
-// about half its FP64 operations was slower in this phase (bench/PERF_NOTES.md, nineteenth session).
+// fewer FP64 operations was slower in this phase (bench/PERF_NOTES.md, nineteenth session).
 __device__ __forceinline__ double exp_shifted(float s, double top) {
   return s == -INFINITY ? 0.0 : exp(static_cast<double>(s) - top);
 }
