@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from aether import _ops
+from aether.reference import forced_blocks
 
 STAT_SCORES = ("ball", "box", "tight", "mean", "variance")  # computed from BlockStats alone
 SCORES = STAT_SCORES + ("qsketch", "qcodes")  # qsketch reads a KeySketch, qcodes channel-major KeyCodes
@@ -239,13 +240,6 @@ def _prepare_update(state, k, seq_lens, block_table, what: str, rebuild: str, ch
     return k, seq_lens, block_table, first_block, math.ceil(capacity / state.block_size)
 
 
-def _forced_block(j: int, n: int, block_size: int, sink_blocks: int, recent_blocks: int) -> bool:
-    """Whether block j of a sequence of n tokens is kept whatever the scores (the select's rule:
-    the sinks, the last `recent_blocks` complete blocks and a partial tail block)."""
-    n_full = n // block_size
-    return j < sink_blocks or n_full - recent_blocks <= j < n_full or (n % block_size != 0 and j == n_full)
-
-
 def _check_current(state, what: str, verb: str, block_size: int, block_table, capacity: int,
                    seq_lens: torch.Tensor, forced: tuple[int, int] | None = None) -> None:
     """That a per-cache state (`BlockStats`, `KeySketch`, `KeyCodes`) describes this call's cache:
@@ -271,8 +265,9 @@ def _check_current(state, what: str, verb: str, block_size: int, block_table, ca
         if have > n:
             raise ValueError(f"{what} {verb} computed for {have} tokens of sequence {b} but it holds {n}; build "
                              "them again for this cache")
-        missed = [j for j in range(have // block_size, -(-n // block_size))
-                  if have < n and not _forced_block(j, n, block_size, sink_blocks, recent_blocks)]
+        # the blocks holding tokens have..n-1 that the select does not keep whatever the scores
+        kept = set(forced_blocks(n, block_size, sink_blocks, recent_blocks))
+        missed = [j for j in range(have // block_size, -(-n // block_size)) if j not in kept]
         if missed:
             raise ValueError(f"{what} {verb} computed for {have} of sequence {b}'s {n} tokens, and block {missed[0]} "
                              "(not kept by sink_blocks / recent_blocks / the partial tail) holds tokens they miss; "

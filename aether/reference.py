@@ -611,7 +611,7 @@ def group_sum_priority(group_scores: Tensor, n_blocks: int) -> list[float]:
     return [-math.inf if math.isnan(x) else x for x in out]
 
 
-def _forced_blocks(length: int, block_size: int, sink_blocks: int, recent_blocks: int) -> list[int]:
+def forced_blocks(length: int, block_size: int, sink_blocks: int, recent_blocks: int) -> list[int]:
     """Sink blocks, the last ``recent_blocks`` complete blocks and the partial tail, ascending."""
     n_blocks = num_blocks_for(length, block_size)
     n_full = length // block_size
@@ -709,7 +709,7 @@ def select_blocks(head_scores: Tensor, head_mlo: Tensor, seq_lens: Tensor, block
         if n_blocks == 0:
             continue
         counts = [min(block_size, length - j * block_size) for j in range(n_blocks)]
-        forced = _forced_blocks(length, block_size, sink_blocks, recent_blocks)
+        forced = forced_blocks(length, block_size, sink_blocks, recent_blocks)
         forced_set = set(forced)
         candidates = [j for j in range(n_blocks) if j not in forced_set]
         for h in range(kv_heads):

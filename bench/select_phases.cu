@@ -95,17 +95,13 @@ int main(int argc, char** argv) {
   cuda::radar_workspace_layout(p, d_ws, &ws);
 
   // The launcher's choice (radar_select.cu, launch_select), one CTA per row.
-  const cuda::SelectSmemLayout layout = cuda::radar_select_smem_layout(p);
   int optin = 0, clock_khz = 0, device = 0;
   CHECK(cudaGetDevice(&device));
   CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device));
-  const size_t static_bytes = sizeof(cuda::SelectShared) + 1024;
-  const bool in_shared = layout.head_bytes + layout.data_bytes + static_bytes <= static_cast<size_t>(optin);
-  const bool staged = in_shared && layout.stage_bytes > 0 &&
-                      layout.stage_offset + layout.stage_bytes + static_bytes <= static_cast<size_t>(optin);
-  const size_t dynamic = staged ? layout.stage_offset + layout.stage_bytes : in_shared ? layout.stage_offset
-                                                                                       : layout.head_bytes;
+  const cuda::SelectLaunchShape shape = cuda::radar_select_launch_shape(p, static_cast<size_t>(optin));
+  const bool in_shared = shape.in_shared, staged = shape.staged;
+  const size_t dynamic = shape.dynamic;
   auto kernel = cuda::radar_select_kernel<Policy::kTopK>;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
   auto launch = [&] {

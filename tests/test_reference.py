@@ -718,7 +718,7 @@ def test_pipeline_selections_are_well_formed(seed, policy):
             eps=1e-2, seq_lens=seq_lens)
         check_selection_layout(selected, num_selected, seq_lens, block_size)
         for b, rows in enumerate(selected_sets(selected, num_selected)):
-            forced = ref._forced_blocks(int(seq_lens[b]), block_size, 2, 2)
+            forced = ref.forced_blocks(int(seq_lens[b]), block_size, 2, 2)
             for row in rows:
                 assert set(forced) <= set(row), (score, b)
         expected_out, expected_lse = ref.sparse_decode(q, k, v, seq_lens, block_size, selected,

@@ -120,7 +120,7 @@ def test_select_pooled_brute_force():
         ~sel.forced_mask(lens, bs, nb, 1, 1)[1][:, None, :], -math.inf), kv_heads, "sum")
     for b in range(batch):
         n_blocks = ref.num_blocks_for(int(lens[b]), bs)
-        forced = ref._forced_blocks(int(lens[b]), bs, 1, 1)
+        forced = ref.forced_blocks(int(lens[b]), bs, 1, 1)
         total = max(1, math.ceil(frac * n_blocks - 1e-9)) * kv_heads
         cands = [(-prio[b, h, j].item(), h * nb + j) for h in range(kv_heads)
                  for j in range(n_blocks) if j not in forced]

@@ -120,24 +120,18 @@ cudaError_t launch_select(const RadarSelectParams& p, const RadarWorkspace& ws, 
                                                   : launch_select_cluster<GroupAgg::kMax>(p, ws, stream, &launched));
     if (launched) return cudaSuccess;
   }
-  const SelectSmemLayout layout = radar_select_smem_layout(p);
   int optin = 0;
   AETHER_CUDA_TRY(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
-  const size_t static_bytes = sizeof(SelectShared) + 1024;  // + a margin for compiler-owned smem
-  const size_t limit = static_cast<size_t>(optin);
-  const bool in_shared = layout.head_bytes + layout.data_bytes + static_bytes <= limit;
-  // Staging the scores (one read of the rows, one exp per score) needs the keys in shared memory.
-  const bool staged =
-      in_shared && layout.stage_bytes > 0 && layout.stage_offset + layout.stage_bytes + static_bytes <= limit;
-  const size_t dynamic = staged ? layout.stage_offset + layout.stage_bytes
-                         : in_shared ? layout.stage_offset : layout.head_bytes;
-  if (dynamic + static_bytes > limit) return cudaErrorInvalidValue;  // G too large
+  const SelectLaunchShape shape = radar_select_launch_shape(p, static_cast<size_t>(optin));
+  if (!shape.fits) return cudaErrorInvalidValue;  // G too large
   auto kernel = radar_select_kernel<kPolicy>;
   // Always: the default dynamic limit is 48 KiB minus the static SelectShared, so a launch with a
   // little under 48 KiB of keys failed with "invalid argument" (seen for NB = 2789, adaptive).
-  AETHER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic)));
+  AETHER_CUDA_TRY(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shape.dynamic)));
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads);
-  return launch_kernel(kernel, dim3(grid), dim3(kSelectThreads), dynamic, stream, p, ws, in_shared ? 1 : 0, staged ? 1 : 0);
+  return launch_kernel(kernel, dim3(grid), dim3(kSelectThreads), shape.dynamic, stream, p, ws,
+                       shape.in_shared ? 1 : 0, shape.staged ? 1 : 0);
 }
 
 }  // namespace

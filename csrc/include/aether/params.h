@@ -166,9 +166,10 @@ struct KeyCodesParams {
   double* spreads = nullptr;     // [B, Hkv, NB / Pg, D] or nullptr
   // CUDA only, a launch choice (the codes are the same bits either way): 1 = CTAs of 64 threads
   // instead of 256, small enough (<= 80 registers per thread, ~5 K per CTA, and ~9 KB of shared
-  // memory at 128-token groups of 16-bit keys) that two share an SM with two sparse_decode CTAs, for an update that runs on a side stream beside the decode (codes that
-  // trail the cache, sparse_attention(update_codes=True, codes_stream=...)). Alone it is slower:
-  // each warp does four times the work.
+  // memory at 128-token groups of 16-bit keys) that two share an SM with two sparse_decode CTAs,
+  // for an update that runs on a side stream beside the decode (codes that trail the cache,
+  // sparse_attention(update_codes=True, codes_stream=...)). Alone it is slower: each warp does
+  // four times the work.
   int32_t narrow = 0;
 };
 

@@ -49,7 +49,8 @@
 //    in lanes r and a butterfly joins the m-tiles of a block (bs / 16); a group where that would
 //    flush a whole block to zero (> 100 log2 units below the max) or whose max is not finite
 //    takes the same exchanges on per-lane (max, sum of 2^(y - max)) pairs instead. The block's
-//    first lanes write its heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row are not read (-inf).
+//    first lanes write its heads. MUFU ex2 / lg2 in log2 units; groups past the end of the row
+//    are not read (-inf).
 //    G > 4: one pass per 4 heads over the staged group.
 //    History (H200, 8 x 32k, 32q/8kv, d128, 16-token blocks, 128-token groups, ncu): on CUDA cores
 //    with 2-bit codes of 32 channels: a thread per (token, channel slice) writing logits to

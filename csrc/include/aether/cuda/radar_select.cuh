@@ -571,6 +571,30 @@ struct SelectShared {
   double running, tie_weight;
 };
 
+// Where radar_select_kernel keeps its row for the opt-in shared-memory limit `optin`
+// (radar_select_smem_layout): the keys (and weights) in shared memory when they fit beside the
+// static SelectShared, else in the workspace; the staged scores and exps only with the keys in
+// shared memory; `dynamic` the bytes to launch with. launch_select and bench/select_phases.cu.
+struct SelectLaunchShape {
+  bool in_shared = false;
+  bool staged = false;
+  size_t dynamic = 0;
+  bool fits = false;  // dynamic + the static bytes within optin (false: G too large)
+};
+inline SelectLaunchShape radar_select_launch_shape(const RadarSelectParams& p, size_t optin) {
+  const SelectSmemLayout layout = radar_select_smem_layout(p);
+  const size_t static_bytes = sizeof(SelectShared) + 1024;  // + a margin for compiler-owned smem
+  SelectLaunchShape shape;
+  shape.in_shared = layout.head_bytes + layout.data_bytes + static_bytes <= optin;
+  // Staging the scores (one read of the rows, one exp per score) needs the keys in shared memory.
+  shape.staged = shape.in_shared && layout.stage_bytes > 0 &&
+                 layout.stage_offset + layout.stage_bytes + static_bytes <= optin;
+  shape.dynamic = shape.staged ? layout.stage_offset + layout.stage_bytes
+                  : shape.in_shared ? layout.stage_offset : layout.head_bytes;
+  shape.fits = shape.dynamic + static_bytes <= optin;
+  return shape;
+}
+
 // One (b, kv_head) row of a selection: its valid blocks and the forced ones (sinks, the recent
 // window and a partial last block), which are kept whatever the policy.
 struct SelectRow {
@@ -989,8 +1013,8 @@ __device__ void sum_group_keys(const float* scores, int NB, int G, int n_blocks,
     const float* row = scores + static_cast<int64_t>(g) * NB;
     const double top = static_cast<double>(head_max(g));  // each warp combines its head's parts
     double local_total = 0.0;
-    // Not unrolled: by 2 or 4 the phase took longer (v25, bench/select_phases.cu), though its
-    // stalls are mostly fixed-latency waits (bench/ncu_select_phases.sh).
+    // Not unrolled: by 2 or 4 the phase took longer (v25, bench/select_phases.cu), though the
+    // largest share of its stalls is fixed-latency waits (bench/ncu_select_phases.sh).
     for (int j = part * kWarpSize + lane; j < n_blocks; j += stride) {
       // An all -inf row gives z = 0 (not NaN): either way the head adds nothing.
       const double e = exp_shifted(staged ? s_scores[g * NB + j] : row[j], top);
